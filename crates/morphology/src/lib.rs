@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+mod components;
+mod contour;
+mod distance;
+mod element;
+mod erosion;
+mod error;
+mod grid;
+mod uniform;
+mod weights;
+
+pub use components::{
+    Components, Connectivity, connected_components, keep_largest, label_components,
+};
+pub use contour::{ContourMap, ContourSpec, contour, contour_map};
+pub use distance::{edt, signed_distance};
+pub use element::{Border, Element, ErosionSpec};
+pub use erosion::{dilate, erode};
+pub use error::{MorphologyError, Result};
+pub use grid::{Binary, Grid, Label};
+pub use weights::{DwceSpec, dwce_weight_map};
