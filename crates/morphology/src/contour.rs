@@ -15,18 +15,16 @@ pub fn contour<T: Binary, D: Grid>(
 ) -> Result<Array<bool, D>> {
     spec.validate()?;
     let mask = binary_volume(mask);
-    let mut uniform = uniform_neighbourhood(
+    let contour = uniform_neighbourhood(
         mask.view(),
         spec.element,
         spec.iterations,
         spec.border == Border::Background,
         false,
         active_axes::<D>(),
+        |uniform, m| m && !uniform,
     );
-    Zip::from(&mut uniform)
-        .and(&mask)
-        .par_for_each(|u, &m| *u = m && !*u);
-    Ok(D::from_volume(uniform))
+    Ok(D::from_volume(contour))
 }
 
 /// Settings of a multi-class contour map.
@@ -89,18 +87,16 @@ pub fn contour_map<'a, L: Label, D: Grid>(
 ) -> Result<ContourMap<'a, L, D>> {
     spec.erosion.validate()?;
     let erosion = spec.erosion;
-    let mut union = uniform_neighbourhood(
+    let include_background = spec.include_background;
+    let union = uniform_neighbourhood(
         D::as_volume(labels.view()),
         erosion.element,
         erosion.iterations,
         erosion.border == Border::Background,
         false,
         active_axes::<D>(),
+        |uniform, l: L| !uniform && (include_background || !l.is_background()),
     );
-    let include_background = spec.include_background;
-    Zip::from(&mut union)
-        .and(D::as_volume(labels.view()))
-        .par_for_each(|c, &l| *c = !*c && (include_background || !l.is_background()));
     Ok(ContourMap {
         labels,
         union: D::from_volume(union),

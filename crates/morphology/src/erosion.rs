@@ -1,6 +1,6 @@
 //! Binary erosion and dilation.
 
-use ndarray::{Array, ArrayView, Zip};
+use ndarray::{Array, ArrayView};
 
 use crate::Result;
 use crate::element::{Border, ErosionSpec};
@@ -21,18 +21,16 @@ pub fn erode<T: Binary, D: Grid>(
 ) -> Result<Array<bool, D>> {
     spec.validate()?;
     let mask = binary_volume(mask);
-    let mut uniform = uniform_neighbourhood(
+    let eroded = uniform_neighbourhood(
         mask.view(),
         spec.element,
         spec.iterations,
         spec.border == Border::Background,
         false,
         active_axes::<D>(),
+        |uniform, m| m && uniform,
     );
-    Zip::from(&mut uniform)
-        .and(&mask)
-        .par_for_each(|u, &m| *u &= m);
-    Ok(D::from_volume(uniform))
+    Ok(D::from_volume(eroded))
 }
 
 /// Binary dilation: `dilate(S)(v) = 1` iff the reflected element placed at `v` meets `S`,
@@ -47,16 +45,14 @@ pub fn dilate<T: Binary, D: Grid>(
 ) -> Result<Array<bool, D>> {
     spec.validate()?;
     let mask = binary_volume(mask);
-    let mut uniform = uniform_neighbourhood(
+    let dilated = uniform_neighbourhood(
         mask.view(),
         spec.element,
         spec.iterations,
         false,
         true,
         active_axes::<D>(),
+        |uniform, m| m || !uniform,
     );
-    Zip::from(&mut uniform)
-        .and(&mask)
-        .par_for_each(|u, &m| *u = m || !*u);
-    Ok(D::from_volume(uniform))
+    Ok(D::from_volume(dilated))
 }

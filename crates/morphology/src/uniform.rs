@@ -16,26 +16,33 @@
 
 use std::ops::Range;
 
-use ndarray::{Array3, ArrayView3, ArrayViewMut3, Axis, Zip, s};
+use ndarray::{Array3, ArrayView3, Axis, Zip};
 use rayon::prelude::*;
 
 use crate::element::{Element, Window};
 
-/// Uniformity of every voxel's neighbourhood under `iterations` repetitions of `element`
-/// along the `axes` of the `[z, y, x]` volume. `reflect` uses the reflected element (for
-/// dilation); `outside_breaks` makes a neighbourhood that leaves the array non-uniform.
-pub(crate) fn uniform_neighbourhood<T: Copy + PartialEq + Send + Sync>(
+/// `finish(uniform(v), value(v))` for every voxel `v`, where `uniform(v)` is the uniformity of
+/// `v`'s neighbourhood under `iterations` repetitions of `element` along the `axes` of the
+/// `[z, y, x]` volume. `reflect` uses the reflected element (for dilation); `outside_breaks`
+/// makes a neighbourhood that leaves the array non-uniform. `finish` runs inside the last
+/// pass, so the result costs no extra sweep.
+pub(crate) fn uniform_neighbourhood<T, F>(
     values: ArrayView3<'_, T>,
     element: Element,
     iterations: usize,
     outside_breaks: bool,
     reflect: bool,
     axes: Range<usize>,
-) -> Array3<bool> {
-    if values.is_empty() {
-        return Array3::from_elem(values.raw_dim(), true);
-    }
+    finish: F,
+) -> Array3<bool>
+where
+    T: Copy + PartialEq + Send + Sync,
+    F: Fn(bool, T) -> bool + Sync,
+{
     let values = values.as_standard_layout();
+    if values.is_empty() {
+        return Array3::from_elem(values.raw_dim(), false);
+    }
     match element {
         Element::Cube(side) => {
             let mut windows = [Window::POINT; 3];
@@ -43,72 +50,160 @@ pub(crate) fn uniform_neighbourhood<T: Copy + PartialEq + Send + Sync>(
                 let window = Window::cube(side, iterations);
                 windows[axis] = if reflect { window.reflected() } else { window };
             }
-            uniform_box(values.view(), windows, outside_breaks)
+            let longest = windows.iter().map(|w| w.back + w.forward + 1).max().unwrap_or(1);
+            if longest <= u8::MAX as usize {
+                uniform_box::<T, F, u8>(values.view(), windows, outside_breaks, finish)
+            } else {
+                uniform_box::<T, F, u32>(values.view(), windows, outside_breaks, finish)
+            }
         }
         // The cross is symmetric: its reflection is itself.
-        Element::Cross => uniform_cross(values.view(), iterations, outside_breaks, axes),
+        Element::Cross => {
+            let uniform = uniform_cross(values.view(), iterations, outside_breaks, axes);
+            let mut out = uniform;
+            Zip::from(&mut out)
+                .and(&values)
+                .par_for_each(|u, &v| *u = finish(*u, v));
+            out
+        }
     }
 }
 
 /// Elements a task of the strided passes covers at least (amortises the scheduling).
 const BLOCK: usize = 8192;
 
-fn uniform_box<T: Copy + PartialEq + Send + Sync>(
+/// Run lengths, saturated at the window length (every threshold compared with is at most
+/// that, so saturation changes no answer): `u8` keeps 32 lanes per AVX2 instruction.
+trait Run: Copy + Ord + Send + Sync {
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_usize(n: usize) -> Self;
+    fn succ_saturated(self, cap: Self) -> Self;
+}
+
+impl Run for u8 {
+    const ZERO: Self = 0;
+    const ONE: Self = 1;
+    fn from_usize(n: usize) -> Self {
+        n.min(u8::MAX as usize) as u8
+    }
+    #[inline]
+    fn succ_saturated(self, cap: Self) -> Self {
+        self.saturating_add(1).min(cap)
+    }
+}
+
+impl Run for u32 {
+    const ZERO: Self = 0;
+    const ONE: Self = 1;
+    fn from_usize(n: usize) -> Self {
+        n.min(u32::MAX as usize) as u32
+    }
+    #[inline]
+    fn succ_saturated(self, cap: Self) -> Self {
+        self.saturating_add(1).min(cap)
+    }
+}
+
+/// Separable uniformity of a box: `x` by break points, then `y` and `z` by run lengths.
+fn uniform_box<T, F, R>(
     values: ArrayView3<'_, T>,
     windows: [Window; 3],
     outside_breaks: bool,
-) -> Array3<bool> {
+    finish: F,
+) -> Array3<bool>
+where
+    T: Copy + PartialEq + Send + Sync,
+    F: Fn(bool, T) -> bool + Sync,
+    R: Run,
+{
     let (_, height, width) = values.dim();
+    let last = (0..3).filter(|&a| windows[a] != Window::POINT).min();
+    let Some(last) = last else {
+        return values.mapv(|v| finish(true, v));
+    };
+    let identity = |u: bool, _: T| u;
     let mut uniform: Option<Array3<bool>> = None;
 
     if windows[2] != Window::POINT {
         let mut out = Array3::from_elem(values.raw_dim(), false);
         let values = standard_slice(&values);
-        out.as_slice_mut()
+        let rows = out
+            .as_slice_mut()
             .expect("a new array is contiguous")
             .par_chunks_mut(width)
-            .zip(values.par_chunks(width))
-            .for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks));
+            .zip(values.par_chunks(width));
+        if last == 2 {
+            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, &finish));
+        } else {
+            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, &identity));
+        }
         uniform = Some(out);
     }
 
     if windows[1] != Window::POINT {
+        // Each `z` slice is a block whose planes are its rows.
         let mut out = Array3::from_elem(values.raw_dim(), false);
-        let slices: Vec<_> = out.axis_iter_mut(Axis(0)).collect();
-        slices.into_par_iter().enumerate().for_each(|(z, slice)| {
-            let prev = uniform
-                .as_ref()
-                .map(|u| u.index_axis(Axis(0), z).insert_axis(Axis(1)));
-            block_pass(
-                values.index_axis(Axis(0), z).insert_axis(Axis(1)),
-                prev,
-                slice.insert_axis(Axis(1)),
-                windows[1],
-                outside_breaks,
-            );
-        });
+        let slice_len = height * width;
+        let prev = uniform.as_ref().map(|u| u.as_slice().expect("contiguous"));
+        let source = standard_slice(&values);
+        out.as_slice_mut()
+            .expect("a new array is contiguous")
+            .par_chunks_mut(slice_len)
+            .enumerate()
+            .for_each(|(z, slice)| {
+                let block = Block {
+                    values: source,
+                    prev,
+                    base: z * slice_len,
+                    stride: width,
+                    len: height,
+                };
+                let planes = slice.chunks_mut(width).collect();
+                if last == 1 {
+                    block.pass::<R>(planes, windows[1], outside_breaks, &finish);
+                } else {
+                    block.pass::<R>(planes, windows[1], outside_breaks, &identity);
+                }
+            });
         uniform = Some(out);
     }
 
     if windows[0] != Window::POINT {
+        // Blocks of whole rows, every `z`: their planes are `rows × width` contiguous runs.
         let mut out = Array3::from_elem(values.raw_dim(), false);
-        let rows = (BLOCK / width.max(1)).clamp(1, height.max(1));
-        let blocks: Vec<_> = out.axis_chunks_iter_mut(Axis(1), rows).collect();
-        blocks.into_par_iter().enumerate().for_each(|(b, block)| {
-            let y = b * rows..b * rows + block.dim().1;
-            let prev = uniform.as_ref().map(|u| u.slice(s![.., y.clone(), ..]));
-            block_pass(
-                values.slice(s![.., y, ..]),
+        let slice_len = height * width;
+        let rows = (BLOCK / width).clamp(1, height);
+        let block_len = rows * width;
+        let mut blocks: Vec<Vec<&mut [bool]>> = Vec::new();
+        for slice in out
+            .as_slice_mut()
+            .expect("a new array is contiguous")
+            .chunks_mut(slice_len)
+        {
+            for (b, plane) in slice.chunks_mut(block_len).enumerate() {
+                if b == blocks.len() {
+                    blocks.push(Vec::new());
+                }
+                blocks[b].push(plane);
+            }
+        }
+        let prev = uniform.as_ref().map(|u| u.as_slice().expect("contiguous"));
+        let source = standard_slice(&values);
+        blocks.into_par_iter().enumerate().for_each(|(b, planes)| {
+            let block = Block {
+                values: source,
                 prev,
-                block,
-                windows[0],
-                outside_breaks,
-            );
+                base: b * block_len,
+                stride: slice_len,
+                len: planes.len(),
+            };
+            block.pass::<R>(planes, windows[0], outside_breaks, &finish);
         });
         uniform = Some(out);
     }
 
-    uniform.unwrap_or_else(|| Array3::from_elem(values.raw_dim(), true))
+    uniform.expect("the last pass ran")
 }
 
 fn standard_slice<'a, T>(values: &'a ArrayView3<'_, T>) -> &'a [T] {
@@ -117,102 +212,140 @@ fn standard_slice<'a, T>(values: &'a ArrayView3<'_, T>) -> &'a [T] {
         .expect("the kernel runs on standard-layout volumes")
 }
 
-/// One contiguous line, no earlier pass: `out[i]` = the window `[i − back, i + forward]` holds
-/// one value (and lies inside the line when `outside_breaks`).
-fn line_pass<T: PartialEq>(line: &[T], out: &mut [bool], window: Window, outside_breaks: bool) {
+/// One contiguous line, no earlier pass: `out[i] = finish(u, line[i])` with `u` = the window
+/// `[i − back, i + forward]` holds one value (and lies inside the line when `outside_breaks`).
+///
+/// A window is non-uniform iff it straddles a change `line[c − 1] ≠ line[c]`, that is iff
+/// `i ∈ [c − forward, c + back − 1]`: the line is set, then the few spans around its changes
+/// are cleared (a label line changes value a handful of times).
+fn line_pass<T: PartialEq + Copy>(
+    line: &[T],
+    out: &mut [bool],
+    window: Window,
+    outside_breaks: bool,
+    finish: &impl Fn(bool, T) -> bool,
+) {
     let (back, forward) = (window.back, window.forward);
     let n = line.len();
-    let full = back + forward + 1;
-    let mut run = 0usize;
-    for p in 0..n {
-        run = if p > 0 && line[p] == line[p - 1] {
-            run + 1
-        } else {
-            1
-        };
-        if p >= forward {
-            let i = p - forward;
-            out[i] = if i >= back {
-                run >= full
-            } else {
-                !outside_breaks && run > p
-            };
-        }
+    out.fill(true);
+    if outside_breaks {
+        out[..back.min(n)].fill(false);
+        out[n.saturating_sub(forward)..].fill(false);
     }
-    if !outside_breaks {
-        // Windows cut by the end of the line: they end at n − 1.
-        for (i, out) in out.iter_mut().enumerate().skip(n.saturating_sub(forward)) {
-            *out = run >= n - i.saturating_sub(back);
+    const CHUNK: usize = 32;
+    let mut start = 1;
+    while start < n {
+        let end = (start + CHUNK).min(n);
+        let changes = line[start..end]
+            .iter()
+            .zip(&line[start - 1..end - 1])
+            .fold(false, |any, (a, b)| any | (a != b));
+        if changes {
+            for c in start..end {
+                if line[c] != line[c - 1] {
+                    out[c.saturating_sub(forward)..(c + back).min(n)].fill(false);
+                }
+            }
         }
+        start = end;
+    }
+    for (o, &v) in out.iter_mut().zip(line) {
+        *o = finish(*o, v);
     }
 }
 
-/// The pass along axis 0 of a block whose planes `[.., ..]` at fixed axis-0 index are
-/// contiguous, combining with the uniformity `prev` of the earlier passes.
-fn block_pass<T: PartialEq>(
-    values: ArrayView3<'_, T>,
-    prev: Option<ArrayView3<'_, bool>>,
-    mut out: ArrayViewMut3<'_, bool>,
-    window: Window,
-    outside_breaks: bool,
-) {
-    let (back, forward) = (window.back, window.forward);
-    let len = values.dim().0;
-    let plane_len = values.dim().1 * values.dim().2;
-    let full = (back + forward + 1) as u32;
-    let mut run = vec![0u32; plane_len];
-    let contiguous = "planes of a standard-layout block are contiguous";
-    let write = |out: &mut ArrayViewMut3<'_, bool>, i: usize, run: &[u32], need: u32| {
-        let mut plane = out.index_axis_mut(Axis(0), i);
-        let plane = plane.as_slice_mut().expect(contiguous);
-        for (o, &r) in plane.iter_mut().zip(run) {
-            *o = r >= need;
-        }
-    };
-    for p in 0..len {
-        let here = values.index_axis(Axis(0), p);
-        let here = here.as_slice().expect(contiguous);
-        let prev_plane = prev.as_ref().map(|u| u.index_axis(Axis(0), p));
-        let ok = prev_plane.as_ref().map(|u| u.as_slice().expect(contiguous));
-        if p == 0 {
-            match ok {
-                Some(ok) => run.iter_mut().zip(ok).for_each(|(r, &u)| *r = u as u32),
-                None => run.fill(1),
-            }
-        } else {
-            let before = values.index_axis(Axis(0), p - 1);
-            let before = before.as_slice().expect(contiguous);
-            match ok {
-                Some(ok) => {
-                    for (((r, &u), a), b) in run.iter_mut().zip(ok).zip(here).zip(before) {
-                        *r = if !u {
-                            0
-                        } else if a == b {
-                            *r + 1
-                        } else {
-                            1
-                        };
-                    }
-                }
-                None => {
-                    for ((r, a), b) in run.iter_mut().zip(here).zip(before) {
-                        *r = if a == b { *r + 1 } else { 1 };
-                    }
-                }
-            }
-        }
-        if p >= forward {
-            let i = p - forward;
-            if i >= back {
-                write(&mut out, i, &run, full);
-            } else if !outside_breaks {
-                write(&mut out, i, &run, (p + 1) as u32);
-            }
-        }
+/// The planes of one block of a strided pass: plane `p` of the block is
+/// `values[base + p·stride ..][..plane_len]`, contiguous, and the pass runs along `p`.
+struct Block<'a, T> {
+    values: &'a [T],
+    prev: Option<&'a [bool]>,
+    base: usize,
+    stride: usize,
+    len: usize,
+}
+
+impl<T: PartialEq + Copy> Block<'_, T> {
+    fn plane<'s, U>(&self, data: &'s [U], p: usize, plane_len: usize) -> &'s [U] {
+        let start = self.base + p * self.stride;
+        &data[start..start + plane_len]
     }
-    if !outside_breaks {
+
+    /// Writes `finish(uniform, value)` into `out` (one slice per plane), combining with the
+    /// uniformity `prev` of the earlier passes.
+    fn pass<R: Run>(
+        &self,
+        mut out: Vec<&mut [bool]>,
+        window: Window,
+        outside_breaks: bool,
+        finish: &impl Fn(bool, T) -> bool,
+    ) {
+        let (back, forward, len) = (window.back, window.forward, self.len);
+        let Some(plane_len) = out.first().map(|p| p.len()) else {
+            return;
+        };
+        let full = R::from_usize(back + forward + 1);
+        let mut run = vec![R::ZERO; plane_len];
+        // Plane `i` from the runs that end at the last voxel of its window; `None`: the
+        // window leaves the array (non-uniform).
+        let write = |out: &mut [bool], here: &[T], run: &[R], need: Option<R>| match need {
+            Some(need) => {
+                for ((o, &r), &v) in out.iter_mut().zip(run).zip(here) {
+                    *o = finish(r >= need, v);
+                }
+            }
+            None => {
+                for (o, &v) in out.iter_mut().zip(here) {
+                    *o = finish(false, v);
+                }
+            }
+        };
+        for p in 0..len {
+            let here = self.plane(self.values, p, plane_len);
+            let ok = self.prev.map(|u| self.plane(u, p, plane_len));
+            if p == 0 {
+                match ok {
+                    Some(ok) => run
+                        .iter_mut()
+                        .zip(ok)
+                        .for_each(|(r, &u)| *r = if u { R::ONE } else { R::ZERO }),
+                    None => run.fill(R::ONE),
+                }
+            } else {
+                let before = self.plane(self.values, p - 1, plane_len);
+                match ok {
+                    Some(ok) => {
+                        for (((r, &u), a), b) in run.iter_mut().zip(ok).zip(here).zip(before) {
+                            let next = if a == b { r.succ_saturated(full) } else { R::ONE };
+                            *r = if u { next } else { R::ZERO };
+                        }
+                    }
+                    None => {
+                        for ((r, a), b) in run.iter_mut().zip(here).zip(before) {
+                            *r = if a == b { r.succ_saturated(full) } else { R::ONE };
+                        }
+                    }
+                }
+            }
+            if p >= forward {
+                let i = p - forward;
+                let need = if i >= back {
+                    Some(full)
+                } else if outside_breaks {
+                    None
+                } else {
+                    Some(R::from_usize(p + 1))
+                };
+                write(out[i], self.plane(self.values, i, plane_len), &run, need);
+            }
+        }
+        // Windows cut by the end of the axis: they end at len − 1.
         for i in len.saturating_sub(forward)..len {
-            write(&mut out, i, &run, (len - i.saturating_sub(back)) as u32);
+            let need = if outside_breaks {
+                None
+            } else {
+                Some(R::from_usize(len - i.saturating_sub(back)))
+            };
+            write(out[i], self.plane(self.values, i, plane_len), &run, need);
         }
     }
 }
