@@ -55,18 +55,41 @@ fn benches(c: &mut Criterion) {
     group.sample_size(20);
     for threads in [1, 2] {
         let pool = pool(threads);
-        group.bench_function(format!("contour_map 16 classes 96x160x160 k3 n6 / {threads} thread(s)"), |b| {
-            b.iter(|| pool.install(|| contour_map(black_box(labels.view()), &spec).expect("map").into_union()))
-        });
-        group.bench_function(format!("erode cube k3 n6 96x160x160 / {threads} thread(s)"), |b| {
-            b.iter(|| pool.install(|| erode(black_box(mask.view()), &ErosionSpec::default()).expect("erode")))
-        });
+        group.bench_function(
+            format!("contour_map 16 classes 96x160x160 k3 n6 / {threads} thread(s)"),
+            |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        contour_map(black_box(labels.view()), &spec)
+                            .expect("map")
+                            .into_union()
+                    })
+                })
+            },
+        );
+        group.bench_function(
+            format!("erode cube k3 n6 96x160x160 / {threads} thread(s)"),
+            |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        erode(black_box(mask.view()), &ErosionSpec::default()).expect("erode")
+                    })
+                })
+            },
+        );
         group.bench_function(format!("edt 96x160x160 / {threads} thread(s)"), |b| {
             b.iter(|| pool.install(|| edt(black_box(mask.view()), None).expect("edt")))
         });
-        group.bench_function(format!("edt anisotropic 96x160x160 / {threads} thread(s)"), |b| {
-            b.iter(|| pool.install(|| edt(black_box(mask.view()), Some(&[2.0, 0.8, 0.8])).expect("edt")))
-        });
+        group.bench_function(
+            format!("edt anisotropic 96x160x160 / {threads} thread(s)"),
+            |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        edt(black_box(mask.view()), Some(&[2.0, 0.8, 0.8])).expect("edt")
+                    })
+                })
+            },
+        );
     }
     group.bench_function("connected_components 26 96x160x160 / 1 thread", |b| {
         b.iter(|| connected_components(black_box(mask.view()), Connectivity::Corners))

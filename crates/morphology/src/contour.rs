@@ -22,7 +22,7 @@ pub fn contour<T: Binary, D: Grid>(
         spec.border == Border::Background,
         false,
         active_axes::<D>(),
-        |uniform, m| m && !uniform,
+        |uniform, m| m & !uniform,
     );
     Ok(D::from_volume(contour))
 }
@@ -95,7 +95,7 @@ pub fn contour_map<'a, L: Label, D: Grid>(
         erosion.border == Border::Background,
         false,
         active_axes::<D>(),
-        |uniform, l: L| !uniform && (include_background || !l.is_background()),
+        move |uniform, l: L| !uniform & (include_background | !l.is_background()),
     );
     Ok(ContourMap {
         labels,

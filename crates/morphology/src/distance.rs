@@ -115,22 +115,35 @@ pub(crate) fn squared_distance_to<T: Copy + Sync>(
 }
 
 /// The 1D squared distance transform along axis 0 of `block` (`[len, 1, width]`), one lower
-/// envelope per column; the columns are gathered into contiguous lines first.
+/// envelope per column. Columns of zeros (background only) are their own transform and are
+/// skipped; the others are gathered into contiguous lines first.
 fn envelope_pass(mut block: ArrayViewMut3<'_, f32>, step: f64) {
     let (len, _, width) = block.dim();
-    let mut tile = vec![0f32; len * width];
+    let mut active = vec![false; width];
+    for plane in block.outer_iter() {
+        for (a, &v) in active.iter_mut().zip(plane.iter()) {
+            *a |= v != 0.0;
+        }
+    }
+    let columns: Vec<usize> = (0..width).filter(|&x| active[x]).collect();
+    if columns.is_empty() {
+        return;
+    }
+    let mut tile = vec![0f32; len * columns.len()];
     for (p, plane) in block.outer_iter().enumerate() {
-        for (x, &v) in plane.iter().enumerate() {
-            tile[x * len + p] = v;
+        let plane = plane.index_axis_move(Axis(0), 0);
+        for (j, &x) in columns.iter().enumerate() {
+            tile[j * len + p] = plane[x];
         }
     }
     let mut envelope = Envelope::with_capacity(len);
     for line in tile.chunks_exact_mut(len) {
         envelope.transform(line, step);
     }
-    for (p, mut plane) in block.outer_iter_mut().enumerate() {
-        for (x, v) in plane.iter_mut().enumerate() {
-            *v = tile[x * len + p];
+    for (p, plane) in block.outer_iter_mut().enumerate() {
+        let mut plane = plane.index_axis_move(Axis(0), 0);
+        for (j, &x) in columns.iter().enumerate() {
+            plane[x] = tile[j * len + p];
         }
     }
 }
@@ -153,12 +166,18 @@ impl Envelope {
     }
 
     /// Replaces `f` by `d(p) = min_q (x_p − x_q)² + f(q)`, `x_p = p · step`.
+    ///
+    /// Zeros stay zeros, and inside a run of zeros only its two ends can be nearest to a voxel
+    /// outside the run: the interior of such runs adds no parabola.
     fn transform(&mut self, f: &mut [f32], step: f64) {
         self.sites.clear();
         self.minima.clear();
         self.bounds.clear();
+        let n = f.len();
         for (q, &fq) in f.iter().enumerate() {
-            if !fq.is_finite() {
+            let interior_zero =
+                fq == 0.0 && q > 0 && q + 1 < n && f[q - 1] == 0.0 && f[q + 1] == 0.0;
+            if !fq.is_finite() || interior_zero {
                 continue;
             }
             let (xq, fq) = (q as f64 * step, fq as f64);
@@ -188,8 +207,10 @@ impl Envelope {
             while k + 1 < self.sites.len() && self.bounds[k + 1] < xp {
                 k += 1;
             }
-            let dx = xp - self.sites[k];
-            *out = (dx * dx + self.minima[k]) as f32;
+            if *out != 0.0 {
+                let dx = xp - self.sites[k];
+                *out = (dx * dx + self.minima[k]) as f32;
+            }
         }
     }
 }

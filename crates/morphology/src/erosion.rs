@@ -28,7 +28,7 @@ pub fn erode<T: Binary, D: Grid>(
         spec.border == Border::Background,
         false,
         active_axes::<D>(),
-        |uniform, m| m && uniform,
+        |uniform, m| m & uniform,
     );
     Ok(D::from_volume(eroded))
 }
@@ -52,7 +52,7 @@ pub fn dilate<T: Binary, D: Grid>(
         false,
         true,
         active_axes::<D>(),
-        |uniform, m| m || !uniform,
+        |uniform, m| m | !uniform,
     );
     Ok(D::from_volume(dilated))
 }

@@ -37,7 +37,7 @@ pub(crate) fn uniform_neighbourhood<T, F>(
 ) -> Array3<bool>
 where
     T: Copy + PartialEq + Send + Sync,
-    F: Fn(bool, T) -> bool + Sync,
+    F: Fn(bool, T) -> bool + Sync + Copy,
 {
     let values = values.as_standard_layout();
     if values.is_empty() {
@@ -50,7 +50,11 @@ where
                 let window = Window::cube(side, iterations);
                 windows[axis] = if reflect { window.reflected() } else { window };
             }
-            let longest = windows.iter().map(|w| w.back + w.forward + 1).max().unwrap_or(1);
+            let longest = windows
+                .iter()
+                .map(|w| w.back + w.forward + 1)
+                .max()
+                .unwrap_or(1);
             if longest <= u8::MAX as usize {
                 uniform_box::<T, F, u8>(values.view(), windows, outside_breaks, finish)
             } else {
@@ -114,7 +118,7 @@ fn uniform_box<T, F, R>(
 ) -> Array3<bool>
 where
     T: Copy + PartialEq + Send + Sync,
-    F: Fn(bool, T) -> bool + Sync,
+    F: Fn(bool, T) -> bool + Sync + Copy,
     R: Run,
 {
     let (_, height, width) = values.dim();
@@ -122,7 +126,7 @@ where
     let Some(last) = last else {
         return values.mapv(|v| finish(true, v));
     };
-    let identity = |u: bool, _: T| u;
+    let identity = |uniform: bool, _: T| uniform;
     let mut uniform: Option<Array3<bool>> = None;
 
     if windows[2] != Window::POINT {
@@ -134,9 +138,9 @@ where
             .par_chunks_mut(width)
             .zip(values.par_chunks(width));
         if last == 2 {
-            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, &finish));
+            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, finish));
         } else {
-            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, &identity));
+            rows.for_each(|(out, line)| line_pass(line, out, windows[2], outside_breaks, identity));
         }
         uniform = Some(out);
     }
@@ -161,9 +165,9 @@ where
                 };
                 let planes = slice.chunks_mut(width).collect();
                 if last == 1 {
-                    block.pass::<R>(planes, windows[1], outside_breaks, &finish);
+                    block.pass::<R>(planes, windows[1], outside_breaks, finish);
                 } else {
-                    block.pass::<R>(planes, windows[1], outside_breaks, &identity);
+                    block.pass::<R>(planes, windows[1], outside_breaks, identity);
                 }
             });
         uniform = Some(out);
@@ -198,7 +202,7 @@ where
                 stride: slice_len,
                 len: planes.len(),
             };
-            block.pass::<R>(planes, windows[0], outside_breaks, &finish);
+            block.pass::<R>(planes, windows[0], outside_breaks, finish);
         });
         uniform = Some(out);
     }
@@ -223,7 +227,7 @@ fn line_pass<T: PartialEq + Copy>(
     out: &mut [bool],
     window: Window,
     outside_breaks: bool,
-    finish: &impl Fn(bool, T) -> bool,
+    finish: impl Fn(bool, T) -> bool + Copy,
 ) {
     let (back, forward) = (window.back, window.forward);
     let n = line.len();
@@ -277,7 +281,7 @@ impl<T: PartialEq + Copy> Block<'_, T> {
         mut out: Vec<&mut [bool]>,
         window: Window,
         outside_breaks: bool,
-        finish: &impl Fn(bool, T) -> bool,
+        finish: impl Fn(bool, T) -> bool + Copy,
     ) {
         let (back, forward, len) = (window.back, window.forward, self.len);
         let Some(plane_len) = out.first().map(|p| p.len()) else {
@@ -285,20 +289,6 @@ impl<T: PartialEq + Copy> Block<'_, T> {
         };
         let full = R::from_usize(back + forward + 1);
         let mut run = vec![R::ZERO; plane_len];
-        // Plane `i` from the runs that end at the last voxel of its window; `None`: the
-        // window leaves the array (non-uniform).
-        let write = |out: &mut [bool], here: &[T], run: &[R], need: Option<R>| match need {
-            Some(need) => {
-                for ((o, &r), &v) in out.iter_mut().zip(run).zip(here) {
-                    *o = finish(r >= need, v);
-                }
-            }
-            None => {
-                for (o, &v) in out.iter_mut().zip(here) {
-                    *o = finish(false, v);
-                }
-            }
-        };
         for p in 0..len {
             let here = self.plane(self.values, p, plane_len);
             let ok = self.prev.map(|u| self.plane(u, p, plane_len));
@@ -315,13 +305,21 @@ impl<T: PartialEq + Copy> Block<'_, T> {
                 match ok {
                     Some(ok) => {
                         for (((r, &u), a), b) in run.iter_mut().zip(ok).zip(here).zip(before) {
-                            let next = if a == b { r.succ_saturated(full) } else { R::ONE };
+                            let next = if a == b {
+                                r.succ_saturated(full)
+                            } else {
+                                R::ONE
+                            };
                             *r = if u { next } else { R::ZERO };
                         }
                     }
                     None => {
                         for ((r, a), b) in run.iter_mut().zip(here).zip(before) {
-                            *r = if a == b { r.succ_saturated(full) } else { R::ONE };
+                            *r = if a == b {
+                                r.succ_saturated(full)
+                            } else {
+                                R::ONE
+                            };
                         }
                     }
                 }
@@ -335,7 +333,13 @@ impl<T: PartialEq + Copy> Block<'_, T> {
                 } else {
                     Some(R::from_usize(p + 1))
                 };
-                write(out[i], self.plane(self.values, i, plane_len), &run, need);
+                finish_plane(
+                    out[i],
+                    self.plane(self.values, i, plane_len),
+                    &run,
+                    need,
+                    finish,
+                );
             }
         }
         // Windows cut by the end of the axis: they end at len − 1.
@@ -345,7 +349,37 @@ impl<T: PartialEq + Copy> Block<'_, T> {
             } else {
                 Some(R::from_usize(len - i.saturating_sub(back)))
             };
-            write(out[i], self.plane(self.values, i, plane_len), &run, need);
+            finish_plane(
+                out[i],
+                self.plane(self.values, i, plane_len),
+                &run,
+                need,
+                finish,
+            );
+        }
+    }
+}
+
+/// Plane `i` of a pass from the runs that end at the last voxel of its windows: uniform iff
+/// the run covers `need` voxels; `None`: the window leaves the array (non-uniform).
+#[inline]
+fn finish_plane<T: Copy, R: Run>(
+    out: &mut [bool],
+    here: &[T],
+    run: &[R],
+    need: Option<R>,
+    finish: impl Fn(bool, T) -> bool + Copy,
+) {
+    match need {
+        Some(need) => {
+            for ((o, &r), &v) in out.iter_mut().zip(run).zip(here) {
+                *o = finish(r >= need, v);
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(here) {
+                *o = finish(false, v);
+            }
         }
     }
 }

@@ -2,13 +2,17 @@
 
 use cwseg_morphology::{
     Border, Connectivity, ContourSpec, DwceSpec, Element, ErosionSpec, MorphologyError,
-    connected_components, contour, contour_map, dilate, dwce_weight_map, edt, erode,
-    keep_largest, signed_distance,
+    connected_components, contour, contour_map, dilate, dwce_weight_map, edt, erode, keep_largest,
+    signed_distance,
 };
 use ndarray::{Array2, Array3, s};
 
 fn spec(element: Element, iterations: usize, border: Border) -> ErosionSpec {
-    ErosionSpec { element, iterations, border }
+    ErosionSpec {
+        element,
+        iterations,
+        border,
+    }
 }
 
 fn count(mask: &Array3<bool>) -> usize {
@@ -25,8 +29,16 @@ fn empty_mask() {
         assert_eq!(count(&contour(empty.view(), &sp).unwrap()), 0);
     }
     assert!(edt(empty.view(), None).unwrap().iter().all(|&d| d == 0.0));
-    assert!(signed_distance(empty.view(), None).unwrap().iter().all(|&d| d == 0.0));
-    assert_eq!(connected_components(empty.view(), Connectivity::Corners).count, 0);
+    assert!(
+        signed_distance(empty.view(), None)
+            .unwrap()
+            .iter()
+            .all(|&d| d == 0.0)
+    );
+    assert_eq!(
+        connected_components(empty.view(), Connectivity::Corners).count,
+        0
+    );
     assert_eq!(count(&keep_largest(empty.view(), Connectivity::Faces)), 0);
 
     let background = Array3::<u8>::zeros((5, 6, 7));
@@ -34,13 +46,26 @@ fn empty_mask() {
     assert_eq!(count(only_foreground.union()), 0);
     // With the background counted and a background border, every voxel of this small volume
     // lies within 6 voxels of the outside.
-    let with_background = ContourSpec { include_background: true, ..ContourSpec::default() };
-    assert_eq!(count(contour_map(background.view(), &with_background).unwrap().union()), 210);
+    let with_background = ContourSpec {
+        include_background: true,
+        ..ContourSpec::default()
+    };
+    assert_eq!(
+        count(
+            contour_map(background.view(), &with_background)
+                .unwrap()
+                .union()
+        ),
+        210
+    );
     let replicate = ContourSpec {
         erosion: spec(Element::Cube(3), 6, Border::Replicate),
         include_background: true,
     };
-    assert_eq!(count(contour_map(background.view(), &replicate).unwrap().union()), 0);
+    assert_eq!(
+        count(contour_map(background.view(), &replicate).unwrap().union()),
+        0
+    );
 }
 
 #[test]
@@ -53,29 +78,54 @@ fn full_mask() {
     assert_eq!(count(&replicate), 210);
     let shell = contour(full.view(), &spec(Element::Cube(3), 1, Border::Background)).unwrap();
     assert_eq!(count(&shell), 210 - 60);
-    assert_eq!(count(&dilate(full.view(), &ErosionSpec::default()).unwrap()), 210);
+    assert_eq!(
+        count(&dilate(full.view(), &ErosionSpec::default()).unwrap()),
+        210
+    );
     // No background voxel: no finite distance.
-    assert!(edt(full.view(), None).unwrap().iter().all(|d| d.is_infinite()));
-    assert!(signed_distance(full.view(), None).unwrap().iter().all(|&d| d == 0.0));
-    assert_eq!(connected_components(full.view(), Connectivity::Faces).count, 1);
+    assert!(
+        edt(full.view(), None)
+            .unwrap()
+            .iter()
+            .all(|d| d.is_infinite())
+    );
+    assert!(
+        signed_distance(full.view(), None)
+            .unwrap()
+            .iter()
+            .all(|&d| d == 0.0)
+    );
+    assert_eq!(
+        connected_components(full.view(), Connectivity::Faces).count,
+        1
+    );
 }
 
 #[test]
 fn one_voxel() {
     let mut mask = Array3::<bool>::from_elem((7, 7, 7), false);
     mask[[3, 3, 3]] = true;
-    assert_eq!(count(&erode(mask.view(), &spec(Element::Cube(3), 1, Border::Replicate)).unwrap()), 0);
+    assert_eq!(
+        count(&erode(mask.view(), &spec(Element::Cube(3), 1, Border::Replicate)).unwrap()),
+        0
+    );
     let block = dilate(mask.view(), &spec(Element::Cube(3), 2, Border::Background)).unwrap();
     assert_eq!(count(&block), 125);
     assert!(block.slice(s![1..6, 1..6, 1..6]).iter().all(|&m| m));
     // Two crosses: the L1 ball of radius 2 has 1 + 6 + 18 voxels.
-    assert_eq!(count(&dilate(mask.view(), &spec(Element::Cross, 2, Border::Background)).unwrap()), 25);
+    assert_eq!(
+        count(&dilate(mask.view(), &spec(Element::Cross, 2, Border::Background)).unwrap()),
+        25
+    );
     // Even cube: erosion looks one voxel back, so dilation (the reflection) grows one voxel
     // towards lower indices, as scipy's.
     let even = dilate(mask.view(), &spec(Element::Cube(2), 1, Border::Background)).unwrap();
     assert_eq!(count(&even), 8);
     assert!(even.slice(s![2..4, 2..4, 2..4]).iter().all(|&m| m));
-    assert_eq!(count(&contour(mask.view(), &ErosionSpec::default()).unwrap()), 1);
+    assert_eq!(
+        count(&contour(mask.view(), &ErosionSpec::default()).unwrap()),
+        1
+    );
     let d = edt(mask.view(), Some(&[2.0, 1.0, 1.0])).unwrap();
     assert_eq!(d[[3, 3, 3]], 1.0);
     assert_eq!(d.iter().filter(|&&d| d > 0.0).count(), 1);
@@ -94,8 +144,16 @@ fn plate_and_shapes_thinner_than_the_erosion() {
         assert_eq!(count(&erode(plate.view(), &sp).unwrap()), 0, "{element:?}");
         assert_eq!(contour(plate.view(), &sp).unwrap(), plate, "{element:?}");
     }
-    assert!(edt(plate.view(), None).unwrap().iter().all(|&d| d == 0.0 || d == 1.0));
-    assert_eq!(connected_components(plate.view(), Connectivity::Faces).count, 1);
+    assert!(
+        edt(plate.view(), None)
+            .unwrap()
+            .iter()
+            .all(|&d| d == 0.0 || d == 1.0)
+    );
+    assert_eq!(
+        connected_components(plate.view(), Connectivity::Faces).count,
+        1
+    );
 
     let mut slab = Array3::<u8>::zeros((20, 20, 20));
     slab.slice_mut(s![5..15, 8..11, 5..15]).fill(3);
@@ -109,8 +167,14 @@ fn plate_and_shapes_thinner_than_the_erosion() {
 fn size_one_axes() {
     let line = Array3::<bool>::from_elem((1, 1, 9), true);
     // The cube leaves the array on the size-1 axes: everything erodes with a background border.
-    assert_eq!(count(&erode(line.view(), &spec(Element::Cube(3), 1, Border::Background)).unwrap()), 0);
-    assert_eq!(count(&erode(line.view(), &spec(Element::Cube(3), 1, Border::Replicate)).unwrap()), 9);
+    assert_eq!(
+        count(&erode(line.view(), &spec(Element::Cube(3), 1, Border::Background)).unwrap()),
+        0
+    );
+    assert_eq!(
+        count(&erode(line.view(), &spec(Element::Cube(3), 1, Border::Replicate)).unwrap()),
+        9
+    );
     // The same data as a 2D image keeps its z axis out of the element.
     let image = Array2::<bool>::from_elem((1, 9), true);
     let eroded = erode(image.view(), &spec(Element::Cube(3), 2, Border::Background)).unwrap();
@@ -127,27 +191,63 @@ fn size_one_axes() {
 #[test]
 fn zero_sized_arrays() {
     let nothing = Array3::<bool>::from_elem((0, 4, 5), false);
-    assert_eq!(erode(nothing.view(), &ErosionSpec::default()).unwrap().shape(), &[0, 4, 5]);
-    assert_eq!(dilate(nothing.view(), &ErosionSpec::default()).unwrap().shape(), &[0, 4, 5]);
+    assert_eq!(
+        erode(nothing.view(), &ErosionSpec::default())
+            .unwrap()
+            .shape(),
+        &[0, 4, 5]
+    );
+    assert_eq!(
+        dilate(nothing.view(), &ErosionSpec::default())
+            .unwrap()
+            .shape(),
+        &[0, 4, 5]
+    );
     assert_eq!(edt(nothing.view(), None).unwrap().shape(), &[0, 4, 5]);
     let labels = Array3::<u8>::zeros((3, 0, 2));
-    assert_eq!(contour_map(labels.view(), &ContourSpec::default()).unwrap().union().len(), 0);
-    assert_eq!(connected_components(labels.view(), Connectivity::Faces).count, 0);
-    assert_eq!(dwce_weight_map(labels.view(), None, &DwceSpec::default()).unwrap().len(), 0);
+    assert_eq!(
+        contour_map(labels.view(), &ContourSpec::default())
+            .unwrap()
+            .union()
+            .len(),
+        0
+    );
+    assert_eq!(
+        connected_components(labels.view(), Connectivity::Faces).count,
+        0
+    );
+    assert_eq!(
+        dwce_weight_map(labels.view(), None, &DwceSpec::default())
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[test]
 fn bad_parameters_are_errors() {
     let mask = Array3::<bool>::from_elem((4, 4, 4), true);
     let zero_side = spec(Element::Cube(0), 1, Border::Background);
-    assert_eq!(erode(mask.view(), &zero_side), Err(MorphologyError::CubeSide(0)));
+    assert_eq!(
+        erode(mask.view(), &zero_side),
+        Err(MorphologyError::CubeSide(0))
+    );
     let zero_iterations = spec(Element::Cube(3), 0, Border::Background);
-    assert_eq!(dilate(mask.view(), &zero_iterations), Err(MorphologyError::ZeroIterations));
+    assert_eq!(
+        dilate(mask.view(), &zero_iterations),
+        Err(MorphologyError::ZeroIterations)
+    );
     assert_eq!(
         edt(mask.view(), Some(&[1.0, 1.0])),
-        Err(MorphologyError::SpacingRank { expected: 3, got: 2 })
+        Err(MorphologyError::SpacingRank {
+            expected: 3,
+            got: 2
+        })
     );
-    assert!(matches!(edt(mask.view(), Some(&[1.0, 0.0, 1.0])), Err(MorphologyError::Spacing(_))));
+    assert!(matches!(
+        edt(mask.view(), Some(&[1.0, 0.0, 1.0])),
+        Err(MorphologyError::Spacing(_))
+    ));
     assert!(matches!(
         signed_distance(mask.view(), Some(&[1.0, f64::NAN, 1.0])),
         Err(MorphologyError::Spacing(_))
@@ -157,7 +257,10 @@ fn bad_parameters_are_errors() {
         dwce_weight_map(labels.view(), None, &DwceSpec::default()),
         Err(MorphologyError::Label(-1))
     );
-    let sigma = DwceSpec { sigma: 0.0, ..DwceSpec::default() };
+    let sigma = DwceSpec {
+        sigma: 0.0,
+        ..DwceSpec::default()
+    };
     assert!(matches!(
         dwce_weight_map(mask.mapv(u8::from).view(), None, &sigma),
         Err(MorphologyError::Parameter { name: "sigma", .. })
@@ -167,9 +270,15 @@ fn bad_parameters_are_errors() {
     assert_eq!(map.class(0), Err(MorphologyError::BackgroundExcluded));
     assert_eq!(
         Connectivity::from_neighbours(26, 2),
-        Err(MorphologyError::Connectivity { neighbours: 26, rank: 2 })
+        Err(MorphologyError::Connectivity {
+            neighbours: 26,
+            rank: 2
+        })
     );
-    assert_eq!(Connectivity::from_neighbours(18, 3), Ok(Connectivity::Edges));
+    assert_eq!(
+        Connectivity::from_neighbours(18, 3),
+        Ok(Connectivity::Edges)
+    );
     // Every error message names the offending value.
     assert!(MorphologyError::Label(-1).to_string().contains("-1"));
 }
@@ -212,7 +321,10 @@ fn long_windows_match_the_definition() {
             });
             assert_eq!(got, want, "{h}x{w} {border:?}");
             if border == Border::Replicate {
-                assert!(got.iter().any(|&m| m) && got.iter().any(|&m| !m), "a telling mask");
+                assert!(
+                    got.iter().any(|&m| m) && got.iter().any(|&m| !m),
+                    "a telling mask"
+                );
             }
         }
     }

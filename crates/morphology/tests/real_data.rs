@@ -36,7 +36,10 @@ fn read_labels(path: &std::path::Path) -> (Array3<i64>, [f64; 3]) {
         .read_file(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let pixdim = object.header().pixdim;
-    let data = object.into_volume().into_ndarray::<f64>().expect("numeric volume");
+    let data = object
+        .into_volume()
+        .into_ndarray::<f64>()
+        .expect("numeric volume");
     let labels = data
         .reversed_axes()
         .into_dimensionality::<Ix3>()
@@ -61,7 +64,10 @@ fn digest(mask: &Array3<bool>) -> [i64; 3] {
 
 fn json_i64s(v: &serde_json::Value) -> Vec<i64> {
     let items = v.as_array().expect("a list");
-    items.iter().map(|x| x.as_i64().expect("an integer")).collect()
+    items
+        .iter()
+        .map(|x| x.as_i64().expect("an integer"))
+        .collect()
 }
 
 #[test]
@@ -81,11 +87,20 @@ fn real_label_volumes_match_scipy() {
             ("contour_replicate", Border::Replicate, false),
         ] {
             let spec = ContourSpec {
-                erosion: ErosionSpec { border, ..ErosionSpec::default() },
+                erosion: ErosionSpec {
+                    border,
+                    ..ErosionSpec::default()
+                },
                 include_background,
             };
-            let map = contour_map(labels.view(), &spec).expect("contour map").into_union();
-            assert_eq!(digest(&map).to_vec(), json_i64s(&entry[key]), "{name}: {key}");
+            let map = contour_map(labels.view(), &spec)
+                .expect("contour map")
+                .into_union();
+            assert_eq!(
+                digest(&map).to_vec(),
+                json_i64s(&entry[key]),
+                "{name}: {key}"
+            );
         }
         let fg = labels.mapv(|l| l > 0);
         let distance = edt(fg.view(), Some(&spacing)).expect("edt");
@@ -93,13 +108,30 @@ fn real_label_volumes_match_scipy() {
         let sum: f64 = distance.iter().map(|&d| d as f64).sum();
         let max = distance.iter().fold(0f32, |m, &d| m.max(d)) as f64;
         let nonzero = distance.iter().filter(|&&d| d > 0.0).count() as i64;
-        let (want_sum, want_max) = (reference["sum"].as_f64().expect("sum"), reference["max"].as_f64().expect("max"));
-        assert!((sum - want_sum).abs() <= 1e-5 * want_sum, "{name}: edt sum {sum} vs {want_sum}");
-        assert!((max - want_max).abs() <= 1e-6 * want_max, "{name}: edt max {max} vs {want_max}");
-        assert_eq!(nonzero, reference["nonzero"].as_i64().expect("count"), "{name}: edt support");
+        let (want_sum, want_max) = (
+            reference["sum"].as_f64().expect("sum"),
+            reference["max"].as_f64().expect("max"),
+        );
+        assert!(
+            (sum - want_sum).abs() <= 1e-5 * want_sum,
+            "{name}: edt sum {sum} vs {want_sum}"
+        );
+        assert!(
+            (max - want_max).abs() <= 1e-6 * want_max,
+            "{name}: edt max {max} vs {want_max}"
+        );
+        assert_eq!(
+            nonzero,
+            reference["nonzero"].as_i64().expect("count"),
+            "{name}: edt support"
+        );
         let mut sizes = connected_components(fg.view(), Connectivity::Corners).sizes();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let sizes: Vec<i64> = sizes.into_iter().map(|s| s as i64).collect();
-        assert_eq!(sizes, json_i64s(&entry["components26"]), "{name}: component sizes");
+        assert_eq!(
+            sizes,
+            json_i64s(&entry["components26"]),
+            "{name}: component sizes"
+        );
     }
 }
