@@ -67,29 +67,41 @@ pub(crate) fn squared_distance_to<T: Copy + Sync>(
         return squared;
     }
     // x: distance to the nearest target in the row, two sweeps.
+    let volume = volume.as_standard_layout();
+    let width = volume.dim().2;
     let step = spacing[2];
-    Zip::from(squared.rows_mut())
-        .and(volume.rows())
-        .par_for_each(|mut out, row| {
+    let far = f32::INFINITY;
+    squared
+        .as_slice_mut()
+        .expect("a new array is contiguous")
+        .par_chunks_mut(width)
+        .zip(
+            volume
+                .as_slice()
+                .expect("standard layout")
+                .par_chunks(width),
+        )
+        .for_each(|(out, row)| {
             let mut last: Option<usize> = None;
-            for (i, &v) in row.iter().enumerate() {
+            for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
                 if is_target(v) {
                     last = Some(i);
                 }
-                if let Some(l) = last {
-                    out[i] = ((i - l) as f64 * step) as f32;
-                }
+                *o = last.map_or(far, |l| (i - l) as f32);
             }
             let mut next: Option<usize> = None;
-            for i in (0..row.len()).rev() {
-                if is_target(row[i]) {
+            for (i, (o, &v)) in out.iter_mut().zip(row).enumerate().rev() {
+                if is_target(v) {
                     next = Some(i);
                 }
                 if let Some(n) = next {
-                    out[i] = out[i].min(((n - i) as f64 * step) as f32);
+                    *o = o.min((n - i) as f32);
                 }
             }
-            out.mapv_inplace(|d| d * d);
+            for o in out.iter_mut() {
+                let d = (*o as f64 * step) as f32;
+                *o = d * d;
+            }
         });
     // y, then z: lower envelopes of parabolas over the previous axes' squared distances.
     if axes.contains(&1) {
@@ -121,7 +133,9 @@ fn envelope_pass(mut block: ArrayViewMut3<'_, f32>, step: f64) {
     let (len, _, width) = block.dim();
     let mut active = vec![false; width];
     for plane in block.outer_iter() {
-        for (a, &v) in active.iter_mut().zip(plane.iter()) {
+        let plane = plane.index_axis_move(Axis(0), 0);
+        let plane = plane.as_slice().expect("rows are contiguous");
+        for (a, &v) in active.iter_mut().zip(plane) {
             *a |= v != 0.0;
         }
     }
@@ -132,6 +146,7 @@ fn envelope_pass(mut block: ArrayViewMut3<'_, f32>, step: f64) {
     let mut tile = vec![0f32; len * columns.len()];
     for (p, plane) in block.outer_iter().enumerate() {
         let plane = plane.index_axis_move(Axis(0), 0);
+        let plane = plane.as_slice().expect("rows are contiguous");
         for (j, &x) in columns.iter().enumerate() {
             tile[j * len + p] = plane[x];
         }
@@ -142,6 +157,7 @@ fn envelope_pass(mut block: ArrayViewMut3<'_, f32>, step: f64) {
     }
     for (p, plane) in block.outer_iter_mut().enumerate() {
         let mut plane = plane.index_axis_move(Axis(0), 0);
+        let plane = plane.as_slice_mut().expect("rows are contiguous");
         for (j, &x) in columns.iter().enumerate() {
             plane[x] = tile[j * len + p];
         }
