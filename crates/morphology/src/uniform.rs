@@ -343,14 +343,15 @@ impl<T: PartialEq + Copy> Block<'_, T> {
             }
         }
         // Windows cut by the end of the axis: they end at len − 1.
-        for i in len.saturating_sub(forward)..len {
+        let tail = len.saturating_sub(forward);
+        for (i, plane) in out.iter_mut().enumerate().skip(tail) {
             let need = if outside_breaks {
                 None
             } else {
                 Some(R::from_usize(len - i.saturating_sub(back)))
             };
             finish_plane(
-                out[i],
+                plane,
                 self.plane(self.values, i, plane_len),
                 &run,
                 need,
