@@ -5,7 +5,8 @@ mod common;
 use common::{Fixture, assert_close, assert_same_mask};
 use cwseg_morphology::{
     Border, Connectivity, ContourSpec, DwceSpec, Element, ErosionSpec, connected_components,
-    contour_map, dilate, dwce_weight_map, edt, erode, label_components, signed_distance,
+    contour_map, dilate, dwce_weight_map, edt, erode, keep_largest, label_components,
+    signed_distance,
 };
 use ndarray::ArrayD;
 
@@ -168,6 +169,18 @@ fn components_match_scipy_label() {
             assert!(
                 want.iter().any(|&l| l > 1),
                 "{name}: fixture has several components"
+            );
+            // keep_largest: the most frequent scipy label (first among equals).
+            let mut sizes = vec![0usize; 1 + *want.iter().max().unwrap() as usize];
+            want.iter().for_each(|&l| sizes[l as usize] += 1);
+            let largest = (1..sizes.len())
+                .max_by_key(|&l| (sizes[l], usize::MAX - l))
+                .unwrap();
+            let kept = by_rank!(mask, |m| keep_largest(m, connectivity));
+            assert_same_mask(
+                &kept,
+                &want.mapv(|l| l == largest as i64),
+                &format!("{name} largest"),
             );
         }
     }
