@@ -17,9 +17,9 @@ mod sealed {
 pub trait Grid: Dimension + sealed::Sealed {
     /// The number of axes (2 or 3).
     const RANK: usize;
-    #[doc(hidden)]
+    /// The array as a `[z, y, x]` volume (an image becomes one slice).
     fn as_volume<T>(array: ArrayView<'_, T, Self>) -> ArrayView3<'_, T>;
-    #[doc(hidden)]
+    /// The inverse of [`Grid::as_volume`] for owned arrays.
     fn from_volume<T>(volume: Array3<T>) -> Array<T, Self>;
 }
 

@@ -1,0 +1,14 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+mod aggregate;
+mod case;
+mod classes;
+mod error;
+mod report;
+
+pub use aggregate::{Aggregate, CaseSummary, ClassSummary, Means, Summary, summarize};
+pub use case::{CaseMetrics, ClassMetrics, Status, evaluate_case};
+pub use classes::ClassSet;
+pub use error::{MetricsError, Result};
+pub use report::{TableMetric, csv_report, json_report, markdown_table};
