@@ -171,6 +171,7 @@ fn overlaps<L: Label>(
     table: &ClassTable,
     classes: usize,
 ) -> Vec<Overlap> {
+    let width = prediction.dim().2;
     (0..prediction.dim().0)
         .into_par_iter()
         .fold(
@@ -180,13 +181,17 @@ fn overlaps<L: Label>(
                     prediction.index_axis(Axis(0), z),
                     label.index_axis(Axis(0), z),
                 );
-                for ((y, x), (&pv, &gv)) in p
-                    .indexed_iter()
-                    .zip(g.iter())
-                    .map(|((i, p), g)| (i, (p, g)))
-                {
+                let (p, g) = (
+                    p.as_slice().expect("standard layout"),
+                    g.as_slice().expect("standard layout"),
+                );
+                for (i, (&pv, &gv)) in p.iter().zip(g).enumerate() {
                     let (bp, bg) = (table.bits(pv.to_i128()), table.bits(gv.to_i128()));
                     let mut union = bp | bg;
+                    if union == 0 {
+                        continue;
+                    }
+                    let (y, x) = (i / width, i % width);
                     while union != 0 {
                         let c = union.trailing_zeros() as usize;
                         let bit = 1u64 << c;

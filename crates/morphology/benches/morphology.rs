@@ -10,28 +10,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use cwseg_morphology::{
     Connectivity, ContourSpec, ErosionSpec, connected_components, contour_map, edt, erode,
 };
-use ndarray::Array3;
+#[path = "../../../benches/phantom.rs"]
+mod phantom;
 
-/// The benchmark volume: 96×160×160, background and 15 overlapping ellipsoids (16 classes),
-/// integer geometry so that the Python reference builds the very same labels.
-fn phantom() -> Array3<u8> {
-    let shape = (96usize, 160usize, 160usize);
-    let mut labels = Array3::<u8>::zeros(shape);
-    for c in 1..=15i64 {
-        let (cz, cy, cx) = (10 + (c * 37) % 76, 15 + (c * 53) % 130, 15 + (c * 71) % 130);
-        let rz = 6 + (c * 13) % 20;
-        let (ry, rx) = (rz + rz / 3, rz - rz / 5);
-        let (a, b, d) = (ry * ry * rx * rx, rz * rz * rx * rx, rz * rz * ry * ry);
-        let limit = rz * rz * ry * ry * rx * rx;
-        for ((z, y, x), l) in labels.indexed_iter_mut() {
-            let (dz, dy, dx) = (z as i64 - cz, y as i64 - cy, x as i64 - cx);
-            if dz * dz * a + dy * dy * b + dx * dx * d <= limit {
-                *l = c as u8;
-            }
-        }
-    }
-    labels
-}
+use phantom::phantom;
 
 fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
