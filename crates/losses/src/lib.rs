@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+mod common;
+mod compound;
+mod config;
+mod cross_entropy;
+mod dice;
+mod error;
+mod target;
+
+use candle_core::Tensor;
+
+pub use compound::{Boundary, ContourWeightedDice, CrossEntropyDice, DiceFocal};
+pub use config::{LOSS_NAMES, LossConfig};
+pub use cross_entropy::{ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal, Preset};
+pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
+pub use error::{LossError, Result};
+pub use target::{
+    BorderKind, ContourConfig, ElementKind, Target, dwce_weights_cpu, edges_cpu, edges_online,
+    signed_distance_cpu,
+};
+
+/// A segmentation loss: a scalar from logits `(N, K, D, H, W)` (any float dtype, any
+/// device) and a [`Target`]; differentiable with respect to the logits only.
+pub trait Loss: Send + Sync {
+    /// The loss's short name (`"cwcd"`).
+    fn name(&self) -> &'static str;
+    /// The loss value, a scalar tensor on the logits' device.
+    fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor>;
+}
