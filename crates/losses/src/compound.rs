@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Prepared, mean};
+use crate::common::{Prepared, Reductions, mean};
 use crate::cross_entropy::{ContourWeightedCrossEntropy, CrossEntropy, Focal, Preset};
 use crate::dice::{Dice, SeparableDice};
 use crate::target::{ContourConfig, Target};
@@ -40,9 +40,9 @@ impl Loss for CrossEntropyDice {
         "cedl"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
-        let ce = self.ce.value(&p)?.affine(self.lambda_ce, 0.0)?;
-        Ok((ce + self.dice.value(&p)?.affine(self.lambda_dice, 0.0)?)?)
+        let r = Reductions::new(logits, target)?;
+        let ce = self.ce.value(&r)?.affine(self.lambda_ce, 0.0)?;
+        Ok((ce + self.dice.value(&r)?.affine(self.lambda_dice, 0.0)?)?)
     }
 }
 
@@ -97,12 +97,12 @@ impl Loss for ContourWeightedDice {
         "cwcd"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
+        self.contour.validate("cwcd")?;
+        let r = Reductions::new(logits, target)?;
         let (cwce, sdl) = self.parts();
         // One edge map for both parts.
-        let edges = target.edges(&p.labels, &self.contour, &p.logp)?;
-        let target = target.clone().with_edges(edges);
-        Ok((cwce.value(&p, &target)? + sdl.value(&p, &target)?)?)
+        let edges = r.edges(&self.contour)?;
+        Ok((cwce.value(&r, &edges)? + sdl.value(&r, &edges)?)?)
     }
 }
 
@@ -138,9 +138,12 @@ impl Loss for DiceFocal {
         "dicefocal"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
-        let dice = self.dice.value(&p)?.affine(self.lambda_dice, 0.0)?;
-        Ok((dice + self.focal.value(&p)?.affine(self.lambda_focal, 0.0)?)?)
+        let dice = self
+            .dice
+            .value(&Reductions::new(logits, target)?)?
+            .affine(self.lambda_dice, 0.0)?;
+        let focal = self.focal.value(&Prepared::new(logits, target)?)?;
+        Ok((dice + focal.affine(self.lambda_focal, 0.0)?)?)
     }
 }
 

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compound::{Boundary, ContourWeightedDice, CrossEntropyDice, DiceFocal};
-use crate::cross_entropy::{ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal};
+use crate::cross_entropy::{
+    ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal,
+};
 use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
 use crate::{Loss, LossError, Result};
 
@@ -74,5 +76,16 @@ impl LossConfig {
 
 /// Every loss name, in SPEC order.
 pub const LOSS_NAMES: [&str; 12] = [
-    "ce", "dl", "gdl", "dwce", "cedl", "cwce", "sdl", "cwcd", "focal", "tversky", "dicefocal", "boundary",
+    "ce",
+    "dl",
+    "gdl",
+    "dwce",
+    "cedl",
+    "cwce",
+    "sdl",
+    "cwcd",
+    "focal",
+    "tversky",
+    "dicefocal",
+    "boundary",
 ];

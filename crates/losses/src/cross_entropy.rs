@@ -1,10 +1,10 @@
 //! The cross-entropy family (SPEC §3): every voxel counts, background included.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use cwseg_morphology::DwceSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Prepared, mean};
+use crate::common::{Prepared, Reductions, mean};
 use crate::target::{ContourConfig, Target};
 use crate::{Loss, LossError, Result};
 
@@ -21,30 +21,38 @@ pub struct CrossEntropy {
 }
 
 impl CrossEntropy {
-    pub(crate) fn value(&self, p: &Prepared) -> Result<Tensor> {
-        let nll = p.nll()?;
-        if self.class_weights.is_none() && self.ignore_index.is_none() {
-            return mean(&nll);
-        }
-        let k = p.classes;
-        let mut weights = self.class_weights.clone().unwrap_or_else(|| vec![1.0; k]);
-        if weights.len() != k {
-            return Err(LossError::Config {
-                loss: "ce",
-                what: format!("{} class weights for {k} classes", weights.len()),
-            });
-        }
-        if let Some(i) = self.ignore_index {
-            if let Some(w) = weights.get_mut(i as usize) {
+    pub(crate) fn value(&self, r: &Reductions) -> Result<Tensor> {
+        let k = r.classes;
+        let dtype = r.logits.dtype();
+        let weights = if self.class_weights.is_none() && self.ignore_index.is_none() {
+            r.labels.ones_like()?.to_dtype(dtype)?
+        } else {
+            let mut per_class = self.class_weights.clone().unwrap_or_else(|| vec![1.0; k]);
+            if per_class.len() != k {
+                return Err(LossError::Config {
+                    loss: "ce",
+                    what: format!("{} class weights for {k} classes", per_class.len()),
+                });
+            }
+            if let Some(w) = self
+                .ignore_index
+                .and_then(|i| per_class.get_mut(i as usize))
+            {
                 *w = 0.0;
             }
-        }
-        let w = Tensor::from_vec(weights, (1, k, 1, 1, 1), p.logp.device())?.to_dtype(p.logp.dtype())?;
-        let voxel_weight = p.onehot.broadcast_mul(&w)?.sum(1)?;
-        let total = voxel_weight.sum_all()?;
-        // No counted voxel (all ignored): 0, as a finite loss.
-        let total = total.maximum(&Tensor::new(1e-12f64, p.logp.device())?.to_dtype(p.logp.dtype())?)?;
-        Ok((nll * voxel_weight)?.sum_all()?.broadcast_div(&total)?)
+            let per_class = Tensor::from_vec(per_class, k, r.logits.device())?.to_dtype(dtype)?;
+            per_class
+                .index_select(&r.labels.flatten_all()?, 0)?
+                .reshape(r.labels.shape())?
+        };
+        let total = weights
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let sum = r.nll_sums(&weights)?.sum_all()?;
+        // Every voxel ignored: 0, still a finite loss with a (zero) gradient.
+        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+        Ok(sum.affine(scale, 0.0)?)
     }
 }
 
@@ -53,7 +61,7 @@ impl Loss for CrossEntropy {
         "ce"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        self.value(&Prepared::new(logits, target)?)
+        self.value(&Reductions::new(logits, target)?)
     }
 }
 
@@ -97,24 +105,21 @@ impl Default for ContourWeightedCrossEntropy {
 }
 
 impl ContourWeightedCrossEntropy {
-    /// The contour map `C` `(N, D, H, W)` in the logits' dtype.
-    pub(crate) fn contour_map(&self, p: &Prepared, target: &Target) -> Result<Tensor> {
-        let edges = target.edges(&p.labels, &self.contour, &p.logp)?;
-        if self.include_background {
-            return Ok(edges);
-        }
-        let foreground = p.labels.ne(0u32)?.to_dtype(p.logp.dtype())?;
-        Ok((edges * foreground)?)
-    }
-
-    pub(crate) fn value(&self, p: &Prepared, target: &Target) -> Result<Tensor> {
+    /// The value, given the edge map `E` of the loss's contour settings.
+    pub(crate) fn value(&self, r: &Reductions, edges: &Tensor) -> Result<Tensor> {
         self.contour.validate("cwce")?;
-        let c = self.contour_map(p, target)?;
-        let weight = match self.preset {
-            Preset::Paper => c.affine(self.lambda, 1.0)?,
-            Preset::Reference => c.affine(2.0, 2.0)?,
+        let contour = if self.include_background {
+            edges.clone()
+        } else {
+            (edges * r.labels.ne(0u32)?.to_dtype(edges.dtype())?)?
         };
-        mean(&(p.nll()? * weight)?)
+        let weights = match self.preset {
+            Preset::Paper => contour.affine(self.lambda, 1.0)?,
+            Preset::Reference => contour.affine(2.0, 2.0)?,
+        };
+        Ok(r.nll_sums(&weights)?
+            .sum_all()?
+            .affine(1.0 / r.voxels() as f64, 0.0)?)
     }
 }
 
@@ -123,7 +128,9 @@ impl Loss for ContourWeightedCrossEntropy {
         "cwce"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        self.value(&Prepared::new(logits, target)?, target)
+        self.contour.validate("cwce")?;
+        let r = Reductions::new(logits, target)?;
+        self.value(&r, &r.edges(&self.contour)?)
     }
 }
 
@@ -158,15 +165,17 @@ impl Loss for DistanceWeightedCrossEntropy {
         "dwce"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
+        let r = Reductions::new(logits, target)?;
         let spec = DwceSpec {
             w0: self.w0,
             sigma: self.sigma,
             class_balance: self.class_balance,
             ..DwceSpec::default()
         };
-        let weights = target.dwce_weights(&p.labels, &spec, &p.logp)?;
-        mean(&(p.nll()? * weights)?)
+        let weights = target.dwce_weights(&r.labels, &spec, logits)?;
+        Ok(r.nll_sums(&weights)?
+            .sum_all()?
+            .affine(1.0 / r.voxels() as f64, 0.0)?)
     }
 }
 

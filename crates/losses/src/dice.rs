@@ -4,8 +4,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Prepared, class_sums};
+use crate::common::{Reductions, statistic};
 use crate::cross_entropy::Preset;
+use crate::fused::stat;
 use crate::target::{ContourConfig, Target};
 use crate::{Loss, LossError, Result};
 
@@ -43,16 +44,26 @@ impl Default for Dice {
     }
 }
 
+/// `(N, K')` statistics, pooled over the batch into `(1, K')` with `batch`.
+fn pooled(stats: &Tensor, which: usize, include_background: bool, batch: bool) -> Result<Tensor> {
+    let s = statistic(stats, which, include_background)?;
+    Ok(if batch { s.sum_keepdim(0)? } else { s })
+}
+
 impl Dice {
-    pub(crate) fn value(&self, p: &Prepared) -> Result<Tensor> {
-        let probs = Prepared::foreground(&p.probs()?, self.include_background)?;
-        let t = Prepared::foreground(&p.onehot, self.include_background)?;
-        let i = class_sums(&(&probs * &t)?, self.batch)?;
-        let (pp, g) = if self.squared {
-            (class_sums(&probs.sqr()?, self.batch)?, class_sums(&t.sqr()?, self.batch)?)
-        } else {
-            (class_sums(&probs, self.batch)?, class_sums(&t, self.batch)?)
-        };
+    pub(crate) fn value(&self, r: &Reductions) -> Result<Tensor> {
+        check_classes("dl", r.classes, self.include_background)?;
+        let stats = r.stats(None)?;
+        let (bg, batch) = (self.include_background, self.batch);
+        let i = pooled(&stats, stat::I, bg, batch)?;
+        // t is binary: Σ t² = Σ t.
+        let pp = pooled(
+            &stats,
+            if self.squared { stat::P2 } else { stat::P },
+            bg,
+            batch,
+        )?;
+        let g = pooled(&stats, stat::G, bg, batch)?;
         let dice = (i.affine(2.0, self.smooth_nr)? / (pp + g)?.affine(1.0, self.smooth_dr)?)?;
         Ok(dice.affine(-1.0, 1.0)?.mean_all()?)
     }
@@ -63,9 +74,7 @@ impl Loss for Dice {
         "dl"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
-        check_classes("dl", p.classes, self.include_background)?;
-        self.value(&p)
+        self.value(&Reductions::new(logits, target)?)
     }
 }
 
@@ -128,13 +137,13 @@ impl Loss for GeneralizedDice {
         "gdl"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
-        check_classes("gdl", p.classes, self.include_background)?;
-        let probs = Prepared::foreground(&p.probs()?, self.include_background)?;
-        let t = Prepared::foreground(&p.onehot, self.include_background)?;
-        let i = class_sums(&(&probs * &t)?, self.batch)?;
-        let pp = class_sums(&probs, self.batch)?;
-        let g = class_sums(&t, self.batch)?;
+        let r = Reductions::new(logits, target)?;
+        check_classes("gdl", r.classes, self.include_background)?;
+        let stats = r.stats(None)?;
+        let (bg, batch) = (self.include_background, self.batch);
+        let i = pooled(&stats, stat::I, bg, batch)?;
+        let pp = pooled(&stats, stat::P, bg, batch)?;
+        let g = pooled(&stats, stat::G, bg, batch)?;
         let w = match self.weight {
             GdlWeight::Square => g.sqr()?.recip()?,
             GdlWeight::Simple => g.recip()?,
@@ -150,8 +159,12 @@ impl Loss for GeneralizedDice {
             finite.max_keepdim(1)?
         };
         let w = absent.where_cond(&largest.broadcast_as(finite.shape())?, &finite)?;
-        let numer = (w.clone() * i)?.sum_keepdim(1)?.affine(2.0, self.smooth_nr)?;
-        let denom = (w * (pp + g)?)?.sum_keepdim(1)?.affine(1.0, self.smooth_dr)?;
+        let numer = (w.clone() * i)?
+            .sum_keepdim(1)?
+            .affine(2.0, self.smooth_nr)?;
+        let denom = (w * (pp + g)?)?
+            .sum_keepdim(1)?
+            .affine(1.0, self.smooth_dr)?;
         Ok((numer / denom)?.affine(-1.0, 1.0)?.mean_all()?)
     }
 }
@@ -194,14 +207,16 @@ impl Loss for Tversky {
         "tversky"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let p = Prepared::new(logits, target)?;
-        check_classes("tversky", p.classes, self.include_background)?;
-        let probs = Prepared::foreground(&p.probs()?, self.include_background)?;
-        let t = Prepared::foreground(&p.onehot, self.include_background)?;
-        let i = class_sums(&(&probs * &t)?, self.batch)?;
-        let fp = class_sums(&(&probs * t.affine(-1.0, 1.0)?)?, self.batch)?;
-        let fn_ = class_sums(&(probs.affine(-1.0, 1.0)? * &t)?, self.batch)?;
-        let denom = ((&i + fp.affine(self.alpha, 0.0)?)? + fn_.affine(self.beta, self.smooth_dr)?)?;
+        let r = Reductions::new(logits, target)?;
+        check_classes("tversky", r.classes, self.include_background)?;
+        let stats = r.stats(None)?;
+        let (bg, batch) = (self.include_background, self.batch);
+        let i = pooled(&stats, stat::I, bg, batch)?;
+        // FP = Σ p (1 − t) = P − I, FN = Σ (1 − p) t = G − I.
+        let fp = (pooled(&stats, stat::P, bg, batch)? - &i)?;
+        let fn_ = (pooled(&stats, stat::G, bg, batch)? - &i)?;
+        let denom =
+            ((&i + fp.affine(self.alpha, 0.0)?)? + fn_.affine(self.beta, self.smooth_dr)?)?;
         let ti = (i.affine(1.0, self.smooth_nr)? / denom)?;
         Ok(ti.affine(-1.0, 1.0)?.mean_all()?)
     }
@@ -239,37 +254,40 @@ impl Default for SeparableDice {
 }
 
 impl SeparableDice {
-    pub(crate) fn value(&self, p: &Prepared, target: &Target) -> Result<Tensor> {
+    /// The value, given the edge map `E`: with `C_k = t_k E` (t binary),
+    /// `Σ C_k p_k t_k = Σ C_k p_k = I_E`, `Σ C_k t_k = G_E`, and the rest is `I − I_E`,
+    /// `P − I_E`, `G − G_E`.
+    pub(crate) fn value(&self, r: &Reductions, edges: &Tensor) -> Result<Tensor> {
         self.contour.validate("sdl")?;
-        check_classes("sdl", p.classes, false)?;
-        let edges = target.edges(&p.labels, &self.contour, &p.logp)?.unsqueeze(1)?;
-        let probs = Prepared::foreground(&p.probs()?, false)?;
-        let t = Prepared::foreground(&p.onehot, false)?;
-        // C_k = t_k ∧ E: class k's own contour.
-        let contour = t.broadcast_mul(&edges)?;
-        let rest = contour.affine(-1.0, 1.0)?;
-        let part = |mask: &Tensor, pooled: bool, s: f64| -> Result<Tensor> {
-            let pm = (&probs * mask)?;
-            let tm = (&t * mask)?;
-            let (i, pp, g) = if pooled {
-                ((&pm * &t)?.sum_all()?, pm.sum_all()?, tm.sum_all()?)
-            } else {
-                (
-                    class_sums(&(&pm * &t)?, false)?,
-                    class_sums(&pm, false)?,
-                    class_sums(&tm, false)?,
-                )
-            };
-            Ok((i.affine(2.0, s)? / (pp + g)?.affine(1.0, s)?)?.affine(-1.0, 1.0)?)
+        check_classes("sdl", r.classes, false)?;
+        let stats = r.stats(Some(edges))?;
+        let get = |which| statistic(&stats, which, false);
+        let (i, p, g, ie, ge) = (
+            get(stat::I)?,
+            get(stat::P)?,
+            get(stat::G)?,
+            get(stat::IE)?,
+            get(stat::GE)?,
+        );
+        let (i_rest, p_rest, g_rest) = ((&i - &ie)?, (&p - &ie)?, (&g - &ge)?);
+        let dice_loss = |i: &Tensor, p: &Tensor, g: &Tensor, s: f64| -> Result<Tensor> {
+            Ok((i.affine(2.0, s)? / (p + g)?.affine(1.0, s)?)?.affine(-1.0, 1.0)?)
         };
         match self.preset {
             Preset::Paper => {
-                let lc = part(&contour, false, self.smooth)?;
-                let ln = part(&rest, false, self.smooth)?;
-                let per_class = (lc.affine(self.alpha, 0.0)? + ln.affine(1.0 - self.alpha, 0.0)?)?;
+                let s = self.smooth;
+                let lc = dice_loss(&ie, &ie, &ge, s)?;
+                let ln = dice_loss(&i_rest, &p_rest, &g_rest, s)?;
+                let per_class =
+                    (lc.affine(self.alpha, 0.0)? + ln.affine(1.0 - self.alpha, 0.0)?)?;
                 Ok(per_class.mean_all()?)
             }
-            Preset::Reference => Ok((part(&contour, true, 1e-3)? + part(&rest, true, 1e-3)?)?),
+            Preset::Reference => {
+                let all = |x: &Tensor| -> Result<Tensor> { Ok(x.sum_all()?) };
+                let lc = dice_loss(&all(&ie)?, &all(&ie)?, &all(&ge)?, 1e-3)?;
+                let ln = dice_loss(&all(&i_rest)?, &all(&p_rest)?, &all(&g_rest)?, 1e-3)?;
+                Ok((lc + ln)?)
+            }
         }
     }
 }
@@ -279,6 +297,8 @@ impl Loss for SeparableDice {
         "sdl"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        self.value(&Prepared::new(logits, target)?, target)
+        self.contour.validate("sdl")?;
+        let r = Reductions::new(logits, target)?;
+        self.value(&r, &r.edges(&self.contour)?)
     }
 }

@@ -5,7 +5,9 @@
 #[non_exhaustive]
 pub enum LossError {
     /// Logits must be `(N, K, D, H, W)` and labels `(N, D, H, W)` of the same `N, D, H, W`.
-    #[error("logits have shape {logits:?} and labels {labels:?}; expected (N, K, D, H, W) and (N, D, H, W)")]
+    #[error(
+        "logits have shape {logits:?} and labels {labels:?}; expected (N, K, D, H, W) and (N, D, H, W)"
+    )]
     Shape {
         /// The logits' shape.
         logits: Vec<usize>,
@@ -42,7 +44,9 @@ pub enum LossError {
         what: String,
     },
     /// An unknown loss name.
-    #[error("unknown loss `{0}`; known: ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary")]
+    #[error(
+        "unknown loss `{0}`; known: ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary"
+    )]
     UnknownLoss(String),
     /// From candle.
     #[error(transparent)]

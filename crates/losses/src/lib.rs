@@ -7,13 +7,17 @@ mod config;
 mod cross_entropy;
 mod dice;
 mod error;
+mod fused;
 mod target;
 
 use candle_core::Tensor;
 
+pub use common::Kernels;
 pub use compound::{Boundary, ContourWeightedDice, CrossEntropyDice, DiceFocal};
 pub use config::{LOSS_NAMES, LossConfig};
-pub use cross_entropy::{ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal, Preset};
+pub use cross_entropy::{
+    ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal, Preset,
+};
 pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
 pub use error::{LossError, Result};
 pub use target::{

@@ -5,6 +5,7 @@ use cwseg_morphology::{Border, ContourSpec, DwceSpec, Element, ErosionSpec};
 use ndarray::{Array2, Array3, ArrayView3, Axis, Ix2};
 use serde::{Deserialize, Serialize};
 
+use crate::common::Kernels;
 use crate::{LossError, Result};
 
 /// The target of a loss: labels `(N, D, H, W)` (class indices; 2D data has `D = 1`) and,
@@ -17,6 +18,7 @@ pub struct Target {
     edges: Option<Tensor>,
     dwce_weights: Option<Tensor>,
     signed_distance: Option<Tensor>,
+    kernels: Kernels,
 }
 
 impl Target {
@@ -38,7 +40,18 @@ impl Target {
             edges: None,
             dwce_weights: None,
             signed_distance: None,
+            kernels: Kernels::Auto,
         })
+    }
+
+    /// Chooses the implementation of the reductions (default: fused kernels on the CPU).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    pub(crate) fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Adds the edge map `E` (`(N, D, H, W)`, 1 where the eroding element placed at the voxel
@@ -80,7 +93,10 @@ impl Target {
         if labels.dtype() == DType::I64 {
             let min = labels.min_all()?.to_scalar::<i64>()?;
             if min < 0 {
-                return Err(LossError::Label { classes, found: min });
+                return Err(LossError::Label {
+                    classes,
+                    found: min,
+                });
             }
         }
         let labels = labels.to_dtype(DType::U32)?;
@@ -94,7 +110,13 @@ impl Target {
         Ok(labels)
     }
 
-    fn map(&self, map: &Option<Tensor>, name: &'static str, expected: &[usize], like: &Tensor) -> Result<Option<Tensor>> {
+    fn map(
+        &self,
+        map: &Option<Tensor>,
+        name: &'static str,
+        expected: &[usize],
+        like: &Tensor,
+    ) -> Result<Option<Tensor>> {
         let Some(map) = map else { return Ok(None) };
         if map.dims() != expected {
             return Err(LossError::MapShape {
@@ -107,14 +129,26 @@ impl Target {
     }
 
     /// The edge map for `contour`, given or computed online.
-    pub(crate) fn edges(&self, labels: &Tensor, contour: &ContourConfig, like: &Tensor) -> Result<Tensor> {
+    pub(crate) fn edges(
+        &self,
+        labels: &Tensor,
+        contour: &ContourConfig,
+        like: &Tensor,
+        on_cpu: bool,
+    ) -> Result<Tensor> {
         match self.map(&self.edges, "edge", labels.dims(), like)? {
             Some(edges) => Ok(edges),
-            None => edges_online(labels, contour)?.to_dtype(like.dtype()).map_err(Into::into),
+            None if on_cpu => Ok(edges_cpu(labels, contour)?.to_dtype(like.dtype())?),
+            None => Ok(edges_online(labels, contour)?.to_dtype(like.dtype())?),
         }
     }
 
-    pub(crate) fn dwce_weights(&self, labels: &Tensor, spec: &DwceSpec, like: &Tensor) -> Result<Tensor> {
+    pub(crate) fn dwce_weights(
+        &self,
+        labels: &Tensor,
+        spec: &DwceSpec,
+        like: &Tensor,
+    ) -> Result<Tensor> {
         match self.map(&self.dwce_weights, "DWCE weight", labels.dims(), like)? {
             Some(w) => Ok(w),
             None => Ok(dwce_weights_cpu(labels, spec)?
@@ -123,7 +157,12 @@ impl Target {
         }
     }
 
-    pub(crate) fn signed_distance(&self, labels: &Tensor, classes: usize, like: &Tensor) -> Result<Tensor> {
+    pub(crate) fn signed_distance(
+        &self,
+        labels: &Tensor,
+        classes: usize,
+        like: &Tensor,
+    ) -> Result<Tensor> {
         let mut expected = labels.dims().to_vec();
         expected.insert(1, classes);
         match self.map(&self.signed_distance, "signed distance", &expected, like)? {
@@ -210,7 +249,8 @@ impl ContourConfig {
 
 /// One-hot `(N, K, D, H, W)` of `u32` labels `(N, D, H, W)`, in `dtype`.
 pub(crate) fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
-    let ids = Tensor::arange(0u32, classes as u32, labels.device())?.reshape((1, classes, 1, 1, 1))?;
+    let ids =
+        Tensor::arange(0u32, classes as u32, labels.device())?.reshape((1, classes, 1, 1, 1))?;
     Ok(labels.unsqueeze(1)?.broadcast_eq(&ids)?.to_dtype(dtype)?)
 }
 
@@ -222,14 +262,21 @@ pub(crate) fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<T
 pub fn edges_online(labels: &Tensor, contour: &ContourConfig) -> Result<Tensor> {
     contour.validate("contour")?;
     let (_, depth, _, _) = labels.dims4()?;
-    let axes: Vec<usize> = if depth == 1 { vec![2, 3] } else { vec![1, 2, 3] };
+    let axes: Vec<usize> = if depth == 1 {
+        vec![2, 3]
+    } else {
+        vec![1, 2, 3]
+    };
     let values = labels.to_dtype(DType::F32)?;
     // Outside the volume: a value no label has, for a background border.
     let breaks = contour.border == BorderKind::Background;
     let non_uniform = match contour.element {
         ElementKind::Cube => {
             let k = contour.kernel;
-            let (back, forward) = (contour.iterations * (k / 2), contour.iterations * (k - 1 - k / 2));
+            let (back, forward) = (
+                contour.iterations * (k / 2),
+                contour.iterations * (k - 1 - k / 2),
+            );
             let mut low = values.clone();
             let mut high = values.clone();
             for &axis in &axes {
@@ -244,8 +291,22 @@ pub fn edges_online(labels: &Tensor, contour: &ContourConfig) -> Result<Tensor> 
             for _ in 0..contour.iterations {
                 let (mut next_low, mut next_high) = (low.clone(), high.clone());
                 for &axis in &axes {
-                    next_low = next_low.minimum(&window_extreme(&low, axis, 1, 1, breaks, Extreme::Min)?)?;
-                    next_high = next_high.maximum(&window_extreme(&high, axis, 1, 1, breaks, Extreme::Max)?)?;
+                    next_low = next_low.minimum(&window_extreme(
+                        &low,
+                        axis,
+                        1,
+                        1,
+                        breaks,
+                        Extreme::Min,
+                    )?)?;
+                    next_high = next_high.maximum(&window_extreme(
+                        &high,
+                        axis,
+                        1,
+                        1,
+                        breaks,
+                        Extreme::Max,
+                    )?)?;
                 }
                 (low, high) = (next_low, next_high);
             }
@@ -263,7 +324,14 @@ enum Extreme {
 
 /// Sliding minimum (or maximum) over `[i − back, i + forward]` along `axis`; outside the
 /// volume is −1 (or +∞) when `breaks`, else the edge value is replicated.
-fn window_extreme(x: &Tensor, axis: usize, back: usize, forward: usize, breaks: bool, which: Extreme) -> Result<Tensor> {
+fn window_extreme(
+    x: &Tensor,
+    axis: usize,
+    back: usize,
+    forward: usize,
+    breaks: bool,
+    which: Extreme,
+) -> Result<Tensor> {
     let len = back + forward + 1;
     if len == 1 {
         return Ok(x.clone());
@@ -303,7 +371,11 @@ fn window_extreme(x: &Tensor, axis: usize, back: usize, forward: usize, breaks: 
 /// Labels `(N, D, H, W)` as ndarray volumes on the CPU.
 fn label_volumes(labels: &Tensor) -> Result<Vec<Array3<u32>>> {
     let (n, d, h, w) = labels.dims4()?;
-    let flat = labels.to_device(&Device::Cpu)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+    let flat = labels
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
     Ok(flat
         .chunks_exact(d * h * w)
         .take(n)
@@ -323,7 +395,10 @@ fn per_volume<T>(
     two: impl Fn(ndarray::ArrayView2<'_, u32>) -> Result<Array2<T>>,
 ) -> Result<Array3<T>> {
     if volume.dim().0 == 1 {
-        let image = volume.index_axis(Axis(0), 0).into_dimensionality::<Ix2>().expect("2D");
+        let image = volume
+            .index_axis(Axis(0), 0)
+            .into_dimensionality::<Ix2>()
+            .expect("2D");
         Ok(two(image)?.insert_axis(Axis(0)))
     } else {
         three(volume.view())
