@@ -1,6 +1,8 @@
 //! Pieces every loss shares: log-probabilities, one-hot targets, smoothing constants.
 
-use candle_core::Tensor;
+use std::cell::RefCell;
+
+use candle_core::{Tensor, TensorId};
 
 use crate::Result;
 use crate::target::{ContourConfig, Target, one_hot};
@@ -61,14 +63,21 @@ pub enum Kernels {
     Composite,
 }
 
-/// The reductions of one forward pass (see `fused`): per-class statistics and weighted NLL
-/// sums, on the fast path where there is one.
+/// The reductions of one forward pass (`fused`): `(N, K, 7)` sums, on the fast path where
+/// there is one. A compound loss [`Reductions::plan`]s one pass for all its parts.
 pub(crate) struct Reductions<'a> {
     pub logits: &'a Tensor,
     pub labels: Tensor,
     pub target: &'a Target,
     pub classes: usize,
     fused: bool,
+    planned: RefCell<Option<Planned>>,
+}
+
+struct Planned {
+    edges: Option<TensorId>,
+    weights: Option<TensorId>,
+    sums: Tensor,
 }
 
 impl<'a> Reductions<'a> {
@@ -86,25 +95,52 @@ impl<'a> Reductions<'a> {
             target,
             classes: logits.dim(1)?,
             fused,
+            planned: RefCell::new(None),
         })
     }
 
-    /// `(N, K, 6)` statistics (`fused::stat`), with the optional per-voxel map.
-    pub fn stats(&self, map: Option<&Tensor>) -> Result<Tensor> {
+    fn reduce(&self, edges: Option<&Tensor>, weights: Option<&Tensor>) -> Result<Tensor> {
         if self.fused {
-            crate::fused::class_stats(self.logits, &self.labels, map)
+            crate::fused::reduce(self.logits, &self.labels, edges, weights)
         } else {
-            crate::fused::composite::class_stats(self.logits, &self.labels, map)
+            crate::fused::composite::reduce(self.logits, &self.labels, edges, weights)
         }
+    }
+
+    /// Computes the sums with both maps once; later [`Self::stats`] and [`Self::nll_sums`]
+    /// calls with the same tensors reuse them.
+    pub fn plan(&self, edges: Option<&Tensor>, weights: Option<&Tensor>) -> Result<()> {
+        let sums = self.reduce(edges, weights)?;
+        *self.planned.borrow_mut() = Some(Planned {
+            edges: edges.map(Tensor::id),
+            weights: weights.map(Tensor::id),
+            sums,
+        });
+        Ok(())
+    }
+
+    /// `(N, K, 7)` sums (`fused::stat`) with the edge map `edges`.
+    pub fn stats(&self, edges: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(p) = self.planned.borrow().as_ref() {
+            if p.edges == edges.map(Tensor::id) {
+                return Ok(p.sums.clone());
+            }
+        }
+        self.reduce(edges, None)
     }
 
     /// `(N,)` per-sample `Σ_v w_v ℓ_v`.
     pub fn nll_sums(&self, weights: &Tensor) -> Result<Tensor> {
-        if self.fused {
-            crate::fused::weighted_nll(self.logits, &self.labels, weights)
-        } else {
-            crate::fused::composite::weighted_nll(self.logits, &self.labels, weights)
-        }
+        let planned = self
+            .planned
+            .borrow()
+            .as_ref()
+            .and_then(|p| (p.weights == Some(weights.id())).then(|| p.sums.clone()));
+        let sums = match planned {
+            Some(s) => s,
+            None => self.reduce(None, Some(weights))?,
+        };
+        Ok(sums.narrow(2, crate::fused::stat::NLL, 1)?.sum(2)?.sum(1)?)
     }
 
     /// The edge map for `contour` in the logits' dtype: given with the target, or computed

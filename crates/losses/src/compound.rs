@@ -41,7 +41,12 @@ impl Loss for CrossEntropyDice {
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
         let r = Reductions::new(logits, target)?;
-        let ce = self.ce.value(&r)?.affine(self.lambda_ce, 0.0)?;
+        let (weights, total) = self.ce.voxel_weights(&r)?;
+        r.plan(None, Some(&weights))?;
+        let ce = self
+            .ce
+            .value_with(&r, &weights, total)?
+            .affine(self.lambda_ce, 0.0)?;
         Ok((ce + self.dice.value(&r)?.affine(self.lambda_dice, 0.0)?)?)
     }
 }
@@ -102,7 +107,9 @@ impl Loss for ContourWeightedDice {
         let (cwce, sdl) = self.parts();
         // One edge map for both parts.
         let edges = r.edges(&self.contour)?;
-        Ok((cwce.value(&r, &edges)? + sdl.value(&r, &edges)?)?)
+        let weights = cwce.voxel_weights(&r, &edges)?;
+        r.plan(Some(&edges), Some(&weights))?;
+        Ok((cwce.value_with(&r, &weights)? + sdl.value(&r, &edges)?)?)
     }
 }
 

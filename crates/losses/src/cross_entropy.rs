@@ -22,6 +22,12 @@ pub struct CrossEntropy {
 
 impl CrossEntropy {
     pub(crate) fn value(&self, r: &Reductions) -> Result<Tensor> {
+        let (weights, total) = self.voxel_weights(r)?;
+        self.value_with(r, &weights, total)
+    }
+
+    /// Per-voxel weights `w_{y_v}` (0 for ignored voxels) and their sum.
+    pub(crate) fn voxel_weights(&self, r: &Reductions) -> Result<(Tensor, f64)> {
         let k = r.classes;
         let dtype = r.logits.dtype();
         let weights = if self.class_weights.is_none() && self.ignore_index.is_none() {
@@ -49,7 +55,16 @@ impl CrossEntropy {
             .to_dtype(DType::F64)?
             .sum_all()?
             .to_scalar::<f64>()?;
-        let sum = r.nll_sums(&weights)?.sum_all()?;
+        Ok((weights, total))
+    }
+
+    pub(crate) fn value_with(
+        &self,
+        r: &Reductions,
+        weights: &Tensor,
+        total: f64,
+    ) -> Result<Tensor> {
+        let sum = r.nll_sums(weights)?.sum_all()?;
         // Every voxel ignored: 0, still a finite loss with a (zero) gradient.
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
         Ok(sum.affine(scale, 0.0)?)
@@ -107,17 +122,26 @@ impl Default for ContourWeightedCrossEntropy {
 impl ContourWeightedCrossEntropy {
     /// The value, given the edge map `E` of the loss's contour settings.
     pub(crate) fn value(&self, r: &Reductions, edges: &Tensor) -> Result<Tensor> {
+        let weights = self.voxel_weights(r, edges)?;
+        self.value_with(r, &weights)
+    }
+
+    /// `1 + λ C_v` (or `2 + 2 C_v`).
+    pub(crate) fn voxel_weights(&self, r: &Reductions, edges: &Tensor) -> Result<Tensor> {
         self.contour.validate("cwce")?;
         let contour = if self.include_background {
             edges.clone()
         } else {
             (edges * r.labels.ne(0u32)?.to_dtype(edges.dtype())?)?
         };
-        let weights = match self.preset {
+        Ok(match self.preset {
             Preset::Paper => contour.affine(self.lambda, 1.0)?,
             Preset::Reference => contour.affine(2.0, 2.0)?,
-        };
-        Ok(r.nll_sums(&weights)?
+        })
+    }
+
+    pub(crate) fn value_with(&self, r: &Reductions, weights: &Tensor) -> Result<Tensor> {
+        Ok(r.nll_sums(weights)?
             .sum_all()?
             .affine(1.0 / r.voxels() as f64, 0.0)?)
     }

@@ -1,13 +1,13 @@
-//! The CPU fast path: the two reductions every loss of the zoo but Focal and boundary is
-//! built from, fused into single parallel passes over the logits (softmax per voxel, never
-//! materialised), with their backward passes. Other devices use [`composite`] versions made of
-//! candle operations; both agree to rounding (tests compare them).
+//! The CPU fast path: every loss of the zoo but Focal and boundary is a function of a few
+//! per-sample, per-class sums, fused here into one parallel pass over the logits (softmax per
+//! voxel, never materialised), with its backward pass. Other devices use the [`composite`]
+//! version made of candle operations; both agree to rounding (tests compare them).
 //!
-//! * [`class_stats`] `(N, K, 6)`: per sample and class `I = Σ p t`, `P = Σ p`, `P2 = Σ p²`,
-//!   `G = Σ t`, `I_E = Σ E p t`, `G_E = Σ E t` over the voxels, with `E` an optional per-voxel
-//!   map (the edge map of SDL).
-//! * [`weighted_nll`] `(N,)`: per sample `Σ_v w_v ℓ_v`, `ℓ_v = −log p_{v, y_v}`.
+//! `reduce` gives `(N, K, 7)`: per sample and class `I = Σ p t`, `P = Σ p`, `P2 = Σ p²`,
+//! `G = Σ t`, `I_E = Σ E p t`, `G_E = Σ E t` and `NLL = Σ_{v: y_v = k} w_v ℓ_v`
+//! (`ℓ_v = −log p_{v,y_v}`), with `E` and `w` optional per-voxel maps (0 when absent).
 
+use std::ops::{Add, Div, Mul, Sub};
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::Result;
 
 /// Number of statistics per sample and class.
-pub(crate) const STATS: usize = 6;
+pub(crate) const STATS: usize = 7;
 /// Index of each statistic.
 pub(crate) mod stat {
     pub const I: usize = 0;
@@ -25,35 +25,45 @@ pub(crate) mod stat {
     pub const G: usize = 3;
     pub const IE: usize = 4;
     pub const GE: usize = 5;
+    pub const NLL: usize = 6;
 }
 
 /// Voxels per task.
 const CHUNK: usize = 1024;
 
-/// The constants of one reduction: labels `(N·V)` and an optional per-voxel map `(N·V)`.
+/// The constants of one reduction: labels `(N·V)` and the optional maps `E` and `w` `(N·V)`.
 #[derive(Clone)]
 struct Problem {
     labels: Arc<Vec<u32>>,
-    map: Option<Arc<Vec<f64>>>,
+    edges: Option<Arc<Vec<f64>>>,
+    weights: Option<Arc<Vec<f64>>>,
     samples: usize,
     classes: usize,
     voxels: usize,
 }
 
+fn host(map: Option<&Tensor>) -> Result<Option<Arc<Vec<f64>>>> {
+    Ok(match map {
+        Some(m) => Some(Arc::new(
+            m.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        )),
+        None => None,
+    })
+}
+
 impl Problem {
-    fn new(labels: &Tensor, map: Option<&Tensor>, classes: usize) -> Result<Self> {
+    fn new(
+        labels: &Tensor,
+        edges: Option<&Tensor>,
+        weights: Option<&Tensor>,
+        classes: usize,
+    ) -> Result<Self> {
         let (samples, ..) = labels.dims4()?;
         let voxels = labels.elem_count() / samples.max(1);
-        let labels = Arc::new(labels.flatten_all()?.to_vec1::<u32>()?);
-        let map = match map {
-            Some(m) => Some(Arc::new(
-                m.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-            )),
-            None => None,
-        };
         Ok(Problem {
-            labels,
-            map,
+            labels: Arc::new(labels.flatten_all()?.to_vec1::<u32>()?),
+            edges: host(edges)?,
+            weights: host(weights)?,
             samples,
             classes,
             voxels,
@@ -64,57 +74,60 @@ impl Problem {
         self.voxels.div_ceil(CHUNK)
     }
 
-    /// Softmax of voxels `v0..v0 + len` of sample `n`: `probs[k·len + j]`.
+    /// Softmax of voxels `v0..v0 + len` of sample `n` into `probs[k·len + j]`; `logsum[j]`
+    /// receives `max + log Σ exp(z − max)`, so that `log p_k = z_k − logsum`.
     fn softmax<T: Real>(
         &self,
         z: &[T],
         n: usize,
         v0: usize,
         len: usize,
-        probs: &mut [f64],
-        sums: &mut [f64],
+        probs: &mut [T],
+        logsum: &mut [T],
     ) {
         let (k, v) = (self.classes, self.voxels);
         let base = n * k * v + v0;
-        let max = &mut sums[..len];
-        max.fill(f64::NEG_INFINITY);
-        for c in 0..k {
-            for (m, x) in max.iter_mut().zip(&z[base + c * v..base + c * v + len]) {
-                *m = m.max(x.to_f64());
+        let row = |c: usize| &z[base + c * v..base + c * v + len];
+        let max = &mut logsum[..len];
+        max.copy_from_slice(row(0));
+        for c in 1..k {
+            for (m, &x) in max.iter_mut().zip(row(c)) {
+                *m = m.max_(x);
             }
         }
         for c in 0..k {
-            let row = &mut probs[c * len..(c + 1) * len];
-            for ((p, x), m) in row
+            for ((p, &x), &m) in probs[c * len..(c + 1) * len]
                 .iter_mut()
-                .zip(&z[base + c * v..base + c * v + len])
+                .zip(row(c))
                 .zip(max.iter())
             {
-                *p = (x.to_f64() - m).exp();
+                *p = (x - m).exp_();
             }
         }
-        let total = &mut sums[..len];
-        total.fill(0.0);
+        let mut total = vec![T::ZERO; len];
         for c in 0..k {
-            for (t, p) in total.iter_mut().zip(&probs[c * len..(c + 1) * len]) {
-                *t += p;
+            for (t, &p) in total.iter_mut().zip(&probs[c * len..(c + 1) * len]) {
+                *t = *t + p;
             }
         }
         for c in 0..k {
-            for (p, t) in probs[c * len..(c + 1) * len].iter_mut().zip(total.iter()) {
-                *p /= t;
+            for (p, &t) in probs[c * len..(c + 1) * len].iter_mut().zip(&total) {
+                *p = *p / t;
             }
+        }
+        for (m, t) in max.iter_mut().zip(total) {
+            *m = *m + t.ln_();
         }
     }
 
-    /// Runs `task(n, v0, len, out_rows)` for every chunk in parallel, giving each the K rows of
-    /// its part of an `(N, K, V)` output.
+    /// Runs `task(n, v0, rows)` for every chunk in parallel, giving each the K rows of its part
+    /// of an `(N, K, V)` output.
     fn per_chunk_output<T: Real>(
         &self,
-        task: impl Fn(usize, usize, usize, Vec<&mut [T]>) + Sync,
+        task: impl Fn(usize, usize, Vec<&mut [T]>) + Sync,
     ) -> Vec<T> {
         let (k, v) = (self.classes, self.voxels);
-        let mut out = vec![T::from_f64(0.0); self.samples * k * v];
+        let mut out = vec![T::ZERO; self.samples * k * v];
         let mut tasks: Vec<(usize, usize, Vec<&mut [T]>)> = Vec::new();
         for (n, sample) in out.chunks_mut(k * v.max(1)).enumerate() {
             let first = tasks.len();
@@ -127,27 +140,186 @@ impl Problem {
                 }
             }
         }
-        tasks.into_par_iter().for_each(|(n, v0, rows)| {
-            let len = rows.first().map_or(0, |r| r.len());
-            task(n, v0, len, rows)
-        });
+        tasks
+            .into_par_iter()
+            .for_each(|(n, v0, rows)| task(n, v0, rows));
         out
+    }
+
+    fn forward<T: Real>(&self, z: &[T]) -> Vec<f64> {
+        let (k, v) = (self.classes, self.voxels);
+        let chunks = self.chunks();
+        let width = self.samples * k * STATS;
+        (0..self.samples * chunks)
+            .into_par_iter()
+            .fold(
+                || {
+                    (
+                        vec![0f64; width],
+                        vec![T::ZERO; k * CHUNK],
+                        vec![T::ZERO; CHUNK],
+                    )
+                },
+                |(mut acc, mut probs, mut logsum), task| {
+                    let (n, v0) = (task / chunks, (task % chunks) * CHUNK);
+                    let len = CHUNK.min(v - v0);
+                    self.softmax(z, n, v0, len, &mut probs, &mut logsum);
+                    let row = &mut acc[n * k * STATS..(n + 1) * k * STATS];
+                    for c in 0..k {
+                        let (mut sum, mut sq) = (T::ZERO, T::ZERO);
+                        for &q in &probs[c * len..(c + 1) * len] {
+                            sum = sum + q;
+                            sq = sq + q * q;
+                        }
+                        row[c * STATS + stat::P] += sum.to_f64();
+                        row[c * STATS + stat::P2] += sq.to_f64();
+                    }
+                    let base = n * k * v + v0;
+                    for j in 0..len {
+                        let voxel = n * v + v0 + j;
+                        let c = self.labels[voxel] as usize;
+                        let q = probs[c * len + j].to_f64();
+                        let s = &mut row[c * STATS..(c + 1) * STATS];
+                        s[stat::I] += q;
+                        s[stat::G] += 1.0;
+                        if let Some(e) = &self.edges {
+                            s[stat::IE] += e[voxel] * q;
+                            s[stat::GE] += e[voxel];
+                        }
+                        if let Some(w) = &self.weights {
+                            let logp = (z[base + c * v + j] - logsum[j]).to_f64();
+                            s[stat::NLL] -= w[voxel] * logp;
+                        }
+                    }
+                    (acc, probs, logsum)
+                },
+            )
+            .map(|(acc, _, _)| acc)
+            .reduce(
+                || vec![0f64; width],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    }
+
+    /// `∂L/∂z` from `∂L/∂stats`: `∂L/∂p_c = gP + 2 gP2 p_c + [c = y](gI + E gIE)` through the
+    /// softmax, `p_c (∂L/∂p_c − Σ_j p_j ∂L/∂p_j)`, plus `gNLL_y w (p_c − [c = y])`.
+    fn backward<T: Real>(&self, z: &[T], g: &[f64]) -> Vec<T> {
+        let (k, v) = (self.classes, self.voxels);
+        self.per_chunk_output(|n, v0, mut rows| {
+            let len = rows.first().map_or(0, |r| r.len());
+            let mut probs = vec![T::ZERO; k * len];
+            let mut logsum = vec![T::ZERO; len];
+            self.softmax(z, n, v0, len, &mut probs, &mut logsum);
+            let g = &g[n * k * STATS..(n + 1) * k * STATS];
+            let gp: Vec<T> = (0..k)
+                .map(|c| T::from_f64(g[c * STATS + stat::P]))
+                .collect();
+            let gp2: Vec<T> = (0..k)
+                .map(|c| T::from_f64(2.0 * g[c * STATS + stat::P2]))
+                .collect();
+            let mut dot = vec![T::ZERO; len];
+            // Dense part: gP + 2 gP2 p, for every class.
+            for c in 0..k {
+                let (a, b) = (gp[c], gp2[c]);
+                for ((o, &q), d) in rows[c]
+                    .iter_mut()
+                    .zip(&probs[c * len..(c + 1) * len])
+                    .zip(dot.iter_mut())
+                {
+                    let dp = a + b * q;
+                    *o = dp;
+                    *d = *d + q * dp;
+                }
+            }
+            // The label's class: the I, I_E terms (into ∂L/∂p) and the NLL term.
+            let mut nll_scale = vec![0f64; len];
+            for j in 0..len {
+                let voxel = n * v + v0 + j;
+                let c = self.labels[voxel] as usize;
+                let s = &g[c * STATS..(c + 1) * STATS];
+                let e = self.edges.as_ref().map_or(0.0, |e| e[voxel]);
+                let extra = T::from_f64(s[stat::I] + e * s[stat::IE]);
+                rows[c][j] = rows[c][j] + extra;
+                dot[j] = dot[j] + probs[c * len + j] * extra;
+                nll_scale[j] = self
+                    .weights
+                    .as_ref()
+                    .map_or(0.0, |w| w[voxel] * s[stat::NLL]);
+            }
+            for c in 0..k {
+                for (j, (o, &q)) in rows[c]
+                    .iter_mut()
+                    .zip(&probs[c * len..(c + 1) * len])
+                    .enumerate()
+                {
+                    *o = q * (*o - dot[j]) + T::from_f64(nll_scale[j]) * q;
+                }
+            }
+            for j in 0..len {
+                if nll_scale[j] != 0.0 {
+                    let c = self.labels[n * v + v0 + j] as usize;
+                    rows[c][j] = rows[c][j] - T::from_f64(nll_scale[j]);
+                }
+            }
+        })
     }
 }
 
 /// f32 or f64 logits.
-trait Real: Copy + Send + Sync + 'static {
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+{
+    const ZERO: Self;
     fn to_f64(self) -> f64;
     fn from_f64(x: f64) -> Self;
+    fn exp_(self) -> Self;
+    fn ln_(self) -> Self;
+    fn max_(self, other: Self) -> Self;
     fn storage(values: Vec<Self>) -> CpuStorage;
 }
 
 impl Real for f32 {
+    const ZERO: Self = 0.0;
     fn to_f64(self) -> f64 {
         self as f64
     }
     fn from_f64(x: f64) -> Self {
         x as f32
+    }
+    /// `exp` for `x ≤ 0` to within 2 ulp (Cephes `expf`): range reduction by `ln 2` with a
+    /// rounding trick SSE2 can vectorise, a degree-5 polynomial, the exponent set by bits.
+    #[inline]
+    fn exp_(self) -> Self {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
+        let x = self.clamp(-87.0, 88.0);
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 5.000_000_1e-1;
+        let y = p * r * r + r + 1.0;
+        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline]
+    fn max_(self, other: Self) -> Self {
+        if other > self { other } else { self }
     }
     fn storage(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(values)
@@ -155,11 +327,22 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const ZERO: Self = 0.0;
     fn to_f64(self) -> f64 {
         self
     }
     fn from_f64(x: f64) -> Self {
         x
+    }
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    fn ln_(self) -> Self {
+        self.ln()
+    }
+    #[inline]
+    fn max_(self, other: Self) -> Self {
+        if other > self { other } else { self }
     }
     fn storage(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(values)
@@ -177,92 +360,23 @@ fn contiguous<'a, T>(
     }
 }
 
-macro_rules! dispatch {
-    ($storage:expr, $layout:expr, $op:expr, |$z:ident| $body:expr) => {
-        match $storage {
-            CpuStorage::F32(values) => {
-                let $z = contiguous(values, $layout, $op)?;
-                $body
-            }
-            CpuStorage::F64(values) => {
-                let $z = contiguous(values, $layout, $op)?;
-                $body
-            }
-            _ => candle_core::bail!("{}: logits must be f32 or f64", $op),
-        }
-    };
-}
-
-/// Per-sample, per-class statistics `(N, K, 6)` of logits `(N, K, D, H, W)` against `u32`
-/// labels, with the optional map `E` `(N, D, H, W)`; differentiable w.r.t. the logits.
-pub(crate) fn class_stats(
+/// The `(N, K, 7)` reductions of logits `(N, K, D, H, W)` against `u32` labels with the
+/// optional edge map `E` and NLL weights `w` `(N, D, H, W)`; differentiable w.r.t. the logits.
+pub(crate) fn reduce(
     logits: &Tensor,
     labels: &Tensor,
-    map: Option<&Tensor>,
+    edges: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let problem = Problem::new(labels, map, logits.dim(1)?)?;
-    Ok(logits.contiguous()?.apply_op1(ClassStats(problem))?)
+    let problem = Problem::new(labels, edges, weights, logits.dim(1)?)?;
+    Ok(logits.contiguous()?.apply_op1(Reduce(problem))?)
 }
 
-struct ClassStats(Problem);
+struct Reduce(Problem);
 
-impl ClassStats {
-    fn forward<T: Real>(&self, z: &[T]) -> Vec<f64> {
-        let p = &self.0;
-        let (k, v) = (p.classes, p.voxels);
-        let chunks = p.chunks();
-        (0..p.samples * chunks)
-            .into_par_iter()
-            .fold(
-                || {
-                    (
-                        vec![0f64; p.samples * k * STATS],
-                        vec![0f64; k * CHUNK],
-                        vec![0f64; CHUNK],
-                    )
-                },
-                |(mut acc, mut probs, mut scratch), task| {
-                    let (n, v0) = (task / chunks, (task % chunks) * CHUNK);
-                    let len = CHUNK.min(v - v0);
-                    p.softmax(z, n, v0, len, &mut probs, &mut scratch);
-                    let row = &mut acc[n * k * STATS..(n + 1) * k * STATS];
-                    for c in 0..k {
-                        let (mut sum, mut sq) = (0.0, 0.0);
-                        for &q in &probs[c * len..(c + 1) * len] {
-                            sum += q;
-                            sq += q * q;
-                        }
-                        row[c * STATS + stat::P] += sum;
-                        row[c * STATS + stat::P2] += sq;
-                    }
-                    for j in 0..len {
-                        let voxel = n * v + v0 + j;
-                        let c = p.labels[voxel] as usize;
-                        let q = probs[c * len + j];
-                        let e = p.map.as_ref().map_or(0.0, |m| m[voxel]);
-                        let s = &mut row[c * STATS..(c + 1) * STATS];
-                        s[stat::I] += q;
-                        s[stat::G] += 1.0;
-                        s[stat::IE] += e * q;
-                        s[stat::GE] += e;
-                    }
-                    (acc, probs, scratch)
-                },
-            )
-            .map(|(acc, _, _)| acc)
-            .reduce(
-                || vec![0f64; p.samples * k * STATS],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
-    }
-}
-
-impl CustomOp1 for ClassStats {
+impl CustomOp1 for Reduce {
     fn name(&self) -> &'static str {
-        "cwseg-class-stats"
+        "cwseg-loss-reductions"
     }
 
     fn cpu_fwd(
@@ -271,10 +385,21 @@ impl CustomOp1 for ClassStats {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.0.samples, self.0.classes, STATS));
-        dispatch!(storage, layout, "class statistics", |z| {
-            let stats = self.forward(z);
-            Ok((storage_like(storage, stats), shape))
-        })
+        let op = "loss reductions";
+        match storage {
+            CpuStorage::F32(z) => {
+                let stats = self.0.forward(contiguous(z, layout, op)?);
+                Ok((
+                    CpuStorage::F32(stats.into_iter().map(|x| x as f32).collect()),
+                    shape,
+                ))
+            }
+            CpuStorage::F64(z) => Ok((
+                CpuStorage::F64(self.0.forward(contiguous(z, layout, op)?)),
+                shape,
+            )),
+            _ => candle_core::bail!("{op}: logits must be f32 or f64"),
+        }
     }
 
     fn bwd(
@@ -286,59 +411,16 @@ impl CustomOp1 for ClassStats {
         let grad = grad.contiguous()?.to_dtype(DType::F64)?;
         Ok(Some(arg.apply_op2_no_bwd(
             &grad,
-            &ClassStatsBackward(self.0.clone()),
+            &ReduceBackward(self.0.clone()),
         )?))
     }
 }
 
-fn storage_like(like: &CpuStorage, values: Vec<f64>) -> CpuStorage {
-    match like {
-        CpuStorage::F32(_) => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
-        _ => CpuStorage::F64(values),
-    }
-}
+struct ReduceBackward(Problem);
 
-/// `∂L/∂z` from `∂L/∂stats`: `∂L/∂p_k = gP + 2 gP2 p_k + [k = y](gI + E gIE)`, then through
-/// the softmax, `∂L/∂z_k = p_k (∂L/∂p_k − Σ_j p_j ∂L/∂p_j)`.
-struct ClassStatsBackward(Problem);
-
-impl ClassStatsBackward {
-    fn backward<T: Real>(&self, z: &[T], g: &[f64]) -> Vec<T> {
-        let p = &self.0;
-        let (k, v) = (p.classes, p.voxels);
-        p.per_chunk_output(|n, v0, len, mut rows| {
-            let mut probs = vec![0f64; k * len];
-            let mut scratch = vec![0f64; len];
-            p.softmax(z, n, v0, len, &mut probs, &mut scratch);
-            let g = &g[n * k * STATS..(n + 1) * k * STATS];
-            let mut dp = vec![0f64; k];
-            for j in 0..len {
-                let voxel = n * v + v0 + j;
-                let label = p.labels[voxel] as usize;
-                let e = p.map.as_ref().map_or(0.0, |m| m[voxel]);
-                let mut dot = 0.0;
-                for c in 0..k {
-                    let q = probs[c * len + j];
-                    let s = &g[c * STATS..(c + 1) * STATS];
-                    let mut d = s[stat::P] + 2.0 * s[stat::P2] * q;
-                    if c == label {
-                        d += s[stat::I] + e * s[stat::IE];
-                    }
-                    dp[c] = d;
-                    dot += q * d;
-                }
-                for c in 0..k {
-                    let q = probs[c * len + j];
-                    rows[c][j] = T::from_f64(q * (dp[c] - dot));
-                }
-            }
-        })
-    }
-}
-
-impl CustomOp2 for ClassStatsBackward {
+impl CustomOp2 for ReduceBackward {
     fn name(&self) -> &'static str {
-        "cwseg-class-stats-backward"
+        "cwseg-loss-reductions-backward"
     }
 
     fn cpu_fwd(
@@ -348,145 +430,23 @@ impl CustomOp2 for ClassStatsBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = "loss reductions backward";
         let g = match s2 {
-            CpuStorage::F64(g) => contiguous(g, l2, "class statistics backward")?,
-            _ => candle_core::bail!("class statistics backward: gradient must be f64"),
+            CpuStorage::F64(g) => contiguous(g, l2, op)?,
+            _ => candle_core::bail!("{op}: gradient must be f64"),
         };
         let shape = l1.shape().clone();
-        dispatch!(s1, l1, "class statistics backward", |z| {
-            Ok((Real::storage(self.backward(z, g)), shape))
-        })
-    }
-}
-
-/// Per-sample `Σ_v w_v ℓ_v` `(N,)` with `w` `(N, D, H, W)`; differentiable w.r.t. the logits.
-pub(crate) fn weighted_nll(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let problem = Problem::new(labels, Some(weights), logits.dim(1)?)?;
-    Ok(logits.contiguous()?.apply_op1(WeightedNll(problem))?)
-}
-
-struct WeightedNll(Problem);
-
-impl WeightedNll {
-    fn forward<T: Real>(&self, z: &[T]) -> Vec<f64> {
-        let p = &self.0;
-        let (k, v) = (p.classes, p.voxels);
-        let chunks = p.chunks();
-        let weights = p.map.as_ref().expect("weights are given");
-        (0..p.samples * chunks)
-            .into_par_iter()
-            .fold(
-                || vec![0f64; p.samples],
-                |mut acc, task| {
-                    let (n, v0) = (task / chunks, (task % chunks) * CHUNK);
-                    let len = CHUNK.min(v - v0);
-                    let base = n * k * v + v0;
-                    for j in 0..len {
-                        let voxel = n * v + v0 + j;
-                        let w = weights[voxel];
-                        if w == 0.0 {
-                            continue;
-                        }
-                        let mut max = f64::NEG_INFINITY;
-                        for c in 0..k {
-                            max = max.max(z[base + c * v + j].to_f64());
-                        }
-                        let mut sum = 0.0;
-                        for c in 0..k {
-                            sum += (z[base + c * v + j].to_f64() - max).exp();
-                        }
-                        let label = p.labels[voxel] as usize;
-                        let logp = z[base + label * v + j].to_f64() - max - sum.ln();
-                        acc[n] -= w * logp;
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f64; p.samples],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
-    }
-}
-
-impl CustomOp1 for WeightedNll {
-    fn name(&self) -> &'static str {
-        "cwseg-weighted-nll"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = Shape::from(self.0.samples);
-        dispatch!(storage, layout, "weighted NLL", |z| {
-            Ok((storage_like(storage, self.forward(z)), shape))
-        })
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?.to_dtype(DType::F64)?;
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad,
-            &WeightedNllBackward(self.0.clone()),
-        )?))
-    }
-}
-
-/// `∂L/∂z_k = g_n w_v (p_k − [k = y_v])`.
-struct WeightedNllBackward(Problem);
-
-impl WeightedNllBackward {
-    fn backward<T: Real>(&self, z: &[T], g: &[f64]) -> Vec<T> {
-        let p = &self.0;
-        let (k, v) = (p.classes, p.voxels);
-        let weights = p.map.as_ref().expect("weights are given");
-        p.per_chunk_output(|n, v0, len, mut rows| {
-            let mut probs = vec![0f64; k * len];
-            let mut scratch = vec![0f64; len];
-            p.softmax(z, n, v0, len, &mut probs, &mut scratch);
-            for j in 0..len {
-                let voxel = n * v + v0 + j;
-                let scale = g[n] * weights[voxel];
-                let label = p.labels[voxel] as usize;
-                for c in 0..k {
-                    let t = if c == label { 1.0 } else { 0.0 };
-                    rows[c][j] = T::from_f64(scale * (probs[c * len + j] - t));
-                }
-            }
-        })
-    }
-}
-
-impl CustomOp2 for WeightedNllBackward {
-    fn name(&self) -> &'static str {
-        "cwseg-weighted-nll-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = match s2 {
-            CpuStorage::F64(g) => contiguous(g, l2, "weighted NLL backward")?,
-            _ => candle_core::bail!("weighted NLL backward: gradient must be f64"),
-        };
-        let shape = l1.shape().clone();
-        dispatch!(s1, l1, "weighted NLL backward", |z| {
-            Ok((Real::storage(self.backward(z, g)), shape))
-        })
+        match s1 {
+            CpuStorage::F32(z) => Ok((
+                Real::storage(self.0.backward(contiguous(z, l1, op)?, g)),
+                shape,
+            )),
+            CpuStorage::F64(z) => Ok((
+                Real::storage(self.0.backward(contiguous(z, l1, op)?, g)),
+                shape,
+            )),
+            _ => candle_core::bail!("{op}: logits must be f32 or f64"),
+        }
     }
 }
 
@@ -509,33 +469,37 @@ pub(crate) mod composite {
         Ok(shifted.broadcast_sub(&logsum)?)
     }
 
-    /// See [`super::class_stats`].
-    pub fn class_stats(logits: &Tensor, labels: &Tensor, map: Option<&Tensor>) -> Result<Tensor> {
-        let p = log_softmax(logits)?.exp()?;
+    /// See [`super::reduce`].
+    pub fn reduce(
+        logits: &Tensor,
+        labels: &Tensor,
+        edges: Option<&Tensor>,
+        weights: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let logp = log_softmax(logits)?;
+        let p = logp.exp()?;
         let t = one_hot(labels, logits.dim(1)?, logits.dtype())?;
         let pt = (&p * &t)?;
-        let zeros = || -> Result<Tensor> { Ok(sums(&t)?.zeros_like()?) };
-        let (ie, ge) = match map {
+        let zeros = sums(&t)?.zeros_like()?;
+        let (ie, ge) = match edges {
             Some(e) => {
                 let e = e.unsqueeze(1)?;
                 (sums(&pt.broadcast_mul(&e)?)?, sums(&t.broadcast_mul(&e)?)?)
             }
-            None => (zeros()?, zeros()?),
+            None => (zeros.clone(), zeros.clone()),
         };
-        let mut parts = vec![Tensor::new(0f32, logits.device())?; super::STATS];
+        let nll = match weights {
+            Some(w) => sums(&(logp * &t)?.broadcast_mul(&w.unsqueeze(1)?)?)?.neg()?,
+            None => zeros,
+        };
+        let mut parts = vec![nll.clone(); super::STATS];
         parts[stat::I] = sums(&pt)?;
         parts[stat::P] = sums(&p)?;
         parts[stat::P2] = sums(&p.sqr()?)?;
         parts[stat::G] = sums(&t)?;
         parts[stat::IE] = ie;
         parts[stat::GE] = ge;
+        parts[stat::NLL] = nll;
         Ok(Tensor::stack(&parts, 2)?)
-    }
-
-    /// See [`super::weighted_nll`].
-    pub fn weighted_nll(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<Tensor> {
-        let t = one_hot(labels, logits.dim(1)?, logits.dtype())?;
-        let nll = (log_softmax(logits)? * t)?.sum(1)?.neg()?;
-        Ok((nll * weights)?.flatten_from(1)?.sum(D::Minus1)?)
     }
 }
