@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference timings for the cwseg-losses benchmark (BENCHMARKS.md): forward + backward of
-CWCD (PyTorch transcription of SPEC, contour map by max-pooling on the same device), CEDL
+CWCD (PyTorch transcription of SPEC, contour map by separable max-pooling), CEDL
 (MONAI DiceCELoss) and GDL (MONAI GeneralizedDiceLoss) on logits (2, 16, 96, 96, 96), CPU.
 
     python scripts/bench_losses_reference.py --threads 2
@@ -21,12 +21,23 @@ def labels_volume(n, k, s):
 
 
 def edges_online(y, k=3, n=6):
-    """Box of side n*(k-1)+1 not uniform, or leaving the volume (background border)."""
+    """Box of side n*(k-1)+1 not uniform, or leaving the volume (background border): separable
+    sliding max/min (three 1D max-pools each), the fastest PyTorch form we found."""
     w = n * (k - 1) + 1
-    v = y[:, None].float()
     pad = w // 2
-    lo = -F.max_pool3d(F.pad(-v, (pad,) * 6, value=1.0), w, stride=1)
-    hi = F.max_pool3d(F.pad(v, (pad,) * 6, value=1e9), w, stride=1)
+
+    def box_max(v, fill):
+        for axis in range(3):
+            kernel = [1, 1, 1]
+            kernel[axis] = w
+            padding = [0, 0, 0, 0, 0, 0]
+            padding[4 - 2 * axis] = padding[5 - 2 * axis] = pad
+            v = F.max_pool3d(F.pad(v, padding, value=fill), kernel, stride=1)
+        return v
+
+    v = y[:, None].float()
+    lo = -box_max(-v, 1.0)
+    hi = box_max(v, 1e9)
     return (lo != hi)[:, 0].float()
 
 

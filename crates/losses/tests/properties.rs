@@ -1,0 +1,266 @@
+//! Finite differences, properties over random inputs, f32, configuration and bad input.
+
+use candle_core::{DType, Device, Tensor, Var};
+use cwseg_losses::{Kernels, LOSS_NAMES, LossConfig, LossError, Target};
+
+/// A small seeded generator (no dependency): uniform in [0, 1).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Blocky labels with every class present at least once where room allows.
+fn labels(rng: &mut Lcg, n: usize, k: usize, dims: [usize; 3]) -> Tensor {
+    let [d, h, w] = dims;
+    let offset = (rng.next() * 5.0) as usize;
+    let values: Vec<u32> = (0..n * d * h * w)
+        .map(|i| {
+            let (z, y, x) = ((i / (h * w)) % d, (i / w) % h, i % w);
+            ((z / 2 + y / 3 + x / 2 + offset + i / (d * h * w)) % k) as u32
+        })
+        .collect();
+    Tensor::from_vec(values, (n, d, h, w), &Device::Cpu).unwrap()
+}
+
+fn logits(
+    rng: &mut Lcg,
+    shape: (usize, usize, usize, usize, usize),
+    scale: f64,
+    dtype: DType,
+) -> Tensor {
+    let count = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    let values: Vec<f64> = (0..count)
+        .map(|_| (rng.next() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn value_and_grad(name: &str, z: &Tensor, target: &Target) -> (f64, Tensor) {
+    let var = Var::from_tensor(z).unwrap();
+    let loss = LossConfig::from_name(name).unwrap().build();
+    let value = loss.forward(var.as_tensor(), target).unwrap();
+    let grads = value.backward().unwrap();
+    let g = grads.get(var.as_tensor()).expect("gradient").clone();
+    (value.to_dtype(DType::F64).unwrap().to_scalar().unwrap(), g)
+}
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let mut rng = Lcg(1);
+    let shape = (2, 3, 4, 5, 6);
+    let z = logits(&mut rng, shape, 2.0, DType::F64);
+    let y = labels(&mut rng, 2, 3, [4, 5, 6]);
+    let flat: Vec<f64> = z.flatten_all().unwrap().to_vec1().unwrap();
+    for kernels in [Kernels::Auto, Kernels::Composite] {
+        let target = Target::new(y.clone()).unwrap().with_kernels(kernels);
+        for name in LOSS_NAMES {
+            let (_, grad) = value_and_grad(name, &z, &target);
+            let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            let loss = LossConfig::from_name(name).unwrap().build();
+            let eval = |values: &[f64]| -> f64 {
+                let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap();
+                loss.forward(&t, &target).unwrap().to_scalar().unwrap()
+            };
+            for _ in 0..12 {
+                let i = (rng.next() * flat.len() as f64) as usize;
+                let h = 1e-5;
+                let (mut plus, mut minus) = (flat.clone(), flat.clone());
+                plus[i] += h;
+                minus[i] -= h;
+                let numeric = (eval(&plus) - eval(&minus)) / (2.0 * h);
+                assert!(
+                    (numeric - grad[i]).abs() <= 1e-6 + 1e-4 * numeric.abs(),
+                    "{name} ({kernels:?}) at {i}: autograd {} vs finite difference {numeric}",
+                    grad[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn losses_are_finite_non_negative_and_small_for_perfect_predictions() {
+    let mut rng = Lcg(7);
+    for trial in 0..12 {
+        let n = 1 + trial % 3;
+        let k = [2, 3, 4, 16][trial % 4];
+        let dims = [[1, 9, 8], [5, 6, 7], [3, 8, 8]][trial % 3];
+        let scale = [1.0, 10.0, 1e4][trial % 3];
+        let y = labels(&mut rng, n, k, dims);
+        let z = logits(
+            &mut rng,
+            (n, k, dims[0], dims[1], dims[2]),
+            scale,
+            DType::F32,
+        );
+        let perfect = candle_core::Tensor::arange(0u32, k as u32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, k, 1, 1, 1))
+            .unwrap()
+            .broadcast_eq(&y.unsqueeze(1).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(40.0, -20.0)
+            .unwrap();
+        let target = Target::new(y).unwrap();
+        for name in LOSS_NAMES {
+            let (value, grad) = value_and_grad(name, &z, &target);
+            let what = format!("{name}, trial {trial} (N={n}, K={k}, {dims:?}, logits ±{scale})");
+            assert!(value.is_finite(), "{what}: {value}");
+            let g: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()), "{what}: gradient");
+            if name != "boundary" {
+                assert!(value >= -1e-6, "{what}: negative {value}");
+                let (best, _) = value_and_grad(name, &perfect, &target);
+                assert!(
+                    best <= value + 1e-6,
+                    "{what}: perfect {best} above random {value}"
+                );
+                assert!(
+                    best < 1e-3 || name == "dwce",
+                    "{what}: perfect prediction gives {best}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn all_background_and_single_class_batches_stay_finite() {
+    let mut rng = Lcg(3);
+    for k in [1usize, 2, 5] {
+        let y = Tensor::zeros((2, 3, 4, 5), DType::U32, &Device::Cpu).unwrap();
+        let z = logits(&mut rng, (2, k, 3, 4, 5), 3.0, DType::F32);
+        let target = Target::new(y).unwrap();
+        for name in LOSS_NAMES {
+            let loss = LossConfig::from_name(name).unwrap().build();
+            match loss.forward(&z, &target) {
+                Ok(v) => {
+                    let (value, grad) = value_and_grad(name, &z, &target);
+                    assert!(
+                        value.is_finite() && v.to_scalar::<f32>().unwrap().is_finite(),
+                        "{name}, K={k}"
+                    );
+                    let g: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(g.iter().all(|v| v.is_finite()), "{name}, K={k}: gradient");
+                }
+                // A dice loss without background needs a foreground class to exist.
+                Err(LossError::Config { .. }) => assert_eq!(k, 1, "{name} refused K={k}"),
+                Err(e) => panic!("{name}, K={k}: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_fast_path_agrees_with_f64() {
+    let mut rng = Lcg(5);
+    let z = logits(&mut rng, (2, 5, 6, 7, 8), 4.0, DType::F64);
+    let y = labels(&mut rng, 2, 5, [6, 7, 8]);
+    let target = Target::new(y).unwrap();
+    for name in LOSS_NAMES {
+        let (v64, g64) = value_and_grad(name, &z, &target);
+        let (v32, g32) = value_and_grad(name, &z.to_dtype(DType::F32).unwrap(), &target);
+        assert!(
+            (v64 - v32).abs() <= 1e-5 * v64.abs().max(1.0),
+            "{name}: f32 {v32} vs f64 {v64}"
+        );
+        let a: Vec<f64> = g64.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = g32.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - *y as f64).abs() <= 1e-4 * scale + 1e-7,
+                "{name}: gradient {y} vs {x}"
+            );
+        }
+    }
+}
+
+#[test]
+fn configuration_by_name_and_json() {
+    for name in LOSS_NAMES {
+        let config = LossConfig::from_name(name).unwrap();
+        assert_eq!(config.build().name(), name);
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            LossConfig::from_json(&json).unwrap(),
+            config,
+            "{name} round trip"
+        );
+    }
+    let cwcd = LossConfig::from_json(
+        r#"{"name": "cwcd", "lambda": 2.0, "preset": "reference", "contour": {"kernel": 2}}"#,
+    )
+    .unwrap();
+    match cwcd {
+        LossConfig::Cwcd(c) => {
+            assert_eq!(
+                (c.lambda, c.alpha, c.contour.kernel, c.contour.iterations),
+                (2.0, 0.5, 2, 6)
+            );
+            assert_eq!(c.preset, cwseg_losses::Preset::Reference);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(LossConfig::from_name("dice"), Err(LossError::UnknownLoss(n)) if n == "dice"));
+    let typo = LossConfig::from_json(r#"{"name": "cwce", "lamda": 2.0}"#);
+    assert!(
+        matches!(&typo, Err(LossError::Config { what, .. }) if what.contains("lamda")),
+        "{typo:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let z = Tensor::zeros((1, 3, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let loss = LossConfig::from_name("cwcd").unwrap().build();
+    let out_of_range = Tensor::full(3u32, (1, 2, 3, 4), &Device::Cpu).unwrap();
+    assert!(matches!(
+        loss.forward(&z, &Target::new(out_of_range).unwrap()),
+        Err(LossError::Label {
+            classes: 3,
+            found: 3
+        })
+    ));
+    let negative = Tensor::full(-1i64, (1, 2, 3, 4), &Device::Cpu).unwrap();
+    assert!(matches!(
+        loss.forward(&z, &Target::new(negative).unwrap()),
+        Err(LossError::Label { found: -1, .. })
+    ));
+    let wrong_shape = Tensor::zeros((1, 2, 3, 5), DType::U32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        loss.forward(&z, &Target::new(wrong_shape).unwrap()),
+        Err(LossError::Shape { .. })
+    ));
+    let y = Tensor::zeros((1, 2, 3, 4), DType::U32, &Device::Cpu).unwrap();
+    let bad_map = Target::new(y.clone())
+        .unwrap()
+        .with_edges(Tensor::zeros((1, 2, 3), DType::U8, &Device::Cpu).unwrap());
+    assert!(matches!(
+        loss.forward(&z, &bad_map),
+        Err(LossError::MapShape { map: "edge", .. })
+    ));
+    assert!(matches!(
+        Target::new(Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap()),
+        Err(LossError::LabelType(DType::F32))
+    ));
+    let zero_kernel = LossConfig::from_json(r#"{"name": "sdl", "contour": {"kernel": 0}}"#)
+        .unwrap()
+        .build();
+    assert!(matches!(
+        zero_kernel.forward(&z, &Target::new(y).unwrap()),
+        Err(LossError::Config { loss: "sdl", .. })
+    ));
+}
