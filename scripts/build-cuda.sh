@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds with candle's `cuda` feature on a machine without CUDA (the recipe of
+# ../shared/cuda/, adapted): nvcc 13.0 and the CUDA 13.0 libraries from PyPI wheels go into
+# $W (default /tmp/cudabuild, never inside the repository), with link shims, then
+#   scripts/build-cuda.sh [cargo arguments]       # default: the losses' CUDA test binaries
+# builds in $W/target. Compute capability 9.0 (H100/H200). About 13 minutes cold on 2 cores.
+# At run time the binaries need libcuda.so.1 (the driver), libcublas.so.13, libcudart.so.13
+# and libcurand.so.10 (on the H100 machine: PyTorch's nvidia/cu13/lib).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=${W:-/tmp/cudabuild}
+mkdir -p "$W/linkstubs"
+if [ ! -x "$W/venv/bin/python" ]; then
+  python3 -m venv "$W/venv"
+  "$W/venv/bin/pip" install -q --no-deps \
+    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85 \
+    nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+fi
+CU=$("$W/venv/bin/python" -c 'import site;print(site.getsitepackages()[0])')/nvidia/cu13
+for l in cudart cublas cublasLt nvrtc; do ln -sf "$CU/lib/lib$l.so.13" "$W/linkstubs/lib$l.so"; done
+ln -sf "$CU/lib/libcurand.so.10" "$W/linkstubs/libcurand.so"
+cd "$ROOT"
+cargo fetch
+if [ ! -f "$W/linkstubs/libcuda.so" ]; then
+  # A link-time stub of the driver (SONAME libcuda.so.1) exporting cudarc's entry points.
+  REG=$(ls -d ~/.cargo/registry/src/*/ | head -1)
+  CUDARC=$(ls -d "$REG"/cudarc-* | sort -V | tail -1)
+  grep -ohE '^pub unsafe fn cu[A-Za-z0-9_]+' "$CUDARC/src/driver/sys/mod.rs" | awk '{print $4}' | sort -u \
+    | awk '{print "int " $1 "(void){return 100;}"}' > "$W/linkstubs/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$W/linkstubs/libcuda.so" "$W/linkstubs/libcuda_stub.c"
+fi
+export CUDA_HOME=$CU NVCC=$CU/bin/nvcc PATH=$CU/bin:$PATH CUDA_COMPUTE_CAP=90
+export CUDARC_CUDA_VERSION=13000 LIBRARY_PATH=$W/linkstubs CARGO_TARGET_DIR=$W/target
+if [ $# -eq 0 ]; then
+  set -- test -p cwseg-losses --features cuda --profile ci --no-run
+fi
+cargo "$@"
