@@ -20,10 +20,7 @@ impl Prepared {
     pub fn new(logits: &Tensor, target: &Target) -> Result<Self> {
         let labels = target.checked_labels(logits)?;
         let classes = logits.dim(1)?;
-        let max = logits.max_keepdim(1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let logsum = shifted.exp()?.sum_keepdim(1)?.log()?;
-        let logp = shifted.broadcast_sub(&logsum)?;
+        let logp = crate::fused::composite::log_softmax(logits)?;
         let onehot = one_hot(&labels, classes, logits.dtype())?;
         Ok(Prepared {
             labels,

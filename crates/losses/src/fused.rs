@@ -462,7 +462,8 @@ pub(crate) mod composite {
         Ok(x.flatten_from(2)?.sum(D::Minus1)?)
     }
 
-    fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    /// `log_softmax` over the class axis, from the logits (never `log(softmax)`).
+    pub(crate) fn log_softmax(logits: &Tensor) -> Result<Tensor> {
         let max = logits.max_keepdim(1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let logsum = shifted.exp()?.sum_keepdim(1)?.log()?;

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use cwseg_morphology::{Border, ContourSpec, DwceSpec, Element, ErosionSpec};
-use ndarray::{Array2, Array3, ArrayView3, Axis, Ix2};
+use ndarray::{Array2, Array3, ArrayView3, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::common::Kernels;
@@ -395,11 +395,7 @@ fn per_volume<T>(
     two: impl Fn(ndarray::ArrayView2<'_, u32>) -> Result<Array2<T>>,
 ) -> Result<Array3<T>> {
     if volume.dim().0 == 1 {
-        let image = volume
-            .index_axis(Axis(0), 0)
-            .into_dimensionality::<Ix2>()
-            .expect("2D");
-        Ok(two(image)?.insert_axis(Axis(0)))
+        Ok(two(volume.index_axis(Axis(0), 0))?.insert_axis(Axis(0)))
     } else {
         three(volume.view())
     }

@@ -34,10 +34,20 @@ fn run(name: &str, logits: &Tensor, labels: &Tensor) -> (f32, Vec<f32>) {
     let target = Target::new(labels.to_device(logits.device()).unwrap()).unwrap();
     let loss = LossConfig::from_name(name).unwrap().build();
     let value = loss.forward(var.as_tensor(), &target).unwrap();
-    let grad = value.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+    let grad = value
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
     (
         value.to_scalar().unwrap(),
-        grad.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+        grad.to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
     )
 }
 
@@ -55,17 +65,38 @@ fn cuda_matches_cpu() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let cpu: Vec<u8> = edges_cpu(&labels, &spec).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(online, cpu, "online contour map on CUDA vs cwseg-morphology");
+    let cpu: Vec<u8> = edges_cpu(&labels, &spec)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        online, cpu,
+        "online contour map on CUDA vs cwseg-morphology"
+    );
     for name in LOSS_NAMES {
         let (v_cpu, g_cpu) = run(name, &logits, &labels);
         let (v_gpu, g_gpu) = run(name, &on_gpu, &labels);
         let rel = (v_cpu - v_gpu).abs() / v_cpu.abs().max(1e-3);
         let scale = g_cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = g_cpu.iter().zip(&g_gpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale.max(1e-12);
-        println!("{name:10} cpu {v_cpu:.6} cuda {v_gpu:.6} value rel {rel:.2e} gradient max rel {worst:.2e}");
-        assert!(rel <= 1e-4, "{name}: value {v_gpu} on CUDA vs {v_cpu} on CPU");
-        assert!(worst <= 1e-4, "{name}: gradient differs by {worst} (relative to its max)");
+        let worst = g_cpu
+            .iter()
+            .zip(&g_gpu)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+            / scale.max(1e-12);
+        println!(
+            "{name:10} cpu {v_cpu:.6} cuda {v_gpu:.6} value rel {rel:.2e} gradient max rel {worst:.2e}"
+        );
+        assert!(
+            rel <= 1e-4,
+            "{name}: value {v_gpu} on CUDA vs {v_cpu} on CPU"
+        );
+        assert!(
+            worst <= 1e-4,
+            "{name}: gradient differs by {worst} (relative to its max)"
+        );
     }
 }
 
@@ -81,7 +112,10 @@ fn cuda_benchmark_shape() {
             run(name, &logits, &labels);
         }
         device.synchronize().unwrap();
-        println!("{name} forward+backward (2,16,96,96,96) f32 on CUDA: {:.1} ms", start.elapsed().as_secs_f64() * 200.0);
+        println!(
+            "{name} forward+backward (2,16,96,96,96) f32 on CUDA: {:.1} ms",
+            start.elapsed().as_secs_f64() * 200.0
+        );
     }
     let _ = DType::F32;
 }
