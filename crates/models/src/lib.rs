@@ -1,0 +1,4 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+pub mod ops3d;

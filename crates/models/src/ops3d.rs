@@ -1,0 +1,239 @@
+//! 3D operations on `(N, C, D, H, W)` tensors, as composites of candle operations (so they
+//! run and differentiate on every device). Parameters are per axis `[d, h, w]`, PyTorch's
+//! conventions and output sizes.
+
+use candle_core::{Result, Tensor, bail};
+
+/// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv3dConfig {
+    /// Step between output positions.
+    pub stride: [usize; 3],
+    /// Zeros added on both sides.
+    pub padding: [usize; 3],
+    /// Spacing between kernel taps.
+    pub dilation: [usize; 3],
+}
+
+impl Default for Conv3dConfig {
+    fn default() -> Self {
+        Conv3dConfig {
+            stride: [1; 3],
+            padding: [0; 3],
+            dilation: [1; 3],
+        }
+    }
+}
+
+/// Output length of a sliding window: `⌊(n + 2p − d(k − 1) − 1) / s⌋ + 1`.
+fn out_len(n: usize, k: usize, s: usize, p: usize, d: usize, what: &str) -> Result<usize> {
+    let span = d * (k - 1) + 1;
+    if s == 0 || k == 0 || d == 0 || n + 2 * p < span {
+        bail!(
+            "{what}: input length {n} (padding {p}) is shorter than the window {span} or a parameter is 0"
+        );
+    }
+    Ok((n + 2 * p - span) / s + 1)
+}
+
+/// Positions `o·s + j` for `o` in `0..count` along `axis`, as a `u32` index tensor.
+fn taps(x: &Tensor, count: usize, step: usize, first: usize) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..count).map(|o| (o * step + first) as u32).collect();
+    Tensor::from_vec(idx, count, x.device())
+}
+
+/// Every `step`-th slice from `first` along `axis` (`count` of them).
+fn strided(x: &Tensor, axis: usize, count: usize, step: usize, first: usize) -> Result<Tensor> {
+    if step == 1 {
+        return x.narrow(axis, first, count);
+    }
+    x.contiguous()?
+        .index_select(&taps(x, count, step, first)?, axis)
+}
+
+/// 3D convolution (cross-correlation, as PyTorch's `conv3d`): input `(N, C, D, H, W)`, weight
+/// `(O, C, kd, kh, kw)`, optional bias `(O,)`. Computed as `kd` 2D convolutions over the
+/// depth-folded input, summed; in-plane strides and dilations may differ between `h` and `w`
+/// only through subsampling of a unit-stride result.
+pub fn conv3d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    config: &Conv3dConfig,
+) -> Result<Tensor> {
+    let (n, c, _, _, _) = x.dims5()?;
+    let (o, wc, kd, kh, kw) = weight.dims5()?;
+    if wc != c {
+        bail!("conv3d: input has {c} channels, weight expects {wc}");
+    }
+    let [sd, sh, sw] = config.stride;
+    let [pd, ph, pw] = config.padding;
+    let [dd, dh, dw] = config.dilation;
+    if dh != dw {
+        bail!("conv3d: in-plane dilations must be equal, got {dh} and {dw}");
+    }
+    let dims = x.dims();
+    let od = out_len(dims[2], kd, sd, pd, dd, "conv3d depth")?;
+    let oh = out_len(dims[3], kh, sh, ph, dh, "conv3d height")?;
+    let ow = out_len(dims[4], kw, sw, pw, dw, "conv3d width")?;
+    let x = x
+        .pad_with_zeros(2, pd, pd)?
+        .pad_with_zeros(3, ph, ph)?
+        .pad_with_zeros(4, pw, pw)?;
+    // Crop the in-plane tail no output reads, so that candle's conv2d backward sizes match.
+    let plane_stride = if sh == sw { sh } else { 1 };
+    let used_h = (oh - 1) * sh + dh * (kh - 1) + 1;
+    let used_w = (ow - 1) * sw + dw * (kw - 1) + 1;
+    let x = x.narrow(3, 0, used_h)?.narrow(4, 0, used_w)?.contiguous()?;
+    let mut sum: Option<Tensor> = None;
+    for a in 0..kd {
+        let slices = strided(&x, 2, od, sd, a * dd)?; // (N, C, od, H, W)
+        let (hh, ww) = (slices.dim(3)?, slices.dim(4)?);
+        let folded = slices
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((n * od, c, hh, ww))?;
+        let kernel = weight.narrow(2, a, 1)?.squeeze(2)?.contiguous()?;
+        let y = folded.conv2d(&kernel, 0, plane_stride, dh, 1)?;
+        sum = Some(match sum {
+            Some(s) => (s + y)?,
+            None => y,
+        });
+    }
+    let Some(y) = sum else {
+        bail!("conv3d: empty kernel")
+    };
+    let y = if sh == sw {
+        y
+    } else {
+        let y = strided(&y, 2, oh, sh, 0)?;
+        strided(&y, 3, ow, sw, 0)?
+    };
+    let y = y.reshape((n, od, o, oh, ow))?.permute((0, 2, 1, 3, 4))?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pool {
+    Max,
+    Avg,
+}
+
+/// Separable pooling: one axis at a time, window taps gathered with a stride.
+fn pool3d(
+    x: &Tensor,
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+    kind: Pool,
+) -> Result<Tensor> {
+    x.dims5()?;
+    let mut y = x.clone();
+    for (i, axis) in (2..5).enumerate() {
+        let (k, s, p) = (kernel[i], stride[i], padding[i]);
+        if p * 2 > k {
+            bail!("pool3d: padding {p} must be at most half the kernel {k}");
+        }
+        let out = out_len(y.dim(axis)?, k, s, p, 1, "pool3d")?;
+        let padded = match kind {
+            Pool::Avg => y.pad_with_zeros(axis, p, p)?,
+            Pool::Max if p > 0 => {
+                let mut shape = y.dims().to_vec();
+                shape[axis] = p;
+                let low =
+                    Tensor::full(f32::NEG_INFINITY, shape, y.device())?.to_dtype(y.dtype())?;
+                Tensor::cat(&[&low, &y, &low], axis)?
+            }
+            Pool::Max => y.clone(),
+        };
+        let mut acc = strided(&padded, axis, out, s, 0)?;
+        for j in 1..k {
+            let tap = strided(&padded, axis, out, s, j)?;
+            acc = match kind {
+                Pool::Max => acc.maximum(&tap)?,
+                Pool::Avg => (acc + tap)?,
+            };
+        }
+        y = match kind {
+            Pool::Max => acc,
+            Pool::Avg => acc.affine(1.0 / k as f64, 0.0)?,
+        };
+    }
+    Ok(y)
+}
+
+/// 3D max pooling (PyTorch's `max_pool3d`, padding with −∞), any kernel and stride.
+pub fn max_pool3d(
+    x: &Tensor,
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+) -> Result<Tensor> {
+    pool3d(x, kernel, stride, padding, Pool::Max)
+}
+
+/// 3D average pooling (PyTorch's `avg_pool3d` with `count_include_pad=True`).
+pub fn avg_pool3d(
+    x: &Tensor,
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+) -> Result<Tensor> {
+    pool3d(x, kernel, stride, padding, Pool::Avg)
+}
+
+/// Nearest-neighbour upsampling to `size` `[d, h, w]` (PyTorch's `mode="nearest"`:
+/// source index `⌊i · n_in / n_out⌋`).
+pub fn upsample_nearest3d(x: &Tensor, size: [usize; 3]) -> Result<Tensor> {
+    x.dims5()?;
+    let mut y = x.clone();
+    for (i, axis) in (2..5).enumerate() {
+        let (n_in, n_out) = (y.dim(axis)?, size[i]);
+        let idx: Vec<u32> = (0..n_out)
+            .map(|o| ((o * n_in) / n_out).min(n_in - 1) as u32)
+            .collect();
+        y = y.index_select(&Tensor::from_vec(idx, n_out, y.device())?, axis)?;
+    }
+    Ok(y)
+}
+
+/// Trilinear upsampling (or resizing) to `size` `[d, h, w]`, PyTorch's `mode="trilinear"`:
+/// with `align_corners` the corner voxels' centres map onto each other
+/// (`src = i (n_in − 1)/(n_out − 1)`), otherwise `src = (i + ½) n_in/n_out − ½`, clamped at 0.
+pub fn upsample_trilinear3d(x: &Tensor, size: [usize; 3], align_corners: bool) -> Result<Tensor> {
+    x.dims5()?;
+    let mut y = x.clone();
+    for (i, axis) in (2..5).enumerate() {
+        let (n_in, n_out) = (y.dim(axis)?, size[i]);
+        if n_in == 0 || n_out == 0 {
+            bail!("upsample_trilinear3d: sizes must be positive");
+        }
+        let (mut lo, mut hi, mut frac) = (Vec::new(), Vec::new(), Vec::new());
+        for o in 0..n_out {
+            let src = if align_corners {
+                if n_out > 1 {
+                    o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
+                } else {
+                    0.0
+                }
+            } else {
+                ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
+            };
+            let l = (src.floor() as usize).min(n_in - 1);
+            lo.push(l as u32);
+            hi.push((l + 1).min(n_in - 1) as u32);
+            frac.push((src - l as f64) as f32);
+        }
+        let dev = y.device().clone();
+        let mut shape = vec![1usize; 5];
+        shape[axis] = n_out;
+        let t = Tensor::from_vec(frac, shape, &dev)?.to_dtype(y.dtype())?;
+        let a = y.index_select(&Tensor::from_vec(lo, n_out, &dev)?, axis)?;
+        let b = y.index_select(&Tensor::from_vec(hi, n_out, &dev)?, axis)?;
+        // a + t (b − a)
+        y = (&a + (b - &a)?.broadcast_mul(&t)?)?;
+    }
+    Ok(y)
+}

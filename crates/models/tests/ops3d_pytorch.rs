@@ -1,0 +1,157 @@
+//! 3D operations against PyTorch (`scripts/models_fixtures.py`): outputs and the gradients of
+//! `Σ y·g` w.r.t. every input, in f64.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor, Var};
+use cwseg_models::ops3d::{
+    Conv3dConfig, avg_pool3d, conv3d, max_pool3d, upsample_nearest3d, upsample_trilinear3d,
+};
+use ndarray::{ArrayD, IxDyn, OwnedRepr};
+use ndarray_npy::NpzReader;
+
+struct Fixtures(NpzReader<File>);
+
+impl Fixtures {
+    fn open() -> Self {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops3d.npz");
+        Fixtures(NpzReader::new(File::open(path).unwrap()).unwrap())
+    }
+    fn names(&mut self) -> Vec<String> {
+        self.0.names().unwrap()
+    }
+    fn f64(&mut self, key: &str) -> Tensor {
+        let a: ArrayD<f64> = self.0.by_name::<OwnedRepr<f64>, IxDyn>(key).unwrap();
+        let shape = a.shape().to_vec();
+        Tensor::from_vec(a.into_iter().collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+    }
+    fn params(&mut self, key: &str) -> Vec<usize> {
+        let a: ArrayD<i64> = self.0.by_name::<OwnedRepr<i64>, IxDyn>(key).unwrap();
+        a.iter().map(|&v| v as usize).collect()
+    }
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f64> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f64> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (b.abs() + 1e-3 * scale),
+            "{what}[{i}]: {a} vs PyTorch {b}"
+        );
+    }
+}
+
+/// Runs `f` on the fixture's inputs as variables and checks output and gradients.
+fn check(fx: &mut Fixtures, case: &str, inputs: &[&str], f: impl Fn(&[Tensor]) -> Tensor) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|k| Var::from_tensor(&fx.f64(&format!("{case}__{k}"))).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors);
+    assert_close(
+        &y,
+        &fx.f64(&format!("{case}__out")),
+        &format!("{case} output"),
+    );
+    let g = fx.f64(&format!("{case}__upstream"));
+    let grads = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
+    for (k, v) in inputs.iter().zip(&vars) {
+        let grad = grads.get(v.as_tensor()).expect("gradient");
+        assert_close(
+            grad,
+            &fx.f64(&format!("{case}__grad_{k}")),
+            &format!("{case} gradient of {k}"),
+        );
+    }
+}
+
+fn cases(fx: &mut Fixtures, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = fx
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_suffix("__out").map(str::to_string))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn conv3d_matches_pytorch() {
+    let mut fx = Fixtures::open();
+    let cases = cases(&mut fx, "conv__");
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let p = fx.params(&format!("{case}__params"));
+        let config = Conv3dConfig {
+            stride: [p[0], p[1], p[2]],
+            padding: [p[3], p[4], p[5]],
+            dilation: [p[6], p[7], p[8]],
+        };
+        let has_bias = fx.names().contains(&format!("{case}__b"));
+        let inputs: &[&str] = if has_bias {
+            &["x", "w", "b"]
+        } else {
+            &["x", "w"]
+        };
+        check(&mut fx, &case, inputs, |t| {
+            conv3d(&t[0], &t[1], t.get(2), &config).unwrap()
+        });
+    }
+}
+
+#[test]
+fn pooling_matches_pytorch() {
+    let mut fx = Fixtures::open();
+    let cases = cases(&mut fx, "pool__");
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let p = fx.params(&format!("{case}__params"));
+        let (k, s, pad) = ([p[0]; 3], [p[1]; 3], [p[2]; 3]);
+        let max = case.contains("max");
+        check(&mut fx, &case, &["x"], |t| {
+            if max {
+                max_pool3d(&t[0], k, s, pad).unwrap()
+            } else {
+                avg_pool3d(&t[0], k, s, pad).unwrap()
+            }
+        });
+    }
+}
+
+#[test]
+fn upsampling_matches_pytorch() {
+    let mut fx = Fixtures::open();
+    let cases = cases(&mut fx, "up__");
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let p = fx.params(&format!("{case}__params"));
+        let (size, align) = ([p[0], p[1], p[2]], p[3] == 1);
+        let nearest = case.contains("nearest");
+        check(&mut fx, &case, &["x"], |t| {
+            if nearest {
+                upsample_nearest3d(&t[0], size).unwrap()
+            } else {
+                upsample_trilinear3d(&t[0], size, align).unwrap()
+            }
+        });
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let x = Tensor::zeros((1, 2, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((3, 5, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = conv3d(&x, &w, None, &Conv3dConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 channels"), "{err}");
+    let big = Tensor::zeros((3, 2, 7, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(conv3d(&x, &big, None, &Conv3dConfig::default()).is_err());
+    assert!(max_pool3d(&x, [3; 3], [1; 3], [2; 3]).is_err());
+}

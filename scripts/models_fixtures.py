@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Reference fixtures for cwseg-models' 3D operations, computed with PyTorch (float64).
+
+    python scripts/models_fixtures.py        # numpy, torch
+Writes crates/models/tests/fixtures/ops3d.npz: per case the inputs, the output, and the
+gradients of sum(output * g) for a random g, w.r.t. every input.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OUT = os.path.join("crates", "models", "tests", "fixtures")
+torch.manual_seed(3)
+torch.set_default_dtype(torch.float64)
+
+
+def record(arrays, name, inputs, f, params):
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = f(**leaves)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    for k, v in leaves.items():
+        arrays[f"{name}__{k}"] = v.detach().numpy()
+        arrays[f"{name}__grad_{k}"] = v.grad.numpy()
+    arrays[f"{name}__out"] = y.detach().numpy()
+    arrays[f"{name}__upstream"] = g.numpy()
+    arrays[f"{name}__params"] = np.array(params, dtype=np.int64)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    a = {}
+    convs = {
+        # name: (x shape, w shape, stride, padding, dilation, bias)
+        "k3_pad1_b2_c1": ((2, 1, 7, 9, 8), (3, 1, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), True),
+        "k3_stride2_pad1": ((1, 4, 9, 8, 7), (5, 4, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), True),
+        "k5_pad2_vnet": ((2, 3, 11, 10, 9), (2, 3, 5, 5, 5), (1, 1, 1), (2, 2, 2), (1, 1, 1), True),
+        "k3_dilation2": ((1, 3, 9, 9, 9), (4, 3, 3, 3, 3), (1, 1, 1), (2, 2, 2), (2, 2, 2), False),
+        "k133_anisotropic": ((2, 2, 5, 9, 11), (3, 2, 1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1), True),
+        "mixed_strides": ((1, 2, 8, 9, 10), (2, 2, 2, 3, 2), (2, 1, 2), (1, 0, 1), (1, 1, 1), True),
+        "k2_stride2_down": ((2, 8, 8, 8, 8), (16, 8, 2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), False),
+        "k1_many_channels": ((1, 16, 5, 6, 7), (32, 16, 1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), True),
+    }
+    for name, (xs, ws, s, p, d, bias) in convs.items():
+        inputs = {"x": torch.randn(xs), "w": torch.randn(ws)}
+        if bias:
+            inputs["b"] = torch.randn(ws[0])
+        record(a, "conv__" + name, inputs,
+               lambda x, w, b=None: F.conv3d(x, w, b, stride=s, padding=p, dilation=d), list(s) + list(p) + list(d))
+    pools = {
+        "max_k2_s2": ("max", (2, 3, 8, 9, 10), 2, 2, 0),
+        "max_k3_s2_p1": ("max", (1, 2, 9, 8, 7), 3, 2, 1),
+        "avg_k3_s1_p1": ("avg", (2, 2, 6, 7, 5), 3, 1, 1),
+        "avg_k2_s2": ("avg", (1, 4, 8, 8, 8), 2, 2, 0),
+    }
+    for name, (kind, xs, k, s, p) in pools.items():
+        f = F.max_pool3d if kind == "max" else F.avg_pool3d
+        record(a, "pool__" + name, {"x": torch.randn(xs)}, lambda x: f(x, k, s, p), [k, s, p])
+    ups = {
+        "nearest_x2": ((2, 3, 4, 5, 6), (8, 10, 12), "nearest", None),
+        "nearest_odd": ((1, 2, 3, 4, 5), (7, 9, 11), "nearest", None),
+        "trilinear_x2": ((2, 2, 4, 5, 3), (8, 10, 6), "trilinear", False),
+        "trilinear_align": ((1, 3, 3, 4, 5), (5, 7, 6), "trilinear", True),
+    }
+    for name, (xs, size, mode, align) in ups.items():
+        kwargs = {} if mode == "nearest" else {"align_corners": align}
+        record(a, "up__" + name, {"x": torch.randn(xs)},
+               lambda x: F.interpolate(x, size=size, mode=mode, **kwargs), list(size) + [int(bool(align))])
+    np.savez_compressed(os.path.join(OUT, "ops3d.npz"), **a)
+    with open(os.path.join(OUT, "versions.json"), "w") as f:
+        json.dump({"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}, f, indent=1)
+    print("fixtures written to", OUT)
+
+
+if __name__ == "__main__":
+    main()
