@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
-use cwseg_models::ops3d::{Conv3dConfig, conv3d};
+use cwseg_models::ops3d::{Conv3dConfig, conv3d, conv3d_composite};
 
 fn benches(c: &mut Criterion) {
     let device = Device::Cpu;
@@ -19,19 +19,23 @@ fn benches(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("ops3d");
     group.sample_size(10);
-    group.bench_function("conv3d forward 2x32x64^3 k3 pad1 (composite)", |b| {
-        b.iter(|| conv3d(black_box(x.as_tensor()), w.as_tensor(), None, &config).expect("conv3d"))
-    });
-    group.bench_function(
-        "conv3d forward+backward 2x32x64^3 k3 pad1 (composite)",
-        |b| {
-            b.iter(|| {
-                let y =
-                    conv3d(black_box(x.as_tensor()), w.as_tensor(), None, &config).expect("conv3d");
-                y.sum_all().expect("sum").backward().expect("backward")
-            })
-        },
-    );
+    type Conv = fn(&Tensor, &Tensor, Option<&Tensor>, &Conv3dConfig) -> candle_core::Result<Tensor>;
+    let paths: [(&str, Conv); 2] = [("vol2col+gemm", conv3d), ("composite", conv3d_composite)];
+    for (path, conv) in paths {
+        group.bench_function(format!("conv3d forward 2x32x64^3 k3 pad1 ({path})"), |b| {
+            b.iter(|| conv(black_box(x.as_tensor()), w.as_tensor(), None, &config).expect("conv3d"))
+        });
+        group.bench_function(
+            format!("conv3d forward+backward 2x32x64^3 k3 pad1 ({path})"),
+            |b| {
+                b.iter(|| {
+                    let y = conv(black_box(x.as_tensor()), w.as_tensor(), None, &config)
+                        .expect("conv3d");
+                    y.sum_all().expect("sum").backward().expect("backward")
+                })
+            },
+        );
+    }
     group.finish();
 }
 

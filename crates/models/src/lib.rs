@@ -2,3 +2,4 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod ops3d;
+mod vol2col;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
 use cwseg_models::ops3d::{
-    Conv3dConfig, avg_pool3d, conv3d, max_pool3d, upsample_nearest3d, upsample_trilinear3d,
+    Conv3dConfig, avg_pool3d, conv3d, conv3d_composite, max_pool3d, upsample_nearest3d,
+    upsample_trilinear3d,
 };
 use ndarray::{ArrayD, IxDyn, OwnedRepr};
 use ndarray_npy::NpzReader;
@@ -99,8 +100,12 @@ fn conv3d_matches_pytorch() {
         } else {
             &["x", "w"]
         };
+        // The CPU fast path (vol2col + gemm) and the any-device composite, both against PyTorch.
         check(&mut fx, &case, inputs, |t| {
             conv3d(&t[0], &t[1], t.get(2), &config).unwrap()
+        });
+        check(&mut fx, &case, inputs, |t| {
+            conv3d_composite(&t[0], &t[1], t.get(2), &config).unwrap()
         });
     }
 }
