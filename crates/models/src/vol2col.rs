@@ -28,18 +28,35 @@ impl Geometry {
         self.dn * self.output[1] * self.output[2]
     }
 
-    /// Calls `f(column-matrix index, input index)` for every tap inside the input.
+    /// Calls `f(column index, input index, count)` for every run of taps inside the input:
+    /// `count` consecutive columns reading inputs `stride[2]` apart along `w`.
     #[inline]
-    fn visit(&self, mut f: impl FnMut(usize, usize)) {
+    fn visit(&self, mut f: impl FnMut(usize, usize, usize)) {
         let [c_n, d, h, w] = self.input;
         let [kd, kh, kw] = self.kernel;
         let [_, oh_n, ow_n] = self.output;
         let cols = self.cols();
+        let (sw, pw) = (self.stride[2], self.padding[2] as isize);
         for c in 0..c_n {
             for a in 0..kd {
                 for b in 0..kh {
                     for e in 0..kw {
                         let row = ((c * kd + a) * kh + b) * kw + e;
+                        // Output columns whose tap x = ow·sw + e·dw − pw lies in 0..w.
+                        let offset = (e * self.dilation[2]) as isize - pw;
+                        let first = if offset >= 0 {
+                            0
+                        } else {
+                            ((-offset) as usize).div_ceil(sw)
+                        };
+                        let end = if (w as isize) <= offset {
+                            0
+                        } else {
+                            (((w as isize - offset) as usize).div_ceil(sw)).min(ow_n)
+                        };
+                        if first >= end {
+                            continue;
+                        }
                         for j in 0..self.dn {
                             let z = ((self.od0 + j) * self.stride[0] + a * self.dilation[0])
                                 as isize
@@ -55,13 +72,8 @@ impl Geometry {
                                 }
                                 let base_in = ((c * d + z as usize) * h + y as usize) * w;
                                 let base_col = row * cols + (j * oh_n + oh) * ow_n;
-                                for ow in 0..ow_n {
-                                    let x = (ow * self.stride[2] + e * self.dilation[2]) as isize
-                                        - self.padding[2] as isize;
-                                    if x >= 0 && x < w as isize {
-                                        f(base_col + ow, base_in + x as usize);
-                                    }
-                                }
+                                let x0 = (first * sw) as isize + offset;
+                                f(base_col + first, base_in + x0 as usize, end - first);
                             }
                         }
                     }
@@ -85,7 +97,17 @@ fn unfold<T: Copy + Default + Send + Sync>(g: &Geometry, x: &[T]) -> Vec<T> {
             let mut one = *g;
             one.input[0] = 1;
             let channel = &x[c * g.input[1] * g.input[2] * g.input[3]..];
-            one.visit(|col, input| block[col] = channel[input]);
+            let step = g.stride[2];
+            one.visit(|col, input, count| {
+                let out = &mut block[col..col + count];
+                if step == 1 {
+                    out.copy_from_slice(&channel[input..input + count]);
+                } else {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = channel[input + i * step];
+                    }
+                }
+            });
         });
     out
 }
@@ -100,7 +122,12 @@ fn fold<T: Copy + Default + Send + Sync + std::ops::AddAssign>(g: &Geometry, col
             let mut one = *g;
             one.input[0] = 1;
             let block = &cols[c * per_channel..(c + 1) * per_channel];
-            one.visit(|col, input| channel[input] += block[col]);
+            let step = g.stride[2];
+            one.visit(|col, input, count| {
+                for (i, &v) in block[col..col + count].iter().enumerate() {
+                    channel[input + i * step] += v;
+                }
+            });
         });
     out
 }
