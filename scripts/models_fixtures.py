@@ -51,6 +51,20 @@ def main():
             inputs["b"] = torch.randn(ws[0])
         record(a, "conv__" + name, inputs,
                lambda x, w, b=None: F.conv3d(x, w, b, stride=s, padding=p, dilation=d), list(s) + list(p) + list(d))
+    transposed = {
+        # name: (x shape, w shape (C_in, C_out, k...), stride, padding, output_padding, dilation, bias)
+        "k2_stride2_unet_up": ((2, 8, 4, 5, 3), (8, 4, 2, 2, 2), (2, 2, 2), (0, 0, 0), (0, 0, 0), (1, 1, 1), True),
+        "k3_stride2_pad1_outpad1": ((1, 3, 4, 3, 5), (3, 2, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1), True),
+        "k3_stride1_pad1": ((2, 2, 5, 6, 4), (2, 3, 3, 3, 3), (1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), False),
+        "anisotropic_122": ((1, 4, 3, 4, 4), (4, 2, 1, 2, 2), (1, 2, 2), (0, 0, 0), (0, 0, 0), (1, 1, 1), True),
+    }
+    for name, (xs, ws, s, p, op, d, bias) in transposed.items():
+        inputs = {"x": torch.randn(xs), "w": torch.randn(ws)}
+        if bias:
+            inputs["b"] = torch.randn(ws[1])
+        record(a, "convt__" + name, inputs,
+               lambda x, w, b=None: F.conv_transpose3d(x, w, b, stride=s, padding=p, output_padding=op, dilation=d),
+               list(s) + list(p) + list(op) + list(d))
     pools = {
         "max_k2_s2": ("max", (2, 3, 8, 9, 10), 2, 2, 0),
         "max_k3_s2_p1": ("max", (1, 2, 9, 8, 7), 3, 2, 1),

@@ -172,6 +172,99 @@ pub fn conv3d_composite(
     }
 }
 
+/// Stride, padding, output padding and dilation of a 3D transposed convolution, per axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvTranspose3dConfig {
+    /// Upsampling step.
+    pub stride: [usize; 3],
+    /// Removed from both sides of the full output.
+    pub padding: [usize; 3],
+    /// Added at the end of each axis (`< stride`), to reach an exact size.
+    pub output_padding: [usize; 3],
+    /// Spacing between kernel taps.
+    pub dilation: [usize; 3],
+}
+
+impl Default for ConvTranspose3dConfig {
+    fn default() -> Self {
+        ConvTranspose3dConfig {
+            stride: [1; 3],
+            padding: [0; 3],
+            output_padding: [0; 3],
+            dilation: [1; 3],
+        }
+    }
+}
+
+/// Inserts `stride − 1` zeros between neighbours along `axis`.
+fn dilate_with_zeros(x: &Tensor, axis: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.clone());
+    }
+    let n = x.dim(axis)?;
+    let mut zeros_shape = x.dims().to_vec();
+    zeros_shape.insert(axis + 1, stride - 1);
+    let zeros = Tensor::zeros(zeros_shape, x.dtype(), x.device())?;
+    let spread = Tensor::cat(&[&x.unsqueeze(axis + 1)?, &zeros], axis + 1)?;
+    let mut shape = x.dims().to_vec();
+    shape[axis] = n * stride;
+    spread.reshape(shape)?.narrow(axis, 0, (n - 1) * stride + 1)
+}
+
+/// 3D transposed convolution (PyTorch's `conv_transpose3d`): input `(N, C_in, D, H, W)`,
+/// weight `(C_in, C_out, kd, kh, kw)`, optional bias `(C_out,)`; output length per axis
+/// `(n − 1)·s − 2p + d(k − 1) + output_padding + 1`. The input gradient of a convolution:
+/// zeros inserted between input voxels, padded by `d(k − 1) − p`, then [`conv3d`] with the
+/// flipped kernel.
+pub fn conv_transpose3d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    config: &ConvTranspose3dConfig,
+) -> Result<Tensor> {
+    let (_, c, _, _, _) = x.dims5()?;
+    let (wc, o, kd, kh, kw) = weight.dims5()?;
+    if wc != c {
+        bail!("conv_transpose3d: input has {c} channels, weight expects {wc}");
+    }
+    let kernel = [kd, kh, kw];
+    let mut y = x.clone();
+    for i in 0..3 {
+        let (s, p, op, d) = (
+            config.stride[i],
+            config.padding[i],
+            config.output_padding[i],
+            config.dilation[i],
+        );
+        if s == 0 || d == 0 || op >= s.max(d) {
+            bail!(
+                "conv_transpose3d: stride {s}, dilation {d} and output padding {op} are out of range"
+            );
+        }
+        let reach = d * (kernel[i] - 1);
+        if p > reach {
+            bail!("conv_transpose3d: padding {p} exceeds the kernel's reach {reach}");
+        }
+        y = dilate_with_zeros(&y, 2 + i, s)?;
+        y = y.pad_with_zeros(2 + i, reach - p, reach - p + op)?;
+    }
+    // (C_in, C_out, k…) → (C_out, C_in, k…), every kernel axis reversed.
+    let mut flipped = weight.transpose(0, 1)?.contiguous()?;
+    for (axis, &k) in (2..5).zip(&kernel) {
+        let reversed: Vec<u32> = (0..k as u32).rev().collect();
+        flipped = flipped.index_select(&Tensor::from_vec(reversed, k, x.device())?, axis)?;
+    }
+    let conv = Conv3dConfig {
+        dilation: config.dilation,
+        ..Conv3dConfig::default()
+    };
+    let y = conv3d(&y, &flipped, None, &conv)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Pool {
     Max,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
 use cwseg_models::ops3d::{
-    Conv3dConfig, avg_pool3d, conv3d, conv3d_composite, max_pool3d, upsample_nearest3d,
-    upsample_trilinear3d,
+    Conv3dConfig, ConvTranspose3dConfig, avg_pool3d, conv_transpose3d, conv3d, conv3d_composite,
+    max_pool3d, upsample_nearest3d, upsample_trilinear3d,
 };
 use ndarray::{ArrayD, IxDyn, OwnedRepr};
 use ndarray_npy::NpzReader;
@@ -106,6 +106,31 @@ fn conv3d_matches_pytorch() {
         });
         check(&mut fx, &case, inputs, |t| {
             conv3d_composite(&t[0], &t[1], t.get(2), &config).unwrap()
+        });
+    }
+}
+
+#[test]
+fn conv_transpose3d_matches_pytorch() {
+    let mut fx = Fixtures::open();
+    let cases = cases(&mut fx, "convt__");
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let p = fx.params(&format!("{case}__params"));
+        let config = ConvTranspose3dConfig {
+            stride: [p[0], p[1], p[2]],
+            padding: [p[3], p[4], p[5]],
+            output_padding: [p[6], p[7], p[8]],
+            dilation: [p[9], p[10], p[11]],
+        };
+        let has_bias = fx.names().contains(&format!("{case}__b"));
+        let inputs: &[&str] = if has_bias {
+            &["x", "w", "b"]
+        } else {
+            &["x", "w"]
+        };
+        check(&mut fx, &case, inputs, |t| {
+            conv_transpose3d(&t[0], &t[1], t.get(2), &config).unwrap()
         });
     }
 }
