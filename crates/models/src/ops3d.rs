@@ -229,7 +229,7 @@ pub fn conv_transpose3d(
     }
     let kernel = [kd, kh, kw];
     let mut y = x.clone();
-    for i in 0..3 {
+    for (i, &k) in kernel.iter().enumerate() {
         let (s, p, op, d) = (
             config.stride[i],
             config.padding[i],
@@ -241,7 +241,7 @@ pub fn conv_transpose3d(
                 "conv_transpose3d: stride {s}, dilation {d} and output padding {op} are out of range"
             );
         }
-        let reach = d * (kernel[i] - 1);
+        let reach = d * (k - 1);
         if p > reach {
             bail!("conv_transpose3d: padding {p} exceeds the kernel's reach {reach}");
         }
