@@ -31,6 +31,32 @@ def record(arrays, name, inputs, f, params):
     arrays[f"{name}__params"] = np.array(params, dtype=np.int64)
 
 
+def layers_fixtures():
+    """Normalisations and activations: outputs, gradients, running statistics."""
+    a = {}
+    shape = (3, 4, 3, 4, 5)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    for training in (True, False):
+        name = f"batch_norm_{'train' if training else 'eval'}"
+        r_mean, r_var = rm.clone(), rv.clone()
+        record(a, name, {"x": torch.randn(shape), "w": torch.randn(4), "b": torch.randn(4)},
+               lambda x, w, b: F.batch_norm(x, r_mean, r_var, w, b, training=training, momentum=0.1, eps=1e-5),
+               [int(training)])
+        a[f"{name}__running_mean_in"], a[f"{name}__running_var_in"] = rm.numpy(), rv.numpy()
+        a[f"{name}__running_mean_out"], a[f"{name}__running_var_out"] = r_mean.numpy(), r_var.numpy()
+    record(a, "instance_norm", {"x": torch.randn(shape), "w": torch.randn(4), "b": torch.randn(4)},
+           lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=1e-5), [])
+    record(a, "group_norm", {"x": torch.randn(shape), "w": torch.randn(4), "b": torch.randn(4)},
+           lambda x, w, b: F.group_norm(x, 2, w, b, eps=1e-5), [2])
+    record(a, "layer_norm", {"x": torch.randn(2, 7, 12), "w": torch.randn(12), "b": torch.randn(12)},
+           lambda x, w, b: F.layer_norm(x, (12,), w, b, eps=1e-5), [])
+    record(a, "softmax", {"x": 3 * torch.randn(2, 5, 9)}, lambda x: F.softmax(x, -1), [])
+    record(a, "leaky_relu", {"x": torch.randn(shape)}, lambda x: F.leaky_relu(x, 0.01), [])
+    record(a, "prelu", {"x": torch.randn(shape), "w": torch.rand(4)}, lambda x, w: F.prelu(x, w), [])
+    record(a, "elu", {"x": torch.randn(shape)}, lambda x: F.elu(x, 1.0), [])
+    np.savez_compressed(os.path.join(OUT, "layers.npz"), **a)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     a = {}
@@ -85,6 +111,7 @@ def main():
         record(a, "up__" + name, {"x": torch.randn(xs)},
                lambda x: F.interpolate(x, size=size, mode=mode, **kwargs), list(size) + [int(bool(align))])
     np.savez_compressed(os.path.join(OUT, "ops3d.npz"), **a)
+    layers_fixtures()
     with open(os.path.join(OUT, "versions.json"), "w") as f:
         json.dump({"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}, f, indent=1)
     print("fixtures written to", OUT)

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+pub mod layers;
 pub mod ops3d;
 mod vol2col;

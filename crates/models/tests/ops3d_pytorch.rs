@@ -1,10 +1,11 @@
-//! 3D operations against PyTorch (`scripts/models_fixtures.py`): outputs and the gradients of
+//! 3D operations, normalisations and activations against PyTorch (`scripts/models_fixtures.py`): outputs and the gradients of
 //! `Σ y·g` w.r.t. every input, in f64.
 
 use std::fs::File;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
+use cwseg_models::layers;
 use cwseg_models::ops3d::{
     Conv3dConfig, ConvTranspose3dConfig, avg_pool3d, conv_transpose3d, conv3d, conv3d_composite,
     max_pool3d, upsample_nearest3d, upsample_trilinear3d,
@@ -16,7 +17,12 @@ struct Fixtures(NpzReader<File>);
 
 impl Fixtures {
     fn open() -> Self {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops3d.npz");
+        Self::named("ops3d.npz")
+    }
+    fn named(name: &str) -> Self {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
         Fixtures(NpzReader::new(File::open(path).unwrap()).unwrap())
     }
     fn names(&mut self) -> Vec<String> {
@@ -184,4 +190,76 @@ fn bad_shapes_are_errors() {
     let big = Tensor::zeros((3, 2, 7, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(conv3d(&x, &big, None, &Conv3dConfig::default()).is_err());
     assert!(max_pool3d(&x, [3; 3], [1; 3], [2; 3]).is_err());
+}
+
+#[test]
+fn normalisations_and_activations_match_pytorch() {
+    let mut fx = Fixtures::named("layers.npz");
+    for (name, training) in [("batch_norm_train", true), ("batch_norm_eval", false)] {
+        let rm = fx.f64(&format!("{name}__running_mean_in"));
+        let rv = fx.f64(&format!("{name}__running_var_in"));
+        let (want_m, want_v) = (
+            fx.f64(&format!("{name}__running_mean_out")),
+            fx.f64(&format!("{name}__running_var_out")),
+        );
+        check(&mut fx, name, &["x", "w", "b"], |t| {
+            let (y, m, v) = layers::batch_norm(
+                &t[0],
+                &rm,
+                &rv,
+                Some(&t[1]),
+                Some(&t[2]),
+                training,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            assert_close(&m, &want_m, &format!("{name} running mean"));
+            assert_close(&v, &want_v, &format!("{name} running var"));
+            y
+        });
+    }
+    check(&mut fx, "instance_norm", &["x", "w", "b"], |t| {
+        layers::instance_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5).unwrap()
+    });
+    check(&mut fx, "group_norm", &["x", "w", "b"], |t| {
+        layers::group_norm(&t[0], 2, Some(&t[1]), Some(&t[2]), 1e-5).unwrap()
+    });
+    check(&mut fx, "layer_norm", &["x", "w", "b"], |t| {
+        layers::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5).unwrap()
+    });
+    check(&mut fx, "softmax", &["x"], |t| {
+        layers::softmax_last(&t[0]).unwrap()
+    });
+    check(&mut fx, "leaky_relu", &["x"], |t| {
+        layers::leaky_relu(&t[0], 0.01).unwrap()
+    });
+    check(&mut fx, "prelu", &["x", "w"], |t| {
+        layers::prelu(&t[0], &t[1]).unwrap()
+    });
+    check(&mut fx, "elu", &["x"], |t| layers::elu(&t[0], 1.0).unwrap());
+}
+
+#[test]
+fn dropout_keeps_the_expectation() {
+    let x = Tensor::ones((64, 64, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let y = layers::dropout(&x, 0.25, true).unwrap();
+    let values: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
+    assert!((zeros - 0.25).abs() < 0.01, "dropped fraction {zeros}");
+    assert!(
+        values
+            .iter()
+            .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6)
+    );
+    let mean: f64 = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    assert_eq!(
+        layers::dropout(&x, 0.25, false)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap(),
+        x.to_vec3::<f32>().unwrap()
+    );
+    assert!(layers::dropout(&x, 1.0, true).is_err());
 }

@@ -1,0 +1,184 @@
+//! Normalisations and activations on `(N, C, D, H, W)` (or `(…, F)` for layer norm and
+//! softmax) as composites of candle operations, so that every one of them trains: candle's
+//! fused `LayerNorm`, `RmsNorm` and `softmax_last_dim` have no backward pass.
+
+use candle_core::{D, Result, Tensor, bail};
+
+/// Mean and biased variance over `axes`, kept as size-1 axes.
+fn moments(x: &Tensor, axes: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim(axes)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(axes)?;
+    Ok((mean, var))
+}
+
+/// `γ y + β` with per-channel `γ`, `β` `(C,)` on axis 1.
+fn affine_channels(y: Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut shape = vec![1usize; y.rank()];
+    shape[1] = y.dim(1)?;
+    let mut y = y;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.reshape(shape.clone())?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape(shape)?)?;
+    }
+    Ok(y)
+}
+
+/// `γ (x − μ)/√(σ² + ε) + β`.
+fn normalise(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let y = x
+        .broadcast_sub(mean)?
+        .broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+    affine_channels(y, weight, bias)
+}
+
+/// Batch normalisation over `(N, D, H, W)` per channel (PyTorch's `batch_norm`). Training:
+/// batch statistics normalise, and the running statistics returned are
+/// `(1 − m)·running + m·batch` with the unbiased batch variance; evaluation: the running
+/// statistics normalise and are returned unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm(
+    x: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = c;
+    if !training {
+        let (m, v) = (
+            running_mean.reshape(shape.clone())?,
+            running_var.reshape(shape)?,
+        );
+        let y = normalise(x, &m, &v, weight, bias, eps)?;
+        return Ok((y, running_mean.clone(), running_var.clone()));
+    }
+    let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+    let (mean, var) = moments(x, &axes)?;
+    let y = normalise(x, &mean, &var, weight, bias, eps)?;
+    let count = x.elem_count() / c;
+    if count < 2 {
+        bail!("batch_norm: training needs more than one value per channel, got {count}");
+    }
+    let unbiased = var
+        .detach()
+        .affine(count as f64 / (count - 1) as f64, 0.0)?
+        .flatten_all()?;
+    let new_mean = (running_mean.affine(1.0 - momentum, 0.0)?
+        + mean.detach().flatten_all()?.affine(momentum, 0.0)?)?;
+    let new_var = (running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?;
+    Ok((y, new_mean, new_var))
+}
+
+/// Instance normalisation: per sample and channel over `(D, H, W)` (PyTorch's
+/// `instance_norm` without running statistics).
+pub fn instance_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let axes: Vec<usize> = (2..x.rank()).collect();
+    let (mean, var) = moments(x, &axes)?;
+    normalise(x, &mean, &var, weight, bias, eps)
+}
+
+/// Group normalisation: channels split into `groups`, statistics per sample and group
+/// (PyTorch's `group_norm`); affine per channel.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    if groups == 0 || c % groups != 0 {
+        bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    let grouped = x.reshape((n, groups, x.elem_count() / (n * groups)))?;
+    let (mean, var) = moments(&grouped, &[2])?;
+    let y = grouped
+        .broadcast_sub(&mean)?
+        .broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+    affine_channels(y.reshape(dims)?, weight, bias)
+}
+
+/// Layer normalisation over the last axis with `γ`, `β` of its size.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let (mean, var) = moments(x, &[last])?;
+    let mut y = x
+        .broadcast_sub(&mean)?
+        .broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(w)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
+}
+
+/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    let e = shifted.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `max(0, x) + slope · min(0, x)`.
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    x.relu()? - x.neg()?.relu()?.affine(slope, 0.0)?
+}
+
+/// PReLU with one learned slope per channel (`a` of shape `(C,)`) or one for all (`(1,)`).
+pub fn prelu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1usize; x.rank()];
+    if a.elem_count() > 1 {
+        shape[1] = a.elem_count();
+    }
+    let negative = x.neg()?.relu()?.neg()?;
+    x.relu()? + negative.broadcast_mul(&a.reshape(shape)?)?
+}
+
+/// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise.
+pub fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    let negative = x.neg()?.relu()?.neg()?; // min(0, x)
+    x.relu()? + negative.exp()?.affine(alpha, -alpha)?
+}
+
+/// Inverted dropout: in training each value is zeroed with probability `p` and the rest
+/// scaled by `1/(1 − p)`; identity in evaluation.
+pub fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
+    if !training || p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: probability must be in [0, 1), got {p}");
+    }
+    let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?
+        .ge(p)?
+        .to_dtype(x.dtype())?;
+    (x * keep)?.affine(1.0 / (1.0 - p), 0.0)
+}
