@@ -2,5 +2,6 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod layers;
+pub mod modules;
 pub mod ops3d;
 mod vol2col;

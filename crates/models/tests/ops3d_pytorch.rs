@@ -263,3 +263,115 @@ fn dropout_keeps_the_expectation() {
     );
     assert!(layers::dropout(&x, 1.0, true).is_err());
 }
+
+#[test]
+fn modules_load_pytorch_parameters_by_name() {
+    use candle_core::{DType, Module, ModuleT};
+    use candle_nn::{VarBuilder, VarMap};
+    use cwseg_models::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, PRelu};
+    use std::collections::HashMap;
+
+    let mut fx = Fixtures::open();
+    let case = "conv__k3_pad1_b2_c1";
+    let params = HashMap::from([
+        ("weight".to_string(), fx.f64(&format!("{case}__w"))),
+        ("bias".to_string(), fx.f64(&format!("{case}__b"))),
+    ]);
+    let vb = VarBuilder::from_tensors(params, DType::F64, &Device::Cpu);
+    let conv = Conv3d::new(
+        1,
+        3,
+        [3; 3],
+        Conv3dConfig {
+            padding: [1; 3],
+            ..Default::default()
+        },
+        true,
+        vb,
+    )
+    .unwrap();
+    let y = conv.forward(&fx.f64(&format!("{case}__x"))).unwrap();
+    assert_close(&y, &fx.f64(&format!("{case}__out")), "Conv3d module");
+
+    let case = "convt__k2_stride2_unet_up";
+    let params = HashMap::from([
+        ("weight".to_string(), fx.f64(&format!("{case}__w"))),
+        ("bias".to_string(), fx.f64(&format!("{case}__b"))),
+    ]);
+    let vb = VarBuilder::from_tensors(params, DType::F64, &Device::Cpu);
+    let config = ConvTranspose3dConfig {
+        stride: [2; 3],
+        ..Default::default()
+    };
+    let up = ConvTranspose3d::new(8, 4, [2; 3], config, true, vb).unwrap();
+    let y = up.forward(&fx.f64(&format!("{case}__x"))).unwrap();
+    assert_close(
+        &y,
+        &fx.f64(&format!("{case}__out")),
+        "ConvTranspose3d module",
+    );
+
+    let mut layers_fx = Fixtures::named("layers.npz");
+    let name = "batch_norm_eval";
+    let params = HashMap::from([
+        ("weight".to_string(), layers_fx.f64(&format!("{name}__w"))),
+        ("bias".to_string(), layers_fx.f64(&format!("{name}__b"))),
+        (
+            "running_mean".to_string(),
+            layers_fx.f64(&format!("{name}__running_mean_in")),
+        ),
+        (
+            "running_var".to_string(),
+            layers_fx.f64(&format!("{name}__running_var_in")),
+        ),
+    ]);
+    let bn = BatchNorm3d::new(
+        4,
+        VarBuilder::from_tensors(params, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
+    let y = bn
+        .forward_t(&layers_fx.f64(&format!("{name}__x")), false)
+        .unwrap();
+    assert_close(
+        &y,
+        &layers_fx.f64(&format!("{name}__out")),
+        "BatchNorm3d module (eval)",
+    );
+
+    // A fresh VarMap holds exactly PyTorch's names and shapes.
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    Conv3d::new(
+        2,
+        5,
+        [3, 3, 1],
+        Conv3dConfig::default(),
+        true,
+        vb.pp("conv"),
+    )
+    .unwrap();
+    BatchNorm3d::new(5, vb.pp("bn")).unwrap();
+    PRelu::new(5, vb.pp("act")).unwrap();
+    let mut names: Vec<(String, Vec<usize>)> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    names.sort();
+    let want: Vec<(String, Vec<usize>)> = [
+        ("act.weight", vec![5]),
+        ("bn.bias", vec![5]),
+        ("bn.running_mean", vec![5]),
+        ("bn.running_var", vec![5]),
+        ("bn.weight", vec![5]),
+        ("conv.bias", vec![5]),
+        ("conv.weight", vec![5, 2, 3, 3, 1]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(names, want);
+}

@@ -1,0 +1,191 @@
+//! CUDA against the CPU for every 3D operation and layer: values and gradients on the same
+//! inputs. Built only with the `cuda` feature; skips with a message when no GPU is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::{Device, Tensor, Var};
+use cwseg_models::layers;
+use cwseg_models::ops3d::{
+    Conv3dConfig, ConvTranspose3dConfig, avg_pool3d, conv_transpose3d, conv3d, max_pool3d,
+    upsample_nearest3d, upsample_trilinear3d,
+};
+
+type Op = Box<dyn Fn(&Tensor, &Tensor) -> Tensor>;
+
+fn run(op: &Op, x: &Tensor, w: &Tensor) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+    let y = op(xv.as_tensor(), wv.as_tensor());
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let host = |t: &Tensor| -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let gx = grads.get(xv.as_tensor()).map(host).unwrap_or_default();
+    let gw = grads.get(wv.as_tensor()).map(host).unwrap_or_default();
+    (host(&y), gx, gw)
+}
+
+fn close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale;
+    println!("{what:28} max relative difference {worst:.2e}");
+    assert!(worst <= 1e-4, "{what}: CUDA differs from CPU by {worst}");
+}
+
+#[test]
+fn cuda_matches_cpu() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.3, (6, 4, 3, 3, 3), &Device::Cpu).unwrap();
+    let wt = Tensor::randn(0f32, 0.3, (4, 3, 2, 2, 2), &Device::Cpu).unwrap();
+    let c = Tensor::rand(0.5f32, 1.5, 4, &Device::Cpu).unwrap();
+    let ops: Vec<(&str, Tensor, Op)> = vec![
+        (
+            "conv3d k3 s2 p1",
+            w.clone(),
+            Box::new(|x, w| {
+                conv3d(
+                    x,
+                    w,
+                    None,
+                    &Conv3dConfig {
+                        stride: [2; 3],
+                        padding: [1; 3],
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "conv3d k3 dilation 2",
+            w.clone(),
+            Box::new(|x, w| {
+                conv3d(
+                    x,
+                    w,
+                    None,
+                    &Conv3dConfig {
+                        padding: [2; 3],
+                        dilation: [2; 3],
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "conv_transpose3d k2 s2",
+            wt.clone(),
+            Box::new(|x, w| {
+                conv_transpose3d(
+                    x,
+                    w,
+                    None,
+                    &ConvTranspose3dConfig {
+                        stride: [2; 3],
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "max_pool3d k2 s2",
+            c.clone(),
+            Box::new(|x, w| {
+                (max_pool3d(x, [2; 3], [2; 3], [0; 3])
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    * w.sum_all().unwrap())
+                .unwrap()
+            }),
+        ),
+        (
+            "avg_pool3d k3 s1 p1",
+            c.clone(),
+            Box::new(|x, _| avg_pool3d(x, [3; 3], [1; 3], [1; 3]).unwrap()),
+        ),
+        (
+            "upsample nearest",
+            c.clone(),
+            Box::new(|x, _| upsample_nearest3d(x, [18, 20, 22]).unwrap()),
+        ),
+        (
+            "upsample trilinear",
+            c.clone(),
+            Box::new(|x, _| upsample_trilinear3d(x, [18, 20, 22], false).unwrap()),
+        ),
+        (
+            "batch_norm train",
+            c.clone(),
+            Box::new(|x, w| {
+                let z = Tensor::zeros(4, x.dtype(), x.device()).unwrap();
+                layers::batch_norm(
+                    x,
+                    &z,
+                    &z.ones_like().unwrap(),
+                    Some(w),
+                    None,
+                    true,
+                    0.1,
+                    1e-5,
+                )
+                .unwrap()
+                .0
+            }),
+        ),
+        (
+            "instance_norm",
+            c.clone(),
+            Box::new(|x, w| layers::instance_norm(x, Some(w), None, 1e-5).unwrap()),
+        ),
+        (
+            "group_norm",
+            c.clone(),
+            Box::new(|x, w| layers::group_norm(x, 2, Some(w), None, 1e-5).unwrap()),
+        ),
+        (
+            "prelu",
+            c.clone(),
+            Box::new(|x, w| layers::prelu(x, w).unwrap()),
+        ),
+        (
+            "elu",
+            c.clone(),
+            Box::new(|x, _| layers::elu(x, 1.0).unwrap()),
+        ),
+        (
+            "softmax",
+            c.clone(),
+            Box::new(|x, _| layers::softmax_last(x).unwrap()),
+        ),
+    ];
+    for (name, param, op) in &ops {
+        let (y_cpu, gx_cpu, gw_cpu) = run(op, &x, param);
+        let (y_gpu, gx_gpu, gw_gpu) = run(
+            op,
+            &x.to_device(&gpu).unwrap(),
+            &param.to_device(&gpu).unwrap(),
+        );
+        close(&y_cpu, &y_gpu, &format!("{name} output"));
+        close(&gx_cpu, &gx_gpu, &format!("{name} input gradient"));
+        close(&gw_cpu, &gw_gpu, &format!("{name} parameter gradient"));
+    }
+}
