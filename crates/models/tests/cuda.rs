@@ -14,7 +14,16 @@ type Op = Box<dyn Fn(&Tensor, &Tensor) -> Tensor>;
 fn run(op: &Op, x: &Tensor, w: &Tensor) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
     let y = op(xv.as_tensor(), wv.as_tensor());
-    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    // Σ y·r with a fixed, non-constant r (Σ y² of a normalised output would not depend on x).
+    let r = Tensor::arange(0f32, y.elem_count() as f32, y.device())
+        .unwrap()
+        .affine(0.7, 0.1)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(y.shape())
+        .unwrap();
+    let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
     let host = |t: &Tensor| -> Vec<f32> {
         t.to_device(&Device::Cpu)
             .unwrap()
