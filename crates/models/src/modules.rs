@@ -17,6 +17,23 @@ fn uniform(fan_in: usize) -> Init {
     }
 }
 
+/// A convolution's `weight` of `shape` and optional `bias` of `out_channels`, PyTorch's init.
+fn conv_parameters(
+    shape: [usize; 5],
+    out_channels: usize,
+    fan_in: usize,
+    bias: bool,
+    vb: &VarBuilder,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let weight = vb.get_with_hints(shape.to_vec(), "weight", uniform(fan_in))?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_channels, "bias", uniform(fan_in))?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
+}
+
 /// `nn.Conv3d`: weight `(out, in, kd, kh, kw)`, bias `(out,)`.
 #[derive(Debug, Clone)]
 pub struct Conv3d {
@@ -37,16 +54,13 @@ impl Conv3d {
     ) -> Result<Self> {
         let fan_in = in_channels * kernel.iter().product::<usize>();
         let [kd, kh, kw] = kernel;
-        let weight = vb.get_with_hints(
-            (out_channels, in_channels, kd, kh, kw),
-            "weight",
-            uniform(fan_in),
+        let (weight, bias) = conv_parameters(
+            [out_channels, in_channels, kd, kh, kw],
+            out_channels,
+            fan_in,
+            bias,
+            &vb,
         )?;
-        let bias = if bias {
-            Some(vb.get_with_hints(out_channels, "bias", uniform(fan_in))?)
-        } else {
-            None
-        };
         Ok(Conv3d {
             weight,
             bias,
@@ -81,16 +95,13 @@ impl ConvTranspose3d {
     ) -> Result<Self> {
         let fan_in = out_channels * kernel.iter().product::<usize>();
         let [kd, kh, kw] = kernel;
-        let weight = vb.get_with_hints(
-            (in_channels, out_channels, kd, kh, kw),
-            "weight",
-            uniform(fan_in),
+        let (weight, bias) = conv_parameters(
+            [in_channels, out_channels, kd, kh, kw],
+            out_channels,
+            fan_in,
+            bias,
+            &vb,
         )?;
-        let bias = if bias {
-            Some(vb.get_with_hints(out_channels, "bias", uniform(fan_in))?)
-        } else {
-            None
-        };
         Ok(ConvTranspose3d {
             weight,
             bias,
