@@ -13,7 +13,7 @@ mod sealed {
     impl Sealed for ndarray::Ix3 {}
 }
 
-/// A rank the crate works on: [`Ix2`] (images `[y, x]`) or [`Ix3`] (volumes `[z, y, x]`).
+/// A rank the crate works on: [`type@Ix2`] (images `[y, x]`) or [`type@Ix3`] (volumes `[z, y, x]`).
 pub trait Grid: Dimension + sealed::Sealed {
     /// The number of axes (2 or 3).
     const RANK: usize;
