@@ -18,7 +18,11 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub fn new(logits: &Tensor, target: &Target) -> Result<Self> {
-        let labels = target.checked_labels(logits)?;
+        Self::with_labels(logits, target.checked_labels(logits)?)
+    }
+
+    /// From labels already checked against the logits.
+    pub fn with_labels(logits: &Tensor, labels: Tensor) -> Result<Self> {
         let classes = logits.dim(1)?;
         let logp = crate::fused::composite::log_softmax(logits)?;
         let onehot = one_hot(&labels, classes, logits.dtype())?;

@@ -145,11 +145,12 @@ impl Loss for DiceFocal {
         "dicefocal"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
-        let dice = self
-            .dice
-            .value(&Reductions::new(logits, target)?)?
-            .affine(self.lambda_dice, 0.0)?;
-        let focal = self.focal.value(&Prepared::new(logits, target)?)?;
+        // Labels are checked once, for both parts.
+        let r = Reductions::new(logits, target)?;
+        let dice = self.dice.value(&r)?.affine(self.lambda_dice, 0.0)?;
+        let focal = self
+            .focal
+            .value(&Prepared::with_labels(logits, r.labels.clone())?)?;
         Ok((dice + focal.affine(self.lambda_focal, 0.0)?)?)
     }
 }

@@ -276,12 +276,10 @@ fn class_metrics<L: Label>(
             metrics.nsd = 0.0;
         }
         _ => {
-            let (to_label, to_prediction) =
+            let (mut to_label, mut to_prediction) =
                 surface_distances(o, class, table, prediction, label, spacing)?;
             let hd = |d: &[f64]| d.iter().copied().fold(0.0, f64::max);
             metrics.hausdorff = hd(&to_label).max(hd(&to_prediction));
-            let (mut a, mut b) = (to_label.clone(), to_prediction.clone());
-            metrics.hausdorff95 = percentile(&mut a, 95.0).max(percentile(&mut b, 95.0));
             let n = (to_label.len() + to_prediction.len()) as f64;
             let total: f64 = to_label.iter().chain(&to_prediction).sum();
             metrics.assd = total / n;
@@ -291,6 +289,9 @@ fn class_metrics<L: Label>(
                 .filter(|&&d| d <= tolerance)
                 .count();
             metrics.nsd = within as f64 / n;
+            // Last: the percentile reorders the distances in place.
+            metrics.hausdorff95 =
+                percentile(&mut to_label, 95.0).max(percentile(&mut to_prediction, 95.0));
         }
     }
     Ok(metrics)
