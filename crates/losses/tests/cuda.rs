@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use cwseg_losses::{ContourConfig, LOSS_NAMES, LossConfig, Target, edges_cpu, edges_online};
 
 fn gpu() -> Option<Device> {
@@ -109,7 +109,11 @@ fn cuda_benchmark_shape() {
         device.synchronize().unwrap();
         let start = Instant::now();
         for _ in 0..5 {
-            run(name, &logits, &labels);
+            let (value, grad) = run(name, &logits, &labels);
+            assert!(
+                value.is_finite() && grad.iter().all(|g| g.is_finite()),
+                "{name} on CUDA"
+            );
         }
         device.synchronize().unwrap();
         println!(
@@ -117,5 +121,4 @@ fn cuda_benchmark_shape() {
             start.elapsed().as_secs_f64() * 200.0
         );
     }
-    let _ = DType::F32;
 }
