@@ -1,0 +1,189 @@
+//! Background patch loading: worker threads sample and augment patches into bounded queues;
+//! batches come out in a fixed order whatever the thread timing, so a seed fixes the run.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
+
+use ndarray::{Array4, Array5, Axis, stack};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::{AugmentConfig, augment};
+use crate::error::{DataError, Result};
+use crate::sampling::{SamplerConfig, SamplingVolume};
+
+/// A batch: images `(N, C, D, H, W)` and labels `(N, D, H, W)`.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The images.
+    pub image: Array5<f32>,
+    /// The class indices.
+    pub label: Array4<u8>,
+}
+
+#[cfg(feature = "candle")]
+impl Batch {
+    /// The batch as candle tensors on `device`: image f32 `(N, C, D, H, W)`, labels u8
+    /// `(N, D, H, W)`.
+    pub fn to_tensors(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let image = candle_core::Tensor::from_slice(
+            self.image.as_standard_layout().as_slice().unwrap_or(&[]),
+            self.image.shape(),
+            device,
+        )?;
+        let label = candle_core::Tensor::from_slice(
+            self.label.as_standard_layout().as_slice().unwrap_or(&[]),
+            self.label.shape(),
+            device,
+        )?;
+        Ok((image, label))
+    }
+}
+
+/// What the loader draws.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoaderConfig {
+    /// Patches per batch.
+    pub batch_size: usize,
+    /// Batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Batches each worker may hold ready.
+    pub prefetch: usize,
+    /// Patch sampling.
+    pub sampler: SamplerConfig,
+    /// Augmentation.
+    pub augment: AugmentConfig,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 2,
+            batches_per_epoch: 50,
+            workers: 2,
+            prefetch: 2,
+            sampler: SamplerConfig::default(),
+            augment: AugmentConfig::default(),
+        }
+    }
+}
+
+/// The seed of batch `batch` of epoch `epoch` (SplitMix64 of the three).
+fn batch_seed(seed: u64, epoch: u64, batch: u64) -> u64 {
+    let mut z = seed
+        ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ batch.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Draws batch `batch` of `epoch`: each patch from a uniformly chosen volume, sampled and
+/// augmented with the batch's own random stream.
+pub fn draw_batch(
+    volumes: &[SamplingVolume],
+    config: &LoaderConfig,
+    seed: u64,
+    epoch: u64,
+    batch: u64,
+) -> Result<Batch> {
+    if volumes.is_empty() || config.batch_size == 0 {
+        return Err(DataError::Invalid(
+            "a batch needs at least one volume and a batch size of at least 1".into(),
+        ));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(batch_seed(seed, epoch, batch));
+    let mut images = Vec::with_capacity(config.batch_size);
+    let mut labels = Vec::with_capacity(config.batch_size);
+    for _ in 0..config.batch_size {
+        let volume = &volumes[rng.random_range(0..volumes.len())];
+        let (mut image, mut label) = volume.sample(&config.sampler, &mut rng);
+        augment(&mut image, &mut label, &config.augment, &mut rng);
+        images.push(image);
+        labels.push(label);
+    }
+    let image_views: Vec<_> = images.iter().map(|a| a.view()).collect();
+    let label_views: Vec<_> = labels.iter().map(|a| a.view()).collect();
+    Ok(Batch {
+        image: stack(Axis(0), &image_views).map_err(|e| DataError::Invalid(e.to_string()))?,
+        label: stack(Axis(0), &label_views).map_err(|e| DataError::Invalid(e.to_string()))?,
+    })
+}
+
+/// The batches of one epoch, produced by background threads. Dropping it stops the workers.
+pub struct EpochLoader {
+    receivers: Vec<Receiver<Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
+    total: usize,
+}
+
+impl EpochLoader {
+    /// Starts the workers for `epoch`: worker `w` draws batches `w, w + W, ...` into its own
+    /// bounded queue, and the iterator takes them round-robin, so the order is fixed.
+    pub fn new(
+        volumes: Arc<Vec<SamplingVolume>>,
+        config: LoaderConfig,
+        seed: u64,
+        epoch: u64,
+    ) -> Self {
+        let workers = config.workers.max(1).min(config.batches_per_epoch.max(1));
+        let mut receivers = Vec::new();
+        let mut handles = Vec::new();
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(config.prefetch.max(1));
+            let volumes = Arc::clone(&volumes);
+            handles.push(std::thread::spawn(move || {
+                let mut b = w;
+                while b < config.batches_per_epoch {
+                    let batch = draw_batch(&volumes, &config, seed, epoch, b as u64);
+                    if tx.send(batch).is_err() {
+                        return;
+                    }
+                    b += workers;
+                }
+            }));
+            receivers.push(rx);
+        }
+        EpochLoader {
+            receivers,
+            handles,
+            next: 0,
+            total: config.batches_per_epoch,
+        }
+    }
+}
+
+impl Iterator for EpochLoader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.total {
+            return None;
+        }
+        let rx = &self.receivers[self.next % self.receivers.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| {
+            Err(DataError::Invalid(
+                "a loader worker stopped unexpectedly".into(),
+            ))
+        }))
+    }
+}
+
+impl Drop for EpochLoader {
+    fn drop(&mut self) {
+        self.receivers.clear();
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}

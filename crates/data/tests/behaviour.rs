@@ -1,0 +1,383 @@
+//! Files, data sets, splits and loaders: round trips, bad input, determinism.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cwseg_data::augment::AugmentConfig;
+use cwseg_data::{
+    DataError, Dataset, EpochLoader, Geometry, LabelMap, LoaderConfig, PhantomConfig, ReadOptions,
+    SamplerConfig, SamplingVolume, Split, draw_batch, read_image, read_label, slabs, write_label,
+    write_phantom_dataset, write_volume,
+};
+use ndarray::{Array3, Array4};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn shared_brats() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/brats18");
+    if path.is_dir() {
+        Some(path)
+    } else {
+        assert!(
+            std::env::var_os("CWSEG_REQUIRE_SHARED_DATA").is_none(),
+            "CWSEG_REQUIRE_SHARED_DATA is set but {} is missing",
+            path.display()
+        );
+        eprintln!("skipped: {} is absent", path.display());
+        None
+    }
+}
+
+#[test]
+fn written_labels_keep_the_input_geometry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = read_image(fixture("int16_scaled.nii.gz"), &ReadOptions::default()).expect("image");
+    let shape = image.geometry.shape();
+    let labels = Array3::from_shape_fn(shape, |(z, y, x)| ((z + 2 * y + 3 * x) % 7) as u8);
+    let out = dir.path().join("pred.nii.gz");
+    write_label(
+        &out,
+        &LabelMap {
+            data: labels.clone(),
+            geometry: image.geometry.clone(),
+        },
+    )
+    .expect("write");
+    let back = read_label(&out, &ReadOptions::default()).expect("read back");
+    assert_eq!(back.data, labels);
+    assert_eq!(back.geometry.affine(), image.geometry.affine());
+    let header = back.geometry.header().expect("header");
+    let source = image.geometry.header().expect("header");
+    assert_eq!(
+        (header.sform_code, header.qform_code),
+        (source.sform_code, source.qform_code)
+    );
+    assert_eq!(header.quatern_b, source.quatern_b);
+    // no temporary files left behind
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
+}
+
+#[test]
+fn a_new_geometry_is_written_as_an_sform() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let geometry = Geometry::new([3, 4, 5], [2.0, 1.5, 0.5]).crop([1, 0, 2], [2, 4, 3]);
+    let data = Array3::from_shape_fn([2, 4, 3], |(z, y, x)| (z * 100 + y * 10 + x) as f32);
+    let out = dir.path().join("v.nii");
+    write_volume(&out, &data, &geometry).expect("write");
+    let back = read_image(&out, &ReadOptions::default()).expect("read");
+    assert_eq!(back.data.index_axis(ndarray::Axis(0), 0), data);
+    assert_eq!(back.geometry.affine(), geometry.affine());
+    assert_eq!(back.geometry.spacing(), [2.0, 1.5, 0.5]);
+    assert_eq!(back.geometry.affine()[0][3], 1.0); // x moved by 2 voxels of 0.5 mm
+}
+
+fn expect_error(path: &Path, options: &ReadOptions) -> String {
+    let err = read_image(path, options).expect_err("must fail");
+    let message = err.to_string();
+    assert!(
+        message.contains(
+            &path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .to_string()
+        ),
+        "error names the file: {message}"
+    );
+    message
+}
+
+#[test]
+fn bad_files_give_errors_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::fs::read(fixture("four_d.nii.gz")).expect("fixture");
+    // truncated gzip
+    let truncated = dir.path().join("truncated.nii.gz");
+    std::fs::write(&truncated, &good[..good.len() / 2]).expect("write");
+    expect_error(&truncated, &ReadOptions::default());
+    // not gzip at all
+    let garbage = dir.path().join("garbage.nii.gz");
+    std::fs::write(&garbage, b"this is not a gzip stream at all").expect("write");
+    expect_error(&garbage, &ReadOptions::default());
+    // impossible dims: dim[0] = 9 in an uncompressed header
+    let raw = std::fs::read(fixture("no_xform.nii")).expect("fixture");
+    let mut bad = raw.clone();
+    bad[40..42].copy_from_slice(&9i16.to_le_bytes());
+    let dims = dir.path().join("dims.nii");
+    std::fs::write(&dims, &bad).expect("write");
+    let message = expect_error(&dims, &ReadOptions::default());
+    assert!(message.contains("dim"), "{message}");
+    // unknown datatype
+    let mut bad = raw.clone();
+    bad[70..72].copy_from_slice(&1234i16.to_le_bytes());
+    let datatype = dir.path().join("datatype.nii");
+    std::fs::write(&datatype, &bad).expect("write");
+    expect_error(&datatype, &ReadOptions::default());
+    // data shorter than the header says
+    let short = dir.path().join("short.nii");
+    std::fs::write(&short, &raw[..raw.len() - 8]).expect("write");
+    expect_error(&short, &ReadOptions::default());
+    // larger than the cap: refused from the header
+    let err =
+        read_image(fixture("no_xform.nii"), &ReadOptions { max_bytes: 100 }).expect_err("cap");
+    assert!(matches!(err, DataError::TooLarge { .. }), "{err}");
+    // missing
+    expect_error(&dir.path().join("missing.nii.gz"), &ReadOptions::default());
+    // a 4D file is not a label map
+    let err = read_label(fixture("four_d.nii.gz"), &ReadOptions::default()).expect_err("4D");
+    assert!(err.to_string().contains("channels"), "{err}");
+}
+
+#[test]
+fn a_failed_write_keeps_the_old_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("keep.nii.gz");
+    let geometry = Geometry::new([2, 2, 2], [1.0; 3]);
+    write_volume(&out, &Array3::<u8>::ones((2, 2, 2)), &geometry).expect("write");
+    let before = std::fs::read(&out).expect("read");
+    let err = write_volume(&out, &Array3::<u8>::zeros((3, 2, 2)), &geometry).expect_err("shape");
+    assert!(err.to_string().contains("keep.nii.gz"), "{err}");
+    assert_eq!(std::fs::read(&out).expect("read"), before);
+}
+
+#[test]
+fn phantom_dataset_round_trips_through_msd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PhantomConfig {
+        shape: [16, 24, 24],
+        ..PhantomConfig::default()
+    };
+    let dataset = write_phantom_dataset(dir.path(), 3, 2, &config, 7).expect("written");
+    assert_eq!(dataset.training.len(), 3);
+    assert_eq!(dataset.test.len(), 2);
+    assert_eq!(dataset.classes.len(), 14);
+    assert_eq!(dataset.modalities, vec!["CT"]);
+    let (image, label) = dataset
+        .load_case(&dataset.test[1], &ReadOptions::default())
+        .expect("case");
+    let label = label.expect("held-out labels");
+    assert_eq!(image.data.dim(), (1, 16, 24, 24));
+    assert_eq!(label.data.dim(), (16, 24, 24));
+    let (fresh_image, fresh_label) = cwseg_data::phantom(&config, 11).expect("phantom");
+    assert_eq!(label.data, fresh_label);
+    assert_eq!(image.data.index_axis(ndarray::Axis(0), 0), fresh_image);
+    let reopened = Dataset::open(dir.path()).expect("reopen");
+    assert_eq!(reopened, dataset);
+}
+
+#[test]
+fn dataset_json_errors_name_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("dataset.json"), "{\"name\": 1").expect("write");
+    let err = Dataset::msd(dir.path()).expect_err("invalid");
+    assert!(err.to_string().contains("dataset.json"), "{err}");
+    std::fs::write(
+        dir.path().join("dataset.json"),
+        r#"{"name": "x", "modality": {"0": "CT"}, "labels": {"0": "background"},
+            "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}"#,
+    )
+    .expect("write");
+    let err = Dataset::msd(dir.path()).expect_err("missing files");
+    assert!(err.to_string().contains("a.nii.gz"), "{err}");
+}
+
+#[test]
+fn brats_cases_load_with_regions_mapped() {
+    let Some(root) = shared_brats() else { return };
+    let dataset = Dataset::brats(&root).expect("brats");
+    assert_eq!(dataset.training.len(), 12);
+    assert_eq!(dataset.label_values, vec![0, 1, 2, 4]);
+    let (image, label) = dataset
+        .load_case(&dataset.training[0], &ReadOptions::default())
+        .expect("case");
+    let label = label.expect("seg");
+    assert_eq!(image.data.dim(), (4, 155, 240, 240));
+    assert!(label.data.iter().all(|&l| l <= 3));
+    assert!(
+        label.data.iter().any(|&l| l == 3),
+        "ET (stored 4) becomes class 3"
+    );
+    assert_eq!(image.geometry.spacing(), [1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn splits_are_seeded_disjoint_and_checked() {
+    let ids: Vec<String> = (0..12).map(|i| format!("case{i}")).collect();
+    let a = Split::random(&ids, 3, 0.17, 0.33).expect("split");
+    let b = Split::random(&ids, 3, 0.17, 0.33).expect("split");
+    assert_eq!(a, b);
+    assert_eq!((a.train.len(), a.val.len(), a.test.len()), (6, 2, 4));
+    let mut all: Vec<_> = a
+        .train
+        .iter()
+        .chain(&a.val)
+        .chain(&a.test)
+        .cloned()
+        .collect();
+    all.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(all, sorted);
+    assert_ne!(Split::random(&ids, 4, 0.17, 0.33).expect("split"), a);
+    assert!(Split::random(&ids, 3, 0.6, 0.5).is_err());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PhantomConfig {
+        shape: [8, 12, 12],
+        ..PhantomConfig::default()
+    };
+    let dataset = write_phantom_dataset(dir.path(), 2, 1, &config, 0).expect("dataset");
+    let split = Split {
+        train: vec!["phantom_000".into()],
+        val: vec!["phantom_001".into()],
+        test: vec!["phantom_002".into()],
+    };
+    let path = dir.path().join("split.json");
+    split.write(&path).expect("write");
+    assert_eq!(Split::read(&path, &dataset).expect("read"), split);
+    let bad = Split {
+        train: vec!["nope".into()],
+        val: vec![],
+        test: vec![],
+    };
+    bad.write(&path).expect("write");
+    let err = Split::read(&path, &dataset).expect_err("unknown case");
+    assert!(
+        err.to_string().contains("nope") && err.to_string().contains("split.json"),
+        "{err}"
+    );
+}
+
+fn volumes() -> Arc<Vec<SamplingVolume>> {
+    let config = PhantomConfig {
+        shape: [20, 28, 28],
+        ..PhantomConfig::default()
+    };
+    Arc::new(
+        (0..2)
+            .map(|s| {
+                let (image, label) = cwseg_data::phantom(&config, s).expect("phantom");
+                SamplingVolume::new(image.insert_axis(ndarray::Axis(0)), label, [16, 16, 16])
+                    .expect("volume")
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn loader_batches_depend_only_on_the_seed() {
+    let volumes = volumes();
+    let config = |workers| LoaderConfig {
+        batch_size: 2,
+        batches_per_epoch: 5,
+        workers,
+        prefetch: 1,
+        sampler: SamplerConfig {
+            size: [16, 16, 16],
+            ..SamplerConfig::default()
+        },
+        augment: AugmentConfig::extended(),
+    };
+    let one: Vec<_> = EpochLoader::new(Arc::clone(&volumes), config(1), 9, 0)
+        .map(|b| b.expect("batch"))
+        .collect();
+    let three: Vec<_> = EpochLoader::new(Arc::clone(&volumes), config(3), 9, 0)
+        .map(|b| b.expect("batch"))
+        .collect();
+    assert_eq!(one.len(), 5);
+    for (a, b) in one.iter().zip(&three) {
+        assert_eq!(a.image, b.image);
+        assert_eq!(a.label, b.label);
+    }
+    assert_eq!(one[0].image.dim(), (2, 1, 16, 16, 16));
+    assert_eq!(one[0].label.dim(), (2, 16, 16, 16));
+    let other = draw_batch(&volumes, &config(1), 9, 1, 0).expect("batch");
+    assert_ne!(
+        other.image, one[0].image,
+        "another epoch draws other patches"
+    );
+    // dropping a loader early stops its workers
+    let mut loader = EpochLoader::new(volumes, config(2), 1, 0);
+    let _ = loader.next();
+    drop(loader);
+}
+
+#[test]
+fn positive_patches_hold_foreground_and_balanced_sampling_finds_rare_classes() {
+    let volumes = volumes();
+    let config = LoaderConfig {
+        batch_size: 4,
+        sampler: SamplerConfig {
+            size: [16, 16, 16],
+            positive: 1.0,
+            negative: 0.0,
+            class_balanced: true,
+        },
+        augment: AugmentConfig::none(),
+        ..LoaderConfig::default()
+    };
+    let mut seen = [0usize; 14];
+    for b in 0..20 {
+        let batch = draw_batch(&volumes, &config, 0, 0, b).expect("batch");
+        for patch in batch.label.outer_iter() {
+            assert!(
+                patch.iter().any(|&l| l != 0),
+                "a positive patch has foreground"
+            );
+            for &l in patch {
+                seen[l as usize] += 1;
+            }
+        }
+    }
+    assert!(
+        seen[1..].iter().filter(|&&c| c > 0).count() >= 10,
+        "most classes sampled: {seen:?}"
+    );
+}
+
+#[test]
+fn augmentation_keeps_image_and_labels_aligned() {
+    // the image is the label map itself: after any spatial augmentation they must still agree
+    let config = PhantomConfig {
+        shape: [12, 32, 32],
+        ..PhantomConfig::default()
+    };
+    let (_, label) = cwseg_data::phantom(&config, 3).expect("phantom");
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+    let always = AugmentConfig {
+        rotation_probability: 1.0,
+        flip_probability: 1.0,
+        ..AugmentConfig::none()
+    };
+    for _ in 0..4 {
+        let mut image: Array4<f32> = label.mapv(f32::from).insert_axis(ndarray::Axis(0));
+        let mut l = label.clone();
+        cwseg_data::augment(&mut image, &mut l, &always, &mut rng);
+        assert_ne!(l, label);
+        let agree = image
+            .iter()
+            .zip(l.iter())
+            .filter(|(i, l)| (**i - f32::from(**l)).abs() < 1e-6)
+            .count();
+        // the image is interpolated linearly, the labels by nearest: they agree away from edges
+        assert!(
+            agree as f64 > 0.9 * l.len() as f64,
+            "{agree} of {}",
+            l.len()
+        );
+    }
+}
+
+#[test]
+fn slabs_cover_the_volume_with_the_overlap() {
+    assert_eq!(
+        slabs(100, 32, 16).expect("slabs"),
+        vec![0..32, 16..48, 32..64, 48..80, 64..96, 68..100]
+    );
+    assert_eq!(slabs(20, 32, 16).expect("slabs"), vec![0..20]);
+    assert!(slabs(10, 4, 4).is_err());
+}

@@ -1,0 +1,289 @@
+//! cwseg-data against nibabel, scipy and MONAI (fixtures from `scripts/data_fixtures.py`).
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use cwseg_data::augment::in_plane_map;
+use cwseg_data::crop::pad_or_crop_channels;
+use cwseg_data::intensity::{Normalization, normalize_channel};
+use cwseg_data::resample::{Interpolation, sample, spacing_grid};
+use cwseg_data::{
+    Blender, DataError, Geometry, ReadOptions, gaussian_importance, percentile, read_image,
+    read_label, window_positions,
+};
+use ndarray::{Array, Array2, Array3, Array4, ArrayD, Dimension, Ix2, Ix3, Ix4};
+use ndarray_npy::NpzReader;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn array<D: Dimension>(name: &str) -> Array<f64, D> {
+    let mut npz = NpzReader::new(File::open(fixtures().join("arrays.npz")).expect("arrays.npz"))
+        .expect("npz");
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f64>, D>(name) {
+        return a;
+    }
+    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, D>(name) {
+        return a.mapv(f64::from);
+    }
+    let a: ArrayD<u8> = npz.by_name(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    a.mapv(f64::from).into_dimensionality().expect("rank")
+}
+
+fn assert_close<D: Dimension>(got: &Array<f64, D>, want: &Array<f64, D>, tol: f64, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: element {i}: {g} vs {w}"
+        );
+    }
+}
+
+fn affine_array(a: &[[f64; 4]; 4]) -> Array2<f64> {
+    Array2::from_shape_fn((4, 4), |(r, c)| a[r][c])
+}
+
+#[test]
+fn nifti_reading_matches_nibabel() {
+    let meta = reference();
+    for (key, entry) in meta["nifti"].as_object().expect("nifti entries") {
+        let file = fixtures().join(entry["file"].as_str().expect("file"));
+        let image = read_image(&file, &ReadOptions::default()).expect("readable");
+        let want: ArrayD<f64> = array(&format!("{key}_data"));
+        let got = image.data.mapv(f64::from).into_dyn();
+        let got = if want.ndim() == 3 {
+            got.index_axis_move(ndarray::Axis(0), 0)
+        } else {
+            got
+        };
+        assert_close(&got, &want, 1e-6, key);
+        let affine: Array2<f64> = array::<Ix2>(&format!("{key}_affine"));
+        assert_close(&affine_array(image.geometry.affine()), &affine, 1e-5, key);
+        let codes: String = image.geometry.orientation().iter().collect();
+        assert_eq!(codes, entry["axcodes"].as_str().expect("codes"), "{key}");
+        let zooms: Vec<f64> = entry["zooms_zyx"]
+            .as_array()
+            .expect("zooms")
+            .iter()
+            .map(|v| v.as_f64().expect("number"))
+            .collect();
+        for (g, w) in image.geometry.spacing().iter().zip(&zooms) {
+            assert!((g - w).abs() < 1e-5, "{key}: spacing {g} vs {w}");
+        }
+        // nibabel's as_closest_canonical
+        let canonical = image.to_canonical();
+        let want: ArrayD<f64> = array(&format!("{key}_canonical"));
+        let got = canonical.data.mapv(f64::from).into_dyn();
+        let got = if want.ndim() == 3 {
+            got.index_axis_move(ndarray::Axis(0), 0)
+        } else {
+            got
+        };
+        assert_close(&got, &want, 1e-6, &format!("{key} canonical"));
+        let affine: Array2<f64> = array::<Ix2>(&format!("{key}_canonical_affine"));
+        assert_close(
+            &affine_array(canonical.geometry.affine()),
+            &affine,
+            1e-5,
+            &format!("{key} canonical affine"),
+        );
+        assert_eq!(canonical.geometry.orientation(), ['R', 'A', 'S'], "{key}");
+    }
+}
+
+#[test]
+fn labels_read_as_class_indices() {
+    for key in ["uint8_label", "float64_label"] {
+        let label = read_label(
+            fixtures().join(format!("{key}.nii.gz")),
+            &ReadOptions::default(),
+        )
+        .expect("label");
+        let want: Array3<f64> = array::<Ix3>(&format!("{key}_data"));
+        assert_close(&label.data.mapv(f64::from), &want, 0.0, key);
+    }
+    let err = read_label(fixtures().join("bad_label.nii.gz"), &ReadOptions::default())
+        .expect_err("1.5 is not a class");
+    let message = err.to_string();
+    assert!(
+        message.contains("bad_label.nii.gz") && message.contains("1.5"),
+        "{message}"
+    );
+    assert!(
+        matches!(
+            err,
+            DataError::LabelValue {
+                voxel: [3, 2, 1],
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn resampling_matches_scipy_map_coordinates() {
+    let meta = reference();
+    let old: Vec<f64> = serde_json::from_value(meta["resample"]["old"].clone()).expect("old");
+    let new: Vec<f64> = serde_json::from_value(meta["resample"]["new"].clone()).expect("new");
+    let input: Array3<f64> = array::<Ix3>("resample_input");
+    let labels: Array3<f64> = array::<Ix3>("resample_labels");
+    let (z, y, x) = input.dim();
+    let geometry = Geometry::new([z, y, x], [old[0], old[1], old[2]]);
+    let (target, map) = spacing_grid(&geometry, [new[0], new[1], new[2]]).expect("grid");
+    let want: Array3<f64> = array::<Ix3>("resample_linear");
+    assert_eq!(target.shape().to_vec(), want.shape().to_vec());
+    let got = sample(
+        input.mapv(|v| v as f32).view(),
+        target.shape(),
+        &map,
+        Interpolation::Linear,
+    );
+    assert_close(&got.mapv(f64::from), &want, 1e-5, "linear");
+    let want: Array3<f64> = array::<Ix3>("resample_nearest");
+    let got = sample(
+        labels.mapv(|v| v as u8).view(),
+        target.shape(),
+        &map,
+        Interpolation::Nearest,
+    );
+    assert_close(&got.mapv(f64::from), &want, 0.0, "nearest");
+    for (a, s) in target.spacing().iter().enumerate() {
+        assert!((s - new[a]).abs() < 1e-9, "new spacing {s} vs {}", new[a]);
+    }
+}
+
+#[test]
+fn in_plane_rotation_matches_scipy_affine_transform() {
+    let meta = reference();
+    let degrees = meta["rotate"]["degrees"].as_f64().expect("degrees");
+    let zoom = meta["rotate"]["zoom"].as_f64().expect("zoom");
+    let input: Array3<f64> = array::<Ix3>("resample_input");
+    let (z, y, x) = input.dim();
+    let map = in_plane_map((z, y, x), degrees.to_radians(), zoom);
+    let got = sample(
+        input.mapv(|v| v as f32).view(),
+        [z, y, x],
+        &map,
+        Interpolation::Linear,
+    );
+    assert_close(
+        &got.mapv(f64::from),
+        &array::<Ix3>("rotate_linear"),
+        1e-5,
+        "rotate",
+    );
+    // A pure rotation by the same angle is scipy.ndimage.rotate's over axes (1, 2).
+    let map = in_plane_map((z, y, x), degrees.to_radians(), 1.0);
+    let got = sample(
+        input.mapv(|v| v as f32).view(),
+        [z, y, x],
+        &map,
+        Interpolation::Linear,
+    );
+    assert_close(
+        &got.mapv(f64::from),
+        &array::<Ix3>("rotate_scipy"),
+        1e-5,
+        "scipy rotate",
+    );
+}
+
+#[test]
+fn percentiles_and_zscores_match_numpy_and_monai() {
+    let x: Array3<f64> = array::<Ix3>("intensity_input");
+    let x = x.mapv(|v| v as f32);
+    let qs: ndarray::Array1<f64> = array("percentile_q");
+    let want: ndarray::Array1<f64> = array("percentile");
+    for (q, w) in qs.iter().zip(want.iter()) {
+        let got = percentile(x.view(), *q) as f64;
+        assert!(
+            (got - w).abs() < 1e-5 * (1.0 + w.abs()),
+            "q {q}: {got} vs {w}"
+        );
+    }
+    for (kind, key) in [
+        (Normalization::ZScore, "zscore"),
+        (Normalization::ZScoreNonZero, "zscore_nonzero"),
+    ] {
+        let mut y = x.clone();
+        normalize_channel(y.view_mut(), kind);
+        assert_close(&y.mapv(f64::from), &array::<Ix3>(key), 1e-5, key);
+    }
+}
+
+#[test]
+fn pad_or_crop_matches_monai() {
+    let meta = reference();
+    let input: Array3<f64> = array::<Ix3>("padcrop_input");
+    let input4: Array4<f32> = input.mapv(|v| v as f32).insert_axis(ndarray::Axis(0));
+    for (i, size) in meta["padcrop"]
+        .as_array()
+        .expect("sizes")
+        .iter()
+        .enumerate()
+    {
+        let size: [usize; 3] = serde_json::from_value(size.clone()).expect("size");
+        let got = pad_or_crop_channels(input4.view(), size, 0.0);
+        let want: Array3<f64> = array::<Ix3>(&format!("padcrop_{i}"));
+        assert_close(
+            &got.index_axis(ndarray::Axis(0), 0).mapv(f64::from),
+            &want,
+            0.0,
+            &format!("pad or crop to {size:?}"),
+        );
+    }
+}
+
+#[test]
+fn sliding_windows_match_monai() {
+    let meta = reference();
+    for case in meta["sliding"].as_array().expect("cases") {
+        let shape: [usize; 3] = serde_json::from_value(case["shape"].clone()).expect("shape");
+        let window: [usize; 3] = serde_json::from_value(case["window"].clone()).expect("window");
+        let overlap = case["overlap"].as_f64().expect("overlap");
+        let want: Vec<[usize; 3]> = serde_json::from_value(case["starts"].clone()).expect("starts");
+        let got = window_positions(shape, window, overlap).expect("positions");
+        assert_eq!(got, want, "{shape:?} {window:?} {overlap}");
+    }
+    for window in [[16, 16, 16], [9, 12, 7]] {
+        let name = format!("importance_{}x{}x{}", window[0], window[1], window[2]);
+        let want: Array3<f64> = array::<Ix3>(&name);
+        let got = gaussian_importance(window, 0.125);
+        assert_close(&got.mapv(f64::from), &want, 1e-6, &name);
+    }
+}
+
+#[test]
+fn blending_a_constant_gives_the_constant() {
+    let shape = [20, 17, 23];
+    let window = [8, 8, 8];
+    let mut blender = Blender::new(2, shape, window, 0.125);
+    for start in window_positions(shape, window, 0.5).expect("positions") {
+        let mut p = Array4::<f32>::zeros((2, 8, 8, 8));
+        p.index_axis_mut(ndarray::Axis(0), 1).fill(1.0);
+        p.index_axis_mut(ndarray::Axis(0), 0)
+            .fill(start[0] as f32 * 0.0 + 0.25);
+        blender.add(start, p.view()).expect("fits");
+    }
+    let out = blender.finish();
+    assert!(
+        out.index_axis(ndarray::Axis(0), 1)
+            .iter()
+            .all(|&v| (v - 1.0).abs() < 1e-5)
+    );
+    assert!(
+        out.index_axis(ndarray::Axis(0), 0)
+            .iter()
+            .all(|&v| (v - 0.25).abs() < 1e-5)
+    );
+    let _ = Ix4::zeros(4);
+}
