@@ -1,0 +1,130 @@
+//! Networks by name or serde config, and their size.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::unet::{UNet, UNetConfig};
+
+/// Names [`ModelConfig::from_name`] knows.
+pub const MODEL_NAMES: [&str; 1] = ["unet"];
+
+/// A network's configuration, tagged by name (`{"name": "unet", "filters": 16, ...}`): what
+/// `config.json` files and model cards store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum ModelConfig {
+    /// The paper's 3D U-Net.
+    Unet(UNetConfig),
+}
+
+impl ModelConfig {
+    /// The default configuration of network `name` for `in_channels` inputs and `classes`
+    /// outputs.
+    pub fn from_name(name: &str, in_channels: usize, classes: usize) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "unet" | "u-net" => Ok(ModelConfig::Unet(UNetConfig {
+                in_channels,
+                classes,
+                ..UNetConfig::default()
+            })),
+            "vnet" | "deeplabv3" | "unetr" => Err(ModelError::Config(format!(
+                "network `{name}` is not implemented yet; available: {}",
+                MODEL_NAMES.join(", ")
+            ))),
+            _ => Err(ModelError::Config(format!(
+                "unknown network `{name}`; available: {}",
+                MODEL_NAMES.join(", ")
+            ))),
+        }
+    }
+
+    /// Builds the network with parameters from (or created in) `vb`.
+    pub fn build(&self, vb: VarBuilder) -> Result<Network> {
+        match self {
+            ModelConfig::Unet(c) => Ok(Network::UNet(UNet::new(*c, vb)?)),
+        }
+    }
+
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        match self {
+            ModelConfig::Unet(c) => c.in_channels,
+        }
+    }
+
+    /// Output classes.
+    pub fn classes(&self) -> usize {
+        match self {
+            ModelConfig::Unet(c) => c.classes,
+        }
+    }
+
+    /// Every spatial size must be a multiple of this.
+    pub fn size_multiple(&self) -> usize {
+        match self {
+            ModelConfig::Unet(c) => 1 << c.depth,
+        }
+    }
+}
+
+/// A built network.
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// The 3D U-Net.
+    UNet(UNet),
+}
+
+impl Network {
+    /// Checks that a spatial size `[d, h, w]` suits the network.
+    pub fn check_size(&self, size: [usize; 3]) -> Result<()> {
+        match self {
+            Network::UNet(n) => n.check_size(size),
+        }
+    }
+
+    /// Activation bytes (f32, batch 1) for an input of `size`.
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+        match self {
+            Network::UNet(n) => n.activation_bytes(size),
+        }
+    }
+}
+
+impl ModuleT for Network {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Network::UNet(n) => n.forward_t(x, train),
+        }
+    }
+}
+
+/// A network's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    /// Trainable parameters (buffers such as running statistics excluded).
+    pub parameters: u64,
+    /// Activation memory of one forward pass for the given input size, f32, batch 1.
+    pub activation_bytes: u64,
+}
+
+/// Builds `config` on the CPU and counts its parameters and activation memory for `size`.
+pub fn describe(config: &ModelConfig, size: [usize; 3]) -> Result<Description> {
+    let vars = VarMap::new();
+    let network = config.build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+    network.check_size(size)?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
+    let parameters = data
+        .iter()
+        .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum();
+    Ok(Description {
+        parameters,
+        activation_bytes: network.activation_bytes(size),
+    })
+}

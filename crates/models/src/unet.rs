@@ -1,0 +1,294 @@
+//! The paper's 3D U-Net (SPEC §6): `depth` down/up levels, `filters` channels in the first
+//! level doubling at every down-sampling, (Conv3³-Norm-ReLU)×2 per level, 2³ max pooling down,
+//! 2³ stride-2 transposed convolutions up, concatenated skips, a 1³ convolution to the classes
+//! at input resolution.
+//!
+//! Parameter names: `encoders.{l}.{conv1,norm1,conv2,norm2}`, `bottleneck.*`, `ups.{l}`,
+//! `decoders.{l}.*` (level `l` from 0 at full resolution), `head`; with residual units each
+//! block also has `skip` (a 1³ projection when the channel count changes).
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm};
+use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, max_pool3d};
+
+/// Normalisation after each convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Norm {
+    /// `BatchNorm3d` (the paper).
+    #[default]
+    Batch,
+    /// Instance normalisation with affine parameters (nnU-Net).
+    Instance,
+    /// Group normalisation.
+    Group {
+        /// Number of groups; must divide every level's channel count.
+        groups: usize,
+    },
+}
+
+/// A normalisation layer.
+#[derive(Debug, Clone)]
+pub(crate) enum NormLayer {
+    Batch(BatchNorm3d),
+    Group(GroupNorm),
+}
+
+impl NormLayer {
+    pub(crate) fn new(norm: Norm, channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(match norm {
+            Norm::Batch => NormLayer::Batch(BatchNorm3d::new(channels, vb)?),
+            Norm::Instance => NormLayer::Group(GroupNorm::new(channels, channels, vb)?),
+            Norm::Group { groups } => {
+                if groups == 0 || channels % groups != 0 {
+                    return Err(ModelError::Config(format!(
+                        "{groups} groups do not divide {channels} channels"
+                    )));
+                }
+                NormLayer::Group(GroupNorm::new(groups, channels, vb)?)
+            }
+        })
+    }
+
+    pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            NormLayer::Batch(b) => b.forward_t(x, train),
+            NormLayer::Group(g) => g.forward(x),
+        }
+    }
+}
+
+/// The U-Net's configuration; the default is the paper's with one input channel and 16 classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UNetConfig {
+    /// Input channels (modalities).
+    pub in_channels: usize,
+    /// Output classes, background included.
+    pub classes: usize,
+    /// Channels of the first level.
+    pub filters: usize,
+    /// Number of down-sampling steps.
+    pub depth: usize,
+    /// Normalisation.
+    pub norm: Norm,
+    /// Residual units (`x + block(x)`, projected when channels change).
+    pub residual: bool,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        UNetConfig {
+            in_channels: 1,
+            classes: 16,
+            filters: 16,
+            depth: 4,
+            norm: Norm::Batch,
+            residual: false,
+        }
+    }
+}
+
+/// (Conv-Norm-ReLU)×2, optionally residual.
+#[derive(Debug, Clone)]
+struct Block {
+    conv1: Conv3d,
+    norm1: NormLayer,
+    conv2: Conv3d,
+    norm2: NormLayer,
+    skip: Option<Option<Conv3d>>,
+}
+
+impl Block {
+    fn new(cin: usize, cout: usize, config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        let same = Conv3dConfig {
+            padding: [1; 3],
+            ..Conv3dConfig::default()
+        };
+        let skip = if config.residual {
+            Some(if cin != cout {
+                Some(Conv3d::new(
+                    cin,
+                    cout,
+                    [1; 3],
+                    Conv3dConfig::default(),
+                    true,
+                    vb.pp("skip"),
+                )?)
+            } else {
+                None
+            })
+        } else {
+            None
+        };
+        Ok(Block {
+            conv1: Conv3d::new(cin, cout, [3; 3], same, true, vb.pp("conv1"))?,
+            norm1: NormLayer::new(config.norm, cout, vb.pp("norm1"))?,
+            conv2: Conv3d::new(cout, cout, [3; 3], same, true, vb.pp("conv2"))?,
+            norm2: NormLayer::new(config.norm, cout, vb.pp("norm2"))?,
+            skip,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = self
+            .norm1
+            .forward_t(&self.conv1.forward(x)?, train)?
+            .relu()?;
+        let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
+        match &self.skip {
+            None => h.relu(),
+            Some(None) => (h + x)?.relu(),
+            Some(Some(p)) => (h + p.forward(x)?)?.relu(),
+        }
+    }
+}
+
+/// The 3D U-Net.
+#[derive(Debug, Clone)]
+pub struct UNet {
+    encoders: Vec<Block>,
+    bottleneck: Block,
+    ups: Vec<ConvTranspose3d>,
+    decoders: Vec<Block>,
+    head: Conv3d,
+    config: UNetConfig,
+}
+
+impl UNet {
+    /// Builds the network; parameters come from (or are created in) `vb`.
+    pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
+        if config.in_channels == 0
+            || config.classes < 2
+            || config.filters == 0
+            || config.depth == 0
+            || config.depth > 6
+        {
+            return Err(ModelError::Config(format!(
+                "U-Net needs in_channels ≥ 1, classes ≥ 2, filters ≥ 1 and depth in 1..=6: {config:?}"
+            )));
+        }
+        let width = |l: usize| config.filters << l;
+        let mut encoders = Vec::new();
+        for l in 0..config.depth {
+            let cin = if l == 0 {
+                config.in_channels
+            } else {
+                width(l - 1)
+            };
+            encoders.push(Block::new(
+                cin,
+                width(l),
+                &config,
+                vb.pp(format!("encoders.{l}")),
+            )?);
+        }
+        let bottleneck = Block::new(
+            width(config.depth - 1),
+            width(config.depth),
+            &config,
+            vb.pp("bottleneck"),
+        )?;
+        let up = ConvTranspose3dConfig {
+            stride: [2; 3],
+            ..ConvTranspose3dConfig::default()
+        };
+        let mut ups = Vec::new();
+        let mut decoders = Vec::new();
+        for l in 0..config.depth {
+            ups.push(ConvTranspose3d::new(
+                width(l + 1),
+                width(l),
+                [2; 3],
+                up,
+                true,
+                vb.pp(format!("ups.{l}")),
+            )?);
+            decoders.push(Block::new(
+                2 * width(l),
+                width(l),
+                &config,
+                vb.pp(format!("decoders.{l}")),
+            )?);
+        }
+        let head = Conv3d::new(
+            width(0),
+            config.classes,
+            [1; 3],
+            Conv3dConfig::default(),
+            true,
+            vb.pp("head"),
+        )?;
+        Ok(UNet {
+            encoders,
+            bottleneck,
+            ups,
+            decoders,
+            head,
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Checks that `[d, h, w]` is divisible by `2^depth`.
+    pub fn check_size(&self, size: [usize; 3]) -> Result<()> {
+        let stride = 1usize << self.config.depth;
+        if size.iter().any(|&n| n == 0 || n % stride != 0) {
+            return Err(ModelError::InputSize {
+                size: size.to_vec(),
+                reason: format!("every axis must be a positive multiple of 2^depth = {stride}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Activation memory of one forward pass kept for the backward pass (every intermediate
+    /// tensor the graph holds), bytes in f32 for a batch of one.
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+        let c = &self.config;
+        let voxels =
+            |l: usize| (size[0] >> l) as u64 * (size[1] >> l) as u64 * (size[2] >> l) as u64;
+        let per_block = if c.residual { 7 } else { 6 };
+        let mut values = c.in_channels as u64 * voxels(0);
+        for l in 0..c.depth {
+            let w = (c.filters << l) as u64;
+            values += per_block * w * voxels(l) // encoder block
+                + w * voxels(l + 1) // pooled
+                + w * voxels(l) // upsampled
+                + 2 * w * voxels(l) // concatenated
+                + per_block * w * voxels(l); // decoder block
+        }
+        values += per_block * (c.filters << c.depth) as u64 * voxels(c.depth);
+        values += c.classes as u64 * voxels(0);
+        4 * values
+    }
+}
+
+impl ModuleT for UNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (_, _, d, h, w) = x.dims5()?;
+        self.check_size([d, h, w])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut skips = Vec::with_capacity(self.config.depth);
+        let mut h = x.clone();
+        for block in &self.encoders {
+            let y = block.forward_t(&h, train)?;
+            h = max_pool3d(&y, [2; 3], [2; 3], [0; 3])?;
+            skips.push(y);
+        }
+        h = self.bottleneck.forward_t(&h, train)?;
+        for l in (0..self.config.depth).rev() {
+            let up = self.ups[l].forward(&h)?;
+            h = self.decoders[l].forward_t(&Tensor::cat(&[&skips[l], &up], 1)?, train)?;
+        }
+        self.head.forward(&h)
+    }
+}

@@ -1,0 +1,300 @@
+//! Networks against a PyTorch transcription (`scripts/networks_fixtures.py`): the same weights
+//! loaded from safetensors give the same outputs in eval and train mode, the same running
+//! statistics, and the same parameter count; and a few Adam steps lower a loss.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use cwseg_models::weights::{load_strict, metadata, save};
+use cwseg_models::{ModelConfig, Norm, UNetConfig, describe};
+use ndarray::{ArrayD, IxDyn, OwnedRepr};
+use ndarray_npy::NpzReader;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn meta() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("networks.json")).expect("json"))
+        .expect("valid")
+}
+
+fn array(npz: &mut NpzReader<File>, key: &str) -> Tensor {
+    let a: ArrayD<f32> = npz
+        .by_name::<OwnedRepr<f32>, IxDyn>(key)
+        .unwrap_or_else(|e| panic!("{key}: {e}"));
+    let shape = a.shape().to_vec();
+    Tensor::from_vec(a.into_iter().collect::<Vec<_>>(), shape, &Device::Cpu).expect("tensor")
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f32> = got.flatten_all().expect("flat").to_vec1().expect("vec");
+    let w: Vec<f32> = want.flatten_all().expect("flat").to_vec1().expect("vec");
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * (b.abs() + 1e-2 * scale),
+            "{what}[{i}]: {a} vs PyTorch {b}"
+        );
+    }
+}
+
+fn config(case: &Value) -> UNetConfig {
+    let norm = match &case["norm"] {
+        Value::String(s) if s == "batch" => Norm::Batch,
+        Value::String(s) if s == "instance" => Norm::Instance,
+        other => Norm::Group {
+            groups: other["groups"].as_u64().expect("groups") as usize,
+        },
+    };
+    UNetConfig {
+        in_channels: case["in_channels"].as_u64().expect("in") as usize,
+        classes: case["classes"].as_u64().expect("classes") as usize,
+        filters: case["filters"].as_u64().expect("filters") as usize,
+        depth: case["depth"].as_u64().expect("depth") as usize,
+        norm,
+        residual: case["residual"].as_bool().expect("residual"),
+    }
+}
+
+#[test]
+fn unet_matches_pytorch_with_the_same_weights() {
+    let meta = meta();
+    let mut npz =
+        NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
+    for (name, case) in meta["cases"].as_object().expect("cases") {
+        let config = ModelConfig::Unet(config(case));
+        let vars = VarMap::new();
+        let net = config
+            .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+            .expect("build");
+        load_strict(&vars, fixtures().join(format!("unet_{name}.safetensors")))
+            .expect("weights load");
+        let x = array(&mut npz, &format!("{name}__x"));
+        let (_, _, d, h, w) = x.dims5().expect("5D");
+        let description = describe(&config, [d, h, w]).expect("describe");
+        assert_eq!(
+            description.parameters,
+            case["parameters"].as_u64().expect("count"),
+            "{name}"
+        );
+        let eval = net.forward_t(&x, false).expect("eval forward");
+        assert_close(
+            &eval,
+            &array(&mut npz, &format!("{name}__eval")),
+            &format!("{name} eval"),
+        );
+        let train = net.forward_t(&x, true).expect("train forward");
+        assert_close(
+            &train,
+            &array(&mut npz, &format!("{name}__train")),
+            &format!("{name} train"),
+        );
+        for key in npz.names().expect("names") {
+            let prefix = format!("{name}__after__");
+            if let Some(var) = key
+                .strip_prefix(&prefix)
+                .map(|k| k.trim_end_matches(".npy").to_string())
+            {
+                let got = vars.data().lock().expect("lock")[&var].as_tensor().clone();
+                assert_close(&got, &array(&mut npz, key.trim_end_matches(".npy")), &var);
+            }
+        }
+    }
+}
+
+#[test]
+fn paper_unet_has_pytorchs_parameter_count() {
+    let want = meta()["paper_unet_parameters"].as_u64().expect("count");
+    let config = ModelConfig::from_name("unet", 1, 16).expect("unet");
+    let d = describe(&config, [64, 64, 64]).expect("describe");
+    assert_eq!(d.parameters, want);
+    assert!(d.activation_bytes > 64 * 64 * 64 * 4 * 16 * 6);
+    let err = describe(&config, [64, 60, 64]).expect_err("60 is not a multiple of 16");
+    assert!(err.to_string().contains("16"), "{err}");
+}
+
+#[test]
+fn strict_loading_names_what_differs_and_saving_round_trips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = ModelConfig::Unet(UNetConfig {
+        filters: 2,
+        depth: 1,
+        classes: 3,
+        ..UNetConfig::default()
+    });
+    let vars = VarMap::new();
+    small
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .expect("build");
+    let path = dir.path().join("model.safetensors");
+    let meta = [("model".to_string(), "unet".to_string())]
+        .into_iter()
+        .collect();
+    save(&vars, &path, DType::F32, &meta).expect("save");
+    assert_eq!(metadata(&path).expect("metadata")["model"], "unet");
+    let again = VarMap::new();
+    small
+        .build(VarBuilder::from_varmap(&again, DType::F32, &Device::Cpu))
+        .expect("build");
+    load_strict(&again, &path).expect("same network loads");
+    for (name, var) in vars.data().lock().expect("lock").iter() {
+        let a: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let b: Vec<f32> = again.data().lock().expect("lock")[name]
+            .as_tensor()
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(a, b, "{name}");
+    }
+    // another width: every shape differs; another depth: tensors missing
+    let wider = ModelConfig::Unet(UNetConfig {
+        filters: 3,
+        depth: 1,
+        classes: 3,
+        ..UNetConfig::default()
+    });
+    let other = VarMap::new();
+    wider
+        .build(VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu))
+        .expect("build");
+    let err = load_strict(&other, &path)
+        .expect_err("shapes differ")
+        .to_string();
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("wrong shapes")
+            && err.contains("bottleneck.conv1.weight"),
+        "{err}"
+    );
+    let deeper = ModelConfig::Unet(UNetConfig {
+        filters: 2,
+        depth: 2,
+        classes: 3,
+        ..UNetConfig::default()
+    });
+    let other = VarMap::new();
+    deeper
+        .build(VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu))
+        .expect("build");
+    let err = load_strict(&other, &path).expect_err("missing").to_string();
+    assert!(
+        err.contains("missing") && err.contains("decoders.1.conv1.weight"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("junk.safetensors"), b"junk").expect("write");
+    assert!(load_strict(&other, dir.path().join("junk.safetensors")).is_err());
+}
+
+#[test]
+fn a_few_adam_steps_lower_the_loss_and_batch_statistics_update() {
+    let config = ModelConfig::Unet(UNetConfig {
+        filters: 4,
+        depth: 2,
+        classes: 3,
+        ..UNetConfig::default()
+    });
+    let vars = VarMap::new();
+    let net = config
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .expect("build");
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 8, 8, 8), &Device::Cpu).expect("x");
+    // labels: a cube of class 1 and a slab of class 2, visible in the input
+    let labels = Tensor::from_vec(
+        (0..2 * 512)
+            .map(|i| {
+                let v = i % 512;
+                let (z, y) = (v / 64, (v / 8) % 8);
+                if z < 2 {
+                    2u8
+                } else if (2..6).contains(&y) && z > 3 {
+                    1
+                } else {
+                    0
+                }
+            })
+            .collect::<Vec<u8>>(),
+        (2, 8, 8, 8),
+        &Device::Cpu,
+    )
+    .expect("labels");
+    let x = (x + labels
+        .to_dtype(DType::F32)
+        .expect("f32")
+        .unsqueeze(1)
+        .expect("c"))
+    .expect("signal");
+    let loss_fn = |logits: &Tensor| -> Tensor {
+        candle_nn::loss::cross_entropy(
+            &logits
+                .permute((0, 2, 3, 4, 1))
+                .expect("p")
+                .reshape(((), 3))
+                .expect("r"),
+            &labels
+                .flatten_all()
+                .expect("f")
+                .to_dtype(DType::U32)
+                .expect("u32"),
+        )
+        .expect("ce")
+    };
+    let mean_before = vars.data().lock().expect("lock")["encoders.0.norm1.running_mean"]
+        .as_tensor()
+        .sum_all()
+        .expect("sum")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )
+    .expect("adam");
+    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    for _ in 0..15 {
+        let loss = loss_fn(&net.forward_t(&x, true).expect("fwd"));
+        opt.backward_step(&loss).expect("step");
+    }
+    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(
+        last < 0.7 * first,
+        "training lowers the loss: {first} → {last}"
+    );
+    let mean_after = vars.data().lock().expect("lock")["encoders.0.norm1.running_mean"]
+        .as_tensor()
+        .sum_all()
+        .expect("sum")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert_ne!(
+        mean_before, mean_after,
+        "train mode updates the running statistics"
+    );
+    // eval mode uses them: deterministic and different from the train-mode output
+    let e1 = net.forward_t(&x, false).expect("eval");
+    let e2 = net.forward_t(&x, false).expect("eval");
+    assert_eq!(e1.to_vec1::<f32>().ok(), e2.to_vec1::<f32>().ok());
+    let eval_loss = loss_fn(&e1).to_scalar::<f32>().expect("scalar");
+    assert!(
+        eval_loss.is_finite() && eval_loss < first,
+        "eval with running statistics: {eval_loss}"
+    );
+}

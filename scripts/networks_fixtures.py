@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Reference fixtures for cwseg-models' networks: a PyTorch transcription of the paper's U-Net
+(SPEC §6) with cwseg's parameter names, its weights as safetensors, and its outputs.
+
+    python scripts/networks_fixtures.py        # numpy, torch, safetensors
+Writes crates/models/tests/fixtures/{unet_<case>.safetensors, networks.npz, networks.json}.
+For each case: the input, the output in eval mode, the output in train mode (batch
+statistics) and the running statistics after that one training forward, in float32; and the
+parameter count of the paper configuration.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import safetensors
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+OUT = os.path.join("crates", "models", "tests", "fixtures")
+torch.manual_seed(5)
+
+
+def norm(kind, c):
+    if kind == "batch":
+        return nn.BatchNorm3d(c)
+    if kind == "instance":
+        return nn.GroupNorm(c, c)  # instance norm with affine parameters
+    return nn.GroupNorm(kind, c)
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, kind, residual):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.norm1 = norm(kind, cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.norm2 = norm(kind, cout)
+        self.residual = residual
+        if residual and cin != cout:
+            self.skip = nn.Conv3d(cin, cout, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        if self.residual:
+            h = h + (self.skip(x) if hasattr(self, "skip") else x)
+        return torch.relu(h)
+
+
+class UNet(nn.Module):
+    def __init__(self, cin, classes, filters=16, depth=4, kind="batch", residual=False):
+        super().__init__()
+        w = [filters << l for l in range(depth + 1)]
+        self.encoders = nn.ModuleList([Block(cin if l == 0 else w[l - 1], w[l], kind, residual) for l in range(depth)])
+        self.bottleneck = Block(w[depth - 1], w[depth], kind, residual)
+        self.ups = nn.ModuleList([nn.ConvTranspose3d(w[l + 1], w[l], 2, stride=2) for l in range(depth)])
+        self.decoders = nn.ModuleList([Block(2 * w[l], w[l], kind, residual) for l in range(depth)])
+        self.head = nn.Conv3d(w[0], classes, 1)
+        self.depth = depth
+
+    def forward(self, x):
+        skips = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+            x = torch.max_pool3d(x, 2, 2)
+        x = self.bottleneck(x)
+        for l in reversed(range(self.depth)):
+            x = self.decoders[l](torch.cat([skips[l], self.ups[l](x)], 1))
+        return self.head(x)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    arrays, meta = {}, {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                                     "numpy": np.__version__, "safetensors": safetensors.__version__}, "cases": {}}
+    cases = {
+        # name: (cin, classes, filters, depth, norm, residual, input shape)
+        "batch_d2": (2, 3, 4, 2, "batch", False, (2, 2, 8, 12, 16)),
+        "instance_residual_d1": (1, 4, 3, 1, "instance", True, (1, 1, 6, 4, 8)),
+        "group_d3": (3, 2, 4, 3, 2, False, (2, 3, 8, 8, 16)),
+    }
+    for name, (cin, k, f, d, kind, res, shape) in cases.items():
+        net = UNet(cin, k, f, d, kind, res)
+        # non-trivial batch-norm statistics and affine parameters
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm3d, nn.GroupNorm)):
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.2, 0.2)
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        state = {k2: v.detach().clone().contiguous() for k2, v in net.state_dict().items() if "num_batches_tracked" not in k2}
+        save_file(state, os.path.join(OUT, f"unet_{name}.safetensors"))
+        x = torch.randn(shape)
+        net.eval()
+        with torch.no_grad():
+            arrays[f"{name}__eval"] = net(x).numpy()
+        net.train()
+        with torch.no_grad():
+            arrays[f"{name}__train"] = net(x).numpy()
+        arrays[f"{name}__x"] = x.numpy()
+        for k2, v in net.state_dict().items():
+            if "running" in k2:
+                arrays[f"{name}__after__{k2}"] = v.numpy()
+        meta["cases"][name] = {"in_channels": cin, "classes": k, "filters": f, "depth": d,
+                               "norm": kind if isinstance(kind, str) else {"groups": kind}, "residual": res,
+                               "parameters": sum(p.numel() for p in net.parameters())}
+    paper = UNet(1, 16)
+    meta["paper_unet_parameters"] = sum(p.numel() for p in paper.parameters())
+    np.savez_compressed(os.path.join(OUT, "networks.npz"), **arrays)
+    with open(os.path.join(OUT, "networks.json"), "w") as fh:
+        json.dump(meta, fh, indent=1)
+    print("wrote", OUT, meta["paper_unet_parameters"])
+
+
+if __name__ == "__main__":
+    main()
