@@ -135,6 +135,18 @@ impl EpochLoader {
         seed: u64,
         epoch: u64,
     ) -> Self {
+        Self::starting_at(volumes, config, seed, epoch, 0)
+    }
+
+    /// The batches `first..` of `epoch` (resuming an interrupted epoch): the same batches the
+    /// full epoch would give from there on.
+    pub fn starting_at(
+        volumes: Arc<Vec<SamplingVolume>>,
+        config: LoaderConfig,
+        seed: u64,
+        epoch: u64,
+        first: usize,
+    ) -> Self {
         let workers = config.workers.max(1).min(config.batches_per_epoch.max(1));
         let mut receivers = Vec::new();
         let mut handles = Vec::new();
@@ -142,7 +154,7 @@ impl EpochLoader {
             let (tx, rx) = sync_channel(config.prefetch.max(1));
             let volumes = Arc::clone(&volumes);
             handles.push(std::thread::spawn(move || {
-                let mut b = w;
+                let mut b = first + w;
                 while b < config.batches_per_epoch {
                     let batch = draw_batch(&volumes, &config, seed, epoch, b as u64);
                     if tx.send(batch).is_err() {
@@ -157,7 +169,7 @@ impl EpochLoader {
             receivers,
             handles,
             next: 0,
-            total: config.batches_per_epoch,
+            total: config.batches_per_epoch.saturating_sub(first),
         }
     }
 }

@@ -150,21 +150,17 @@ impl Problem {
         let (k, v) = (self.classes, self.voxels);
         let chunks = self.chunks();
         let width = self.samples * k * STATS;
-        (0..self.samples * chunks)
+        // One row of partial sums per task, added in task order afterwards: the result does not
+        // depend on how rayon schedules the tasks (runs are reproducible bit for bit).
+        let partials: Vec<Vec<f64>> = (0..self.samples * chunks)
             .into_par_iter()
-            .fold(
-                || {
-                    (
-                        vec![0f64; width],
-                        vec![T::ZERO; k * CHUNK],
-                        vec![T::ZERO; CHUNK],
-                    )
-                },
-                |(mut acc, mut probs, mut logsum), task| {
+            .map_init(
+                || (vec![T::ZERO; k * CHUNK], vec![T::ZERO; CHUNK]),
+                |(probs, logsum), task| {
                     let (n, v0) = (task / chunks, (task % chunks) * CHUNK);
                     let len = CHUNK.min(v - v0);
-                    self.softmax(z, n, v0, len, &mut probs, &mut logsum);
-                    let row = &mut acc[n * k * STATS..(n + 1) * k * STATS];
+                    self.softmax(z, n, v0, len, probs, logsum);
+                    let mut row = vec![0f64; k * STATS];
                     for c in 0..k {
                         let (mut sum, mut sq) = (T::ZERO, T::ZERO);
                         for &q in &probs[c * len..(c + 1) * len] {
@@ -191,17 +187,19 @@ impl Problem {
                             s[stat::NLL] -= w[voxel] * logp;
                         }
                     }
-                    (acc, probs, logsum)
+                    row
                 },
             )
-            .map(|(acc, _, _)| acc)
-            .reduce(
-                || vec![0f64; width],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
+            .collect();
+        let mut acc = vec![0f64; width];
+        for (task, row) in partials.iter().enumerate() {
+            let n = task / chunks;
+            acc[n * k * STATS..(n + 1) * k * STATS]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(a, b)| *a += b);
+        }
+        acc
     }
 
     /// `∂L/∂z` from `∂L/∂stats`: `∂L/∂p_c = gP + 2 gP2 p_c + [c = y](gI + E gIE)` through the

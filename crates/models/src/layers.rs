@@ -41,6 +41,11 @@ fn normalise(
     affine_channels(y, weight, bias)
 }
 
+/// ReLU; on the CPU (f32) a fused kernel with its backward pass.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    crate::fused::relu(x)
+}
+
 /// Batch normalisation over `(N, D, H, W)` per channel (PyTorch's `batch_norm`). Training:
 /// batch statistics normalise, and the running statistics returned are
 /// `(1 − m)·running + m·batch` with the unbiased batch variance; evaluation: the running
@@ -67,13 +72,24 @@ pub fn batch_norm(
         let y = normalise(x, &m, &v, weight, bias, eps)?;
         return Ok((y, running_mean.clone(), running_var.clone()));
     }
-    let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
-    let (mean, var) = moments(x, &axes)?;
-    let y = normalise(x, &mean, &var, weight, bias, eps)?;
     let count = x.elem_count() / c;
     if count < 2 {
         bail!("batch_norm: training needs more than one value per channel, got {count}");
     }
+    let (y, mean, var) = match (weight, bias) {
+        (Some(w), Some(b)) if crate::fused::cpu_f32(x) => {
+            let (y, mean, var) = crate::fused::batch_norm_train_cpu(x, w, b, eps)?;
+            let mean = Tensor::from_vec(mean, c, x.device())?;
+            let var = Tensor::from_vec(var, c, x.device())?;
+            (y, mean, var)
+        }
+        _ => {
+            let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+            let (mean, var) = moments(x, &axes)?;
+            let y = normalise(x, &mean, &var, weight, bias, eps)?;
+            (y, mean, var)
+        }
+    };
     let unbiased = var
         .detach()
         .affine(count as f64 / (count - 1) as f64, 0.0)?

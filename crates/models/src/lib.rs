@@ -2,6 +2,8 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod error;
+mod fused;
+pub mod init;
 pub mod layers;
 pub mod modules;
 pub mod network;
@@ -11,5 +13,6 @@ mod vol2col;
 pub mod weights;
 
 pub use error::{ModelError, Result};
+pub use init::seeded_var_builder;
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe};
 pub use unet::{Norm, UNet, UNetConfig};

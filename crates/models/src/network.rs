@@ -47,6 +47,24 @@ impl ModelConfig {
         }
     }
 
+    /// The same network for `in_channels` inputs and `classes` outputs.
+    pub fn with_io(&self, in_channels: usize, classes: usize) -> Self {
+        match self {
+            ModelConfig::Unet(c) => ModelConfig::Unet(UNetConfig {
+                in_channels,
+                classes,
+                ..*c
+            }),
+        }
+    }
+
+    /// The network's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelConfig::Unet(_) => "unet",
+        }
+    }
+
     /// Input channels.
     pub fn in_channels(&self) -> usize {
         match self {

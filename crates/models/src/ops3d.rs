@@ -228,6 +228,13 @@ pub fn conv_transpose3d(
         bail!("conv_transpose3d: input has {c} channels, weight expects {wc}");
     }
     let kernel = [kd, kh, kw];
+    if kernel == config.stride
+        && config.padding == [0; 3]
+        && config.output_padding == [0; 3]
+        && config.dilation == [1; 3]
+    {
+        return conv_transpose3d_patches(x, weight, bias);
+    }
     let mut y = x.clone();
     for (i, &k) in kernel.iter().enumerate() {
         let (s, p, op, d) = (
@@ -259,6 +266,27 @@ pub fn conv_transpose3d(
         ..Conv3dConfig::default()
     };
     let y = conv3d(&y, &flipped, None, &conv)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// The transposed convolution whose kernel equals its stride (U-Net's 2³ up-sampling): every
+/// input voxel writes its own `k` block, so it is one matrix product
+/// `(N·D·H·W, C_in) × (C_in, C_out·kd·kh·kw)` and a reshuffle, without the zeros the general
+/// path inserts.
+fn conv_transpose3d_patches(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n, c, d, h, w) = x.dims5()?;
+    let (_, o, kd, kh, kw) = weight.dims5()?;
+    let rows = x.permute((0, 2, 3, 4, 1))?.reshape((n * d * h * w, c))?;
+    let y = rows.matmul(&weight.reshape((c, o * kd * kh * kw))?)?;
+    // (n, d, h, w, o, kd, kh, kw) → (n, o, d, kd, h, kh, w, kw)
+    let y = y
+        .reshape(vec![n, d, h, w, o, kd, kh, kw])?
+        .permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?
+        .contiguous()?
+        .reshape((n, o, d * kd, h * kh, w * kw))?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
         None => Ok(y),

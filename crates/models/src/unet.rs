@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::layers::relu;
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, max_pool3d};
 
@@ -135,15 +136,12 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = self
-            .norm1
-            .forward_t(&self.conv1.forward(x)?, train)?
-            .relu()?;
+        let h = relu(&self.norm1.forward_t(&self.conv1.forward(x)?, train)?)?;
         let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
         match &self.skip {
-            None => h.relu(),
-            Some(None) => (h + x)?.relu(),
-            Some(Some(p)) => (h + p.forward(x)?)?.relu(),
+            None => relu(&h),
+            Some(None) => relu(&(h + x)?),
+            Some(Some(p)) => relu(&(h + p.forward(x)?)?),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! that the convolution becomes one `gemm` matrix product per block of output slices, which
 //! candle runs multi-threaded and differentiates.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 /// Geometry of one sample's convolution: input `(C, D, H, W)`, kernel `(kd, kh, kw)`, output
@@ -154,18 +154,21 @@ impl CustomOp1 for Vol2Col {
         let g = &self.0;
         let grad = grad.contiguous()?;
         let shape = arg.shape().clone();
-        let folded = match grad.dtype() {
-            candle_core::DType::F32 => Tensor::from_vec(
-                fold(g, &grad.flatten_all()?.to_vec1::<f32>()?),
-                shape,
-                arg.device(),
-            )?,
-            candle_core::DType::F64 => Tensor::from_vec(
-                fold(g, &grad.flatten_all()?.to_vec1::<f64>()?),
-                shape,
-                arg.device(),
-            )?,
-            other => bail!("col2vol: f32 or f64 only, got {other:?}"),
+        let (storage, layout) = grad.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("col2vol: the gradient must be contiguous");
+        };
+        let folded = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                Tensor::from_vec(fold(g, &v[start..end]), shape, arg.device())?
+            }
+            Storage::Cpu(CpuStorage::F64(v)) => {
+                Tensor::from_vec(fold(g, &v[start..end]), shape, arg.device())?
+            }
+            _ => bail!(
+                "col2vol: f32 or f64 on the CPU only, got {:?}",
+                grad.dtype()
+            ),
         };
         Ok(Some(folded))
     }

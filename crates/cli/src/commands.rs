@@ -1,0 +1,899 @@
+//! The commands other than `demo`: thin layers over the crates.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use clap::{Args, ValueEnum};
+use cwseg_data::resample::resample_label_to;
+use cwseg_data::{
+    Dataset, Geometry, Image, LabelMap, PhantomConfig, ReadOptions, argmax, read_image, read_label,
+    write_label, write_phantom_dataset,
+};
+use cwseg_losses::{LossConfig, Target};
+use cwseg_metrics::{
+    Aggregate, ClassSet, TableMetric, csv_report, evaluate_case, json_report, markdown_table,
+    summarize,
+};
+use cwseg_models::{ModelConfig, describe};
+use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
+use ndarray::{Array3, Array4, ArrayD, Axis, s};
+use serde_json::json;
+
+use crate::figures::{Panel, write_panels};
+use crate::infer::predict_probabilities;
+use crate::optim::{OptimizerKind, Schedule};
+use crate::train::{RunOptions, TrainConfig, load_model, parse_device};
+
+fn parse_triple(text: &str) -> Result<[usize; 3], String> {
+    let parts: Vec<&str> = text.split([',', 'x']).collect();
+    if parts.len() != 3 {
+        return Err(format!("`{text}`: expected three sizes like 64,64,64"));
+    }
+    let mut out = [0usize; 3];
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{p}` is not a size"))?;
+    }
+    Ok(out)
+}
+
+/// `cwseg train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A TOML run configuration (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data: `synthetic`, an MSD / nnU-Net folder or a BraTS folder.
+    #[arg(long)]
+    data: Option<String>,
+    /// A split file (`{"train": [...], "val": [...], "test": [...]}`).
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Network name (`unet`).
+    #[arg(long)]
+    model: Option<String>,
+    /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary).
+    #[arg(long)]
+    loss: Option<String>,
+    /// Loss configuration as JSON (`{"name": "cwcd", "lambda": 1.0}`).
+    #[arg(long)]
+    loss_config: Option<String>,
+    /// Patch size z,y,x.
+    #[arg(long, value_parser = parse_triple)]
+    patch: Option<[usize; 3]>,
+    /// Patches per batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Batches per epoch.
+    #[arg(long)]
+    batches_per_epoch: Option<usize>,
+    /// Optimizer.
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerArg>,
+    /// Learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long)]
+    device: Option<String>,
+    /// Run folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerArg {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Step,
+    Cosine,
+    Poly,
+    Constant,
+}
+
+/// The run configuration from `--config` and the flags.
+fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<TrainConfig>(&text)
+                .with_context(|| format!("{}: invalid run configuration", path.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    if let Some(d) = &args.data {
+        config.data.source = d.clone();
+    }
+    if let Some(s) = &args.split {
+        config.data.split = Some(s.clone());
+    }
+    if let Some(m) = &args.model {
+        config.model = ModelConfig::from_name(m, 1, 2)?;
+    }
+    if let Some(l) = &args.loss {
+        config.loss = LossConfig::from_name(l)?;
+    }
+    if let Some(json) = &args.loss_config {
+        config.loss = LossConfig::from_json(json)?;
+    }
+    if let Some(p) = args.patch {
+        config.patch = p;
+    }
+    if let Some(b) = args.batch {
+        config.batch_size = b;
+    }
+    if let Some(e) = args.epochs {
+        config.epochs = e;
+    }
+    if let Some(b) = args.batches_per_epoch {
+        config.batches_per_epoch = b;
+    }
+    if let Some(o) = args.optimizer {
+        config.optimizer.kind = match o {
+            OptimizerArg::Adam => OptimizerKind::Adam,
+            OptimizerArg::Adamw => OptimizerKind::AdamW,
+            OptimizerArg::Sgd => OptimizerKind::Sgd,
+        };
+    }
+    if let Some(lr) = args.lr {
+        config.optimizer.lr = lr;
+    }
+    if let Some(s) = args.schedule {
+        config.schedule = match s {
+            ScheduleArg::Step => Schedule::default(),
+            ScheduleArg::Cosine => Schedule::Cosine { min_lr: 0.0 },
+            ScheduleArg::Poly => Schedule::Poly { power: 0.9 },
+            ScheduleArg::Constant => Schedule::Constant,
+        };
+    }
+    if let Some(s) = args.seed {
+        config.seed = s;
+    }
+    if let Some(d) = &args.device {
+        config.device = d.clone();
+    }
+    Ok(config)
+}
+
+/// `cwseg train`.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let config = train_config(&args)?;
+    let outcome = crate::train::train(
+        &config,
+        &args.out,
+        RunOptions {
+            resume: args.resume,
+            quiet: args.quiet,
+            data_dir: None,
+        },
+    )?;
+    if outcome.interrupted {
+        eprintln!("stopped; continue with the same command and --resume");
+    } else {
+        println!(
+            "best validation DSC {} ; run folder {} ({:.0} s)",
+            outcome.best_dice.map_or("-".into(), |d| format!("{d:.4}")),
+            outcome.dir.display(),
+            outcome.seconds
+        );
+    }
+    Ok(())
+}
+
+/// `cwseg predict`.
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A run folder (its `best/` checkpoint) or a model folder (`model.safetensors` + `config.json`).
+    #[arg(long)]
+    model: PathBuf,
+    /// A NIfTI image, a folder of images (nnU-Net `_0000` channel files are grouped), or a
+    /// BraTS folder of case folders.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output file (for one input file) or folder.
+    #[arg(long)]
+    output: PathBuf,
+    /// Also write the class probabilities (`<case>_probabilities/class_KK.nii.gz`, float).
+    #[arg(long)]
+    probabilities: bool,
+    /// Sliding-window overlap (default: the model's).
+    #[arg(long)]
+    overlap: Option<f64>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn nii_stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.trim_end_matches(".gz")
+        .trim_end_matches(".nii")
+        .to_string()
+}
+
+/// The cases of a predict input: `(id, image files)`.
+fn predict_inputs(input: &Path, modalities: usize) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    if input.is_file() {
+        return Ok(vec![(nii_stem(input), vec![input.to_path_buf()])]);
+    }
+    if !input.is_dir() {
+        bail!("{}: no such file or folder", input.display());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("listing {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    if files.iter().any(|p| p.is_dir())
+        && !files
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with(".nii.gz"))
+    {
+        let dataset = Dataset::brats(input)?;
+        return Ok(dataset
+            .training
+            .into_iter()
+            .map(|c| (c.id, c.images))
+            .collect());
+    }
+    let images: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.ends_with(".nii.gz") || s.ends_with(".nii")
+        })
+        .collect();
+    if images.is_empty() {
+        bail!("{}: no NIfTI files", input.display());
+    }
+    let grouped: Vec<(String, Vec<PathBuf>)> = images
+        .iter()
+        .filter_map(|p| {
+            nii_stem(p)
+                .strip_suffix("_0000")
+                .map(|id| (id.to_string(), p.clone()))
+        })
+        .map(|(id, first)| {
+            let files = (0..modalities)
+                .map(|c| {
+                    first.with_file_name(format!(
+                        "{id}_{c:04}{}",
+                        if first.to_string_lossy().ends_with(".gz") {
+                            ".nii.gz"
+                        } else {
+                            ".nii"
+                        }
+                    ))
+                })
+                .collect();
+            (id, files)
+        })
+        .collect();
+    if !grouped.is_empty() {
+        return Ok(grouped);
+    }
+    Ok(images
+        .into_iter()
+        .map(|p| (nii_stem(&p), vec![p]))
+        .collect())
+}
+
+/// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
+/// each with the input's geometry.
+fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (k, channel) in data.outer_iter().enumerate() {
+        cwseg_data::write_volume(
+            dir.join(format!("class_{k:02}.nii.gz")),
+            &channel.to_owned(),
+            geometry,
+        )?;
+    }
+    Ok(())
+}
+
+/// `cwseg predict`.
+pub fn predict(args: PredictArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let (network, card, dir) = load_model(&args.model, &device)?;
+    let inputs = predict_inputs(&args.input, card.modalities.len())?;
+    let single = args.input.is_file();
+    if !single {
+        std::fs::create_dir_all(&args.output)
+            .with_context(|| format!("creating {}", args.output.display()))?;
+    }
+    let overlap = args.overlap.unwrap_or(card.overlap);
+    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
+    for (id, files) in inputs {
+        let mut images = Vec::new();
+        for f in &files {
+            images.push(read_image(f, &ReadOptions::default())?);
+        }
+        let geometry = images[0].geometry.clone();
+        for (img, f) in images.iter().zip(&files) {
+            if img.geometry.shape() != geometry.shape() {
+                bail!(
+                    "{}: shape {:?} differs from {} {:?}",
+                    f.display(),
+                    img.geometry.shape(),
+                    files[0].display(),
+                    geometry.shape()
+                );
+            }
+        }
+        let views: Vec<_> = images.iter().map(|i| i.data.view()).collect();
+        let data = ndarray::concatenate(Axis(0), &views)?;
+        if data.dim().0 != card.modalities.len() {
+            bail!(
+                "{}: {} channels, the model {} expects {} ({})",
+                files[0].display(),
+                data.dim().0,
+                dir.display(),
+                card.modalities.len(),
+                card.modalities.join(", ")
+            );
+        }
+        let image = Image {
+            data,
+            geometry: geometry.clone(),
+        };
+        let (pre, _, bbox) = card.preprocessing.apply(&image, None)?;
+        let probs = predict_probabilities(
+            &network,
+            &pre.data,
+            card.classes.len(),
+            card.patch,
+            overlap,
+            2,
+            &device,
+        )?;
+        let labels = LabelMap {
+            data: argmax(probs.view()),
+            geometry: pre.geometry.clone(),
+        };
+        // back to the (cropped) input grid, then into the full volume
+        let cropped_geometry = match &bbox {
+            Some(b) => geometry.crop(b.start, b.shape()),
+            None => geometry.clone(),
+        };
+        let back = if card.preprocessing.spacing.is_some() {
+            resample_label_to(&labels, &cropped_geometry)?
+        } else {
+            labels
+        };
+        let mut full = Array3::<u8>::zeros(geometry.shape());
+        let start = bbox.map_or([0; 3], |b| b.start);
+        let [dz, dy, dx] = back.geometry.shape();
+        full.slice_mut(s![
+            start[0]..start[0] + dz,
+            start[1]..start[1] + dy,
+            start[2]..start[2] + dx
+        ])
+        .assign(&back.data);
+        full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+        let out = if single {
+            args.output.clone()
+        } else {
+            args.output.join(format!("{id}.nii.gz"))
+        };
+        write_label(
+            &out,
+            &LabelMap {
+                data: full,
+                geometry: geometry.clone(),
+            },
+        )?;
+        if args.probabilities {
+            let mut full_probs = Array4::<f32>::zeros((
+                card.classes.len(),
+                geometry.shape()[0],
+                geometry.shape()[1],
+                geometry.shape()[2],
+            ));
+            full_probs.index_axis_mut(Axis(0), 0).fill(1.0);
+            for (k, channel) in probs.outer_iter().enumerate() {
+                let resampled = if card.preprocessing.spacing.is_some() {
+                    cwseg_data::resample_image_to(
+                        &Image {
+                            data: channel.to_owned().insert_axis(Axis(0)),
+                            geometry: pre.geometry.clone(),
+                        },
+                        &cropped_geometry,
+                    )?
+                    .data
+                    .index_axis_move(Axis(0), 0)
+                } else {
+                    channel.to_owned()
+                };
+                full_probs
+                    .slice_mut(s![
+                        k,
+                        start[0]..start[0] + dz,
+                        start[1]..start[1] + dy,
+                        start[2]..start[2] + dx
+                    ])
+                    .assign(&resampled);
+            }
+            write_probabilities(
+                &out.with_file_name(format!("{id}_probabilities")),
+                &full_probs,
+                &geometry,
+            )?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!("predictions written to {}", args.output.display());
+    Ok(())
+}
+
+/// `cwseg evaluate`.
+#[derive(Args)]
+pub struct EvaluateArgs {
+    /// Prediction file or folder; repeat for several runs side by side.
+    #[arg(long, required = true)]
+    pred: Vec<PathBuf>,
+    /// Label file or folder (files matched by name).
+    #[arg(long)]
+    label: PathBuf,
+    /// Names of the runs (default: the folder names).
+    #[arg(long)]
+    name: Vec<String>,
+    /// How means are taken.
+    #[arg(long, value_enum, default_value = "paper")]
+    aggregate: AggregateArg,
+    /// Evaluate BraTS regions WT/TC/ET instead of labels.
+    #[arg(long, value_enum)]
+    regions: Option<RegionsArg>,
+    /// NSD tolerance in mm.
+    #[arg(long, default_value_t = 1.0)]
+    tolerance: f64,
+    /// Print the JSON report (DESIGN.md) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write per-case rows as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AggregateArg {
+    Paper,
+    Monai,
+    Nnunet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RegionsArg {
+    Brats,
+}
+
+fn pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    if pred.is_file() && label.is_file() {
+        return Ok(vec![(
+            nii_stem(label),
+            pred.to_path_buf(),
+            label.to_path_buf(),
+        )]);
+    }
+    if !(pred.is_dir() && label.is_dir()) {
+        bail!(
+            "--pred {} and --label {} must both be files or both folders",
+            pred.display(),
+            label.display()
+        );
+    }
+    let mut out = Vec::new();
+    let mut labels: Vec<PathBuf> = std::fs::read_dir(label)
+        .with_context(|| format!("listing {}", label.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains(".nii"))
+        .collect();
+    labels.sort();
+    for l in labels {
+        let name = l.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let p = pred.join(&name);
+        if !p.exists() {
+            bail!("{}: no prediction for {}", pred.display(), l.display());
+        }
+        out.push((nii_stem(&l), p, l));
+    }
+    if out.is_empty() {
+        bail!("{}: no NIfTI label files", label.display());
+    }
+    Ok(out)
+}
+
+/// `cwseg evaluate`.
+pub fn evaluate(args: EvaluateArgs) -> Result<()> {
+    let aggregate = match args.aggregate {
+        AggregateArg::Paper => Aggregate::Paper,
+        AggregateArg::Monai => Aggregate::Monai,
+        AggregateArg::Nnunet => Aggregate::Nnunet,
+    };
+    let mut runs = Vec::new();
+    for (r, pred) in args.pred.iter().enumerate() {
+        let pairs = pairs(pred, &args.label)?;
+        let mut loaded = Vec::new();
+        let mut present = BTreeSet::new();
+        for (case, p, l) in &pairs {
+            let label = read_label(l, &ReadOptions::default())?;
+            let prediction = read_label(p, &ReadOptions::default())?;
+            if prediction.geometry.shape() != label.geometry.shape() {
+                bail!(
+                    "{}: shape {:?} differs from the label {} {:?}",
+                    p.display(),
+                    prediction.geometry.shape(),
+                    l.display(),
+                    label.geometry.shape()
+                );
+            }
+            label.data.iter().filter(|&&v| v != 0).for_each(|&v| {
+                present.insert(v);
+            });
+            loaded.push((case.clone(), prediction, label));
+        }
+        let mut classes = match args.regions {
+            Some(RegionsArg::Brats) => ClassSet::brats(),
+            None => present.iter().map(|&v| ClassSet::label(v as i64)).collect(),
+        };
+        classes
+            .iter_mut()
+            .for_each(|c| c.nsd_tolerance_mm = args.tolerance);
+        let cases = loaded
+            .iter()
+            .map(|(case, p, l)| {
+                evaluate_case(
+                    case,
+                    p.data.view(),
+                    l.data.view(),
+                    &l.geometry.spacing(),
+                    &classes,
+                )
+                .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = args.name.get(r).cloned().unwrap_or_else(|| {
+            pred.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("run {r}"))
+        });
+        runs.push((name, cases));
+    }
+    let summaries: Vec<_> = runs.iter().map(|(_, c)| summarize(c, aggregate)).collect();
+    if let Some(path) = &args.csv {
+        cwseg_data::dataset::write_atomic(path, csv_report(&runs[0].1).as_bytes())?;
+    }
+    if args.json {
+        let reports: Vec<_> = runs
+            .iter()
+            .zip(&summaries)
+            .map(|((_, c), s)| json_report(c, s))
+            .collect();
+        let out = if reports.len() == 1 {
+            reports.into_iter().next().unwrap_or_default()
+        } else {
+            json!(reports)
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let table_runs: Vec<(&str, &cwseg_metrics::Summary)> = runs
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .zip(summaries.iter())
+        .collect();
+    println!(
+        "DSC ({} aggregation)\n\n{}",
+        format!("{aggregate:?}").to_lowercase(),
+        markdown_table(&table_runs, TableMetric::Dice)?
+    );
+    println!(
+        "HD95 (mm)\n\n{}",
+        markdown_table(&table_runs, TableMetric::Hausdorff95)?
+    );
+    Ok(())
+}
+
+/// `cwseg contour`.
+#[derive(Args)]
+pub struct ContourArgs {
+    /// Label volume.
+    #[arg(long)]
+    label: PathBuf,
+    /// Output NIfTI (uint8, 1 = contour).
+    #[arg(long)]
+    output: PathBuf,
+    /// Side of the cubic structuring element.
+    #[arg(long, default_value_t = 3)]
+    kernel: usize,
+    /// Erosion iterations.
+    #[arg(long, default_value_t = 6)]
+    iterations: usize,
+    /// What lies outside the volume.
+    #[arg(long, value_enum, default_value = "background")]
+    border: BorderArg,
+    /// Count the background class too (a band on both sides of each boundary, as CWCE).
+    #[arg(long)]
+    include_background: bool,
+    /// Also write an overlay PNG of the axial slice with the most contour.
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BorderArg {
+    Background,
+    Replicate,
+}
+
+/// `cwseg contour`.
+pub fn contour(args: ContourArgs) -> Result<()> {
+    let label = read_label(&args.label, &ReadOptions::default())?;
+    let spec = ContourSpec {
+        erosion: ErosionSpec {
+            element: Element::Cube(args.kernel),
+            iterations: args.iterations,
+            border: match args.border {
+                BorderArg::Background => Border::Background,
+                BorderArg::Replicate => Border::Replicate,
+            },
+        },
+        include_background: args.include_background,
+    };
+    let map = contour_map(label.data.view(), &spec)
+        .with_context(|| format!("contour map of {}", args.label.display()))?
+        .into_union()
+        .mapv(u8::from);
+    write_label(
+        &args.output,
+        &LabelMap {
+            data: map.clone(),
+            geometry: label.geometry.clone(),
+        },
+    )?;
+    if let Some(png) = &args.png {
+        let z = (0..map.dim().0)
+            .max_by_key(|&z| {
+                map.index_axis(Axis(0), z)
+                    .iter()
+                    .filter(|&&v| v != 0)
+                    .count()
+            })
+            .unwrap_or(0);
+        let base = label.data.index_axis(Axis(0), z).mapv(f32::from);
+        write_panels(
+            png,
+            &[
+                Panel::Labels(base.view(), label.data.index_axis(Axis(0), z)),
+                Panel::Mask(base.view(), map.index_axis(Axis(0), z)),
+            ],
+            3,
+        )?;
+    }
+    println!(
+        "{} contour voxels written to {}",
+        map.iter().filter(|&&v| v != 0).count(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// `cwseg loss`.
+#[derive(Args)]
+pub struct LossArgs {
+    /// Logits `.npy`, f32 or f64, `(N, K, D, H, W)`.
+    #[arg(long)]
+    logits: PathBuf,
+    /// Labels `.npy`, integer, `(N, D, H, W)`.
+    #[arg(long)]
+    labels: PathBuf,
+    /// Loss name.
+    #[arg(long, default_value = "cwcd")]
+    loss: String,
+    /// Loss configuration JSON file (overrides --loss).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print `{"loss": .., "grad_norm": ..}`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_npy_f64(path: &Path) -> Result<ArrayD<f64>> {
+    use ndarray_npy::ReadNpyExt;
+    let open = || std::fs::File::open(path).with_context(|| format!("opening {}", path.display()));
+    if let Ok(a) = ArrayD::<f64>::read_npy(open()?) {
+        return Ok(a);
+    }
+    if let Ok(a) = ArrayD::<f32>::read_npy(open()?) {
+        return Ok(a.mapv(f64::from));
+    }
+    if let Ok(a) = ArrayD::<i64>::read_npy(open()?) {
+        return Ok(a.mapv(|v| v as f64));
+    }
+    if let Ok(a) = ArrayD::<i32>::read_npy(open()?) {
+        return Ok(a.mapv(f64::from));
+    }
+    if let Ok(a) = ArrayD::<u8>::read_npy(open()?) {
+        return Ok(a.mapv(f64::from));
+    }
+    bail!(
+        "{}: not a .npy array of f32, f64, i64, i32 or u8",
+        path.display()
+    )
+}
+
+/// `cwseg loss`.
+pub fn loss(args: LossArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => LossConfig::from_json(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| path.display().to_string())?,
+        None => LossConfig::from_name(&args.loss)?,
+    };
+    let logits = read_npy_f64(&args.logits)?;
+    let labels = read_npy_f64(&args.labels)?;
+    if logits.ndim() != 5 || labels.ndim() != 4 {
+        bail!(
+            "logits {} have shape {:?} (need N,K,D,H,W) and labels {} {:?} (need N,D,H,W)",
+            args.logits.display(),
+            logits.shape(),
+            args.labels.display(),
+            labels.shape()
+        );
+    }
+    if labels.iter().any(|v| v.fract() != 0.0 || *v < 0.0) {
+        bail!(
+            "{}: labels must be non-negative integers",
+            args.labels.display()
+        );
+    }
+    let x = Var::from_tensor(&Tensor::from_vec(
+        logits.iter().copied().collect::<Vec<_>>(),
+        logits.shape(),
+        &Device::Cpu,
+    )?)?;
+    let y = Tensor::from_vec(
+        labels.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+        labels.shape(),
+        &Device::Cpu,
+    )?;
+    let value = config.build().forward(x.as_tensor(), &Target::new(y)?)?;
+    let grads = value.backward()?;
+    let grad_norm = match grads.get(x.as_tensor()) {
+        Some(g) => g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .sqrt(),
+        None => 0.0,
+    };
+    let value = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if args.json {
+        println!("{}", json!({"loss": value, "grad_norm": grad_norm}));
+    } else {
+        println!(
+            "{}: loss {value:.6}, gradient norm {grad_norm:.6}",
+            config.build().name()
+        );
+    }
+    Ok(())
+}
+
+/// `cwseg synth`.
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training phantoms.
+    #[arg(long, default_value_t = 8)]
+    train: usize,
+    /// Test phantoms.
+    #[arg(long, default_value_t = 4)]
+    test: usize,
+    /// Phantom size z,y,x.
+    #[arg(long, value_parser = parse_triple, default_value = "96,128,128")]
+    shape: [usize; 3],
+    /// Seed of the first phantom.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `cwseg synth`.
+pub fn synth(args: SynthArgs) -> Result<()> {
+    let config = PhantomConfig {
+        shape: args.shape,
+        ..PhantomConfig::default()
+    };
+    let dataset = write_phantom_dataset(&args.out, args.train, args.test, &config, args.seed)?;
+    println!(
+        "{} training and {} test phantoms ({} classes) written to {}",
+        dataset.training.len(),
+        dataset.test.len(),
+        dataset.classes.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `cwseg model`.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Network name.
+    #[arg(long, default_value = "unet")]
+    name: String,
+    /// Network configuration JSON (`{"name": "unet", "filters": 32}`), overrides --name.
+    #[arg(long)]
+    config: Option<String>,
+    /// Input channels.
+    #[arg(long, default_value_t = 1)]
+    in_channels: usize,
+    /// Classes, background included.
+    #[arg(long, default_value_t = 16)]
+    classes: usize,
+    /// Input size d,h,w.
+    #[arg(long, value_parser = parse_triple, default_value = "96,96,96")]
+    size: [usize; 3],
+    /// Print `{"parameters": .., "activation_bytes": ..}`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cwseg model`.
+pub fn model(args: ModelArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(text) => serde_json::from_str::<ModelConfig>(text)
+            .context("--config: not a network configuration")?,
+        None => ModelConfig::from_name(&args.name, args.in_channels, args.classes)?,
+    }
+    .with_io(args.in_channels, args.classes);
+    let d = describe(&config, args.size)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"parameters": d.parameters, "activation_bytes": d.activation_bytes})
+        );
+    } else {
+        println!(
+            "{}: {} parameters ({:.2} M); activations for one {:?} input: {:.1} MiB (f32, kept for the backward pass)",
+            config.name(),
+            d.parameters,
+            d.parameters as f64 / 1e6,
+            args.size,
+            d.activation_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! `cwseg demo`: the phantom data set, the paper's U-Net trained with CEDL and with CWCD under
+//! the same seeds, evaluated on held-out phantoms, the paper-style table and a figure.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use cwseg_data::{PhantomConfig, argmax};
+use cwseg_losses::LossConfig;
+use cwseg_metrics::{
+    Aggregate, CaseMetrics, ClassSet, Summary, TableMetric, evaluate_case, markdown_table,
+    summarize,
+};
+use cwseg_morphology::{ContourSpec, ErosionSpec, contour_map};
+use ndarray::{Array3, Axis};
+use serde_json::json;
+
+use crate::figures::{Panel, write_panels};
+use crate::infer::predict_probabilities;
+use crate::prepare::{DataConfig, SyntheticConfig, open_data};
+use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The short version (one seed, fewer steps).
+    pub quick: bool,
+    /// Output folder.
+    pub out: PathBuf,
+    /// `cpu` or `cuda[:N]`.
+    pub device: String,
+    /// Seeds (default 3, or 1 with `quick`).
+    pub seeds: Option<usize>,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+/// The run configuration of one demo training.
+pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<TrainConfig> {
+    Ok(TrainConfig {
+        data: DataConfig {
+            source: "synthetic".into(),
+            synthetic: SyntheticConfig {
+                train: 6,
+                test: 3,
+                phantom: PhantomConfig {
+                    shape: [48, 64, 64],
+                    ..PhantomConfig::default()
+                },
+                seed: 1000,
+            },
+            val_fraction: 0.17,
+            ..DataConfig::default()
+        },
+        loss: LossConfig::from_name(loss)?,
+        patch: [32, 32, 32],
+        batch_size: 2,
+        epochs: if quick { 4 } else { 6 },
+        batches_per_epoch: if quick { 12 } else { 15 },
+        seed,
+        device: device.to_string(),
+        optimizer: crate::optim::OptimizerConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        ..TrainConfig::default()
+    })
+}
+
+/// Runs the demo; returns the Markdown table.
+pub fn run(options: &DemoOptions) -> Result<String> {
+    let device = parse_device(&options.device)?;
+    let seeds = options
+        .seeds
+        .unwrap_or(if options.quick { 1 } else { 3 })
+        .max(1);
+    fs::create_dir_all(&options.out)
+        .with_context(|| format!("creating {}", options.out.display()))?;
+    let data_dir = options.out.join("data");
+    let losses = ["cedl", "cwcd"];
+    let mut evaluations: Vec<Vec<CaseMetrics>> = vec![Vec::new(); losses.len()];
+    let mut per_seed: Vec<Vec<f64>> = vec![Vec::new(); losses.len()];
+    let mut predictions: Vec<Option<Array3<u8>>> = vec![None; losses.len()];
+    let mut figure_case = None;
+    let mut seconds = 0.0;
+    for seed in 0..seeds as u64 {
+        for (i, loss) in losses.iter().enumerate() {
+            let config = demo_config(options.quick, loss, seed, &options.device)?;
+            let dir = options.out.join(format!("{loss}-seed{seed}"));
+            let resume = dir.join("last").join("state.json").exists();
+            eprintln!(
+                "training U-Net with {} (seed {seed}) into {}",
+                loss.to_uppercase(),
+                dir.display()
+            );
+            let outcome = train(
+                &config,
+                &dir,
+                RunOptions {
+                    resume,
+                    quiet: options.quiet,
+                    data_dir: Some(data_dir.clone()),
+                },
+            )?;
+            seconds += outcome.seconds;
+            if outcome.interrupted {
+                anyhow::bail!("interrupted; run the same command again to continue");
+            }
+            // held-out evaluation with the best-validation checkpoint
+            let data = open_data(&config.data, config.seed, &data_dir)?;
+            let test = data.load(&data.split.test)?;
+            let (network, card, _) = load_model(&dir, &device)?;
+            let classes: Vec<ClassSet> = (1..card.classes.len())
+                .map(|k| ClassSet::region(&card.classes[k], &[k as i64]))
+                .collect();
+            let mut cases = Vec::new();
+            for (c, case) in test.iter().enumerate() {
+                let probs = predict_probabilities(
+                    &network,
+                    &case.image.data,
+                    card.classes.len(),
+                    card.patch,
+                    card.overlap,
+                    2,
+                    &device,
+                )?;
+                let prediction = argmax(probs.view());
+                let spacing = case.image.geometry.spacing();
+                cases.push(evaluate_case(
+                    &format!("{}-seed{seed}", case.id),
+                    prediction.view(),
+                    case.label.data.view(),
+                    &spacing,
+                    &classes,
+                )?);
+                if seed == 0 && c == 0 {
+                    predictions[i] = Some(prediction);
+                    figure_case.get_or_insert_with(|| {
+                        (
+                            case.image.data.index_axis(Axis(0), 0).to_owned(),
+                            case.label.data.clone(),
+                        )
+                    });
+                }
+            }
+            per_seed[i].push(
+                summarize(&cases, Aggregate::Paper)
+                    .average
+                    .dice
+                    .unwrap_or(f64::NAN),
+            );
+            evaluations[i].extend(cases);
+        }
+    }
+    let summaries: Vec<Summary> = evaluations
+        .iter()
+        .map(|e| summarize(e, Aggregate::Paper))
+        .collect();
+    let names: Vec<String> = losses.iter().map(|l| l.to_uppercase()).collect();
+    let runs: Vec<(&str, &Summary)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(summaries.iter())
+        .collect();
+    let table = markdown_table(&runs, TableMetric::Dice)?;
+    let mut report = format!(
+        "U-Net on the synthetic phantom: mean DSC per class over {} held-out phantoms × {seeds} seed(s), \
+         paper aggregation (DSC = 0 cases are failures, excluded from the mean and counted).\n\n{table}\n",
+        evaluations[0].len() / seeds
+    );
+    for (name, values) in names.iter().zip(&per_seed) {
+        report.push_str(&format!(
+            "\n{name} average DSC per seed: {}",
+            values
+                .iter()
+                .map(|v| format!("{v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    report.push_str(&format!("\n\ntraining time: {seconds:.0} s in all\n"));
+    cwseg_data::dataset::write_atomic(&options.out.join("results.md"), report.as_bytes())?;
+    let json = json!({
+        "seeds": seeds,
+        "losses": names,
+        "summaries": summaries,
+        "average_dice_per_seed": per_seed,
+    });
+    cwseg_data::dataset::write_atomic(
+        &options.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    if let (Some((image, label)), Some(cedl), Some(cwcd)) =
+        (figure_case, &predictions[0], &predictions[1])
+    {
+        write_figure(&options.out.join("demo.png"), &image, &label, cedl, cwcd)?;
+    }
+    Ok(report)
+}
+
+/// One axial slice (the one with the most classes): image, ground truth, CEDL, CWCD, and the
+/// CWCE contour map of the ground truth.
+fn write_figure(
+    path: &Path,
+    image: &Array3<f32>,
+    label: &Array3<u8>,
+    cedl: &Array3<u8>,
+    cwcd: &Array3<u8>,
+) -> Result<()> {
+    let z = (0..label.dim().0)
+        .max_by_key(|&z| {
+            let mut seen = [false; 256];
+            label
+                .index_axis(Axis(0), z)
+                .iter()
+                .for_each(|&l| seen[l as usize] = true);
+            seen.iter().filter(|&&s| s).count()
+        })
+        .unwrap_or(0);
+    let spec = ContourSpec {
+        erosion: ErosionSpec::paper(),
+        include_background: true,
+    };
+    let contours = contour_map(label.view(), &spec)?
+        .into_union()
+        .mapv(u8::from);
+    let img = image.index_axis(Axis(0), z);
+    write_panels(
+        path,
+        &[
+            Panel::Gray(img),
+            Panel::Labels(img, label.index_axis(Axis(0), z)),
+            Panel::Labels(img, cedl.index_axis(Axis(0), z)),
+            Panel::Labels(img, cwcd.index_axis(Axis(0), z)),
+            Panel::Mask(img, contours.index_axis(Axis(0), z)),
+        ],
+        3,
+    )
+}

@@ -1,0 +1,199 @@
+//! PNG figures without a plotting library: slice panels (image, labels, contour maps) and
+//! training curves.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use ndarray::{Array2, ArrayView2};
+
+/// A distinct colour per class (0 is black).
+pub fn label_colour(k: u8) -> [u8; 3] {
+    const PALETTE: [[u8; 3]; 16] = [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+        [170, 110, 40],
+        [255, 250, 200],
+        [128, 0, 0],
+    ];
+    if k == 0 {
+        PALETTE[0]
+    } else {
+        PALETTE[1 + (k as usize - 1) % 15]
+    }
+}
+
+/// One panel of a figure.
+pub enum Panel<'a> {
+    /// An image slice, windowed to its 1st–99th percentile.
+    Gray(ArrayView2<'a, f32>),
+    /// A label slice over an image slice (labels at 60% opacity).
+    Labels(ArrayView2<'a, f32>, ArrayView2<'a, u8>),
+    /// A binary map (contours) in white over an image slice.
+    Mask(ArrayView2<'a, f32>, ArrayView2<'a, u8>),
+}
+
+fn gray(image: ArrayView2<f32>) -> Array2<u8> {
+    let mut v: Vec<f32> = image.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f32::total_cmp);
+    let (lo, hi) = if v.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (v[v.len() / 100], v[(v.len() * 99) / 100])
+    };
+    let span = (hi - lo).max(1e-6);
+    image.mapv(|x| (((x - lo) / span).clamp(0.0, 1.0) * 255.0) as u8)
+}
+
+/// Writes RGB pixels `height × width` to `path` (temporary file, then rename).
+pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("png.tmp");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder
+        .write_header()
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .write_image_data(rgb)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writer
+        .finish()
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Panels side by side, each scaled by `scale`, 4 white pixels apart.
+pub fn write_panels(path: &Path, panels: &[Panel], scale: usize) -> Result<()> {
+    let dims = |p: &Panel| match p {
+        Panel::Gray(a) | Panel::Labels(a, _) | Panel::Mask(a, _) => a.dim(),
+    };
+    let h = panels.iter().map(|p| dims(p).0).max().unwrap_or(1) * scale;
+    let gap = 4;
+    let w: usize = panels
+        .iter()
+        .map(|p| dims(p).1 * scale + gap)
+        .sum::<usize>()
+        .saturating_sub(gap)
+        .max(1);
+    let mut rgb = vec![255u8; w * h * 3];
+    let mut x0 = 0;
+    for panel in panels {
+        let (ph, pw) = dims(panel);
+        let base = match panel {
+            Panel::Gray(a) | Panel::Labels(a, _) | Panel::Mask(a, _) => gray(*a),
+        };
+        for y in 0..ph * scale {
+            for x in 0..pw * scale {
+                let (sy, sx) = (y / scale, x / scale);
+                let g = base[[sy, sx]];
+                let mut px = [g, g, g];
+                match panel {
+                    Panel::Gray(_) => {}
+                    Panel::Labels(_, l) => {
+                        let k = l[[sy, sx]];
+                        if k != 0 {
+                            let c = label_colour(k);
+                            px = std::array::from_fn(|i| {
+                                ((c[i] as u16 * 6 + px[i] as u16 * 4) / 10) as u8
+                            });
+                        }
+                    }
+                    Panel::Mask(_, m) => {
+                        if m[[sy, sx]] != 0 {
+                            px = [255, 255, 0];
+                        }
+                    }
+                }
+                let o = (y * w + x0 + x) * 3;
+                rgb[o..o + 3].copy_from_slice(&px);
+            }
+        }
+        x0 += pw * scale + gap;
+    }
+    write_png(path, w, h, &rgb)
+}
+
+/// Training curves from `metrics.jsonl`: the loss (left, blue) and the validation DSC (right,
+/// red, on [0, 1]) per epoch, on a light grid.
+pub fn write_curves(metrics: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let mut loss = Vec::new();
+    let mut dice = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: bad line", metrics.display()))?;
+        let epoch = v["epoch"].as_f64().unwrap_or(0.0);
+        if let Some(l) = v["loss"].as_f64() {
+            loss.push((epoch, l));
+        }
+        if let Some(d) = v["val_dice"].as_f64() {
+            dice.push((epoch, d));
+        }
+    }
+    let (pw, ph, gap) = (320usize, 220usize, 10usize);
+    let (w, h) = (2 * pw + gap, ph);
+    let mut rgb = vec![255u8; w * h * 3];
+    let max_epoch = loss.iter().chain(&dice).map(|p| p.0).fold(1.0, f64::max);
+    let max_loss = loss.iter().map(|p| p.1).fold(1e-9, f64::max);
+    let mut plot = |x0: usize, points: &[(f64, f64)], top: f64, colour: [u8; 3]| {
+        let to_px = |(e, v): (f64, f64)| -> (i64, i64) {
+            let x = x0 as f64 + 10.0 + (e / max_epoch) * (pw as f64 - 20.0);
+            let y = ph as f64 - 10.0 - (v / top).clamp(0.0, 1.0) * (ph as f64 - 20.0);
+            (x as i64, y as i64)
+        };
+        let mut set = |x: i64, y: i64, c: [u8; 3]| {
+            if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
+                let o = (y as usize * w + x as usize) * 3;
+                rgb[o..o + 3].copy_from_slice(&c);
+            }
+        };
+        for i in 0..=4 {
+            let y = 10 + i * (ph - 20) / 4;
+            for x in x0 + 10..x0 + pw - 10 {
+                set(x as i64, y as i64, [225, 225, 225]);
+            }
+        }
+        for y in 10..ph - 10 {
+            set(x0 as i64 + 10, y as i64, [120, 120, 120]);
+        }
+        for x in x0 + 10..x0 + pw - 10 {
+            set(x as i64, (ph - 10) as i64, [120, 120, 120]);
+        }
+        for pair in points.windows(2) {
+            let (a, b) = (to_px(pair[0]), to_px(pair[1]));
+            let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).max(1);
+            for s in 0..=steps {
+                let x = a.0 + (b.0 - a.0) * s / steps;
+                let y = a.1 + (b.1 - a.1) * s / steps;
+                for d in [(0, 0), (0, 1), (1, 0)] {
+                    set(x + d.0, y + d.1, colour);
+                }
+            }
+        }
+        for &p in points {
+            let (x, y) = to_px(p);
+            for dx in -2..=2 {
+                for dy in -2..=2 {
+                    set(x + dx, y + dy, colour);
+                }
+            }
+        }
+    };
+    plot(0, &loss, max_loss * 1.05, [31, 119, 180]);
+    plot(pw + gap, &dice, 1.0, [214, 39, 40]);
+    write_png(out, w, h, &rgb)
+}

@@ -1,0 +1,84 @@
+//! Sliding-window inference with a network: windows of the training patch size, Gaussian
+//! blending, softmax probabilities.
+
+use anyhow::{Result, bail};
+use candle_core::{Device, ModuleT, Tensor};
+use cwseg_data::crop::pad_or_crop_channels;
+use cwseg_data::{Blender, window_positions};
+use cwseg_models::Network;
+use ndarray::{Array4, s};
+
+/// Class probabilities `[k, z, y, x]` of a preprocessed image `[c, z, y, x]`: windows of
+/// `window` with `overlap`, `batch` windows per network call, blended with the Gaussian
+/// importance map (σ = 0.125·window); volumes smaller than the window are padded and the
+/// padding cut off again.
+pub fn predict_probabilities(
+    network: &Network,
+    image: &Array4<f32>,
+    classes: usize,
+    window: [usize; 3],
+    overlap: f64,
+    batch: usize,
+    device: &Device,
+) -> Result<Array4<f32>> {
+    let (c, z, y, x) = image.dim();
+    let padded_shape = [z.max(window[0]), y.max(window[1]), x.max(window[2])];
+    let padded;
+    let volume = if padded_shape != [z, y, x] {
+        padded = pad_or_crop_channels(image.view(), padded_shape, 0.0);
+        &padded
+    } else {
+        image
+    };
+    let positions = window_positions(padded_shape, window, overlap)?;
+    let mut blender = Blender::new(classes, padded_shape, window, 0.125);
+    for chunk in positions.chunks(batch.max(1)) {
+        let mut data = Vec::with_capacity(chunk.len() * c * window.iter().product::<usize>());
+        for p in chunk {
+            let w = volume.slice(s![
+                ..,
+                p[0]..p[0] + window[0],
+                p[1]..p[1] + window[1],
+                p[2]..p[2] + window[2]
+            ]);
+            data.extend(w.iter().copied());
+        }
+        let input = Tensor::from_vec(
+            data,
+            (chunk.len(), c, window[0], window[1], window[2]),
+            device,
+        )?;
+        let logits = network.forward_t(&input, false)?;
+        if logits.dim(1)? != classes {
+            bail!(
+                "the network gives {} classes, {classes} expected",
+                logits.dim(1)?
+            );
+        }
+        let probs = candle_nn::ops::softmax(&logits, 1)?.to_device(&Device::Cpu)?;
+        let flat: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+        let per = classes * window.iter().product::<usize>();
+        for (i, p) in chunk.iter().enumerate() {
+            let w = ndarray::ArrayView4::from_shape(
+                (classes, window[0], window[1], window[2]),
+                &flat[i * per..(i + 1) * per],
+            )?;
+            blender.add(*p, w)?;
+        }
+    }
+    let full = blender.finish();
+    if padded_shape == [z, y, x] {
+        return Ok(full);
+    }
+    // undo the centred padding
+    let start: [usize; 3] = std::array::from_fn(|a| (padded_shape[a] - [z, y, x][a]) / 2);
+    let out = full
+        .slice(s![
+            ..,
+            start[0]..start[0] + z,
+            start[1]..start[1] + y,
+            start[2]..start[2] + x
+        ])
+        .to_owned();
+    Ok(out)
+}

@@ -1,0 +1,275 @@
+//! Optimizers whose state can be saved and restored exactly (candle's own do not expose their
+//! moments), and learning-rate schedules.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// The update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam (L2 weight decay added to the gradient, as PyTorch's `Adam`). The paper's.
+    #[default]
+    Adam,
+    /// AdamW (decoupled weight decay).
+    AdamW,
+    /// SGD with (Nesterov) momentum, as PyTorch's `SGD`.
+    Sgd,
+}
+
+/// Optimizer settings; the default is the paper's Adam with lr 3e-4.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// The update rule.
+    pub kind: OptimizerKind,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Adam's β₁, β₂.
+    pub betas: [f64; 2],
+    /// Adam's ε.
+    pub eps: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            lr: 3e-4,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            momentum: 0.99,
+            nesterov: true,
+        }
+    }
+}
+
+/// How the learning rate changes over the epochs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Schedule {
+    /// Multiply by `gamma` at each milestone epoch (the paper: halve twice; default
+    /// milestones at 50% and 75% of the epochs, SPEC §6).
+    Step {
+        /// Epochs (0-based) from which the next factor applies.
+        #[serde(default)]
+        milestones: Option<Vec<usize>>,
+        /// The factor.
+        #[serde(default = "half")]
+        gamma: f64,
+    },
+    /// Cosine annealing to `min_lr` over the epochs.
+    Cosine {
+        /// The final learning rate.
+        #[serde(default)]
+        min_lr: f64,
+    },
+    /// nnU-Net's polynomial decay `(1 − epoch/epochs)^power`.
+    Poly {
+        /// The exponent.
+        #[serde(default = "poly_power")]
+        power: f64,
+    },
+    /// No change.
+    Constant,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn poly_power() -> f64 {
+    0.9
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Step {
+            milestones: None,
+            gamma: 0.5,
+        }
+    }
+}
+
+impl Schedule {
+    /// The learning rate of `epoch` (0-based) of `epochs`.
+    pub fn lr(&self, base: f64, epoch: usize, epochs: usize) -> f64 {
+        let t = epoch as f64 / epochs.max(1) as f64;
+        match self {
+            Schedule::Step { milestones, gamma } => {
+                let defaults = [epochs / 2, epochs * 3 / 4];
+                let milestones: Vec<usize> = milestones
+                    .clone()
+                    .unwrap_or_else(|| defaults.iter().copied().filter(|&m| m > 0).collect());
+                base * gamma.powi(milestones.iter().filter(|&&m| epoch >= m).count() as i32)
+            }
+            Schedule::Cosine { min_lr } => {
+                min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            Schedule::Poly { power } => base * (1.0 - t).max(0.0).powf(*power),
+            Schedule::Constant => base,
+        }
+    }
+}
+
+/// An optimizer over named variables, with its state.
+pub struct Optimizer {
+    config: OptimizerConfig,
+    vars: Vec<(String, Var)>,
+    first: Vec<Option<Tensor>>,
+    second: Vec<Option<Tensor>>,
+    step: u64,
+    lr: f64,
+}
+
+impl Optimizer {
+    /// An optimizer over `vars` (sorted by name for a stable state file).
+    pub fn new(config: OptimizerConfig, mut vars: Vec<(String, Var)>) -> Self {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let n = vars.len();
+        Optimizer {
+            config,
+            vars,
+            first: vec![None; n],
+            second: vec![None; n],
+            step: 0,
+            lr: config.lr,
+        }
+    }
+
+    /// Sets the learning rate for the next steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update from `grads`; variables without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let theta = var.as_tensor();
+            match c.kind {
+                OptimizerKind::Adam | OptimizerKind::AdamW => {
+                    let g = if c.kind == OptimizerKind::Adam && c.weight_decay != 0.0 {
+                        (g + theta.affine(c.weight_decay, 0.0)?)?
+                    } else {
+                        g.clone()
+                    };
+                    let m = match &self.first[i] {
+                        Some(m) => ((m * c.betas[0])? + (&g * (1.0 - c.betas[0]))?)?,
+                        None => (&g * (1.0 - c.betas[0]))?,
+                    };
+                    let v = match &self.second[i] {
+                        Some(v) => ((v * c.betas[1])? + (g.sqr()? * (1.0 - c.betas[1]))?)?,
+                        None => (g.sqr()? * (1.0 - c.betas[1]))?,
+                    };
+                    let m_hat = (&m / (1.0 - c.betas[0].powi(t)))?;
+                    let v_hat = (&v / (1.0 - c.betas[1].powi(t)))?;
+                    let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+                    let mut next = theta.clone();
+                    if c.kind == OptimizerKind::AdamW && c.weight_decay != 0.0 {
+                        next = (next * (1.0 - self.lr * c.weight_decay))?;
+                    }
+                    var.set(&(next - (update * self.lr)?)?)?;
+                    self.first[i] = Some(m);
+                    self.second[i] = Some(v);
+                }
+                OptimizerKind::Sgd => {
+                    let g = if c.weight_decay != 0.0 {
+                        (g + theta.affine(c.weight_decay, 0.0)?)?
+                    } else {
+                        g.clone()
+                    };
+                    let buf = match &self.first[i] {
+                        Some(b) => ((b * c.momentum)? + &g)?,
+                        None => g.clone(),
+                    };
+                    let direction = if c.nesterov {
+                        (&g + (&buf * c.momentum)?)?
+                    } else {
+                        buf.clone()
+                    };
+                    var.set(&(theta - (direction * self.lr)?)?)?;
+                    self.first[i] = Some(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the moments to `path` (safetensors, `first.<name>`, `second.<name>`), through a
+    /// temporary file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            if let Some(m) = &self.first[i] {
+                tensors.insert(format!("first.{name}"), m.clone());
+            }
+            if let Some(v) = &self.second[i] {
+                tensors.insert(format!("second.{name}"), v.clone());
+            }
+        }
+        tensors.insert(
+            "step".to_string(),
+            Tensor::new(&[self.step as f64], &candle_core::Device::Cpu)?,
+        );
+        let tmp = path.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Restores the moments written by [`Optimizer::save`].
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let device = self
+            .vars
+            .first()
+            .map(|v| v.1.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let tensors = candle_core::safetensors::load(path, &device)
+            .with_context(|| format!("reading optimizer state {}", path.display()))?;
+        let Some(step) = tensors.get("step") else {
+            bail!("{}: no `step` entry", path.display())
+        };
+        self.step = step.to_vec1::<f64>()?[0] as u64;
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (slot, prefix) in [
+                (&mut self.first[i], "first"),
+                (&mut self.second[i], "second"),
+            ] {
+                *slot = match tensors.get(&format!("{prefix}.{name}")) {
+                    Some(t) if t.dims() == var.dims() => Some(t.to_dtype(var.dtype())?),
+                    Some(t) => bail!(
+                        "{}: {prefix}.{name} has shape {:?}, the network {:?}",
+                        path.display(),
+                        t.dims(),
+                        var.dims()
+                    ),
+                    None => None,
+                };
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! From a data set on disk to preprocessed volumes in memory, and the preprocessing record that
+//! `predict` replays and inverts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use cwseg_data::{
+    BoundingBox, Dataset, Image, LabelMap, Normalization, PhantomConfig, ReadOptions, Split,
+    crop_image, crop_label, foreground_bbox, normalize, resample_image, resample_label,
+    write_phantom_dataset,
+};
+use serde::{Deserialize, Serialize};
+
+/// Which reader opens the data folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// BraTS when the folder has case folders and no `dataset.json`, else MSD.
+    #[default]
+    Auto,
+    /// Medical Segmentation Decathlon / nnU-Net v2.
+    Msd,
+    /// BraTS case folders.
+    Brats,
+    /// AMOS (MSD layout, 15 organs).
+    Amos,
+}
+
+/// The synthetic phantom data set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// Training phantoms (validation is split from these).
+    pub train: usize,
+    /// Held-out test phantoms.
+    pub test: usize,
+    /// Phantom size and quality.
+    pub phantom: PhantomConfig,
+    /// Seed of the first phantom.
+    pub seed: u64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            train: 8,
+            test: 4,
+            phantom: PhantomConfig {
+                shape: [48, 64, 64],
+                ..PhantomConfig::default()
+            },
+            seed: 1000,
+        }
+    }
+}
+
+/// Where the data comes from and how it is split and preprocessed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `synthetic`, or a data set folder.
+    pub source: String,
+    /// How to read the folder.
+    pub format: DataFormat,
+    /// The phantom, when `source = "synthetic"`.
+    pub synthetic: SyntheticConfig,
+    /// A split file (`{"train": [...], "val": [...], "test": [...]}`); otherwise a seeded split.
+    pub split: Option<PathBuf>,
+    /// Fraction of the training cases held out for validation in a seeded split.
+    pub val_fraction: f64,
+    /// Fraction held out for testing in a seeded split (0 when the data set has a test folder).
+    pub test_fraction: f64,
+    /// Use at most this many training cases (after the split).
+    pub max_train_cases: Option<usize>,
+    /// Preprocessing; fields left out take the data set's defaults.
+    pub preprocessing: Option<Preprocessing>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            source: "synthetic".into(),
+            format: DataFormat::Auto,
+            synthetic: SyntheticConfig::default(),
+            split: None,
+            val_fraction: 0.2,
+            test_fraction: 0.0,
+            max_train_cases: None,
+            preprocessing: None,
+        }
+    }
+}
+
+/// What is done to every image before the network sees it; stored in `config.json` so that
+/// `predict` does the same and maps its output back to the input's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Preprocessing {
+    /// Crop to the box of non-zero voxels (skull-stripped MRI) first.
+    pub crop_foreground: bool,
+    /// Resample to this spacing `[z, y, x]` mm.
+    pub spacing: Option<[f64; 3]>,
+    /// Intensity normalisation per channel.
+    pub normalization: Normalization,
+}
+
+impl Default for Preprocessing {
+    fn default() -> Self {
+        Preprocessing {
+            crop_foreground: false,
+            spacing: None,
+            normalization: Normalization::ZScore,
+        }
+    }
+}
+
+impl Preprocessing {
+    /// The defaults for a data set: BraTS crops to the brain and normalises its non-zero
+    /// voxels (SPEC §6); everything else z-scores the whole volume.
+    pub fn for_dataset(dataset: &Dataset) -> Self {
+        if dataset.name == "BraTS" {
+            Preprocessing {
+                crop_foreground: true,
+                spacing: None,
+                normalization: Normalization::ZScoreNonZero,
+            }
+        } else {
+            Preprocessing::default()
+        }
+    }
+
+    /// Applies the preprocessing to an image (and its labels): returns them with the crop box
+    /// used (in the input's voxels), for inverting.
+    pub fn apply(
+        &self,
+        image: &Image,
+        label: Option<&LabelMap>,
+    ) -> Result<(Image, Option<LabelMap>, Option<BoundingBox>)> {
+        let mut image = image.clone();
+        let mut label = label.cloned();
+        let mut bbox = None;
+        if self.crop_foreground {
+            if let Some(b) = foreground_bbox(image.data.view()) {
+                image = crop_image(&image, &b);
+                label = label.map(|l| crop_label(&l, &b));
+                bbox = Some(b);
+            }
+        }
+        if let Some(spacing) = self.spacing {
+            image = resample_image(&image, spacing)?;
+            label = label.map(|l| resample_label(&l, spacing)).transpose()?;
+        }
+        normalize(&mut image, self.normalization);
+        Ok((image, label, bbox))
+    }
+}
+
+/// A preprocessed case.
+pub struct PreparedCase {
+    /// The case's id.
+    pub id: String,
+    /// The preprocessed image.
+    pub image: Image,
+    /// The preprocessed labels.
+    pub label: LabelMap,
+}
+
+/// The opened data set, its split and preprocessing.
+pub struct PreparedData {
+    /// The data set.
+    pub dataset: Dataset,
+    /// The split used.
+    pub split: Split,
+    /// The preprocessing applied.
+    pub preprocessing: Preprocessing,
+}
+
+/// Opens (or, for `synthetic`, writes into `synthetic_dir` first) the data set and splits it.
+pub fn open_data(config: &DataConfig, seed: u64, synthetic_dir: &Path) -> Result<PreparedData> {
+    let dataset = if config.source == "synthetic" {
+        let root = synthetic_dir.to_path_buf();
+        let s = &config.synthetic;
+        if root.join("dataset.json").exists() {
+            Dataset::msd(&root)?
+        } else {
+            write_phantom_dataset(&root, s.train, s.test, &s.phantom, s.seed)
+                .with_context(|| format!("writing the phantom data set to {}", root.display()))?
+        }
+    } else {
+        let root = Path::new(&config.source);
+        match config.format {
+            DataFormat::Auto => Dataset::open(root),
+            DataFormat::Msd => Dataset::msd(root),
+            DataFormat::Brats => Dataset::brats(root),
+            DataFormat::Amos => Dataset::amos(root),
+        }
+        .with_context(|| format!("opening the data set {}", root.display()))?
+    };
+    let mut split = match &config.split {
+        Some(path) => Split::read(path, &dataset)?,
+        None => {
+            let ids: Vec<String> = dataset.training.iter().map(|c| c.id.clone()).collect();
+            let mut split = Split::random(&ids, seed, config.val_fraction, config.test_fraction)?;
+            split.test.extend(
+                dataset
+                    .test
+                    .iter()
+                    .filter(|c| c.label.is_some())
+                    .map(|c| c.id.clone()),
+            );
+            split
+        }
+    };
+    if let Some(n) = config.max_train_cases {
+        split.train.truncate(n);
+    }
+    if split.train.is_empty() {
+        bail!("no training cases in {}", dataset.root.display());
+    }
+    let preprocessing = config
+        .preprocessing
+        .unwrap_or_else(|| Preprocessing::for_dataset(&dataset));
+    Ok(PreparedData {
+        dataset,
+        split,
+        preprocessing,
+    })
+}
+
+impl PreparedData {
+    /// Reads and preprocesses the cases `ids` (each must have labels), in parallel.
+    pub fn load(&self, ids: &[String]) -> Result<Vec<PreparedCase>> {
+        use rayon::prelude::*;
+        ids.par_iter()
+            .map(|id| {
+                let case = self
+                    .dataset
+                    .case(id)
+                    .with_context(|| format!("case {id} is not in the data set"))?;
+                let (image, label) = self.dataset.load_case(case, &ReadOptions::default())?;
+                let label = label.with_context(|| format!("case {id} has no label file"))?;
+                let (image, label, _) = self.preprocessing.apply(&image, Some(&label))?;
+                let label = label.context("labels lost in preprocessing")?;
+                Ok(PreparedCase {
+                    id: id.clone(),
+                    image,
+                    label,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,599 @@
+//! The training loop: patches from the loader, any network, any loss, validation by
+//! sliding-window inference each epoch, best and last checkpoints, exact resumption, a
+//! progress bar, `metrics.jsonl`, and clean stops on Ctrl-C or a non-finite loss.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, ModuleT};
+use candle_nn::VarMap;
+use cwseg_data::{AugmentConfig, EpochLoader, LoaderConfig, SamplerConfig, SamplingVolume, argmax};
+use cwseg_losses::{LossConfig, Target};
+use cwseg_models::{ModelConfig, Network, seeded_var_builder, weights};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::infer::predict_probabilities;
+use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+use crate::prepare::{DataConfig, PreparedCase, Preprocessing, open_data};
+
+/// Validation settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Validate every this many epochs (and after the last).
+    pub every: usize,
+    /// Sliding-window overlap.
+    pub overlap: f64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            every: 1,
+            overlap: 0.5,
+        }
+    }
+}
+
+/// Everything a training run needs; `cwseg train --config run.toml` reads it, flags override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The data.
+    pub data: DataConfig,
+    /// The network (`in_channels` and `classes` are set from the data).
+    pub model: ModelConfig,
+    /// The loss.
+    pub loss: LossConfig,
+    /// Patch size `[z, y, x]` (also the inference window).
+    pub patch: [usize; 3],
+    /// Patches per batch.
+    pub batch_size: usize,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Optimizer.
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Seed of everything random (weights, split, patches, augmentation).
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Augmentation.
+    pub augment: AugmentConfig,
+    /// Weight of patches centred on foreground.
+    pub positive: f64,
+    /// Weight of patches centred anywhere.
+    pub negative: f64,
+    /// Loader threads.
+    pub workers: usize,
+    /// Validation.
+    pub validation: ValidationConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: DataConfig::default(),
+            model: ModelConfig::Unet(cwseg_models::UNetConfig::default()),
+            loss: LossConfig::Cwcd(Default::default()),
+            patch: [32, 32, 32],
+            batch_size: 2,
+            epochs: 10,
+            batches_per_epoch: 20,
+            optimizer: OptimizerConfig::default(),
+            schedule: Schedule::default(),
+            seed: 0,
+            device: "cpu".into(),
+            augment: AugmentConfig::default(),
+            positive: 2.0,
+            negative: 1.0,
+            workers: 2,
+            validation: ValidationConfig::default(),
+        }
+    }
+}
+
+/// What `predict` needs from a run: written as `config.json` beside every `model.safetensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The cwseg version that wrote it.
+    pub cwseg_version: String,
+    /// The network.
+    pub model: ModelConfig,
+    /// The loss it was trained with.
+    pub loss: LossConfig,
+    /// Class names, index = class.
+    pub classes: Vec<String>,
+    /// Stored label value of each class (written back by `predict`).
+    pub label_values: Vec<u8>,
+    /// Input channels, in order.
+    pub modalities: Vec<String>,
+    /// Preprocessing to replay.
+    pub preprocessing: Preprocessing,
+    /// Inference window.
+    pub patch: [usize; 3],
+    /// Inference overlap.
+    pub overlap: f64,
+}
+
+impl ModelCard {
+    /// Reads `dir/config.json`.
+    pub fn read(dir: &Path) -> Result<ModelCard> {
+        let path = dir.join("config.json");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a cwseg model config", path.display()))
+    }
+}
+
+/// Progress state saved with the last checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The epoch in progress (or next to start).
+    pub epoch: usize,
+    /// Batches of that epoch already done.
+    pub batch: usize,
+    /// Sum of the losses of those batches.
+    pub loss_sum: f64,
+    /// Best validation DSC so far.
+    pub best_dice: Option<f64>,
+    /// Its epoch.
+    pub best_epoch: Option<usize>,
+    /// Whether training finished.
+    pub finished: bool,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The run folder.
+    pub dir: PathBuf,
+    /// Best validation DSC.
+    pub best_dice: Option<f64>,
+    /// Whether training stopped early (Ctrl-C).
+    pub interrupted: bool,
+    /// Wall time of this invocation, seconds.
+    pub seconds: f64,
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other if other == "cuda" || other.starts_with("cuda:") => {
+            let ordinal: usize = other
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .with_context(|| format!("device `{other}`: expected cuda:N"))?
+                .unwrap_or(0);
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "device `{other}`: this cwseg was built without CUDA; build it with `scripts/build-cuda.sh` (see the README's GPU section)"
+                );
+            }
+            Device::new_cuda(ordinal)
+                .map_err(|e| anyhow::anyhow!("device `{other}`: no usable CUDA GPU ({e})"))
+        }
+        other => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+    }
+}
+
+/// Set by Ctrl-C; the loop stops after the current step and saves.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Per-class DSC of a prediction (NaN where the class is in neither).
+pub fn dice_per_class(
+    prediction: &ndarray::Array3<u8>,
+    label: &ndarray::Array3<u8>,
+    classes: usize,
+) -> Vec<f64> {
+    let mut inter = vec![0u64; classes];
+    let mut p = vec![0u64; classes];
+    let mut g = vec![0u64; classes];
+    for (&a, &b) in prediction.iter().zip(label.iter()) {
+        p[a as usize % classes] += 1;
+        g[b as usize % classes] += 1;
+        if a == b {
+            inter[a as usize % classes] += 1;
+        }
+    }
+    (0..classes)
+        .map(|k| {
+            if p[k] + g[k] == 0 {
+                f64::NAN
+            } else {
+                2.0 * inter[k] as f64 / (p[k] + g[k]) as f64
+            }
+        })
+        .collect()
+}
+
+/// Mean over foreground classes of the mean over cases, NaN-skipping.
+fn mean_foreground(per_case: &[Vec<f64>]) -> (f64, Vec<f64>) {
+    let classes = per_case.first().map_or(0, Vec::len);
+    let per_class: Vec<f64> = (1..classes)
+        .map(|k| {
+            let v: Vec<f64> = per_case
+                .iter()
+                .map(|c| c[k])
+                .filter(|d| d.is_finite())
+                .collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        })
+        .collect();
+    let valid: Vec<f64> = per_class
+        .iter()
+        .copied()
+        .filter(|d| d.is_finite())
+        .collect();
+    let mean = if valid.is_empty() {
+        f64::NAN
+    } else {
+        valid.iter().sum::<f64>() / valid.len() as f64
+    };
+    (mean, per_class)
+}
+
+/// Validation: sliding-window predictions of `cases`, their per-class DSC.
+pub fn validate(
+    network: &Network,
+    cases: &[PreparedCase],
+    classes: usize,
+    patch: [usize; 3],
+    overlap: f64,
+    device: &Device,
+) -> Result<(f64, Vec<f64>)> {
+    let mut per_case = Vec::new();
+    for case in cases {
+        let probs = predict_probabilities(
+            network,
+            &case.image.data,
+            classes,
+            patch,
+            overlap,
+            2,
+            device,
+        )?;
+        per_case.push(dice_per_class(
+            &argmax(probs.view()),
+            &case.label.data,
+            classes,
+        ));
+    }
+    Ok(mean_foreground(&per_case))
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    vars: &VarMap,
+    card: &ModelCard,
+    optimizer: Option<(&Optimizer, &RunState)>,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let metadata: HashMap<String, String> = [
+        ("cwseg_version".to_string(), card.cwseg_version.clone()),
+        ("model".to_string(), card.model.name().to_string()),
+        ("loss".to_string(), serde_json::to_string(&card.loss)?),
+    ]
+    .into_iter()
+    .collect();
+    weights::save(vars, dir.join("model.safetensors"), DType::F32, &metadata)?;
+    cwseg_data::dataset::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(card)?.as_bytes(),
+    )?;
+    if let Some((opt, state)) = optimizer {
+        opt.save(&dir.join("optimizer.safetensors"))?;
+        cwseg_data::dataset::write_atomic(
+            &dir.join("state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Options of one invocation that are not part of the run's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run in the folder from its last checkpoint.
+    pub resume: bool,
+    /// No progress bar.
+    pub quiet: bool,
+    /// Where the synthetic data set is written (default `RUN/data`).
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Trains `config` into `dir`.
+pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<TrainOutcome> {
+    let start = Instant::now();
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating the run folder {}", dir.display()))?;
+    let saved_config = dir.join("train.toml");
+    if options.resume {
+        let text = fs::read_to_string(&saved_config)
+            .with_context(|| format!("--resume: reading {}", saved_config.display()))?;
+        let saved: TrainConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: not a training configuration", saved_config.display()))?;
+        if &saved != config {
+            bail!(
+                "--resume: the configuration differs from the run's {}; resume with the same settings",
+                saved_config.display()
+            );
+        }
+    } else if dir.join("last").exists() {
+        bail!(
+            "{} already holds a run; use --resume to continue it or choose another --out",
+            dir.display()
+        );
+    }
+    let device = parse_device(&config.device)?;
+    if config.batch_size == 0
+        || config.epochs == 0
+        || config.batches_per_epoch == 0
+        || config.patch.contains(&0)
+    {
+        bail!("batch size, epochs, batches per epoch and patch size must be positive");
+    }
+    let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+    let data = open_data(&config.data, config.seed, &data_dir)?;
+    let classes = data.dataset.classes.len();
+    let model_config = config.model.with_io(data.dataset.modalities.len(), classes);
+    let multiple = model_config.size_multiple();
+    if config.patch.iter().any(|p| p % multiple != 0) {
+        bail!(
+            "patch {:?}: every side must be a multiple of {multiple} for this network",
+            config.patch
+        );
+    }
+    data.split.write(dir.join("split.json"))?;
+    cwseg_data::dataset::write_atomic(&saved_config, toml::to_string_pretty(config)?.as_bytes())?;
+    tracing::info!(
+        cases = data.split.train.len(),
+        val = data.split.val.len(),
+        "loading and preprocessing"
+    );
+    let train_cases = data.load(&data.split.train)?;
+    let val_cases = data.load(&data.split.val)?;
+    let volumes: Vec<SamplingVolume> = train_cases
+        .into_iter()
+        .map(|c| SamplingVolume::new(c.image.data, c.label.data, config.patch))
+        .collect::<Result<_, _>>()?;
+    let volumes = Arc::new(volumes);
+    let card = ModelCard {
+        cwseg_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: model_config.clone(),
+        loss: config.loss.clone(),
+        classes: data.dataset.classes.clone(),
+        label_values: data.dataset.label_values.clone(),
+        modalities: data.dataset.modalities.clone(),
+        preprocessing: data.preprocessing,
+        patch: config.patch,
+        overlap: config.validation.overlap,
+    };
+
+    let vars = VarMap::new();
+    let network =
+        model_config.build(seeded_var_builder(&vars, config.seed, DType::F32, &device))?;
+    let named: Vec<(String, candle_core::Var)> = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
+        .iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let mut optimizer = Optimizer::new(config.optimizer, named);
+    let loss = config.loss.build();
+    let mut state = RunState::default();
+    if options.resume {
+        let last = dir.join("last");
+        weights::load_strict(&vars, last.join("model.safetensors"))?;
+        optimizer.load(&last.join("optimizer.safetensors"))?;
+        let path = last.join("state.json");
+        state = serde_json::from_str(
+            &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("{}: not a run state", path.display()))?;
+        if state.finished {
+            tracing::info!("the run had finished; nothing to do");
+            return Ok(TrainOutcome {
+                dir: dir.to_path_buf(),
+                best_dice: state.best_dice,
+                interrupted: false,
+                seconds: 0.0,
+            });
+        }
+    }
+    let loader_config = LoaderConfig {
+        batch_size: config.batch_size,
+        batches_per_epoch: config.batches_per_epoch,
+        workers: config.workers,
+        prefetch: 2,
+        sampler: SamplerConfig {
+            size: config.patch,
+            positive: config.positive,
+            negative: config.negative,
+            class_balanced: true,
+        },
+        augment: config.augment,
+    };
+    let bar = if options.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((config.epochs * config.batches_per_epoch) as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} {}", model_config.name(), loss.name()));
+    bar.set_position((state.epoch * config.batches_per_epoch + state.batch) as u64);
+    let mut metrics = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", dir.join("metrics.jsonl").display()))?;
+    let mut interrupted = false;
+    // Test hook: behave as if Ctrl-C came after this many batches of this invocation.
+    let interrupt_after: Option<usize> = std::env::var("CWSEG_INTERRUPT_AFTER_BATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut batches_run = 0usize;
+    while state.epoch < config.epochs {
+        let epoch = state.epoch;
+        let lr = config
+            .schedule
+            .lr(config.optimizer.lr, epoch, config.epochs);
+        optimizer.set_lr(lr);
+        let epoch_start = Instant::now();
+        let first = state.batch;
+        let loader = EpochLoader::starting_at(
+            Arc::clone(&volumes),
+            loader_config,
+            config.seed,
+            epoch as u64,
+            first,
+        );
+        for batch in loader {
+            let batch = batch?;
+            let (image, labels) = batch.to_tensors(&device)?;
+            let logits = network.forward_t(&image, true)?;
+            let value = loss.forward(&logits, &Target::new(labels)?)?;
+            let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !scalar.is_finite() {
+                bar.abandon();
+                bail!(
+                    "the loss is {scalar} at epoch {} batch {} (step {}); stopped without saving this step. The last good checkpoint is in {}",
+                    epoch + 1,
+                    state.batch + 1,
+                    optimizer.steps() + 1,
+                    dir.join("last").display()
+                );
+            }
+            let grads = value.backward()?;
+            optimizer.step(&grads)?;
+            state.batch += 1;
+            state.loss_sum += scalar;
+            bar.inc(1);
+            let rate = (state.batch - first) as f64 * config.batch_size as f64
+                / epoch_start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "epoch {}/{} loss {:.4} lr {:.1e} {:.2} patches/s best DSC {}",
+                epoch + 1,
+                config.epochs,
+                state.loss_sum / state.batch as f64,
+                lr,
+                rate,
+                state.best_dice.map_or("-".into(), |d| format!("{d:.4}"))
+            ));
+            batches_run += 1;
+            if INTERRUPTED.load(Ordering::SeqCst) || interrupt_after == Some(batches_run) {
+                interrupted = true;
+                break;
+            }
+        }
+        if interrupted {
+            save_checkpoint(&dir.join("last"), &vars, &card, Some((&optimizer, &state)))?;
+            bar.abandon_with_message(format!(
+                "interrupted at epoch {} batch {}; saved; continue with --resume",
+                epoch + 1,
+                state.batch
+            ));
+            break;
+        }
+        let train_loss = state.loss_sum / state.batch.max(1) as f64;
+        let last_epoch = epoch + 1 == config.epochs;
+        let (val_dice, per_class) = if !val_cases.is_empty()
+            && ((epoch + 1) % config.validation.every.max(1) == 0 || last_epoch)
+        {
+            let (d, pc) = validate(
+                &network,
+                &val_cases,
+                classes,
+                config.patch,
+                config.validation.overlap,
+                &device,
+            )?;
+            (Some(d), Some(pc))
+        } else {
+            (None, None)
+        };
+        let improved = match (val_dice, state.best_dice) {
+            (Some(d), Some(b)) => d.is_finite() && d > b,
+            (Some(d), None) => d.is_finite(),
+            (None, _) => val_cases.is_empty() && last_epoch,
+        };
+        if improved {
+            state.best_dice = val_dice;
+            state.best_epoch = Some(epoch + 1);
+            save_checkpoint(&dir.join("best"), &vars, &card, None)?;
+        }
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let line = json!({
+            "epoch": epoch + 1,
+            "loss": train_loss,
+            "lr": lr,
+            "val_dice": val_dice.filter(|d| d.is_finite()),
+            "val_dice_per_class": per_class.map(|v| v.into_iter().map(|d| if d.is_finite() { Some(d) } else { None }).collect::<Vec<_>>()),
+            "seconds": seconds,
+            "patches_per_second": (config.batches_per_epoch - first) as f64 * config.batch_size as f64 / seconds.max(1e-9),
+        });
+        writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+        state.epoch += 1;
+        state.batch = 0;
+        state.loss_sum = 0.0;
+        state.finished = state.epoch == config.epochs;
+        save_checkpoint(&dir.join("last"), &vars, &card, Some((&optimizer, &state)))?;
+        tracing::info!(epoch = epoch + 1, loss = train_loss, val_dice = ?val_dice, "epoch done");
+    }
+    if !interrupted {
+        bar.finish_with_message(format!(
+            "done; best validation DSC {} (epoch {})",
+            state.best_dice.map_or("-".into(), |d| format!("{d:.4}")),
+            state.best_epoch.map_or("-".into(), |e| e.to_string())
+        ));
+        crate::figures::write_curves(&dir.join("metrics.jsonl"), &dir.join("curves.png"))?;
+    }
+    Ok(TrainOutcome {
+        dir: dir.to_path_buf(),
+        best_dice: state.best_dice,
+        interrupted,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loads a trained network from a run or model folder (`RUN/best`, else `RUN` itself).
+pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, PathBuf)> {
+    let dir = if path.join("best").join("model.safetensors").exists() {
+        path.join("best")
+    } else {
+        path.to_path_buf()
+    };
+    let card = ModelCard::read(&dir)?;
+    let vars = VarMap::new();
+    let network = card.model.build(candle_nn::VarBuilder::from_varmap(
+        &vars,
+        DType::F32,
+        device,
+    ))?;
+    weights::load_strict(&vars, dir.join("model.safetensors"))?;
+    Ok((network, card, dir))
+}

@@ -1,0 +1,421 @@
+//! The `cwseg` binary end to end on tiny data: synth, train (with an interrupted and resumed
+//! run that must end bit-identical to an uninterrupted one), predict, evaluate, contour, loss,
+//! model, and its errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cwseg(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args(args)
+        .output()
+        .expect("cwseg runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = cwseg(args);
+    assert!(
+        out.status.success(),
+        "cwseg {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = cwseg(args);
+    assert!(!out.status.success(), "cwseg {args:?} should fail");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a clean error exit, not a panic (101)"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const TINY: &str = r#"
+patch = [16, 16, 16]
+batch_size = 2
+epochs = 2
+batches_per_epoch = 3
+seed = 4
+workers = 2
+
+[data]
+source = "synthetic"
+val_fraction = 0.34
+
+[data.synthetic]
+train = 3
+test = 1
+seed = 50
+
+[data.synthetic.phantom]
+shape = [16, 24, 24]
+
+[model]
+name = "unet"
+filters = 4
+depth = 2
+
+[loss]
+name = "cwcd"
+"#;
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, TINY).expect("config");
+    path
+}
+
+/// Every tensor of a safetensors file as (name, f32 values), sorted by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu).expect("weights");
+    let mut out: Vec<(String, Vec<f32>)> = map
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v
+                .to_dtype(candle_core::DType::F32)
+                .expect("f32")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("values");
+            (k, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let (x, y) = (tensors(a), tensors(b));
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} hold different tensors",
+        a.display(),
+        b.display()
+    );
+    for ((n, u), (m, v)) in x.iter().zip(&y) {
+        assert_eq!(n, m);
+        let same = u.len() == v.len() && u.iter().zip(v).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(
+            same,
+            "{n} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+#[test]
+fn train_resume_predict_evaluate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let config = config.to_str().expect("utf-8");
+    let straight = dir.path().join("straight");
+    ok(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        straight.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    for file in [
+        "best/model.safetensors",
+        "best/config.json",
+        "last/optimizer.safetensors",
+        "last/state.json",
+        "metrics.jsonl",
+        "curves.png",
+        "split.json",
+        "train.toml",
+    ] {
+        assert!(straight.join(file).exists(), "{file}");
+    }
+    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 2);
+    let first: serde_json::Value =
+        serde_json::from_str(metrics.lines().next().expect("line")).expect("json");
+    assert!(first["loss"].as_f64().expect("loss").is_finite());
+
+    // interrupted after 4 batches (mid epoch 2), then resumed: the same final weights
+    let resumed = dir.path().join("resumed");
+    let out = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args([
+            "train",
+            "--config",
+            config,
+            "--out",
+            resumed.to_str().expect("utf-8"),
+            "--quiet",
+        ])
+        .env("CWSEG_INTERRUPT_AFTER_BATCHES", "4")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(resumed.join("last/state.json")).expect("state"),
+    )
+    .expect("json");
+    assert_eq!(
+        (state["epoch"].as_u64(), state["batch"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let err = fails(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        resumed.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert!(err.contains("--resume"), "{err}");
+    ok(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        resumed.to_str().expect("utf-8"),
+        "--quiet",
+        "--resume",
+    ]);
+    // resume is exact: the same weights and optimizer state, bit for bit
+    assert_same(
+        &straight.join("last/model.safetensors"),
+        &resumed.join("last/model.safetensors"),
+    );
+    assert_same(
+        &straight.join("last/optimizer.safetensors"),
+        &resumed.join("last/optimizer.safetensors"),
+    );
+
+    // predict a held-out phantom: labels with the input's geometry
+    let data = straight.join("data");
+    let image = data.join("imagesTs/phantom_003.nii.gz");
+    let label = data.join("labelsTs/phantom_003.nii.gz");
+    let pred = dir.path().join("pred");
+    std::fs::create_dir_all(&pred).expect("dir");
+    let pred_file = pred.join("phantom_003.nii.gz");
+    ok(&[
+        "predict",
+        "--model",
+        straight.to_str().expect("utf-8"),
+        "--input",
+        image.to_str().expect("utf-8"),
+        "--output",
+        pred_file.to_str().expect("utf-8"),
+        "--probabilities",
+    ]);
+    let input = cwseg_data::read_image(&image, &Default::default()).expect("image");
+    let output = cwseg_data::read_label(&pred_file, &Default::default()).expect("prediction");
+    assert_eq!(output.geometry.shape(), input.geometry.shape());
+    assert_eq!(output.geometry.affine(), input.geometry.affine());
+    assert!(output.data.iter().all(|&l| l < 14));
+    assert!(
+        pred.join("phantom_003_probabilities/class_00.nii.gz")
+            .exists()
+    );
+
+    // evaluate: DESIGN.md's JSON contract
+    let labels = dir.path().join("labels");
+    std::fs::create_dir_all(&labels).expect("dir");
+    std::fs::copy(&label, labels.join("phantom_003.nii.gz")).expect("copy");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().expect("utf-8"),
+        "--label",
+        labels.to_str().expect("utf-8"),
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(json["aggregate"], "paper");
+    let case = &json["cases"][0];
+    assert_eq!(case["case"], "phantom_003");
+    let liver = &case["classes"]["1"];
+    for key in ["dice", "iou", "hd95", "assd", "nsd", "status"] {
+        assert!(liver.get(key).is_some(), "{key} in {liver}");
+    }
+    assert!(json["mean"]["1"].is_object() && json["failures"]["1"].is_number());
+    let table = ok(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().expect("utf-8"),
+        "--label",
+        labels.to_str().expect("utf-8"),
+        "--aggregate",
+        "monai",
+    ]);
+    assert!(table.contains("| Avg |"), "{table}");
+}
+
+#[test]
+fn contour_loss_model_and_synth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("phantom");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "1",
+        "--test",
+        "0",
+        "--shape",
+        "16,24,24",
+    ]);
+    let label = data.join("labelsTr/phantom_000.nii.gz");
+    let contour = dir.path().join("contour.nii.gz");
+    let png = dir.path().join("contour.png");
+    ok(&[
+        "contour",
+        "--label",
+        label.to_str().expect("utf-8"),
+        "--output",
+        contour.to_str().expect("utf-8"),
+        "--include-background",
+        "--png",
+        png.to_str().expect("utf-8"),
+    ]);
+    let labels = cwseg_data::read_label(&label, &Default::default()).expect("label");
+    let map = cwseg_data::read_label(&contour, &Default::default()).expect("contour");
+    assert_eq!(map.geometry.affine(), labels.geometry.affine());
+    let spec = cwseg_morphology::ContourSpec {
+        erosion: Default::default(),
+        include_background: true,
+    };
+    let want = cwseg_morphology::contour_map(labels.data.view(), &spec)
+        .expect("map")
+        .into_union()
+        .mapv(u8::from);
+    assert_eq!(map.data, want);
+    assert!(png.exists());
+
+    // the paper U-Net's parameter count is PyTorch's (crates/models/tests/fixtures/networks.json)
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/networks.json"),
+        )
+        .expect("fixture"),
+    )
+    .expect("json");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "model",
+        "--name",
+        "unet",
+        "--in-channels",
+        "1",
+        "--classes",
+        "16",
+        "--size",
+        "64,64,64",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(json["parameters"], fixture["paper_unet_parameters"]);
+    assert!(json["activation_bytes"].as_u64().expect("bytes") > 0);
+    let err = fails(&["model", "--name", "unet", "--size", "60,64,64"]);
+    assert!(err.contains("2^depth = 16"), "{err}");
+
+    // cwseg loss on .npy files
+    let logits = ndarray::Array5::<f32>::from_shape_fn((1, 3, 4, 5, 6), |(_, k, z, y, x)| {
+        ((k * 7 + z * 3 + y * 5 + x) % 11) as f32 * 0.3 - 1.5
+    });
+    let target = ndarray::Array4::<i64>::from_shape_fn((1, 4, 5, 6), |(_, z, y, x)| {
+        ((z + y / 2 + x / 3) % 3) as i64
+    });
+    let (lp, yp) = (dir.path().join("logits.npy"), dir.path().join("labels.npy"));
+    ndarray_npy::write_npy(&lp, &logits).expect("npy");
+    ndarray_npy::write_npy(&yp, &target).expect("npy");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "loss",
+        "--logits",
+        lp.to_str().expect("utf-8"),
+        "--labels",
+        yp.to_str().expect("utf-8"),
+        "--loss",
+        "ce",
+        "--json",
+    ]))
+    .expect("json");
+    // cross-entropy by hand
+    let mut ce = 0.0f64;
+    for ((_, z, y, x), &t) in target.indexed_iter() {
+        let l: Vec<f64> = (0..3).map(|k| logits[[0, k, z, y, x]] as f64).collect();
+        let m = l.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + l.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        ce += lse - l[t as usize];
+    }
+    ce /= target.len() as f64;
+    assert!(
+        (json["loss"].as_f64().expect("loss") - ce).abs() < 1e-5,
+        "{json} vs {ce}"
+    );
+    assert!(json["grad_norm"].as_f64().expect("norm") > 0.0);
+    let err = fails(&[
+        "loss",
+        "--logits",
+        yp.to_str().expect("utf-8"),
+        "--labels",
+        yp.to_str().expect("utf-8"),
+        "--loss",
+        "ce",
+    ]);
+    assert!(err.contains("N,K,D,H,W"), "{err}");
+}
+
+#[test]
+fn errors_are_one_clean_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = fails(&[
+        "train",
+        "--out",
+        dir.path().join("run").to_str().expect("utf-8"),
+        "--device",
+        "cuda",
+        "--epochs",
+        "1",
+    ]);
+    if !cfg!(feature = "cuda") {
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    let bad = dir.path().join("broken.nii.gz");
+    std::fs::write(&bad, b"not a nifti file").expect("write");
+    let err = fails(&[
+        "contour",
+        "--label",
+        bad.to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("c.nii.gz").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("broken.nii.gz") && !err.contains("panicked"),
+        "{err}"
+    );
+    let err = fails(&[
+        "predict",
+        "--model",
+        dir.path().to_str().expect("utf-8"),
+        "--input",
+        bad.to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("o.nii.gz").to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("config.json"), "{err}");
+    let err = fails(&[
+        "train",
+        "--out",
+        dir.path().join("r2").to_str().expect("utf-8"),
+        "--loss",
+        "nonsense",
+    ]);
+    assert!(err.contains("nonsense"), "{err}");
+}

@@ -1,0 +1,226 @@
+//! CPU kernels for the element-wise layers the networks call most, as custom ops with their
+//! backward passes: batch normalisation in training mode and ReLU. The composites of candle
+//! operations they replace allocate a tensor per step (≈ 6 for batch norm's forward, more for
+//! its backward); these read and write each value once or twice.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail,
+};
+use rayon::prelude::*;
+
+/// Runs `f` on the contiguous f32 data of `t`.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("expected a contiguous tensor")
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => f(&v[start..end]),
+        _ => bail!("expected f32 data on the CPU"),
+    }
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("expected a contiguous tensor")
+    };
+    match storage {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => bail!("expected f32 data"),
+    }
+}
+
+/// Batch normalisation of `(N, C, S…)` with given per-channel mean and inverse standard
+/// deviation (the batch statistics), `y = γ (x − μ)·invstd + β`; its backward is the batch-norm
+/// gradient that accounts for μ and σ depending on `x`.
+struct BatchNormTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    n: usize,
+    c: usize,
+    spatial: usize,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "cwseg-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (c_n, s) = (self.c, self.spatial);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(i, (out, inp))| {
+                let c = i % c_n;
+                let scale = gamma[c] * self.invstd[c];
+                let shift = beta[c] - self.mean[c] * scale;
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = v * scale + shift;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c_n, s) = (self.n, self.c, self.spatial);
+        let m = (n * s) as f32;
+        let gamma_v: Vec<f32> = gamma.to_vec1()?;
+        let (dx, dgamma, dbeta) = with_f32(x, |xv| {
+            with_f32(grad, |gv| {
+                // per channel: Σ dy and Σ dy·x̂
+                let sums: Vec<(f32, f32)> = (0..c_n)
+                    .into_par_iter()
+                    .map(|c| {
+                        let (mut sdy, mut sdyx) = (0f64, 0f64);
+                        for b in 0..n {
+                            let o = (b * c_n + c) * s;
+                            for (&dy, &v) in gv[o..o + s].iter().zip(&xv[o..o + s]) {
+                                sdy += dy as f64;
+                                sdyx += (dy * (v - self.mean[c]) * self.invstd[c]) as f64;
+                            }
+                        }
+                        (sdy as f32, sdyx as f32)
+                    })
+                    .collect();
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(s).enumerate().for_each(|(i, out)| {
+                    let c = i % c_n;
+                    let o = i * s;
+                    let (sdy, sdyx) = sums[c];
+                    let k = gamma_v[c] * self.invstd[c] / m;
+                    for ((d, &dy), &v) in out.iter_mut().zip(&gv[o..o + s]).zip(&xv[o..o + s]) {
+                        let xhat = (v - self.mean[c]) * self.invstd[c];
+                        *d = k * (m * dy - sdy - xhat * sdyx);
+                    }
+                });
+                let dgamma: Vec<f32> = sums.iter().map(|p| p.1).collect();
+                let dbeta: Vec<f32> = sums.iter().map(|p| p.0).collect();
+                Ok((dx, dgamma, dbeta))
+            })
+        })?;
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(dgamma, c_n, device)?),
+            Some(Tensor::from_vec(dbeta, c_n, device)?),
+        ))
+    }
+}
+
+/// Training-mode batch norm on a contiguous-able CPU f32 `(N, C, S…)` tensor with affine
+/// parameters: `(y, batch mean, biased batch variance)`.
+pub(crate) fn batch_norm_train_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    let dims = x.dims();
+    let (n, c) = (dims[0], dims[1]);
+    let spatial: usize = dims[2..].iter().product();
+    let count = (n * spatial) as f64;
+    let stats: Vec<(f32, f32)> = with_f32(x, |xv| {
+        Ok((0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut sum, mut sum2) = (0f64, 0f64);
+                for b in 0..n {
+                    let o = (b * c + ch) * spatial;
+                    for &v in &xv[o..o + spatial] {
+                        sum += v as f64;
+                        sum2 += (v as f64) * (v as f64);
+                    }
+                }
+                let mean = sum / count;
+                ((mean) as f32, (sum2 / count - mean * mean).max(0.0) as f32)
+            })
+            .collect())
+    })?;
+    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
+    let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
+    let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+    let op = BatchNormTrain {
+        mean: mean.clone(),
+        invstd,
+        n,
+        c,
+        spatial,
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    Ok((y, mean, var))
+}
+
+/// Whether the fused CPU kernels apply to `x`.
+pub(crate) fn cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `max(0, x)`; the gradient passes where the output is positive.
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "cwseg-relu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 16)
+            .zip(x.par_chunks(1 << 16))
+            .for_each(|(o, i)| {
+                for (a, &b) in o.iter_mut().zip(i) {
+                    *a = b.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = with_f32(res, |yv| {
+            with_f32(grad, |gv| {
+                let mut d = vec![0f32; gv.len()];
+                d.par_chunks_mut(1 << 16)
+                    .zip(gv.par_chunks(1 << 16))
+                    .zip(yv.par_chunks(1 << 16))
+                    .for_each(|((o, g), y)| {
+                        for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
+                            *a = if v > 0.0 { b } else { 0.0 };
+                        }
+                    });
+                Ok(d)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+    }
+}
+
+/// ReLU: the fused kernel on CPU f32, candle's elsewhere.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if cpu_f32(x) {
+        x.contiguous()?.apply_op1(Relu)
+    } else {
+        x.relu()
+    }
+}
