@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
-"""PyTorch reference for the cwseg-models conv3d benchmark: 2x32x64^3, 32 -> 32, k=3, pad 1.
+"""PyTorch reference for `cargo run --release -p cwseg-models --example bench_models`: conv3d
+forward and forward+backward on 2x32x64^3 (32 -> 32, k 3, pad 1) and on the paper U-Net's level
+shapes, and one training step of the same U-Net (scripts/networks_fixtures.py's transcription;
+batch 2, 1x64^3, 16 classes, cross-entropy, Adam) with the peak resident memory.
 
     python scripts/bench_models_reference.py --threads 2
 """
 import argparse
+import os
+import resource
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(__file__))
+from networks_fixtures import UNet  # noqa: E402
+
 
 def best(f, repeat=3):
+    f()
     t_best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -23,15 +33,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     torch.set_num_threads(ap.parse_args().threads)
-    x = torch.randn(2, 32, 64, 64, 64, requires_grad=True)
-    w = (0.1 * torch.randn(32, 32, 3, 3, 3)).requires_grad_(True)
-    with torch.no_grad():
-        fwd = best(lambda: F.conv3d(x, w, padding=1))
-    both = best(lambda: F.conv3d(x, w, padding=1).sum().backward())
-    flops = 2 * 2 * 32 * 64**3 * 32 * 27
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"conv3d forward: {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s)")
-    print(f"conv3d forward+backward: {both * 1e3:.1f} ms")
+    shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
+              (64, 16, "level 2: 2x64x16^3 64->64"), (128, 8, "level 3: 2x128x8^3 128->128"), (256, 4, "level 4: 2x256x4^3 256->256")]
+    for c, n, name in shapes:
+        x = torch.randn(2, c, n, n, n, requires_grad=True)
+        w = (0.1 * torch.randn(c, c, 3, 3, 3)).requires_grad_(True)
+        with torch.no_grad():
+            fwd = best(lambda: F.conv3d(x, w, padding=1))
+        both = best(lambda: F.conv3d(x, w, padding=1).sum().backward())
+        flops = 2 * 2 * c * c * 27 * n ** 3
+        print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
+    net = UNet(1, 16)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4)
+    x = torch.randn(2, 1, 64, 64, 64)
+    y = (torch.arange(2 * 64 ** 3) % 16).reshape(2, 64, 64, 64)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    t = best(step, repeat=2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"paper U-Net training step, batch 2, 1x64^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

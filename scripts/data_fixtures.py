@@ -56,6 +56,40 @@ def save(name, img):
                           "zooms_zyx": [float(z) for z in back.header.get_zooms()[:3][::-1]]}
 
 
+SHARED = os.path.join("..", "shared", "data")
+
+
+def real_data_digests():
+    """What nibabel reads from the real volumes of ../shared/data (never copied): shape, affine,
+    zooms, sums and the values at seeded voxels, in [z, y, x] order."""
+    files = [os.path.join("brats18", "Brats18_2013_11_1", f"Brats18_2013_11_1_{m}.nii.gz")
+             for m in ("flair", "t1", "t1ce", "t2", "seg")]
+    files += [os.path.join("totalseg-ct", "example_ct.nii.gz"),
+              os.path.join("totalseg-ct", "example_seg_full112_v1.nii.gz")]
+    real = []
+    pick = np.random.default_rng(5)
+    for rel in files:
+        path = os.path.join(SHARED, rel)
+        if not os.path.exists(path):
+            print("skipping absent", path)
+            continue
+        img = nib.load(path)
+        data = np.ascontiguousarray(img.get_fdata(dtype=np.float64).T)
+        coords = [[int(pick.integers(0, n)) for n in data.shape] for _ in range(64)]
+        real.append({
+            "file": rel.replace(os.sep, "/"),
+            "dtype": str(img.get_data_dtype()),
+            "shape_zyx": list(data.shape),
+            "affine": img.affine.tolist(),
+            "zooms_zyx": [float(z) for z in img.header.get_zooms()[:3][::-1]],
+            "sum": float(data.sum()),
+            "sum_squares": float((data ** 2).sum()),
+            "coords": coords,
+            "values": [float(data[tuple(c)]) for c in coords],
+        })
+    meta["real"] = real
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     # int16 with scaling; sform with a rotation and flips (LPS-like)
@@ -151,6 +185,7 @@ def main():
         imp = compute_importance_map(w, mode="gaussian", sigma_scale=0.125, device="cpu")
         arrays["importance_" + "x".join(map(str, w))] = imp.numpy().astype(np.float32)
 
+    real_data_digests()
     np.savez_compressed(os.path.join(OUT, "arrays.npz"), **arrays)
     with open(os.path.join(OUT, "reference.json"), "w") as f:
         json.dump(meta, f, indent=1)

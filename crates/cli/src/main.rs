@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod commands;
 mod demo;
 mod figures;
@@ -59,6 +60,16 @@ enum Command {
     Synth(commands::SynthArgs),
     /// Build a network and print its parameter count and activation memory.
     Model(commands::ModelArgs),
+    /// Time the operations that matter to users (contour maps, distances, metrics, losses, a
+    /// U-Net training step).
+    Bench {
+        /// Fewer runs and a 32³ U-Net step.
+        #[arg(long)]
+        quick: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -91,6 +102,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Loss(args) => commands::loss(args),
         Command::Synth(args) => commands::synth(args),
         Command::Model(args) => commands::model(args),
+        Command::Bench { quick, json } => bench::run(json, quick),
     }
 }
 

@@ -371,6 +371,17 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
     );
     let train_cases = data.load(&data.split.train)?;
     let val_cases = data.load(&data.split.val)?;
+    for case in train_cases.iter().chain(&val_cases) {
+        let shape = case.image.geometry.shape();
+        if (0..3).any(|a| config.patch[a] > shape[a]) {
+            bail!(
+                "patch {:?} is larger than case {} after preprocessing {:?}: choose a patch no larger than the smallest case (or resample to a finer spacing)",
+                config.patch,
+                case.id,
+                shape
+            );
+        }
+    }
     let volumes: Vec<SamplingVolume> = train_cases
         .into_iter()
         .map(|c| SamplingVolume::new(c.image.data, c.label.data, config.patch))

@@ -244,6 +244,47 @@ fn train_resume_predict_evaluate() {
         assert!(liver.get(key).is_some(), "{key} in {liver}");
     }
     assert!(json["mean"]["1"].is_object() && json["failures"]["1"].is_number());
+    // a checkpoint from another model: the names that differ, no output written
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::copy(
+        straight.join("best/model.safetensors"),
+        other.join("model.safetensors"),
+    )
+    .expect("copy");
+    let card = std::fs::read_to_string(straight.join("best/config.json"))
+        .expect("card")
+        .replace("\"filters\": 4", "\"filters\": 8");
+    std::fs::write(other.join("config.json"), card).expect("card");
+    let target = dir.path().join("never.nii.gz");
+    let err = fails(&[
+        "predict",
+        "--model",
+        other.to_str().expect("utf-8"),
+        "--input",
+        image.to_str().expect("utf-8"),
+        "--output",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("do not match") && err.contains("wrong shapes"),
+        "{err}"
+    );
+    assert!(!target.exists(), "no partial output");
+    // a patch larger than the volume
+    let big = std::fs::read_to_string(dir.path().join("tiny.toml"))
+        .expect("config")
+        .replace("patch = [16, 16, 16]", "patch = [32, 32, 32]");
+    std::fs::write(dir.path().join("big.toml"), big).expect("config");
+    let err = fails(&[
+        "train",
+        "--config",
+        dir.path().join("big.toml").to_str().expect("utf-8"),
+        "--out",
+        dir.path().join("big").to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert!(err.contains("larger than case"), "{err}");
     let table = ok(&[
         "evaluate",
         "--pred",
@@ -254,6 +295,48 @@ fn train_resume_predict_evaluate() {
         "monai",
     ]);
     assert!(table.contains("| Avg |"), "{table}");
+}
+
+#[test]
+fn evaluate_gives_known_numbers() {
+    // two boxes: |P| = 4·4·4 = 64, |G| = 4·4·6 = 96, |P ∩ G| = 64 → DSC = 128/160 = 0.8
+    let dir = tempfile::tempdir().expect("tempdir");
+    let geometry = cwseg_data::Geometry::new([10, 10, 10], [1.0, 1.0, 1.0]);
+    let mut pred = ndarray::Array3::<u8>::zeros((10, 10, 10));
+    let mut label = ndarray::Array3::<u8>::zeros((10, 10, 10));
+    pred.slice_mut(ndarray::s![2..6, 2..6, 2..6]).fill(1);
+    label.slice_mut(ndarray::s![2..6, 2..6, 2..8]).fill(1);
+    let (p, l) = (dir.path().join("p.nii.gz"), dir.path().join("l.nii.gz"));
+    cwseg_data::write_volume(&p, &pred, &geometry).expect("write");
+    cwseg_data::write_volume(&l, &label, &geometry).expect("write");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        p.to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+        "--json",
+    ]))
+    .expect("json");
+    let m = &json["cases"][0]["classes"]["1"];
+    assert!(
+        (m["dice"].as_f64().expect("dice") - 0.8).abs() < 1e-12,
+        "{m}"
+    );
+    assert!(
+        (m["iou"].as_f64().expect("iou") - 64.0 / 96.0).abs() < 1e-12,
+        "{m}"
+    );
+    // the farthest label surface voxel (x = 7) is 2 voxels from the prediction's (x = 5)
+    assert!((m["hd"].as_f64().expect("hd") - 2.0).abs() < 1e-9, "{m}");
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        dir.path().to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("both be files or both folders"), "{err}");
 }
 
 #[test]

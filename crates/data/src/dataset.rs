@@ -73,9 +73,23 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| DataError::dataset(path, format!("invalid JSON: {e}")))
 }
 
-/// `./imagesTr/x.nii.gz` relative to `root`.
-fn resolve(root: &Path, entry: &str) -> PathBuf {
-    root.join(entry.trim_start_matches("./"))
+/// `./imagesTr/x.nii.gz` relative to `root`; entries that leave the folder (absolute paths,
+/// `..`) are refused.
+fn resolve(root: &Path, json: &Path, entry: &str) -> Result<PathBuf> {
+    let relative = Path::new(entry.trim_start_matches("./"));
+    let escapes = relative.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if escapes {
+        return Err(DataError::dataset(
+            json,
+            format!("entry `{entry}` points outside the data set folder"),
+        ));
+    }
+    Ok(root.join(relative))
 }
 
 fn strip_nii(name: &str) -> &str {
@@ -150,10 +164,13 @@ impl Dataset {
                 let image = entry["image"].as_str().ok_or_else(|| {
                     DataError::dataset(&json_path, format!("training entry {entry} has no image"))
                 })?;
-                let label = entry["label"].as_str().map(|l| resolve(&root, l));
+                let label = entry["label"]
+                    .as_str()
+                    .map(|l| resolve(&root, &json_path, l))
+                    .transpose()?;
                 training.push(case_files(
                     &root,
-                    &resolve(&root, image),
+                    &resolve(&root, &json_path, image)?,
                     label,
                     modalities.len(),
                     &file_ending,
@@ -176,7 +193,7 @@ impl Dataset {
                     .ok_or_else(|| {
                         DataError::dataset(&json_path, format!("test entry {entry} has no image"))
                     })?;
-                let path = resolve(&root, image);
+                let path = resolve(&root, &json_path, image)?;
                 let stem = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -308,6 +325,7 @@ impl Dataset {
                     expected: first.geometry.shape().to_vec(),
                 });
             }
+            check_affine(&image.geometry, path, &first.geometry, &case.images[0])?;
         }
         let geometry = first.geometry.clone();
         let views: Vec<_> = images.iter().map(|i| i.data.view()).collect();
@@ -325,6 +343,7 @@ impl Dataset {
                         expected: geometry.shape().to_vec(),
                     });
                 }
+                check_affine(&label.geometry, path, &geometry, &case.images[0])?;
                 let mut lut = [u8::MAX; 256];
                 for (index, &value) in self.label_values.iter().enumerate() {
                     lut[value as usize] = index as u8;
@@ -345,6 +364,31 @@ impl Dataset {
         };
         Ok((Image { data, geometry }, label))
     }
+}
+
+/// Refuses volumes of one case whose affines differ by more than 1e-3 mm (or 0.1% of a voxel
+/// axis): they would not be voxel-aligned.
+fn check_affine(
+    geometry: &Geometry,
+    path: &Path,
+    reference: &Geometry,
+    reference_path: &Path,
+) -> Result<()> {
+    let (a, b) = (geometry.affine(), reference.affine());
+    let differs =
+        (0..3).any(|r| (0..4).any(|c| (a[r][c] - b[r][c]).abs() > 1e-3 * (1.0 + b[r][c].abs())));
+    if differs {
+        return Err(DataError::dataset(
+            path,
+            format!(
+                "its affine {:?} differs from that of {} {:?}: the volumes are not voxel-aligned",
+                &a[..3],
+                reference_path.display(),
+                &b[..3]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The image files of one case: the listed file when it exists (one multi-channel volume), else

@@ -184,6 +184,22 @@ fn read_checked_header(path: &Path, options: &ReadOptions) -> Result<NiftiHeader
             format!("datatype {datatype:?} is not a scalar type this crate reads"),
         ));
     }
+    if header.bitpix as usize != datatype.size_of() * 8 {
+        return Err(DataError::nifti(
+            path,
+            format!(
+                "bitpix {} does not match datatype {datatype:?} ({} bits)",
+                header.bitpix,
+                datatype.size_of() * 8
+            ),
+        ));
+    }
+    if !(header.vox_offset.is_finite() && header.vox_offset >= 0.0) {
+        return Err(DataError::nifti(
+            path,
+            format!("vox_offset {} is invalid", header.vox_offset),
+        ));
+    }
     let voxels: u64 = header.dim[1..=rank].iter().map(|&d| d as u64).product();
     let bytes = voxels * (4 + datatype.size_of() as u64);
     if bytes > options.max_bytes {

@@ -287,3 +287,87 @@ fn blending_a_constant_gives_the_constant() {
     );
     let _ = Ix4::zeros(4);
 }
+
+#[test]
+fn real_volumes_match_nibabel() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if !shared.is_dir() {
+        assert!(
+            std::env::var_os("CWSEG_REQUIRE_SHARED_DATA").is_none(),
+            "CWSEG_REQUIRE_SHARED_DATA is set but {} is missing",
+            shared.display()
+        );
+        eprintln!("skipped: {} is absent", shared.display());
+        return;
+    }
+    let meta = reference();
+    let entries = meta["real"].as_array().expect("real-data digests");
+    assert!(
+        entries.len() >= 7,
+        "digests of BraTS and TotalSegmentator volumes"
+    );
+    for entry in entries {
+        let file = shared.join(entry["file"].as_str().expect("file"));
+        let image = read_image(&file, &ReadOptions::default()).expect("readable");
+        let shape: Vec<usize> = serde_json::from_value(entry["shape_zyx"].clone()).expect("shape");
+        assert_eq!(
+            &image.data.shape()[1..],
+            shape.as_slice(),
+            "{}",
+            file.display()
+        );
+        let affine: Vec<Vec<f64>> =
+            serde_json::from_value(entry["affine"].clone()).expect("affine");
+        for (r, row) in affine.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                assert!(
+                    (image.geometry.affine()[r][c] - v).abs() < 1e-5,
+                    "{}: affine",
+                    file.display()
+                );
+            }
+        }
+        let zooms: Vec<f64> = serde_json::from_value(entry["zooms_zyx"].clone()).expect("zooms");
+        for (g, w) in image.geometry.spacing().iter().zip(&zooms) {
+            assert!(
+                (g - w).abs() < 1e-5,
+                "{}: spacing {g} vs {w}",
+                file.display()
+            );
+        }
+        let data = image.data.index_axis(ndarray::Axis(0), 0);
+        let sum: f64 = data.iter().map(|&v| v as f64).sum();
+        let squares: f64 = data.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let want_sum = entry["sum"].as_f64().expect("sum");
+        let want_squares = entry["sum_squares"].as_f64().expect("squares");
+        assert!(
+            (sum - want_sum).abs() <= 1e-9 * want_sum.abs().max(1.0),
+            "{}: sum {sum} vs {want_sum}",
+            file.display()
+        );
+        assert!(
+            (squares - want_squares).abs() <= 1e-9 * want_squares.abs().max(1.0),
+            "{}",
+            file.display()
+        );
+        let coords: Vec<[usize; 3]> =
+            serde_json::from_value(entry["coords"].clone()).expect("coords");
+        let values: Vec<f64> = serde_json::from_value(entry["values"].clone()).expect("values");
+        for (c, v) in coords.iter().zip(&values) {
+            assert_eq!(
+                data[[c[0], c[1], c[2]]] as f64,
+                *v,
+                "{} at {c:?}",
+                file.display()
+            );
+        }
+        if entry["file"]
+            .as_str()
+            .is_some_and(|f| f.rsplit('/').next().is_some_and(|n| n.contains("_seg")))
+        {
+            let label = read_label(&file, &ReadOptions::default()).expect("labels");
+            let label_sum: f64 = label.data.iter().map(|&v| v as f64).sum();
+            assert_eq!(label_sum, want_sum, "{}", file.display());
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Timings for BENCHMARKS.md against `scripts/bench_models_reference.py` (PyTorch, same shapes,
+//! same threads): conv3d forward and forward + backward on 2×32×64³ (32 → 32, k 3, pad 1) and on
+//! the paper U-Net's level shapes (batch 2, 64³ input), and one U-Net training step (batch 2,
+//! 1×64³, 16 classes: forward, cross-entropy, backward, Adam) with the peak resident memory.
+//!
+//! `cargo run --release -p cwseg-models --example bench_models`
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use cwseg_models::ops3d::{Conv3dConfig, conv3d};
+use cwseg_models::{ModelConfig, seeded_var_builder};
+
+fn best(repeat: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let mut t = f64::MAX;
+    for _ in 0..repeat {
+        let s = Instant::now();
+        f()?;
+        t = t.min(s.elapsed().as_secs_f64());
+    }
+    Ok(t)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let d = Device::Cpu;
+    let cfg = Conv3dConfig {
+        padding: [1; 3],
+        ..Default::default()
+    };
+    let shapes = [
+        (32usize, 64usize, "2×32×64³ 32→32"),
+        (16, 64, "level 0: 2×16×64³ 16→16"),
+        (32, 32, "level 1: 2×32×32³ 32→32"),
+        (64, 16, "level 2: 2×64×16³ 64→64"),
+        (128, 8, "level 3: 2×128×8³ 128→128"),
+        (256, 4, "level 4: 2×256×4³ 256→256"),
+    ];
+    println!("threads {}", rayon::current_num_threads());
+    for (c, n, name) in shapes {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, n, n, n), &d)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, c, 3, 3, 3), &d)?)?;
+        let flops = 2.0 * 2.0 * (c * c * 27 * n * n * n) as f64;
+        let fwd = best(3, || {
+            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg).map(|_| ())
+        })?;
+        let both = best(3, || {
+            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg)?
+                .sum_all()?
+                .backward()
+                .map(|_| ())
+        })?;
+        println!(
+            "conv3d {name}: forward {:.1} ms ({:.1} GFLOP/s), forward+backward {:.1} ms",
+            fwd * 1e3,
+            flops / fwd / 1e9,
+            both * 1e3
+        );
+    }
+    let model = ModelConfig::from_name("unet", 1, 16)?;
+    let vars = VarMap::new();
+    let net = model.build(seeded_var_builder(&vars, 0, DType::F32, &d))?;
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 64, 64, 64), &d)?;
+    let y = Tensor::from_vec(
+        (0..2 * 64 * 64 * 64)
+            .map(|i| (i % 16) as u32)
+            .collect::<Vec<_>>(),
+        2 * 64 * 64 * 64,
+        &d,
+    )?;
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 3e-4,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let step = best(2, || {
+        let logits = net.forward_t(&x, true)?;
+        let flat = logits.permute((0, 2, 3, 4, 1))?.reshape(((), 16))?;
+        let loss = candle_nn::loss::cross_entropy(&flat, &y)?;
+        opt.backward_step(&loss)
+    })?;
+    println!(
+        "paper U-Net training step, batch 2, 1×64³, 16 classes: {:.2} s, peak RSS {:.0} MiB",
+        step,
+        peak_rss_mib()
+    );
+    Ok(())
+}
