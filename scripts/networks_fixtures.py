@@ -72,6 +72,32 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def formula_weights(names, shapes):
+    """Deterministic weights both sides compute: tensor k (in sorted name order), element i:
+    s = sin(0.37 i + 1.3 k); 1-D `weight` → 1 + 0.2 s, 1-D `bias` → 0.1 s, `running_mean` →
+    0.1 s, `running_var` → 1.25 + 0.25 s, `position_embeddings` → 0.02 s, others → s/√fan_in
+    with fan_in the product of all axes but the first (in float64, then float32)."""
+    out = {}
+    for k, n in enumerate(names):
+        shape = shapes[n]
+        i = np.arange(int(np.prod(shape)), dtype=np.float64)
+        s = np.sin(0.37 * i + 1.3 * k)
+        if n.endswith("running_mean"):
+            v = 0.1 * s
+        elif n.endswith("running_var"):
+            v = 1.25 + 0.25 * s
+        elif n.endswith("position_embeddings"):
+            v = 0.02 * s
+        elif len(shape) == 1 and n.endswith("weight"):
+            v = 1.0 + 0.2 * s
+        elif len(shape) == 1:
+            v = 0.1 * s
+        else:
+            v = s / np.sqrt(np.prod(shape[1:]))
+        out[n] = torch.from_numpy(v.astype(np.float32).reshape(shape))
+    return out
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     arrays, meta = {}, {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -108,6 +134,37 @@ def main():
         meta["cases"][name] = {"in_channels": cin, "classes": k, "filters": f, "depth": d,
                                "norm": kind if isinstance(kind, str) else {"groups": kind}, "residual": res,
                                "parameters": sum(p.numel() for p in net.parameters())}
+    # MONAI's VNet and UNETR with their own parameter names. Their weights (180 MB for V-Net)
+    # are not committed: both sides fill every tensor with the same formula (formula_weights),
+    # the Rust test writes them to a safetensors file under MONAI's names and loads it.
+    from monai.networks.nets import UNETR, VNet
+    import monai
+    meta["versions"]["monai"] = monai.__version__
+    cases = {
+        "vnet_elu": (lambda: VNet(spatial_dims=3, in_channels=1, out_channels=3, act="elu"), (2, 1, 16, 16, 32)),
+        "vnet_prelu_2ch": (lambda: VNet(spatial_dims=3, in_channels=2, out_channels=2, act="prelu"), (1, 2, 32, 16, 16)),
+        "unetr_small": (lambda: UNETR(in_channels=1, out_channels=3, img_size=(32, 32, 32), feature_size=8,
+                                      hidden_size=96, mlp_dim=192, num_heads=4), (2, 1, 32, 32, 32)),
+    }
+    meta["monai"] = {}
+    for name, (make, shape) in cases.items():
+        net = make()
+        state = {k2: v for k2, v in net.state_dict().items() if not k2.endswith("num_batches_tracked")}
+        names = sorted(state)
+        net.load_state_dict({**net.state_dict(), **formula_weights(names, {k2: tuple(v.shape) for k2, v in state.items()})})
+        x = torch.randn(shape)
+        net.eval()
+        with torch.no_grad():
+            arrays[f"{name}__eval"] = net(x).numpy()
+        arrays[f"{name}__x"] = x.numpy()
+        meta["monai"][name] = {"tensors": [[n, list(state[n].shape)] for n in names],
+                               "parameters": sum(p.numel() for p in net.parameters())}
+    meta["monai"]["vnet_elu"].update({"in_channels": 1, "classes": 3, "activation": "elu"})
+    meta["monai"]["vnet_prelu_2ch"].update({"in_channels": 2, "classes": 2, "activation": "prelu"})
+    meta["monai"]["unetr_small"].update({"in_channels": 1, "classes": 3, "img_size": [32, 32, 32], "feature_size": 8,
+                                         "hidden_size": 96, "mlp_dim": 192, "num_heads": 4})
+    meta["monai_vnet_1_16_parameters"] = sum(p.numel() for p in VNet(spatial_dims=3, in_channels=1, out_channels=16).parameters())
+    meta["monai_unetr_1_14_96_parameters"] = sum(p.numel() for p in UNETR(in_channels=1, out_channels=14, img_size=(96, 96, 96)).parameters())
     paper = UNet(1, 16)
     meta["paper_unet_parameters"] = sum(p.numel() for p in paper.parameters())
     np.savez_compressed(os.path.join(OUT, "networks.npz"), **arrays)

@@ -878,7 +878,8 @@ pub fn model(args: ModelArgs) -> Result<()> {
             .context("--config: not a network configuration")?,
         None => ModelConfig::from_name(&args.name, args.in_channels, args.classes)?,
     }
-    .with_io(args.in_channels, args.classes);
+    .with_io(args.in_channels, args.classes)
+    .with_input_size(args.size);
     let d = describe(&config, args.size)?;
     if args.json {
         println!(

@@ -354,7 +354,10 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
     let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     let data = open_data(&config.data, config.seed, &data_dir)?;
     let classes = data.dataset.classes.len();
-    let model_config = config.model.with_io(data.dataset.modalities.len(), classes);
+    let model_config = config
+        .model
+        .with_io(data.dataset.modalities.len(), classes)
+        .with_input_size(config.patch);
     let multiple = model_config.size_multiple();
     if config.patch.iter().any(|p| p % multiple != 0) {
         bail!(

@@ -309,10 +309,13 @@ impl Dataset {
         case: &Case,
         options: &ReadOptions,
     ) -> Result<(Image, Option<LabelMap>)> {
-        let mut images = Vec::new();
-        for path in &case.images {
-            images.push(read_image(path, options)?);
-        }
+        let images: Vec<Image> = {
+            use rayon::prelude::*;
+            case.images
+                .par_iter()
+                .map(|path| read_image(path, options))
+                .collect::<Result<_>>()?
+        };
         let first = images.first().ok_or_else(|| {
             DataError::dataset(&self.root, format!("case {} has no image", case.id))
         })?;

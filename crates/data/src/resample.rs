@@ -33,6 +33,50 @@ where
     let (nz, ny, nx) = data.dim();
     let n = [nz, ny, nx];
     let mut out = Array3::<T>::from_elem(shape, T::default());
+    let diagonal = (0..3).all(|a| (0..3).all(|b| a == b || map[a][b] == 0.0));
+    if diagonal {
+        // Axis-aligned (resampling to a spacing, zooms): the source index of each output index
+        // is computed once per axis.
+        let axis = |a: usize| -> Vec<(usize, usize, f64)> {
+            (0..shape[a])
+                .map(|o| {
+                    let c = (map[a][a] * o as f64 + map[a][3]).clamp(0.0, (n[a] - 1) as f64);
+                    let lo = c as usize; // c ≥ 0: truncation is the floor
+                    (lo, (lo + 1).min(n[a] - 1), c - lo as f64)
+                })
+                .collect()
+        };
+        let (az, ay, ax) = (axis(0), axis(1), axis(2));
+        out.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(az.par_iter())
+            .for_each(|(mut plane, &(z0, z1, fz))| {
+                for (y, &(y0, y1, fy)) in ay.iter().enumerate() {
+                    for (x, &(x0, x1, fx)) in ax.iter().enumerate() {
+                        plane[[y, x]] = match interpolation {
+                            Interpolation::Nearest => {
+                                let pick =
+                                    |lo: usize, hi: usize, f: f64| if f >= 0.5 { hi } else { lo };
+                                data[[pick(z0, z1, fz), pick(y0, y1, fy), pick(x0, x1, fx)]]
+                            }
+                            Interpolation::Linear => {
+                                let v = |z: usize, y: usize, x: usize| -> f64 {
+                                    data[[z, y, x]].into()
+                                };
+                                let plane0 = (1.0 - fy)
+                                    * ((1.0 - fx) * v(z0, y0, x0) + fx * v(z0, y0, x1))
+                                    + fy * ((1.0 - fx) * v(z0, y1, x0) + fx * v(z0, y1, x1));
+                                let plane1 = (1.0 - fy)
+                                    * ((1.0 - fx) * v(z1, y0, x0) + fx * v(z1, y0, x1))
+                                    + fy * ((1.0 - fx) * v(z1, y1, x0) + fx * v(z1, y1, x1));
+                                T::from_f64((1.0 - fz) * plane0 + fz * plane1)
+                            }
+                        };
+                    }
+                }
+            });
+        return out;
+    }
     out.axis_iter_mut(Axis(0))
         .into_par_iter()
         .enumerate()
@@ -47,11 +91,12 @@ where
                     }
                     plane[[y, x]] = match interpolation {
                         Interpolation::Nearest => {
-                            let i = c.map(|v| (v + 0.5).floor() as usize);
+                            // c ≥ 0: truncation is the floor
+                            let i = c.map(|v| (v + 0.5) as usize);
                             data[[i[0].min(nz - 1), i[1].min(ny - 1), i[2].min(nx - 1)]]
                         }
                         Interpolation::Linear => {
-                            let lo = c.map(|v| v.floor() as usize);
+                            let lo = c.map(|v| v as usize);
                             let f = [
                                 c[0] - lo[0] as f64,
                                 c[1] - lo[1] as f64,

@@ -225,16 +225,16 @@ fn nifti_error(path: &Path, e: nifti::NiftiError) -> DataError {
     }
 }
 
-/// Reads any scalar volume as f64 `[c, z, y, x]` with its geometry.
-fn read_f64(path: &Path, options: &ReadOptions) -> Result<(Array4<f64>, Geometry)> {
+/// Reads any scalar volume as f32 `[c, z, y, x]` (scaling applied) with its geometry.
+fn read_f32(path: &Path, options: &ReadOptions) -> Result<(Array4<f32>, Geometry)> {
     let header = read_checked_header(path, options)?;
     let affine = header_affine(&header).map_err(|m| DataError::nifti(path, m))?;
     let object = ReaderOptions::new()
         .read_file(path)
         .map_err(|e| nifti_error(path, e))?;
-    let data: ArrayD<f64> = object
+    let data: ArrayD<f32> = object
         .into_volume()
-        .into_ndarray::<f64>()
+        .into_ndarray::<f32>()
         .map_err(|e| nifti_error(path, e))?;
     // [x, y, z(, c)] -> [(c,) z, y, x]
     let mut data = data.reversed_axes();
@@ -243,9 +243,13 @@ fn read_f64(path: &Path, options: &ReadOptions) -> Result<(Array4<f64>, Geometry
     }
     let data = data
         .into_dimensionality::<Ix4>()
-        .map_err(|e| DataError::nifti(path, e.to_string()))?
-        .as_standard_layout()
-        .into_owned();
+        .map_err(|e| DataError::nifti(path, e.to_string()))?;
+    // NIfTI's column-major [x, y, z] reversed is already C order: no copy then.
+    let data = if data.is_standard_layout() {
+        data
+    } else {
+        data.as_standard_layout().into_owned()
+    };
     let (_, z, y, x) = data.dim();
     if data.iter().any(|v| !v.is_finite()) {
         return Err(DataError::nifti(
@@ -264,18 +268,15 @@ fn read_f64(path: &Path, options: &ReadOptions) -> Result<(Array4<f64>, Geometry
 /// Reads an image (`.nii` or `.nii.gz`, any scalar datatype, scaling applied) as f32
 /// `[c, z, y, x]`; a 4D file's fourth axis becomes the channels.
 pub fn read_image(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Image> {
-    let (data, geometry) = read_f64(path.as_ref(), options)?;
-    Ok(Image {
-        data: data.mapv(|v| v as f32),
-        geometry,
-    })
+    let (data, geometry) = read_f32(path.as_ref(), options)?;
+    Ok(Image { data, geometry })
 }
 
 /// Reads a label map; every value must be an integer in `0..=255` (float-stored labels are
 /// accepted when integral).
 pub fn read_label(path: impl AsRef<Path>, options: &ReadOptions) -> Result<LabelMap> {
     let path = path.as_ref();
-    let (data, geometry) = read_f64(path, options)?;
+    let (data, geometry) = read_f32(path, options)?;
     if data.dim().0 != 1 {
         return Err(DataError::nifti(
             path,
@@ -291,7 +292,7 @@ pub fn read_label(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Label
         if v.fract() != 0.0 || !(0.0..=255.0).contains(&v) {
             return Err(DataError::LabelValue {
                 path: path.to_path_buf(),
-                value: v,
+                value: v as f64,
                 voxel: [idx.0, idx.1, idx.2],
             });
         }

@@ -178,6 +178,24 @@ pub fn prelu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     x.relu()? + negative.broadcast_mul(&a.reshape(shape)?)?
 }
 
+/// Channel dropout (PyTorch's `Dropout3d`): whole channels of each sample of `(N, C, …)` are
+/// zeroed with probability `p` in training, the rest scaled by `1/(1 − p)`.
+pub fn dropout_channels(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
+    if !training || p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: probability must be in [0, 1), got {p}");
+    }
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = x.dim(0)?;
+    shape[1] = x.dim(1)?;
+    let keep = Tensor::rand(0f32, 1f32, shape, x.device())?
+        .ge(p)?
+        .to_dtype(x.dtype())?;
+    x.broadcast_mul(&keep)?.affine(1.0 / (1.0 - p), 0.0)
+}
+
 /// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise.
 pub fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
     let negative = x.neg()?.relu()?.neg()?; // min(0, x)

@@ -9,6 +9,8 @@ pub mod modules;
 pub mod network;
 pub mod ops3d;
 pub mod unet;
+pub mod unetr;
+pub mod vnet;
 mod vol2col;
 pub mod weights;
 
@@ -16,3 +18,5 @@ pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe};
 pub use unet::{Norm, UNet, UNetConfig};
+pub use unetr::{Unetr, UnetrConfig};
+pub use vnet::{VNet, VNetActivation, VNetConfig};

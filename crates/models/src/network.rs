@@ -6,9 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::unet::{UNet, UNetConfig};
+use crate::unetr::{Unetr, UnetrConfig};
+use crate::vnet::{VNet, VNetConfig};
 
 /// Names [`ModelConfig::from_name`] knows.
-pub const MODEL_NAMES: [&str; 1] = ["unet"];
+pub const MODEL_NAMES: [&str; 3] = ["unet", "vnet", "unetr"];
 
 /// A network's configuration, tagged by name (`{"name": "unet", "filters": 16, ...}`): what
 /// `config.json` files and model cards store.
@@ -17,6 +19,10 @@ pub const MODEL_NAMES: [&str; 1] = ["unet"];
 pub enum ModelConfig {
     /// The paper's 3D U-Net.
     Unet(UNetConfig),
+    /// V-Net in MONAI's layout.
+    Vnet(VNetConfig),
+    /// UNETR in MONAI's layout.
+    Unetr(UnetrConfig),
 }
 
 impl ModelConfig {
@@ -29,7 +35,17 @@ impl ModelConfig {
                 classes,
                 ..UNetConfig::default()
             })),
-            "vnet" | "deeplabv3" | "unetr" => Err(ModelError::Config(format!(
+            "vnet" | "v-net" => Ok(ModelConfig::Vnet(VNetConfig {
+                in_channels,
+                classes,
+                ..VNetConfig::default()
+            })),
+            "unetr" => Ok(ModelConfig::Unetr(UnetrConfig {
+                in_channels,
+                classes,
+                ..UnetrConfig::default()
+            })),
+            "deeplabv3" => Err(ModelError::Config(format!(
                 "network `{name}` is not implemented yet; available: {}",
                 MODEL_NAMES.join(", ")
             ))),
@@ -44,6 +60,8 @@ impl ModelConfig {
     pub fn build(&self, vb: VarBuilder) -> Result<Network> {
         match self {
             ModelConfig::Unet(c) => Ok(Network::UNet(UNet::new(*c, vb)?)),
+            ModelConfig::Vnet(c) => Ok(Network::VNet(VNet::new(*c, vb)?)),
+            ModelConfig::Unetr(c) => Ok(Network::Unetr(Box::new(Unetr::new(*c, vb)?))),
         }
     }
 
@@ -55,6 +73,28 @@ impl ModelConfig {
                 classes,
                 ..*c
             }),
+            ModelConfig::Vnet(c) => ModelConfig::Vnet(VNetConfig {
+                in_channels,
+                classes,
+                ..*c
+            }),
+            ModelConfig::Unetr(c) => ModelConfig::Unetr(UnetrConfig {
+                in_channels,
+                classes,
+                ..*c
+            }),
+        }
+    }
+
+    /// The same network for inputs of `size` `[d, h, w]` (UNETR's position embeddings are made
+    /// for one size; the convolutional networks take any multiple of their stride).
+    pub fn with_input_size(&self, size: [usize; 3]) -> Self {
+        match self {
+            ModelConfig::Unetr(c) => ModelConfig::Unetr(UnetrConfig {
+                img_size: size,
+                ..*c
+            }),
+            other => other.clone(),
         }
     }
 
@@ -62,6 +102,8 @@ impl ModelConfig {
     pub fn name(&self) -> &'static str {
         match self {
             ModelConfig::Unet(_) => "unet",
+            ModelConfig::Vnet(_) => "vnet",
+            ModelConfig::Unetr(_) => "unetr",
         }
     }
 
@@ -69,6 +111,8 @@ impl ModelConfig {
     pub fn in_channels(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => c.in_channels,
+            ModelConfig::Vnet(c) => c.in_channels,
+            ModelConfig::Unetr(c) => c.in_channels,
         }
     }
 
@@ -76,6 +120,8 @@ impl ModelConfig {
     pub fn classes(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => c.classes,
+            ModelConfig::Vnet(c) => c.classes,
+            ModelConfig::Unetr(c) => c.classes,
         }
     }
 
@@ -83,6 +129,7 @@ impl ModelConfig {
     pub fn size_multiple(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => 1 << c.depth,
+            ModelConfig::Vnet(_) | ModelConfig::Unetr(_) => 16,
         }
     }
 }
@@ -92,6 +139,10 @@ impl ModelConfig {
 pub enum Network {
     /// The 3D U-Net.
     UNet(UNet),
+    /// V-Net.
+    VNet(VNet),
+    /// UNETR.
+    Unetr(Box<Unetr>),
 }
 
 impl Network {
@@ -99,6 +150,8 @@ impl Network {
     pub fn check_size(&self, size: [usize; 3]) -> Result<()> {
         match self {
             Network::UNet(n) => n.check_size(size),
+            Network::VNet(n) => n.check_size(size),
+            Network::Unetr(n) => n.check_size(size),
         }
     }
 
@@ -106,6 +159,8 @@ impl Network {
     pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
         match self {
             Network::UNet(n) => n.activation_bytes(size),
+            Network::VNet(n) => n.activation_bytes(size),
+            Network::Unetr(n) => n.activation_bytes(size),
         }
     }
 }
@@ -114,6 +169,8 @@ impl ModuleT for Network {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Network::UNet(n) => n.forward_t(x, train),
+            Network::VNet(n) => n.forward_t(x, train),
+            Network::Unetr(n) => n.forward_t(x, train),
         }
     }
 }

@@ -71,6 +71,7 @@ pub fn metadata(path: impl AsRef<Path>) -> Result<HashMap<String, String>> {
 
 /// Loads `path` into `vars` (converted to each variable's dtype and device), refusing a file
 /// whose tensor names or shapes differ from the network's, with the names that differ.
+/// PyTorch's `num_batches_tracked` counters are ignored.
 pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let weights_error = |message: String| ModelError::Weights {
@@ -90,7 +91,11 @@ pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
         .lock()
         .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
     let expected: BTreeSet<&String> = data.keys().collect();
-    let found: BTreeSet<&String> = tensors.keys().collect();
+    // PyTorch's batch-norm step counters carry no weights: ignored.
+    let found: BTreeSet<&String> = tensors
+        .keys()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .collect();
     let missing: Vec<&&String> = expected.difference(&found).collect();
     let extra: Vec<&&String> = found.difference(&expected).collect();
     let mut shapes = Vec::new();

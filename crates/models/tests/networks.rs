@@ -298,3 +298,308 @@ fn a_few_adam_steps_lower_the_loss_and_batch_statistics_update() {
         "eval with running statistics: {eval_loss}"
     );
 }
+
+/// The weights `scripts/networks_fixtures.py` loads into MONAI's network (`formula_weights`),
+/// written under MONAI's names to a safetensors file in `dir`.
+fn monai_weights(case: &Value, dir: &std::path::Path) -> PathBuf {
+    let mut tensors = std::collections::HashMap::new();
+    for (k, entry) in case["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .enumerate()
+    {
+        let name = entry[0].as_str().expect("name").to_string();
+        let shape: Vec<usize> = serde_json::from_value(entry[1].clone()).expect("shape");
+        let count: usize = shape.iter().product();
+        let fan: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let values: Vec<f32> = (0..count)
+            .map(|i| {
+                let s = (0.37 * i as f64 + 1.3 * k as f64).sin();
+                let v = if name.ends_with("running_mean") {
+                    0.1 * s
+                } else if name.ends_with("running_var") {
+                    1.25 + 0.25 * s
+                } else if name.ends_with("position_embeddings") {
+                    0.02 * s
+                } else if shape.len() == 1 && name.ends_with("weight") {
+                    1.0 + 0.2 * s
+                } else if shape.len() == 1 {
+                    0.1 * s
+                } else {
+                    s / (fan as f64).sqrt()
+                };
+                v as f32
+            })
+            .collect();
+        tensors.insert(
+            name,
+            Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor"),
+        );
+    }
+    let path = dir.join("monai.safetensors");
+    candle_core::safetensors::save(&tensors, &path).expect("save");
+    path
+}
+
+#[test]
+fn vnet_matches_monai_with_monais_parameter_names() {
+    let meta = meta();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut npz =
+        NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
+    for name in ["vnet_elu", "vnet_prelu_2ch"] {
+        let case = &meta["monai"][name];
+        let activation = match case["activation"].as_str().expect("act") {
+            "prelu" => cwseg_models::VNetActivation::Prelu,
+            _ => cwseg_models::VNetActivation::Elu,
+        };
+        let config = ModelConfig::Vnet(cwseg_models::VNetConfig {
+            in_channels: case["in_channels"].as_u64().expect("in") as usize,
+            classes: case["classes"].as_u64().expect("classes") as usize,
+            activation,
+            ..Default::default()
+        });
+        let vars = VarMap::new();
+        let net = config
+            .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+            .expect("build");
+        // MONAI's names, one to one: strict loading fails on any difference
+        load_strict(&vars, monai_weights(case, dir.path())).expect("MONAI names and shapes");
+        let x = array(&mut npz, &format!("{name}__x"));
+        let (_, _, d, h, w) = x.dims5().expect("5D");
+        assert_eq!(
+            describe(&config, [d, h, w]).expect("describe").parameters,
+            case["parameters"].as_u64().expect("count"),
+            "{name}"
+        );
+        let eval = net.forward_t(&x, false).expect("eval forward");
+        assert_close(
+            &eval,
+            &array(&mut npz, &format!("{name}__eval")),
+            &format!("{name} eval"),
+        );
+        // train mode runs (dropout active) and gives finite values
+        let train = net.forward_t(&x, true).expect("train forward");
+        assert!(
+            train
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("values")
+                .iter()
+                .all(|v| v.is_finite())
+        );
+    }
+    let want = meta["monai_vnet_1_16_parameters"].as_u64().expect("count");
+    let config = ModelConfig::from_name("vnet", 1, 16).expect("vnet");
+    assert_eq!(
+        describe(&config, [64, 64, 64])
+            .expect("describe")
+            .parameters,
+        want
+    );
+    assert!(describe(&config, [64, 64, 40]).is_err());
+}
+
+#[test]
+fn vnet_trains() {
+    let config = ModelConfig::Vnet(cwseg_models::VNetConfig {
+        classes: 2,
+        dropout_down: None,
+        dropout_up: (None, 0.0),
+        ..Default::default()
+    });
+    let vars = VarMap::new();
+    let net = config
+        .build(cwseg_models::seeded_var_builder(
+            &vars,
+            1,
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .expect("build");
+    let labels = Tensor::from_vec(
+        (0..2 * 4096)
+            .map(|i| u32::from((i % 4096) / 64 % 16 >= 8))
+            .collect::<Vec<u32>>(),
+        2 * 4096,
+        &Device::Cpu,
+    )
+    .expect("labels");
+    let x = labels
+        .to_dtype(DType::F32)
+        .expect("f32")
+        .reshape((2, 1, 16, 16, 16))
+        .expect("x");
+    let loss_fn = |logits: &Tensor| {
+        candle_nn::loss::cross_entropy(
+            &logits
+                .permute((0, 2, 3, 4, 1))
+                .expect("p")
+                .reshape(((), 2))
+                .expect("r"),
+            &labels,
+        )
+        .expect("ce")
+    };
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )
+    .expect("adam");
+    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    for _ in 0..6 {
+        opt.backward_step(&loss_fn(&net.forward_t(&x, true).expect("fwd")))
+            .expect("step");
+    }
+    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(
+        last < first,
+        "V-Net training lowers the loss: {first} → {last}"
+    );
+}
+
+#[test]
+fn unetr_matches_monai_with_monais_parameter_names() {
+    let meta = meta();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut npz =
+        NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
+    let case = &meta["monai"]["unetr_small"];
+    let size = |k: &str| case[k].as_u64().expect(k) as usize;
+    let config = ModelConfig::Unetr(cwseg_models::UnetrConfig {
+        in_channels: size("in_channels"),
+        classes: size("classes"),
+        img_size: [32, 32, 32],
+        feature_size: size("feature_size"),
+        hidden_size: size("hidden_size"),
+        mlp_dim: size("mlp_dim"),
+        num_heads: size("num_heads"),
+        qkv_bias: false,
+    });
+    let vars = VarMap::new();
+    let net = config
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .expect("build");
+    load_strict(&vars, monai_weights(case, dir.path())).expect("MONAI names and shapes");
+    assert_eq!(
+        describe(&config, [32, 32, 32])
+            .expect("describe")
+            .parameters,
+        case["parameters"].as_u64().expect("count")
+    );
+    let x = array(&mut npz, "unetr_small__x");
+    let eval = net.forward_t(&x, false).expect("forward");
+    assert_close(&eval, &array(&mut npz, "unetr_small__eval"), "UNETR eval");
+    // ViT-B at 96³: MONAI's parameter count
+    let big = ModelConfig::from_name("unetr", 1, 14).expect("unetr");
+    assert_eq!(
+        describe(&big, [96, 96, 96]).expect("describe").parameters,
+        meta["monai_unetr_1_14_96_parameters"]
+            .as_u64()
+            .expect("count")
+    );
+    let err = describe(&big, [64, 64, 64]).expect_err("position embeddings are for 96³");
+    assert!(err.to_string().contains("96"), "{err}");
+}
+
+#[test]
+fn unetr_trains() {
+    let config = ModelConfig::Unetr(cwseg_models::UnetrConfig {
+        classes: 2,
+        img_size: [32, 32, 32],
+        feature_size: 4,
+        hidden_size: 32,
+        mlp_dim: 64,
+        num_heads: 2,
+        ..Default::default()
+    });
+    let vars = VarMap::new();
+    let net = config
+        .build(cwseg_models::seeded_var_builder(
+            &vars,
+            2,
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .expect("build");
+    let n = 32 * 32 * 32;
+    let labels = Tensor::from_vec(
+        (0..n)
+            .map(|i| u32::from(i / 1024 % 32 >= 16))
+            .collect::<Vec<u32>>(),
+        n,
+        &Device::Cpu,
+    )
+    .expect("labels");
+    let x = labels
+        .to_dtype(DType::F32)
+        .expect("f32")
+        .reshape((1, 1, 32, 32, 32))
+        .expect("x");
+    let loss_fn = |logits: &Tensor| {
+        candle_nn::loss::cross_entropy(
+            &logits
+                .permute((0, 2, 3, 4, 1))
+                .expect("p")
+                .reshape(((), 2))
+                .expect("r"),
+            &labels,
+        )
+        .expect("ce")
+    };
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )
+    .expect("adam");
+    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    for _ in 0..5 {
+        let loss = loss_fn(&net.forward_t(&x, true).expect("fwd"));
+        let grads = loss.backward().expect("backward");
+        // the transformer trains: its attention and position embeddings get gradients
+        for name in [
+            "vit.blocks.0.attn.qkv.weight",
+            "vit.patch_embedding.position_embeddings",
+            "vit.blocks.11.norm1.weight",
+        ] {
+            let var = vars.data().lock().expect("lock")[name].clone();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} has no gradient"));
+            assert!(
+                g.abs()
+                    .expect("abs")
+                    .sum_all()
+                    .expect("sum")
+                    .to_scalar::<f32>()
+                    .expect("scalar")
+                    > 0.0,
+                "{name}"
+            );
+        }
+        opt.step(&grads).expect("step");
+    }
+    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(
+        last < first,
+        "UNETR training lowers the loss: {first} → {last}"
+    );
+}
