@@ -16,6 +16,7 @@ import numpy as np
 import safetensors
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 OUT = os.path.join("crates", "models", "tests", "fixtures")
@@ -70,6 +71,62 @@ class UNet(nn.Module):
         for l in reversed(range(self.depth)):
             x = self.decoders[l](torch.cat([skips[l], self.ups[l](x)], 1))
         return self.head(x)
+
+
+class Basic(nn.Module):
+    def __init__(self, cin, cout, stride, dilation):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return torch.relu(h + (self.downsample(x) if hasattr(self, "downsample") else x))
+
+
+class DeepLabV3(nn.Module):
+    """torchvision's DeepLabV3 layout in 3D with basic blocks, output stride 8 (cwseg's)."""
+
+    def __init__(self, cin, classes, widths=(32, 64, 128, 256), blocks=(2, 2, 2, 2), aspp=128, rates=(6, 12, 18)):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.conv1 = nn.Conv3d(cin, widths[0], 3, 2, padding=1, bias=False)
+        self.backbone.bn1 = nn.BatchNorm3d(widths[0])
+        c = widths[0]
+        for s, (stride, dilation) in enumerate(((1, 1), (2, 1), (2, 1), (1, 2))):
+            layers = []
+            for i in range(blocks[s]):
+                layers.append(Basic(c, widths[s], stride if i == 0 else 1, dilation))
+                c = widths[s]
+            setattr(self.backbone, f"layer{s + 1}", nn.Sequential(*layers))
+        convs = [nn.Sequential(nn.Conv3d(c, aspp, 1, bias=False), nn.BatchNorm3d(aspp), nn.ReLU())]
+        for r in rates:
+            convs.append(nn.Sequential(nn.Conv3d(c, aspp, 3, padding=r, dilation=r, bias=False), nn.BatchNorm3d(aspp), nn.ReLU()))
+        convs.append(nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Conv3d(c, aspp, 1, bias=False), nn.BatchNorm3d(aspp), nn.ReLU()))
+        head0 = nn.Module()
+        head0.convs = nn.ModuleList(convs)
+        head0.project = nn.Sequential(nn.Conv3d(5 * aspp, aspp, 1, bias=False), nn.BatchNorm3d(aspp), nn.ReLU(), nn.Dropout(0.5))
+        self.classifier = nn.Sequential(head0, nn.Conv3d(aspp, aspp, 3, padding=1, bias=False), nn.BatchNorm3d(aspp), nn.ReLU(),
+                                        nn.Conv3d(aspp, classes, 1))
+
+    def forward(self, x):
+        size = x.shape[2:]
+        b = self.backbone
+        f = torch.relu(b.bn1(b.conv1(x)))
+        f = b.layer4(b.layer3(b.layer2(b.layer1(f))))
+        head0 = self.classifier[0]
+        outs = [m(f) for m in head0.convs[:4]]
+        pooled = head0.convs[4](f)
+        outs.append(F.interpolate(pooled, size=f.shape[2:], mode="trilinear", align_corners=False))
+        y = head0.project(torch.cat(outs, 1))
+        for m in list(self.classifier)[1:]:
+            y = m(y)
+        return F.interpolate(y, size=size, mode="trilinear", align_corners=False)
 
 
 def formula_weights(names, shapes):
@@ -146,7 +203,7 @@ def main():
         "unetr_small": (lambda: UNETR(in_channels=1, out_channels=3, img_size=(32, 32, 32), feature_size=8,
                                       hidden_size=96, mlp_dim=192, num_heads=4), (2, 1, 32, 32, 32)),
     }
-    meta["monai"] = {}
+    meta["formula_cases"] = {}
     for name, (make, shape) in cases.items():
         net = make()
         state = {k2: v for k2, v in net.state_dict().items() if not k2.endswith("num_batches_tracked")}
@@ -157,11 +214,26 @@ def main():
         with torch.no_grad():
             arrays[f"{name}__eval"] = net(x).numpy()
         arrays[f"{name}__x"] = x.numpy()
-        meta["monai"][name] = {"tensors": [[n, list(state[n].shape)] for n in names],
+        meta["formula_cases"][name] = {"tensors": [[n, list(state[n].shape)] for n in names],
                                "parameters": sum(p.numel() for p in net.parameters())}
-    meta["monai"]["vnet_elu"].update({"in_channels": 1, "classes": 3, "activation": "elu"})
-    meta["monai"]["vnet_prelu_2ch"].update({"in_channels": 2, "classes": 2, "activation": "prelu"})
-    meta["monai"]["unetr_small"].update({"in_channels": 1, "classes": 3, "img_size": [32, 32, 32], "feature_size": 8,
+    # DeepLabV3-3D: a PyTorch transcription (no MONAI equivalent), small widths
+    net = DeepLabV3(2, 3, widths=(8, 12, 16, 16), blocks=(1, 2, 1, 1), aspp=8)
+    state = {k2: v for k2, v in net.state_dict().items() if not k2.endswith("num_batches_tracked")}
+    names = sorted(state)
+    net.load_state_dict({**net.state_dict(), **formula_weights(names, {k2: tuple(v.shape) for k2, v in state.items()})})
+    x = torch.randn(2, 2, 16, 24, 32)
+    net.eval()
+    with torch.no_grad():
+        arrays["deeplab_small__eval"] = net(x).numpy()
+    arrays["deeplab_small__x"] = x.numpy()
+    meta["formula_cases"]["deeplab_small"] = {"tensors": [[n, list(state[n].shape)] for n in names],
+                                      "parameters": sum(p.numel() for p in net.parameters()),
+                                      "in_channels": 2, "classes": 3, "widths": [8, 12, 16, 16], "blocks": [1, 2, 1, 1],
+                                      "aspp_channels": 8}
+    meta["deeplab_1_16_parameters"] = sum(p.numel() for p in DeepLabV3(1, 16).parameters())
+    meta["formula_cases"]["vnet_elu"].update({"in_channels": 1, "classes": 3, "activation": "elu"})
+    meta["formula_cases"]["vnet_prelu_2ch"].update({"in_channels": 2, "classes": 2, "activation": "prelu"})
+    meta["formula_cases"]["unetr_small"].update({"in_channels": 1, "classes": 3, "img_size": [32, 32, 32], "feature_size": 8,
                                          "hidden_size": 96, "mlp_dim": 192, "num_heads": 4})
     meta["monai_vnet_1_16_parameters"] = sum(p.numel() for p in VNet(spatial_dims=3, in_channels=1, out_channels=16).parameters())
     meta["monai_unetr_1_14_96_parameters"] = sum(p.numel() for p in UNETR(in_channels=1, out_channels=14, img_size=(96, 96, 96)).parameters())

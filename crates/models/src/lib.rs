@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+pub mod deeplab;
 pub mod error;
 mod fused;
 pub mod init;
@@ -14,6 +15,7 @@ pub mod vnet;
 mod vol2col;
 pub mod weights;
 
+pub use deeplab::{DeepLabV3, DeepLabV3Config};
 pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe};

@@ -4,13 +4,14 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::deeplab::{DeepLabV3, DeepLabV3Config};
 use crate::error::{ModelError, Result};
 use crate::unet::{UNet, UNetConfig};
 use crate::unetr::{Unetr, UnetrConfig};
 use crate::vnet::{VNet, VNetConfig};
 
 /// Names [`ModelConfig::from_name`] knows.
-pub const MODEL_NAMES: [&str; 3] = ["unet", "vnet", "unetr"];
+pub const MODEL_NAMES: [&str; 4] = ["unet", "vnet", "deeplabv3", "unetr"];
 
 /// A network's configuration, tagged by name (`{"name": "unet", "filters": 16, ...}`): what
 /// `config.json` files and model cards store.
@@ -23,6 +24,8 @@ pub enum ModelConfig {
     Vnet(VNetConfig),
     /// UNETR in MONAI's layout.
     Unetr(UnetrConfig),
+    /// DeepLabV3 in 3D.
+    Deeplabv3(DeepLabV3Config),
 }
 
 impl ModelConfig {
@@ -45,10 +48,11 @@ impl ModelConfig {
                 classes,
                 ..UnetrConfig::default()
             })),
-            "deeplabv3" => Err(ModelError::Config(format!(
-                "network `{name}` is not implemented yet; available: {}",
-                MODEL_NAMES.join(", ")
-            ))),
+            "deeplabv3" | "deeplab" => Ok(ModelConfig::Deeplabv3(DeepLabV3Config {
+                in_channels,
+                classes,
+                ..DeepLabV3Config::default()
+            })),
             _ => Err(ModelError::Config(format!(
                 "unknown network `{name}`; available: {}",
                 MODEL_NAMES.join(", ")
@@ -62,6 +66,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => Ok(Network::UNet(UNet::new(*c, vb)?)),
             ModelConfig::Vnet(c) => Ok(Network::VNet(VNet::new(*c, vb)?)),
             ModelConfig::Unetr(c) => Ok(Network::Unetr(Box::new(Unetr::new(*c, vb)?))),
+            ModelConfig::Deeplabv3(c) => Ok(Network::DeepLabV3(DeepLabV3::new(*c, vb)?)),
         }
     }
 
@@ -79,6 +84,11 @@ impl ModelConfig {
                 ..*c
             }),
             ModelConfig::Unetr(c) => ModelConfig::Unetr(UnetrConfig {
+                in_channels,
+                classes,
+                ..*c
+            }),
+            ModelConfig::Deeplabv3(c) => ModelConfig::Deeplabv3(DeepLabV3Config {
                 in_channels,
                 classes,
                 ..*c
@@ -104,6 +114,7 @@ impl ModelConfig {
             ModelConfig::Unet(_) => "unet",
             ModelConfig::Vnet(_) => "vnet",
             ModelConfig::Unetr(_) => "unetr",
+            ModelConfig::Deeplabv3(_) => "deeplabv3",
         }
     }
 
@@ -113,6 +124,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => c.in_channels,
             ModelConfig::Vnet(c) => c.in_channels,
             ModelConfig::Unetr(c) => c.in_channels,
+            ModelConfig::Deeplabv3(c) => c.in_channels,
         }
     }
 
@@ -122,6 +134,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => c.classes,
             ModelConfig::Vnet(c) => c.classes,
             ModelConfig::Unetr(c) => c.classes,
+            ModelConfig::Deeplabv3(c) => c.classes,
         }
     }
 
@@ -130,6 +143,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(c) => 1 << c.depth,
             ModelConfig::Vnet(_) | ModelConfig::Unetr(_) => 16,
+            ModelConfig::Deeplabv3(_) => 8,
         }
     }
 }
@@ -143,6 +157,8 @@ pub enum Network {
     VNet(VNet),
     /// UNETR.
     Unetr(Box<Unetr>),
+    /// DeepLabV3.
+    DeepLabV3(DeepLabV3),
 }
 
 impl Network {
@@ -152,6 +168,7 @@ impl Network {
             Network::UNet(n) => n.check_size(size),
             Network::VNet(n) => n.check_size(size),
             Network::Unetr(n) => n.check_size(size),
+            Network::DeepLabV3(n) => n.check_size(size),
         }
     }
 
@@ -161,6 +178,7 @@ impl Network {
             Network::UNet(n) => n.activation_bytes(size),
             Network::VNet(n) => n.activation_bytes(size),
             Network::Unetr(n) => n.activation_bytes(size),
+            Network::DeepLabV3(n) => n.activation_bytes(size),
         }
     }
 }
@@ -171,6 +189,7 @@ impl ModuleT for Network {
             Network::UNet(n) => n.forward_t(x, train),
             Network::VNet(n) => n.forward_t(x, train),
             Network::Unetr(n) => n.forward_t(x, train),
+            Network::DeepLabV3(n) => n.forward_t(x, train),
         }
     }
 }

@@ -349,7 +349,7 @@ fn vnet_matches_monai_with_monais_parameter_names() {
     let mut npz =
         NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
     for name in ["vnet_elu", "vnet_prelu_2ch"] {
-        let case = &meta["monai"][name];
+        let case = &meta["formula_cases"][name];
         let activation = match case["activation"].as_str().expect("act") {
             "prelu" => cwseg_models::VNetActivation::Prelu,
             _ => cwseg_models::VNetActivation::Elu,
@@ -474,7 +474,7 @@ fn unetr_matches_monai_with_monais_parameter_names() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut npz =
         NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
-    let case = &meta["monai"]["unetr_small"];
+    let case = &meta["formula_cases"]["unetr_small"];
     let size = |k: &str| case[k].as_u64().expect(k) as usize;
     let config = ModelConfig::Unetr(cwseg_models::UnetrConfig {
         in_channels: size("in_channels"),
@@ -601,5 +601,114 @@ fn unetr_trains() {
     assert!(
         last < first,
         "UNETR training lowers the loss: {first} → {last}"
+    );
+}
+
+#[test]
+fn deeplabv3_matches_its_pytorch_transcription_and_trains() {
+    let meta = meta();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut npz =
+        NpzReader::new(File::open(fixtures().join("networks.npz")).expect("npz")).expect("npz");
+    let case = &meta["formula_cases"]["deeplab_small"];
+    let config = ModelConfig::Deeplabv3(cwseg_models::DeepLabV3Config {
+        in_channels: case["in_channels"].as_u64().expect("in") as usize,
+        classes: case["classes"].as_u64().expect("classes") as usize,
+        widths: serde_json::from_value(case["widths"].clone()).expect("widths"),
+        blocks: serde_json::from_value(case["blocks"].clone()).expect("blocks"),
+        aspp_channels: case["aspp_channels"].as_u64().expect("aspp") as usize,
+        ..Default::default()
+    });
+    let vars = VarMap::new();
+    let net = config
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .expect("build");
+    load_strict(&vars, monai_weights(case, dir.path()))
+        .expect("torchvision-style names and shapes");
+    let x = array(&mut npz, "deeplab_small__x");
+    let (_, _, d, h, w) = x.dims5().expect("5D");
+    assert_eq!(
+        describe(&config, [d, h, w]).expect("describe").parameters,
+        case["parameters"].as_u64().expect("count")
+    );
+    assert_close(
+        &net.forward_t(&x, false).expect("forward"),
+        &array(&mut npz, "deeplab_small__eval"),
+        "DeepLabV3 eval",
+    );
+    let default = ModelConfig::from_name("deeplabv3", 1, 16).expect("deeplabv3");
+    assert_eq!(
+        describe(&default, [64, 64, 64])
+            .expect("describe")
+            .parameters,
+        meta["deeplab_1_16_parameters"].as_u64().expect("count")
+    );
+    assert!(describe(&default, [64, 64, 60]).is_err());
+
+    // a few Adam steps lower the loss (dropout off so the comparison is fair)
+    let small = ModelConfig::Deeplabv3(cwseg_models::DeepLabV3Config {
+        classes: 2,
+        widths: [8, 8, 8, 8],
+        blocks: [1, 1, 1, 1],
+        aspp_channels: 8,
+        dropout: 0.0,
+        ..Default::default()
+    });
+    let vars = VarMap::new();
+    let net = small
+        .build(cwseg_models::seeded_var_builder(
+            &vars,
+            3,
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .expect("build");
+    let n = 16 * 16 * 16;
+    let labels = Tensor::from_vec(
+        (0..2 * n)
+            .map(|i| u32::from((i % n) / 256 >= 8))
+            .collect::<Vec<u32>>(),
+        2 * n,
+        &Device::Cpu,
+    )
+    .expect("labels");
+    let x = labels
+        .to_dtype(DType::F32)
+        .expect("f32")
+        .reshape((2, 1, 16, 16, 16))
+        .expect("x");
+    let loss_fn = |logits: &Tensor| {
+        candle_nn::loss::cross_entropy(
+            &logits
+                .permute((0, 2, 3, 4, 1))
+                .expect("p")
+                .reshape(((), 2))
+                .expect("r"),
+            &labels,
+        )
+        .expect("ce")
+    };
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr: 3e-3,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )
+    .expect("adam");
+    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    for _ in 0..8 {
+        opt.backward_step(&loss_fn(&net.forward_t(&x, true).expect("fwd")))
+            .expect("step");
+    }
+    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    assert!(
+        last < first,
+        "DeepLabV3 training lowers the loss: {first} → {last}"
     );
 }
