@@ -243,8 +243,8 @@ impl DeepLabV3 {
         };
         let strides = [2, 4, 8, 8];
         let mut values = c.in_channels as u64 * v(1) + 3 * c.widths[0] as u64 * v(2);
-        for s in 0..4 {
-            values += 6 * (c.blocks[s] * c.widths[s]) as u64 * v(strides[s]);
+        for ((&blocks, &width), &stride) in c.blocks.iter().zip(&c.widths).zip(&strides) {
+            values += 6 * (blocks * width) as u64 * v(stride);
         }
         values += (3 * 5 + 3 + 3) * c.aspp_channels as u64 * v(8) + 2 * c.classes as u64 * v(1);
         4 * values

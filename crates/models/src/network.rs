@@ -63,10 +63,10 @@ impl ModelConfig {
     /// Builds the network with parameters from (or created in) `vb`.
     pub fn build(&self, vb: VarBuilder) -> Result<Network> {
         match self {
-            ModelConfig::Unet(c) => Ok(Network::UNet(UNet::new(*c, vb)?)),
-            ModelConfig::Vnet(c) => Ok(Network::VNet(VNet::new(*c, vb)?)),
+            ModelConfig::Unet(c) => Ok(Network::UNet(Box::new(UNet::new(*c, vb)?))),
+            ModelConfig::Vnet(c) => Ok(Network::VNet(Box::new(VNet::new(*c, vb)?))),
             ModelConfig::Unetr(c) => Ok(Network::Unetr(Box::new(Unetr::new(*c, vb)?))),
-            ModelConfig::Deeplabv3(c) => Ok(Network::DeepLabV3(DeepLabV3::new(*c, vb)?)),
+            ModelConfig::Deeplabv3(c) => Ok(Network::DeepLabV3(Box::new(DeepLabV3::new(*c, vb)?))),
         }
     }
 
@@ -152,13 +152,13 @@ impl ModelConfig {
 #[derive(Debug, Clone)]
 pub enum Network {
     /// The 3D U-Net.
-    UNet(UNet),
+    UNet(Box<UNet>),
     /// V-Net.
-    VNet(VNet),
+    VNet(Box<VNet>),
     /// UNETR.
     Unetr(Box<Unetr>),
     /// DeepLabV3.
-    DeepLabV3(DeepLabV3),
+    DeepLabV3(Box<DeepLabV3>),
 }
 
 impl Network {
