@@ -32,7 +32,11 @@ def best(f, repeat=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    torch.set_num_threads(ap.parse_args().threads)
+    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what != "conv":
+        return network_step(args.what)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
               (64, 16, "level 2: 2x64x16^3 64->64"), (128, 8, "level 3: 2x128x8^3 128->128"), (256, 4, "level 4: 2x256x4^3 256->256")]
@@ -44,7 +48,12 @@ def main():
         both = best(lambda: F.conv3d(x, w, padding=1).sum().backward())
         flops = 2 * 2 * c * c * 27 * n ** 3
         print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
-    net = UNet(1, 16)
+
+def network_step(name):
+    from monai.networks.nets import UNETR, VNet
+    from networks_fixtures import DeepLabV3
+    net = {"unet": lambda: UNet(1, 16), "vnet": lambda: VNet(spatial_dims=3, in_channels=1, out_channels=16),
+           "deeplabv3": lambda: DeepLabV3(1, 16), "unetr": lambda: UNETR(in_channels=1, out_channels=16, img_size=(64, 64, 64))}[name]()
     opt = torch.optim.Adam(net.parameters(), lr=3e-4)
     x = torch.randn(2, 1, 64, 64, 64)
     y = (torch.arange(2 * 64 ** 3) % 16).reshape(2, 64, 64, 64)
@@ -53,9 +62,9 @@ def main():
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         opt.step()
-    t = best(step, repeat=2)
+    t = best(step, repeat=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"paper U-Net training step, batch 2, 1x64^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
+    print(f"{name} training step, batch 2, 1x64^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 //! the paper U-Net's level shapes (batch 2, 64³ input), and one U-Net training step (batch 2,
 //! 1×64³, 16 classes: forward, cross-entropy, backward, Adam) with the peak resident memory.
 //!
-//! `cargo run --release -p cwseg-models --example bench_models`
+//! `cargo run --release -p cwseg-models --example bench_models [-- conv|unet|vnet|deeplabv3|unetr]`
+//! (one network per process, so that the peak memory is that network's).
 
 use std::time::Instant;
 
@@ -40,7 +41,11 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "conv".into());
     let d = Device::Cpu;
+    if what != "conv" {
+        return step(&what, &d);
+    }
     let cfg = Conv3dConfig {
         padding: [1; 3],
         ..Default::default()
@@ -74,10 +79,15 @@ fn main() -> anyhow::Result<()> {
             both * 1e3
         );
     }
-    let model = ModelConfig::from_name("unet", 1, 16)?;
+    Ok(())
+}
+
+/// One training step of network `name` (batch 2, 1×64³, 16 classes).
+fn step(name: &str, d: &Device) -> anyhow::Result<()> {
+    let model = ModelConfig::from_name(name, 1, 16)?.with_input_size([64; 3]);
     let vars = VarMap::new();
-    let net = model.build(seeded_var_builder(&vars, 0, DType::F32, &d))?;
-    let x = Tensor::randn(0f32, 1.0, (2, 1, 64, 64, 64), &d)?;
+    let net = model.build(seeded_var_builder(&vars, 0, DType::F32, d))?;
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 64, 64, 64), d)?;
     let y = Tensor::from_vec(
         (0..2 * 64 * 64 * 64)
             .map(|i| (i % 16) as u32)
@@ -93,14 +103,14 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    let step = best(2, || {
+    let step = best(1, || {
         let logits = net.forward_t(&x, true)?;
         let flat = logits.permute((0, 2, 3, 4, 1))?.reshape(((), 16))?;
         let loss = candle_nn::loss::cross_entropy(&flat, &y)?;
         opt.backward_step(&loss)
     })?;
     println!(
-        "paper U-Net training step, batch 2, 1×64³, 16 classes: {:.2} s, peak RSS {:.0} MiB",
+        "{name} training step, batch 2, 1×64³, 16 classes: {:.2} s, peak RSS {:.0} MiB",
         step,
         peak_rss_mib()
     );
