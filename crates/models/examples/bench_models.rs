@@ -93,7 +93,7 @@ fn step(name: &str, d: &Device) -> anyhow::Result<()> {
             .map(|i| (i % 16) as u32)
             .collect::<Vec<_>>(),
         2 * 64 * 64 * 64,
-        &d,
+        d,
     )?;
     let mut opt = AdamW::new(
         vars.all_vars(),
