@@ -34,7 +34,7 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 pub fn run(json_output: bool, quick: bool) -> Result<()> {
     let runs = if quick { 3 } else { 5 };
     let config = PhantomConfig::default();
-    let (image, labels) = phantom(&config, 0)?;
+    let (_, labels) = phantom(&config, 0)?;
     let (_, other) = phantom(&config, 1)?;
     let classes = 14usize;
     let mut rows: Vec<(String, f64)> = Vec::new();
@@ -112,7 +112,6 @@ pub fn run(json_output: bool, quick: bool) -> Result<()> {
             Ok(())
         })?,
     ));
-    let _ = image;
 
     if json_output {
         let out: Vec<_> = rows
@@ -135,7 +134,7 @@ pub fn run(json_output: bool, quick: bool) -> Result<()> {
             println!("| {n} | {ms:.1} ms |");
         }
         println!(
-            "\nReference figures (scipy, edt, MONAI, PyTorch) on the same inputs: BENCHMARKS.md and scripts/bench_*_reference.py."
+            "\nReference figures (scipy, edt, MONAI, PyTorch) for comparable inputs: BENCHMARKS.md (scripts/bench_*_reference.py)."
         );
     }
     Ok(())

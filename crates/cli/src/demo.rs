@@ -67,7 +67,7 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
         patch: [32, 32, 32],
         batch_size: 2,
         epochs: if quick { 4 } else { 5 },
-        batches_per_epoch: if quick { 11 } else { 12 },
+        batches_per_epoch: if quick { 10 } else { 12 },
         seed,
         device: device.to_string(),
         optimizer: crate::optim::OptimizerConfig {
