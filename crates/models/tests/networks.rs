@@ -342,6 +342,66 @@ fn monai_weights(case: &Value, dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// Two-class labels `(batch·n³,)` splitting a cube of side `n` at half depth, and the input
+/// `(batch, 1, n, n, n)` that shows them.
+fn half_split(batch: usize, n: usize) -> (Tensor, Tensor) {
+    let v = n * n * n;
+    let labels: Vec<u32> = (0..batch * v)
+        .map(|i| u32::from((i % v) / (n * n) >= n / 2))
+        .collect();
+    let labels = Tensor::from_vec(labels, batch * v, &Device::Cpu).expect("labels");
+    let x = labels
+        .to_dtype(DType::F32)
+        .expect("f32")
+        .reshape((batch, 1, n, n, n))
+        .expect("x");
+    (x, labels)
+}
+
+/// `steps` Adam steps in train mode with cross-entropy; `inspect` sees every step's gradients.
+/// Returns the loss before and after.
+fn train_steps(
+    net: &cwseg_models::Network,
+    vars: &VarMap,
+    (x, labels): (&Tensor, &Tensor),
+    steps: usize,
+    lr: f64,
+    mut inspect: impl FnMut(&candle_core::backprop::GradStore),
+) -> (f32, f32) {
+    let classes = 2;
+    let loss = |logits: &Tensor| {
+        let flat = logits
+            .permute((0, 2, 3, 4, 1))
+            .expect("p")
+            .reshape(((), classes))
+            .expect("r");
+        candle_nn::loss::cross_entropy(&flat, labels).expect("ce")
+    };
+    let mut opt = AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )
+    .expect("adam");
+    let first = loss(&net.forward_t(x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    for _ in 0..steps {
+        let grads = loss(&net.forward_t(x, true).expect("fwd"))
+            .backward()
+            .expect("backward");
+        inspect(&grads);
+        opt.step(&grads).expect("step");
+    }
+    let last = loss(&net.forward_t(x, true).expect("fwd"))
+        .to_scalar::<f32>()
+        .expect("scalar");
+    (first, last)
+}
+
 #[test]
 fn vnet_matches_monai_with_monais_parameter_names() {
     let meta = meta();
@@ -419,49 +479,8 @@ fn vnet_trains() {
             &Device::Cpu,
         ))
         .expect("build");
-    let labels = Tensor::from_vec(
-        (0..2 * 4096)
-            .map(|i| u32::from((i % 4096) / 64 % 16 >= 8))
-            .collect::<Vec<u32>>(),
-        2 * 4096,
-        &Device::Cpu,
-    )
-    .expect("labels");
-    let x = labels
-        .to_dtype(DType::F32)
-        .expect("f32")
-        .reshape((2, 1, 16, 16, 16))
-        .expect("x");
-    let loss_fn = |logits: &Tensor| {
-        candle_nn::loss::cross_entropy(
-            &logits
-                .permute((0, 2, 3, 4, 1))
-                .expect("p")
-                .reshape(((), 2))
-                .expect("r"),
-            &labels,
-        )
-        .expect("ce")
-    };
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: 1e-3,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        },
-    )
-    .expect("adam");
-    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
-    for _ in 0..6 {
-        opt.backward_step(&loss_fn(&net.forward_t(&x, true).expect("fwd")))
-            .expect("step");
-    }
-    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
+    let (x, labels) = half_split(2, 16);
+    let (first, last) = train_steps(&net, &vars, (&x, &labels), 6, 1e-3, |_| {});
     assert!(
         last < first,
         "V-Net training lowers the loss: {first} → {last}"
@@ -532,47 +551,9 @@ fn unetr_trains() {
             &Device::Cpu,
         ))
         .expect("build");
-    let n = 32 * 32 * 32;
-    let labels = Tensor::from_vec(
-        (0..n)
-            .map(|i| u32::from(i / 1024 % 32 >= 16))
-            .collect::<Vec<u32>>(),
-        n,
-        &Device::Cpu,
-    )
-    .expect("labels");
-    let x = labels
-        .to_dtype(DType::F32)
-        .expect("f32")
-        .reshape((1, 1, 32, 32, 32))
-        .expect("x");
-    let loss_fn = |logits: &Tensor| {
-        candle_nn::loss::cross_entropy(
-            &logits
-                .permute((0, 2, 3, 4, 1))
-                .expect("p")
-                .reshape(((), 2))
-                .expect("r"),
-            &labels,
-        )
-        .expect("ce")
-    };
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: 1e-3,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        },
-    )
-    .expect("adam");
-    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
-    for _ in 0..5 {
-        let loss = loss_fn(&net.forward_t(&x, true).expect("fwd"));
-        let grads = loss.backward().expect("backward");
-        // the transformer trains: its attention and position embeddings get gradients
+    let (x, labels) = half_split(1, 32);
+    let (first, last) = train_steps(&net, &vars, (&x, &labels), 5, 1e-3, |grads| {
+        // the transformer trains: its attention, position embeddings and last block get gradients
         for name in [
             "vit.blocks.0.attn.qkv.weight",
             "vit.patch_embedding.position_embeddings",
@@ -593,11 +574,7 @@ fn unetr_trains() {
                 "{name}"
             );
         }
-        opt.step(&grads).expect("step");
-    }
-    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
+    });
     assert!(
         last < first,
         "UNETR training lowers the loss: {first} → {last}"
@@ -663,50 +640,8 @@ fn deeplabv3_matches_its_pytorch_transcription_and_trains() {
             &Device::Cpu,
         ))
         .expect("build");
-    let n = 16 * 16 * 16;
-    let labels = Tensor::from_vec(
-        (0..2 * n)
-            .map(|i| u32::from((i % n) / 256 >= 8))
-            .collect::<Vec<u32>>(),
-        2 * n,
-        &Device::Cpu,
-    )
-    .expect("labels");
-    let x = labels
-        .to_dtype(DType::F32)
-        .expect("f32")
-        .reshape((2, 1, 16, 16, 16))
-        .expect("x");
-    let loss_fn = |logits: &Tensor| {
-        candle_nn::loss::cross_entropy(
-            &logits
-                .permute((0, 2, 3, 4, 1))
-                .expect("p")
-                .reshape(((), 2))
-                .expect("r"),
-            &labels,
-        )
-        .expect("ce")
-    };
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: 3e-3,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        },
-    )
-    .expect("adam");
-    let first = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
-    for _ in 0..8 {
-        opt.backward_step(&loss_fn(&net.forward_t(&x, true).expect("fwd")))
-            .expect("step");
-    }
-    let last = loss_fn(&net.forward_t(&x, true).expect("fwd"))
-        .to_scalar::<f32>()
-        .expect("scalar");
+    let (x, labels) = half_split(2, 16);
+    let (first, last) = train_steps(&net, &vars, (&x, &labels), 8, 3e-3, |_| {});
     assert!(
         last < first,
         "DeepLabV3 training lowers the loss: {first} → {last}"
