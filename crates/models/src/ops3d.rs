@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
-use crate::vol2col::{Geometry, Vol2Col};
+use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,31 +78,26 @@ pub fn conv3d(
     let oh = out_len(h, kh, sh, ph, dh, "conv3d height")?;
     let ow = out_len(w, kw, sw, pw, dw, "conv3d width")?;
     let rows = c * kd * kh * kw;
-    let weights = weight.reshape((o, rows))?;
     // Blocks of output slices whose column matrix stays under 2^24 values.
     let block = ((1usize << 24) / (rows * oh * ow).max(1)).clamp(1, od);
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let sample = x.get(i)?.contiguous()?;
-        let mut parts = Vec::new();
-        for od0 in (0..od).step_by(block) {
-            let dn = block.min(od - od0);
-            let geometry = Geometry {
-                input: [c, d, h, w],
-                kernel: [kd, kh, kw],
-                stride: config.stride,
-                padding: config.padding,
-                dilation: config.dilation,
-                output: [od, oh, ow],
-                od0,
-                dn,
-            };
-            let columns = sample.apply_op1(Vol2Col(geometry))?;
-            parts.push(weights.matmul(&columns)?.reshape((o, dn, oh, ow))?);
-        }
-        samples.push(Tensor::cat(&parts, 1)?);
-    }
-    let y = Tensor::stack(&samples, 0)?;
+    let op = Conv3dCpu {
+        geometry: Geometry {
+            input: [c, d, h, w],
+            kernel: [kd, kh, kw],
+            stride: config.stride,
+            padding: config.padding,
+            dilation: config.dilation,
+            output: [od, oh, ow],
+            od0: 0,
+            dn: od,
+        },
+        block,
+        samples: n,
+        out_channels: o,
+    };
+    let y = x
+        .contiguous()?
+        .apply_op2(&weight.reshape((o, rows))?.contiguous()?, op)?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
         None => Ok(y),

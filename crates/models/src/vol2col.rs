@@ -1,8 +1,9 @@
-//! The CPU fast path of `conv3d`: vol2col as a custom op (with col2vol as its backward), so
-//! that the convolution becomes one `gemm` matrix product per block of output slices, which
-//! candle runs multi-threaded and differentiates.
+//! The CPU fast path of `conv3d`: one custom op that unfolds a block of output slices at a
+//! time (vol2col), multiplies it with the weights (candle's multi-threaded `gemm`), and drops
+//! it; its backward pass recomputes each block's columns for the weight gradient and folds the
+//! columns' gradient back (col2vol) — memory of one block, not of the whole volume.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// Geometry of one sample's convolution: input `(C, D, H, W)`, kernel `(kd, kh, kw)`, output
@@ -84,8 +85,6 @@ impl Geometry {
 }
 
 /// Unfolds one sample `(C, D, H, W)` into `(C·kd·kh·kw, dn·Ho·Wo)`.
-pub(crate) struct Vol2Col(pub Geometry);
-
 fn unfold<T: Copy + Default + Send + Sync>(g: &Geometry, x: &[T]) -> Vec<T> {
     let (rows, cols) = (g.rows(), g.cols());
     let mut out = vec![T::default(); rows * cols];
@@ -112,10 +111,11 @@ fn unfold<T: Copy + Default + Send + Sync>(g: &Geometry, x: &[T]) -> Vec<T> {
     out
 }
 
-fn fold<T: Copy + Default + Send + Sync + std::ops::AddAssign>(g: &Geometry, cols: &[T]) -> Vec<T> {
+/// Adds the columns' values back onto the voxels they were read from (col2vol), into `out`
+/// (one sample `(C, D, H, W)`).
+fn fold_into<T: Copy + Send + Sync + std::ops::AddAssign>(g: &Geometry, cols: &[T], out: &mut [T]) {
     let volume = g.input[1] * g.input[2] * g.input[3];
     let per_channel = g.rows() / g.input[0].max(1) * g.cols();
-    let mut out = vec![T::default(); g.input[0] * volume];
     out.par_chunks_mut(volume.max(1))
         .enumerate()
         .for_each(|(c, channel)| {
@@ -129,47 +129,154 @@ fn fold<T: Copy + Default + Send + Sync + std::ops::AddAssign>(g: &Geometry, col
                 }
             });
         });
-    out
 }
 
-impl CustomOp1 for Vol2Col {
-    fn name(&self) -> &'static str {
-        "cwseg-vol2col"
-    }
+/// The whole CPU convolution as one custom op over `(x, w)`: column blocks are made, used and
+/// dropped one at a time, in the forward pass and again in the backward pass (recomputed), so
+/// memory stays at one block however large the volume — autograd never holds column matrices.
+/// `x` is `(N, C, D, H, W)`, `w` is `(O, C·kd·kh·kw)`; the output `(N, O, Do, Ho, Wo)`.
+pub(crate) struct Conv3dCpu {
+    /// Geometry of a whole sample (`od0 = 0`, `dn = Do`).
+    pub geometry: Geometry,
+    /// Output depths per block.
+    pub block: usize,
+    /// Samples.
+    pub samples: usize,
+    /// Output channels.
+    pub out_channels: usize,
+}
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let shape = Shape::from((g.rows(), g.cols()));
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("vol2col: the input must be contiguous");
-        };
-        Ok(match storage {
-            CpuStorage::F32(x) => (CpuStorage::F32(unfold(g, &x[start..end])), shape),
-            CpuStorage::F64(x) => (CpuStorage::F64(unfold(g, &x[start..end])), shape),
-            _ => bail!("vol2col: f32 or f64 only"),
+impl Conv3dCpu {
+    fn blocks(&self) -> impl Iterator<Item = Geometry> + '_ {
+        let od = self.geometry.output[0];
+        (0..od).step_by(self.block.max(1)).map(move |od0| Geometry {
+            od0,
+            dn: self.block.min(od - od0),
+            ..self.geometry
         })
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = &self.0;
-        let grad = grad.contiguous()?;
-        let shape = arg.shape().clone();
-        let (storage, layout) = grad.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("col2vol: the gradient must be contiguous");
+    fn forward<T: candle_core::WithDType + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        w: &[T],
+    ) -> Result<Vec<T>> {
+        let g = &self.geometry;
+        let dev = candle_core::Device::Cpu;
+        let (rows, o) = (g.rows(), self.out_channels);
+        let input: usize = g.input.iter().product();
+        let plane = g.output[1] * g.output[2];
+        let per_sample = o * g.output[0] * plane;
+        let weights = Tensor::from_slice(w, (o, rows), &dev)?;
+        let mut out = vec![T::default(); self.samples * per_sample];
+        for n in 0..self.samples {
+            let sample = &x[n * input..(n + 1) * input];
+            for b in self.blocks() {
+                let cols = Tensor::from_vec(unfold(&b, sample), (rows, b.cols()), &dev)?;
+                let y: Vec<T> = weights.matmul(&cols)?.flatten_all()?.to_vec1()?;
+                let width = b.dn * plane;
+                for c in 0..o {
+                    let at = n * per_sample + c * g.output[0] * plane + b.od0 * plane;
+                    out[at..at + width].copy_from_slice(&y[c * width..(c + 1) * width]);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Conv3dCpu {
+    /// One sample's input gradient; adds its weight gradient to `dw`. Columns are recomputed
+    /// block by block.
+    fn backward_sample<T: candle_core::WithDType + Default + Send + Sync + std::ops::AddAssign>(
+        &self,
+        sample: &Tensor,
+        gy: &Tensor,
+        w_t: &Tensor,
+        dw: &mut Tensor,
+    ) -> Result<Tensor> {
+        let g = &self.geometry;
+        let plane = g.output[1] * g.output[2];
+        let values: Vec<T> = sample.flatten_all()?.to_vec1()?;
+        let mut dx = vec![T::default(); values.len()];
+        for b in self.blocks() {
+            let gy_block = gy.narrow(1, b.od0 * plane, b.dn * plane)?.contiguous()?;
+            let cols =
+                Tensor::from_vec(unfold(&b, &values), (g.rows(), b.cols()), sample.device())?;
+            *dw = (&*dw + gy_block.matmul(&cols.t()?)?)?;
+            let dcols: Vec<T> = w_t.matmul(&gy_block)?.flatten_all()?.to_vec1()?;
+            fold_into(&b, &dcols, &mut dx);
+        }
+        Tensor::from_vec(dx, sample.shape(), sample.device())
+    }
+}
+
+impl candle_core::CustomOp2 for Conv3dCpu {
+    fn name(&self) -> &'static str {
+        "cwseg-conv3d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("conv3d: contiguous inputs expected");
         };
-        let folded = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                Tensor::from_vec(fold(g, &v[start..end]), shape, arg.device())?
-            }
-            Storage::Cpu(CpuStorage::F64(v)) => {
-                Tensor::from_vec(fold(g, &v[start..end]), shape, arg.device())?
-            }
-            _ => bail!(
-                "col2vol: f32 or f64 on the CPU only, got {:?}",
-                grad.dtype()
+        let g = &self.geometry;
+        let shape = Shape::from((
+            self.samples,
+            self.out_channels,
+            g.output[0],
+            g.output[1],
+            g.output[2],
+        ));
+        Ok(match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => (
+                CpuStorage::F32(self.forward(&x[a0..a1], &w[b0..b1])?),
+                shape,
             ),
-        };
-        Ok(Some(folded))
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => (
+                CpuStorage::F64(self.forward(&x[a0..a1], &w[b0..b1])?),
+                shape,
+            ),
+            _ => bail!("conv3d: f32 or f64 inputs of one dtype expected"),
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.geometry;
+        let o = self.out_channels;
+        let plane = g.output[1] * g.output[2];
+        let grad = grad.contiguous()?;
+        let x = x.contiguous()?;
+        let w_t = w.t()?;
+        let mut dw = w.zeros_like()?;
+        let mut dx_samples = Vec::with_capacity(self.samples);
+        for n in 0..self.samples {
+            let gy = grad.get(n)?.reshape((o, g.output[0] * plane))?;
+            let sample = x.get(n)?;
+            let dx = match x.dtype() {
+                candle_core::DType::F32 => {
+                    self.backward_sample::<f32>(&sample, &gy, &w_t, &mut dw)?
+                }
+                candle_core::DType::F64 => {
+                    self.backward_sample::<f64>(&sample, &gy, &w_t, &mut dw)?
+                }
+                other => bail!("conv3d backward: f32 or f64 only, got {other:?}"),
+            };
+            dx_samples.push(dx);
+        }
+        Ok((Some(Tensor::stack(&dx_samples, 0)?), Some(dw)))
     }
 }
