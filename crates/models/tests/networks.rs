@@ -342,6 +342,20 @@ fn monai_weights(case: &Value, dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// `config` built with seeded initial weights.
+fn seeded(config: ModelConfig, seed: u64) -> (VarMap, cwseg_models::Network) {
+    let vars = VarMap::new();
+    let net = config
+        .build(cwseg_models::seeded_var_builder(
+            &vars,
+            seed,
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .expect("build");
+    (vars, net)
+}
+
 /// Two-class labels `(batch·n³,)` splitting a cube of side `n` at half depth, and the input
 /// `(batch, 1, n, n, n)` that shows them.
 fn half_split(batch: usize, n: usize) -> (Tensor, Tensor) {
@@ -470,15 +484,7 @@ fn vnet_trains() {
         dropout_up: (None, 0.0),
         ..Default::default()
     });
-    let vars = VarMap::new();
-    let net = config
-        .build(cwseg_models::seeded_var_builder(
-            &vars,
-            1,
-            DType::F32,
-            &Device::Cpu,
-        ))
-        .expect("build");
+    let (vars, net) = seeded(config, 1);
     let (x, labels) = half_split(2, 16);
     let (first, last) = train_steps(&net, &vars, (&x, &labels), 6, 1e-3, |_| {});
     assert!(
@@ -542,15 +548,7 @@ fn unetr_trains() {
         num_heads: 2,
         ..Default::default()
     });
-    let vars = VarMap::new();
-    let net = config
-        .build(cwseg_models::seeded_var_builder(
-            &vars,
-            2,
-            DType::F32,
-            &Device::Cpu,
-        ))
-        .expect("build");
+    let (vars, net) = seeded(config, 2);
     let (x, labels) = half_split(1, 32);
     let (first, last) = train_steps(&net, &vars, (&x, &labels), 5, 1e-3, |grads| {
         // the transformer trains: its attention, position embeddings and last block get gradients
@@ -631,15 +629,7 @@ fn deeplabv3_matches_its_pytorch_transcription_and_trains() {
         dropout: 0.0,
         ..Default::default()
     });
-    let vars = VarMap::new();
-    let net = small
-        .build(cwseg_models::seeded_var_builder(
-            &vars,
-            3,
-            DType::F32,
-            &Device::Cpu,
-        ))
-        .expect("build");
+    let (vars, net) = seeded(small, 3);
     let (x, labels) = half_split(2, 16);
     let (first, last) = train_steps(&net, &vars, (&x, &labels), 8, 3e-3, |_| {});
     assert!(
