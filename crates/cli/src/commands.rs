@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
-use cwseg_data::resample::resample_label_to;
 use cwseg_data::{
-    Dataset, Geometry, Image, LabelMap, PhantomConfig, ReadOptions, argmax, read_image, read_label,
+    Dataset, Geometry, Image, LabelMap, PhantomConfig, ReadOptions, read_image, read_label,
     write_label, write_phantom_dataset,
 };
 use cwseg_losses::{LossConfig, Target};
@@ -18,11 +17,11 @@ use cwseg_metrics::{
 };
 use cwseg_models::{ModelConfig, describe};
 use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
-use ndarray::{Array3, Array4, ArrayD, Axis, s};
+use ndarray::{Array4, ArrayD, Axis, s};
 use serde_json::json;
 
 use crate::figures::{Panel, write_panels};
-use crate::infer::predict_probabilities;
+use crate::infer::predict_case;
 use crate::optim::{OptimizerKind, Schedule};
 use crate::train::{RunOptions, TrainConfig, load_model, parse_device};
 
@@ -365,40 +364,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             data,
             geometry: geometry.clone(),
         };
-        let (pre, _, bbox) = card.preprocessing.apply(&image, None)?;
-        let probs = predict_probabilities(
-            &network,
-            &pre.data,
-            card.classes.len(),
-            card.patch,
-            overlap,
-            2,
-            &device,
-        )?;
-        let labels = LabelMap {
-            data: argmax(probs.view()),
-            geometry: pre.geometry.clone(),
-        };
-        // back to the (cropped) input grid, then into the full volume
-        let cropped_geometry = match &bbox {
-            Some(b) => geometry.crop(b.start, b.shape()),
-            None => geometry.clone(),
-        };
-        let back = if card.preprocessing.spacing.is_some() {
-            resample_label_to(&labels, &cropped_geometry)?
-        } else {
-            labels
-        };
-        let mut full = Array3::<u8>::zeros(geometry.shape());
-        let start = bbox.map_or([0; 3], |b| b.start);
-        let [dz, dy, dx] = back.geometry.shape();
-        full.slice_mut(s![
-            start[0]..start[0] + dz,
-            start[1]..start[1] + dy,
-            start[2]..start[2] + dx
-        ])
-        .assign(&back.data);
-        full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+        let prediction = predict_case(&network, &card, &image, overlap, &device)?;
         let out = if single {
             args.output.clone()
         } else {
@@ -407,7 +373,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         write_label(
             &out,
             &LabelMap {
-                data: full,
+                data: prediction.labels,
                 geometry: geometry.clone(),
             },
         )?;
@@ -419,14 +385,16 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 geometry.shape()[2],
             ));
             full_probs.index_axis_mut(Axis(0), 0).fill(1.0);
-            for (k, channel) in probs.outer_iter().enumerate() {
+            let start = prediction.start;
+            let [dz, dy, dx] = prediction.cropped.shape();
+            for (k, channel) in prediction.probabilities.outer_iter().enumerate() {
                 let resampled = if card.preprocessing.spacing.is_some() {
                     cwseg_data::resample_image_to(
                         &Image {
                             data: channel.to_owned().insert_axis(Axis(0)),
-                            geometry: pre.geometry.clone(),
+                            geometry: prediction.preprocessed.clone(),
                         },
-                        &cropped_geometry,
+                        &prediction.cropped,
                     )?
                     .data
                     .index_axis_move(Axis(0), 0)

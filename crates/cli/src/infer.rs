@@ -4,9 +4,12 @@
 use anyhow::{Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
-use cwseg_data::{Blender, window_positions};
+use cwseg_data::resample::resample_label_to;
+use cwseg_data::{Blender, Geometry, Image, LabelMap, argmax, window_positions};
 use cwseg_models::Network;
-use ndarray::{Array4, s};
+use ndarray::{Array3, Array4, s};
+
+use crate::train::ModelCard;
 
 /// Class probabilities `[k, z, y, x]` of a preprocessed image `[c, z, y, x]`: windows of
 /// `window` with `overlap`, `batch` windows per network call, blended with the Gaussian
@@ -81,4 +84,72 @@ pub fn predict_probabilities(
         ])
         .to_owned();
     Ok(out)
+}
+
+/// A prediction of one case on the input's grid, with the probabilities on the network's grid
+/// and what is needed to map them back.
+pub struct CasePrediction {
+    /// Stored label values on the input's grid (preprocessing inverted).
+    pub labels: Array3<u8>,
+    /// Class probabilities `[k, z, y, x]` on the preprocessed grid.
+    pub probabilities: Array4<f32>,
+    /// The preprocessed grid.
+    pub preprocessed: Geometry,
+    /// The input's grid cropped to the preprocessing's box (the whole input without a crop).
+    pub cropped: Geometry,
+    /// Where the cropped grid starts in the input's voxels.
+    pub start: [usize; 3],
+}
+
+/// Predicts an image `[c, z, y, x]` on its own grid: the model card's preprocessing, sliding
+/// windows, argmax, then back through the resampling and the crop, class indices mapped to the
+/// stored label values; voxels outside the crop are background.
+pub fn predict_case(
+    network: &Network,
+    card: &ModelCard,
+    image: &Image,
+    overlap: f64,
+    device: &Device,
+) -> Result<CasePrediction> {
+    let (pre, _, bbox) = card.preprocessing.apply(image, None)?;
+    let probabilities = predict_probabilities(
+        network,
+        &pre.data,
+        card.classes.len(),
+        card.patch,
+        overlap,
+        2,
+        device,
+    )?;
+    let labels = LabelMap {
+        data: argmax(probabilities.view()),
+        geometry: pre.geometry.clone(),
+    };
+    let geometry = &image.geometry;
+    let cropped = match &bbox {
+        Some(b) => geometry.crop(b.start, b.shape()),
+        None => geometry.clone(),
+    };
+    let back = if card.preprocessing.spacing.is_some() {
+        resample_label_to(&labels, &cropped)?
+    } else {
+        labels
+    };
+    let mut full = Array3::<u8>::zeros(geometry.shape());
+    let start = bbox.map_or([0; 3], |b| b.start);
+    let [dz, dy, dx] = back.geometry.shape();
+    full.slice_mut(s![
+        start[0]..start[0] + dz,
+        start[1]..start[1] + dy,
+        start[2]..start[2] + dx
+    ])
+    .assign(&back.data);
+    full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+    Ok(CasePrediction {
+        labels: full,
+        probabilities,
+        preprocessed: pre.geometry,
+        cropped,
+        start,
+    })
 }

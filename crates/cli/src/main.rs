@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod commands;
 mod demo;
+mod experiment;
 mod figures;
 mod infer;
 mod optim;
@@ -42,6 +43,22 @@ enum Command {
         /// Number of seeds (default 3; 1 with --quick).
         #[arg(long)]
         seeds: Option<usize>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Train and evaluate a grid of networks × losses × seeds from an experiment file; resumes
+    /// where it stopped.
+    Experiment {
+        /// The experiment file (e.g. `experiments/brats18-cpu.toml`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder (default: the file's `out`, else `cwseg-experiment/NAME`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only write the tables from the runs already done; train nothing.
+        #[arg(long)]
+        collect: bool,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -93,6 +110,24 @@ fn run(cli: Cli) -> Result<()> {
                 "runs, results.md, results.json and demo.png are in {}",
                 out.display()
             );
+            Ok(())
+        }
+        Command::Experiment {
+            config,
+            out,
+            collect,
+            quiet,
+        } => {
+            let experiment = experiment::ExperimentConfig::read(&config)?;
+            let report = experiment::run(
+                &experiment,
+                &experiment::ExperimentOptions {
+                    out,
+                    collect,
+                    quiet,
+                },
+            )?;
+            println!("{report}");
             Ok(())
         }
         Command::Train(args) => commands::train(args),

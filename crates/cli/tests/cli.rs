@@ -502,3 +502,135 @@ fn errors_are_one_clean_line() {
     ]);
     assert!(err.contains("nonsense"), "{err}");
 }
+
+const TINY_EXPERIMENT: &str = r#"
+name = "tiny"
+
+[[table]]
+name = "table1"
+title = "tiny"
+networks = ["unet"]
+losses = ["ce", "cwcd"]
+seeds = [0]
+
+[networks.unet]
+name = "unet"
+filters = 4
+depth = 2
+
+[losses.cwcd]
+name = "cwcd"
+contour = { iterations = 1 }
+
+[train]
+patch = [16, 16, 16]
+batch_size = 2
+epochs = 1
+batches_per_epoch = 2
+
+[train.data]
+source = "synthetic"
+val_fraction = 0.34
+
+[train.data.synthetic]
+train = 3
+test = 1
+seed = 50
+
+[train.data.synthetic.phantom]
+shape = [16, 24, 24]
+"#;
+
+#[test]
+fn experiment_trains_each_run_once_resumes_and_tabulates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tiny-experiment.toml");
+    std::fs::write(&config, TINY_EXPERIMENT).expect("config");
+    let out = dir.path().join("exp");
+    let args = [
+        "experiment",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--quiet",
+    ];
+    // Ctrl-C during the first run: a clean stop, then the same command finishes the grid
+    let interrupted = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args(args)
+        .env("CWSEG_INTERRUPT_AFTER_BATCHES", "1")
+        .output()
+        .expect("cwseg runs");
+    assert_eq!(interrupted.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&interrupted.stderr).contains("interrupted during unet-ce-seed0")
+    );
+    let report = ok(&args);
+    for run in ["unet-ce-seed0", "unet-cwcd-seed0"] {
+        let status: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("runs").join(run).join("status.json"))
+                .expect("status"),
+        )
+        .expect("json");
+        assert_eq!(status["state"], "done", "{run}");
+        assert!(
+            out.join("runs")
+                .join(run)
+                .join("predictions/phantom_003.nii.gz")
+                .exists()
+        );
+    }
+    assert!(report.contains("| U-Net | CE | 1/1 |") && report.contains("| U-Net | CWCD | 1/1 |"));
+    assert!(out.join("table1.png").exists() && out.join("results.md").exists());
+
+    // a second invocation trains nothing
+    let weights = out.join("runs/unet-ce-seed0/best/model.safetensors");
+    let before = std::fs::metadata(&weights)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    ok(&args);
+    let after = std::fs::metadata(&weights)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert_eq!(before, after, "a finished run was trained again");
+    let epochs = std::fs::read_to_string(out.join("runs/unet-ce-seed0/metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .count();
+    assert_eq!(epochs, 1);
+
+    // the table's MONAI DSC of every class equals `cwseg evaluate` on the same predictions
+    let csv = std::fs::read_to_string(out.join("table1.csv")).expect("csv");
+    let table_dice: Vec<f64> = csv
+        .lines()
+        .filter(|l| l.starts_with("table1,unet,ce,1,dsc_monai,") && !l.contains(",Avg,"))
+        .map(|l| l.split(',').nth(6).expect("mean").parse().expect("number"))
+        .collect();
+    assert_eq!(table_dice.len(), 13, "one row per phantom class");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        out.join("runs/unet-ce-seed0/predictions")
+            .to_str()
+            .expect("utf-8"),
+        "--label",
+        out.join("data/labelsTs").to_str().expect("utf-8"),
+        "--aggregate",
+        "monai",
+        "--json",
+    ]))
+    .expect("json");
+    let mut compared = 0;
+    for (k, dice) in table_dice.iter().enumerate() {
+        let Some(evaluated) = json["mean"][(k + 1).to_string()]["dice"].as_f64() else {
+            continue;
+        };
+        assert!(
+            (dice - evaluated).abs() < 1e-12,
+            "class {}: table {dice} vs evaluate {evaluated}",
+            k + 1
+        );
+        compared += 1;
+    }
+    assert!(compared > 0, "no class compared");
+}

@@ -1,0 +1,673 @@
+//! `cwseg experiment`: a grid of networks × losses × seeds on one data set. Every run is a
+//! folder with its own `status.json`, so the grid resumes where it stopped (over several
+//! sessions); finished runs predict the split's test cases on their own grid, and the tables
+//! (Markdown and CSV, mean ± std over seeds, paper and MONAI aggregation, HD95) and a figure are
+//! made from the predictions on disk.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cwseg_data::{LabelMap, ReadOptions, read_label, write_label};
+use cwseg_losses::LossConfig;
+use cwseg_metrics::{Aggregate, CaseMetrics, ClassSet, Means, Summary, evaluate_case, summarize};
+use cwseg_models::ModelConfig;
+use ndarray::{Array3, Axis};
+use serde::{Deserialize, Serialize};
+
+use crate::figures::{Panel, write_panels};
+use crate::infer::predict_case;
+use crate::prepare::{PreparedData, open_data};
+use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
+
+/// How test cases are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Regions {
+    /// One score per foreground class (its stored label value).
+    #[default]
+    Classes,
+    /// BraTS regions WT = {1, 2, 4}, TC = {1, 4}, ET = {4} of the stored labels.
+    Brats,
+}
+
+/// One table of the experiment: every network × loss, over the seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// File stem of the table (`table1` → `table1.md`, `table1.csv`, `table1.png`).
+    pub name: String,
+    /// Heading.
+    #[serde(default)]
+    pub title: String,
+    /// Network names (keys of `[networks]`, or a network's name with its defaults).
+    pub networks: Vec<String>,
+    /// Loss names (keys of `[losses]`, or a loss's name with its defaults).
+    pub losses: Vec<String>,
+    /// Seeds.
+    pub seeds: Vec<u64>,
+}
+
+/// An experiment file (`experiments/brats18-cpu.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// The experiment's name.
+    pub name: String,
+    /// Output folder (default `cwseg-experiment/NAME`).
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// How test cases are scored.
+    #[serde(default)]
+    pub regions: Regions,
+    /// The tables, in the order their runs are trained.
+    #[serde(rename = "table")]
+    pub tables: Vec<TableSpec>,
+    /// Loss configurations by name; names not listed take the loss's defaults.
+    #[serde(default)]
+    pub losses: BTreeMap<String, LossConfig>,
+    /// Network configurations by name; names not listed take the network's defaults.
+    #[serde(default)]
+    pub networks: BTreeMap<String, ModelConfig>,
+    /// Everything else of each run (its `model`, `loss` and `seed` are replaced).
+    pub train: TrainConfig,
+}
+
+impl ExperimentConfig {
+    /// Reads and checks an experiment file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: ExperimentConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid experiment configuration", path.display()))?;
+        if config.tables.is_empty() {
+            bail!("{}: no [[table]]", path.display());
+        }
+        for t in &config.tables {
+            if t.networks.is_empty() || t.losses.is_empty() || t.seeds.is_empty() {
+                bail!(
+                    "{}: table `{}` needs networks, losses and seeds",
+                    path.display(),
+                    t.name
+                );
+            }
+        }
+        // every name must resolve now, not hours into the grid
+        for run in config.runs() {
+            config
+                .run_config(&run)
+                .with_context(|| format!("{}: run {}", path.display(), run.key()))?;
+        }
+        Ok(config)
+    }
+
+    /// The output folder.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| Path::new("cwseg-experiment").join(&self.name))
+    }
+
+    /// Every run of every table, in training order, each once.
+    pub fn runs(&self) -> Vec<RunKey> {
+        let mut runs: Vec<RunKey> = Vec::new();
+        for t in &self.tables {
+            for &seed in &t.seeds {
+                for network in &t.networks {
+                    for loss in &t.losses {
+                        let key = RunKey {
+                            network: network.clone(),
+                            loss: loss.clone(),
+                            seed,
+                        };
+                        if !runs.contains(&key) {
+                            runs.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    /// The training configuration of one run.
+    pub fn run_config(&self, run: &RunKey) -> Result<TrainConfig> {
+        let loss = match self.losses.get(&run.loss) {
+            Some(l) => l.clone(),
+            None => serde_json::from_value(serde_json::json!({ "name": run.loss }))
+                .with_context(|| format!("unknown loss `{}`", run.loss))?,
+        };
+        let model = match self.networks.get(&run.network) {
+            Some(m) => m.clone(),
+            None => serde_json::from_value(serde_json::json!({ "name": run.network }))
+                .with_context(|| format!("unknown network `{}`", run.network))?,
+        };
+        Ok(TrainConfig {
+            model,
+            loss,
+            seed: run.seed,
+            ..self.train.clone()
+        })
+    }
+}
+
+/// One run of the grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunKey {
+    /// Network name.
+    pub network: String,
+    /// Loss name.
+    pub loss: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl RunKey {
+    /// The run's folder name, `unet-cwcd-seed0`.
+    pub fn key(&self) -> String {
+        format!("{}-{}-seed{}", self.network, self.loss, self.seed)
+    }
+}
+
+/// A run's progress, `RUN/status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// `training`, `predicting` or `done`.
+    pub state: String,
+    /// Training wall time summed over the epochs of every invocation, seconds.
+    pub train_seconds: f64,
+    /// Test-set prediction wall time, seconds.
+    pub predict_seconds: f64,
+    /// Best validation DSC and its epoch.
+    pub best_val_dice: Option<f64>,
+    /// The epoch of the best checkpoint (the one tested).
+    pub best_epoch: Option<usize>,
+    /// The cwseg version that finished the run.
+    pub cwseg_version: String,
+}
+
+fn read_status(dir: &Path) -> Option<RunStatus> {
+    let text = fs::read_to_string(dir.join("status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether the run in `dir` has predicted its test cases.
+fn is_done(dir: &Path) -> bool {
+    read_status(dir).is_some_and(|s| s.state == "done")
+}
+
+fn write_status(dir: &Path, status: &RunStatus) -> Result<()> {
+    cwseg_data::dataset::write_atomic(
+        &dir.join("status.json"),
+        serde_json::to_string_pretty(status)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Sum of the epoch times in `metrics.jsonl`.
+fn train_seconds(dir: &Path) -> f64 {
+    fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["seconds"].as_f64())
+        .sum()
+}
+
+/// Options of one invocation.
+#[derive(Debug, Clone, Default)]
+pub struct ExperimentOptions {
+    /// Output folder instead of the file's.
+    pub out: Option<PathBuf>,
+    /// Only make the tables from the runs already done.
+    pub collect: bool,
+    /// No progress bars.
+    pub quiet: bool,
+}
+
+/// Trains and predicts every run not yet done, then writes the tables; returns the Markdown.
+pub fn run(config: &ExperimentConfig, options: &ExperimentOptions) -> Result<String> {
+    let out = options.out.clone().unwrap_or_else(|| config.out_dir());
+    let runs_dir = out.join("runs");
+    fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
+    cwseg_data::dataset::write_atomic(
+        &out.join("experiment.toml"),
+        toml::to_string_pretty(config)?.as_bytes(),
+    )?;
+    let data_dir = out.join("data");
+    if !options.collect {
+        let runs = config.runs();
+        for (i, run) in runs.iter().enumerate() {
+            let dir = runs_dir.join(run.key());
+            if is_done(&dir) {
+                continue;
+            }
+            eprintln!("run {}/{}: {}", i + 1, runs.len(), run.key());
+            run_one(config, run, &dir, &data_dir, options.quiet)?;
+        }
+    }
+    collect(config, &out, &data_dir)
+}
+
+/// Trains (or resumes) one run, then predicts its test cases into `RUN/predictions/`.
+fn run_one(
+    config: &ExperimentConfig,
+    run: &RunKey,
+    dir: &Path,
+    data_dir: &Path,
+    quiet: bool,
+) -> Result<()> {
+    let train_config = config.run_config(run)?;
+    let mut status = RunStatus {
+        state: "training".into(),
+        cwseg_version: env!("CARGO_PKG_VERSION").into(),
+        ..RunStatus::default()
+    };
+    write_status_creating(dir, &status)?;
+    let resume = dir.join("last").join("state.json").exists();
+    let outcome = train(
+        &train_config,
+        dir,
+        RunOptions {
+            resume,
+            quiet,
+            data_dir: Some(data_dir.to_path_buf()),
+        },
+    )?;
+    if outcome.interrupted {
+        bail!(
+            "interrupted during {}; run the same command again to continue",
+            run.key()
+        );
+    }
+    status.state = "predicting".into();
+    status.train_seconds = train_seconds(dir);
+    write_status(dir, &status)?;
+
+    let start = Instant::now();
+    let device = parse_device(&train_config.device)?;
+    let data = open_data(&train_config.data, train_config.seed, data_dir)?;
+    if data.split.test.is_empty() {
+        bail!("{}: the split has no test cases to evaluate", run.key());
+    }
+    let (network, card, best) = load_model(dir, &device)?;
+    let predictions = dir.join("predictions");
+    fs::create_dir_all(&predictions)
+        .with_context(|| format!("creating {}", predictions.display()))?;
+    for id in &data.split.test {
+        let (image, _) = load_input(&data, id)?;
+        let prediction = predict_case(&network, &card, &image, card.overlap, &device)?;
+        write_label(
+            predictions.join(format!("{id}.nii.gz")),
+            &LabelMap {
+                data: prediction.labels,
+                geometry: image.geometry.clone(),
+            },
+        )?;
+    }
+    let state: crate::train::RunState = serde_json::from_str(
+        &fs::read_to_string(dir.join("last").join("state.json")).context("reading state.json")?,
+    )?;
+    status.best_val_dice = state.best_dice;
+    status.best_epoch = state.best_epoch;
+    status.predict_seconds = start.elapsed().as_secs_f64();
+    status.state = "done".into();
+    write_status(dir, &status)?;
+    tracing::info!(run = run.key(), checkpoint = %best.display(), "predicted the test cases");
+    Ok(())
+}
+
+fn write_status_creating(dir: &Path, status: &RunStatus) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_status(dir, status)
+}
+
+/// A test case's image and labels on their own grid, unprocessed.
+fn load_input(
+    data: &PreparedData,
+    id: &str,
+) -> Result<(cwseg_data::Image, Option<cwseg_data::LabelMap>)> {
+    let case = data
+        .dataset
+        .case(id)
+        .with_context(|| format!("case {id} is not in the data set"))?;
+    Ok(data.dataset.load_case(case, &ReadOptions::default())?)
+}
+
+/// Mean and sample standard deviation (n − 1; 0 for one value) of the finite values.
+fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    Some((mean, var.sqrt()))
+}
+
+/// Per-seed summaries of one row (network × loss) of a table.
+struct Row {
+    network: String,
+    loss: String,
+    seeds: Vec<u64>,
+    paper: Vec<Summary>,
+    monai: Vec<Summary>,
+}
+
+/// Which number a table cell shows.
+#[derive(Clone, Copy)]
+enum Metric {
+    DicePaper,
+    DiceMonai,
+    Hd95,
+}
+
+impl Metric {
+    fn label(self) -> &'static str {
+        match self {
+            Metric::DicePaper => "dsc_paper",
+            Metric::DiceMonai => "dsc_monai",
+            Metric::Hd95 => "hd95_mm",
+        }
+    }
+
+    fn summaries(self, row: &Row) -> &[Summary] {
+        match self {
+            Metric::DiceMonai => &row.monai,
+            _ => &row.paper,
+        }
+    }
+
+    fn pick(self, m: &Means) -> Option<f64> {
+        match self {
+            Metric::Hd95 => m.hausdorff95,
+            _ => m.dice,
+        }
+    }
+}
+
+/// Per seed, the value of class `k` (or the average for `k = None`), and the failures.
+fn seed_values(row: &Row, metric: Metric, k: Option<usize>) -> (Vec<f64>, usize) {
+    let mut values = Vec::new();
+    let mut failures = 0;
+    for s in metric.summaries(row) {
+        let (means, f) = match k {
+            Some(k) => (&s.classes[k].means, s.classes[k].failures),
+            None => (&s.average, s.failures),
+        };
+        values.push(metric.pick(means).unwrap_or(f64::NAN));
+        failures += f;
+    }
+    (values, failures)
+}
+
+fn cell(values: &[f64], failures: usize, metric: Metric, count_failures: bool) -> String {
+    let digits = if matches!(metric, Metric::Hd95) { 2 } else { 4 };
+    let mut text = match mean_std(values) {
+        Some((m, s)) if values.len() > 1 => format!("{m:.digits$} ± {s:.digits$}"),
+        Some((m, _)) => format!("{m:.digits$}"),
+        None => "-".into(),
+    };
+    if count_failures && failures > 0 {
+        let _ = write!(text, " ({failures} failed)");
+    }
+    text
+}
+
+fn display_network(name: &str) -> String {
+    match name {
+        "unet" => "U-Net".into(),
+        "vnet" => "V-Net".into(),
+        "unetr" => "UNETR".into(),
+        "deeplabv3" => "DeepLabV3".into(),
+        other => other.into(),
+    }
+}
+
+/// Scores every finished run's predictions and writes `TABLE.md`, `TABLE.csv`, `TABLE.png`
+/// and `results.md` (all tables) in `out`.
+fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<String> {
+    let data = open_data(&config.train.data, 0, data_dir)?;
+    let classes = match config.regions {
+        Regions::Brats => ClassSet::brats(),
+        Regions::Classes => (1..data.dataset.classes.len())
+            .map(|k| {
+                ClassSet::region(
+                    &data.dataset.classes[k],
+                    &[i64::from(data.dataset.label_values[k])],
+                )
+            })
+            .collect(),
+    };
+    let mut labels: BTreeMap<String, LabelMap> = BTreeMap::new();
+    for id in &data.split.test {
+        let (_, label) = load_input(&data, id)?;
+        let label = label.with_context(|| format!("test case {id} has no label file"))?;
+        labels.insert(id.clone(), label);
+    }
+    let mut scored: BTreeMap<String, Vec<CaseMetrics>> = BTreeMap::new();
+    let mut report = format!("# Experiment {}\n", config.name);
+    for table in &config.tables {
+        let mut rows = Vec::new();
+        for network in &table.networks {
+            for loss in &table.losses {
+                let mut row = Row {
+                    network: network.clone(),
+                    loss: loss.clone(),
+                    seeds: Vec::new(),
+                    paper: Vec::new(),
+                    monai: Vec::new(),
+                };
+                for &seed in &table.seeds {
+                    let key = RunKey {
+                        network: network.clone(),
+                        loss: loss.clone(),
+                        seed,
+                    }
+                    .key();
+                    let dir = out.join("runs").join(&key);
+                    if !is_done(&dir) {
+                        continue;
+                    }
+                    if !scored.contains_key(&key) {
+                        let cases = score_run(&dir, &labels, &classes)?;
+                        scored.insert(key.clone(), cases);
+                    }
+                    let cases = &scored[&key];
+                    row.seeds.push(seed);
+                    row.paper.push(summarize(cases, Aggregate::Paper));
+                    row.monai.push(summarize(cases, Aggregate::Monai));
+                }
+                rows.push(row);
+            }
+        }
+        let (markdown, csv) = render_table(table, &rows, &classes);
+        cwseg_data::dataset::write_atomic(
+            &out.join(format!("{}.md", table.name)),
+            markdown.as_bytes(),
+        )?;
+        cwseg_data::dataset::write_atomic(
+            &out.join(format!("{}.csv", table.name)),
+            csv.as_bytes(),
+        )?;
+        let _ = write!(report, "\n{markdown}");
+        write_table_figure(
+            &out.join(format!("{}.png", table.name)),
+            &data,
+            out,
+            &rows,
+            &table.seeds,
+            &labels,
+        )?;
+    }
+    cwseg_data::dataset::write_atomic(&out.join("results.md"), report.as_bytes())?;
+    Ok(report)
+}
+
+/// Metrics of a run's predictions against the labels, on the labels' grid and spacing.
+fn score_run(
+    dir: &Path,
+    labels: &BTreeMap<String, LabelMap>,
+    classes: &[ClassSet],
+) -> Result<Vec<CaseMetrics>> {
+    let mut cases = Vec::new();
+    for (id, label) in labels {
+        let path = dir.join("predictions").join(format!("{id}.nii.gz"));
+        let prediction = read_label(&path, &ReadOptions::default())?;
+        if prediction.geometry.shape() != label.geometry.shape() {
+            bail!(
+                "{}: shape {:?}, the label has {:?}",
+                path.display(),
+                prediction.geometry.shape(),
+                label.geometry.shape()
+            );
+        }
+        cases.push(evaluate_case(
+            id,
+            prediction.data.view(),
+            label.data.view(),
+            &label.geometry.spacing(),
+            classes,
+        )?);
+    }
+    Ok(cases)
+}
+
+/// The Markdown (three tables: DSC paper aggregation, DSC MONAI aggregation, HD95) and the CSV
+/// of one table spec.
+fn render_table(table: &TableSpec, rows: &[Row], classes: &[ClassSet]) -> (String, String) {
+    let mut md = String::new();
+    let title = if table.title.is_empty() {
+        &table.name
+    } else {
+        &table.title
+    };
+    let _ = writeln!(md, "## {title}\n");
+    let _ = writeln!(
+        md,
+        "Mean ± sample standard deviation over seeds of the per-seed means over the test cases; \
+         `(n failed)` counts case × seed pairs with DSC = 0 for a region present in the label \
+         (excluded from the paper-aggregation and HD95 means, counted as 0 by MONAI's).\n"
+    );
+    let mut csv =
+        String::from("table,network,loss,seeds,metric,region,mean,std,failures,per_seed\n");
+    let names: Vec<String> = classes
+        .iter()
+        .map(|c| c.name.clone())
+        .chain(std::iter::once("Avg".to_string()))
+        .collect();
+    for (metric, heading, count) in [
+        (Metric::DicePaper, "DSC, paper aggregation", true),
+        (Metric::DiceMonai, "DSC, MONAI aggregation", false),
+        (Metric::Hd95, "HD95 (mm), failures excluded", false),
+    ] {
+        let _ = writeln!(md, "### {heading}\n");
+        let _ = writeln!(md, "| network | loss | seeds | {} |", names.join(" | "));
+        let _ = writeln!(md, "|---|---|---|{}", "---|".repeat(names.len()));
+        for row in rows {
+            let mut cells = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let k = (i < classes.len()).then_some(i);
+                let (values, failures) = seed_values(row, metric, k);
+                cells.push(cell(&values, failures, metric, count));
+                let (mean, std) = mean_std(&values).unwrap_or((f64::NAN, f64::NAN));
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{},{},{},{},{},{}",
+                    table.name,
+                    row.network,
+                    row.loss,
+                    row.seeds.len(),
+                    metric.label(),
+                    name,
+                    mean,
+                    std,
+                    failures,
+                    values
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(";")
+                );
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {}/{} | {} |",
+                display_network(&row.network),
+                row.loss.to_uppercase(),
+                row.seeds.len(),
+                table.seeds.len(),
+                cells.join(" | ")
+            );
+        }
+        md.push('\n');
+    }
+    (md, csv)
+}
+
+/// One axial slice of the first test case (the slice with the largest labelled area): the
+/// first modality, the ground truth, and each row's prediction with the table's first seed.
+fn write_table_figure(
+    path: &Path,
+    data: &PreparedData,
+    out: &Path,
+    rows: &[Row],
+    seeds: &[u64],
+    labels: &BTreeMap<String, LabelMap>,
+) -> Result<()> {
+    let Some((id, label)) = labels.iter().next() else {
+        return Ok(());
+    };
+    let Some(&seed) = seeds.first() else {
+        return Ok(());
+    };
+    let mut predictions: Vec<Array3<u8>> = Vec::new();
+    for row in rows {
+        let key = RunKey {
+            network: row.network.clone(),
+            loss: row.loss.clone(),
+            seed,
+        }
+        .key();
+        let file = out
+            .join("runs")
+            .join(key)
+            .join("predictions")
+            .join(format!("{id}.nii.gz"));
+        if file.exists() {
+            predictions.push(read_label(&file, &ReadOptions::default())?.data);
+        }
+    }
+    if predictions.is_empty() {
+        return Ok(());
+    }
+    let (image, _) = load_input(data, id)?;
+    let z = (0..label.data.dim().0)
+        .max_by_key(|&z| {
+            label
+                .data
+                .index_axis(Axis(0), z)
+                .iter()
+                .filter(|&&l| l != 0)
+                .count()
+        })
+        .unwrap_or(0);
+    let channel = image.data.index_axis(Axis(0), 0);
+    let img = channel.index_axis(Axis(0), z);
+    let mut panels = vec![
+        Panel::Gray(img),
+        Panel::Labels(img, label.data.index_axis(Axis(0), z)),
+    ];
+    for p in &predictions {
+        panels.push(Panel::Labels(img, p.index_axis(Axis(0), z)));
+    }
+    write_panels(path, &panels, 1)
+}
