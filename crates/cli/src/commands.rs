@@ -207,7 +207,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// `cwseg predict`.
 #[derive(Args)]
 pub struct PredictArgs {
-    /// A run folder (its `best/` checkpoint) or a model folder (`model.safetensors` + `config.json`).
+    /// A run folder (its `best/` checkpoint), a model folder (`model.safetensors` + `config.json`)
+    /// or `hf://ORG/NAME[@REV]` (the Hugging Face cache; offline with `HF_HUB_OFFLINE=1`).
     #[arg(long)]
     model: PathBuf,
     /// A NIfTI image, a folder of images (nnU-Net `_0000` channel files are grouped), or a
@@ -322,7 +323,8 @@ fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> R
 /// `cwseg predict`.
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let (network, card, dir) = load_model(&args.model, &device)?;
+    let model = crate::hub::model_path(&args.model)?;
+    let (network, card, dir) = load_model(&model, &device)?;
     let inputs = predict_inputs(&args.input, card.modalities.len())?;
     let single = args.input.is_file();
     if !single {

@@ -11,6 +11,7 @@ mod commands;
 mod demo;
 mod experiment;
 mod figures;
+mod hub;
 mod infer;
 mod optim;
 mod prepare;
@@ -75,6 +76,33 @@ enum Command {
     Loss(commands::LossArgs),
     /// Write the synthetic phantom data set (MSD layout).
     Synth(commands::SynthArgs),
+    /// Write a run's best checkpoint as a Hugging Face model folder (weights, config.json,
+    /// README.md model card).
+    Export {
+        /// A run folder (its `best/`) or a model folder.
+        run: PathBuf,
+        /// The model folder to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight precision.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+        /// Licence of the weights (SPDX id) for the model card.
+        #[arg(long, default_value = "cc-by-nc-4.0")]
+        license: String,
+        /// A `cwseg evaluate --json` report to put in the model card.
+        #[arg(long)]
+        evaluation: Option<PathBuf>,
+    },
+    /// Fetch a model `ORG/NAME[@REV]` into the Hugging Face cache (or find it there offline),
+    /// verify its files and print the folder.
+    Pull {
+        /// `ORG/NAME`, `ORG/NAME@REVISION` or `hf://ORG/NAME`.
+        model: String,
+        /// Use the cache only (also `HF_HUB_OFFLINE=1`).
+        #[arg(long)]
+        offline: bool,
+    },
     /// Build a network and print its parameter count and activation memory.
     Model(commands::ModelArgs),
     /// Time the operations that matter to users (contour maps, distances, metrics, losses, a
@@ -87,6 +115,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Weight precision of `export`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -137,6 +173,36 @@ fn run(cli: Cli) -> Result<()> {
         Command::Loss(args) => commands::loss(args),
         Command::Synth(args) => commands::synth(args),
         Command::Model(args) => commands::model(args),
+        Command::Export {
+            run,
+            out,
+            dtype,
+            license,
+            evaluation,
+        } => {
+            let dtype = match dtype {
+                DTypeArg::F32 => candle_core::DType::F32,
+                DTypeArg::F16 => candle_core::DType::F16,
+                DTypeArg::Bf16 => candle_core::DType::BF16,
+            };
+            hub::export(
+                &run,
+                &out,
+                &hub::ExportOptions {
+                    dtype,
+                    license,
+                    evaluation,
+                },
+            )?;
+            println!("model folder written to {}", out.display());
+            Ok(())
+        }
+        Command::Pull { model, offline } => {
+            let model: hub::HubRef = model.parse()?;
+            let dir = hub::pull(&model, offline || hub::offline_from_env())?;
+            println!("{}", dir.display());
+            Ok(())
+        }
         Command::Bench { quick, json } => bench::run(json, quick),
     }
 }

@@ -634,3 +634,216 @@ fn experiment_trains_each_run_once_resumes_and_tabulates() {
     }
     assert!(compared > 0, "no class compared");
 }
+
+fn cwseg_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cwseg"));
+    command
+        .args(args)
+        .env_remove("HF_HOME")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("cwseg runs")
+}
+
+/// Lays out `files` as the Hugging Face client caches a model repository: content-addressed
+/// blobs (SHA-256 for the weights, git SHA-1 for the rest), a snapshot of symbolic links and
+/// `refs/main`. Hashes are computed here, independently of cwseg's verifier.
+fn hub_cache(cache: &Path, repo: &str, commit: &str, files: &[(&str, Vec<u8>)]) {
+    use sha1::Digest as _;
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let blobs = folder.join("blobs");
+    let snapshot = folder.join("snapshots").join(commit);
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    std::fs::create_dir_all(&snapshot).expect("snapshot");
+    std::fs::create_dir_all(folder.join("refs")).expect("refs");
+    std::fs::write(folder.join("refs/main"), commit).expect("ref");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for (name, bytes) in files {
+        let hash = if name.ends_with(".safetensors") {
+            hex(&sha2::Sha256::digest(bytes))
+        } else {
+            let mut h = sha1::Sha1::new();
+            h.update(format!("blob {}\0", bytes.len()).as_bytes());
+            h.update(bytes);
+            hex(&h.finalize())
+        };
+        std::fs::write(blobs.join(&hash), bytes).expect("blob");
+        std::os::unix::fs::symlink(format!("../../blobs/{hash}"), snapshot.join(name))
+            .expect("link");
+    }
+}
+
+#[test]
+fn export_then_predict_from_the_hub_cache_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let run = dir.path().join("run");
+    ok(&[
+        "train",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        run.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    let exported = dir.path().join("hf-model");
+    ok(&[
+        "export",
+        run.to_str().expect("utf-8"),
+        "--out",
+        exported.to_str().expect("utf-8"),
+        "--license",
+        "apache-2.0",
+    ]);
+    let readme = std::fs::read_to_string(exported.join("README.md")).expect("card");
+    assert!(readme.starts_with("---\nlicense: apache-2.0\n"), "{readme}");
+    for tag in ["- medical-imaging", "- segmentation", "- cwseg", "- unet"] {
+        assert!(readme.contains(tag), "{tag} in the card");
+    }
+    assert!(readme.contains("Validation DSC at the kept checkpoint"));
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("config.json")).expect("config"),
+    )
+    .expect("json");
+    assert_eq!(card["model"]["name"], "unet");
+    assert_eq!(card["classes"].as_array().map(Vec::len), Some(14));
+    let weights = exported.join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("weights");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    assert_eq!(header["__metadata__"]["model"], "unet");
+    assert_eq!(header["__metadata__"]["dtype"], "f32");
+    assert!(header["__metadata__"]["cwseg_version"].is_string());
+    assert_same(&run.join("best/model.safetensors"), &weights);
+    // an existing folder is never overwritten
+    let err = fails(&[
+        "export",
+        run.to_str().expect("utf-8"),
+        "--out",
+        exported.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("already exists"), "{err}");
+
+    // the folder as the hub client caches it; pulled and predicted offline
+    let cache = dir.path().join("hf-cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let files: Vec<(&str, Vec<u8>)> = ["config.json", "model.safetensors", "README.md"]
+        .iter()
+        .map(|f| (*f, std::fs::read(exported.join(f)).expect("file")))
+        .collect();
+    hub_cache(&cache, "cwseg/tiny", commit, &files);
+    let env = [("HF_HUB_CACHE", cache.as_path())];
+    let pulled = cwseg_env(&["pull", "cwseg/tiny"], &env);
+    assert!(
+        pulled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pulled.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&pulled.stdout)
+            .trim()
+            .ends_with(commit)
+    );
+    let image = run.join("data/imagesTs/phantom_003.nii.gz");
+    let from_run = dir.path().join("from-run.nii.gz");
+    let from_hub = dir.path().join("from-hub.nii.gz");
+    for (model, out) in [
+        (run.to_str().expect("utf-8"), &from_run),
+        ("hf://cwseg/tiny", &from_hub),
+    ] {
+        let o = cwseg_env(
+            &[
+                "predict",
+                "--model",
+                model,
+                "--input",
+                image.to_str().expect("utf-8"),
+                "--output",
+                out.to_str().expect("utf-8"),
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let a = cwseg_data::read_label(&from_run, &Default::default()).expect("labels");
+    let b = cwseg_data::read_label(&from_hub, &Default::default()).expect("labels");
+    assert_eq!(
+        a.data, b.data,
+        "the hub model predicts what the run predicts"
+    );
+    assert_eq!(a.geometry.affine(), b.geometry.affine());
+
+    // the HF_HOME layout, a pinned commit, and a half-precision export
+    let home = dir.path().join("hf-home");
+    let half = dir.path().join("hf-model-f16");
+    ok(&[
+        "export",
+        run.to_str().expect("utf-8"),
+        "--out",
+        half.to_str().expect("utf-8"),
+        "--dtype",
+        "f16",
+    ]);
+    let half_weights = std::fs::read(half.join("model.safetensors")).expect("weights");
+    assert!(
+        half_weights.len() < bytes.len() * 6 / 10,
+        "f16 is about half"
+    );
+    let files: Vec<(&str, Vec<u8>)> = ["config.json", "model.safetensors"]
+        .iter()
+        .map(|f| (*f, std::fs::read(half.join(f)).expect("file")))
+        .collect();
+    hub_cache(&home.join("hub"), "cwseg/tiny-f16", commit, &files);
+    let o = cwseg_env(
+        &[
+            "predict",
+            "--model",
+            &format!("hf://cwseg/tiny-f16@{commit}"),
+            "--input",
+            image.to_str().expect("utf-8"),
+            "--output",
+            dir.path().join("half.nii.gz").to_str().expect("utf-8"),
+        ],
+        &[("HF_HOME", home.as_path())],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // a corrupt blob, a missing file and an unknown model: one clear line each
+    let blob = std::fs::read_link(cache.join(format!(
+        "models--cwseg--tiny/snapshots/{commit}/model.safetensors"
+    )))
+    .expect("link");
+    let blob = cache
+        .join(format!("models--cwseg--tiny/snapshots/{commit}"))
+        .join(blob);
+    let mut corrupt = std::fs::read(&blob).expect("blob");
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    std::fs::write(&blob, corrupt).expect("write");
+    let o = cwseg_env(&["pull", "cwseg/tiny"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("corrupt download") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    std::fs::remove_file(cache.join(format!(
+        "models--cwseg--tiny/snapshots/{commit}/config.json"
+    )))
+    .expect("remove");
+    let o = cwseg_env(&["pull", "cwseg/tiny"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("config.json is missing from the cache"),
+        "{err}"
+    );
+    let o = cwseg_env(&["pull", "cwseg/absent", "--offline"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not in the Hugging Face cache"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

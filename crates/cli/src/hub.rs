@@ -1,0 +1,537 @@
+//! Models as Hugging Face model folders: `export` writes one (weights, `config.json`, a model
+//! card), `pull` resolves `ORG/NAME[@REV]` in the standard Hugging Face cache — downloading
+//! with the `hf-hub` crate when built with the `hub` feature — and verifies every file it
+//! returns against the content hash the cache names its blob by.
+//!
+//! The cache layout (the one `huggingface_hub` and `hf-hub` write):
+//!
+//! ```text
+//! $HF_HUB_CACHE (else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
+//! └── models--ORG--NAME/
+//!     ├── refs/main                      the commit hash the revision points at
+//!     ├── blobs/<sha256 or git-sha1>     the file contents, named by their hash
+//!     └── snapshots/<commit>/<file>      symbolic links into blobs/
+//! ```
+//!
+//! Blobs of large (LFS) files are named by the SHA-256 of their content, the others by their git
+//! blob SHA-1 (`sha1("blob <len>\0" + content)`); both are checked on every read.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use cwseg_models::{describe, weights};
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+use crate::train::ModelCard;
+
+/// The files a cwseg model folder holds; the first two are needed to predict.
+pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "README.md"];
+
+/// A model on the hub: `ORG/NAME` at a revision (branch, tag or commit; default `main`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubRef {
+    /// Owner.
+    pub org: String,
+    /// Repository name.
+    pub name: String,
+    /// Branch, tag or 40-hex commit.
+    pub revision: String,
+}
+
+impl FromStr for HubRef {
+    type Err = anyhow::Error;
+
+    /// `ORG/NAME`, `ORG/NAME@REV`, with or without `hf://`.
+    fn from_str(text: &str) -> Result<Self> {
+        let bare = text.strip_prefix("hf://").unwrap_or(text);
+        let (repo, revision) = match bare.split_once('@') {
+            Some((r, rev)) => (r, rev.to_string()),
+            None => (bare, "main".to_string()),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if parts.len() != 2 || !parts.iter().all(|p| valid(p)) {
+            bail!("`{text}`: expected ORG/NAME or ORG/NAME@REVISION (letters, digits, - _ .)");
+        }
+        if revision.is_empty() || revision.contains("..") || revision.starts_with('/') {
+            bail!("`{text}`: invalid revision `{revision}`");
+        }
+        Ok(HubRef {
+            org: parts[0].to_string(),
+            name: parts[1].to_string(),
+            revision,
+        })
+    }
+}
+
+impl std::fmt::Display for HubRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.org, self.name, self.revision)
+    }
+}
+
+/// The hub cache folder, resolved from the environment as `huggingface_hub` does.
+pub fn cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")) {
+        return dir;
+    }
+    let home = env("HF_HOME").unwrap_or_else(|| {
+        env("XDG_CACHE_HOME")
+            .or_else(|| env("HOME").map(|h| h.join(".cache")))
+            .unwrap_or_else(|| PathBuf::from(".cache"))
+            .join("huggingface")
+    });
+    home.join("hub")
+}
+
+/// Whether `HF_HUB_OFFLINE` asks for the cache only.
+pub fn offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"))
+}
+
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn repo_folder(cache: &Path, model: &HubRef) -> PathBuf {
+    cache.join(format!("models--{}--{}", model.org, model.name))
+}
+
+/// The commit a revision points at in the cache (`refs/REV`), or the revision itself when it
+/// is a commit hash.
+fn cached_commit(cache: &Path, model: &HubRef) -> Result<Option<String>> {
+    if is_commit(&model.revision) {
+        return Ok(Some(model.revision.clone()));
+    }
+    let path = repo_folder(cache, model).join("refs").join(&model.revision);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let commit = text.trim().to_string();
+            if !is_commit(&commit) {
+                bail!("{}: not a commit hash: `{commit}`", path.display());
+            }
+            Ok(Some(commit))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Checks a cached file against the hash its blob is named by. Returns the hash kind checked.
+pub fn verify(path: &Path) -> Result<&'static str> {
+    let blob = fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let name = blob
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let in_blobs = blob
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|p| p == "blobs");
+    if !in_blobs || !name.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!(
+            "{}: not a link into the cache's blobs/ folder (resolves to {}); cannot verify it",
+            path.display(),
+            blob.display()
+        );
+    }
+    let bytes = fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+    let (kind, digest) = match name.len() {
+        64 => ("sha256", hex(&Sha256::digest(&bytes))),
+        40 => {
+            let mut hasher = Sha1::new();
+            hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
+            hasher.update(&bytes);
+            ("git-sha1", hex(&hasher.finalize()))
+        }
+        _ => bail!(
+            "{}: blob name `{name}` is neither a SHA-256 nor a git SHA-1",
+            blob.display()
+        ),
+    };
+    if digest != name.to_ascii_lowercase() {
+        bail!(
+            "{}: corrupt download: its {kind} is {digest}, the cache names it {name}; delete it and pull again",
+            path.display()
+        );
+    }
+    Ok(kind)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Resolves a model in the cache (downloading it first when online and built with the `hub`
+/// feature), verifies its files and returns the snapshot folder holding them.
+pub fn pull(model: &HubRef, offline: bool) -> Result<PathBuf> {
+    let cache = cache_dir();
+    if !offline {
+        download(model, &cache)?;
+    }
+    let commit = cached_commit(&cache, model)?.with_context(|| {
+        format!(
+            "{model} is not in the Hugging Face cache {}{}",
+            cache.display(),
+            if offline {
+                " (offline: HF_HUB_OFFLINE is set or --offline given)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    let snapshot = repo_folder(&cache, model).join("snapshots").join(&commit);
+    for file in &MODEL_FILES[..2] {
+        let path = snapshot.join(file);
+        if !path.exists() {
+            bail!(
+                "{model}: {} is missing from the cache (commit {commit}){}",
+                path.display(),
+                if offline {
+                    "; pull it while online first"
+                } else {
+                    ""
+                }
+            );
+        }
+        verify(&path)?;
+    }
+    let readme = snapshot.join(MODEL_FILES[2]);
+    if readme.exists() {
+        verify(&readme)?;
+    }
+    Ok(snapshot)
+}
+
+#[cfg(feature = "hub")]
+fn download(model: &HubRef, cache: &Path) -> Result<()> {
+    let client = hf_hub::HFClientSync::new().context("starting the Hugging Face client")?;
+    let repo = client.model(&model.org, &model.name);
+    for file in MODEL_FILES {
+        let result = repo
+            .download_file()
+            .filename(file)
+            .revision(model.revision.clone())
+            .send();
+        match result {
+            Ok(path) => tracing::info!(file, path = %path.display(), "downloaded"),
+            // the model card is optional
+            Err(e) if file == "README.md" => tracing::warn!("{model}: no README.md ({e})"),
+            Err(e) => {
+                return Err(anyhow::anyhow!(e)).with_context(|| {
+                    format!("downloading {file} of {model} into {}", cache.display())
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "hub"))]
+fn download(model: &HubRef, cache: &Path) -> Result<()> {
+    // Without the client, a model already in the cache is used as it is.
+    if cached_commit(cache, model)?.is_none() {
+        bail!(
+            "{model} is not in the Hugging Face cache {} and this cwseg was built without downloads; \
+             rebuild with `--features hub`, or fetch it with `huggingface-cli download {}/{}`",
+            cache.display(),
+            model.org,
+            model.name
+        );
+    }
+    Ok(())
+}
+
+/// A `--model` argument: `hf://ORG/NAME[@REV]` is pulled (offline with `HF_HUB_OFFLINE`), a
+/// path is returned as it is.
+pub fn model_path(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str().filter(|s| s.starts_with("hf://")) {
+        Some(text) => pull(&text.parse()?, offline_from_env()),
+        None => Ok(arg.to_path_buf()),
+    }
+}
+
+/// What `export` writes besides the weights.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Weight precision: f32, f16 or bf16.
+    pub dtype: DType,
+    /// SPDX licence of the weights for the card's front matter.
+    pub license: String,
+    /// An `cwseg evaluate --json` report to put in the card.
+    pub evaluation: Option<PathBuf>,
+}
+
+/// Writes the Hugging Face model folder of a run (its best checkpoint) to `out`: the weights
+/// (strictly checked against the config, cast to `dtype`, with metadata), `config.json` and
+/// a `README.md` model card. The folder is written beside `out` and renamed into place; an
+/// existing `out` is refused.
+pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
+    if out.exists() {
+        bail!(
+            "{} already exists; choose another --out or remove it",
+            out.display()
+        );
+    }
+    let (model_dir, run_dir) = if run.join("best").join("model.safetensors").exists() {
+        (run.join("best"), Some(run.to_path_buf()))
+    } else if run.join("model.safetensors").exists() {
+        let parent = run
+            .parent()
+            .filter(|p| p.join("train.toml").exists())
+            .map(Path::to_path_buf);
+        (run.to_path_buf(), parent)
+    } else {
+        bail!(
+            "{}: no model.safetensors (expected a run folder with best/ or a model folder)",
+            run.display()
+        );
+    };
+    let card = ModelCard::read(&model_dir)?;
+    let vars = VarMap::new();
+    let network = card.model.build(candle_nn::VarBuilder::from_varmap(
+        &vars,
+        DType::F32,
+        &Device::Cpu,
+    ))?;
+    drop(network);
+    weights::load_strict(&vars, model_dir.join("model.safetensors"))?;
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".cwseg-export-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    let metadata: HashMap<String, String> = [
+        ("format", "pt".to_string()),
+        ("cwseg_version", card.cwseg_version.clone()),
+        ("model", card.model.name().to_string()),
+        ("loss", serde_json::to_string(&card.loss)?),
+        ("dtype", format!("{:?}", options.dtype).to_lowercase()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    weights::save(
+        &vars,
+        tmp.path().join("model.safetensors"),
+        options.dtype,
+        &metadata,
+    )?;
+    fs::write(
+        tmp.path().join("config.json"),
+        serde_json::to_string_pretty(&card)?,
+    )
+    .context("writing config.json")?;
+    let evaluation = options
+        .evaluation
+        .as_ref()
+        .map(|p| -> Result<serde_json::Value> {
+            let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a `cwseg evaluate --json` report", p.display()))
+        })
+        .transpose()?;
+    let readme = model_card(&card, run_dir.as_deref(), evaluation.as_ref(), options)?;
+    fs::write(tmp.path().join("README.md"), readme).context("writing README.md")?;
+    let kept = tmp.keep();
+    fs::rename(&kept, out).with_context(|| {
+        format!(
+            "moving the exported folder {} to {}",
+            kept.display(),
+            out.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// The best epoch's validation DSC per class from `metrics.jsonl`.
+fn validation_at_best(run_dir: &Path) -> Option<(usize, Vec<Option<f64>>)> {
+    let text = fs::read_to_string(run_dir.join("metrics.jsonl")).ok()?;
+    let mut best: Option<(f64, usize, Vec<Option<f64>>)> = None;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let Some(d) = v["val_dice"].as_f64() else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(b, _, _)| d > *b) {
+            let per_class = v["val_dice_per_class"]
+                .as_array()
+                .map(|a| a.iter().map(serde_json::Value::as_f64).collect())
+                .unwrap_or_default();
+            best = Some((d, v["epoch"].as_u64().unwrap_or(0) as usize, per_class));
+        }
+    }
+    best.map(|(_, e, p)| (e, p))
+}
+
+fn model_card(
+    card: &ModelCard,
+    run_dir: Option<&Path>,
+    evaluation: Option<&serde_json::Value>,
+    options: &ExportOptions,
+) -> Result<String> {
+    let info = describe(&card.model, card.patch)?;
+    let loss = card.loss.build();
+    let mut s = String::new();
+    let _ = writeln!(s, "---");
+    let _ = writeln!(s, "license: {}", options.license);
+    let _ = writeln!(s, "library_name: cwseg");
+    let _ = writeln!(s, "pipeline_tag: image-segmentation");
+    let _ = writeln!(s, "tags:");
+    for tag in [
+        "medical-imaging",
+        "segmentation",
+        "cwseg",
+        "3d",
+        card.model.name(),
+        &loss.name().to_lowercase(),
+    ] {
+        let _ = writeln!(s, "- {tag}");
+    }
+    let _ = writeln!(s, "---\n");
+    let _ = writeln!(
+        s,
+        "# {} + {} ({} classes)\n",
+        card.model.name(),
+        loss.name(),
+        card.classes.len()
+    );
+    let _ = writeln!(
+        s,
+        "A 3D segmentation network trained with [cwseg]({}) {}.\n",
+        env!("CARGO_PKG_REPOSITORY"),
+        card.cwseg_version
+    );
+    let _ = writeln!(s, "## Use\n");
+    let _ = writeln!(
+        s,
+        "```sh\ncwseg predict --model hf://ORG/NAME --input CASE_OR_FOLDER --output OUT\n```\n"
+    );
+    let _ = writeln!(
+        s,
+        "`cwseg` replays the preprocessing below, predicts by sliding window and writes labels with \
+         the input's geometry and header. Offline (`HF_HUB_OFFLINE=1`) it reads the Hugging Face cache.\n"
+    );
+    let _ = writeln!(s, "## Model\n");
+    let _ = writeln!(
+        s,
+        "- network: `{}`, {} parameters",
+        serde_json::to_string(&card.model)?,
+        info.parameters
+    );
+    let _ = writeln!(s, "- loss: `{}`", serde_json::to_string(&card.loss)?);
+    let _ = writeln!(s, "- input channels: {}", card.modalities.join(", "));
+    let p = &card.preprocessing;
+    let _ = writeln!(
+        s,
+        "- preprocessing: crop to non-zero voxels {}, spacing {}, normalisation `{}`",
+        if p.crop_foreground { "yes" } else { "no" },
+        p.spacing
+            .map_or("unchanged".to_string(), |v| format!("{v:?} mm (z, y, x)")),
+        serde_json::to_string(&p.normalization)?
+    );
+    let _ = writeln!(
+        s,
+        "- inference window {:?} (z, y, x), overlap {}\n",
+        card.patch, card.overlap
+    );
+    let _ = writeln!(s, "| class | name | stored label value |\n|---|---|---|");
+    for (k, (name, value)) in card.classes.iter().zip(&card.label_values).enumerate() {
+        let _ = writeln!(s, "| {k} | {name} | {value} |");
+    }
+    if let Some(dir) = run_dir {
+        let _ = writeln!(s, "\n## Training\n");
+        if let Ok(text) = fs::read_to_string(dir.join("train.toml")) {
+            if let Ok(config) = toml::from_str::<crate::train::TrainConfig>(&text) {
+                let _ = writeln!(
+                    s,
+                    "- data: `{}`; {} epochs × {} batches of {} patches {:?}; optimizer `{}`, schedule `{}`; seed {}",
+                    config.data.source,
+                    config.epochs,
+                    config.batches_per_epoch,
+                    config.batch_size,
+                    config.patch,
+                    serde_json::to_string(&config.optimizer)?,
+                    serde_json::to_string(&config.schedule)?,
+                    config.seed
+                );
+            }
+        }
+        if let Ok(text) = fs::read_to_string(dir.join("split.json")) {
+            if let Ok(split) = serde_json::from_str::<serde_json::Value>(&text) {
+                let n = |k: &str| split[k].as_array().map_or(0, Vec::len);
+                let _ = writeln!(
+                    s,
+                    "- split: {} training, {} validation, {} test cases",
+                    n("train"),
+                    n("val"),
+                    n("test")
+                );
+            }
+        }
+        if let Some((epoch, per_class)) = validation_at_best(dir) {
+            let _ = writeln!(
+                s,
+                "\n### Validation DSC at the kept checkpoint (epoch {epoch})\n\n| class | DSC |\n|---|---|"
+            );
+            for (k, d) in per_class.iter().enumerate() {
+                let name = card.classes.get(k + 1).map_or("?", String::as_str);
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} |",
+                    d.map_or("-".into(), |d| format!("{d:.4}"))
+                );
+            }
+        }
+    }
+    if let Some(report) = evaluation {
+        let _ = writeln!(
+            s,
+            "\n## Evaluation ({} aggregation)\n\n| class | DSC | HD95 (mm) | failures |\n|---|---|---|---|",
+            report["aggregate"].as_str().unwrap_or("?")
+        );
+        if let Some(means) = report["mean"].as_object() {
+            for (class, m) in means {
+                let f = |k: &str, digits: usize| {
+                    m[k].as_f64()
+                        .map_or("-".to_string(), |v| format!("{v:.digits$}"))
+                };
+                let _ = writeln!(
+                    s,
+                    "| {class} | {} | {} | {} |",
+                    f("dice", 4),
+                    f("hd95", 2),
+                    report["failures"][class].as_u64().unwrap_or(0)
+                );
+            }
+        }
+    }
+    Ok(s)
+}
