@@ -518,19 +518,39 @@ fn model_card(
             report["aggregate"].as_str().unwrap_or("?")
         );
         if let Some(means) = report["mean"].as_object() {
-            for (class, m) in means {
+            let mut entries: Vec<(&String, &serde_json::Value)> = means.iter().collect();
+            // label values in numeric order, names after them
+            entries.sort_by_key(|(class, _)| (class.parse::<i64>().unwrap_or(i64::MAX), *class));
+            for (class, m) in entries {
                 let f = |k: &str, digits: usize| {
                     m[k].as_f64()
                         .map_or("-".to_string(), |v| format!("{v:.digits$}"))
                 };
+                // reports name classes by their stored label value
+                let name = class
+                    .parse::<u8>()
+                    .ok()
+                    .and_then(|v| card.label_values.iter().position(|&l| l == v))
+                    .map_or(class.clone(), |k| format!("{} ({class})", card.classes[k]));
                 let _ = writeln!(
                     s,
-                    "| {class} | {} | {} | {} |",
+                    "| {name} | {} | {} | {} |",
                     f("dice", 4),
                     f("hd95", 2),
                     report["failures"][class].as_u64().unwrap_or(0)
                 );
             }
+            let average = &report["average"];
+            let _ = writeln!(
+                s,
+                "| Avg | {} | {} | |",
+                average["dice"]
+                    .as_f64()
+                    .map_or("-".to_string(), |v| format!("{v:.4}")),
+                average["hd95"]
+                    .as_f64()
+                    .map_or("-".to_string(), |v| format!("{v:.2}"))
+            );
         }
     }
     Ok(s)

@@ -847,3 +847,66 @@ fn export_then_predict_from_the_hub_cache_offline() {
     assert!(err.contains("not in the Hugging Face cache"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// The models kept in `models/` (README: at most 25 MB in all) load strictly and still segment:
+/// the phantom model finds the liver of a phantom it never saw.
+#[test]
+fn committed_models_load_and_segment() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let mut total = 0;
+    for entry in std::fs::read_dir(&models).expect("models/") {
+        let folder = entry.expect("entry").path();
+        if !folder.is_dir() {
+            continue;
+        }
+        for file in ["config.json", "model.safetensors", "README.md"] {
+            total += std::fs::metadata(folder.join(file))
+                .unwrap_or_else(|e| panic!("{}/{file}: {e}", folder.display()))
+                .len();
+        }
+    }
+    assert!(
+        total <= 25 << 20,
+        "models/ holds {total} bytes, over the README's 25 MB"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "1",
+        "--test",
+        "0",
+        "--shape",
+        "48,64,64",
+        "--seed",
+        "7777",
+    ]);
+    let prediction = dir.path().join("pred/phantom_000.nii.gz");
+    std::fs::create_dir_all(dir.path().join("pred")).expect("dir");
+    ok(&[
+        "predict",
+        "--model",
+        models.join("phantom-unet-cwcd").to_str().expect("utf-8"),
+        "--input",
+        data.join("imagesTr/phantom_000.nii.gz")
+            .to_str()
+            .expect("utf-8"),
+        "--output",
+        prediction.to_str().expect("utf-8"),
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        dir.path().join("pred").to_str().expect("utf-8"),
+        "--label",
+        data.join("labelsTr").to_str().expect("utf-8"),
+        "--json",
+    ]))
+    .expect("json");
+    let liver = json["mean"]["1"]["dice"].as_f64().expect("liver DSC");
+    assert!(liver > 0.8, "liver DSC {liver}");
+}
