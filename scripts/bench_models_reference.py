@@ -32,11 +32,13 @@ def best(f, repeat=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (network steps only)")
+    ap.add_argument("--size", type=int, default=64, help="side of the network step's input")
     ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.what != "conv":
-        return network_step(args.what)
+        return network_step(args.what, args.device, args.size)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
               (64, 16, "level 2: 2x64x16^3 64->64"), (128, 8, "level 3: 2x128x8^3 128->128"), (256, 4, "level 4: 2x256x4^3 256->256")]
@@ -49,22 +51,36 @@ def main():
         flops = 2 * 2 * c * c * 27 * n ** 3
         print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
 
-def network_step(name):
-    from monai.networks.nets import UNETR, VNet
+def network_step(name, device="cpu", n=64):
     from networks_fixtures import DeepLabV3
-    net = {"unet": lambda: UNet(1, 16), "vnet": lambda: VNet(spatial_dims=3, in_channels=1, out_channels=16),
-           "deeplabv3": lambda: DeepLabV3(1, 16), "unetr": lambda: UNETR(in_channels=1, out_channels=16, img_size=(64, 64, 64))}[name]()
+
+    def monai(cls, **kw):  # MONAI only for the networks that need it
+        import monai.networks.nets as nets
+        return getattr(nets, cls)(**kw)
+    net = {"unet": lambda: UNet(1, 16), "vnet": lambda: monai("VNet", spatial_dims=3, in_channels=1, out_channels=16),
+           "deeplabv3": lambda: DeepLabV3(1, 16),
+           "unetr": lambda: monai("UNETR", in_channels=1, out_channels=16, img_size=(n, n, n))}[name]()
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=3e-4)
-    x = torch.randn(2, 1, 64, 64, 64)
-    y = (torch.arange(2 * 64 ** 3) % 16).reshape(2, 64, 64, 64)
+    x = torch.randn(2, 1, n, n, n, device=device)
+    y = (torch.arange(2 * n ** 3, device=device) % 16).reshape(2, n, n, n)
 
     def step():
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        step()  # cuDNN autotuning and allocator warm-up, as cwseg bench's warm-up run
+        t = sorted(best(step, repeat=1) for _ in range(3))[1]
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(f"{name} training step on {torch.cuda.get_device_name()}, batch 2, 1x{n}^3, 16 classes: "
+              f"{t * 1e3:.1f} ms (median of 3), peak GPU memory {peak:.0f} MiB, torch {torch.__version__}")
+        return
     t = best(step, repeat=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{name} training step, batch 2, 1x64^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
+    print(f"{name} training step, batch 2, 1x{n}^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

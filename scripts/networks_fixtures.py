@@ -13,11 +13,9 @@ import os
 import sys
 
 import numpy as np
-import safetensors
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 OUT = os.path.join("crates", "models", "tests", "fixtures")
 torch.manual_seed(5)
@@ -156,6 +154,11 @@ def formula_weights(names, shapes):
 
 
 def main():
+    # only the fixture writer needs safetensors (scripts/bench_models_reference.py imports the
+    # networks on machines without it)
+    import safetensors
+    from safetensors.torch import save_file
+
     os.makedirs(OUT, exist_ok=True)
     arrays, meta = {}, {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                                      "numpy": np.__version__, "safetensors": safetensors.__version__}, "cases": {}}

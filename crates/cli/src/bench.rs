@@ -30,9 +30,44 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(times))
 }
 
+/// What `cwseg bench` times.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Fewer runs and a 32³ training step.
+    pub quick: bool,
+    /// Print JSON.
+    pub json: bool,
+    /// Where the losses and the training step run (`cpu`, `cuda[:N]`).
+    pub device: String,
+    /// Side of the training step's input (default 64; 32 with `quick`).
+    pub step_size: Option<usize>,
+    /// Loss of the training step.
+    pub step_loss: String,
+    /// Time the training step only.
+    pub step_only: bool,
+}
+
 /// Runs the benchmarks; prints a table, or JSON.
-pub fn run(json_output: bool, quick: bool) -> Result<()> {
+pub fn run(options: &BenchOptions) -> Result<()> {
+    let quick = options.quick;
     let runs = if quick { 3 } else { 5 };
+    let device = crate::train::parse_device(&options.device)?;
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    if !options.step_only {
+        rows.extend(operation_rows(runs, &device)?);
+    }
+    let size = options.step_size.unwrap_or(if quick { 32 } else { 64 });
+    rows.push(training_step(
+        size,
+        &options.step_loss,
+        if quick { 2 } else { 3 },
+        &device,
+    )?);
+    print_rows(&rows, runs, options)
+}
+
+/// Contour maps, distances, metrics on the CPU; losses (forward + backward) on `device`.
+fn operation_rows(runs: usize, device: &Device) -> Result<Vec<(String, f64)>> {
     let config = PhantomConfig::default();
     let (_, labels) = phantom(&config, 0)?;
     let (_, other) = phantom(&config, 1)?;
@@ -68,19 +103,13 @@ pub fn run(json_output: bool, quick: bool) -> Result<()> {
         })?,
     ));
 
-    let device = Device::Cpu;
-    let logits = Var::from_tensor(&Tensor::randn(
-        0f32,
-        1.0,
-        (2, classes, 32, 64, 64),
-        &device,
-    )?)?;
+    let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, classes, 32, 64, 64), device)?)?;
     let crop: Vec<u8> = labels
         .slice(ndarray::s![32..64, 32..96, 32..96])
         .iter()
         .copied()
         .collect();
-    let crop = Tensor::from_vec([crop.clone(), crop].concat(), (2, 32, 64, 64), &device)?;
+    let crop = Tensor::from_vec([crop.clone(), crop].concat(), (2, 32, 64, 64), device)?;
     let target = Target::new(crop)?;
     for name in ["cedl", "cwcd"] {
         let loss = LossConfig::from_name(name)?.build();
@@ -91,29 +120,58 @@ pub fn run(json_output: bool, quick: bool) -> Result<()> {
             ),
             time(runs, || {
                 loss.forward(logits.as_tensor(), &target)?.backward()?;
+                device.synchronize()?;
                 Ok(())
             })?,
         ));
     }
 
-    let size = if quick { 32 } else { 64 };
-    let model = ModelConfig::from_name("unet", 1, classes)?;
-    let vars = VarMap::new();
-    let network = model.build(seeded_var_builder(&vars, 0, DType::F32, &device))?;
-    let x = Tensor::randn(0f32, 1.0, (2, 1, size, size, size), &device)?;
-    let y = Tensor::zeros((2, size, size, size), DType::U8, &device)?;
-    let loss = LossConfig::from_name("cwcd")?.build();
-    let target = Target::new(y)?;
-    rows.push((
-        format!("paper U-Net training step (forward + CWCD + backward), 2×1×{size}³"),
-        time(if quick { 2 } else { 3 }, || {
-            let logits = network.forward_t(&x, true)?;
-            loss.forward(&logits, &target)?.backward()?;
-            Ok(())
-        })?,
-    ));
+    Ok(rows)
+}
 
-    if json_output {
+/// One training step of the paper's U-Net (16 classes, batch 2, 1 × size³): forward, loss,
+/// backward and an Adam update, on `device` (synchronised before the clock stops).
+fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Result<(String, f64)> {
+    let model = ModelConfig::from_name("unet", 1, 16)?;
+    let vars = VarMap::new();
+    let network = model.build(seeded_var_builder(&vars, 0, DType::F32, device))?;
+    let named: Vec<(String, Var)> = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
+        .iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let mut optimizer =
+        crate::optim::Optimizer::new(crate::optim::OptimizerConfig::default(), named);
+    let x = Tensor::randn(0f32, 1.0, (2, 1, size, size, size), device)?;
+    // every class present, as in the PyTorch reference (class = voxel index mod 16)
+    let labels: Vec<u8> = (0..2 * size * size * size)
+        .map(|i| (i % 16) as u8)
+        .collect();
+    let y = Tensor::from_vec(labels, (2, size, size, size), device)?;
+    let target = Target::new(y)?;
+    let loss = LossConfig::from_name(loss)?.build();
+    let ms = time(runs, || {
+        let logits = network.forward_t(&x, true)?;
+        let grads = loss.forward(&logits, &target)?.backward()?;
+        optimizer.step(&grads)?;
+        device.synchronize()?;
+        Ok(())
+    })?;
+    Ok((
+        format!(
+            "paper U-Net training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}",
+            loss.name(),
+            if device.is_cuda() { "CUDA" } else { "CPU" }
+        ),
+        ms,
+    ))
+}
+
+fn print_rows(rows: &[(String, f64)], runs: usize, options: &BenchOptions) -> Result<()> {
+    if options.json {
         let out: Vec<_> = rows
             .iter()
             .map(|(n, ms)| json!({"benchmark": n, "median_ms": ms}))
@@ -121,7 +179,7 @@ pub fn run(json_output: bool, quick: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"threads": rayon::current_num_threads(), "results": out})
+                &json!({"threads": rayon::current_num_threads(), "device": options.device, "results": out})
             )?
         );
     } else {

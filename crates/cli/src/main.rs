@@ -114,6 +114,18 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Device of the losses and the training step: `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Side of the training step's input (default 64, or 32 with --quick).
+        #[arg(long)]
+        step_size: Option<usize>,
+        /// Loss of the training step.
+        #[arg(long, default_value = "cwcd")]
+        step_loss: String,
+        /// Time the training step only.
+        #[arg(long)]
+        step_only: bool,
     },
 }
 
@@ -203,7 +215,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dir.display());
             Ok(())
         }
-        Command::Bench { quick, json } => bench::run(json, quick),
+        Command::Bench {
+            quick,
+            json,
+            device,
+            step_size,
+            step_loss,
+            step_only,
+        } => bench::run(&bench::BenchOptions {
+            quick,
+            json,
+            device,
+            step_size,
+            step_loss,
+            step_only,
+        }),
     }
 }
 

@@ -195,3 +195,54 @@ fn cuda_matches_cpu() {
         close(&gw_cpu, &gw_gpu, &format!("{name} parameter gradient"));
     }
 }
+
+/// Each network of the zoo, built from the same seed on both devices (the seeded initialiser
+/// draws on the host), gives the same outputs on CUDA as on the CPU, in eval and train mode,
+/// and the same input gradient.
+#[test]
+fn networks_match_cpu() {
+    use candle_core::{DType, ModuleT};
+    use cwseg_models::{ModelConfig, seeded_var_builder};
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let size = [32usize; 3];
+    let x = Tensor::randn(0f32, 1.0, (2, 2, size[0], size[1], size[2]), &Device::Cpu).unwrap();
+    for name in ["unet", "vnet", "deeplabv3", "unetr"] {
+        let config = ModelConfig::from_name(name, 2, 3)
+            .unwrap()
+            .with_input_size(size);
+        let mut results = Vec::new();
+        for device in [&Device::Cpu, &gpu] {
+            let vars = candle_nn::VarMap::new();
+            let net = config
+                .build(seeded_var_builder(&vars, 7, DType::F32, device))
+                .unwrap();
+            let xv = Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
+            let eval = net.forward_t(xv.as_tensor(), false).unwrap();
+            let train = net.forward_t(xv.as_tensor(), true).unwrap();
+            let grads = train.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let host = |t: &Tensor| -> Vec<f32> {
+                t.to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            results.push((
+                host(&eval),
+                host(&train),
+                host(grads.get(xv.as_tensor()).unwrap()),
+            ));
+        }
+        let (cpu, cuda) = (&results[0], &results[1]);
+        close(&cpu.0, &cuda.0, &format!("{name} eval output"));
+        close(&cpu.1, &cuda.1, &format!("{name} train output"));
+        close(&cpu.2, &cuda.2, &format!("{name} input gradient"));
+    }
+}
