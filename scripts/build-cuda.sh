@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Builds with candle's `cuda` feature on a machine without CUDA (the recipe of
 # ../shared/cuda/, adapted): nvcc 13.0 and the CUDA 13.0 libraries from PyPI wheels go into
-# $W (default /tmp/cudabuild, never inside the repository), with link shims, then
-#   scripts/build-cuda.sh [cargo arguments]       # default: the losses' CUDA test binaries
-# builds in $W/target. Compute capability 9.0 (H100/H200). About 13 minutes cold on 2 cores.
+# $W (default /tmp/cudabuild, never inside the repository), with link shims; it builds in
+# $W/target with the `ci` profile (release without LTO) and installs into target/cuda/:
+#   scripts/build-cuda.sh            # target/cuda/cwseg (a launcher) + target/cuda/cwseg-cuda
+#   scripts/build-cuda.sh check      # also target/cuda/tests/{models,losses}-cuda for gpu-check.sh
+#   scripts/build-cuda.sh cargo ARGS # any cargo command in that environment
+# Compute capability 9.0 (H100/H200). About 13 minutes cold on 2 cores.
 # At run time the binaries need libcuda.so.1 (the driver), libcublas.so.13, libcudart.so.13
-# and libcurand.so.10 (on the H100 machine: PyTorch's nvidia/cu13/lib).
+# and libcurand.so.10 (on the H100 machine: PyTorch's nvidia/cu13/lib). The launcher
+# target/cuda/cwseg says so in one line where they are missing, instead of the loader's error.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=${W:-/tmp/cudabuild}
@@ -32,7 +36,40 @@ if [ ! -f "$W/linkstubs/libcuda.so" ]; then
 fi
 export CUDA_HOME=$CU NVCC=$CU/bin/nvcc PATH=$CU/bin:$PATH CUDA_COMPUTE_CAP=90
 export CUDARC_CUDA_VERSION=13000 LIBRARY_PATH=$W/linkstubs CARGO_TARGET_DIR=$W/target
-if [ $# -eq 0 ]; then
-  set -- test -p cwseg-losses --features cuda --profile ci --no-run
+if [ "${1:-}" = cargo ]; then
+  shift
+  exec cargo "$@"
 fi
-cargo "$@"
+mode=${1:-cwseg}
+cargo build -p cwseg-cli --features cuda --profile ci
+INSTALL="$ROOT/target/cuda"
+mkdir -p "$INSTALL"
+install -m 755 "$W/target/ci/cwseg" "$INSTALL/cwseg-cuda"
+strip "$INSTALL/cwseg-cuda"
+cat > "$INSTALL/cwseg" <<'LAUNCHER'
+#!/bin/sh
+# cwseg built with CUDA. The binary links the NVIDIA driver library and the CUDA 13 runtime;
+# where they are missing, one line says so (instead of the dynamic loader's error).
+bin="$(dirname "$0")/cwseg-cuda"
+missing=$(ldd "$bin" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+if [ -n "$missing" ]; then
+  echo "error: this cwseg was built with CUDA and needs ${missing% } (the NVIDIA driver and the CUDA 13 libraries; see the README's GPU section), not found here; use the CPU build (cargo build --release -p cwseg-cli) on this machine" >&2
+  exit 1
+fi
+exec "$bin" "$@"
+LAUNCHER
+chmod 755 "$INSTALL/cwseg"
+if [ "$mode" = check ]; then
+  mkdir -p "$INSTALL/tests"
+  for crate in models losses; do
+    exe=$(cargo test -p "cwseg-$crate" --features cuda --profile ci --test cuda --no-run --message-format=json \
+      | "$W/venv/bin/python" -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])' | tail -1)
+    install -m 755 "$exe" "$INSTALL/tests/$crate-cuda"
+    strip "$INSTALL/tests/$crate-cuda"
+  done
+fi
+du -sh "$INSTALL"

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU check, on a machine with an NVIDIA GPU and PyTorch (a few minutes):
+#
+#   scripts/build-cuda.sh check     # here, on any machine: target/cuda/ (about 60 MB)
+#   scripts/gpu-check.sh [OUT]      # there, from the repository root, with target/cuda/ copied
+#
+# 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
+#    gradients), every network's forward (eval and train) and input gradient, every loss.
+# 2. The paper U-Net's training step (batch 2, 1×96³, 16 classes, forward + loss + backward +
+#    Adam) with cwseg on CUDA against PyTorch on the same GPU (cross-entropy on both; cwseg's
+#    CWCD beside it).
+# 3. `cwseg demo --quick --device cuda`.
+# Logs and a summary go to OUT (default $OUT, else gpu-check-out/). Exit status: failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu-check-out}}
+mkdir -p "$OUT"
+BIN=target/cuda
+SUMMARY="$OUT/summary.md"
+: > "$SUMMARY"
+failed=0
+
+# PyTorch's Python, and its CUDA 13 libraries for the cwseg binaries.
+PY=""
+for candidate in ${PYTHON:-} /opt/torch/.venv/bin/python python3; do
+  if [ -n "$candidate" ] && "$candidate" -c 'import torch' 2>/dev/null; then PY=$candidate; break; fi
+done
+if [ -n "$PY" ]; then
+  NVLIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+  [ -n "$NVLIB" ] && export LD_LIBRARY_PATH="$NVLIB:${LD_LIBRARY_PATH:-}"
+fi
+
+step() { # step NAME TIMEOUT COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name: $*" | tee -a "$OUT/all.log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  cat "$OUT/$name.log" >> "$OUT/all.log"
+  local status=ok
+  [ $rc -ne 0 ] && { status="FAILED (exit $rc)"; failed=$((failed + 1)); }
+  echo "| $name | $status | $((SECONDS - start)) s |" >> "$SUMMARY"
+  echo "   $status in $((SECONDS - start)) s"
+}
+
+{
+  echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/GPU: /'
+  echo "PyTorch: ${PY:-none} $("${PY:-false}" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+  echo
+  echo "| step | result | wall |"
+  echo "|---|---|---|"
+} >> "$SUMMARY"
+
+step ops-networks-parity 300 "$BIN/tests/models-cuda" --nocapture --test-threads 1
+step losses-parity 300 "$BIN/tests/losses-cuda" --nocapture --test-threads 1
+step cwseg-step-ce 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 --step-loss ce
+step cwseg-step-cwcd 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 --step-loss cwcd
+if [ -n "$PY" ]; then
+  step pytorch-step-ce 300 "$PY" scripts/bench_models_reference.py --device cuda --size 96 unet
+fi
+step demo-quick 420 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/demo"
+
+{
+  echo
+  echo "## Figures"
+  echo
+  grep -h "max relative difference" "$OUT/ops-networks-parity.log" 2>/dev/null \
+    | awk '{print $NF, $0}' | sort -g | tail -3 | cut -d' ' -f2- | sed 's/^/worst op\/network parity: /'
+  grep -h "gradient max rel" "$OUT/losses-parity.log" 2>/dev/null | sed 's/^/loss parity: /'
+  grep -h "skipped" "$OUT"/*.log 2>/dev/null | sed 's/^/SKIPPED: /'
+  grep -h "U-Net training step" "$OUT/cwseg-step-ce.log" "$OUT/cwseg-step-cwcd.log" 2>/dev/null
+  grep -h "training step on" "$OUT/pytorch-step-ce.log" 2>/dev/null
+  grep -h "^| Avg\|training time" "$OUT/demo-quick.log" 2>/dev/null
+  echo
+  echo "failed steps: $failed"
+} >> "$SUMMARY"
+cat "$SUMMARY"
+exit "$failed"
