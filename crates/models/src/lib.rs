@@ -2,6 +2,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod deeplab;
+mod direct;
 pub mod error;
 mod fused;
 pub mod init;

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
+use crate::direct::{Conv3dDirect, Direct};
 use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
@@ -54,7 +55,8 @@ fn strided(x: &Tensor, axis: usize, count: usize, step: usize, first: usize) -> 
 }
 
 /// 3D convolution (cross-correlation, as PyTorch's `conv3d`): input `(N, C, D, H, W)`, weight
-/// `(O, C, kd, kh, kw)`, optional bias `(O,)`. On the CPU (f32, f64): vol2col + one `gemm`
+/// `(O, C, kd, kh, kw)`, optional bias `(O,)`. On the CPU: unit strides in f32 by the direct
+/// tap-sum of `direct.rs` (no column matrix), other strides and f64 by vol2col + one `gemm`
 /// matrix product per block of output slices; elsewhere [`conv3d_composite`].
 pub fn conv3d(
     x: &Tensor,
@@ -77,6 +79,25 @@ pub fn conv3d(
     let od = out_len(d, kd, sd, pd, dd, "conv3d depth")?;
     let oh = out_len(h, kh, sh, ph, dh, "conv3d height")?;
     let ow = out_len(w, kw, sw, pw, dw, "conv3d width")?;
+    if x.dtype() == DType::F32 && config.stride == [1; 3] {
+        let direct = Direct {
+            input: [c, d, h, w],
+            kernel: [kd, kh, kw],
+            padding: config.padding,
+            dilation: config.dilation,
+            out_channels: o,
+            samples: n,
+        };
+        if direct.transposed().is_some() {
+            let y = x
+                .contiguous()?
+                .apply_op2(&weight.contiguous()?, Conv3dDirect(direct))?;
+            return match bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+                None => Ok(y),
+            };
+        }
+    }
     let rows = c * kd * kh * kw;
     // Blocks of output slices whose column matrix stays under 2^20 values (4 MiB in f32): small
     // enough that the allocator reuses them instead of faulting in fresh pages (the 64³ U-Net

@@ -52,6 +52,55 @@ fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     }
 }
 
+/// In f32 (where the CPU's unit-stride convolution takes its direct path): output and
+/// gradients within 1e-4 of PyTorch's, relative to the largest entry.
+fn check_f32(fx: &mut Fixtures, case: &str, inputs: &[&str], f: impl Fn(&[Tensor]) -> Tensor) {
+    let f32 = |t: Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|k| Var::from_tensor(&f32(fx.f64(&format!("{case}__{k}")))).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors);
+    assert_eq!(y.dtype(), candle_core::DType::F32);
+    let close = |got: &Tensor, want: &Tensor, what: String| {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let g: Vec<f64> = got
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let w: Vec<f64> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            worst <= 1e-4 * scale,
+            "{what}: f32 differs from PyTorch by {worst} (max {scale})"
+        );
+    };
+    close(
+        &y,
+        &fx.f64(&format!("{case}__out")),
+        format!("{case} f32 output"),
+    );
+    let g = f32(fx.f64(&format!("{case}__upstream")));
+    let grads = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
+    for (k, v) in inputs.iter().zip(&vars) {
+        let grad = grads.get(v.as_tensor()).expect("gradient");
+        close(
+            grad,
+            &fx.f64(&format!("{case}__grad_{k}")),
+            format!("{case} f32 gradient of {k}"),
+        );
+    }
+}
+
 /// Runs `f` on the fixture's inputs as variables and checks output and gradients.
 fn check(fx: &mut Fixtures, case: &str, inputs: &[&str], f: impl Fn(&[Tensor]) -> Tensor) {
     let vars: Vec<Var> = inputs
@@ -106,8 +155,12 @@ fn conv3d_matches_pytorch() {
         } else {
             &["x", "w"]
         };
-        // The CPU fast path (vol2col + gemm) and the any-device composite, both against PyTorch.
+        // The CPU fast paths (f64: vol2col + gemm; f32: the direct tap sum for unit strides,
+        // vol2col otherwise) and the any-device composite, all against PyTorch.
         check(&mut fx, &case, inputs, |t| {
+            conv3d(&t[0], &t[1], t.get(2), &config).unwrap()
+        });
+        check_f32(&mut fx, &case, inputs, |t| {
             conv3d(&t[0], &t[1], t.get(2), &config).unwrap()
         });
         check(&mut fx, &case, inputs, |t| {

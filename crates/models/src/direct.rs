@@ -1,0 +1,435 @@
+//! The CPU fast path of unit-stride `conv3d` in f32 (every convolution of the U-Net, V-Net's
+//! 5³ ones, DeepLabV3's dilated ones). The input is padded once; the output voxel at padded
+//! offset `q = z·Hp·Wp + y·Wp + x` reads tap `t` at `q + off(t)`, so for a run of `L`
+//! consecutive offsets the column block (C·T × L) is C·T contiguous copies from the padded input —
+//! small enough to stay in L2 — and one `gemm` `(O × C·T) · (C·T × L)` gives the tile's outputs
+//! (offsets falling in the padding are computed and dropped, a few per cent). The weight gradient
+//! is `Σ tile(dy) · columnsᵀ` over the same tiles, summed in a fixed order; the input gradient is
+//! this convolution of the output gradient with the flipped, transposed kernel.
+//!
+//! `unsafe` is allowed here (the workspace denies it elsewhere) for the `gemm` crate's raw
+//! pointer interface and for writing the disjoint output voxels of parallel tiles. It pays: on
+//! 2×32×64³ (32→32, k 3) forward + backward is 3.5× faster than vol2col + matmul
+//! (BENCHMARKS.md, "conv3d"). Every pointer is derived from a buffer sized from the geometry,
+//! checked by `Direct::check` before the first product.
+#![allow(unsafe_code)]
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Geometry of a unit-stride convolution of one sample: input `(C, D, H, W)`, kernel
+/// `(kd, kh, kw)`, padding and dilation per axis, `O` output channels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Direct {
+    pub input: [usize; 4],
+    pub kernel: [usize; 3],
+    pub padding: [usize; 3],
+    pub dilation: [usize; 3],
+    pub out_channels: usize,
+    pub samples: usize,
+}
+
+/// Values of a forward tile's column block (by benchmark on 2×32×64³: 2^16 to 2^20 measured,
+/// 2^17 and 2^18 best).
+const FORWARD_TILE: usize = 1 << 17;
+/// Values of a weight-gradient tile's column block (2^17 to 2^21 measured; 2^19 best on the
+/// deep U-Net levels, equal elsewhere).
+const WEIGHT_GRAD_TILE: usize = 1 << 19;
+
+/// A pointer that may cross threads: each tile writes voxels no other tile writes.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: used only to write disjoint output voxels from parallel tiles (see `forward`).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Direct {
+    /// Padded input sizes `(Dp, Hp, Wp)`.
+    fn padded(&self) -> [usize; 3] {
+        std::array::from_fn(|a| self.input[a + 1] + 2 * self.padding[a])
+    }
+
+    /// Output sizes `(Do, Ho, Wo)`.
+    pub fn output(&self) -> [usize; 3] {
+        let p = self.padded();
+        std::array::from_fn(|a| p[a].saturating_sub(self.dilation[a] * (self.kernel[a] - 1)))
+    }
+
+    fn taps(&self) -> usize {
+        self.kernel.iter().product()
+    }
+
+    /// Offset of every tap in the flattened padded input.
+    fn offsets(&self) -> Vec<usize> {
+        let [_, hp, wp] = self.padded();
+        let [kd, kh, kw] = self.kernel;
+        let mut v = Vec::with_capacity(self.taps());
+        for a in 0..kd {
+            for b in 0..kh {
+                for e in 0..kw {
+                    v.push(
+                        a * self.dilation[0] * hp * wp
+                            + b * self.dilation[1] * wp
+                            + e * self.dilation[2],
+                    );
+                }
+            }
+        }
+        v
+    }
+
+    /// Whether the unit-stride geometry is valid (output not empty).
+    pub fn check(&self) -> Result<()> {
+        let fits = self
+            .padded()
+            .iter()
+            .zip(self.kernel.iter().zip(&self.dilation))
+            .all(|(&p, (&k, &d))| k > 0 && p > d * (k - 1));
+        if !fits {
+            bail!("conv3d: kernel larger than the padded input");
+        }
+        Ok(())
+    }
+
+    /// All samples, padded: `(N, C, Dp, Hp, Wp)`.
+    fn pad(&self, x: &[f32]) -> Vec<f32> {
+        let [_, d, h, w] = self.input;
+        let [dp, hp, wp] = self.padded();
+        let [pd, ph, pw] = self.padding;
+        let mut out = vec![0f32; self.samples * self.input[0] * dp * hp * wp];
+        out.par_chunks_mut(dp * hp * wp)
+            .zip(x.par_chunks(d * h * w))
+            .for_each(|(o, i)| {
+                for z in 0..d {
+                    for y in 0..h {
+                        let src = (z * h + y) * w;
+                        let dst = ((z + pd) * hp + y + ph) * wp + pw;
+                        o[dst..dst + w].copy_from_slice(&i[src..src + w]);
+                    }
+                }
+            });
+        out
+    }
+
+    /// Columns per tile: the tile's column block (C·T × L) holds about `values` values
+    /// (2^17 = 512 KiB, within L2, for the forward pass; the weight gradient's products take
+    /// their inner dimension from L and want it longer).
+    fn tile_len(&self, values: usize) -> usize {
+        (values / (self.input[0] * self.taps()).max(1)).clamp(32, 4096)
+    }
+
+    /// Tiles `(sample, q0, q1)`: ranges of padded offsets covering every output voxel
+    /// (`q = z·Hp·Wp + y·Wp + x`); offsets in the padding between rows are computed and
+    /// dropped.
+    fn tiles(&self, len: usize) -> Vec<(usize, usize, usize)> {
+        let [od, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        let end = (od - 1) * hp * wp + (oh - 1) * wp + ow;
+        let mut t = Vec::new();
+        for n in 0..self.samples {
+            let mut q = 0;
+            while q < end {
+                t.push((n, q, (q + len).min(end)));
+                q += len;
+            }
+        }
+        t
+    }
+
+    /// Calls `f(q, at, count)` for every run of output voxels in `q0..q1`: `count` voxels
+    /// from padded offset `q`, at `at` in one channel of the sample's output.
+    fn runs(&self, q0: usize, q1: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let [od, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        for r in q0 / wp..=(q1 - 1) / wp {
+            let (z, y) = (r / hp, r % hp);
+            if z >= od || y >= oh {
+                continue;
+            }
+            let start = q0.max(r * wp);
+            let stop = q1.min(r * wp + ow);
+            if start < stop {
+                f(start, (z * oh + y) * ow + start - r * wp, stop - start);
+            }
+        }
+    }
+
+    /// The column block of a tile: row `c·T + t` holds `xp[c, q0 + off(t) ..][.. len]`,
+    /// contiguous in the padded input.
+    fn columns(&self, xp: &[f32], offsets: &[usize], q0: usize, len: usize, cols: &mut [f32]) {
+        let vp: usize = self.padded().iter().product();
+        let t_n = offsets.len();
+        for c in 0..self.input[0] {
+            let channel = &xp[c * vp..(c + 1) * vp];
+            for (t, &off) in offsets.iter().enumerate() {
+                cols[(c * t_n + t) * len..][..len]
+                    .copy_from_slice(&channel[q0 + off..q0 + off + len]);
+            }
+        }
+    }
+
+    /// `y = conv(x, w)` for all samples: `x` `(N, C, D, H, W)`, `w` `(O, C, kd, kh, kw)`.
+    pub fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let c_n = self.input[0];
+        let [od, oh, ow] = self.output();
+        let vp: usize = self.padded().iter().product();
+        let (o_n, k) = (self.out_channels, c_n * self.taps());
+        let offsets = self.offsets();
+        let volume = od * oh * ow;
+        let mut out = vec![0f32; self.samples * o_n * volume];
+        let xp = self.pad(x);
+        let dst_all = Shared(out.as_mut_ptr());
+        let len_max = self.tile_len(FORWARD_TILE);
+        self.tiles(len_max).par_iter().for_each_init(
+            || (vec![0f32; k * len_max], vec![0f32; o_n * len_max]),
+            |(cols, tile), &(n, q0, q1)| {
+                let len = q1 - q0;
+                self.columns(&xp[n * c_n * vp..][..c_n * vp], &offsets, q0, len, cols);
+                // SAFETY: lhs = w, O × K row-major (w.len() = O·K); rhs = cols, K × len;
+                // dst = tile, O × len; both buffers hold K·L_max ≥ K·len and O·L_max values.
+                unsafe {
+                    gemm::gemm(
+                        o_n,
+                        len,
+                        k,
+                        tile.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        false,
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        cols.as_ptr(),
+                        1,
+                        len as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                let dst = dst_all;
+                self.runs(q0, q1, |q, at, count| {
+                    for o in 0..o_n {
+                        let src = &tile[o * len + q - q0..][..count];
+                        // SAFETY: voxels `at..at + count` of channel o of sample n: inside the
+                        // output, and written by this tile only (tiles partition the offsets).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                src.as_ptr(),
+                                dst.0.add((n * o_n + o) * volume + at),
+                                count,
+                            );
+                        }
+                    }
+                });
+            },
+        );
+        out
+    }
+
+    /// The weight gradient `Σ_n Σ_q dy[o, q] · xp[c, q + off(t)]`, `(O, C, kd, kh, kw)`,
+    /// summed in a fixed order (the same bits for any thread count).
+    pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let c_n = self.input[0];
+        let [od, oh, ow] = self.output();
+        let vp: usize = self.padded().iter().product();
+        let (o_n, k) = (self.out_channels, c_n * self.taps());
+        let offsets = self.offsets();
+        let volume = od * oh * ow;
+        let xp = self.pad(x);
+        let len_max = self.tile_len(WEIGHT_GRAD_TILE);
+        let tiles = self.tiles(len_max);
+        // fixed groups of tiles, each summed sequentially, then the groups in order
+        let group = tiles.len().div_ceil(16).max(1);
+        let partials: Vec<Vec<f32>> = tiles
+            .par_chunks(group)
+            .map(|chunk| {
+                let mut acc = vec![0f32; o_n * k];
+                let mut cols = vec![0f32; k * len_max];
+                let mut tile = vec![0f32; o_n * len_max];
+                for &(n, q0, q1) in chunk {
+                    let len = q1 - q0;
+                    self.columns(
+                        &xp[n * c_n * vp..][..c_n * vp],
+                        &offsets,
+                        q0,
+                        len,
+                        &mut cols,
+                    );
+                    // the output gradient at padded offsets, zero between rows
+                    tile[..o_n * len].fill(0.0);
+                    self.runs(q0, q1, |q, at, count| {
+                        for o in 0..o_n {
+                            tile[o * len + q - q0..][..count]
+                                .copy_from_slice(&dy[(n * o_n + o) * volume + at..][..count]);
+                        }
+                    });
+                    // (O × K) += tile (O × len) · cols^T (len × K)
+                    // SAFETY: dst = acc, O × K; lhs = tile, O × len; rhs = cols read as
+                    // len × K (element (j, r) at r·len + j), all within their buffers.
+                    unsafe {
+                        gemm::gemm(
+                            o_n,
+                            k,
+                            len,
+                            acc.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            true,
+                            tile.as_ptr(),
+                            1,
+                            len as isize,
+                            cols.as_ptr(),
+                            len as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        );
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut total = vec![0f32; o_n * k];
+        for p in &partials {
+            for (a, b) in total.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        // (O, C·T) is already (O, C, kd, kh, kw)
+        total
+    }
+
+    /// The convolution that maps the output gradient to the input gradient: same kernel
+    /// size and dilation, padding `dilation·(k − 1) − padding`, O ↔ C; `None` when that
+    /// padding would be negative.
+    pub fn transposed(&self) -> Option<Direct> {
+        self.check().ok()?;
+        let [od, oh, ow] = self.output();
+        let mut padding = [0; 3];
+        for (a, p) in padding.iter_mut().enumerate() {
+            let full = self.dilation[a] * (self.kernel[a] - 1);
+            *p = full.checked_sub(self.padding[a])?;
+        }
+        let t = Direct {
+            input: [self.out_channels, od, oh, ow],
+            kernel: self.kernel,
+            padding,
+            dilation: self.dilation,
+            out_channels: self.input[0],
+            samples: self.samples,
+        };
+        (t.output() == [self.input[1], self.input[2], self.input[3]]).then_some(t)
+    }
+
+    /// `w (O, C, kd, kh, kw)` → the flipped, transposed kernel `(C, O, kd, kh, kw)`.
+    pub fn flip_transpose(&self, w: &[f32]) -> Vec<f32> {
+        let (o_n, c_n, t_n) = (self.out_channels, self.input[0], self.taps());
+        let mut out = vec![0f32; w.len()];
+        for o in 0..o_n {
+            for c in 0..c_n {
+                for t in 0..t_n {
+                    out[(c * o_n + o) * t_n + (t_n - 1 - t)] = w[(o * c_n + c) * t_n + t];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The custom op over `(x, w)`; `w` is `(O, C, kd, kh, kw)`.
+pub(crate) struct Conv3dDirect(pub Direct);
+
+impl candle_core::CustomOp2 for Conv3dDirect {
+    fn name(&self) -> &'static str {
+        "cwseg-conv3d-direct"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("conv3d: contiguous inputs expected");
+        };
+        let g = &self.0;
+        let [od, oh, ow] = g.output();
+        let shape = Shape::from((g.samples, g.out_channels, od, oh, ow));
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                Ok((CpuStorage::F32(g.forward(&x[a0..a1], &w[b0..b1])), shape))
+            }
+            _ => bail!("conv3d (direct): f32 inputs expected"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.0;
+        let Some(t) = g.transposed() else {
+            bail!("conv3d (direct): no transposed geometry; choose the vol2col path");
+        };
+        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let (o_n, c_n) = (g.out_channels, g.input[0]);
+        let flipped = Tensor::from_vec(
+            g.flip_transpose(&ws),
+            (c_n, o_n, ws.len() / (o_n * c_n).max(1)),
+            w.device(),
+        )?;
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(&flipped, &Conv3dDirect(t))?;
+        let dw = x
+            .contiguous()?
+            .apply_op2_no_bwd(&grad, &WeightGrad(*g))?
+            .reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The weight gradient as an op over `(x, dy)`, reading both in place.
+struct WeightGrad(Direct);
+
+impl candle_core::CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "cwseg-conv3d-direct-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("conv3d weight gradient: contiguous inputs expected");
+        };
+        let g = &self.0;
+        let shape = Shape::from((g.out_channels, g.input[0] * g.taps()));
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => Ok((
+                CpuStorage::F32(g.weight_grad(&x[a0..a1], &dy[b0..b1])),
+                shape,
+            )),
+            _ => bail!("conv3d weight gradient: f32 inputs expected"),
+        }
+    }
+}
