@@ -5,6 +5,7 @@
 # $W/target with the `ci` profile (release without LTO) and installs into target/cuda/:
 #   scripts/build-cuda.sh            # target/cuda/cwseg (a launcher) + target/cuda/cwseg-cuda
 #   scripts/build-cuda.sh check      # also target/cuda/tests/{models,losses}-cuda for gpu-check.sh
+#                                    # (and target/cuda.tar.xz, about 20 MB, to carry there)
 #   scripts/build-cuda.sh cargo ARGS # any cargo command in that environment
 # Compute capability 9.0 (H100/H200). About 13 minutes cold on 2 cores.
 # At run time the binaries need libcuda.so.1 (the driver), libcublas.so.13, libcudart.so.13
@@ -72,4 +73,6 @@ for l in sys.stdin:
     strip "$INSTALL/tests/$crate-cuda"
   done
 fi
-du -sh "$INSTALL"
+# One archive to copy to the GPU machine (the PTX in the binaries compresses about 8×).
+tar -C "$ROOT/target" -cJf "$ROOT/target/cuda.tar.xz" cuda
+du -sh "$INSTALL" "$ROOT/target/cuda.tar.xz"

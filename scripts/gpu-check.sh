@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, on a machine with an NVIDIA GPU and PyTorch (a few minutes):
 #
-#   scripts/build-cuda.sh check     # here, on any machine: target/cuda/ (about 60 MB)
-#   scripts/gpu-check.sh [OUT]      # there, from the repository root, with target/cuda/ copied
+#   scripts/build-cuda.sh check     # here, on any machine: target/cuda/ and target/cuda.tar.xz
+#   scripts/gpu-check.sh [OUT]      # there, from the repository root, with either copied
 #
 # 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
 #    gradients), every network's forward (eval and train) and input gradient, every loss.
@@ -16,6 +16,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check-out}}
 mkdir -p "$OUT"
 BIN=target/cuda
+if [ ! -x "$BIN/cwseg-cuda" ] && [ -f target/cuda.tar.xz ]; then
+  tar -C target -xJf target/cuda.tar.xz
+fi
 SUMMARY="$OUT/summary.md"
 : > "$SUMMARY"
 failed=0

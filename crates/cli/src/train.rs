@@ -184,8 +184,12 @@ pub fn parse_device(name: &str) -> Result<Device> {
                     "device `{other}`: this cwseg was built without CUDA; build it with `scripts/build-cuda.sh` (see the README's GPU section)"
                 );
             }
-            Device::new_cuda(ordinal)
-                .map_err(|e| anyhow::anyhow!("device `{other}`: no usable CUDA GPU ({e})"))
+            Device::new_cuda(ordinal).map_err(|e| {
+                // candle may append a backtrace: the first line is the driver's answer
+                let cause = e.to_string();
+                let cause = cause.lines().next().unwrap_or_default().trim();
+                anyhow::anyhow!("device `{other}`: no usable CUDA GPU ({cause})")
+            })
         }
         other => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
     }
