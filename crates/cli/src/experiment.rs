@@ -228,6 +228,21 @@ pub struct ExperimentOptions {
     pub quiet: bool,
 }
 
+/// Every run of the grid, in training order, with its state (`pending`, `training`,
+/// `predicting`, `done`) in `out` (default: the file's output folder).
+pub fn list(config: &ExperimentConfig, out: Option<&Path>) -> Vec<(String, String)> {
+    let out = out.map_or_else(|| config.out_dir(), Path::to_path_buf);
+    config
+        .runs()
+        .iter()
+        .map(|run| {
+            let state = read_status(&out.join("runs").join(run.key()))
+                .map_or_else(|| "pending".to_string(), |s| s.state);
+            (run.key(), state)
+        })
+        .collect()
+}
+
 /// Trains and predicts every run not yet done, then writes the tables; returns the Markdown.
 pub fn run(config: &ExperimentConfig, options: &ExperimentOptions) -> Result<String> {
     let out = options.out.clone().unwrap_or_else(|| config.out_dir());

@@ -60,6 +60,9 @@ enum Command {
         /// Only write the tables from the runs already done; train nothing.
         #[arg(long)]
         collect: bool,
+        /// Only list the runs and their states.
+        #[arg(long)]
+        list: bool,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -164,9 +167,16 @@ fn run(cli: Cli) -> Result<()> {
             config,
             out,
             collect,
+            list,
             quiet,
         } => {
             let experiment = experiment::ExperimentConfig::read(&config)?;
+            if list {
+                for (run, state) in experiment::list(&experiment, out.as_deref()) {
+                    println!("{run} {state}");
+                }
+                return Ok(());
+            }
             let report = experiment::run(
                 &experiment,
                 &experiment::ExperimentOptions {

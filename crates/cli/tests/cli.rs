@@ -583,6 +583,16 @@ fn experiment_trains_each_run_once_resumes_and_tabulates() {
     assert!(report.contains("| U-Net | CE | 1/1 |") && report.contains("| U-Net | CWCD | 1/1 |"));
     assert!(out.join("table1.png").exists() && out.join("results.md").exists());
 
+    let listed = ok(&[
+        "experiment",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--list",
+    ]);
+    assert_eq!(listed, "unet-ce-seed0 done\nunet-cwcd-seed0 done\n");
+
     // a second invocation trains nothing
     let weights = out.join("runs/unet-ce-seed0/best/model.safetensors");
     let before = std::fs::metadata(&weights)
@@ -909,4 +919,24 @@ fn committed_models_load_and_segment() {
     .expect("json");
     let liver = json["mean"]["1"]["dice"].as_f64().expect("liver DSC");
     assert!(liver > 0.8, "liver DSC {liver}");
+}
+
+/// The committed experiment files parse, and every network and loss they name exists.
+#[test]
+fn committed_experiments_resolve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/brats18-cpu.toml");
+    let listed = ok(&[
+        "experiment",
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--out",
+        dir.path().to_str().expect("utf-8"),
+        "--list",
+    ]);
+    let runs: Vec<&str> = listed.lines().collect();
+    // Table 1 (4 losses × 2 seeds), the ablation's 4 new losses × 2 seeds, 3 networks × 2 losses
+    assert_eq!(runs.len(), 22, "{listed}");
+    assert_eq!(runs[0], "unet-gdl-seed0 pending");
+    assert!(runs.contains(&"unetr-cwcd-seed0 pending"));
 }
