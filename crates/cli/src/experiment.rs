@@ -465,7 +465,12 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
     let mut labels: BTreeMap<String, LabelMap> = BTreeMap::new();
     for id in &data.split.test {
         let (_, label) = load_input(&data, id)?;
-        let label = label.with_context(|| format!("test case {id} has no label file"))?;
+        let mut label = label.with_context(|| format!("test case {id} has no label file"))?;
+        // the reader gives class indices (BraTS 4 → 3); predictions hold the stored values
+        let values = &data.dataset.label_values;
+        label
+            .data
+            .mapv_inplace(|k| values.get(usize::from(k)).copied().unwrap_or(k));
         labels.insert(id.clone(), label);
     }
     let mut scored: BTreeMap<String, Vec<CaseMetrics>> = BTreeMap::new();

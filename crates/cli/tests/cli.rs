@@ -940,3 +940,154 @@ fn committed_experiments_resolve() {
     assert_eq!(runs[0], "unet-gdl-seed0 pending");
     assert!(runs.contains(&"unetr-cwcd-seed0 pending"));
 }
+
+/// A BraTS-layout experiment (labels 1/2/4, trained as classes 1/2/3) is scored on the stored
+/// labels: its WT/TC/ET equal `cwseg evaluate --regions brats` on the original seg files.
+#[test]
+fn brats_experiment_scores_the_stored_labels() {
+    use cwseg_data::{Geometry, LabelMap, write_label, write_volume};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("brats");
+    let segs = dir.path().join("segs");
+    std::fs::create_dir_all(&segs).expect("dir");
+    let geometry = Geometry::new([16, 20, 20], [1.0; 3]);
+    let ids = ["Case_A", "Case_B", "Case_C", "Case_D", "Case_E"];
+    for (i, id) in ids.iter().enumerate() {
+        let case = data.join(id);
+        std::fs::create_dir_all(&case).expect("dir");
+        // a brain-like box with a tumour: edema (2) around a core (1) around enhancing (4)
+        let label = ndarray::Array3::<u8>::from_shape_fn((16, 20, 20), |(z, y, x)| {
+            let r = ((z as f64 - 8.0).powi(2)
+                + (y as f64 - 9.0 - i as f64).powi(2)
+                + (x as f64 - 10.0).powi(2))
+            .sqrt();
+            if r < 2.5 {
+                4
+            } else if r < 4.0 {
+                1
+            } else if r < 6.0 {
+                2
+            } else {
+                0
+            }
+        });
+        for (m, modality) in ["flair", "t1", "t1ce", "t2"].iter().enumerate() {
+            let image = label.mapv(|l| 100.0 + 10.0 * f32::from(l) * (m as f32 + 1.0));
+            write_volume(
+                case.join(format!("{id}_{modality}.nii.gz")),
+                &image,
+                &geometry,
+            )
+            .expect("image");
+        }
+        let seg = LabelMap {
+            data: label,
+            geometry: geometry.clone(),
+        };
+        write_label(case.join(format!("{id}_seg.nii.gz")), &seg).expect("seg");
+        write_label(segs.join(format!("{id}.nii.gz")), &seg).expect("seg copy");
+    }
+    let split = dir.path().join("split.json");
+    std::fs::write(
+        &split,
+        r#"{"train": ["Case_A", "Case_B"], "val": ["Case_C"], "test": ["Case_D", "Case_E"]}"#,
+    )
+    .expect("split");
+    let config = dir.path().join("brats.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "tiny-brats"
+regions = "brats"
+[[table]]
+name = "t"
+networks = ["unet"]
+losses = ["cedl"]
+seeds = [0]
+[networks.unet]
+name = "unet"
+filters = 4
+depth = 2
+[train]
+patch = [16, 16, 16]
+batch_size = 2
+epochs = 2
+batches_per_epoch = 3
+[train.data]
+source = "{}"
+format = "brats"
+split = "{}"
+"#,
+            data.display(),
+            split.display()
+        ),
+    )
+    .expect("config");
+    let out = dir.path().join("exp");
+    ok(&[
+        "experiment",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    let predictions = out.join("runs/unet-cedl-seed0/predictions");
+    let stored: std::collections::BTreeSet<u8> = ["Case_D", "Case_E"]
+        .iter()
+        .flat_map(|id| {
+            cwseg_data::read_label(
+                predictions.join(format!("{id}.nii.gz")),
+                &Default::default(),
+            )
+            .expect("prediction")
+            .data
+            .into_iter()
+        })
+        .collect();
+    assert!(
+        stored.iter().all(|v| [0, 1, 2, 4].contains(v)),
+        "{stored:?}"
+    );
+    // evaluate reads the original seg files (1/2/4) for the test cases
+    let test_segs = dir.path().join("test-segs");
+    std::fs::create_dir_all(&test_segs).expect("dir");
+    for id in ["Case_D", "Case_E"] {
+        std::fs::copy(
+            segs.join(format!("{id}.nii.gz")),
+            test_segs.join(format!("{id}.nii.gz")),
+        )
+        .expect("copy");
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        predictions.to_str().expect("utf-8"),
+        "--label",
+        test_segs.to_str().expect("utf-8"),
+        "--regions",
+        "brats",
+        "--aggregate",
+        "monai",
+        "--json",
+    ]))
+    .expect("json");
+    let csv = std::fs::read_to_string(out.join("t.csv")).expect("csv");
+    for region in ["WT", "TC", "ET"] {
+        let table: f64 = csv
+            .lines()
+            .find(|l| l.starts_with(&format!("t,unet,cedl,1,dsc_monai,{region},")))
+            .expect("row")
+            .split(',')
+            .nth(6)
+            .expect("mean")
+            .parse()
+            .expect("number");
+        let evaluated = json["mean"][region]["dice"].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (table - evaluated).abs() < 1e-12 || (table.is_nan() && evaluated.is_nan()),
+            "{region}: table {table} vs evaluate {evaluated}"
+        );
+    }
+}
