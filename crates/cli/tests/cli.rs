@@ -919,6 +919,47 @@ fn committed_models_load_and_segment() {
     .expect("json");
     let liver = json["mean"]["1"]["dice"].as_f64().expect("liver DSC");
     assert!(liver > 0.8, "liver DSC {liver}");
+
+    // the BraTS model on one of its test cases (where ../shared/data is present)
+    let brats = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/brats18");
+    let case = "Brats18_TCIA10_639_1";
+    if !brats.join(case).is_dir() {
+        eprintln!(
+            "skipped the BraTS model check: {} is absent",
+            brats.display()
+        );
+        return;
+    }
+    let input = dir.path().join("brats-in");
+    std::fs::create_dir_all(&input).expect("dir");
+    std::os::unix::fs::symlink(brats.join(case), input.join(case)).expect("link");
+    let out = dir.path().join("brats-pred");
+    ok(&[
+        "predict",
+        "--model",
+        models.join("brats18-unet-cwcd").to_str().expect("utf-8"),
+        "--input",
+        input.to_str().expect("utf-8"),
+        "--output",
+        out.to_str().expect("utf-8"),
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        out.join(format!("{case}.nii.gz")).to_str().expect("utf-8"),
+        "--label",
+        brats
+            .join(case)
+            .join(format!("{case}_seg.nii.gz"))
+            .to_str()
+            .expect("utf-8"),
+        "--regions",
+        "brats",
+        "--json",
+    ]))
+    .expect("json");
+    let wt = json["mean"]["WT"]["dice"].as_f64().expect("WT DSC");
+    assert!(wt > 0.5, "whole-tumour DSC {wt}");
 }
 
 /// The committed experiment files parse, and every network and loss they name exists.
