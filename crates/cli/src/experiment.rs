@@ -509,7 +509,15 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
                 rows.push(row);
             }
         }
-        let (markdown, csv) = render_table(table, &rows, &classes);
+        let (mut markdown, csv) = render_table(table, &rows, &classes);
+        let _ = writeln!(
+            markdown,
+            "![{name}]({name}.png)\n\n`{name}.png`: one axial slice (the one with the most \
+             labelled voxels) of the first test case: its first modality, the ground truth, then \
+             each row's prediction with seed {seed}, in table order.\n",
+            name = table.name,
+            seed = table.seeds.first().copied().unwrap_or_default()
+        );
         cwseg_data::dataset::write_atomic(
             &out.join(format!("{}.md", table.name)),
             markdown.as_bytes(),
