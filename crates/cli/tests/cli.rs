@@ -976,8 +976,9 @@ fn committed_experiments_resolve() {
         "--list",
     ]);
     let runs: Vec<&str> = listed.lines().collect();
-    // Table 1 (4 losses × 2 seeds), the ablation's 4 new losses × 2 seeds, 3 networks × 2 losses
-    assert_eq!(runs.len(), 22, "{listed}");
+    // Table 1 (4 losses × 2 seeds), the ablation's 4 new losses × 2 seeds, CWCD with a
+    // replicated border × 2 seeds, 3 networks × 2 losses
+    assert_eq!(runs.len(), 24, "{listed}");
     assert_eq!(runs[0], "unet-gdl-seed0 pending");
     assert!(runs.contains(&"unetr-cwcd-seed0 pending"));
 }
