@@ -79,6 +79,14 @@ impl Direct {
         v
     }
 
+    /// Values of all samples' input, of the weights and of all samples' output.
+    fn lengths(&self) -> (usize, usize, usize) {
+        let input = self.samples * self.input.iter().product::<usize>();
+        let weights = self.out_channels * self.input[0] * self.taps();
+        let output = self.samples * self.out_channels * self.output().iter().product::<usize>();
+        (input, weights, output)
+    }
+
     /// Whether the unit-stride geometry is valid (output not empty).
     pub fn check(&self) -> Result<()> {
         let fits = self
@@ -186,7 +194,8 @@ impl Direct {
             |(cols, tile), &(n, q0, q1)| {
                 let len = q1 - q0;
                 self.columns(&xp[n * c_n * vp..][..c_n * vp], &offsets, q0, len, cols);
-                // SAFETY: lhs = w, O × K row-major (w.len() = O·K); rhs = cols, K × len;
+                // SAFETY: lhs = w, O × K row-major (w.len() = O·K, checked in `cpu_fwd`);
+                // rhs = cols, K × len;
                 // dst = tile, O × len; both buffers hold K·L_max ≥ K·len and O·L_max values.
                 unsafe {
                     gemm::gemm(
@@ -367,6 +376,11 @@ impl candle_core::CustomOp2 for Conv3dDirect {
         let g = &self.0;
         let [od, oh, ow] = g.output();
         let shape = Shape::from((g.samples, g.out_channels, od, oh, ow));
+        // the raw products below rely on these lengths
+        let (input, weights, _) = g.lengths();
+        if a1 - a0 != input || b1 - b0 != weights {
+            bail!("conv3d (direct): input or weight size does not match the geometry");
+        }
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
                 Ok((CpuStorage::F32(g.forward(&x[a0..a1], &w[b0..b1])), shape))
@@ -424,6 +438,10 @@ impl candle_core::CustomOp2 for WeightGrad {
         };
         let g = &self.0;
         let shape = Shape::from((g.out_channels, g.input[0] * g.taps()));
+        let (input, _, output) = g.lengths();
+        if a1 - a0 != input || b1 - b0 != output {
+            bail!("conv3d weight gradient: input or gradient size does not match the geometry");
+        }
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(dy)) => Ok((
                 CpuStorage::F32(g.weight_grad(&x[a0..a1], &dy[b0..b1])),
