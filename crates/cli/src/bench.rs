@@ -135,16 +135,7 @@ fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Resul
     let model = ModelConfig::from_name("unet", 1, 16)?;
     let vars = VarMap::new();
     let network = model.build(seeded_var_builder(&vars, 0, DType::F32, device))?;
-    let named: Vec<(String, Var)> = vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
-        .iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let mut optimizer =
-        crate::optim::Optimizer::new(crate::optim::OptimizerConfig::default(), named);
+    let mut optimizer = crate::optim::Optimizer::for_varmap(Default::default(), &vars)?;
     let x = Tensor::randn(0f32, 1.0, (2, 1, size, size, size), device)?;
     // every class present, as in the PyTorch reference (class = voxel index mod 16)
     let labels: Vec<u8> = (0..2 * size * size * size)

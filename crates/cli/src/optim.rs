@@ -135,6 +135,20 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// An optimizer over the trainable variables of `vars` (batch-norm running statistics are
+    /// buffers, left out).
+    pub fn for_varmap(config: OptimizerConfig, vars: &candle_nn::VarMap) -> Result<Self> {
+        let named: Vec<(String, Var)> = vars
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
+            .iter()
+            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        Ok(Self::new(config, named))
+    }
+
     /// An optimizer over `vars` (sorted by name for a stable state file).
     pub fn new(config: OptimizerConfig, mut vars: Vec<(String, Var)>) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));

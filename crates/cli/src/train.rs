@@ -409,15 +409,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
     let vars = VarMap::new();
     let network =
         model_config.build(seeded_var_builder(&vars, config.seed, DType::F32, &device))?;
-    let named: Vec<(String, candle_core::Var)> = vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
-        .iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let mut optimizer = Optimizer::new(config.optimizer, named);
+    let mut optimizer = Optimizer::for_varmap(config.optimizer, &vars)?;
     let loss = config.loss.build();
     let mut state = RunState::default();
     if options.resume {
