@@ -31,19 +31,25 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// What `cwseg bench` times.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
     /// Fewer runs and a 32³ training step.
+    #[arg(long)]
     pub quick: bool,
     /// Print JSON.
+    #[arg(long)]
     pub json: bool,
-    /// Where the losses and the training step run (`cpu`, `cuda[:N]`).
+    /// Device of the losses and the training step: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Side of the training step's input (default 64; 32 with `quick`).
+    /// Side of the training step's input (default 64, or 32 with --quick).
+    #[arg(long)]
     pub step_size: Option<usize>,
     /// Loss of the training step.
+    #[arg(long, default_value = "cwcd")]
     pub step_loss: String,
     /// Time the training step only.
+    #[arg(long)]
     pub step_only: bool,
 }
 

@@ -110,26 +110,7 @@ enum Command {
     Model(commands::ModelArgs),
     /// Time the operations that matter to users (contour maps, distances, metrics, losses, a
     /// U-Net training step).
-    Bench {
-        /// Fewer runs and a 32³ U-Net step.
-        #[arg(long)]
-        quick: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Device of the losses and the training step: `cpu`, `cuda` or `cuda:N`.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Side of the training step's input (default 64, or 32 with --quick).
-        #[arg(long)]
-        step_size: Option<usize>,
-        /// Loss of the training step.
-        #[arg(long, default_value = "cwcd")]
-        step_loss: String,
-        /// Time the training step only.
-        #[arg(long)]
-        step_only: bool,
-    },
+    Bench(bench::BenchOptions),
 }
 
 /// Weight precision of `export`.
@@ -225,21 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dir.display());
             Ok(())
         }
-        Command::Bench {
-            quick,
-            json,
-            device,
-            step_size,
-            step_loss,
-            step_only,
-        } => bench::run(&bench::BenchOptions {
-            quick,
-            json,
-            device,
-            step_size,
-            step_loss,
-            step_only,
-        }),
+        Command::Bench(options) => bench::run(&options),
     }
 }
 

@@ -34,6 +34,13 @@ fn run(op: &Op, x: &Tensor, w: &Tensor) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (host(&y), gx, gw)
 }
 
+/// The first CUDA device, or `None` with a message (the test then checks nothing).
+fn gpu() -> Option<Device> {
+    Device::new_cuda(0)
+        .map_err(|e| eprintln!("skipped: no CUDA device ({e})"))
+        .ok()
+}
+
 fn close(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
@@ -49,12 +56,8 @@ fn close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn cuda_matches_cpu() {
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            return;
-        }
+    let Some(gpu) = gpu() else {
+        return;
     };
     let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
     let w = Tensor::randn(0f32, 0.3, (6, 4, 3, 3, 3), &Device::Cpu).unwrap();
@@ -203,12 +206,8 @@ fn cuda_matches_cpu() {
 fn networks_match_cpu() {
     use candle_core::{DType, ModuleT};
     use cwseg_models::{ModelConfig, seeded_var_builder};
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            return;
-        }
+    let Some(gpu) = gpu() else {
+        return;
     };
     let size = [32usize; 3];
     let x = Tensor::randn(0f32, 1.0, (2, 2, size[0], size[1], size[2]), &Device::Cpu).unwrap();
