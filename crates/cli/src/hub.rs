@@ -468,33 +468,33 @@ fn model_card(
     }
     if let Some(dir) = run_dir {
         let _ = writeln!(s, "\n## Training\n");
-        if let Ok(text) = fs::read_to_string(dir.join("train.toml")) {
-            if let Ok(config) = toml::from_str::<crate::train::TrainConfig>(&text) {
-                let _ = writeln!(
-                    s,
-                    "- data: `{}`; {} epochs × {} batches of {} patches {:?}; optimizer `{}`, schedule `{}`; seed {}",
-                    config.data.source,
-                    config.epochs,
-                    config.batches_per_epoch,
-                    config.batch_size,
-                    config.patch,
-                    serde_json::to_string(&config.optimizer)?,
-                    serde_json::to_string(&config.schedule)?,
-                    config.seed
-                );
-            }
+        if let Ok(text) = fs::read_to_string(dir.join("train.toml"))
+            && let Ok(config) = toml::from_str::<crate::train::TrainConfig>(&text)
+        {
+            let _ = writeln!(
+                s,
+                "- data: `{}`; {} epochs × {} batches of {} patches {:?}; optimizer `{}`, schedule `{}`; seed {}",
+                config.data.source,
+                config.epochs,
+                config.batches_per_epoch,
+                config.batch_size,
+                config.patch,
+                serde_json::to_string(&config.optimizer)?,
+                serde_json::to_string(&config.schedule)?,
+                config.seed
+            );
         }
-        if let Ok(text) = fs::read_to_string(dir.join("split.json")) {
-            if let Ok(split) = serde_json::from_str::<serde_json::Value>(&text) {
-                let n = |k: &str| split[k].as_array().map_or(0, Vec::len);
-                let _ = writeln!(
-                    s,
-                    "- split: {} training, {} validation, {} test cases",
-                    n("train"),
-                    n("val"),
-                    n("test")
-                );
-            }
+        if let Ok(text) = fs::read_to_string(dir.join("split.json"))
+            && let Ok(split) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            let n = |k: &str| split[k].as_array().map_or(0, Vec::len);
+            let _ = writeln!(
+                s,
+                "- split: {} training, {} validation, {} test cases",
+                n("train"),
+                n("val"),
+                n("test")
+            );
         }
         if let Some((epoch, per_class)) = validation_at_best(dir) {
             let _ = writeln!(

@@ -139,12 +139,12 @@ impl Preprocessing {
         let mut image = image.clone();
         let mut label = label.cloned();
         let mut bbox = None;
-        if self.crop_foreground {
-            if let Some(b) = foreground_bbox(image.data.view()) {
-                image = crop_image(&image, &b);
-                label = label.map(|l| crop_label(&l, &b));
-                bbox = Some(b);
-            }
+        if self.crop_foreground
+            && let Some(b) = foreground_bbox(image.data.view())
+        {
+            image = crop_image(&image, &b);
+            label = label.map(|l| crop_label(&l, &b));
+            bbox = Some(b);
         }
         if let Some(spacing) = self.spacing {
             image = resample_image(&image, spacing)?;

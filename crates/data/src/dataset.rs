@@ -427,13 +427,13 @@ fn case_files(
         }
         files
     };
-    if let Some(l) = &label {
-        if !l.exists() {
-            return Err(DataError::dataset(
-                root,
-                format!("case {id}: label {} does not exist", l.display()),
-            ));
-        }
+    if let Some(l) = &label
+        && !l.exists()
+    {
+        return Err(DataError::dataset(
+            root,
+            format!("case {id}: label {} does not exist", l.display()),
+        ));
     }
     Ok(Case { id, images, label })
 }

@@ -122,10 +122,10 @@ impl<'a> Reductions<'a> {
 
     /// `(N, K, 7)` sums (`fused::stat`) with the edge map `edges`.
     pub fn stats(&self, edges: Option<&Tensor>) -> Result<Tensor> {
-        if let Some(p) = self.planned.borrow().as_ref() {
-            if p.edges == edges.map(Tensor::id) {
-                return Ok(p.sums.clone());
-            }
+        if let Some(p) = self.planned.borrow().as_ref()
+            && p.edges == edges.map(Tensor::id)
+        {
+            return Ok(p.sums.clone());
         }
         self.reduce(edges, None)
     }

@@ -45,7 +45,7 @@ impl NormLayer {
             Norm::Batch => NormLayer::Batch(BatchNorm3d::new(channels, vb)?),
             Norm::Instance => NormLayer::Group(GroupNorm::new(channels, channels, vb)?),
             Norm::Group { groups } => {
-                if groups == 0 || channels % groups != 0 {
+                if groups == 0 || !channels.is_multiple_of(groups) {
                     return Err(ModelError::Config(format!(
                         "{groups} groups do not divide {channels} channels"
                     )));

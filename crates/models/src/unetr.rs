@@ -284,7 +284,7 @@ impl Unetr {
             || c.classes == 0
             || c.feature_size == 0
             || c.num_heads == 0
-            || c.hidden_size % c.num_heads != 0
+            || !c.hidden_size.is_multiple_of(c.num_heads)
             || c.img_size.iter().any(|&n| n == 0 || n % PATCH != 0)
         {
             return Err(ModelError::Config(format!(

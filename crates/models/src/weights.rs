@@ -100,14 +100,14 @@ pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
     let extra: Vec<&&String> = found.difference(&expected).collect();
     let mut shapes = Vec::new();
     for (name, var) in data.iter() {
-        if let Some(t) = tensors.get(name) {
-            if t.dims() != var.dims() {
-                shapes.push(format!(
-                    "{name}: file {:?}, network {:?}",
-                    t.dims(),
-                    var.dims()
-                ));
-            }
+        if let Some(t) = tensors.get(name)
+            && t.dims() != var.dims()
+        {
+            shapes.push(format!(
+                "{name}: file {:?}, network {:?}",
+                t.dims(),
+                var.dims()
+            ));
         }
     }
     shapes.sort();
