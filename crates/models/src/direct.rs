@@ -18,6 +18,9 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::avx512;
+
 /// Geometry of a unit-stride convolution of one sample: input `(C, D, H, W)`, kernel
 /// `(kd, kh, kw)`, padding and dilation per axis, `O` output channels.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +31,27 @@ pub(crate) struct Direct {
     pub dilation: [usize; 3],
     pub out_channels: usize,
     pub samples: usize,
+    /// Which products compute it.
+    pub backend: Backend,
+}
+
+/// The products behind [`Direct`]: the AVX-512 micro-kernels of `avx512.rs` where the CPU has
+/// AVX-512F, else column blocks and `gemm` (AVX2 or SSE, as the `gemm` crate picks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Gemm,
+    Avx512,
+}
+
+impl Backend {
+    /// The fastest backend this CPU runs.
+    pub fn best() -> Backend {
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx512::available() {
+            return Backend::Avx512;
+        }
+        Backend::Gemm
+    }
 }
 
 /// Values of a forward tile's column block (by benchmark on 2×32×64³: 2^16 to 2^20 measured,
@@ -43,6 +67,13 @@ struct Shared(*mut f32);
 // SAFETY: used only to write disjoint output voxels from parallel tiles (see `forward`).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so that closures capture the whole `Shared`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 impl Direct {
     /// Padded input sizes `(Dp, Hp, Wp)`.
@@ -179,6 +210,173 @@ impl Direct {
 
     /// `y = conv(x, w)` for all samples: `x` `(N, C, D, H, W)`, `w` `(O, C, kd, kh, kw)`.
     pub fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => self.forward_avx512(x, w),
+            _ => self.forward_gemm(x, w),
+        }
+    }
+
+    /// The weight gradient `Σ_n Σ_q dy[o, q] · xp[c, q + off(t)]`, `(O, C, kd, kh, kw)`,
+    /// summed in a fixed order (the same bits for any thread count).
+    pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => self.weight_grad_avx512(x, dy),
+            _ => self.weight_grad_gemm(x, dy),
+        }
+    }
+
+    /// The output in chunks of up to 16 voxels of a row (see [`avx512::Chunk`]).
+    #[cfg(target_arch = "x86_64")]
+    fn chunks(&self) -> Vec<avx512::Chunk> {
+        let [od, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        let mut v = Vec::with_capacity(od * oh * ow.div_ceil(16));
+        for z in 0..od {
+            for y in 0..oh {
+                for x0 in (0..ow).step_by(16) {
+                    let lanes = (ow - x0).min(16);
+                    v.push(avx512::Chunk {
+                        input: (z * hp + y) * wp + x0,
+                        output: (z * oh + y) * ow + x0,
+                        mask: ((1u32 << lanes) - 1) as u16,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    /// [`Direct::forward`] by [`avx512::forward_tile`]: micro-tiles of 6 chunks × every output
+    /// channel, in parallel.
+    #[cfg(target_arch = "x86_64")]
+    fn forward_avx512(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        use avx512::{Chunk, FORWARD_CHANNELS as R, FORWARD_CHUNKS as V};
+        let (c_n, o_n, t_n) = (self.input[0], self.out_channels, self.taps());
+        let vp: usize = self.padded().iter().product();
+        let volume: usize = self.output().iter().product();
+        let offsets = self.offsets();
+        let xp = self.pad(x);
+        // [o / R][c][t][o % R], zero past the last channel
+        let blocks = o_n.div_ceil(R);
+        let mut packed = vec![0f32; blocks * c_n * t_n * R];
+        for o in 0..o_n {
+            for c in 0..c_n {
+                for t in 0..t_n {
+                    packed[(((o / R) * c_n + c) * t_n + t) * R + o % R] =
+                        w[(o * c_n + c) * t_n + t];
+                }
+            }
+        }
+        let tiles: Vec<[Chunk; V]> = self
+            .chunks()
+            .chunks(V)
+            .map(|c| {
+                let mut a = [Chunk::default(); V];
+                a[..c.len()].copy_from_slice(c);
+                a
+            })
+            .collect();
+        // input channels per block: about 128 (c, t) steps, whose input rows stay in L1
+        let c_block = (128 / t_n).clamp(1, c_n.max(1));
+        let mut out = vec![0f32; self.samples * o_n * volume];
+        let dst = Shared(out.as_mut_ptr());
+        (0..self.samples * tiles.len())
+            .into_par_iter()
+            .with_min_len(4)
+            .for_each(|i| {
+                let (n, tile) = (i / tiles.len(), &tiles[i % tiles.len()]);
+                let xs = &xp[n * c_n * vp..][..c_n * vp];
+                // SAFETY: AVX-512F checked by `Backend::best`. Chunks come from `chunks`: a set
+                // lane is an output voxel (x < Wo), so its taps read padded x + dil·e < Wp within
+                // the row, and rows/planes likewise stay inside the padded channel; `xs` is the
+                // sample's C·Vp values; `packed` holds blocks·C·T·R; sample n's output is
+                // O·volume values of `out`, and each chunk belongs to one tile only.
+                unsafe {
+                    avx512::forward_tile(
+                        xs.as_ptr(),
+                        vp,
+                        c_n,
+                        &offsets,
+                        packed.as_ptr(),
+                        o_n,
+                        tile,
+                        dst.get().add(n * o_n * volume),
+                        volume,
+                        c_block,
+                    );
+                }
+            });
+        out
+    }
+
+    /// [`Direct::weight_grad`] by [`avx512::weight_grad_tile`] over tiles of padded offsets, in
+    /// 16 fixed groups summed in order.
+    #[cfg(target_arch = "x86_64")]
+    fn weight_grad_avx512(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let (c_n, o_n, t_n) = (self.input[0], self.out_channels, self.taps());
+        let k_n = c_n * t_n;
+        let o_pad = o_n.next_multiple_of(16);
+        let vp: usize = self.padded().iter().product();
+        let volume: usize = self.output().iter().product();
+        let offsets = self.offsets();
+        let xp = self.pad(x);
+        // the transposed gradient tile (len × o_pad) within 64 KiB
+        let len_max = (16384 / o_pad).clamp(16, 1024);
+        let tiles = self.tiles(len_max);
+        let group = tiles.len().div_ceil(16).max(1);
+        let partials: Vec<Vec<f32>> = tiles
+            .par_chunks(group)
+            .map(|chunk| {
+                let mut acc = vec![0f32; k_n * o_pad];
+                let mut dyt = vec![0f32; len_max * o_pad];
+                let mut rows: Vec<*const f32> = vec![std::ptr::null(); k_n];
+                for &(n, q0, q1) in chunk {
+                    let len = q1 - q0;
+                    dyt[..len * o_pad].fill(0.0);
+                    self.runs(q0, q1, |q, at, count| {
+                        for o in 0..o_n {
+                            let src = &dy[(n * o_n + o) * volume + at..][..count];
+                            for (i, &v) in src.iter().enumerate() {
+                                dyt[(q - q0 + i) * o_pad + o] = v;
+                            }
+                        }
+                    });
+                    let xs = &xp[n * c_n * vp..][..c_n * vp];
+                    for c in 0..c_n {
+                        for (t, &off) in offsets.iter().enumerate() {
+                            // in bounds: q1 − 1 + off(t) ≤ the last padded offset
+                            rows[c * t_n + t] = xs[c * vp + q0 + off..][..len].as_ptr();
+                        }
+                    }
+                    // SAFETY: AVX-512F checked by `Backend::best`; each row was sliced to `len`
+                    // values above; dyt holds len_max·o_pad ≥ len·o_pad; acc k_n·o_pad.
+                    unsafe {
+                        avx512::weight_grad_tile(&rows, len, dyt.as_ptr(), o_pad, acc.as_mut_ptr());
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut total = vec![0f32; k_n * o_pad];
+        for p in &partials {
+            for (a, b) in total.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        // (C·T, O_pad) → (O, C·T) = (O, C, kd, kh, kw)
+        let mut out = vec![0f32; o_n * k_n];
+        for k in 0..k_n {
+            for o in 0..o_n {
+                out[o * k_n + k] = total[k * o_pad + o];
+            }
+        }
+        out
+    }
+
+    /// [`Direct::forward`] by column blocks and `gemm`.
+    fn forward_gemm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let c_n = self.input[0];
         let [od, oh, ow] = self.output();
         let vp: usize = self.padded().iter().product();
@@ -220,7 +418,7 @@ impl Direct {
                         Parallelism::None,
                     );
                 }
-                let dst = dst_all;
+                let dst = dst_all.get();
                 self.runs(q0, q1, |q, at, count| {
                     for o in 0..o_n {
                         let src = &tile[o * len + q - q0..][..count];
@@ -229,7 +427,7 @@ impl Direct {
                         unsafe {
                             std::ptr::copy_nonoverlapping(
                                 src.as_ptr(),
-                                dst.0.add((n * o_n + o) * volume + at),
+                                dst.add((n * o_n + o) * volume + at),
                                 count,
                             );
                         }
@@ -240,9 +438,8 @@ impl Direct {
         out
     }
 
-    /// The weight gradient `Σ_n Σ_q dy[o, q] · xp[c, q + off(t)]`, `(O, C, kd, kh, kw)`,
-    /// summed in a fixed order (the same bits for any thread count).
-    pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    /// [`Direct::weight_grad`] by column blocks and `gemm`.
+    fn weight_grad_gemm(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let c_n = self.input[0];
         let [od, oh, ow] = self.output();
         let vp: usize = self.padded().iter().product();
@@ -335,6 +532,7 @@ impl Direct {
             dilation: self.dilation,
             out_channels: self.input[0],
             samples: self.samples,
+            backend: self.backend,
         };
         (t.output() == [self.input[1], self.input[2], self.input[3]]).then_some(t)
     }
@@ -448,6 +646,84 @@ impl candle_core::CustomOp2 for WeightGrad {
                 shape,
             )),
             _ => bail!("conv3d weight gradient: f32 inputs expected"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-5 * scale, "{what}: worst {worst} of {scale}");
+    }
+
+    /// The AVX-512 kernels against the `gemm` path on geometries with remainders everywhere:
+    /// channels not a multiple of 4 or 16, rows not a multiple of 16 voxels, kernels 1, 3 and
+    /// 5, dilation, asymmetric padding, two samples; both the convolution and its transpose
+    /// (the input gradient's geometry).
+    #[test]
+    fn avx512_matches_gemm() {
+        if Backend::best() != Backend::Avx512 {
+            eprintln!("no AVX-512 on this CPU: the gemm path alone runs");
+            return;
+        }
+        let cases = [
+            ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
+            ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
+            ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
+            ([4, 10, 11, 12], [3, 3, 3], [2, 2, 2], [2, 2, 2], 17, 1),
+            ([13, 4, 5, 6], [1, 1, 1], [0, 0, 0], [1, 1, 1], 3, 2),
+            ([5, 8, 6, 40], [3, 1, 3], [1, 0, 2], [1, 1, 1], 12, 2),
+        ];
+        for (i, (input, kernel, padding, dilation, out_channels, samples)) in
+            cases.into_iter().enumerate()
+        {
+            let gemm = Direct {
+                input,
+                kernel,
+                padding,
+                dilation,
+                out_channels,
+                samples,
+                backend: Backend::Gemm,
+            };
+            gemm.check().expect("valid geometry");
+            let fast = Direct {
+                backend: Backend::Avx512,
+                ..gemm
+            };
+            let (nx, nw, ny) = gemm.lengths();
+            let x = random(nx, i as u64);
+            let w = random(nw, 100 + i as u64);
+            let dy = random(ny, 200 + i as u64);
+            close(&fast.forward(&x, &w), &gemm.forward(&x, &w), "forward");
+            close(
+                &fast.weight_grad(&x, &dy),
+                &gemm.weight_grad(&x, &dy),
+                "weight gradient",
+            );
+            if let Some(t) = fast.transposed() {
+                let flipped = fast.flip_transpose(&w);
+                let g = Direct {
+                    backend: Backend::Gemm,
+                    ..t
+                };
+                close(
+                    &t.forward(&dy, &flipped),
+                    &g.forward(&dy, &flipped),
+                    "input gradient",
+                );
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
-use crate::direct::{Conv3dDirect, Direct};
+use crate::direct::{Backend, Conv3dDirect, Direct};
 use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
@@ -87,6 +87,7 @@ pub fn conv3d(
             dilation: config.dilation,
             out_channels: o,
             samples: n,
+            backend: Backend::best(),
         };
         // Offsets falling in the padding are computed and dropped: worth it only while the
         // padded volume is close to the output (by benchmark: 64³ and 16³ with pad 1 win,
