@@ -19,7 +19,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use crate::avx512;
+mod avx512;
 
 /// Geometry of a unit-stride convolution of one sample: input `(C, D, H, W)`, kernel
 /// `(kd, kh, kw)`, padding and dilation per axis, `O` output channels.
@@ -47,7 +47,7 @@ impl Backend {
     /// The fastest backend this CPU runs.
     pub fn best() -> Backend {
         #[cfg(target_arch = "x86_64")]
-        if crate::avx512::available() {
+        if avx512::available() {
             return Backend::Avx512;
         }
         Backend::Gemm
@@ -225,154 +225,6 @@ impl Direct {
             Backend::Avx512 => self.weight_grad_avx512(x, dy),
             _ => self.weight_grad_gemm(x, dy),
         }
-    }
-
-    /// The output in chunks of up to 16 voxels of a row (see [`avx512::Chunk`]).
-    #[cfg(target_arch = "x86_64")]
-    fn chunks(&self) -> Vec<avx512::Chunk> {
-        let [od, oh, ow] = self.output();
-        let [_, hp, wp] = self.padded();
-        let mut v = Vec::with_capacity(od * oh * ow.div_ceil(16));
-        for z in 0..od {
-            for y in 0..oh {
-                for x0 in (0..ow).step_by(16) {
-                    let lanes = (ow - x0).min(16);
-                    v.push(avx512::Chunk {
-                        input: (z * hp + y) * wp + x0,
-                        output: (z * oh + y) * ow + x0,
-                        mask: ((1u32 << lanes) - 1) as u16,
-                    });
-                }
-            }
-        }
-        v
-    }
-
-    /// [`Direct::forward`] by [`avx512::forward_tile`]: micro-tiles of 6 chunks × every output
-    /// channel, in parallel.
-    #[cfg(target_arch = "x86_64")]
-    fn forward_avx512(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        use avx512::{Chunk, FORWARD_CHANNELS as R, FORWARD_CHUNKS as V};
-        let (c_n, o_n, t_n) = (self.input[0], self.out_channels, self.taps());
-        let vp: usize = self.padded().iter().product();
-        let volume: usize = self.output().iter().product();
-        let offsets = self.offsets();
-        let xp = self.pad(x);
-        // [o / R][c][t][o % R], zero past the last channel
-        let blocks = o_n.div_ceil(R);
-        let mut packed = vec![0f32; blocks * c_n * t_n * R];
-        for o in 0..o_n {
-            for c in 0..c_n {
-                for t in 0..t_n {
-                    packed[(((o / R) * c_n + c) * t_n + t) * R + o % R] =
-                        w[(o * c_n + c) * t_n + t];
-                }
-            }
-        }
-        let tiles: Vec<[Chunk; V]> = self
-            .chunks()
-            .chunks(V)
-            .map(|c| {
-                let mut a = [Chunk::default(); V];
-                a[..c.len()].copy_from_slice(c);
-                a
-            })
-            .collect();
-        // input channels per block: about 128 (c, t) steps, whose input rows stay in L1
-        let c_block = (128 / t_n).clamp(1, c_n.max(1));
-        let mut out = vec![0f32; self.samples * o_n * volume];
-        let dst = Shared(out.as_mut_ptr());
-        (0..self.samples * tiles.len())
-            .into_par_iter()
-            .with_min_len(4)
-            .for_each(|i| {
-                let (n, tile) = (i / tiles.len(), &tiles[i % tiles.len()]);
-                let xs = &xp[n * c_n * vp..][..c_n * vp];
-                // SAFETY: AVX-512F checked by `Backend::best`. Chunks come from `chunks`: a set
-                // lane is an output voxel (x < Wo), so its taps read padded x + dil·e < Wp within
-                // the row, and rows/planes likewise stay inside the padded channel; `xs` is the
-                // sample's C·Vp values; `packed` holds blocks·C·T·R; sample n's output is
-                // O·volume values of `out`, and each chunk belongs to one tile only.
-                unsafe {
-                    avx512::forward_tile(
-                        xs.as_ptr(),
-                        vp,
-                        c_n,
-                        &offsets,
-                        packed.as_ptr(),
-                        o_n,
-                        tile,
-                        dst.get().add(n * o_n * volume),
-                        volume,
-                        c_block,
-                    );
-                }
-            });
-        out
-    }
-
-    /// [`Direct::weight_grad`] by [`avx512::weight_grad_tile`] over tiles of padded offsets, in
-    /// 16 fixed groups summed in order.
-    #[cfg(target_arch = "x86_64")]
-    fn weight_grad_avx512(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let (c_n, o_n, t_n) = (self.input[0], self.out_channels, self.taps());
-        let k_n = c_n * t_n;
-        let o_pad = o_n.next_multiple_of(16);
-        let vp: usize = self.padded().iter().product();
-        let volume: usize = self.output().iter().product();
-        let offsets = self.offsets();
-        let xp = self.pad(x);
-        // the transposed gradient tile (len × o_pad) within 64 KiB
-        let len_max = (16384 / o_pad).clamp(16, 1024);
-        let tiles = self.tiles(len_max);
-        let group = tiles.len().div_ceil(16).max(1);
-        let partials: Vec<Vec<f32>> = tiles
-            .par_chunks(group)
-            .map(|chunk| {
-                let mut acc = vec![0f32; k_n * o_pad];
-                let mut dyt = vec![0f32; len_max * o_pad];
-                let mut rows: Vec<*const f32> = vec![std::ptr::null(); k_n];
-                for &(n, q0, q1) in chunk {
-                    let len = q1 - q0;
-                    dyt[..len * o_pad].fill(0.0);
-                    self.runs(q0, q1, |q, at, count| {
-                        for o in 0..o_n {
-                            let src = &dy[(n * o_n + o) * volume + at..][..count];
-                            for (i, &v) in src.iter().enumerate() {
-                                dyt[(q - q0 + i) * o_pad + o] = v;
-                            }
-                        }
-                    });
-                    let xs = &xp[n * c_n * vp..][..c_n * vp];
-                    for c in 0..c_n {
-                        for (t, &off) in offsets.iter().enumerate() {
-                            // in bounds: q1 − 1 + off(t) ≤ the last padded offset
-                            rows[c * t_n + t] = xs[c * vp + q0 + off..][..len].as_ptr();
-                        }
-                    }
-                    // SAFETY: AVX-512F checked by `Backend::best`; each row was sliced to `len`
-                    // values above; dyt holds len_max·o_pad ≥ len·o_pad; acc k_n·o_pad.
-                    unsafe {
-                        avx512::weight_grad_tile(&rows, len, dyt.as_ptr(), o_pad, acc.as_mut_ptr());
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut total = vec![0f32; k_n * o_pad];
-        for p in &partials {
-            for (a, b) in total.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
-        // (C·T, O_pad) → (O, C·T) = (O, C, kd, kh, kw)
-        let mut out = vec![0f32; o_n * k_n];
-        for k in 0..k_n {
-            for o in 0..o_n {
-                out[o * k_n + k] = total[k * o_pad + o];
-            }
-        }
-        out
     }
 
     /// [`Direct::forward`] by column blocks and `gemm`.

@@ -1,10 +1,12 @@
 //! CPU kernels for the element-wise layers the networks call most, as custom ops with their
-//! backward passes: batch normalisation in training mode and ReLU. The composites of candle
+//! backward passes: batch normalisation in training mode, ReLU and the per-channel bias of the
+//! convolutions. The composites of candle
 //! operations they replace allocate a tensor per step (≈ 6 for batch norm's forward, more for
 //! its backward); these read and write each value once or twice.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail,
 };
 use rayon::prelude::*;
 
@@ -222,5 +224,87 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
+    }
+}
+
+/// `y[n, c, s] = x[n, c, s] + b[c]` on `(N, C, S…)`; the bias gradient is the per-channel sum
+/// of the output gradient (candle's `broadcast_add` sums over the other axes with a single
+/// thread and an index division per value).
+struct ChannelBias;
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "cwseg-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let dims = l1.dims();
+        if dims.len() < 2 || dims[1] != b.len() {
+            bail!("channel bias: {} values for the shape {dims:?}", b.len());
+        }
+        let spatial: usize = dims[2..].iter().product();
+        let mut y = vec![0f32; x.len()];
+        if spatial > 0 {
+            y.par_chunks_mut(spatial)
+                .zip(x.par_chunks(spatial))
+                .enumerate()
+                .for_each(|(i, (out, inp))| {
+                    let v = b[i % b.len()];
+                    for (o, &a) in out.iter_mut().zip(inp) {
+                        *o = a + v;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = grad.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let sums = with_f32(grad, |g| {
+            Ok((0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let mut sum = 0f64;
+                    for s in 0..n {
+                        sum += g[(s * c + ch) * spatial..][..spatial]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .sum::<f64>();
+                    }
+                    sum as f32
+                })
+                .collect::<Vec<f32>>())
+        })?;
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(sums, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `x + b` over the channel axis of `(N, C, S…)`, `b` of shape `(C,)`: the fused kernel on CPU
+/// f32, candle's `broadcast_add` elsewhere.
+pub(crate) fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu_f32(x) && cpu_f32(b) && x.rank() >= 2 {
+        x.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias)
+    } else {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = b.elem_count();
+        x.broadcast_add(&b.reshape(shape)?)
     }
 }

@@ -1,8 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 pub mod deeplab;
 mod direct;
 pub mod error;

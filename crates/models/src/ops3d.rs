@@ -5,6 +5,7 @@
 use candle_core::{DType, Result, Tensor, bail};
 
 use crate::direct::{Backend, Conv3dDirect, Direct};
+use crate::fused::add_channel_bias;
 use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
@@ -101,7 +102,7 @@ pub fn conv3d(
                 .contiguous()?
                 .apply_op2(&weight.contiguous()?, Conv3dDirect(direct))?;
             return match bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+                Some(b) => add_channel_bias(&y, b),
                 None => Ok(y),
             };
         }
@@ -130,7 +131,7 @@ pub fn conv3d(
         .contiguous()?
         .apply_op2(&weight.reshape((o, rows))?.contiguous()?, op)?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
@@ -193,7 +194,7 @@ pub fn conv3d_composite(
     };
     let y = y.reshape((n, od, o, oh, ow))?.permute((0, 2, 1, 3, 4))?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
@@ -249,7 +250,7 @@ pub fn conv_transpose3d(
     config: &ConvTranspose3dConfig,
 ) -> Result<Tensor> {
     let (_, c, _, _, _) = x.dims5()?;
-    let (wc, o, kd, kh, kw) = weight.dims5()?;
+    let (wc, _, kd, kh, kw) = weight.dims5()?;
     if wc != c {
         bail!("conv_transpose3d: input has {c} channels, weight expects {wc}");
     }
@@ -293,7 +294,7 @@ pub fn conv_transpose3d(
     };
     let y = conv3d(&y, &flipped, None, &conv)?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
@@ -314,7 +315,7 @@ fn conv_transpose3d_patches(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
         .contiguous()?
         .reshape((n, o, d * kd, h * kh, w * kw))?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1, 1))?),
+        Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
