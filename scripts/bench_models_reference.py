@@ -29,6 +29,17 @@ def best(f, repeat=3):
     return t_best
 
 
+def median(f, repeat=3):
+    """Median time of `repeat` calls after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -72,15 +83,14 @@ def network_step(name, device="cpu", n=64):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     if device.startswith("cuda"):
-        step()  # cuDNN autotuning and allocator warm-up, as cwseg bench's warm-up run
-        t = sorted(best(step, repeat=1) for _ in range(3))[1]
+        t = median(step)  # the warm-up call: cuDNN autotuning and the caching allocator
         peak = torch.cuda.max_memory_allocated() / 2**20
         print(f"{name} training step on {torch.cuda.get_device_name()}, batch 2, 1x{n}^3, 16 classes: "
               f"{t * 1e3:.1f} ms (median of 3), peak GPU memory {peak:.0f} MiB, torch {torch.__version__}")
         return
-    t = best(step, repeat=1)
+    t = median(step)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{name} training step, batch 2, 1x{n}^3, 16 classes: {t:.2f} s, peak RSS {peak:.0f} MiB")
+    print(f"{name} training step, batch 2, 1x{n}^3, 16 classes: {t:.2f} s (median of 3), peak RSS {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

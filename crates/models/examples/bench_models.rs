@@ -24,6 +24,22 @@ fn best(repeat: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle
     Ok(t)
 }
 
+/// Median time of `repeat` calls after one warm-up call.
+fn median(
+    repeat: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let s = Instant::now();
+        f()?;
+        times.push(s.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -41,6 +57,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // as the `cwseg` command does
+    cwseg_models::alloc::retain_freed_memory();
     let what = std::env::args().nth(1).unwrap_or_else(|| "conv".into());
     let d = Device::Cpu;
     if what != "conv" {
@@ -103,14 +121,14 @@ fn step(name: &str, d: &Device) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    let step = best(1, || {
+    let step = median(3, || {
         let logits = net.forward_t(&x, true)?;
         let flat = logits.permute((0, 2, 3, 4, 1))?.reshape(((), 16))?;
         let loss = candle_nn::loss::cross_entropy(&flat, &y)?;
         opt.backward_step(&loss)
     })?;
     println!(
-        "{name} training step, batch 2, 1×64³, 16 classes: {:.2} s, peak RSS {:.0} MiB",
+        "{name} training step, batch 2, 1×64³, 16 classes: {:.2} s (median of 3), peak RSS {:.0} MiB",
         step,
         peak_rss_mib()
     );

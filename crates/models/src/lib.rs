@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
 
+pub mod alloc;
 pub mod deeplab;
 mod direct;
 pub mod error;
