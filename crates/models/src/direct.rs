@@ -118,6 +118,22 @@ impl Direct {
         (input, weights, output)
     }
 
+    /// Whether this path beats vol2col for this geometry (by benchmark, BENCHMARKS.md).
+    /// Both compute some lanes or offsets in the padding and drop them, and the dilated
+    /// convolutions on small maps are mostly padding. AVX-512: the padded volume within twice
+    /// the output and planes of at least 64 voxels (the U-Net's 8³ level: direct 6.4 / 27 ms
+    /// forward / with backward, vol2col 9.4 / 31; its 4³ level: direct 17 / 65, vol2col
+    /// 5 / 18). `gemm`: within 1.5 times (64³ and 16³ with padding 1 win, 8³ and 4³ lose, as do
+    /// DeepLabV3's 8³ maps with dilations up to 18).
+    pub fn pays(&self) -> bool {
+        let padded: usize = self.padded().iter().product();
+        let [od, oh, ow] = self.output();
+        match self.backend {
+            Backend::Avx512 => padded <= 2 * od * oh * ow && oh * ow >= 64,
+            Backend::Gemm => 2 * padded <= 3 * od * oh * ow,
+        }
+    }
+
     /// Whether the unit-stride geometry is valid (output not empty).
     pub fn check(&self) -> Result<()> {
         let fits = self
@@ -520,9 +536,9 @@ mod tests {
     }
 
     /// The AVX-512 kernels against the `gemm` path on geometries with remainders everywhere:
-    /// channels not a multiple of 4 or 16, rows not a multiple of 16 voxels, kernels 1, 3 and
-    /// 5, dilation, asymmetric padding, two samples; both the convolution and its transpose
-    /// (the input gradient's geometry).
+    /// channels not a multiple of 4 or 16, rows not a multiple of 16 voxels (row chunks and
+    /// packed chunks), kernels 1, 3 and 5, dilation, asymmetric padding, two samples; both the
+    /// convolution and its transpose (the input gradient's geometry).
     #[test]
     fn avx512_matches_gemm() {
         if Backend::best() != Backend::Avx512 {
@@ -536,6 +552,8 @@ mod tests {
             ([4, 10, 11, 12], [3, 3, 3], [2, 2, 2], [2, 2, 2], 17, 1),
             ([13, 4, 5, 6], [1, 1, 1], [0, 0, 0], [1, 1, 1], 3, 2),
             ([5, 8, 6, 40], [3, 1, 3], [1, 0, 2], [1, 1, 1], 12, 2),
+            // rows of 4 voxels: packed chunks across rows, 10 blocks of input channels
+            ([40, 4, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], 20, 2),
         ];
         for (i, (input, kernel, padding, dilation, out_channels, samples)) in
             cases.into_iter().enumerate()

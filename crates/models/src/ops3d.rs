@@ -90,21 +90,7 @@ pub fn conv3d(
             samples: n,
             backend: Backend::best(),
         };
-        let waste_ok = match direct.backend {
-            // chunks of 16 voxels of a row: narrower rows leave lanes idle, and 8³ or 4³ maps
-            // are faster by vol2col (benchmark: the U-Net's 8³ level 21 ms direct, 9 ms vol2col)
-            Backend::Avx512 => ow >= 16,
-            // Offsets falling in the padding are computed and dropped: worth it only while the
-            // padded volume is close to the output (by benchmark: 64³ and 16³ with pad 1 win,
-            // 8³ and 4³ lose to vol2col, as do DeepLabV3's 8³ maps with dilation up to 18).
-            Backend::Gemm => {
-                let padded: usize = (0..3)
-                    .map(|a| [d, h, w][a] + 2 * config.padding[a])
-                    .product();
-                2 * padded <= 3 * od * oh * ow
-            }
-        };
-        if waste_ok && direct.transposed().is_some() {
+        if direct.pays() && direct.transposed().is_some() {
             let y = x
                 .contiguous()?
                 .apply_op2(&weight.contiguous()?, Conv3dDirect(direct))?;

@@ -108,23 +108,51 @@ impl Direct {
         }
     }
 
-    /// One output plane in chunks of up to 16 voxels of a row, input offsets within a slab
-    /// whose first plane is the output plane's.
-    fn plane_chunks(&self) -> Vec<Chunk> {
+    /// One output plane in chunks of 16 lanes, input offsets within a slab whose first plane
+    /// is the output plane's, and whether they are packed. Rows of at least 16 voxels (or whose
+    /// padding is wider than the row): chunks of up to 16 voxels of a row, lane `l` at
+    /// `output + l`. Narrower rows: 16 consecutive padded offsets spanning rows, the lanes in
+    /// the padding masked off and the others packed (consecutive in the output); e.g. 8³ with
+    /// padding 1 uses 80% of the lanes instead of 50%.
+    fn plane_chunks(&self) -> (Vec<Chunk>, bool) {
         let [_, oh, ow] = self.output();
         let [_, _, wp] = self.padded();
-        let mut v = Vec::with_capacity(oh * ow.div_ceil(16));
-        for y in 0..oh {
-            for x0 in (0..ow).step_by(16) {
-                let lanes = (ow - x0).min(16);
-                v.push(Chunk {
-                    input: y * wp + x0,
-                    output: y * ow + x0,
-                    mask: ((1u32 << lanes) - 1) as u16,
-                });
+        let rows = ow as f64 / (16 * ow.div_ceil(16)) as f64;
+        let packed = (ow as f64 / wp as f64) > rows;
+        let mut v = Vec::new();
+        if packed {
+            let end = (oh - 1) * wp + ow;
+            for q0 in (0..end).step_by(16) {
+                let mut mask = 0u16;
+                let mut first = None;
+                for l in 0..16 {
+                    let q = q0 + l;
+                    if q < end && q % wp < ow {
+                        mask |= 1 << l;
+                        first.get_or_insert((q / wp) * ow + q % wp);
+                    }
+                }
+                if let Some(output) = first {
+                    v.push(Chunk {
+                        input: q0,
+                        output,
+                        mask,
+                    });
+                }
+            }
+        } else {
+            for y in 0..oh {
+                for x0 in (0..ow).step_by(16) {
+                    let lanes = (ow - x0).min(16);
+                    v.push(Chunk {
+                        input: y * wp + x0,
+                        output: y * ow + x0,
+                        mask: ((1u32 << lanes) - 1) as u16,
+                    });
+                }
             }
         }
-        v
+        (v, packed)
     }
 
     /// [`Direct::forward`] by [`forward_tile`]: slabs in parallel, micro-tiles of 6 chunks ×
@@ -139,16 +167,16 @@ impl Direct {
         let offsets = self.offsets();
         // [o / R][c][t][o % R], zero past the last channel
         let blocks = o_n.div_ceil(R);
-        let mut packed = vec![0f32; blocks * c_n * t_n * R];
+        let mut weights = vec![0f32; blocks * c_n * t_n * R];
         for o in 0..o_n {
             for c in 0..c_n {
                 for t in 0..t_n {
-                    packed[(((o / R) * c_n + c) * t_n + t) * R + o % R] =
+                    weights[(((o / R) * c_n + c) * t_n + t) * R + o % R] =
                         w[(o * c_n + c) * t_n + t];
                 }
             }
         }
-        let row_chunks = self.plane_chunks();
+        let (row_chunks, packed) = self.plane_chunks();
         // input channels per block: about 128 (c, t) steps, whose input rows stay in L1
         let c_block = (128 / t_n).clamp(1, c_n.max(1));
         let mut out = vec![0f32; self.samples * o_n * volume];
@@ -172,22 +200,24 @@ impl Direct {
                 });
                 let run = |tile: &[Chunk; FORWARD_CHUNKS]| {
                     // SAFETY: AVX-512F checked by `Backend::best`. A chunk's set lanes are output
-                    // voxels of the slab's planes (x < Wo), so every tap reads padded
+                    // voxels of the slab's planes (x < Wo, y < Ho), so every tap reads padded
                     // x + dil·e < Wp in its row, rows < Hp and planes < span of the slab (C·sv
-                    // values); `packed` holds blocks·C·T·R values; sample n's output is O·volume
-                    // values of `out`, and each chunk belongs to one tile of one slab.
+                    // values); the weights hold blocks·C·T·R values; sample n's output is
+                    // O·volume values of `out`, a chunk's voxels (packed: consecutive from
+                    // `output`) lie in its plane, and each chunk belongs to one tile of one slab.
                     unsafe {
                         forward_tile(
                             slab.as_ptr(),
                             sv,
                             c_n,
                             &offsets,
-                            packed.as_ptr(),
+                            weights.as_ptr(),
                             o_n,
                             tile,
                             dst.get().add(n * o_n * volume),
                             volume,
                             c_block,
+                            packed,
                         );
                     }
                 };
@@ -272,19 +302,25 @@ impl Direct {
                 acc
             })
             .collect();
-        let mut total = vec![0f32; k_n * o_pad];
-        for p in &partials {
-            for (a, b) in total.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
+        // the groups in order, for every entry (in parallel over entries, the same bits);
         // (C·T, O_pad) → (O, C·T) = (O, C, kd, kh, kw)
+        let mut total = vec![0f32; k_n * o_pad];
+        total
+            .par_chunks_mut(o_pad)
+            .enumerate()
+            .for_each(|(k, row)| {
+                for p in &partials {
+                    for (a, b) in row.iter_mut().zip(&p[k * o_pad..][..o_pad]) {
+                        *a += b;
+                    }
+                }
+            });
         let mut out = vec![0f32; o_n * k_n];
-        for k in 0..k_n {
-            for o in 0..o_n {
-                out[o * k_n + k] = total[k * o_pad + o];
+        out.par_chunks_mut(k_n).enumerate().for_each(|(o, row)| {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = total[k * o_pad + o];
             }
-        }
+        });
         out
     }
 }
@@ -295,12 +331,14 @@ impl Direct {
 /// padded channel; `w`: weights packed as `[o / 4][c][t][o % 4]` with zeros for the channels
 /// past `o_n`; `y`: the sample's output, `o_n` channels of `volume` values. Input channels are
 /// summed in blocks of `c_block`; the output is initialised by the first block and read back
-/// by the next ones.
+/// by the next ones. `packed`: a chunk's set lanes are consecutive output voxels from `output`
+/// (compressed stores, expanding loads), else lane `l` is voxel `output + l`.
 ///
 /// # Safety
 /// The CPU has AVX-512F. For every chunk with a non-zero mask and every set lane `l`:
 /// `xp + c·vp + input + off(t) + l` lies in the input for all `c < c_n` and taps, and
-/// `y + o·volume + output + l` in the output for all `o < o_n`; `w` holds
+/// `y + o·volume + output + l` (packed: `+ i` for the i-th set lane) in the output for all
+/// `o < o_n`; `w` holds
 /// `ceil(o_n / 4)·c_n·offsets.len()·4` values. No other thread writes those output voxels.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -315,6 +353,7 @@ unsafe fn forward_tile(
     y: *mut f32,
     volume: usize,
     c_block: usize,
+    packed: bool,
 ) {
     const R: usize = FORWARD_CHANNELS;
     const V: usize = FORWARD_CHUNKS;
@@ -333,10 +372,12 @@ unsafe fn forward_tile(
                         for (j, a) in row.iter_mut().enumerate() {
                             // SAFETY: voxel run of a chunk in channel o (caller's contract).
                             *a = unsafe {
-                                _mm512_maskz_loadu_ps(
-                                    masks[j],
-                                    y.add(o * volume + chunks[j].output),
-                                )
+                                let at = y.add(o * volume + chunks[j].output);
+                                if packed {
+                                    _mm512_maskz_expandloadu_ps(masks[j], at)
+                                } else {
+                                    _mm512_maskz_loadu_ps(masks[j], at)
+                                }
                             };
                         }
                     }
@@ -368,11 +409,12 @@ unsafe fn forward_tile(
                     for (j, a) in row.iter().enumerate() {
                         // SAFETY: as the loads above; this tile alone writes these voxels.
                         unsafe {
-                            _mm512_mask_storeu_ps(
-                                y.add(o * volume + chunks[j].output),
-                                masks[j],
-                                *a,
-                            );
+                            let at = y.add(o * volume + chunks[j].output);
+                            if packed {
+                                _mm512_mask_compressstoreu_ps(at, masks[j], *a);
+                            } else {
+                                _mm512_mask_storeu_ps(at, masks[j], *a);
+                            }
                         }
                     }
                 }
