@@ -13,8 +13,10 @@
 //!   24 accumulators, 2 vector loads and 12 broadcasts per voxel.
 //!
 //! The input is padded in slabs: a few output planes' padded input planes (with the kernel's
-//! halo), about 1 MiB, in a buffer each worker thread keeps across calls, so the padded volume is
-//! never allocated (no page faults) and the slab is in L2 while the micro-kernels read it.
+//! halo), about 1 MiB and at least one output plane's worth (C × (1 + halo) × Hp × Wp), in a
+//! buffer each worker thread keeps across calls (it grows to the largest slab seen), so the
+//! padded volume is never allocated (no page faults) and the slab is in L2 while the
+//! micro-kernels read it.
 //!
 //! Every pointer is derived from buffers sized from the geometry; each kernel states what it
 //! reads and writes.
