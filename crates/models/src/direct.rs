@@ -537,7 +537,7 @@ mod tests {
     }
 
     /// The AVX-512 kernels against the `gemm` path on geometries with remainders everywhere:
-    /// channels not a multiple of 4 or 16, rows not a multiple of 16 voxels (row chunks and
+    /// channels not a multiple of 8 or 16, rows not a multiple of 16 voxels (row chunks and
     /// packed chunks), kernels 1, 3 and 5, dilation, asymmetric padding, two samples; both the
     /// convolution and its transpose (the input gradient's geometry).
     #[test]
@@ -555,6 +555,10 @@ mod tests {
             ([5, 8, 6, 40], [3, 1, 3], [1, 0, 2], [1, 1, 1], 12, 2),
             // rows of 4 voxels: packed chunks across rows, 10 blocks of input channels
             ([40, 4, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], 20, 2),
+            // slabs of several planes (5 per slab; 4 per slab and a last one of 1), packed
+            // and row chunks
+            ([2, 40, 6, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], 9, 2),
+            ([3, 33, 4, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 8, 2),
         ];
         for (i, (input, kernel, padding, dilation, out_channels, samples)) in
             cases.into_iter().enumerate()

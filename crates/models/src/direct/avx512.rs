@@ -332,17 +332,17 @@ impl Direct {
 /// One forward micro-tile: the outputs of `chunks` for every output channel.
 ///
 /// `xp`: the padded input; `taps[k]`: the offset of (c, t) = (k / T, k % T) from a voxel's own
-/// padded offset, `c·vp + off(t)`; `w`: weights packed as `[o / 8][k][o % 8]` with zeros for the
-/// channels past `o_n`; `y`: the sample's output, `o_n` channels of `volume` values. The
-/// (c, t) steps are summed in blocks of `k_block`; the output is initialised by the first block
-/// and read back by the next ones. `packed`: a chunk's set lanes are consecutive output voxels from `output`
-/// (compressed stores, expanding loads), else lane `l` is voxel `output + l`.
+/// padded offset, `c·vp + off(t)`; `w`: weights packed as `[o / 8][k][o % 8]` with zeros for
+/// the channels past `o_n`; `y`: the sample's output, `o_n` channels of `volume` values. The
+/// (c, t) steps are summed in blocks of `k_block`; the output is initialised by the first
+/// block and read back by the next ones. `packed`: a chunk's set lanes are consecutive output
+/// voxels from `output` (compressed stores, expanding loads), else lane `l` is voxel
+/// `output + l`.
 ///
 /// # Safety
 /// The CPU has AVX-512F. For every chunk with a non-zero mask and every set lane `l`:
-/// `xp + input + taps[k] + l` lies in the input for every k, and
-/// `y + o·volume + output + l` (packed: `+ i` for the i-th set lane) in the output for all
-/// `o < o_n`; `w` holds
+/// `xp + input + taps[k] + l` lies in the input for every k, and `y + o·volume + output + l`
+/// (packed: `+ i` for the i-th set lane) in the output for all `o < o_n`; `w` holds
 /// `ceil(o_n / 8)·taps.len()·8` values. No other thread writes those output voxels.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
