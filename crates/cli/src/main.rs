@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Generate the phantom data set, train U-Net with CEDL and CWCD, evaluate, print the table.
     Demo {
-        /// One seed and fewer steps (about 3 minutes on 2 cores).
+        /// One seed and fewer steps (about 1 minute on 2 cores with AVX-512).
         #[arg(long)]
         quick: bool,
         /// Output folder (data, runs, results.md, demo.png).
