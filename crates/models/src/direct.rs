@@ -421,8 +421,64 @@ impl Direct {
     }
 }
 
-/// The custom op over `(x, w)`; `w` is `(O, C, kd, kh, kw)`.
+/// The custom op over `(x, w)`, or `(x, w, b)` with the bias `(O,)` added in the same op (one
+/// autograd node instead of two: candle adds a zero tensor and an addition per node in its
+/// backward pass); `w` is `(O, C, kd, kh, kw)`.
 pub(crate) struct Conv3dDirect(pub Direct);
+
+impl Conv3dDirect {
+    /// `conv(x, w)` from the storages, lengths checked against the geometry.
+    fn output(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<Vec<f32>> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("conv3d: contiguous inputs expected");
+        };
+        let g = &self.0;
+        // the raw products below rely on these lengths
+        let (input, weights, _) = g.lengths();
+        if a1 - a0 != input || b1 - b0 != weights {
+            bail!("conv3d (direct): input or weight size does not match the geometry");
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => Ok(g.forward(&x[a0..a1], &w[b0..b1])),
+            _ => bail!("conv3d (direct): f32 inputs expected"),
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        let g = &self.0;
+        let [od, oh, ow] = g.output();
+        Shape::from((g.samples, g.out_channels, od, oh, ow))
+    }
+
+    /// `(dx, dw)`: the transposed convolution of the output gradient with the flipped kernel,
+    /// and the weight gradient.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let g = &self.0;
+        let Some(t) = g.transposed() else {
+            bail!("conv3d (direct): no transposed geometry; choose the vol2col path");
+        };
+        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let (o_n, c_n) = (g.out_channels, g.input[0]);
+        let flipped = Tensor::from_vec(
+            g.flip_transpose(&ws),
+            (c_n, o_n, ws.len() / (o_n * c_n).max(1)),
+            w.device(),
+        )?;
+        let dx = grad.apply_op2_no_bwd(&flipped, &Conv3dDirect(t))?;
+        let dw = x
+            .contiguous()?
+            .apply_op2_no_bwd(grad, &WeightGrad(*g))?
+            .reshape(w.shape())?;
+        Ok((dx, dw))
+    }
+}
 
 impl candle_core::CustomOp2 for Conv3dDirect {
     fn name(&self) -> &'static str {
@@ -436,24 +492,7 @@ impl candle_core::CustomOp2 for Conv3dDirect {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("conv3d: contiguous inputs expected");
-        };
-        let g = &self.0;
-        let [od, oh, ow] = g.output();
-        let shape = Shape::from((g.samples, g.out_channels, od, oh, ow));
-        // the raw products below rely on these lengths
-        let (input, weights, _) = g.lengths();
-        if a1 - a0 != input || b1 - b0 != weights {
-            bail!("conv3d (direct): input or weight size does not match the geometry");
-        }
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                Ok((CpuStorage::F32(g.forward(&x[a0..a1], &w[b0..b1])), shape))
-            }
-            _ => bail!("conv3d (direct): f32 inputs expected"),
-        }
+        Ok((CpuStorage::F32(self.output(s1, l1, s2, l2)?), self.shape()))
     }
 
     fn bwd(
@@ -463,24 +502,57 @@ impl candle_core::CustomOp2 for Conv3dDirect {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.0;
-        let Some(t) = g.transposed() else {
-            bail!("conv3d (direct): no transposed geometry; choose the vol2col path");
-        };
-        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let (o_n, c_n) = (g.out_channels, g.input[0]);
-        let flipped = Tensor::from_vec(
-            g.flip_transpose(&ws),
-            (c_n, o_n, ws.len() / (o_n * c_n).max(1)),
-            w.device(),
-        )?;
-        let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(&flipped, &Conv3dDirect(t))?;
-        let dw = x
-            .contiguous()?
-            .apply_op2_no_bwd(&grad, &WeightGrad(*g))?
-            .reshape(w.shape())?;
+        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl candle_core::CustomOp3 for Conv3dDirect {
+    fn name(&self) -> &'static str {
+        "cwseg-conv3d-direct-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mut y = self.output(s1, l1, s2, l2)?;
+        let bias = match (s3, l3.contiguous_offsets()) {
+            (CpuStorage::F32(b), Some((c0, c1))) if c1 - c0 == self.0.out_channels => &b[c0..c1],
+            _ => bail!(
+                "conv3d (direct): bias of {} f32 values expected",
+                self.0.out_channels
+            ),
+        };
+        let volume: usize = self.0.output().iter().product();
+        if volume > 0 {
+            y.par_chunks_mut(volume)
+                .enumerate()
+                .for_each(|(i, channel)| {
+                    let v = bias[i % bias.len()];
+                    channel.iter_mut().for_each(|a| *a += v);
+                });
+        }
+        Ok((CpuStorage::F32(y), self.shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        let db = crate::fused::channel_sums(&grad)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 

@@ -272,29 +272,36 @@ impl CustomOp2 for ChannelBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dims = grad.dims();
-        let (n, c) = (dims[0], dims[1]);
-        let spatial: usize = dims[2..].iter().product();
-        let sums = with_f32(grad, |g| {
-            Ok((0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let mut sum = 0f64;
-                    for s in 0..n {
-                        sum += g[(s * c + ch) * spatial..][..spatial]
-                            .iter()
-                            .map(|&v| v as f64)
-                            .sum::<f64>();
-                    }
-                    sum as f32
-                })
-                .collect::<Vec<f32>>())
-        })?;
-        Ok((
-            Some(grad.clone()),
-            Some(Tensor::from_vec(sums, b.shape(), b.device())?),
-        ))
+        let sums = channel_sums(grad)?.reshape(b.shape())?;
+        Ok((Some(grad.clone()), Some(sums)))
     }
+}
+
+/// Per-channel sums of `(N, C, S…)` over every other axis, `(C,)` (in f64, in parallel over
+/// channels).
+pub(crate) fn channel_sums(g: &Tensor) -> Result<Tensor> {
+    let dims = g.dims();
+    if dims.len() < 2 {
+        bail!("channel sums: shape {dims:?} has no channel axis");
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let spatial: usize = dims[2..].iter().product();
+    let sums = with_f32(g, |g| {
+        Ok((0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut sum = 0f64;
+                for s in 0..n {
+                    sum += g[(s * c + ch) * spatial..][..spatial]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .sum::<f64>();
+                }
+                sum as f32
+            })
+            .collect::<Vec<f32>>())
+    })?;
+    Tensor::from_vec(sums, c, g.device())
 }
 
 /// `x + b` over the channel axis of `(N, C, S…)`, `b` of shape `(C,)`: the fused kernel on CPU

@@ -91,12 +91,10 @@ pub fn conv3d(
             backend: Backend::best(),
         };
         if direct.pays() && direct.transposed().is_some() {
-            let y = x
-                .contiguous()?
-                .apply_op2(&weight.contiguous()?, Conv3dDirect(direct))?;
+            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
             return match bias {
-                Some(b) => add_channel_bias(&y, b),
-                None => Ok(y),
+                Some(b) => x.apply_op3(&weight, &b.contiguous()?, Conv3dDirect(direct)),
+                None => x.apply_op2(&weight, Conv3dDirect(direct)),
             };
         }
     }
