@@ -522,22 +522,15 @@ impl candle_core::CustomOp3 for Conv3dDirect {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let mut y = self.output(s1, l1, s2, l2)?;
-        let bias = match (s3, l3.contiguous_offsets()) {
-            (CpuStorage::F32(b), Some((c0, c1))) if c1 - c0 == self.0.out_channels => &b[c0..c1],
-            _ => bail!(
-                "conv3d (direct): bias of {} f32 values expected",
+        let bias = crate::fused::f32_slice(s3, l3)?;
+        if bias.len() != self.0.out_channels {
+            bail!(
+                "conv3d (direct): {} bias values for {} output channels",
+                bias.len(),
                 self.0.out_channels
-            ),
-        };
-        let volume: usize = self.0.output().iter().product();
-        if volume > 0 {
-            y.par_chunks_mut(volume)
-                .enumerate()
-                .for_each(|(i, channel)| {
-                    let v = bias[i % bias.len()];
-                    channel.iter_mut().for_each(|a| *a += v);
-                });
+            );
         }
+        crate::fused::shift_channels(&mut y, self.0.output().iter().product(), bias);
         Ok((CpuStorage::F32(y), self.shape()))
     }
 

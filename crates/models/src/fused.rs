@@ -23,7 +23,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("expected a contiguous tensor")
     };
@@ -250,18 +250,8 @@ impl CustomOp2 for ChannelBias {
             bail!("channel bias: {} values for the shape {dims:?}", b.len());
         }
         let spatial: usize = dims[2..].iter().product();
-        let mut y = vec![0f32; x.len()];
-        if spatial > 0 {
-            y.par_chunks_mut(spatial)
-                .zip(x.par_chunks(spatial))
-                .enumerate()
-                .for_each(|(i, (out, inp))| {
-                    let v = b[i % b.len()];
-                    for (o, &a) in out.iter_mut().zip(inp) {
-                        *o = a + v;
-                    }
-                });
-        }
+        let mut y = x.to_vec();
+        shift_channels(&mut y, spatial, b);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -275,6 +265,19 @@ impl CustomOp2 for ChannelBias {
         let sums = channel_sums(grad)?.reshape(b.shape())?;
         Ok((Some(grad.clone()), Some(sums)))
     }
+}
+
+/// `y[n, c, s] += shift[c]` in place on the values of `(N, C, S…)`, `spatial` = |S|.
+pub(crate) fn shift_channels(y: &mut [f32], spatial: usize, shift: &[f32]) {
+    if spatial == 0 || shift.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(spatial)
+        .enumerate()
+        .for_each(|(i, channel)| {
+            let v = shift[i % shift.len()];
+            channel.iter_mut().for_each(|a| *a += v);
+        });
 }
 
 /// Per-channel sums of `(N, C, S…)` over every other axis, `(C,)` (in f64, in parallel over
