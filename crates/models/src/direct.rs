@@ -18,6 +18,8 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::fused::{channel_sums, f32_slice, shift_channels};
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -435,20 +437,14 @@ impl Conv3dDirect {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<Vec<f32>> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("conv3d: contiguous inputs expected");
-        };
+        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         let g = &self.0;
         // the raw products below rely on these lengths
         let (input, weights, _) = g.lengths();
-        if a1 - a0 != input || b1 - b0 != weights {
+        if x.len() != input || w.len() != weights {
             bail!("conv3d (direct): input or weight size does not match the geometry");
         }
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => Ok(g.forward(&x[a0..a1], &w[b0..b1])),
-            _ => bail!("conv3d (direct): f32 inputs expected"),
-        }
+        Ok(g.forward(x, w))
     }
 
     fn shape(&self) -> Shape {
@@ -522,7 +518,7 @@ impl candle_core::CustomOp3 for Conv3dDirect {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let mut y = self.output(s1, l1, s2, l2)?;
-        let bias = crate::fused::f32_slice(s3, l3)?;
+        let bias = f32_slice(s3, l3)?;
         if bias.len() != self.0.out_channels {
             bail!(
                 "conv3d (direct): {} bias values for {} output channels",
@@ -530,7 +526,7 @@ impl candle_core::CustomOp3 for Conv3dDirect {
                 self.0.out_channels
             );
         }
-        crate::fused::shift_channels(&mut y, self.0.output().iter().product(), bias);
+        shift_channels(&mut y, self.0.output().iter().product(), bias);
         Ok((CpuStorage::F32(y), self.shape()))
     }
 
@@ -544,7 +540,7 @@ impl candle_core::CustomOp3 for Conv3dDirect {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (dx, dw) = self.grads(x, w, &grad)?;
-        let db = crate::fused::channel_sums(&grad)?.reshape(b.shape())?;
+        let db = channel_sums(&grad)?.reshape(b.shape())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -564,23 +560,14 @@ impl candle_core::CustomOp2 for WeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("conv3d weight gradient: contiguous inputs expected");
-        };
+        let (x, dy) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         let g = &self.0;
         let shape = Shape::from((g.out_channels, g.input[0] * g.taps()));
         let (input, _, output) = g.lengths();
-        if a1 - a0 != input || b1 - b0 != output {
+        if x.len() != input || dy.len() != output {
             bail!("conv3d weight gradient: input or gradient size does not match the geometry");
         }
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => Ok((
-                CpuStorage::F32(g.weight_grad(&x[a0..a1], &dy[b0..b1])),
-                shape,
-            )),
-            _ => bail!("conv3d weight gradient: f32 inputs expected"),
-        }
+        Ok((CpuStorage::F32(g.weight_grad(x, dy)), shape))
     }
 }
 

@@ -111,6 +111,26 @@ impl Direct {
         }
     }
 
+    /// The slab of sample `n` (of all samples' input `x`) for output planes `z0 ..
+    /// z0 + planes`, padded into `buf` (grown if needed): the slab and its channel length.
+    fn fill_slab<'b>(
+        &self,
+        buf: &'b mut Vec<f32>,
+        x: &[f32],
+        n: usize,
+        z0: usize,
+        planes: usize,
+    ) -> (&'b [f32], usize) {
+        let sample: usize = self.input.iter().product();
+        let sv = self.slab_channel(planes);
+        let len = self.input[0] * sv;
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        self.pad_slab(&x[n * sample..][..sample], z0, &mut buf[..len]);
+        (&buf[..len], sv)
+    }
+
     /// One output plane in chunks of 16 lanes, input offsets within a slab whose first plane
     /// is the output plane's, and whether they are packed. Rows of at least 16 voxels (or whose
     /// padding is wider than the row): chunks of up to 16 voxels of a row, lane `l` at
@@ -162,7 +182,7 @@ impl Direct {
     /// every output channel within a slab.
     pub(super) fn forward_avx512(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         const R: usize = FORWARD_CHANNELS;
-        let [c_n, d, h, wi] = self.input;
+        let c_n = self.input[0];
         let (o_n, t_n) = (self.out_channels, self.taps());
         let [_, oh, ow] = self.output();
         let [_, hp, wp] = self.padded();
@@ -186,12 +206,7 @@ impl Direct {
         let dst = Shared(out.as_mut_ptr());
         self.slabs().par_iter().for_each(|&(n, z0, planes)| {
             SLAB.with_borrow_mut(|buf| {
-                let sv = self.slab_channel(planes);
-                if buf.len() < c_n * sv {
-                    buf.resize(c_n * sv, 0.0);
-                }
-                let slab = &mut buf[..c_n * sv];
-                self.pad_slab(&x[n * c_n * d * h * wi..][..c_n * d * h * wi], z0, slab);
+                let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
                 let taps: Vec<usize> = (0..c_n)
                     .flat_map(|c| offsets.iter().map(move |&off| c * sv + off))
                     .collect();
@@ -245,7 +260,7 @@ impl Direct {
     /// [`Direct::weight_grad`] by [`weight_grad_tile`] over tiles of padded offsets within
     /// slabs; the slabs in 16 fixed groups, each summed in order, then the groups in order.
     pub(super) fn weight_grad_avx512(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let [c_n, d, h, wi] = self.input;
+        let c_n = self.input[0];
         let (o_n, t_n) = (self.out_channels, self.taps());
         let k_n = c_n * t_n;
         let o_pad = o_n.next_multiple_of(16);
@@ -265,12 +280,7 @@ impl Direct {
                 let mut rows: Vec<*const f32> = vec![std::ptr::null(); k_n];
                 SLAB.with_borrow_mut(|buf| {
                     for &(n, z0, planes) in chunk {
-                        let sv = self.slab_channel(planes);
-                        if buf.len() < c_n * sv {
-                            buf.resize(c_n * sv, 0.0);
-                        }
-                        let slab = &mut buf[..c_n * sv];
-                        self.pad_slab(&x[n * c_n * d * h * wi..][..c_n * d * h * wi], z0, slab);
+                        let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
                         // padded offsets (whole volume) of the slab's output voxels
                         let base = z0 * hp * wp;
                         let end = base + (planes - 1) * hp * wp + (oh - 1) * wp + ow;
