@@ -21,7 +21,7 @@ use ndarray::{Array4, ArrayD, Axis, s};
 use serde_json::json;
 
 use crate::figures::{Panel, write_panels};
-use crate::infer::predict_case;
+use crate::infer::{PredictOptions, predict_case};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::train::{RunOptions, TrainConfig, load_model, parse_device};
 
@@ -224,6 +224,10 @@ pub struct PredictArgs {
     /// Sliding-window overlap (default: the model's).
     #[arg(long)]
     overlap: Option<f64>,
+    /// Skip the model's post-processing (keeping the largest connected component of the
+    /// classes and regions its card lists).
+    #[arg(long)]
+    no_postprocess: bool,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -366,7 +370,11 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             data,
             geometry: geometry.clone(),
         };
-        let prediction = predict_case(&network, &card, &image, overlap, &device)?;
+        let options = PredictOptions {
+            overlap,
+            postprocess: !args.no_postprocess,
+        };
+        let prediction = predict_case(&network, &card, &image, options, &device)?;
         let out = if single {
             args.output.clone()
         } else {

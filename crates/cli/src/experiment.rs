@@ -18,8 +18,9 @@ use cwseg_models::ModelConfig;
 use ndarray::{Array3, Axis};
 use serde::{Deserialize, Serialize};
 
+use crate::compare::{ComparisonSpec, SeedRuns, compare, render};
 use crate::figures::{Panel, write_panels};
-use crate::infer::predict_case;
+use crate::infer::{PredictOptions, predict_case};
 use crate::prepare::{PreparedData, open_data};
 use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
 
@@ -72,7 +73,16 @@ pub struct ExperimentConfig {
     /// Network configurations by name; names not listed take the network's defaults.
     #[serde(default)]
     pub networks: BTreeMap<String, ModelConfig>,
-    /// Everything else of each run (its `model`, `loss` and `seed` are replaced).
+    /// Cross-validation: one split file per fold (each case tested in one fold); every run of
+    /// the tables is trained once per fold, and tables pool the folds' test cases. Empty: the
+    /// one split of `train.data`.
+    #[serde(default)]
+    pub folds: Vec<PathBuf>,
+    /// Paired comparisons of two losses (SPEC §6), made from the same runs as the tables.
+    #[serde(default, rename = "comparison")]
+    pub comparisons: Vec<ComparisonSpec>,
+    /// Everything else of each run (its `model`, `loss`, `seed` and, with folds, its split are
+    /// replaced).
     pub train: TrainConfig,
 }
 
@@ -95,6 +105,26 @@ impl ExperimentConfig {
                 );
             }
         }
+        for c in &config.comparisons {
+            let trained = |loss: &str| {
+                config.tables.iter().any(|t| {
+                    t.networks.contains(&c.network)
+                        && t.losses.iter().any(|l| l == loss)
+                        && c.seeds.iter().all(|s| t.seeds.contains(s))
+                })
+            };
+            if !(trained(&c.a) && trained(&c.b)) {
+                bail!(
+                    "{}: comparison `{}` needs {} with {} and {} on seeds {:?} in one of the tables",
+                    path.display(),
+                    c.name,
+                    c.network,
+                    c.a,
+                    c.b,
+                    c.seeds
+                );
+            }
+        }
         // every name must resolve now, not hours into the grid
         for run in config.runs() {
             config
@@ -111,26 +141,48 @@ impl ExperimentConfig {
             .unwrap_or_else(|| Path::new("cwseg-experiment").join(&self.name))
     }
 
-    /// Every run of every table, in training order, each once.
+    /// The folds: `Some(i)` for each split file, or one `None` for the data's own split.
+    pub fn fold_ids(&self) -> Vec<Option<usize>> {
+        if self.folds.is_empty() {
+            vec![None]
+        } else {
+            (0..self.folds.len()).map(Some).collect()
+        }
+    }
+
+    /// Every run of every table, in training order (table, seed, fold, network, loss), each
+    /// once.
     pub fn runs(&self) -> Vec<RunKey> {
         let mut runs: Vec<RunKey> = Vec::new();
         for t in &self.tables {
             for &seed in &t.seeds {
-                for network in &t.networks {
-                    for loss in &t.losses {
-                        let key = RunKey {
-                            network: network.clone(),
-                            loss: loss.clone(),
-                            seed,
-                        };
-                        if !runs.contains(&key) {
-                            runs.push(key);
+                for fold in self.fold_ids() {
+                    for network in &t.networks {
+                        for loss in &t.losses {
+                            let key = RunKey {
+                                network: network.clone(),
+                                loss: loss.clone(),
+                                seed,
+                                fold,
+                            };
+                            if !runs.contains(&key) {
+                                runs.push(key);
+                            }
                         }
                     }
                 }
             }
         }
         runs
+    }
+
+    /// The data configuration of a fold.
+    pub fn fold_data(&self, fold: Option<usize>) -> crate::prepare::DataConfig {
+        let mut data = self.train.data.clone();
+        if let Some(split) = fold.and_then(|f| self.folds.get(f)) {
+            data.split = Some(split.clone());
+        }
+        data
     }
 
     /// The training configuration of one run.
@@ -149,6 +201,7 @@ impl ExperimentConfig {
             model,
             loss,
             seed: run.seed,
+            data: self.fold_data(run.fold),
             ..self.train.clone()
         })
     }
@@ -163,12 +216,17 @@ pub struct RunKey {
     pub loss: String,
     /// Seed.
     pub seed: u64,
+    /// Cross-validation fold (`None` without folds).
+    pub fold: Option<usize>,
 }
 
 impl RunKey {
-    /// The run's folder name, `unet-cwcd-seed0`.
+    /// The run's folder name, `unet-cwcd-seed0` (`unet-cwcd-fold1-seed0` with folds).
     pub fn key(&self) -> String {
-        format!("{}-{}-seed{}", self.network, self.loss, self.seed)
+        match self.fold {
+            Some(f) => format!("{}-{}-fold{f}-seed{}", self.network, self.loss, self.seed),
+            None => format!("{}-{}-seed{}", self.network, self.loss, self.seed),
+        }
     }
 }
 
@@ -314,7 +372,11 @@ fn run_one(
         .with_context(|| format!("creating {}", predictions.display()))?;
     for id in &data.split.test {
         let (image, _) = load_input(&data, id)?;
-        let prediction = predict_case(&network, &card, &image, card.overlap, &device)?;
+        let options = PredictOptions {
+            overlap: card.overlap,
+            postprocess: true,
+        };
+        let prediction = predict_case(&network, &card, &image, options, &device)?;
         write_label(
             predictions.join(format!("{id}.nii.gz")),
             &LabelMap {
@@ -447,10 +509,90 @@ fn display_network(name: &str) -> String {
     }
 }
 
-/// Scores every finished run's predictions and writes `TABLE.md`, `TABLE.csv`, `TABLE.png`
-/// and `results.md` (all tables) in `out`.
+/// Scores runs' predictions (each run once) and pools a row's folds.
+struct Scorer<'a> {
+    out: &'a Path,
+    labels: &'a BTreeMap<String, LabelMap>,
+    classes: &'a [ClassSet],
+    /// The test cases of each fold.
+    fold_tests: Vec<(Option<usize>, Vec<String>)>,
+    cache: BTreeMap<String, Vec<CaseMetrics>>,
+}
+
+impl Scorer<'_> {
+    /// The metrics of every test case of `network` × `loss` × `seed`, all folds together;
+    /// `None` until every fold's run is done.
+    fn pooled(&mut self, network: &str, loss: &str, seed: u64) -> Result<Option<Vec<CaseMetrics>>> {
+        let mut cases = Vec::new();
+        for (fold, tests) in &self.fold_tests {
+            let key = RunKey {
+                network: network.into(),
+                loss: loss.into(),
+                seed,
+                fold: *fold,
+            }
+            .key();
+            let dir = self.out.join("runs").join(&key);
+            if !is_done(&dir) {
+                return Ok(None);
+            }
+            if !self.cache.contains_key(&key) {
+                let scored = score_run(&dir, tests, self.labels, self.classes)?;
+                self.cache.insert(key.clone(), scored);
+            }
+            cases.extend(self.cache[&key].iter().cloned());
+        }
+        Ok(Some(cases))
+    }
+
+    /// The fold whose test set holds `case`.
+    fn fold_of(&self, case: &str) -> Option<usize> {
+        self.fold_tests
+            .iter()
+            .find(|(_, tests)| tests.iter().any(|t| t == case))
+            .and_then(|(f, _)| *f)
+    }
+}
+
+/// Every fold's test cases, with their labels as stored (the reader gives class indices,
+/// BraTS 4 → 3; predictions hold the stored values).
+#[allow(clippy::type_complexity)]
+fn test_labels(
+    config: &ExperimentConfig,
+    data_dir: &Path,
+) -> Result<(
+    PreparedData,
+    Vec<(Option<usize>, Vec<String>)>,
+    BTreeMap<String, LabelMap>,
+)> {
+    let mut fold_tests = Vec::new();
+    let mut labels: BTreeMap<String, LabelMap> = BTreeMap::new();
+    let mut first = None;
+    for fold in config.fold_ids() {
+        let data = open_data(&config.fold_data(fold), 0, data_dir)?;
+        for id in &data.split.test {
+            if labels.contains_key(id) {
+                bail!("test case {id} is in the test set of two folds");
+            }
+            let (_, label) = load_input(&data, id)?;
+            let mut label = label.with_context(|| format!("test case {id} has no label file"))?;
+            let values = &data.dataset.label_values;
+            label
+                .data
+                .mapv_inplace(|k| values.get(usize::from(k)).copied().unwrap_or(k));
+            labels.insert(id.clone(), label);
+        }
+        fold_tests.push((fold, data.split.test.clone()));
+        first.get_or_insert(data);
+    }
+    let data = first.context("an experiment has at least one fold")?;
+    Ok((data, fold_tests, labels))
+}
+
+/// Scores every finished run's predictions and writes `TABLE.md`, `TABLE.csv`, `TABLE.png`,
+/// each comparison's `NAME.md` and `NAME.csv`, and `results.md` (all of them) in `out`.
 fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<String> {
-    let data = open_data(&config.train.data, 0, data_dir)?;
+    let (data, fold_tests, labels) = test_labels(config, data_dir)?;
     let classes = match config.regions {
         Regions::Brats => ClassSet::brats(),
         Regions::Classes => (1..data.dataset.classes.len())
@@ -462,19 +604,22 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
             })
             .collect(),
     };
-    let mut labels: BTreeMap<String, LabelMap> = BTreeMap::new();
-    for id in &data.split.test {
-        let (_, label) = load_input(&data, id)?;
-        let mut label = label.with_context(|| format!("test case {id} has no label file"))?;
-        // the reader gives class indices (BraTS 4 → 3); predictions hold the stored values
-        let values = &data.dataset.label_values;
-        label
-            .data
-            .mapv_inplace(|k| values.get(usize::from(k)).copied().unwrap_or(k));
-        labels.insert(id.clone(), label);
-    }
-    let mut scored: BTreeMap<String, Vec<CaseMetrics>> = BTreeMap::new();
+    let mut scorer = Scorer {
+        out,
+        labels: &labels,
+        classes: &classes,
+        fold_tests,
+        cache: BTreeMap::new(),
+    };
     let mut report = format!("# Experiment {}\n", config.name);
+    if !config.folds.is_empty() {
+        let _ = writeln!(
+            report,
+            "\n{}-fold cross-validation: every table pools the test cases of all folds (each \
+             case tested once per seed); a seed enters a row once all its folds are done.",
+            config.folds.len()
+        );
+    }
     for table in &config.tables {
         let mut rows = Vec::new();
         for network in &table.networks {
@@ -487,24 +632,12 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
                     monai: Vec::new(),
                 };
                 for &seed in &table.seeds {
-                    let key = RunKey {
-                        network: network.clone(),
-                        loss: loss.clone(),
-                        seed,
-                    }
-                    .key();
-                    let dir = out.join("runs").join(&key);
-                    if !is_done(&dir) {
+                    let Some(cases) = scorer.pooled(network, loss, seed)? else {
                         continue;
-                    }
-                    if !scored.contains_key(&key) {
-                        let cases = score_run(&dir, &labels, &classes)?;
-                        scored.insert(key.clone(), cases);
-                    }
-                    let cases = &scored[&key];
+                    };
                     row.seeds.push(seed);
-                    row.paper.push(summarize(cases, Aggregate::Paper));
-                    row.monai.push(summarize(cases, Aggregate::Monai));
+                    row.paper.push(summarize(&cases, Aggregate::Paper));
+                    row.monai.push(summarize(&cases, Aggregate::Monai));
                 }
                 rows.push(row);
             }
@@ -527,27 +660,69 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
             csv.as_bytes(),
         )?;
         let _ = write!(report, "\n{markdown}");
+        let first_fold = labels.keys().next().and_then(|id| scorer.fold_of(id));
         write_table_figure(
             &out.join(format!("{}.png", table.name)),
             &data,
             out,
             &rows,
-            &table.seeds,
+            (table.seeds.first().copied(), first_fold),
             &labels,
         )?;
+    }
+    for comparison in &config.comparisons {
+        let markdown = write_comparison(comparison, &mut scorer, &classes, out)?;
+        let _ = write!(report, "\n{markdown}");
     }
     cwseg_data::dataset::write_atomic(&out.join("results.md"), report.as_bytes())?;
     Ok(report)
 }
 
-/// Metrics of a run's predictions against the labels, on the labels' grid and spacing.
+/// One comparison from the runs done (a seed enters once both losses have all its folds).
+fn write_comparison(
+    spec: &ComparisonSpec,
+    scorer: &mut Scorer,
+    classes: &[ClassSet],
+    out: &Path,
+) -> Result<String> {
+    let mut a = SeedRuns::new();
+    let mut b = SeedRuns::new();
+    for &seed in &spec.seeds {
+        if let (Some(x), Some(y)) = (
+            scorer.pooled(&spec.network, &spec.a, seed)?,
+            scorer.pooled(&spec.network, &spec.b, seed)?,
+        ) {
+            a.insert(seed, x);
+            b.insert(seed, y);
+        }
+    }
+    let folds: BTreeMap<String, usize> = scorer
+        .labels
+        .keys()
+        .map(|id| (id.clone(), scorer.fold_of(id).unwrap_or(0)))
+        .collect();
+    let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+    let lines = compare(&a, &b, &names, &folds);
+    let seeds: Vec<u64> = a.keys().copied().collect();
+    let (markdown, csv) = render(spec, &lines, &seeds);
+    cwseg_data::dataset::write_atomic(&out.join(format!("{}.md", spec.name)), markdown.as_bytes())?;
+    cwseg_data::dataset::write_atomic(&out.join(format!("{}.csv", spec.name)), csv.as_bytes())?;
+    Ok(markdown)
+}
+
+/// Metrics of a run's predictions of `ids` against their labels, on the labels' grid and
+/// spacing.
 fn score_run(
     dir: &Path,
+    ids: &[String],
     labels: &BTreeMap<String, LabelMap>,
     classes: &[ClassSet],
 ) -> Result<Vec<CaseMetrics>> {
     let mut cases = Vec::new();
-    for (id, label) in labels {
+    for id in ids {
+        let label = labels
+            .get(id)
+            .with_context(|| format!("no label for test case {id}"))?;
         let path = dir.join("predictions").join(format!("{id}.nii.gz"));
         let prediction = read_label(&path, &ReadOptions::default())?;
         if prediction.geometry.shape() != label.geometry.shape() {
@@ -642,19 +817,20 @@ fn render_table(table: &TableSpec, rows: &[Row], classes: &[ClassSet]) -> (Strin
 }
 
 /// One axial slice of the first test case (the slice with the largest labelled area): the
-/// first modality, the ground truth, and each row's prediction with the table's first seed.
+/// first modality, the ground truth, and each row's prediction with the table's first seed
+/// (from the fold that tests the case).
 fn write_table_figure(
     path: &Path,
     data: &PreparedData,
     out: &Path,
     rows: &[Row],
-    seeds: &[u64],
+    (seed, fold): (Option<u64>, Option<usize>),
     labels: &BTreeMap<String, LabelMap>,
 ) -> Result<()> {
     let Some((id, label)) = labels.iter().next() else {
         return Ok(());
     };
-    let Some(&seed) = seeds.first() else {
+    let Some(seed) = seed else {
         return Ok(());
     };
     let mut predictions: Vec<Array3<u8>> = Vec::new();
@@ -663,6 +839,7 @@ fn write_table_figure(
             network: row.network.clone(),
             loss: row.loss.clone(),
             seed,
+            fold,
         }
         .key();
         let file = out

@@ -101,14 +101,24 @@ pub struct CasePrediction {
     pub start: [usize; 3],
 }
 
+/// How a case is predicted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PredictOptions {
+    /// Sliding-window overlap.
+    pub overlap: f64,
+    /// Apply the model card's post-processing (if it has one).
+    pub postprocess: bool,
+}
+
 /// Predicts an image `[c, z, y, x]` on its own grid: the model card's preprocessing, sliding
-/// windows, argmax, then back through the resampling and the crop, class indices mapped to the
-/// stored label values; voxels outside the crop are background.
+/// windows, argmax, the card's post-processing, then back through the resampling and the
+/// crop, class indices mapped to the stored label values; voxels outside the crop are
+/// background.
 pub fn predict_case(
     network: &Network,
     card: &ModelCard,
     image: &Image,
-    overlap: f64,
+    options: PredictOptions,
     device: &Device,
 ) -> Result<CasePrediction> {
     let (pre, _, bbox) = card.preprocessing.apply(image, None)?;
@@ -117,12 +127,16 @@ pub fn predict_case(
         &pre.data,
         card.classes.len(),
         card.patch,
-        overlap,
+        options.overlap,
         2,
         device,
     )?;
+    let mut data = argmax(probabilities.view());
+    if let (true, Some(post)) = (options.postprocess, &card.postprocessing) {
+        post.apply(&mut data);
+    }
     let labels = LabelMap {
-        data: argmax(probabilities.view()),
+        data,
         geometry: pre.geometry.clone(),
     };
     let geometry = &image.geometry;

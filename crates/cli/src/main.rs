@@ -8,12 +8,14 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod commands;
+mod compare;
 mod demo;
 mod experiment;
 mod figures;
 mod hub;
 mod infer;
 mod optim;
+mod postprocess;
 mod prepare;
 mod train;
 

@@ -13,7 +13,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
-use cwseg_data::{AugmentConfig, EpochLoader, LoaderConfig, SamplerConfig, SamplingVolume, argmax};
+use cwseg_data::{
+    AugmentConfig, EpochLoader, LoaderConfig, PatchMaps, SamplerConfig, SamplingVolume, argmax,
+};
 use cwseg_losses::{LossConfig, Target};
 use cwseg_models::{ModelConfig, Network, seeded_var_builder, weights};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +24,7 @@ use serde_json::json;
 
 use crate::infer::predict_probabilities;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+use crate::postprocess::{self, PostProcessing};
 use crate::prepare::{DataConfig, PreparedCase, Preprocessing, open_data};
 
 /// Validation settings.
@@ -32,6 +35,11 @@ pub struct ValidationConfig {
     pub every: usize,
     /// Sliding-window overlap.
     pub overlap: f64,
+    /// Decide the post-processing on the validation cases after training (SPEC §6).
+    pub postprocess: bool,
+    /// Stop when the validation DSC has not improved for this many epochs (early stopping;
+    /// `None`: train every epoch).
+    pub patience: Option<usize>,
 }
 
 impl Default for ValidationConfig {
@@ -39,7 +47,31 @@ impl Default for ValidationConfig {
         ValidationConfig {
             every: 1,
             overlap: 0.5,
+            postprocess: true,
+            patience: None,
         }
+    }
+}
+
+/// Where a training patch's contour map comes from (SPEC §1, "training on patches").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContourMaps {
+    /// The whole volume's map cropped with the patch, as the paper's code makes its maps
+    /// offline: the loader cuts each patch with a halo of the element's reach, augments it,
+    /// makes the map and crops it, so the loss's border rule applies only at the volume's
+    /// edges. DWCE weights are made once per case on the whole volume and cropped.
+    #[default]
+    Volume,
+    /// The map of the patch alone (cwseg v1): the loss's border rule applies at every patch
+    /// face, and DWCE weights are made per patch.
+    Patch,
+}
+
+impl ContourMaps {
+    /// What a model card written before the rule was recorded was trained with.
+    fn legacy() -> Self {
+        ContourMaps::Patch
     }
 }
 
@@ -79,6 +111,8 @@ pub struct TrainConfig {
     pub workers: usize,
     /// Validation.
     pub validation: ValidationConfig,
+    /// Where the contour maps (and DWCE weights) of patches come from.
+    pub contour_maps: ContourMaps,
 }
 
 impl Default for TrainConfig {
@@ -100,6 +134,7 @@ impl Default for TrainConfig {
             negative: 1.0,
             workers: 2,
             validation: ValidationConfig::default(),
+            contour_maps: ContourMaps::default(),
         }
     }
 }
@@ -125,6 +160,14 @@ pub struct ModelCard {
     pub patch: [usize; 3],
     /// Inference overlap.
     pub overlap: f64,
+    /// Where the training patches' contour maps came from (cards written before this field
+    /// existed were trained with per-patch maps).
+    #[serde(default = "ContourMaps::legacy")]
+    pub contour_maps: ContourMaps,
+    /// What prediction does after the argmax, decided on the validation cases after training
+    /// (`None`: not decided, or no validation cases).
+    #[serde(default)]
+    pub postprocessing: Option<PostProcessing>,
 }
 
 impl ModelCard {
@@ -313,6 +356,91 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// Decides the post-processing on the validation cases with the best checkpoint and records
+/// it in `best/config.json`; nothing to do without validation cases, when the configuration
+/// says not to, or when the card has it already.
+fn decide_postprocessing(
+    dir: &Path,
+    val_cases: &[PreparedCase],
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<()> {
+    if val_cases.is_empty() || !config.validation.postprocess {
+        return Ok(());
+    }
+    let (network, mut card, best) = load_model(dir, device)?;
+    if card.postprocessing.is_some() {
+        return Ok(());
+    }
+    let mut predictions = Vec::with_capacity(val_cases.len());
+    for case in val_cases {
+        let probs = predict_probabilities(
+            &network,
+            &case.image.data,
+            card.classes.len(),
+            card.patch,
+            config.validation.overlap,
+            2,
+            device,
+        )?;
+        predictions.push(argmax(probs.view()));
+    }
+    let labels: Vec<_> = val_cases.iter().map(|c| c.label.data.clone()).collect();
+    let decided = postprocess::decide(&predictions, &labels, &card.classes, &card.label_values);
+    tracing::info!(
+        keep_largest = ?decided.keep_largest.iter().map(|g| &g.name).collect::<Vec<_>>(),
+        before = decided.validation_dice_before,
+        after = decided.validation_dice_after,
+        "post-processing decided on the validation cases"
+    );
+    card.postprocessing = Some(decided);
+    cwseg_data::dataset::write_atomic(
+        &best.join("config.json"),
+        serde_json::to_string_pretty(&card)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The maps the loader makes with each patch: under [`ContourMaps::Volume`], the contour map
+/// (every class, background included: the loss takes each class's own contour from it) of a
+/// loss that uses one.
+fn patch_maps(config: &TrainConfig) -> PatchMaps {
+    let contour = match config.contour_maps {
+        ContourMaps::Volume => config.loss.contour(),
+        ContourMaps::Patch => None,
+    };
+    PatchMaps {
+        contour: contour.map(|c| cwseg_morphology::ContourSpec {
+            erosion: c.erosion(),
+            include_background: true,
+        }),
+    }
+}
+
+/// The training cases ready for sampling; under [`ContourMaps::Volume`] a DWCE loss's weight
+/// maps are made here, once per case on the whole preprocessed volume (voxel units, as the
+/// loss's own).
+fn sampling_volumes(config: &TrainConfig, cases: Vec<PreparedCase>) -> Result<Vec<SamplingVolume>> {
+    let dwce = match config.contour_maps {
+        ContourMaps::Volume => config.loss.dwce(),
+        ContourMaps::Patch => None,
+    };
+    cases
+        .into_iter()
+        .map(|c| {
+            let weights = dwce
+                .map(|spec| cwseg_morphology::dwce_weight_map(c.label.data.view(), None, &spec))
+                .transpose()
+                .with_context(|| format!("DWCE weight map of case {}", c.id))?;
+            let volume = SamplingVolume::new(c.image.data, c.label.data, config.patch)?;
+            Ok(match weights {
+                Some(w) => volume.with_weights(w)?,
+                None => volume,
+            })
+        })
+        .collect()
+}
+
 /// Options of one invocation that are not part of the run's configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -389,11 +517,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
             );
         }
     }
-    let volumes: Vec<SamplingVolume> = train_cases
-        .into_iter()
-        .map(|c| SamplingVolume::new(c.image.data, c.label.data, config.patch))
-        .collect::<Result<_, _>>()?;
-    let volumes = Arc::new(volumes);
+    let volumes = Arc::new(sampling_volumes(config, train_cases)?);
     let card = ModelCard {
         cwseg_version: env!("CARGO_PKG_VERSION").to_string(),
         model: model_config.clone(),
@@ -404,6 +528,8 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         preprocessing: data.preprocessing,
         patch: config.patch,
         overlap: config.validation.overlap,
+        contour_maps: config.contour_maps,
+        postprocessing: None,
     };
 
     let vars = VarMap::new();
@@ -422,6 +548,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         )
         .with_context(|| format!("{}: not a run state", path.display()))?;
         if state.finished {
+            decide_postprocessing(dir, &val_cases, config, &device)?;
             tracing::info!("the run had finished; nothing to do");
             return Ok(TrainOutcome {
                 dir: dir.to_path_buf(),
@@ -443,6 +570,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
             class_balanced: true,
         },
         augment: config.augment,
+        maps: patch_maps(config),
     };
     let bar = if options.quiet {
         ProgressBar::hidden()
@@ -467,7 +595,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         .ok()
         .and_then(|v| v.parse().ok());
     let mut batches_run = 0usize;
-    while state.epoch < config.epochs {
+    while state.epoch < config.epochs && !state.finished {
         let epoch = state.epoch;
         let lr = config
             .schedule
@@ -485,8 +613,15 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         for batch in loader {
             let batch = batch?;
             let (image, labels) = batch.to_tensors(&device)?;
+            let mut target = Target::new(labels)?;
+            if let Some(contour) = batch.contour_tensor(&device)? {
+                target = target.with_edges(contour);
+            }
+            if let Some(weights) = batch.weights_tensor(&device)? {
+                target = target.with_dwce_weights(weights);
+            }
             let logits = network.forward_t(&image, true)?;
-            let value = loss.forward(&logits, &Target::new(labels)?)?;
+            let value = loss.forward(&logits, &target)?;
             let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !scalar.is_finite() {
                 bar.abandon();
@@ -570,11 +705,24 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         state.epoch += 1;
         state.batch = 0;
         state.loss_sum = 0.0;
-        state.finished = state.epoch == config.epochs;
+        let stalled = config
+            .validation
+            .patience
+            .zip(state.best_epoch)
+            .is_some_and(|(patience, best)| state.epoch >= best + patience);
+        state.finished = state.epoch == config.epochs || stalled;
         save_checkpoint(&dir.join("last"), &vars, &card, Some((&optimizer, &state)))?;
         tracing::info!(epoch = epoch + 1, loss = train_loss, val_dice = ?val_dice, "epoch done");
+        if stalled {
+            tracing::info!(
+                best_epoch = ?state.best_epoch,
+                "validation DSC has not improved for {} epochs; stopped early",
+                config.validation.patience.unwrap_or_default()
+            );
+        }
     }
     if !interrupted {
+        decide_postprocessing(dir, &val_cases, config, &device)?;
         bar.finish_with_message(format!(
             "done; best validation DSC {} (epoch {})",
             state.best_dice.map_or("-".into(), |d| format!("{d:.4}")),

@@ -66,6 +66,9 @@ pub enum DataError {
     /// An argument outside its domain (a zero patch size, an overlap of 1 ...).
     #[error("{0}")]
     Invalid(String),
+    /// From the morphology crate (contour maps of patches).
+    #[error(transparent)]
+    Morphology(#[from] cwseg_morphology::MorphologyError),
     /// From candle, at the tensor boundary.
     #[cfg(feature = "candle")]
     #[error(transparent)]

@@ -13,7 +13,7 @@ pub mod sampling;
 pub mod sliding;
 pub mod volume;
 
-pub use augment::{AugmentConfig, augment};
+pub use augment::{AugmentConfig, Augmentation, augment};
 pub use crop::{BoundingBox, crop_image, crop_label, foreground_bbox, pad_or_crop, slabs};
 pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, write_phantom_dataset};
 pub use error::{DataError, Result};
@@ -23,7 +23,7 @@ pub use phantom::{PHANTOM_CLASSES, PhantomConfig, phantom};
 pub use resample::{
     Interpolation, resample_image, resample_image_to, resample_label, resample_label_to,
 };
-pub use sampling::{SamplerConfig, SamplingVolume};
+pub use sampling::{Patch, PatchMaps, SamplerConfig, SamplingVolume};
 pub use sliding::{Blender, argmax, gaussian_importance, window_positions};
 pub use volume::{
     Geometry, Image, LabelMap, ReadOptions, read_image, read_label, write_label, write_volume,

@@ -5,22 +5,27 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
-use ndarray::{Array4, Array5, Axis, stack};
+use ndarray::{Array3, Array4, Array5, ArrayView, Axis, Dimension, stack};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{AugmentConfig, augment};
+use crate::augment::AugmentConfig;
 use crate::error::{DataError, Result};
-use crate::sampling::{SamplerConfig, SamplingVolume};
+use crate::sampling::{PatchMaps, SamplerConfig, SamplingVolume};
 
-/// A batch: images `(N, C, D, H, W)` and labels `(N, D, H, W)`.
+/// A batch: images `(N, C, D, H, W)`, labels `(N, D, H, W)` and the maps the loader made.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// The images.
     pub image: Array5<f32>,
     /// The class indices.
     pub label: Array4<u8>,
+    /// Contour maps `(N, D, H, W)`, 1 = contour ([`PatchMaps::contour`]).
+    pub contour: Option<Array4<u8>>,
+    /// Voxel weights `(N, D, H, W)` cropped from the volumes' own
+    /// ([`SamplingVolume::with_weights`]).
+    pub weights: Option<Array4<f32>>,
 }
 
 #[cfg(feature = "candle")]
@@ -43,6 +48,40 @@ impl Batch {
         )?;
         Ok((image, label))
     }
+
+    /// The contour maps as a u8 tensor `(N, D, H, W)` on `device`, if the batch has them.
+    pub fn contour_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<Option<candle_core::Tensor>> {
+        self.contour
+            .as_ref()
+            .map(|c| to_tensor(c, device))
+            .transpose()
+    }
+
+    /// The voxel weights as an f32 tensor `(N, D, H, W)` on `device`, if the batch has them.
+    pub fn weights_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<Option<candle_core::Tensor>> {
+        self.weights
+            .as_ref()
+            .map(|w| to_tensor(w, device))
+            .transpose()
+    }
+}
+
+#[cfg(feature = "candle")]
+fn to_tensor<T: candle_core::WithDType, D: Dimension>(
+    a: &ndarray::Array<T, D>,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    Ok(candle_core::Tensor::from_slice(
+        a.as_standard_layout().as_slice().unwrap_or(&[]),
+        a.shape(),
+        device,
+    )?)
 }
 
 /// What the loader draws.
@@ -61,6 +100,9 @@ pub struct LoaderConfig {
     pub sampler: SamplerConfig,
     /// Augmentation.
     pub augment: AugmentConfig,
+    /// The maps made with each patch.
+    #[serde(skip)]
+    pub maps: PatchMaps,
 }
 
 impl Default for LoaderConfig {
@@ -72,6 +114,7 @@ impl Default for LoaderConfig {
             prefetch: 2,
             sampler: SamplerConfig::default(),
             augment: AugmentConfig::default(),
+            maps: PatchMaps::default(),
         }
     }
 }
@@ -86,8 +129,8 @@ fn batch_seed(seed: u64, epoch: u64, batch: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Draws batch `batch` of `epoch`: each patch from a uniformly chosen volume, sampled and
-/// augmented with the batch's own random stream.
+/// Draws batch `batch` of `epoch`: each patch from a uniformly chosen volume, sampled,
+/// augmented and given its maps with the batch's own random stream.
 pub fn draw_batch(
     volumes: &[SamplingVolume],
     config: &LoaderConfig,
@@ -101,21 +144,38 @@ pub fn draw_batch(
         ));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(batch_seed(seed, epoch, batch));
-    let mut images = Vec::with_capacity(config.batch_size);
-    let mut labels = Vec::with_capacity(config.batch_size);
-    for _ in 0..config.batch_size {
-        let volume = &volumes[rng.random_range(0..volumes.len())];
-        let (mut image, mut label) = volume.sample(&config.sampler, &mut rng);
-        augment(&mut image, &mut label, &config.augment, &mut rng);
-        images.push(image);
-        labels.push(label);
-    }
-    let image_views: Vec<_> = images.iter().map(|a| a.view()).collect();
-    let label_views: Vec<_> = labels.iter().map(|a| a.view()).collect();
+    let patches = (0..config.batch_size)
+        .map(|_| {
+            let volume = &volumes[rng.random_range(0..volumes.len())];
+            volume.sample_patch(&config.sampler, &config.augment, &config.maps, &mut rng)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let contour = stack_all(patches.iter().map(|p| p.contour.as_ref()))?;
+    let weights = stack_all(patches.iter().map(|p| p.weights.as_ref()))?;
     Ok(Batch {
-        image: stack(Axis(0), &image_views).map_err(|e| DataError::Invalid(e.to_string()))?,
-        label: stack(Axis(0), &label_views).map_err(|e| DataError::Invalid(e.to_string()))?,
+        image: stack_views(patches.iter().map(|p| p.image.view()))?,
+        label: stack_views(patches.iter().map(|p| p.label.view()))?,
+        contour,
+        weights,
     })
+}
+
+fn stack_views<'a, T: Clone + 'a, D: Dimension + 'a>(
+    views: impl Iterator<Item = ArrayView<'a, T, D>>,
+) -> Result<ndarray::Array<T, D::Larger>> {
+    let views: Vec<_> = views.collect();
+    stack(Axis(0), &views).map_err(|e| DataError::Invalid(e.to_string()))
+}
+
+/// The maps of every patch stacked, or `None` when the patches have none.
+fn stack_all<'a, T: Clone + 'a>(
+    maps: impl Iterator<Item = Option<&'a Array3<T>>>,
+) -> Result<Option<Array4<T>>> {
+    let maps: Option<Vec<&Array3<T>>> = maps.collect();
+    match maps {
+        Some(m) if !m.is_empty() => Ok(Some(stack_views(m.into_iter().map(|a| a.view()))?)),
+        _ => Ok(None),
+    }
 }
 
 /// The batches of one epoch, produced by background threads. Dropping it stops the workers.

@@ -1,10 +1,13 @@
 //! Patch sampling: random crops centred on foreground with a given positive/negative ratio
-//! (MONAI's `RandCropByPosNegLabel`), optionally class-balanced so rare classes are seen.
+//! (MONAI's `RandCropByPosNegLabel`), optionally class-balanced so rare classes are seen; the
+//! maps a loss needs, made so that each patch's map is the whole volume's map cropped (SPEC §1).
 
+use cwseg_morphology::{ContourSpec, contour_map};
 use ndarray::{Array3, Array4, s};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::augment::{AugmentConfig, Augmentation};
 use crate::crop::{pad_or_crop, pad_or_crop_channels};
 use crate::error::{DataError, Result};
 
@@ -40,7 +43,41 @@ impl Default for SamplerConfig {
 pub struct SamplingVolume {
     image: Array4<f32>,
     label: Array3<u8>,
+    weights: Option<Array3<f32>>,
     classes: Vec<Vec<u32>>,
+}
+
+/// The maps made for every patch (SPEC §1, "training on patches").
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PatchMaps {
+    /// The contour map under these settings: computed on the patch widened by the element's
+    /// reach ([`cwseg_morphology::ErosionSpec::reach`]) on every side, clipped at the volume's
+    /// edges, after augmentation, then cropped; without rotation or zoom it equals the whole
+    /// volume's map cropped, bit for bit. `None`: no contour map.
+    pub contour: Option<ContourSpec>,
+}
+
+/// One training patch: image `[c, z, y, x]`, labels `[z, y, x]` and the maps asked for.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// The image.
+    pub image: Array4<f32>,
+    /// The class indices.
+    pub label: Array3<u8>,
+    /// The contour map (1 = contour), when [`PatchMaps::contour`] asks for it.
+    pub contour: Option<Array3<u8>>,
+    /// The whole volume's voxel weights cropped, when the volume has them
+    /// ([`SamplingVolume::with_weights`]).
+    pub weights: Option<Array3<f32>>,
+}
+
+/// A crop widened by a halo, and where the crop lies inside it.
+struct Widened {
+    image: Array4<f32>,
+    label: Array3<u8>,
+    weights: Option<Array3<f32>>,
+    /// Start of the crop inside the widened arrays, `[z, y, x]`.
+    inner: [usize; 3],
 }
 
 impl SamplingVolume {
@@ -78,8 +115,30 @@ impl SamplingVolume {
         Ok(SamplingVolume {
             image,
             label,
+            weights: None,
             classes,
         })
+    }
+
+    /// Adds voxel weights computed on the whole volume (DWCE's distance maps reach further
+    /// than any halo); each patch carries them cropped. `weights` has the shape of the labels
+    /// given to [`SamplingVolume::new`] and is padded the same way.
+    pub fn with_weights(mut self, weights: Array3<f32>) -> Result<Self> {
+        let (_, z, y, x) = self.image.dim();
+        let weights = if weights.dim() == (z, y, x) {
+            weights
+        } else {
+            let w = weights.shape();
+            if (0..3).any(|a| w[a] > [z, y, x][a]) {
+                return Err(DataError::Invalid(format!(
+                    "weight map of shape {w:?} does not fit the volume's {:?}",
+                    [z, y, x]
+                )));
+            }
+            pad_or_crop(weights.view(), [z, y, x], 0.0)
+        };
+        self.weights = Some(weights);
+        Ok(self)
     }
 
     /// The image.
@@ -92,15 +151,10 @@ impl SamplingVolume {
         &self.label
     }
 
-    /// Draws one patch of `config.size` (padded with zeros where the volume is smaller).
-    pub fn sample<R: Rng>(&self, config: &SamplerConfig, rng: &mut R) -> (Array4<f32>, Array3<u8>) {
+    /// Draws the start `[z, y, x]` of a patch of `config.size` (which fits: the volume was
+    /// padded to the patch size).
+    pub fn draw_start<R: Rng>(&self, config: &SamplerConfig, rng: &mut R) -> [usize; 3] {
         let (_, nz, ny, nx) = self.image.dim();
-        if config.size[0] > nz || config.size[1] > ny || config.size[2] > nx {
-            return (
-                pad_or_crop_channels(self.image.view(), config.size, 0.0),
-                pad_or_crop(self.label.view(), config.size, 0),
-            );
-        }
         let present: Vec<&Vec<u32>> = self.classes.iter().filter(|v| !v.is_empty()).collect();
         let total = config.positive.max(0.0) + config.negative.max(0.0);
         let positive = !present.is_empty()
@@ -132,19 +186,120 @@ impl SamplingVolume {
             ]
         };
         let n = [nz, ny, nx];
-        let start: [usize; 3] = std::array::from_fn(|a| {
+        std::array::from_fn(|a| {
             centre[a]
                 .saturating_sub(config.size[a] / 2)
-                .min(n[a] - config.size[a])
-        });
-        let end: [usize; 3] = std::array::from_fn(|a| start[a] + config.size[a]);
-        (
-            self.image
-                .slice(s![.., start[0]..end[0], start[1]..end[1], start[2]..end[2]])
+                .min(n[a].saturating_sub(config.size[a]))
+        })
+    }
+
+    /// Draws one patch of `config.size` (padded with zeros where the volume is smaller).
+    pub fn sample<R: Rng>(&self, config: &SamplerConfig, rng: &mut R) -> (Array4<f32>, Array3<u8>) {
+        if !self.fits(config.size) {
+            return (
+                pad_or_crop_channels(self.image.view(), config.size, 0.0),
+                pad_or_crop(self.label.view(), config.size, 0),
+            );
+        }
+        let start = self.draw_start(config, rng);
+        let w = self.widened(start, config.size, 0);
+        (w.image, w.label)
+    }
+
+    /// Draws one patch with its maps: the patch is cut with a halo of the contour element's
+    /// reach, augmented (rotation and zoom about the patch's own centre), its contour map made,
+    /// then cropped. The random draws are those of [`SamplingVolume::sample`] followed by
+    /// [`crate::augment`]'s, so a seed gives the same patches with or without maps.
+    pub fn sample_patch<R: Rng>(
+        &self,
+        config: &SamplerConfig,
+        augment: &AugmentConfig,
+        maps: &PatchMaps,
+        rng: &mut R,
+    ) -> Result<Patch> {
+        if !self.fits(config.size) {
+            return Err(DataError::Invalid(format!(
+                "patch {:?} is larger than the volume {:?} it is drawn from",
+                config.size,
+                &self.image.shape()[1..]
+            )));
+        }
+        let start = self.draw_start(config, rng);
+        let augmentation = Augmentation::draw(augment, self.image.dim().0, rng);
+        self.patch_at(start, config.size, &augmentation, maps)
+    }
+
+    /// The patch of `size` at `start`, augmented by `augmentation`, with `maps`.
+    pub fn patch_at(
+        &self,
+        start: [usize; 3],
+        size: [usize; 3],
+        augmentation: &Augmentation,
+        maps: &PatchMaps,
+    ) -> Result<Patch> {
+        let (_, nz, ny, nx) = self.image.dim();
+        if (0..3).any(|a| start[a] + size[a] > [nz, ny, nx][a]) {
+            return Err(DataError::Invalid(format!(
+                "patch {size:?} at {start:?} leaves the volume {:?}",
+                [nz, ny, nx]
+            )));
+        }
+        let halo = maps.contour.map_or(0, |c| c.erosion.reach());
+        let mut w = self.widened(start, size, halo);
+        let centre = [
+            w.inner[1] as f64 + (size[1] as f64 - 1.0) / 2.0,
+            w.inner[2] as f64 + (size[2] as f64 - 1.0) / 2.0,
+        ];
+        {
+            let mut travelling: Vec<&mut Array3<f32>> = w.weights.iter_mut().collect();
+            augmentation.apply(&mut w.image, &mut w.label, &mut travelling, centre);
+        }
+        if let Some(axis) = augmentation.flip {
+            // the crop's mirror image inside the reversed widened arrays
+            w.inner[axis] = w.label.shape()[axis] - w.inner[axis] - size[axis];
+        }
+        let contour = match &maps.contour {
+            Some(spec) => Some(
+                contour_map(w.label.view(), spec)?
+                    .into_union()
+                    .mapv(u8::from),
+            ),
+            None => None,
+        };
+        let [z, y, x] = w.inner;
+        let (z1, y1, x1) = (z + size[0], y + size[1], x + size[2]);
+        let crop3 = |a: &Array3<u8>| a.slice(s![z..z1, y..y1, x..x1]).to_owned();
+        Ok(Patch {
+            image: w.image.slice(s![.., z..z1, y..y1, x..x1]).to_owned(),
+            label: crop3(&w.label),
+            contour: contour.as_ref().map(crop3),
+            weights: w
+                .weights
+                .map(|m| m.slice(s![z..z1, y..y1, x..x1]).to_owned()),
+        })
+    }
+
+    fn fits(&self, size: [usize; 3]) -> bool {
+        let (_, nz, ny, nx) = self.image.dim();
+        size[0] <= nz && size[1] <= ny && size[2] <= nx
+    }
+
+    /// The crop `start .. start + size` widened by `halo` voxels per side, clipped at the
+    /// volume's edges.
+    fn widened(&self, start: [usize; 3], size: [usize; 3], halo: usize) -> Widened {
+        let (_, nz, ny, nx) = self.image.dim();
+        let n = [nz, ny, nx];
+        let lo: [usize; 3] = std::array::from_fn(|a| start[a].saturating_sub(halo));
+        let hi: [usize; 3] = std::array::from_fn(|a| (start[a] + size[a] + halo).min(n[a]));
+        let region = s![lo[0]..hi[0], lo[1]..hi[1], lo[2]..hi[2]];
+        Widened {
+            image: self
+                .image
+                .slice(s![.., lo[0]..hi[0], lo[1]..hi[1], lo[2]..hi[2]])
                 .to_owned(),
-            self.label
-                .slice(s![start[0]..end[0], start[1]..end[1], start[2]..end[2]])
-                .to_owned(),
-        )
+            label: self.label.slice(region).to_owned(),
+            weights: self.weights.as_ref().map(|w| w.slice(region).to_owned()),
+            inner: std::array::from_fn(|a| start[a] - lo[a]),
+        }
     }
 }

@@ -281,6 +281,7 @@ fn loader_batches_depend_only_on_the_seed() {
             ..SamplerConfig::default()
         },
         augment: AugmentConfig::extended(),
+        ..LoaderConfig::default()
     };
     let one: Vec<_> = EpochLoader::new(Arc::clone(&volumes), config(1), 9, 0)
         .map(|b| b.expect("batch"))

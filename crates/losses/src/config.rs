@@ -1,5 +1,6 @@
 //! Losses from configuration: `{"name": "cwcd", "lambda": 1.0, "preset": "paper"}`.
 
+use cwseg_morphology::DwceSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::compound::{Boundary, ContourWeightedDice, CrossEntropyDice, DiceFocal};
@@ -7,6 +8,7 @@ use crate::cross_entropy::{
     ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal,
 };
 use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
+use crate::target::ContourConfig;
 use crate::{Loss, LossError, Result};
 
 /// Every loss's configuration, tagged by its lower-case short name; omitted fields take the
@@ -53,6 +55,27 @@ impl LossConfig {
             loss: "config",
             what: e.to_string(),
         })
+    }
+
+    /// The contour settings of a loss that weights or splits voxels by contours (CWCE, SDL,
+    /// CWCD): what a data pipeline needs to make the contour maps itself
+    /// ([`crate::Target::with_edges`]).
+    pub fn contour(&self) -> Option<ContourConfig> {
+        match self {
+            LossConfig::Cwce(l) => Some(l.contour),
+            LossConfig::Sdl(l) => Some(l.contour),
+            LossConfig::Cwcd(l) => Some(l.contour),
+            _ => None,
+        }
+    }
+
+    /// The DWCE weight map's settings, for DWCE: what a data pipeline needs to make the
+    /// weights on whole volumes ([`crate::Target::with_dwce_weights`]).
+    pub fn dwce(&self) -> Option<DwceSpec> {
+        match self {
+            LossConfig::Dwce(l) => Some(l.spec()),
+            _ => None,
+        }
     }
 
     /// The loss.

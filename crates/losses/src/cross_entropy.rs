@@ -184,19 +184,25 @@ impl Default for DistanceWeightedCrossEntropy {
     }
 }
 
+impl DistanceWeightedCrossEntropy {
+    /// The weight map's settings (`cwseg_morphology::dwce_weight_map`).
+    pub fn spec(&self) -> DwceSpec {
+        DwceSpec {
+            w0: self.w0,
+            sigma: self.sigma,
+            class_balance: self.class_balance,
+            ..DwceSpec::default()
+        }
+    }
+}
+
 impl Loss for DistanceWeightedCrossEntropy {
     fn name(&self) -> &'static str {
         "dwce"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
         let r = Reductions::new(logits, target)?;
-        let spec = DwceSpec {
-            w0: self.w0,
-            sigma: self.sigma,
-            class_balance: self.class_balance,
-            ..DwceSpec::default()
-        };
-        let weights = target.dwce_weights(&r.labels, &spec, logits)?;
+        let weights = target.dwce_weights(&r.labels, &self.spec(), logits)?;
         Ok(r.nll_sums(&weights)?
             .sum_all()?
             .affine(1.0 / r.voxels() as f64, 0.0)?)

@@ -23,7 +23,7 @@ pub enum Aggregate {
 
 impl Aggregate {
     /// Whether a case with this status enters a class mean.
-    fn counts(self, status: Status) -> bool {
+    pub fn counts(self, status: Status) -> bool {
         match self {
             Aggregate::Paper => matches!(status, Status::Ok | Status::Spurious),
             Aggregate::Monai => matches!(status, Status::Ok | Status::Failure),

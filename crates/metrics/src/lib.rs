@@ -5,10 +5,15 @@ mod aggregate;
 mod case;
 mod classes;
 mod error;
+mod paired;
 mod report;
 
 pub use aggregate::{Aggregate, CaseSummary, ClassSummary, Means, Summary, summarize};
 pub use case::{CaseMetrics, ClassMetrics, Status, evaluate_case};
 pub use classes::ClassSet;
 pub use error::{MetricsError, Result};
+pub use paired::{
+    BOOTSTRAP_RESAMPLES, PairedDifference, bootstrap_mean_interval, paired_difference,
+    wilcoxon_signed_rank,
+};
 pub use report::{TableMetric, csv_report, json_report, markdown_table};

@@ -54,6 +54,18 @@ impl ErosionSpec {
         Self::default()
     }
 
+    /// How far along any axis the result at a voxel depends on its neighbours: `n·⌊k/2⌋`
+    /// voxels for `n` erosions by a cube of side `k` (the longer side of an even cube's
+    /// window), `n` for the cross. A crop widened by this halo on every side (and clipped at
+    /// the array's edges, where the border rule then applies as it does for the whole array)
+    /// has, inside the original crop, exactly the whole array's erosion, contour or contour map.
+    pub fn reach(&self) -> usize {
+        match self.element {
+            Element::Cube(k) => self.iterations * (k / 2),
+            Element::Cross => self.iterations,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         if let Element::Cube(0) = self.element {
             return Err(MorphologyError::CubeSide(0));
