@@ -983,14 +983,12 @@ fn committed_experiments_resolve() {
     assert!(runs.contains(&"unetr-cwcd-seed0 pending"));
 }
 
-/// A BraTS-layout experiment (labels 1/2/4, trained as classes 1/2/3) is scored on the stored
-/// labels: its WT/TC/ET equal `cwseg evaluate --regions brats` on the original seg files.
-#[test]
-fn brats_experiment_scores_the_stored_labels() {
+/// A BraTS-layout data set in `dir/brats` (cases `Case_A`..`Case_E`: four modalities and a seg
+/// with labels 1/2/4) and copies of the segs in `dir/segs`.
+fn write_tiny_brats(dir: &Path) -> (PathBuf, PathBuf) {
     use cwseg_data::{Geometry, LabelMap, write_label, write_volume};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("brats");
-    let segs = dir.path().join("segs");
+    let data = dir.join("brats");
+    let segs = dir.join("segs");
     std::fs::create_dir_all(&segs).expect("dir");
     let geometry = Geometry::new([16, 20, 20], [1.0; 3]);
     let ids = ["Case_A", "Case_B", "Case_C", "Case_D", "Case_E"];
@@ -1029,6 +1027,168 @@ fn brats_experiment_scores_the_stored_labels() {
         write_label(case.join(format!("{id}_seg.nii.gz")), &seg).expect("seg");
         write_label(segs.join(format!("{id}.nii.gz")), &seg).expect("seg copy");
     }
+    (data, segs)
+}
+
+/// Cross-validation: each fold's runs predict only their fold's test cases, a table pools the
+/// folds (equal to `cwseg evaluate` on the folds' predictions together), the paired comparison
+/// has one difference per case, and each run decided its post-processing on BraTS regions.
+#[test]
+fn cross_validation_pools_the_folds_and_compares_losses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, segs) = write_tiny_brats(dir.path());
+    let folds = [
+        r#"{"train": ["Case_D", "Case_E"], "val": ["Case_C"], "test": ["Case_A", "Case_B"]}"#,
+        r#"{"train": ["Case_A", "Case_B"], "val": ["Case_E"], "test": ["Case_C", "Case_D"]}"#,
+        r#"{"train": ["Case_B", "Case_C", "Case_D"], "val": ["Case_A"], "test": ["Case_E"]}"#,
+    ];
+    let mut fold_files = Vec::new();
+    for (i, fold) in folds.iter().enumerate() {
+        let path = dir.path().join(format!("fold{i}.json"));
+        std::fs::write(&path, fold).expect("fold");
+        fold_files.push(format!("\"{}\"", path.display()));
+    }
+    let config = dir.path().join("cv.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "tiny-cv"
+regions = "brats"
+folds = [{}]
+[[table]]
+name = "t"
+networks = ["unet"]
+losses = ["cedl", "cwcd"]
+seeds = [0]
+[[comparison]]
+name = "cwcd-vs-cedl"
+network = "unet"
+a = "cedl"
+b = "cwcd"
+seeds = [0]
+[networks.unet]
+name = "unet"
+filters = 4
+depth = 2
+[losses.cwcd]
+name = "cwcd"
+contour = {{ iterations = 1 }}
+[train]
+patch = [16, 16, 16]
+batch_size = 2
+epochs = 2
+batches_per_epoch = 3
+[train.data]
+source = "{}"
+format = "brats"
+"#,
+            fold_files.join(", "),
+            data.display()
+        ),
+    )
+    .expect("config");
+    let out = dir.path().join("exp");
+    let args = [
+        "experiment",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    let listed = ok(&[&args[..], &["--list"]].concat());
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+    assert!(listed.starts_with("unet-cedl-fold0-seed0 pending\nunet-cwcd-fold0-seed0 pending\n"));
+    let report = ok(&[&args[..], &["--quiet"]].concat());
+    assert!(report.contains("3-fold cross-validation"), "{report}");
+    // every fold predicts its own test cases only; together, each case once
+    let pooled = dir.path().join("pooled");
+    std::fs::create_dir_all(&pooled).expect("dir");
+    for (fold, tests) in [
+        (0, &["Case_A", "Case_B"][..]),
+        (1, &["Case_C", "Case_D"]),
+        (2, &["Case_E"]),
+    ] {
+        let run = out.join(format!("runs/unet-cedl-fold{fold}-seed0"));
+        let predicted: Vec<String> = std::fs::read_dir(run.join("predictions"))
+            .expect("predictions")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(predicted.len(), tests.len(), "fold {fold}: {predicted:?}");
+        for id in tests {
+            std::fs::copy(
+                run.join(format!("predictions/{id}.nii.gz")),
+                pooled.join(format!("{id}.nii.gz")),
+            )
+            .expect("copy");
+        }
+        let card: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("best/config.json")).expect("card"),
+        )
+        .expect("json");
+        assert_eq!(card["contour_maps"], "volume");
+        assert_eq!(
+            card["postprocessing"]["scored"],
+            serde_json::json!(["WT", "TC", "ET"]),
+            "fold {fold}: {card}"
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        pooled.to_str().expect("utf-8"),
+        "--label",
+        segs.to_str().expect("utf-8"),
+        "--regions",
+        "brats",
+        "--aggregate",
+        "monai",
+        "--json",
+    ]))
+    .expect("json");
+    let csv = std::fs::read_to_string(out.join("t.csv")).expect("csv");
+    for region in ["WT", "TC", "ET"] {
+        let table: f64 = csv
+            .lines()
+            .find(|l| l.starts_with(&format!("t,unet,cedl,1,dsc_monai,{region},")))
+            .expect("row")
+            .split(',')
+            .nth(6)
+            .expect("mean")
+            .parse()
+            .expect("number");
+        let evaluated = json["mean"][region]["dice"].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (table - evaluated).abs() < 1e-9 || (table.is_nan() && evaluated.is_nan()),
+            "{region}: table {table}, evaluate {evaluated}"
+        );
+    }
+    // the comparison pairs the 5 cases (MONAI's rule keeps every case with the region)
+    let comparison = std::fs::read_to_string(out.join("cwcd-vs-cedl.md")).expect("comparison");
+    assert!(
+        comparison.contains("| pooled | DSC (MONAI) | WT | 5 |"),
+        "{comparison}"
+    );
+    assert!(
+        comparison.contains("| fold 2 | DSC (MONAI) | WT | 1 |"),
+        "{comparison}"
+    );
+    let per_case = std::fs::read_to_string(out.join("cwcd-vs-cedl.csv")).expect("csv");
+    assert_eq!(
+        per_case
+            .lines()
+            .filter(|l| l.starts_with("cwcd-vs-cedl,pooled,DSC (MONAI),WT,"))
+            .count(),
+        5
+    );
+}
+
+/// A BraTS-layout experiment (labels 1/2/4, trained as classes 1/2/3) is scored on the stored
+/// labels: its WT/TC/ET equal `cwseg evaluate --regions brats` on the original seg files.
+#[test]
+fn brats_experiment_scores_the_stored_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, segs) = write_tiny_brats(dir.path());
     let split = dir.path().join("split.json");
     std::fs::write(
         &split,
