@@ -459,6 +459,36 @@ fn model_card(
     );
     let _ = writeln!(
         s,
+        "- training contour maps: {}",
+        match card.contour_maps {
+            crate::train::ContourMaps::Volume => "the whole volume's map cropped with each patch",
+            crate::train::ContourMaps::Patch => "each patch's own map (v1)",
+        }
+    );
+    let _ = writeln!(
+        s,
+        "- post-processing: {}",
+        match &card.postprocessing {
+            None => "none".to_string(),
+            Some(p) if p.keep_largest.is_empty() => format!(
+                "none kept (decided on the validation cases: mean DSC {:.4})",
+                p.validation_dice_before
+            ),
+            Some(p) => format!(
+                "largest connected component of {} (validation mean DSC over {} {:.4} → {:.4})",
+                p.keep_largest
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.scored.join("/"),
+                p.validation_dice_before,
+                p.validation_dice_after
+            ),
+        }
+    );
+    let _ = writeln!(
+        s,
         "- inference window {:?} (z, y, x), overlap {}\n",
         card.patch, card.overlap
     );
