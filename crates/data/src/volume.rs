@@ -218,6 +218,55 @@ fn read_checked_header(path: &Path, options: &ReadOptions) -> Result<NiftiHeader
     Ok(header)
 }
 
+/// The voxels of a single-file NIfTI-1 (`.nii`, `.nii.gz`), read from `vox_offset` as the
+/// standard says (whatever lies between the header and `vox_offset`: extensions or padding),
+/// never past it: a `vox_offset` below 352 or data that ends before the header's dimensions do
+/// are errors naming the file.
+fn read_single_file_volume(path: &Path, header: &NiftiHeader) -> Result<nifti::InMemNiftiVolume> {
+    use std::io::Read;
+    let offset = header.vox_offset as u64;
+    if header.vox_offset < 352.0 || header.vox_offset.fract() != 0.0 {
+        return Err(DataError::nifti(
+            path,
+            format!(
+                "vox_offset {} is not a byte offset at or after the 352-byte header",
+                header.vox_offset
+            ),
+        ));
+    }
+    let datatype = header
+        .data_type()
+        .map_err(|e| DataError::nifti(path, e.to_string()))?;
+    let rank = header.dim[0] as usize;
+    let voxels: u64 = header.dim[1..=rank].iter().map(|&d| d as u64).product();
+    let data_bytes = voxels * datatype.size_of() as u64;
+    let file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let gz = fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b];
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut reader = reader.take(offset + data_bytes);
+    std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
+        .map_err(|e| DataError::io(path, e))?;
+    let volume =
+        nifti::InMemNiftiVolume::from_reader(&mut reader, header).map_err(|e| match e {
+            nifti::NiftiError::IncompatibleLength(got, want) => DataError::nifti(
+                path,
+                format!(
+                    "the data ends after {got} of the {want} bytes the header's dimensions need (from vox_offset {offset})"
+                ),
+            ),
+            other => nifti_error(path, other),
+        })?;
+    Ok(volume)
+}
+
 fn nifti_error(path: &Path, e: nifti::NiftiError) -> DataError {
     match e {
         nifti::NiftiError::Io(io) => DataError::io(path, io),
@@ -229,13 +278,19 @@ fn nifti_error(path: &Path, e: nifti::NiftiError) -> DataError {
 fn read_f32(path: &Path, options: &ReadOptions) -> Result<(Array4<f32>, Geometry)> {
     let header = read_checked_header(path, options)?;
     let affine = header_affine(&header).map_err(|m| DataError::nifti(path, m))?;
-    let object = ReaderOptions::new()
-        .read_file(path)
-        .map_err(|e| nifti_error(path, e))?;
-    let data: ArrayD<f32> = object
-        .into_volume()
-        .into_ndarray::<f32>()
-        .map_err(|e| nifti_error(path, e))?;
+    let data: ArrayD<f32> = if &header.magic == b"n+1\0" {
+        read_single_file_volume(path, &header)?
+            .into_ndarray::<f32>()
+            .map_err(|e| nifti_error(path, e))?
+    } else {
+        // a header/image pair: the image file holds the voxels from its start
+        ReaderOptions::new()
+            .read_file(path)
+            .map_err(|e| nifti_error(path, e))?
+            .into_volume()
+            .into_ndarray::<f32>()
+            .map_err(|e| nifti_error(path, e))?
+    };
     // [x, y, z(, c)] -> [(c,) z, y, x]
     let mut data = data.reversed_axes();
     while data.ndim() < 4 {

@@ -132,6 +132,50 @@ fn bad_files_give_errors_naming_the_file() {
     assert!(err.to_string().contains("channels"), "{err}");
 }
 
+/// The voxels start at `vox_offset`, as nibabel reads them: padding or an extension between the
+/// header and the data is skipped (it once shifted the data); an offset inside the header or
+/// past the end is an error naming the file.
+#[test]
+fn data_are_read_from_vox_offset() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = std::fs::read(fixture("no_xform.nii")).expect("fixture");
+    assert_eq!(
+        f32::from_le_bytes(raw[108..112].try_into().expect("4 bytes")),
+        352.0
+    );
+    let reference = read_image(fixture("no_xform.nii"), &ReadOptions::default()).expect("read");
+    let mut padded = raw[..352].to_vec();
+    padded[108..112].copy_from_slice(&368f32.to_le_bytes());
+    padded.extend_from_slice(&[0xab; 16]);
+    padded.extend_from_slice(&raw[352..]);
+    let plain = dir.path().join("padded.nii");
+    std::fs::write(&plain, &padded).expect("write");
+    let gz = dir.path().join("padded.nii.gz");
+    let mut encoder = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).expect("create"),
+        Default::default(),
+    );
+    encoder.write_all(&padded).expect("compress");
+    encoder.finish().expect("finish");
+    for path in [&plain, &gz] {
+        let read = read_image(path, &ReadOptions::default()).expect("padded file");
+        assert_eq!(read.data, reference.data, "{}", path.display());
+    }
+    let mut past_end = raw.clone();
+    past_end[108..112].copy_from_slice(&((raw.len() + 64) as f32).to_le_bytes());
+    let past = dir.path().join("past_end.nii");
+    std::fs::write(&past, &past_end).expect("write");
+    let message = expect_error(&past, &ReadOptions::default());
+    assert!(message.contains("vox_offset"), "{message}");
+    let mut inside = raw.clone();
+    inside[108..112].copy_from_slice(&100f32.to_le_bytes());
+    let inside_header = dir.path().join("inside_header.nii");
+    std::fs::write(&inside_header, &inside).expect("write");
+    let message = expect_error(&inside_header, &ReadOptions::default());
+    assert!(message.contains("vox_offset 100"), "{message}");
+}
+
 #[test]
 fn a_failed_write_keeps_the_old_file() {
     let dir = tempfile::tempdir().expect("tempdir");
