@@ -460,6 +460,10 @@ pub struct EvaluateArgs {
     /// Also write per-case rows as CSV.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Label values to score besides those found in the predictions and labels (comma
+    /// separated; default: the `labels` of a `dataset.json` beside or above the label folder).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<u8>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -474,7 +478,90 @@ enum RegionsArg {
     Brats,
 }
 
+/// Largest difference of affine entries (mm) between a prediction and its label that still
+/// counts as the same grid.
+const GRID_TOLERANCE_MM: f64 = 1e-3;
+
+/// Refuses a prediction whose grid (shape, spacing, origin, axis directions) differs from its
+/// label's: voxel-wise metrics would compare different places.
+fn check_same_grid(
+    pred: &Path,
+    pred_grid: &cwseg_data::Geometry,
+    label: &Path,
+    label_grid: &cwseg_data::Geometry,
+) -> Result<()> {
+    if pred_grid.shape() != label_grid.shape() {
+        bail!(
+            "{}: shape {:?} differs from the label {} {:?}",
+            pred.display(),
+            pred_grid.shape(),
+            label.display(),
+            label_grid.shape()
+        );
+    }
+    let (a, b) = (pred_grid.affine(), label_grid.affine());
+    let largest = (0..3)
+        .flat_map(|r| (0..4).map(move |c| (r, c)))
+        .map(|(r, c)| (a[r][c] - b[r][c]).abs())
+        .fold(0.0f64, f64::max);
+    if largest > GRID_TOLERANCE_MM || largest.is_nan() {
+        let origin = |m: &cwseg_data::volume::Affine| [m[0][3], m[1][3], m[2][3]];
+        bail!(
+            "{}: its grid differs from the label {}'s (orientation {} vs {}, origin {:?} vs {:?} mm, spacing {:?} vs {:?} mm, largest affine difference {largest:.4}); resample or reorient the prediction onto the label's grid",
+            pred.display(),
+            label.display(),
+            pred_grid.orientation().iter().collect::<String>(),
+            label_grid.orientation().iter().collect::<String>(),
+            origin(a),
+            origin(b),
+            pred_grid.spacing(),
+            label_grid.spacing()
+        );
+    }
+    Ok(())
+}
+
+/// The foreground label values of the `dataset.json` (MSD `{"0": "background", ...}` or
+/// nnU-Net v2 `{"background": 0, ...}`) in the label folder or its parent, if there is one.
+fn dataset_json_labels(label: &Path) -> Result<BTreeSet<u8>> {
+    let folder = if label.is_dir() {
+        label
+    } else {
+        label.parent().unwrap_or(label)
+    };
+    let Some(path) = [folder.join("dataset.json")]
+        .into_iter()
+        .chain(folder.parent().map(|p| p.join("dataset.json")))
+        .find(|p| p.is_file())
+    else {
+        return Ok(BTreeSet::new());
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let mut values = BTreeSet::new();
+    if let Some(labels) = json["labels"].as_object() {
+        for (key, value) in labels {
+            let v = key
+                .parse::<u64>()
+                .ok()
+                .or_else(|| value.as_u64())
+                .filter(|&v| v <= 255);
+            if let Some(v) = v.filter(|&v| v != 0) {
+                values.insert(v as u8);
+            }
+        }
+    }
+    Ok(values)
+}
+
 fn pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    for (flag, path) in [("--pred", pred), ("--label", label)] {
+        if !path.exists() {
+            bail!("{flag} {}: no such file or folder", path.display());
+        }
+    }
     if pred.is_file() && label.is_file() {
         return Ok(vec![(
             nii_stem(label),
@@ -517,35 +604,36 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
         AggregateArg::Monai => Aggregate::Monai,
         AggregateArg::Nnunet => Aggregate::Nnunet,
     };
-    let mut runs = Vec::new();
-    for (r, pred) in args.pred.iter().enumerate() {
-        let pairs = pairs(pred, &args.label)?;
+    // every class of the predictions ∪ labels ∪ the class list: false positives count
+    let mut present: BTreeSet<u8> = args.classes.iter().copied().filter(|&v| v != 0).collect();
+    if args.classes.is_empty() {
+        present.extend(dataset_json_labels(&args.label)?);
+    }
+    let mut loaded_runs = Vec::new();
+    for pred in &args.pred {
         let mut loaded = Vec::new();
-        let mut present = BTreeSet::new();
-        for (case, p, l) in &pairs {
-            let label = read_label(l, &ReadOptions::default())?;
-            let prediction = read_label(p, &ReadOptions::default())?;
-            if prediction.geometry.shape() != label.geometry.shape() {
-                bail!(
-                    "{}: shape {:?} differs from the label {} {:?}",
-                    p.display(),
-                    prediction.geometry.shape(),
-                    l.display(),
-                    label.geometry.shape()
-                );
+        for (case, p, l) in pairs(pred, &args.label)? {
+            let label = read_label(&l, &ReadOptions::default())?;
+            let prediction = read_label(&p, &ReadOptions::default())?;
+            check_same_grid(&p, &prediction.geometry, &l, &label.geometry)?;
+            for v in label.data.iter().chain(prediction.data.iter()) {
+                if *v != 0 {
+                    present.insert(*v);
+                }
             }
-            label.data.iter().filter(|&&v| v != 0).for_each(|&v| {
-                present.insert(v);
-            });
-            loaded.push((case.clone(), prediction, label));
+            loaded.push((case, prediction, label));
         }
-        let mut classes = match args.regions {
-            Some(RegionsArg::Brats) => ClassSet::brats(),
-            None => present.iter().map(|&v| ClassSet::label(v as i64)).collect(),
-        };
-        classes
-            .iter_mut()
-            .for_each(|c| c.nsd_tolerance_mm = args.tolerance);
+        loaded_runs.push(loaded);
+    }
+    let mut classes = match args.regions {
+        Some(RegionsArg::Brats) => ClassSet::brats(),
+        None => present.iter().map(|&v| ClassSet::label(v as i64)).collect(),
+    };
+    classes
+        .iter_mut()
+        .for_each(|c| c.nsd_tolerance_mm = args.tolerance);
+    let mut runs = Vec::new();
+    for (r, (pred, loaded)) in args.pred.iter().zip(&loaded_runs).enumerate() {
         let cases = loaded
             .iter()
             .map(|(case, p, l)| {

@@ -337,6 +337,69 @@ fn evaluate_gives_known_numbers() {
         l.to_str().expect("utf-8"),
     ]);
     assert!(err.contains("both be files or both folders"), "{err}");
+    let missing = dir.path().join("missing.nii.gz");
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        missing.to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("--pred") && err.contains("no such file"),
+        "{err}"
+    );
+
+    // a class only in the prediction is scored (a false positive), and `--classes` adds one
+    // that is in neither
+    let mut spurious = pred.clone();
+    spurious.slice_mut(ndarray::s![7..9, 7..9, 7..9]).fill(5);
+    let s = dir.path().join("spurious.nii.gz");
+    cwseg_data::write_volume(&s, &spurious, &geometry).expect("write");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "evaluate",
+        "--pred",
+        s.to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+        "--aggregate",
+        "nnunet",
+        "--classes",
+        "1,7",
+        "--json",
+    ]))
+    .expect("json");
+    let classes = &json["cases"][0]["classes"];
+    assert_eq!(classes["5"]["status"], "spurious", "{json}");
+    assert_eq!(classes["5"]["dice"].as_f64(), Some(0.0), "{json}");
+    assert_eq!(classes["7"]["status"], "empty", "{json}");
+    assert_eq!(json["mean"]["5"]["dice"].as_f64(), Some(0.0), "{json}");
+
+    // the same anatomy stored flipped (x reversed, affine x = −1) is refused, naming both files
+    let mut affine = *geometry.affine();
+    affine[0][0] = -1.0;
+    affine[0][3] = 9.0;
+    let flipped_geometry = cwseg_data::Geometry::with_affine([10, 10, 10], affine);
+    let mut flipped = label.clone();
+    flipped.invert_axis(ndarray::Axis(2));
+    let f = dir.path().join("flipped.nii.gz");
+    cwseg_data::write_volume(
+        &f,
+        &flipped.as_standard_layout().to_owned(),
+        &flipped_geometry,
+    )
+    .expect("write");
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        f.to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("flipped.nii.gz") && err.contains("l.nii.gz") && err.contains("orientation"),
+        "{err}"
+    );
 }
 
 #[test]
