@@ -1,6 +1,6 @@
 //! The commands other than `demo`: thin layers over the crates.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -243,7 +243,17 @@ fn nii_stem(path: &Path) -> String {
         .to_string()
 }
 
-/// The cases of a predict input: `(id, image files)`.
+/// Splits an nnU-Net channel file name `CASE_XXXX` into `(CASE, XXXX)`.
+fn channel_suffix(stem: &str) -> Option<(&str, usize)> {
+    let (id, digits) = stem.rsplit_once('_')?;
+    (digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty())
+        .then(|| (id, digits.parse().unwrap_or_default()))
+}
+
+/// The cases of a predict input: `(id, image files)`. A folder holds nnU-Net channel files
+/// (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, … one per input channel of the model), plain
+/// files (`CASE.nii.gz`, all channels in one file), or BraTS case folders; every file is a case
+/// or a channel of one, never skipped.
 fn predict_inputs(input: &Path, modalities: usize) -> Result<Vec<(String, Vec<PathBuf>)>> {
     if input.is_file() {
         return Ok(vec![(nii_stem(input), vec![input.to_path_buf()])]);
@@ -256,11 +266,11 @@ fn predict_inputs(input: &Path, modalities: usize) -> Result<Vec<(String, Vec<Pa
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort();
-    if files.iter().any(|p| p.is_dir())
-        && !files
-            .iter()
-            .any(|p| p.to_string_lossy().ends_with(".nii.gz"))
-    {
+    let is_nifti = |p: &PathBuf| {
+        let s = p.to_string_lossy();
+        p.is_file() && (s.ends_with(".nii.gz") || s.ends_with(".nii"))
+    };
+    if files.iter().any(|p| p.is_dir()) && !files.iter().any(is_nifti) {
         let dataset = Dataset::brats(input)?;
         return Ok(dataset
             .training
@@ -268,46 +278,71 @@ fn predict_inputs(input: &Path, modalities: usize) -> Result<Vec<(String, Vec<Pa
             .map(|c| (c.id, c.images))
             .collect());
     }
-    let images: Vec<PathBuf> = files
-        .into_iter()
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            s.ends_with(".nii.gz") || s.ends_with(".nii")
-        })
-        .collect();
+    let images: Vec<PathBuf> = files.into_iter().filter(is_nifti).collect();
     if images.is_empty() {
         bail!("{}: no NIfTI files", input.display());
     }
-    let grouped: Vec<(String, Vec<PathBuf>)> = images
-        .iter()
-        .filter_map(|p| {
-            nii_stem(p)
-                .strip_suffix("_0000")
-                .map(|id| (id.to_string(), p.clone()))
-        })
-        .map(|(id, first)| {
-            let files = (0..modalities)
-                .map(|c| {
-                    first.with_file_name(format!(
-                        "{id}_{c:04}{}",
-                        if first.to_string_lossy().ends_with(".gz") {
-                            ".nii.gz"
-                        } else {
-                            ".nii"
-                        }
-                    ))
-                })
-                .collect();
-            (id, files)
-        })
-        .collect();
-    if !grouped.is_empty() {
-        return Ok(grouped);
+    let mut channels: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
+    let mut plain: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for path in images {
+        let stem = nii_stem(&path);
+        match channel_suffix(&stem) {
+            Some((id, c)) => {
+                channels.entry(id.to_string()).or_default().insert(c, path);
+            }
+            None => {
+                plain.insert(stem, path);
+            }
+        }
     }
-    Ok(images
-        .into_iter()
-        .map(|p| (nii_stem(&p), vec![p]))
-        .collect())
+    let mut cases = Vec::new();
+    for (id, files) in channels {
+        if let Some(other) = plain.get(&id) {
+            bail!(
+                "{}: case {id} is both a file of its own and channel files {id}_XXXX; keep one",
+                other.display()
+            );
+        }
+        let numbers: Vec<usize> = files.keys().copied().collect();
+        if numbers != (0..modalities).collect::<Vec<_>>() {
+            let list = numbers
+                .iter()
+                .map(|c| format!("{id}_{c:04}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            bail!(
+                "{}: case {id} has channel files {list}, the model takes {modalities} channel(s) ({id}_0000 to {id}_{:04}); name a single-channel case without the _XXXX suffix or as CASE_0000",
+                input.display(),
+                modalities.saturating_sub(1)
+            );
+        }
+        cases.push((id, files.into_values().collect()));
+    }
+    cases.extend(plain.into_iter().map(|(id, p)| (id, vec![p])));
+    cases.sort();
+    Ok(cases)
+}
+
+/// Whether two paths name the same existing file or folder.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Refuses an output that would overwrite one of the inputs.
+fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
+    for input in inputs {
+        if same_path(output, input) {
+            bail!(
+                "{flag} {} is the input {}: it would be overwritten; choose another output",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
@@ -328,12 +363,35 @@ fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> R
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let model = crate::hub::model_path(&args.model)?;
+    refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
     let inputs = predict_inputs(&args.input, card.modalities.len())?;
     let single = args.input.is_file();
-    if !single {
+    if single {
+        if args.output.is_dir() {
+            bail!(
+                "--output {} is a folder; one input file gives one output file",
+                args.output.display()
+            );
+        }
+    } else {
+        if args.output.is_file() {
+            bail!(
+                "--output {} is a file; a folder of inputs needs an output folder",
+                args.output.display()
+            );
+        }
         std::fs::create_dir_all(&args.output)
             .with_context(|| format!("creating {}", args.output.display()))?;
+    }
+    for (id, files) in &inputs {
+        let out = if single {
+            args.output.clone()
+        } else {
+            args.output.join(format!("{id}.nii.gz"))
+        };
+        let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        refuse_overwriting("--output", &out, &inputs)?;
     }
     let overlap = args.overlap.unwrap_or(card.overlap);
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
@@ -723,6 +781,10 @@ enum BorderArg {
 
 /// `cwseg contour`.
 pub fn contour(args: ContourArgs) -> Result<()> {
+    refuse_overwriting("--output", &args.output, &[&args.label])?;
+    if let Some(png) = &args.png {
+        refuse_overwriting("--png", png, &[&args.label, &args.output])?;
+    }
     let label = read_label(&args.label, &ReadOptions::default())?;
     let spec = ContourSpec {
         erosion: ErosionSpec {

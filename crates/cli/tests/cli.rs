@@ -402,6 +402,91 @@ fn evaluate_gives_known_numbers() {
     );
 }
 
+/// `predict` and `contour` never write over their inputs, and a folder's every case is
+/// predicted (nnU-Net channel files and plain files side by side) or refused by name.
+#[test]
+fn predict_keeps_its_inputs_and_predicts_every_case() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd");
+    let model = model.to_str().expect("utf-8");
+    let geometry = cwseg_data::Geometry::new([16, 24, 24], [1.0; 3]);
+    let image = ndarray::Array3::<f32>::from_shape_fn((16, 24, 24), |(z, y, x)| {
+        ((z * 7 + y * 3 + x) % 11) as f32 / 11.0
+    });
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).expect("dir");
+    for name in ["caseA_0000.nii.gz", "caseC.nii.gz"] {
+        cwseg_data::write_volume(inputs.join(name), &image, &geometry).expect("write");
+    }
+    let before = std::fs::read(inputs.join("caseC.nii.gz")).expect("read");
+    let input = inputs.to_str().expect("utf-8");
+    // the output folder is the input folder: refused before anything is written
+    let err = fails(&[
+        "predict", "--model", model, "--input", input, "--output", input,
+    ]);
+    assert!(err.contains("would be overwritten"), "{err}");
+    // an output file that is the input file
+    let single = inputs.join("caseC.nii.gz");
+    let single = single.to_str().expect("utf-8");
+    let err = fails(&[
+        "predict", "--model", model, "--input", single, "--output", single,
+    ]);
+    assert!(err.contains("would be overwritten"), "{err}");
+    assert_eq!(
+        std::fs::read(inputs.join("caseC.nii.gz")).expect("read"),
+        before
+    );
+    // both cases predicted
+    let out = dir.path().join("out");
+    ok(&[
+        "predict",
+        "--model",
+        model,
+        "--input",
+        input,
+        "--output",
+        out.to_str().expect("utf-8"),
+    ]);
+    let mut written: Vec<String> = std::fs::read_dir(&out)
+        .expect("out")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, ["caseA.nii.gz", "caseC.nii.gz"]);
+    // three channel files for a one-channel model: refused, naming them
+    let channels = dir.path().join("channels");
+    std::fs::create_dir_all(&channels).expect("dir");
+    for c in 0..3 {
+        cwseg_data::write_volume(
+            channels.join(format!("case_{c:04}.nii.gz")),
+            &image,
+            &geometry,
+        )
+        .expect("write");
+    }
+    let err = fails(&[
+        "predict",
+        "--model",
+        model,
+        "--input",
+        channels.to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("out2").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("case_0000, case_0001, case_0002") && err.contains("1 channel"),
+        "{err}"
+    );
+    // contour onto its own label
+    let label = dir.path().join("label.nii.gz");
+    cwseg_data::write_volume(&label, &image.mapv(|v| u8::from(v > 0.5)), &geometry).expect("write");
+    let label_bytes = std::fs::read(&label).expect("read");
+    let l = label.to_str().expect("utf-8");
+    let err = fails(&["contour", "--label", l, "--output", l]);
+    assert!(err.contains("would be overwritten"), "{err}");
+    assert_eq!(std::fs::read(&label).expect("read"), label_bytes);
+}
+
 #[test]
 fn contour_loss_model_and_synth() {
     let dir = tempfile::tempdir().expect("tempdir");
