@@ -129,6 +129,7 @@ impl ExperimentConfig {
         for run in config.runs() {
             config
                 .run_config(&run)
+                .and_then(|c| c.validate())
                 .with_context(|| format!("{}: run {}", path.display(), run.key()))?;
         }
         Ok(config)

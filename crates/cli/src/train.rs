@@ -139,6 +139,119 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Refuses a configuration that would train something meaningless, naming the field:
+    /// sizes and counts positive, every rate, weight and probability finite and in its range,
+    /// the loss's numbers ([`LossConfig::validate`]), the phantom's size.
+    pub fn validate(&self) -> Result<()> {
+        let mut bad: Vec<String> = Vec::new();
+        let mut check = |ok: bool, what: String| {
+            if !ok {
+                bad.push(what);
+            }
+        };
+        let o = &self.optimizer;
+        check(
+            o.lr.is_finite() && o.lr > 0.0,
+            format!("optimizer.lr = {} (finite, > 0)", o.lr),
+        );
+        check(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            format!("optimizer.weight_decay = {} (finite, ≥ 0)", o.weight_decay),
+        );
+        check(
+            o.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            format!("optimizer.betas = {:?} (each in [0, 1))", o.betas),
+        );
+        check(
+            o.eps.is_finite() && o.eps > 0.0,
+            format!("optimizer.eps = {} (finite, > 0)", o.eps),
+        );
+        check(
+            (0.0..1.0).contains(&o.momentum),
+            format!("optimizer.momentum = {} (in [0, 1))", o.momentum),
+        );
+        match &self.schedule {
+            Schedule::Step { gamma, .. } => check(
+                gamma.is_finite() && *gamma > 0.0,
+                format!("schedule.gamma = {gamma} (finite, > 0)"),
+            ),
+            Schedule::Cosine { min_lr } => check(
+                min_lr.is_finite() && *min_lr >= 0.0,
+                format!("schedule.min_lr = {min_lr} (finite, ≥ 0)"),
+            ),
+            Schedule::Poly { power } => check(
+                power.is_finite() && *power > 0.0,
+                format!("schedule.power = {power} (finite, > 0)"),
+            ),
+            Schedule::Constant => {}
+        }
+        for (name, w) in [("positive", self.positive), ("negative", self.negative)] {
+            check(
+                w.is_finite() && w >= 0.0,
+                format!("{name} = {w} (finite, ≥ 0)"),
+            );
+        }
+        check(
+            self.positive + self.negative > 0.0,
+            "positive + negative must be > 0".into(),
+        );
+        let a = &self.augment;
+        for (name, p) in [
+            ("rotation_probability", a.rotation_probability),
+            ("flip_probability", a.flip_probability),
+            ("scale_probability", a.scale_probability),
+            ("intensity_probability", a.intensity_probability),
+        ] {
+            check(
+                (0.0..=1.0).contains(&p),
+                format!("augment.{name} = {p} (in [0, 1])"),
+            );
+        }
+        for (name, v) in [
+            ("max_rotation_degrees", a.max_rotation_degrees),
+            ("intensity_scale", a.intensity_scale),
+            ("intensity_shift", a.intensity_shift),
+        ] {
+            check(
+                v.is_finite() && v >= 0.0,
+                format!("augment.{name} = {v} (finite, ≥ 0)"),
+            );
+        }
+        check(
+            a.scale_range.iter().all(|z| z.is_finite() && *z > 0.0)
+                && a.scale_range[0] <= a.scale_range[1],
+            format!("augment.scale_range = {:?} (0 < low ≤ high)", a.scale_range),
+        );
+        check(
+            (0.0..1.0).contains(&self.validation.overlap),
+            format!(
+                "validation.overlap = {} (in [0, 1))",
+                self.validation.overlap
+            ),
+        );
+        check(
+            self.validation.every >= 1,
+            "validation.every must be ≥ 1".into(),
+        );
+        check(
+            self.batch_size > 0
+                && self.epochs > 0
+                && self.batches_per_epoch > 0
+                && !self.patch.contains(&0),
+            "batch size, epochs, batches per epoch and patch size must be positive".into(),
+        );
+        if let Some(first) = bad.first() {
+            bail!("invalid training configuration: {first}");
+        }
+        self.loss.validate()?;
+        if self.data.source == "synthetic" {
+            self.data.synthetic.phantom.validate()?;
+        }
+        Ok(())
+    }
+}
+
 /// What `predict` needs from a run: written as `config.json` beside every `model.safetensors`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -455,6 +568,7 @@ pub struct RunOptions {
 /// Trains `config` into `dir`.
 pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<TrainOutcome> {
     let start = Instant::now();
+    config.validate()?;
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the run folder {}", dir.display()))?;
     let saved_config = dir.join("train.toml");
@@ -476,13 +590,6 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
         );
     }
     let device = parse_device(&config.device)?;
-    if config.batch_size == 0
-        || config.epochs == 0
-        || config.batches_per_epoch == 0
-        || config.patch.contains(&0)
-    {
-        bail!("batch size, epochs, batches per epoch and patch size must be positive");
-    }
     let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     let data = open_data(&config.data, config.seed, &data_dir)?;
     let classes = data.dataset.classes.len();

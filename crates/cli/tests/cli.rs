@@ -651,6 +651,131 @@ fn errors_are_one_clean_line() {
     assert!(err.contains("nonsense"), "{err}");
 }
 
+/// Inputs that once gave silent wrong answers or aborts now end in one clean error line, with
+/// nothing written.
+#[test]
+fn silent_wrong_answers_are_errors() {
+    use ndarray_npy::WriteNpyExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+    // a NaN or negative learning rate is refused before the run folder exists
+    for lr in ["NaN", "-1"] {
+        let run = path(&format!("run-{lr}"));
+        let err = fails(&["train", "--out", &s(&run), &format!("--lr={lr}")]);
+        assert!(err.contains("optimizer.lr"), "{err}");
+        assert!(!run.exists(), "a refused run left {}", run.display());
+    }
+    // `cwseg loss`: NaN logits, integer logits, a label beyond i32, a header promising more
+    // data than the file has
+    let write = |name: &str, write: &dyn Fn(std::fs::File)| {
+        let p = path(name);
+        write(std::fs::File::create(&p).expect("create"));
+        p
+    };
+    let mut values = ndarray::Array5::<f32>::zeros((1, 2, 2, 2, 2));
+    let good_logits = write("logits.npy", &|f| values.write_npy(f).expect("npy"));
+    values[[0, 0, 0, 0, 0]] = f32::NAN;
+    let nan_logits = write("nan.npy", &|f| values.write_npy(f).expect("npy"));
+    let int_logits = write("int.npy", &|f| {
+        ndarray::Array5::<i32>::zeros((1, 2, 2, 2, 2))
+            .write_npy(f)
+            .expect("npy")
+    });
+    let mut labels = ndarray::Array4::<i64>::zeros((1, 2, 2, 2));
+    let good_labels = write("labels.npy", &|f| labels.write_npy(f).expect("npy"));
+    labels[[0, 1, 1, 1]] = (1i64 << 32) + 1;
+    let huge_label = write("huge_label.npy", &|f| labels.write_npy(f).expect("npy"));
+    ok(&[
+        "loss",
+        "--logits",
+        &s(&good_logits),
+        "--labels",
+        &s(&good_labels),
+    ]);
+    let err = fails(&[
+        "loss",
+        "--logits",
+        &s(&nan_logits),
+        "--labels",
+        &s(&good_labels),
+    ]);
+    assert!(err.contains("nan.npy") && err.contains("NaN"), "{err}");
+    let err = fails(&[
+        "loss",
+        "--logits",
+        &s(&int_logits),
+        "--labels",
+        &s(&good_labels),
+    ]);
+    assert!(
+        err.contains("int.npy") && err.contains("f32 or f64"),
+        "{err}"
+    );
+    let err = fails(&[
+        "loss",
+        "--logits",
+        &s(&good_logits),
+        "--labels",
+        &s(&huge_label),
+    ]);
+    assert!(err.contains("4294967297"), "{err}");
+    let mut lying = std::fs::read(&good_logits).expect("read");
+    let at = lying
+        .windows(15)
+        .position(|w| w == b"(1, 2, 2, 2, 2)")
+        .expect("shape in header");
+    lying[at..at + 15].copy_from_slice(b"(99999999999, )");
+    let lying_path = path("lying.npy");
+    std::fs::write(&lying_path, &lying).expect("write");
+    let err = fails(&[
+        "loss",
+        "--logits",
+        &s(&lying_path),
+        "--labels",
+        &s(&good_labels),
+    ]);
+    assert!(err.contains("lying.npy") && err.contains("bytes"), "{err}");
+    // sizes that overflow: refused, nothing created
+    let synth = path("synth");
+    let err = fails(&["synth", "--out", &s(&synth), "--shape", "30000,30000,30000"]);
+    assert!(err.contains("voxels"), "{err}");
+    assert!(!synth.exists());
+    let err = fails(&["model", "--size", "1000000,1000000,1000000", "--json"]);
+    assert!(err.contains("2^64"), "{err}");
+    // a model whose weights hold NaN is refused at load, naming the tensor
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd");
+    let broken = path("broken-model");
+    std::fs::create_dir_all(&broken).expect("dir");
+    std::fs::copy(model.join("config.json"), broken.join("config.json")).expect("copy");
+    let mut tensors =
+        candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu)
+            .expect("weights");
+    let head = tensors["head.weight"].clone();
+    let nan = (head.ones_like().expect("ones") * f64::NAN).expect("nan");
+    tensors.insert("head.weight".into(), nan);
+    candle_core::safetensors::save(&tensors, broken.join("model.safetensors")).expect("save");
+    let image = path("image.nii.gz");
+    cwseg_data::write_volume(
+        &image,
+        &ndarray::Array3::<f32>::zeros((16, 24, 24)),
+        &cwseg_data::Geometry::new([16, 24, 24], [1.0; 3]),
+    )
+    .expect("write");
+    let out = path("out.nii.gz");
+    let err = fails(&[
+        "predict",
+        "--model",
+        &s(&broken),
+        "--input",
+        &s(&image),
+        "--output",
+        &s(&out),
+    ]);
+    assert!(err.contains("head.weight") && err.contains("NaN"), "{err}");
+    assert!(!out.exists());
+}
+
 const TINY_EXPERIMENT: &str = r#"
 name = "tiny"
 

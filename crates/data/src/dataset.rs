@@ -568,6 +568,7 @@ pub fn write_phantom_dataset(
     seed: u64,
 ) -> Result<Dataset> {
     let root = root.as_ref();
+    config.validate()?;
     for dir in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
         fs::create_dir_all(root.join(dir)).map_err(|e| DataError::io(root.join(dir), e))?;
     }

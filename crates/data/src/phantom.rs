@@ -132,22 +132,45 @@ struct Organ {
     inside: Option<u8>,
 }
 
+/// Largest phantom, in voxels (a 1024³ volume): the generator holds a few f32 copies.
+pub const MAX_PHANTOM_VOXELS: u64 = 1 << 30;
+
+impl PhantomConfig {
+    /// Checks the settings before anything is allocated or written: every axis at least 8
+    /// voxels, at most [`MAX_PHANTOM_VOXELS`] in all, finite non-negative noise, bias and
+    /// blur, positive spacing.
+    pub fn validate(&self) -> Result<()> {
+        let voxels = self
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &n| acc.checked_mul(n as u64));
+        if voxels.is_none_or(|v| v > MAX_PHANTOM_VOXELS) {
+            return Err(DataError::Invalid(format!(
+                "phantom shape {:?}: more than {MAX_PHANTOM_VOXELS} voxels",
+                self.shape
+            )));
+        }
+        if self.shape.iter().any(|&n| n < 8) {
+            return Err(DataError::Invalid(format!(
+                "phantom shape {:?}: every axis needs at least 8 voxels",
+                self.shape
+            )));
+        }
+        let finite = [self.noise, self.bias, self.blur];
+        if finite.iter().any(|v| !(v.is_finite() && *v >= 0.0))
+            || self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(DataError::Invalid(format!(
+                "phantom noise, bias and blur must be finite and non-negative, spacing positive: {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Generates one phantom `(image, labels)` of `config.shape` from `seed`.
 pub fn phantom(config: &PhantomConfig, seed: u64) -> Result<(Array3<f32>, Array3<u8>)> {
-    if config.shape.iter().any(|&n| n < 8) {
-        return Err(DataError::Invalid(format!(
-            "phantom shape {:?}: every axis needs at least 8 voxels",
-            config.shape
-        )));
-    }
-    let finite = [config.noise, config.bias, config.blur];
-    if finite.iter().any(|v| !(v.is_finite() && *v >= 0.0))
-        || config.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0))
-    {
-        return Err(DataError::Invalid(format!(
-            "phantom noise, bias and blur must be finite and non-negative, spacing positive: {config:?}"
-        )));
-    }
+    config.validate()?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let shape = config.shape;
     let shape_noise = value_noise(shape, (shape[1] as f64 / 6.0).max(2.0), &mut rng);

@@ -57,6 +57,30 @@ impl LossConfig {
         })
     }
 
+    /// Checks every number of the configuration: finite and non-negative (weights, λ, α,
+    /// smoothing terms, w0, σ, γ, class weights), and SDL's / CWCD's α at most 1. The error
+    /// names the field (`lambda`, `dice.smooth_nr`, …).
+    pub fn validate(&self) -> Result<()> {
+        let value = serde_json::to_value(self).map_err(|e| LossError::Config {
+            loss: "config",
+            what: e.to_string(),
+        })?;
+        let mut bad = Vec::new();
+        check_numbers(&value, "", &mut bad);
+        if matches!(self, LossConfig::Sdl(_) | LossConfig::Cwcd(_))
+            && value["alpha"].as_f64().is_some_and(|a| a > 1.0)
+        {
+            bad.push(format!("alpha = {} (at most 1)", value["alpha"]));
+        }
+        match bad.first() {
+            None => Ok(()),
+            Some(first) => Err(LossError::Config {
+                loss: self.build().name(),
+                what: format!("{first}: every number must be finite and non-negative"),
+            }),
+        }
+    }
+
     /// The contour settings of a loss that weights or splits voxels by contours (CWCE, SDL,
     /// CWCD): what a data pipeline needs to make the contour maps itself
     /// ([`crate::Target::with_edges`]).
@@ -111,4 +135,43 @@ pub const LOSS_NAMES: [&str; 12] = [
     "tversky",
     "dicefocal",
     "boundary",
+];
+
+/// Collects `path = value` for every number of `value` that is negative or not finite (NaN and
+/// infinities serialise as `null`, which a numeric field never is otherwise).
+fn check_numbers(value: &serde_json::Value, path: &str, bad: &mut Vec<String>) {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::Number(n) if n.as_f64().is_none_or(|v| !v.is_finite() || v < 0.0) => {
+            bad.push(format!("{path} = {n}"));
+        }
+        serde_json::Value::Null if !path.is_empty() && !OPTIONAL_FIELDS.contains(&path) => {
+            bad.push(format!("{path} is not a finite number"));
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_numbers(item, &join(&i.to_string()), bad);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (key, item) in fields {
+                check_numbers(item, &join(key), bad);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Fields that are `null` when left out (not a non-finite number).
+const OPTIONAL_FIELDS: [&str; 4] = [
+    "class_weights",
+    "ignore_index",
+    "ce.class_weights",
+    "ce.ignore_index",
 ];

@@ -91,11 +91,13 @@ impl Target {
         let classes = l[1];
         let labels = self.labels.to_device(logits.device())?;
         if labels.dtype() == DType::I64 {
+            // checked before the narrowing to u32, which would wrap 2^32 + 1 to 1
             let min = labels.min_all()?.to_scalar::<i64>()?;
-            if min < 0 {
+            let max = labels.max_all()?.to_scalar::<i64>()?;
+            if min < 0 || max as u64 >= classes as u64 {
                 return Err(LossError::Label {
                     classes,
-                    found: min,
+                    found: if min < 0 { min } else { max },
                 });
             }
         }

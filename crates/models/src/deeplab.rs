@@ -236,17 +236,17 @@ impl DeepLabV3 {
 
     /// Activation memory (f32, batch 1), an estimate: six tensors per basic block, six per
     /// ASPP branch, the head and the upsampled logits.
-    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
         let v = |stride: usize| {
-            (size[0] / stride) as u64 * (size[1] / stride) as u64 * (size[2] / stride) as u64
+            (size[0] / stride) as u128 * (size[1] / stride) as u128 * (size[2] / stride) as u128
         };
         let strides = [2, 4, 8, 8];
-        let mut values = c.in_channels as u64 * v(1) + 3 * c.widths[0] as u64 * v(2);
+        let mut values = c.in_channels as u128 * v(1) + 3 * c.widths[0] as u128 * v(2);
         for ((&blocks, &width), &stride) in c.blocks.iter().zip(&c.widths).zip(&strides) {
-            values += 6 * (blocks * width) as u64 * v(stride);
+            values += 6 * (blocks * width) as u128 * v(stride);
         }
-        values += (3 * 5 + 3 + 3) * c.aspp_channels as u64 * v(8) + 2 * c.classes as u64 * v(1);
+        values += (3 * 5 + 3 + 3) * c.aspp_channels as u128 * v(8) + 2 * c.classes as u128 * v(1);
         4 * values
     }
 }

@@ -172,8 +172,8 @@ impl Network {
         }
     }
 
-    /// Activation bytes (f32, batch 1) for an input of `size`.
-    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+    /// Activation bytes (f32, batch 1) for an input of `size` (u128: no size wraps it).
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         match self {
             Network::UNet(n) => n.activation_bytes(size),
             Network::VNet(n) => n.activation_bytes(size),
@@ -217,8 +217,13 @@ pub fn describe(config: &ModelConfig, size: [usize; 3]) -> Result<Description> {
         .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
         .map(|(_, v)| v.elem_count() as u64)
         .sum();
+    let activation_bytes = u64::try_from(network.activation_bytes(size)).map_err(|_| {
+        ModelError::Config(format!(
+            "an input of {size:?} voxels needs more than 2^64 bytes of activations"
+        ))
+    })?;
     Ok(Description {
         parameters,
-        activation_bytes: network.activation_bytes(size),
+        activation_bytes,
     })
 }

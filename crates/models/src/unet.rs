@@ -250,22 +250,22 @@ impl UNet {
 
     /// Activation memory of one forward pass kept for the backward pass (every intermediate
     /// tensor the graph holds), bytes in f32 for a batch of one.
-    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
         let voxels =
-            |l: usize| (size[0] >> l) as u64 * (size[1] >> l) as u64 * (size[2] >> l) as u64;
+            |l: usize| (size[0] >> l) as u128 * (size[1] >> l) as u128 * (size[2] >> l) as u128;
         let per_block = if c.residual { 7 } else { 6 };
-        let mut values = c.in_channels as u64 * voxels(0);
+        let mut values = c.in_channels as u128 * voxels(0);
         for l in 0..c.depth {
-            let w = (c.filters << l) as u64;
+            let w = (c.filters << l) as u128;
             values += per_block * w * voxels(l) // encoder block
                 + w * voxels(l + 1) // pooled
                 + w * voxels(l) // upsampled
                 + 2 * w * voxels(l) // concatenated
                 + per_block * w * voxels(l); // decoder block
         }
-        values += per_block * (c.filters << c.depth) as u64 * voxels(c.depth);
-        values += c.classes as u64 * voxels(0);
+        values += per_block * (c.filters << c.depth) as u128 * voxels(c.depth);
+        values += c.classes as u128 * voxels(0);
         4 * values
     }
 }

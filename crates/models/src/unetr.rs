@@ -358,16 +358,16 @@ impl Unetr {
 
     /// Activation memory (f32, batch 1), an estimate: per transformer layer the tokens through
     /// norms, qkv, attention matrices and MLP; per decoder level its convolution outputs.
-    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
-        let n = (size.iter().map(|s| s / PATCH).product::<usize>()) as u64;
-        let h = c.hidden_size as u64;
-        let per_layer =
-            n * (2 * h + 3 * h + h + 2 * h + c.mlp_dim as u64 * 2) + 2 * c.num_heads as u64 * n * n;
-        let v = |l: usize| (size[0] >> l) as u64 * (size[1] >> l) as u64 * (size[2] >> l) as u64;
-        let fs = c.feature_size as u64;
-        let decoder: u64 = (0..4).map(|l| 12 * (fs << l) * v(l)).sum();
-        4 * (LAYERS as u64 * per_layer + decoder + c.classes as u64 * v(0))
+        let n = (size.iter().map(|s| s / PATCH).product::<usize>()) as u128;
+        let h = c.hidden_size as u128;
+        let per_layer = n * (2 * h + 3 * h + h + 2 * h + c.mlp_dim as u128 * 2)
+            + 2 * c.num_heads as u128 * n * n;
+        let v = |l: usize| (size[0] >> l) as u128 * (size[1] >> l) as u128 * (size[2] >> l) as u128;
+        let fs = c.feature_size as u128;
+        let decoder: u128 = (0..4).map(|l| 12 * (fs << l) * v(l)).sum();
+        4 * (LAYERS as u128 * per_layer + decoder + c.classes as u128 * v(0))
     }
 
     fn volume(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {

@@ -311,20 +311,20 @@ impl VNet {
     }
 
     /// Activation memory (f32, batch 1): the tensors each stage keeps for the backward pass.
-    pub fn activation_bytes(&self, size: [usize; 3]) -> u64 {
-        let v = |l: usize| (size[0] >> l) as u64 * (size[1] >> l) as u64 * (size[2] >> l) as u64;
-        let convs = [1u64, 2, 3, 2];
-        let mut values = self.config.in_channels as u64 * v(0) + 5 * 16 * v(0);
+    pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
+        let v = |l: usize| (size[0] >> l) as u128 * (size[1] >> l) as u128 * (size[2] >> l) as u128;
+        let convs = [1u128, 2, 3, 2];
+        let mut values = self.config.in_channels as u128 * v(0) + 5 * 16 * v(0);
         for (l, &n) in convs.iter().enumerate() {
-            let c = 32u64 << l;
+            let c = 32u128 << l;
             values += (4 + 3 * n + 2) * c * v(l + 1); // down: conv, bn, act, dropout, ops, add, act
         }
-        let up_convs = [2u64, 2, 1, 1];
+        let up_convs = [2u128, 2, 1, 1];
         for (i, &n) in up_convs.iter().enumerate() {
-            let (c, l) = (256u64 >> i, 3 - i);
+            let (c, l) = (256u128 >> i, 3 - i);
             values += (3 * c / 2 + c + 3 * n * c + 2 * c) * v(l); // up, bn, act, cat, ops, add, act
         }
-        values += 4 * self.config.classes as u64 * v(0);
+        values += 4 * self.config.classes as u128 * v(0);
         4 * values
     }
 }

@@ -141,6 +141,21 @@ pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
             parts.join("; ")
         )));
     }
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let finite = tensors[name]
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(weights_error(format!(
+                "tensor {name} holds NaN or infinite values (a diverged or damaged model)"
+            )));
+        }
+    }
     for (name, var) in data.iter() {
         let t = &tensors[name];
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
