@@ -363,6 +363,13 @@ fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> R
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let model = crate::hub::model_path(&args.model)?;
+    if let Some(overlap) = args.overlap
+        && !(0.0..=MAX_OVERLAP).contains(&overlap)
+    {
+        bail!(
+            "--overlap {overlap}: use a value in [0, {MAX_OVERLAP}] (windows per window-sized region grow as 1/(1 − overlap)³: 8 at 0.5, 1000 at 0.9)"
+        );
+    }
     refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
     let inputs = predict_inputs(&args.input, card.modalities.len())?;
@@ -535,6 +542,9 @@ enum AggregateArg {
 enum RegionsArg {
     Brats,
 }
+
+/// The largest sliding-window overlap `predict` takes.
+const MAX_OVERLAP: f64 = 0.9;
 
 /// Largest difference of affine entries (mm) between a prediction and its label that still
 /// counts as the same grid.

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cwseg_data::{PhantomConfig, argmax};
 use cwseg_losses::LossConfig;
 use cwseg_metrics::{
@@ -81,10 +81,10 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
 /// Runs the demo; returns the Markdown table.
 pub fn run(options: &DemoOptions) -> Result<String> {
     let device = parse_device(&options.device)?;
-    let seeds = options
-        .seeds
-        .unwrap_or(if options.quick { 1 } else { 3 })
-        .max(1);
+    let seeds = options.seeds.unwrap_or(if options.quick { 1 } else { 3 });
+    if seeds == 0 {
+        bail!("--seeds 0: the demo needs at least one seed");
+    }
     fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
     let data_dir = options.out.join("data");

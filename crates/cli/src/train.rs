@@ -241,6 +241,23 @@ impl TrainConfig {
                 && !self.patch.contains(&0),
             "batch size, epochs, batches per epoch and patch size must be positive".into(),
         );
+        let multiple = self.model.size_multiple();
+        check(
+            self.patch.iter().all(|p| p % multiple == 0),
+            format!(
+                "patch {:?}: every side must be a multiple of {multiple} for this network",
+                self.patch
+            ),
+        );
+        check(
+            !(self.model.uses_batch_norm()
+                && self.batch_size == 1
+                && self.patch.iter().all(|p| p / multiple == 1)),
+            format!(
+                "batch 1 with patch {:?}: the deepest level's batch norm would see one value per channel; use a batch of at least 2, a larger patch, or instance/group norm",
+                self.patch
+            ),
+        );
         if let Some(first) = bad.first() {
             bail!("invalid training configuration: {first}");
         }
@@ -565,10 +582,20 @@ pub struct RunOptions {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Trains `config` into `dir`.
+/// Trains `config` into `dir`. A folder this call created is removed again when the run fails
+/// before its first checkpoint (nothing to resume).
 pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<TrainOutcome> {
-    let start = Instant::now();
     config.validate()?;
+    let created = !dir.exists();
+    let outcome = train_in(config, dir, options);
+    if outcome.is_err() && created && !dir.join("last").exists() {
+        let _ = fs::remove_dir_all(dir);
+    }
+    outcome
+}
+
+fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<TrainOutcome> {
+    let start = Instant::now();
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the run folder {}", dir.display()))?;
     let saved_config = dir.join("train.toml");
@@ -604,6 +631,7 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
             config.patch
         );
     }
+
     data.split.write(dir.join("split.json"))?;
     cwseg_data::dataset::write_atomic(&saved_config, toml::to_string_pretty(config)?.as_bytes())?;
     tracing::info!(
@@ -732,12 +760,17 @@ pub fn train(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tr
             let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !scalar.is_finite() {
                 bar.abandon();
+                let last = dir.join("last");
+                let kept = if last.join("model.safetensors").exists() {
+                    format!("the last good checkpoint is in {}", last.display())
+                } else {
+                    "no checkpoint had been saved yet".to_string()
+                };
                 bail!(
-                    "the loss is {scalar} at epoch {} batch {} (step {}); stopped without saving this step. The last good checkpoint is in {}",
+                    "the loss is {scalar} at epoch {} batch {} (step {}); stopped without saving this step; {kept}",
                     epoch + 1,
                     state.batch + 1,
                     optimizer.steps() + 1,
-                    dir.join("last").display()
                 );
             }
             let grads = value.backward()?;

@@ -649,6 +649,53 @@ fn errors_are_one_clean_line() {
         "nonsense",
     ]);
     assert!(err.contains("nonsense"), "{err}");
+    // the OS error once, not twice
+    let missing = dir.path().join("missing.nii.gz");
+    let err = fails(&[
+        "contour",
+        "--label",
+        missing.to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("c.nii.gz").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // a batch norm that would see one value: refused up front, no run folder left
+    let run = dir.path().join("bs1");
+    let err = fails(&[
+        "train",
+        "--out",
+        run.to_str().expect("utf-8"),
+        "--batch",
+        "1",
+        "--patch",
+        "16,16,16",
+    ]);
+    assert!(
+        err.contains("batch of at least 2") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!run.exists());
+    let err = fails(&[
+        "demo",
+        "--seeds",
+        "0",
+        "--out",
+        dir.path().join("demo").to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("--seeds 0"), "{err}");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd");
+    let err = fails(&[
+        "predict",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--input",
+        missing.to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("p.nii.gz").to_str().expect("utf-8"),
+        "--overlap",
+        "0.99",
+    ]);
+    assert!(err.contains("--overlap 0.99"), "{err}");
 }
 
 /// Inputs that once gave silent wrong answers or aborts now end in one clean error line, with

@@ -138,6 +138,16 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the network normalises with batch statistics (which need more than one value
+    /// per channel in training).
+    pub fn uses_batch_norm(&self) -> bool {
+        match self {
+            ModelConfig::Unet(c) => c.norm == crate::unet::Norm::Batch,
+            ModelConfig::Vnet(_) | ModelConfig::Deeplabv3(_) => true,
+            ModelConfig::Unetr(_) => false,
+        }
+    }
+
     /// Every spatial size must be a multiple of this.
     pub fn size_multiple(&self) -> usize {
         match self {
