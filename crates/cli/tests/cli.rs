@@ -1301,6 +1301,26 @@ fn committed_experiments_resolve() {
     assert_eq!(runs.len(), 24, "{listed}");
     assert_eq!(runs[0], "unet-gdl-seed0 pending");
     assert!(runs.contains(&"unetr-cwcd-seed0 pending"));
+    // v2: 3 folds × (CEDL, CWCD × 2 seeds; GDL, DWCE, CE, CWCE, DL, SDL × 1 seed); its pilot
+    for (name, count, first) in [
+        ("brats18-cv.toml", 30, "unet-cedl-fold0-seed0 pending"),
+        ("brats18-cv-pilot.toml", 2, "unet-cedl-fold0-seed0 pending"),
+    ] {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../experiments")
+            .join(name);
+        let listed = ok(&[
+            "experiment",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--out",
+            dir.path().join(name).to_str().expect("utf-8"),
+            "--list",
+        ]);
+        let runs: Vec<&str> = listed.lines().collect();
+        assert_eq!(runs.len(), count, "{name}: {listed}");
+        assert_eq!(runs[0], first, "{name}");
+    }
 }
 
 /// A BraTS-layout data set in `dir/brats` (cases `Case_A`..`Case_E`: four modalities and a seg
