@@ -123,6 +123,8 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
             toml::from_str::<TrainConfig>(&text)
                 .with_context(|| format!("{}: invalid run configuration", path.display()))?
         }
+        // `--resume --out RUN` needs nothing else: the run's own configuration
+        None if args.resume => crate::train::read_run_config(&args.out)?,
         None => TrainConfig::default(),
     };
     if let Some(d) = &args.data {
@@ -192,7 +194,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         },
     )?;
     if outcome.interrupted {
-        eprintln!("stopped; continue with the same command and --resume");
+        return Err(crate::train::Interrupted(format!(
+            "interrupted; saved in {}; continue with `cwseg train --resume --out {}`",
+            outcome.dir.display(),
+            outcome.dir.display()
+        ))
+        .into());
     } else {
         println!(
             "best validation DSC {} ; run folder {} ({:.0} s)",

@@ -115,7 +115,10 @@ pub fn run(options: &DemoOptions) -> Result<String> {
             )?;
             seconds += outcome.seconds;
             if outcome.interrupted {
-                anyhow::bail!("interrupted; run the same command again to continue");
+                return Err(crate::train::Interrupted(
+                    "interrupted; run the same command again to continue".into(),
+                )
+                .into());
             }
             // held-out evaluation with the best-validation checkpoint
             let data = open_data(&config.data, config.seed, &data_dir)?;

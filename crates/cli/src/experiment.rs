@@ -352,10 +352,11 @@ fn run_one(
         },
     )?;
     if outcome.interrupted {
-        bail!(
+        return Err(crate::train::Interrupted(format!(
             "interrupted during {}; run the same command again to continue",
             run.key()
-        );
+        ))
+        .into());
     }
     status.state = "predicting".into();
     status.train_seconds = train_seconds(dir);

@@ -224,7 +224,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let _ = ctrlc::set_handler(|| {
-        if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        use std::sync::atomic::Ordering;
+        if !train::TRAINING.load(Ordering::SeqCst)
+            || train::INTERRUPTED.swap(true, Ordering::SeqCst)
+        {
+            eprintln!("\ninterrupted");
             std::process::exit(130);
         }
         eprintln!("\nstopping after this step and saving (Ctrl-C again to quit at once)");
@@ -233,7 +237,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            if e.downcast_ref::<train::Interrupted>().is_some() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

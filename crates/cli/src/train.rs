@@ -371,6 +371,38 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// Set by Ctrl-C; the loop stops after the current step and saves.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether a training loop is running, which stops cleanly on the first Ctrl-C (elsewhere the
+/// first Ctrl-C ends the command at once).
+pub static TRAINING: AtomicBool = AtomicBool::new(false);
+
+/// A run stopped by Ctrl-C after saving what can be resumed: the command exits with 130.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Sets [`TRAINING`] for as long as it lives.
+struct TrainingGuard;
+
+impl TrainingGuard {
+    fn new() -> Self {
+        TRAINING.store(true, Ordering::SeqCst);
+        TrainingGuard
+    }
+}
+
+impl Drop for TrainingGuard {
+    fn drop(&mut self) {
+        TRAINING.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Per-class DSC of a prediction (NaN where the class is in neither).
 pub fn dice_per_class(
     prediction: &ndarray::Array3<u8>,
@@ -486,6 +518,49 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// The configuration a run folder was trained with (`RUN/train.toml`).
+pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
+    let path = dir.join("train.toml");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("--resume: reading {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{}: not a training configuration", path.display()))
+}
+
+/// The dotted names of the fields in which `given` differs from `saved`, leaving out those a
+/// resumed run may change: `epochs` (checked apart), `device` and `workers`.
+fn differing_fields(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<String>> {
+    fn walk(a: &toml::Value, b: &toml::Value, path: &str, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for key in keys {
+                    let name = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    match (x.get(key), y.get(key)) {
+                        (Some(u), Some(v)) => walk(u, v, &name, out),
+                        _ => out.push(name),
+                    }
+                }
+            }
+            _ if a != b => out.push(path.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &toml::Value::try_from(saved)?,
+        &toml::Value::try_from(given)?,
+        "",
+        &mut out,
+    );
+    out.retain(|f| !matches!(f.as_str(), "epochs" | "device" | "workers"));
+    Ok(out)
+}
+
 /// Decides the post-processing on the validation cases with the best checkpoint and records
 /// it in `best/config.json`; nothing to do without validation cases, when the configuration
 /// says not to, or when the card has it already.
@@ -599,17 +674,25 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the run folder {}", dir.display()))?;
     let saved_config = dir.join("train.toml");
+    let mut extended = false;
     if options.resume {
-        let text = fs::read_to_string(&saved_config)
-            .with_context(|| format!("--resume: reading {}", saved_config.display()))?;
-        let saved: TrainConfig = toml::from_str(&text)
-            .with_context(|| format!("{}: not a training configuration", saved_config.display()))?;
-        if &saved != config {
+        let saved = read_run_config(dir)?;
+        let differing = differing_fields(&saved, config)?;
+        if !differing.is_empty() {
             bail!(
-                "--resume: the configuration differs from the run's {}; resume with the same settings",
+                "--resume: {} differ(s) from the run's {}; resume with the run's settings (only a larger --epochs extends it)",
+                differing.join(", "),
                 saved_config.display()
             );
         }
+        if config.epochs < saved.epochs {
+            bail!(
+                "--resume: --epochs {} is fewer than the run's {}; a run can be extended, not shortened",
+                config.epochs,
+                saved.epochs
+            );
+        }
+        extended = config.epochs > saved.epochs;
     } else if dir.join("last").exists() {
         bail!(
             "{} already holds a run; use --resume to continue it or choose another --out",
@@ -682,6 +765,10 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
             &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("{}: not a run state", path.display()))?;
+        if state.finished && extended && state.epoch < config.epochs {
+            // a larger --epochs continues a finished run
+            state.finished = false;
+        }
         if state.finished {
             decide_postprocessing(dir, &val_cases, config, &device)?;
             tracing::info!("the run had finished; nothing to do");
@@ -730,6 +817,7 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
         .ok()
         .and_then(|v| v.parse().ok());
     let mut batches_run = 0usize;
+    let _training = TrainingGuard::new();
     while state.epoch < config.epochs && !state.finished {
         let epoch = state.epoch;
         let lr = config

@@ -155,8 +155,10 @@ fn train_resume_predict_evaluate() {
         .env("CWSEG_INTERRUPT_AFTER_BATCHES", "4")
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
+    // interrupted after saving: exit code 130, as a shell reports Ctrl-C
+    assert_eq!(
+        out.status.code(),
+        Some(130),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -177,10 +179,19 @@ fn train_resume_predict_evaluate() {
         "--quiet",
     ]);
     assert!(err.contains("--resume"), "{err}");
+    // a flag that disagrees with the run's train.toml is refused, naming the field
+    let err = fails(&[
+        "train",
+        "--out",
+        resumed.to_str().expect("utf-8"),
+        "--resume",
+        "--lr",
+        "0.5",
+    ]);
+    assert!(err.contains("optimizer.lr"), "{err}");
+    // `--resume --out RUN` needs nothing else
     ok(&[
         "train",
-        "--config",
-        config,
         "--out",
         resumed.to_str().expect("utf-8"),
         "--quiet",
@@ -195,6 +206,31 @@ fn train_resume_predict_evaluate() {
         &straight.join("last/optimizer.safetensors"),
         &resumed.join("last/optimizer.safetensors"),
     );
+    // a larger --epochs extends the finished run by the missing epoch; fewer is refused
+    ok(&[
+        "train",
+        "--out",
+        resumed.to_str().expect("utf-8"),
+        "--quiet",
+        "--resume",
+        "--epochs",
+        "3",
+    ]);
+    let epochs = std::fs::read_to_string(resumed.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .filter(|l| l.contains("\"epoch\":3"))
+        .count();
+    assert_eq!(epochs, 1);
+    let err = fails(&[
+        "train",
+        "--out",
+        resumed.to_str().expect("utf-8"),
+        "--resume",
+        "--epochs",
+        "1",
+    ]);
+    assert!(err.contains("shortened"), "{err}");
 
     // predict a held-out phantom: labels with the input's geometry
     let data = straight.join("data");
@@ -881,7 +917,7 @@ fn experiment_trains_each_run_once_resumes_and_tabulates() {
         .env("CWSEG_INTERRUPT_AFTER_BATCHES", "1")
         .output()
         .expect("cwseg runs");
-    assert_eq!(interrupted.status.code(), Some(1));
+    assert_eq!(interrupted.status.code(), Some(130));
     assert!(
         String::from_utf8_lossy(&interrupted.stderr).contains("interrupted during unet-ce-seed0")
     );
