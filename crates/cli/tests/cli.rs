@@ -626,10 +626,12 @@ fn contour_loss_model_and_synth() {
         "{json} vs {ce}"
     );
     assert!(json["grad_norm"].as_f64().expect("norm") > 0.0);
+    let flat = dir.path().join("flat.npy");
+    ndarray_npy::write_npy(&flat, &target.mapv(|v| v as f32)).expect("npy");
     let err = fails(&[
         "loss",
         "--logits",
-        yp.to_str().expect("utf-8"),
+        flat.to_str().expect("utf-8"),
         "--labels",
         yp.to_str().expect("utf-8"),
         "--loss",
