@@ -26,6 +26,9 @@ pub struct ComparisonSpec {
     pub b: String,
     /// Seeds; every one must be trained by a table.
     pub seeds: Vec<u64>,
+    /// Which predictions are compared.
+    #[serde(default)]
+    pub predictions: crate::experiment::Predictions,
 }
 
 /// What a difference is taken of.

@@ -35,6 +35,27 @@ pub enum Regions {
     Brats,
 }
 
+/// Which of a run's test predictions a table scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Predictions {
+    /// With the post-processing the run decided (`RUN/predictions/`).
+    #[default]
+    Postprocessed,
+    /// The argmax before post-processing (`RUN/predictions-unprocessed/`).
+    Unprocessed,
+}
+
+impl Predictions {
+    /// The run's sub-folder.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Predictions::Postprocessed => "predictions",
+            Predictions::Unprocessed => "predictions-unprocessed",
+        }
+    }
+}
+
 /// One table of the experiment: every network × loss, over the seeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +71,9 @@ pub struct TableSpec {
     pub losses: Vec<String>,
     /// Seeds.
     pub seeds: Vec<u64>,
+    /// Which predictions are scored.
+    #[serde(default)]
+    pub predictions: Predictions,
 }
 
 /// An experiment file (`experiments/brats18-cpu.toml`).
@@ -369,9 +393,10 @@ fn run_one(
         bail!("{}: the split has no test cases to evaluate", run.key());
     }
     let (network, card, best) = load_model(dir, &device)?;
-    let predictions = dir.join("predictions");
-    fs::create_dir_all(&predictions)
-        .with_context(|| format!("creating {}", predictions.display()))?;
+    for variant in [Predictions::Postprocessed, Predictions::Unprocessed] {
+        let folder = dir.join(variant.folder());
+        fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    }
     for id in &data.split.test {
         let (image, _) = load_input(&data, id)?;
         let options = PredictOptions {
@@ -379,13 +404,21 @@ fn run_one(
             postprocess: true,
         };
         let prediction = predict_case(&network, &card, &image, options, &device)?;
-        write_label(
-            predictions.join(format!("{id}.nii.gz")),
-            &LabelMap {
-                data: prediction.labels,
-                geometry: image.geometry.clone(),
-            },
-        )?;
+        let unprocessed = prediction
+            .unprocessed
+            .unwrap_or_else(|| prediction.labels.clone());
+        for (variant, data) in [
+            (Predictions::Postprocessed, prediction.labels),
+            (Predictions::Unprocessed, unprocessed),
+        ] {
+            write_label(
+                dir.join(variant.folder()).join(format!("{id}.nii.gz")),
+                &LabelMap {
+                    data,
+                    geometry: image.geometry.clone(),
+                },
+            )?;
+        }
     }
     let state: crate::train::RunState = serde_json::from_str(
         &fs::read_to_string(dir.join("last").join("state.json")).context("reading state.json")?,
@@ -524,7 +557,13 @@ struct Scorer<'a> {
 impl Scorer<'_> {
     /// The metrics of every test case of `network` × `loss` × `seed`, all folds together;
     /// `None` until every fold's run is done.
-    fn pooled(&mut self, network: &str, loss: &str, seed: u64) -> Result<Option<Vec<CaseMetrics>>> {
+    fn pooled(
+        &mut self,
+        network: &str,
+        loss: &str,
+        seed: u64,
+        predictions: Predictions,
+    ) -> Result<Option<Vec<CaseMetrics>>> {
         let mut cases = Vec::new();
         for (fold, tests) in &self.fold_tests {
             let key = RunKey {
@@ -538,11 +577,13 @@ impl Scorer<'_> {
             if !is_done(&dir) {
                 return Ok(None);
             }
-            if !self.cache.contains_key(&key) {
-                let scored = score_run(&dir, tests, self.labels, self.classes)?;
-                self.cache.insert(key.clone(), scored);
+            let cached = format!("{key}/{}", predictions.folder());
+            if !self.cache.contains_key(&cached) {
+                let folder = dir.join(predictions.folder());
+                let scored = score_run(&folder, tests, self.labels, self.classes)?;
+                self.cache.insert(cached.clone(), scored);
             }
-            cases.extend(self.cache[&key].iter().cloned());
+            cases.extend(self.cache[&cached].iter().cloned());
         }
         Ok(Some(cases))
     }
@@ -634,7 +675,7 @@ fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) -> Result<Str
                     monai: Vec::new(),
                 };
                 for &seed in &table.seeds {
-                    let Some(cases) = scorer.pooled(network, loss, seed)? else {
+                    let Some(cases) = scorer.pooled(network, loss, seed, table.predictions)? else {
                         continue;
                     };
                     row.seeds.push(seed);
@@ -691,8 +732,8 @@ fn write_comparison(
     let mut b = SeedRuns::new();
     for &seed in &spec.seeds {
         if let (Some(x), Some(y)) = (
-            scorer.pooled(&spec.network, &spec.a, seed)?,
-            scorer.pooled(&spec.network, &spec.b, seed)?,
+            scorer.pooled(&spec.network, &spec.a, seed, spec.predictions)?,
+            scorer.pooled(&spec.network, &spec.b, seed, spec.predictions)?,
         ) {
             a.insert(seed, x);
             b.insert(seed, y);
@@ -712,8 +753,8 @@ fn write_comparison(
     Ok(markdown)
 }
 
-/// Metrics of a run's predictions of `ids` against their labels, on the labels' grid and
-/// spacing.
+/// Metrics of the predictions of `ids` in a run's predictions folder against their labels, on
+/// the labels' grid and spacing.
 fn score_run(
     dir: &Path,
     ids: &[String],
@@ -725,7 +766,7 @@ fn score_run(
         let label = labels
             .get(id)
             .with_context(|| format!("no label for test case {id}"))?;
-        let path = dir.join("predictions").join(format!("{id}.nii.gz"));
+        let path = dir.join(format!("{id}.nii.gz"));
         let prediction = read_label(&path, &ReadOptions::default())?;
         if prediction.geometry.shape() != label.geometry.shape() {
             bail!(

@@ -91,6 +91,8 @@ pub fn predict_probabilities(
 pub struct CasePrediction {
     /// Stored label values on the input's grid (preprocessing inverted).
     pub labels: Array3<u8>,
+    /// The same before the card's post-processing, when it was applied.
+    pub unprocessed: Option<Array3<u8>>,
     /// Class probabilities `[k, z, y, x]` on the preprocessed grid.
     pub probabilities: Array4<f32>,
     /// The preprocessed grid.
@@ -131,36 +133,45 @@ pub fn predict_case(
         2,
         device,
     )?;
-    let mut data = argmax(probabilities.view());
-    if let (true, Some(post)) = (options.postprocess, &card.postprocessing) {
-        post.apply(&mut data);
-    }
-    let labels = LabelMap {
-        data,
-        geometry: pre.geometry.clone(),
-    };
+    let raw = argmax(probabilities.view());
     let geometry = &image.geometry;
     let cropped = match &bbox {
         Some(b) => geometry.crop(b.start, b.shape()),
         None => geometry.clone(),
     };
-    let back = if card.preprocessing.spacing.is_some() {
-        resample_label_to(&labels, &cropped)?
-    } else {
-        labels
-    };
-    let mut full = Array3::<u8>::zeros(geometry.shape());
     let start = bbox.map_or([0; 3], |b| b.start);
-    let [dz, dy, dx] = back.geometry.shape();
-    full.slice_mut(s![
-        start[0]..start[0] + dz,
-        start[1]..start[1] + dy,
-        start[2]..start[2] + dx
-    ])
-    .assign(&back.data);
-    full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+    let back = |data: Array3<u8>| -> Result<Array3<u8>> {
+        let labels = LabelMap {
+            data,
+            geometry: pre.geometry.clone(),
+        };
+        let back = if card.preprocessing.spacing.is_some() {
+            resample_label_to(&labels, &cropped)?
+        } else {
+            labels
+        };
+        let mut full = Array3::<u8>::zeros(geometry.shape());
+        let [dz, dy, dx] = back.geometry.shape();
+        full.slice_mut(s![
+            start[0]..start[0] + dz,
+            start[1]..start[1] + dy,
+            start[2]..start[2] + dx
+        ])
+        .assign(&back.data);
+        full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+        Ok(full)
+    };
+    let (labels, unprocessed) = match (options.postprocess, &card.postprocessing) {
+        (true, Some(post)) => {
+            let mut processed = raw.clone();
+            post.apply(&mut processed);
+            (back(processed)?, Some(back(raw)?))
+        }
+        _ => (back(raw)?, None),
+    };
     Ok(CasePrediction {
-        labels: full,
+        labels,
+        unprocessed,
         probabilities,
         preprocessed: pre.geometry,
         cropped,

@@ -1494,6 +1494,12 @@ format = "brats"
             .collect();
         assert_eq!(predicted.len(), tests.len(), "fold {fold}: {predicted:?}");
         for id in tests {
+            assert!(
+                run.join(format!("predictions-unprocessed/{id}.nii.gz"))
+                    .exists()
+            );
+        }
+        for id in tests {
             std::fs::copy(
                 run.join(format!("predictions/{id}.nii.gz")),
                 pooled.join(format!("{id}.nii.gz")),
