@@ -310,6 +310,7 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
         );
     };
     let card = ModelCard::read(&model_dir)?;
+    card.verify_weights(&model_dir)?;
     let vars = VarMap::new();
     let network = card.model.build(candle_nn::VarBuilder::from_varmap(
         &vars,
@@ -344,6 +345,7 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
         options.dtype,
         &metadata,
     )?;
+    let card = card.with_weights_digest(&tmp.path().join("model.safetensors"))?;
     fs::write(
         tmp.path().join("config.json"),
         serde_json::to_string_pretty(&card)?,

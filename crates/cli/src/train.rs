@@ -298,9 +298,47 @@ pub struct ModelCard {
     /// (`None`: not decided, or no validation cases).
     #[serde(default)]
     pub postprocessing: Option<PostProcessing>,
+    /// SHA-256 of the `model.safetensors` beside it (hex); loading refuses a file that differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 impl ModelCard {
+    /// The card with the digest of the weights file `weights`.
+    pub fn with_weights_digest(&self, weights: &Path) -> Result<ModelCard> {
+        Ok(ModelCard {
+            weights_sha256: Some(sha256_file(weights)?),
+            ..self.clone()
+        })
+    }
+
+    /// Refuses a `dir/model.safetensors` whose SHA-256 is not the card's (when it has one).
+    pub fn verify_weights(&self, dir: &Path) -> Result<()> {
+        let Some(expected) = &self.weights_sha256 else {
+            return Ok(());
+        };
+        let path = dir.join("model.safetensors");
+        let found = sha256_file(&path)?;
+        if &found != expected {
+            bail!(
+                "{}: SHA-256 {found} is not the {expected} recorded in {} (a damaged or replaced weights file)",
+                path.display(),
+                dir.join("config.json").display()
+            );
+        }
+        Ok(())
+    }
+
     /// Reads `dir/config.json`.
     pub fn read(dir: &Path) -> Result<ModelCard> {
         let path = dir.join("config.json");
@@ -503,10 +541,12 @@ fn save_checkpoint(
     ]
     .into_iter()
     .collect();
-    weights::save(vars, dir.join("model.safetensors"), DType::F32, &metadata)?;
+    let weights_path = dir.join("model.safetensors");
+    weights::save(vars, &weights_path, DType::F32, &metadata)?;
+    let card = card.with_weights_digest(&weights_path)?;
     cwseg_data::dataset::write_atomic(
         &dir.join("config.json"),
-        serde_json::to_string_pretty(card)?.as_bytes(),
+        serde_json::to_string_pretty(&card)?.as_bytes(),
     )?;
     if let Some((opt, state)) = optimizer {
         opt.save(&dir.join("optimizer.safetensors"))?;
@@ -748,6 +788,7 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
         overlap: config.validation.overlap,
         contour_maps: config.contour_maps,
         postprocessing: None,
+        weights_sha256: None,
     };
 
     let vars = VarMap::new();
@@ -974,6 +1015,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, P
         path.to_path_buf()
     };
     let card = ModelCard::read(&dir)?;
+    card.verify_weights(&dir)?;
     let vars = VarMap::new();
     let network = card.model.build(candle_nn::VarBuilder::from_varmap(
         &vars,

@@ -848,7 +848,7 @@ fn silent_wrong_answers_are_errors() {
     )
     .expect("write");
     let out = path("out.nii.gz");
-    let err = fails(&[
+    let predict = [
         "predict",
         "--model",
         &s(&broken),
@@ -856,7 +856,22 @@ fn silent_wrong_answers_are_errors() {
         &s(&image),
         "--output",
         &s(&out),
-    ]);
+    ];
+    // the committed card records the weights' SHA-256, which this file no longer has
+    let err = fails(&predict);
+    assert!(
+        err.contains("SHA-256") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    // without the digest, the NaN tensor itself is named
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(broken.join("config.json")).expect("card"))
+            .expect("json");
+    card.as_object_mut()
+        .expect("object")
+        .remove("weights_sha256");
+    std::fs::write(broken.join("config.json"), card.to_string()).expect("write");
+    let err = fails(&predict);
     assert!(err.contains("head.weight") && err.contains("NaN"), "{err}");
     assert!(!out.exists());
 }
@@ -1511,6 +1526,11 @@ format = "brats"
         )
         .expect("json");
         assert_eq!(card["contour_maps"], "volume");
+        assert_eq!(
+            card["weights_sha256"].as_str().map(str::len),
+            Some(64),
+            "fold {fold}: {card}"
+        );
         assert_eq!(
             card["postprocessing"]["scored"],
             serde_json::json!(["WT", "TC", "ET"]),
