@@ -553,6 +553,26 @@ enum RegionsArg {
 /// The largest sliding-window overlap `predict` takes.
 const MAX_OVERLAP: f64 = 0.9;
 
+/// Warns when `--regions brats` scores labels that hold no BraTS enhancing-tumour value 4 in any
+/// case, or hold a 3 (BraTS 2023 relabelled ET as 3; these regions read 4).
+fn warn_without_brats_values(runs: &[Vec<(String, cwseg_data::LabelMap, cwseg_data::LabelMap)>]) {
+    let labels = runs.iter().flatten().map(|(_, _, l)| l);
+    let (mut four, mut three) = (false, false);
+    for label in labels {
+        four |= label.data.iter().any(|&v| v == 4);
+        three |= label.data.iter().any(|&v| v == 3);
+    }
+    if three {
+        eprintln!(
+            "warning: --regions brats: the labels hold the value 3; these regions read BraTS 2018–2021 labels (ET = 4, no 3), so a 3 counts in no region"
+        );
+    } else if !four {
+        eprintln!(
+            "warning: --regions brats: no label holds the BraTS enhancing-tumour value 4; TC and ET are empty in every case"
+        );
+    }
+}
+
 /// Largest difference of affine entries (mm) between a prediction and its label that still
 /// counts as the same grid.
 const GRID_TOLERANCE_MM: f64 = 1e-3;
@@ -731,7 +751,27 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     }
     let summaries: Vec<_> = runs.iter().map(|(_, c)| summarize(c, aggregate)).collect();
     if let Some(path) = &args.csv {
-        cwseg_data::dataset::write_atomic(path, csv_report(&runs[0].1).as_bytes())?;
+        // one run: the per-case table as it is; several: a leading `run` column
+        let text = if runs.len() == 1 {
+            csv_report(&runs[0].1)
+        } else {
+            let mut text = String::new();
+            for (i, (name, cases)) in runs.iter().enumerate() {
+                let report = csv_report(cases);
+                for (j, line) in report.lines().enumerate() {
+                    if j == 0 && i == 0 {
+                        text.push_str(&format!("run,{line}\n"));
+                    } else if j > 0 {
+                        text.push_str(&format!("{},{line}\n", name.replace([',', '"', '\n'], "_")));
+                    }
+                }
+            }
+            text
+        };
+        cwseg_data::dataset::write_atomic(path, text.as_bytes())?;
+    }
+    if args.regions.is_some() {
+        warn_without_brats_values(&loaded_runs);
     }
     if args.json {
         let reports: Vec<_> = runs
@@ -1101,6 +1141,13 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         shape: args.shape,
         ..PhantomConfig::default()
     };
+    let occupied = std::fs::read_dir(&args.out).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied {
+        bail!(
+            "--out {} already holds files; synth writes a new data set into an empty or new folder (stale cases would mix with the new ones)",
+            args.out.display()
+        );
+    }
     let dataset = write_phantom_dataset(&args.out, args.train, args.test, &config, args.seed)?;
     println!(
         "{} training and {} test phantoms ({} classes) written to {}",

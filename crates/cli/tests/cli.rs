@@ -411,6 +411,37 @@ fn evaluate_gives_known_numbers() {
     assert_eq!(classes["7"]["status"], "empty", "{json}");
     assert_eq!(json["mean"]["5"]["dice"].as_f64(), Some(0.0), "{json}");
 
+    // several runs in one CSV, each row with its run; BraTS regions on labels without a 4 warn
+    let csv = dir.path().join("runs.csv");
+    let out = cwseg(&[
+        "evaluate",
+        "--pred",
+        p.to_str().expect("utf-8"),
+        "--pred",
+        s.to_str().expect("utf-8"),
+        "--label",
+        l.to_str().expect("utf-8"),
+        "--name",
+        "plain",
+        "--name",
+        "blob",
+        "--regions",
+        "brats",
+        "--csv",
+        csv.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success());
+    let rows = std::fs::read_to_string(&csv).expect("csv");
+    assert!(rows.starts_with("run,case,class,"), "{rows}");
+    assert!(
+        rows.lines().any(|r| r.starts_with("plain,"))
+            && rows.lines().any(|r| r.starts_with("blob,")),
+        "{rows}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no label holds the BraTS enhancing-tumour value 4")
+    );
     // the same anatomy stored flipped (x reversed, affine x = −1) is refused, naming both files
     let mut affine = *geometry.affine();
     affine[0][0] = -1.0;
@@ -826,6 +857,30 @@ fn silent_wrong_answers_are_errors() {
     let err = fails(&["synth", "--out", &s(&synth), "--shape", "30000,30000,30000"]);
     assert!(err.contains("voxels"), "{err}");
     assert!(!synth.exists());
+    // synth into a folder that holds a data set already: refused, nothing mixed
+    ok(&[
+        "synth",
+        "--out",
+        &s(&synth),
+        "--train",
+        "1",
+        "--test",
+        "0",
+        "--shape",
+        "16,16,16",
+    ]);
+    let err = fails(&[
+        "synth",
+        "--out",
+        &s(&synth),
+        "--train",
+        "2",
+        "--test",
+        "0",
+        "--shape",
+        "16,16,16",
+    ]);
+    assert!(err.contains("already holds files"), "{err}");
     let err = fails(&["model", "--size", "1000000,1000000,1000000", "--json"]);
     assert!(err.contains("2^64"), "{err}");
     // a model whose weights hold NaN is refused at load, naming the tensor
