@@ -365,6 +365,7 @@ fn run_one(
         ..RunStatus::default()
     };
     write_status_creating(dir, &status)?;
+    crate::checkpoint::recover(&dir.join("last"))?;
     let resume = dir.join("last").join("state.json").exists();
     let outcome = train(
         &train_config,

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod checkpoint;
 mod commands;
 mod compare;
 mod demo;

@@ -527,13 +527,14 @@ pub fn validate(
     Ok(mean_foreground(&per_case))
 }
 
+/// Writes the checkpoint folder `dir` (weights, card, and with `optimizer` its state and the
+/// run state) as a whole ([`crate::checkpoint::replace`]).
 fn save_checkpoint(
     dir: &Path,
     vars: &VarMap,
     card: &ModelCard,
     optimizer: Option<(&Optimizer, &RunState)>,
 ) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let metadata: HashMap<String, String> = [
         ("cwseg_version".to_string(), card.cwseg_version.clone()),
         ("model".to_string(), card.model.name().to_string()),
@@ -541,19 +542,43 @@ fn save_checkpoint(
     ]
     .into_iter()
     .collect();
-    let weights_path = dir.join("model.safetensors");
-    weights::save(vars, &weights_path, DType::F32, &metadata)?;
-    let card = card.with_weights_digest(&weights_path)?;
-    cwseg_data::dataset::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&card)?.as_bytes(),
-    )?;
-    if let Some((opt, state)) = optimizer {
-        opt.save(&dir.join("optimizer.safetensors"))?;
+    crate::checkpoint::replace(dir, |tmp| {
+        let weights_path = tmp.join("model.safetensors");
+        weights::save(vars, &weights_path, DType::F32, &metadata)?;
+        let card = card.with_weights_digest(&weights_path)?;
         cwseg_data::dataset::write_atomic(
-            &dir.join("state.json"),
-            serde_json::to_string_pretty(state)?.as_bytes(),
+            &tmp.join("config.json"),
+            serde_json::to_string_pretty(&card)?.as_bytes(),
         )?;
+        if let Some((opt, state)) = optimizer {
+            opt.save(&tmp.join("optimizer.safetensors"))?;
+            cwseg_data::dataset::write_atomic(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(state)?.as_bytes(),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// Keeps the lines of `metrics.jsonl` of the epochs before `epochs` (a run killed after an
+/// epoch's line but before its checkpoint repeats that epoch on resume).
+fn truncate_metrics(path: &Path, epochs: usize) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| e as usize <= epochs)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        cwseg_data::dataset::write_atomic(path, kept.as_bytes())?;
     }
     Ok(())
 }
@@ -715,6 +740,9 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
         .with_context(|| format!("creating the run folder {}", dir.display()))?;
     let saved_config = dir.join("train.toml");
     let mut extended = false;
+    for checkpoint in ["last", "best"] {
+        crate::checkpoint::recover(&dir.join(checkpoint))?;
+    }
     if options.resume {
         let saved = read_run_config(dir)?;
         let differing = differing_fields(&saved, config)?;
@@ -806,6 +834,7 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
             &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("{}: not a run state", path.display()))?;
+        truncate_metrics(&dir.join("metrics.jsonl"), state.epoch)?;
         if state.finished && extended && state.epoch < config.epochs {
             // a larger --epochs continues a finished run
             state.finished = false;

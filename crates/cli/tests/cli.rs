@@ -931,6 +931,91 @@ fn silent_wrong_answers_are_errors() {
     assert!(!out.exists());
 }
 
+/// Crash safety: a run killed with SIGKILL at several moments (some inside checkpoint writes)
+/// and resumed each time ends with the weights and optimizer state of an uninterrupted run, bit
+/// for bit, and one metrics line per epoch.
+#[test]
+fn a_run_killed_at_random_moments_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("kill.toml");
+    std::fs::write(
+        &config,
+        TINY.replace("epochs = 2", "epochs = 6")
+            .replace("workers = 2", "workers = 1"),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8");
+    let straight = dir.path().join("straight");
+    ok(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        straight.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    let killed = dir.path().join("killed");
+    let run = killed.to_str().expect("utf-8");
+    // delays from the clock's nanoseconds: different moments on every test run
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u64 | 1);
+    let mut kills = 0;
+    for _ in 0..4 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_millis(200 + seed % 1500);
+        let mut args = vec!["train", "--out", run, "--quiet"];
+        if killed.join("last").exists() {
+            args.push("--resume");
+        } else {
+            args.extend(["--config", config]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(delay);
+        if child.try_wait().expect("wait").is_none() {
+            child.kill().expect("SIGKILL");
+            kills += 1;
+        }
+        child.wait().expect("reap");
+    }
+    let mut args = vec!["train", "--out", run, "--quiet"];
+    if killed.join("last").exists() {
+        args.push("--resume");
+    } else {
+        args.extend(["--config", config]);
+    }
+    ok(&args);
+    assert!(
+        kills > 0,
+        "no kill landed: the run was faster than every delay"
+    );
+    assert_same(
+        &straight.join("last/model.safetensors"),
+        &killed.join("last/model.safetensors"),
+    );
+    assert_same(
+        &straight.join("last/optimizer.safetensors"),
+        &killed.join("last/optimizer.safetensors"),
+    );
+    let epochs: Vec<u64> = std::fs::read_to_string(killed.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["epoch"]
+                .as_u64()
+                .expect("epoch")
+        })
+        .collect();
+    assert_eq!(epochs, [1, 2, 3, 4, 5, 6]);
+}
+
 const TINY_EXPERIMENT: &str = r#"
 name = "tiny"
 
