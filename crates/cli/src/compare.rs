@@ -38,7 +38,7 @@ pub enum PairedMetric {
     DicePaper,
     /// DSC; a pair counts where both enter MONAI's means (failures as 0).
     DiceMonai,
-    /// HD95 in mm where both are finite (lower is better).
+    /// HD95 in mm where both are finite and neither is a failure (lower is better).
     Hd95,
 }
 
@@ -50,7 +50,8 @@ impl PairedMetric {
         PairedMetric::Hd95,
     ];
 
-    fn label(self) -> &'static str {
+    /// The metric's name in tables.
+    pub fn label(self) -> &'static str {
         match self {
             PairedMetric::DicePaper => "DSC (paper)",
             PairedMetric::DiceMonai => "DSC (MONAI)",
@@ -72,7 +73,13 @@ impl PairedMetric {
                 }
                 (a.dice, b.dice)
             }
-            PairedMetric::Hd95 => (a.hausdorff95, b.hausdorff95),
+            PairedMetric::Hd95 => {
+                // failures excluded, as in the tables
+                if !(Aggregate::Paper.counts(a.status) && Aggregate::Paper.counts(b.status)) {
+                    return None;
+                }
+                (a.hausdorff95, b.hausdorff95)
+            }
         };
         (x.is_finite() && y.is_finite()).then_some(y - x)
     }

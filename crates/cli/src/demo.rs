@@ -1,6 +1,7 @@
 //! `cwseg demo`: the phantom data set, the paper's U-Net trained with CEDL and with CWCD under
 //! the same seeds, evaluated on held-out phantoms, the paper-style table and a figure.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use cwseg_morphology::{ContourSpec, ErosionSpec, contour_map};
 use ndarray::{Array3, Axis};
 use serde_json::json;
 
+use crate::compare::{PairedLine, PairedMetric, SeedRuns, compare};
 use crate::figures::{Panel, write_panels};
 use crate::infer::predict_probabilities;
 use crate::prepare::{DataConfig, SyntheticConfig, open_data};
@@ -94,6 +96,7 @@ pub fn run(options: &DemoOptions) -> Result<String> {
     let mut predictions: Vec<Option<Array3<u8>>> = vec![None; losses.len()];
     let mut figure_case = None;
     let mut seconds = 0.0;
+    let mut by_seed: Vec<SeedRuns> = vec![SeedRuns::new(); losses.len()];
     for seed in 0..seeds as u64 {
         for (i, loss) in losses.iter().enumerate() {
             let config = demo_config(options.quick, loss, seed, &options.device)?;
@@ -138,7 +141,10 @@ pub fn run(options: &DemoOptions) -> Result<String> {
                     2,
                     &device,
                 )?;
-                let prediction = argmax(probs.view());
+                let mut prediction = argmax(probs.view());
+                if let Some(post) = &card.postprocessing {
+                    post.apply(&mut prediction);
+                }
                 let spacing = case.image.geometry.spacing();
                 cases.push(evaluate_case(
                     &format!("{}-seed{seed}", case.id),
@@ -163,6 +169,7 @@ pub fn run(options: &DemoOptions) -> Result<String> {
                     .dice
                     .unwrap_or(f64::NAN),
             );
+            by_seed[i].insert(seed, cases.clone());
             evaluations[i].extend(cases);
         }
     }
@@ -182,6 +189,20 @@ pub fn run(options: &DemoOptions) -> Result<String> {
          paper aggregation (DSC = 0 cases are failures, excluded from the mean and counted).\n\n{table}\n",
         evaluations[0].len() / seeds
     );
+    // the boundary metrics the paper's claim is about
+    report.push_str(&format!(
+        "\nHD95 (mm), failures excluded:\n\n{}\nNSD at 1 mm:\n\n{}\n",
+        markdown_table(&runs, TableMetric::Hausdorff95)?,
+        markdown_table(&runs, TableMetric::Nsd)?
+    ));
+    let class_names: Vec<String> = evaluations[0]
+        .first()
+        .map(|c| c.classes.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let every_case: BTreeMap<String, usize> =
+        evaluations[0].iter().map(|c| (c.case.clone(), 0)).collect();
+    let lines: Vec<PairedLine> = compare(&by_seed[0], &by_seed[1], &class_names, &every_case);
+    report.push_str(&paired_table(&lines));
     for (name, values) in names.iter().zip(&per_seed) {
         report.push_str(&format!(
             "\n{name} average DSC per seed: {}",
@@ -194,11 +215,26 @@ pub fn run(options: &DemoOptions) -> Result<String> {
     }
     report.push_str(&format!("\n\ntraining time: {seconds:.0} s in all\n"));
     cwseg_data::dataset::write_atomic(&options.out.join("results.md"), report.as_bytes())?;
+    let paired: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            json!({
+                "metric": format!("{:?}", l.metric),
+                "class": l.region,
+                "pairs": l.stats.map(|s| s.n),
+                "mean_difference": l.stats.map(|s| s.mean),
+                "ci95": l.stats.map(|s| [s.ci_low, s.ci_high]),
+                "cwcd_better": l.stats.map(|s| if l.metric == PairedMetric::Hd95 { s.negative } else { s.positive }),
+                "cedl_better": l.stats.map(|s| if l.metric == PairedMetric::Hd95 { s.positive } else { s.negative }),
+            })
+        })
+        .collect();
     let json = json!({
         "seeds": seeds,
         "losses": names,
         "summaries": summaries,
         "average_dice_per_seed": per_seed,
+        "paired_cwcd_minus_cedl": paired,
     });
     cwseg_data::dataset::write_atomic(
         &options.out.join("results.json"),
@@ -210,6 +246,44 @@ pub fn run(options: &DemoOptions) -> Result<String> {
         write_figure(&options.out.join("demo.png"), &image, &label, cedl, cwcd)?;
     }
     Ok(report)
+}
+
+/// The paired CWCD − CEDL differences per class over seeds × held-out phantoms (each phantom
+/// and seed one pair), as a Markdown table with the sign agreement.
+fn paired_table(lines: &[PairedLine]) -> String {
+    let mut md = String::from(
+        "\nCWCD − CEDL per class, paired over seeds × held-out phantoms (DSC under the paper's rule: \
+         pairs with a failure on either side left out; HD95 lower is better). `CWCD better`: pairs \
+         where CWCD is ahead.\n\n| class | metric | pairs | mean Δ | 95 % CI | CWCD better | CEDL better |\n|---|---|---|---|---|---|---|\n",
+    );
+    for line in lines
+        .iter()
+        .filter(|l| l.scope == "pooled" && l.metric != PairedMetric::DiceMonai)
+    {
+        let Some(s) = line.stats else {
+            md.push_str(&format!(
+                "| {} | {} | 0 | - | - | - | - |\n",
+                line.region,
+                line.metric.label()
+            ));
+            continue;
+        };
+        let (better, worse) = if line.metric == PairedMetric::Hd95 {
+            (s.negative, s.positive)
+        } else {
+            (s.positive, s.negative)
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:+.4} | [{:+.4}, {:+.4}] | {better} | {worse} |\n",
+            line.region,
+            line.metric.label(),
+            s.n,
+            s.mean,
+            s.ci_low,
+            s.ci_high
+        ));
+    }
+    md
 }
 
 /// One axial slice (the one with the most classes): image, ground truth, CEDL, CWCD, and the
@@ -231,8 +305,12 @@ fn write_figure(
             seen.iter().filter(|&&s| s).count()
         })
         .unwrap_or(0);
+    // the band CWCE weighted in training (the demo's erosions, not the paper's 6 at CT scale)
     let spec = ContourSpec {
-        erosion: ErosionSpec::paper(),
+        erosion: ErosionSpec {
+            iterations: DEMO_CONTOUR_ITERATIONS,
+            ..ErosionSpec::paper()
+        },
         include_background: true,
     };
     let contours = contour_map(label.view(), &spec)?
