@@ -213,7 +213,26 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A closed standard output (`cwseg experiment --list | head -3`) ends the command quietly with
+/// 141, as SIGPIPE would, instead of the panic of `println!` on a broken pipe.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     // freed activations stay in the heap for the next step (glibc; see cwseg_models::alloc)
     cwseg_models::alloc::retain_freed_memory();
     let cli = Cli::parse();

@@ -767,6 +767,35 @@ fn errors_are_one_clean_line() {
     assert!(err.contains("--overlap 0.99"), "{err}");
 }
 
+/// A reader that closes the pipe early (`| head`) ends the command quietly, never a panic.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/brats18-cv.toml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args([
+            "experiment",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--out",
+            dir.path().to_str().expect("utf-8"),
+            "--list",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        matches!(out.status.code(), Some(0 | 141)),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 /// Inputs that once gave silent wrong answers or aborts now end in one clean error line, with
 /// nothing written.
 #[test]
