@@ -17,7 +17,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import scipy
-import scipy.ndimage as ndi
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from morphology_fixtures import contour_reference, cube  # noqa: E402
 
 OUT = os.path.join("crates", "data", "tests", "fixtures", "whole_volume_contours.json")
 SHARED = os.path.join("..", "shared", "data")
@@ -25,21 +27,8 @@ CASES = ["Brats18_2013_11_1", "Brats18_TCIA02_135_1"]
 
 
 def contour_union(labels, k, n, border, include_background):
-    structure = np.ones((k,) * 3, dtype=bool)
-    union = np.zeros(labels.shape, bool)
-    for c in np.unique(labels):
-        if c == 0 and not include_background:
-            continue
-        m = labels == c
-        if border == "background":
-            eroded = ndi.binary_erosion(m, structure, iterations=n)
-        else:
-            eroded = m.astype(np.uint8)
-            for _ in range(n):
-                eroded = ndi.grey_erosion(eroded, footprint=structure, mode="nearest")
-            eroded = eroded.astype(bool)
-        union |= m & ~eroded
-    return union
+    """The union contour map of scipy, as the morphology fixtures compute it."""
+    return contour_reference(labels, cube(k, 3), n, border, include_background)
 
 
 def digest(mask):
