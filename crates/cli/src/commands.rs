@@ -1165,18 +1165,19 @@ pub struct ModelArgs {
     /// Network name.
     #[arg(long, default_value = "unet")]
     name: String,
-    /// Network configuration JSON (`{"name": "unet", "filters": 32}`), overrides --name.
+    /// Network configuration JSON (`{"name": "unet", "filters": 32}`), overrides --name; its
+    /// fields (channels, classes, UNETR's img_size) hold unless a flag below is given.
     #[arg(long)]
     config: Option<String>,
-    /// Input channels.
-    #[arg(long, default_value_t = 1)]
-    in_channels: usize,
-    /// Classes, background included.
-    #[arg(long, default_value_t = 16)]
-    classes: usize,
-    /// Input size d,h,w.
-    #[arg(long, value_parser = parse_triple, default_value = "96,96,96")]
-    size: [usize; 3],
+    /// Input channels [default: 1, or the config's].
+    #[arg(long)]
+    in_channels: Option<usize>,
+    /// Classes, background included [default: 16, or the config's].
+    #[arg(long)]
+    classes: Option<usize>,
+    /// Input size d,h,w [default: 96,96,96, or UNETR's img_size].
+    #[arg(long, value_parser = parse_triple)]
+    size: Option<[usize; 3]>,
     /// Print `{"parameters": .., "activation_bytes": ..}`.
     #[arg(long)]
     json: bool,
@@ -1185,13 +1186,26 @@ pub struct ModelArgs {
 /// `cwseg model`.
 pub fn model(args: ModelArgs) -> Result<()> {
     let config = match &args.config {
-        Some(text) => serde_json::from_str::<ModelConfig>(text)
-            .context("--config: not a network configuration")?,
-        None => ModelConfig::from_name(&args.name, args.in_channels, args.classes)?,
-    }
-    .with_io(args.in_channels, args.classes)
-    .with_input_size(args.size);
-    let d = describe(&config, args.size)?;
+        Some(text) => {
+            let c = serde_json::from_str::<ModelConfig>(text)
+                .context("--config: not a network configuration")?;
+            c.with_io(
+                args.in_channels.unwrap_or(c.in_channels()),
+                args.classes.unwrap_or(c.classes()),
+            )
+        }
+        None => ModelConfig::from_name(
+            &args.name,
+            args.in_channels.unwrap_or(1),
+            args.classes.unwrap_or(16),
+        )?,
+    };
+    let size = args.size.unwrap_or(match &config {
+        ModelConfig::Unetr(c) => c.img_size,
+        _ => [96; 3],
+    });
+    let config = config.with_input_size(size);
+    let d = describe(&config, size)?;
     if args.json {
         println!(
             "{}",
@@ -1203,9 +1217,80 @@ pub fn model(args: ModelArgs) -> Result<()> {
             config.name(),
             d.parameters,
             d.parameters as f64 / 1e6,
-            args.size,
+            size,
             d.activation_bytes as f64 / (1 << 20) as f64
         );
     }
+    Ok(())
+}
+
+/// The MONAI class `cwseg import monai` reads.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum MonaiNetworkArg {
+    /// `monai.networks.nets.UNETR`.
+    Unetr,
+    /// `monai.networks.nets.VNet`.
+    Vnet,
+}
+
+/// `cwseg import monai`.
+#[derive(clap::Args)]
+pub struct ImportMonaiArgs {
+    /// The MONAI class.
+    #[arg(long, value_enum)]
+    network: MonaiNetworkArg,
+    /// JSON of the constructor's keyword arguments (`{"in_channels": 1, "out_channels": 3,
+    /// "img_size": [96, 96, 96], ...}`).
+    #[arg(long)]
+    args: PathBuf,
+    /// The state dict, as `safetensors.torch.save_file(net.state_dict(), path)` writes it.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The model folder to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// Sliding window Z,Y,X in cwseg's order (MONAI's roi_size reversed); UNETR: its
+    /// img_size by default; required for V-Net.
+    #[arg(long, value_parser = parse_triple)]
+    patch: Option<[usize; 3]>,
+    /// Overlap of neighbouring windows (MONAI's `sliding_window_inference` default).
+    #[arg(long, default_value_t = 0.25)]
+    overlap: f64,
+    /// Window weights, MONAI's `mode`: `gaussian` (σ = 0.125·roi) or `constant` (MONAI's
+    /// default, a plain mean).
+    #[arg(long, value_enum, default_value = "gaussian")]
+    mode: WindowMode,
+}
+
+/// MONAI's `sliding_window_inference(mode=...)`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum WindowMode {
+    /// Gaussian importance map.
+    Gaussian,
+    /// Equal weights.
+    Constant,
+}
+
+/// `cwseg import monai`: converts and writes the model folder.
+pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
+    let notes = crate::interop::import_monai(&crate::interop::ImportOptions {
+        network: match args.network {
+            MonaiNetworkArg::Unetr => cwseg_models::monai::MonaiNetwork::Unetr,
+            MonaiNetworkArg::Vnet => cwseg_models::monai::MonaiNetwork::Vnet,
+        },
+        args: args.args,
+        weights: args.weights,
+        out: args.out.clone(),
+        patch: args.patch,
+        overlap: args.overlap,
+        mode: match args.mode {
+            WindowMode::Gaussian => crate::infer::WindowWeights::Gaussian,
+            WindowMode::Constant => crate::infer::WindowWeights::Constant,
+        },
+    })?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    println!("model folder written to {}", args.out.display());
     Ok(())
 }

@@ -137,7 +137,7 @@ pub fn run(options: &DemoOptions) -> Result<String> {
                     &case.image.data,
                     card.classes.len(),
                     card.patch,
-                    card.overlap,
+                    card.sliding_window(card.overlap),
                     2,
                     &device,
                 )?;

@@ -400,7 +400,8 @@ fn model_card(
     options: &ExportOptions,
 ) -> Result<String> {
     let info = describe(&card.model, card.patch)?;
-    let loss = card.loss.build();
+    let loss = card.loss.as_ref().map(|l| l.build());
+    let loss_name = loss.as_ref().map_or("imported", |l| l.name());
     let mut s = String::new();
     let _ = writeln!(s, "---");
     let _ = writeln!(s, "license: {}", options.license);
@@ -413,7 +414,7 @@ fn model_card(
         "cwseg",
         "3d",
         card.model.name(),
-        &loss.name().to_lowercase(),
+        &loss_name.to_lowercase(),
     ] {
         let _ = writeln!(s, "- {tag}");
     }
@@ -422,15 +423,27 @@ fn model_card(
         s,
         "# {} + {} ({} classes)\n",
         card.model.name(),
-        loss.name(),
+        loss_name,
         card.classes.len()
     );
-    let _ = writeln!(
-        s,
-        "A 3D segmentation network trained with [cwseg]({}) {}.\n",
-        env!("CARGO_PKG_REPOSITORY"),
-        card.cwseg_version
-    );
+    match &card.origin {
+        None => {
+            let _ = writeln!(
+                s,
+                "A 3D segmentation network trained with [cwseg]({}) {}.\n",
+                env!("CARGO_PKG_REPOSITORY"),
+                card.cwseg_version
+            );
+        }
+        Some(origin) => {
+            let _ = writeln!(
+                s,
+                "A 3D segmentation network packaged by [cwseg]({}) {}; the weights come from {origin}.\n",
+                env!("CARGO_PKG_REPOSITORY"),
+                card.cwseg_version
+            );
+        }
+    }
     let _ = writeln!(s, "## Use\n");
     let _ = writeln!(
         s,
@@ -448,7 +461,18 @@ fn model_card(
         serde_json::to_string(&card.model)?,
         info.parameters
     );
-    let _ = writeln!(s, "- loss: `{}`", serde_json::to_string(&card.loss)?);
+    match &card.loss {
+        Some(loss) => {
+            let _ = writeln!(s, "- loss: `{}`", serde_json::to_string(loss)?);
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "- trained outside cwseg: {}",
+                card.origin.as_deref().unwrap_or("unknown")
+            );
+        }
+    }
     let _ = writeln!(s, "- input channels: {}", card.modalities.join(", "));
     let p = &card.preprocessing;
     let _ = writeln!(

@@ -5,22 +5,71 @@ use anyhow::{Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
 use cwseg_data::resample::resample_label_to;
-use cwseg_data::{Blender, Geometry, Image, LabelMap, argmax, window_positions};
+use cwseg_data::{
+    Blender, Geometry, Image, LabelMap, argmax, gaussian_importance, window_positions,
+};
 use cwseg_models::Network;
 use ndarray::{Array3, Array4, s};
+use serde::{Deserialize, Serialize};
 
 use crate::train::ModelCard;
 
+/// What overlapping windows blend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blend {
+    /// The softmax probabilities of each window (cwseg's training validation and its models).
+    #[default]
+    Probabilities,
+    /// The logits, with one softmax after blending (MONAI's `sliding_window_inference` and
+    /// nnU-Net; imported MONAI models).
+    Logits,
+}
+
+/// How each window's voxels are weighted in the blend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowWeights {
+    /// The Gaussian importance map, σ = 0.125·window (MONAI `mode="gaussian"`, nnU-Net).
+    #[default]
+    Gaussian,
+    /// Equal weights: the plain mean of overlapping windows (MONAI's default `mode="constant"`).
+    Constant,
+}
+
+/// Sliding-window inference settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    /// Fraction of a window shared with its neighbour along each axis, in `[0, 1)`.
+    pub overlap: f64,
+    /// What is blended.
+    pub blend: Blend,
+    /// The window weights.
+    pub weights: WindowWeights,
+}
+
+impl SlidingWindow {
+    /// Gaussian-weighted probabilities with `overlap`: what cwseg trains and validates with.
+    pub fn probabilities(overlap: f64) -> Self {
+        SlidingWindow {
+            overlap,
+            blend: Blend::Probabilities,
+            weights: WindowWeights::Gaussian,
+        }
+    }
+}
+
 /// Class probabilities `[k, z, y, x]` of a preprocessed image `[c, z, y, x]`: windows of
-/// `window` with `overlap`, `batch` windows per network call, blended with the Gaussian
-/// importance map (σ = 0.125·window); volumes smaller than the window are padded and the
+/// `window` placed as MONAI's `dense_patch_slices` with `sliding.overlap`, `batch` windows per
+/// network call, their probabilities (or logits, softmaxed after blending) averaged with the
+/// window weights; volumes smaller than the window are padded (centred, zeros) and the
 /// padding cut off again.
 pub fn predict_probabilities(
     network: &Network,
     image: &Array4<f32>,
     classes: usize,
     window: [usize; 3],
-    overlap: f64,
+    sliding: SlidingWindow,
     batch: usize,
     device: &Device,
 ) -> Result<Array4<f32>> {
@@ -33,8 +82,12 @@ pub fn predict_probabilities(
     } else {
         image
     };
-    let positions = window_positions(padded_shape, window, overlap)?;
-    let mut blender = Blender::new(classes, padded_shape, window, 0.125);
+    let positions = window_positions(padded_shape, window, sliding.overlap)?;
+    let importance = match sliding.weights {
+        WindowWeights::Gaussian => gaussian_importance(window, 0.125),
+        WindowWeights::Constant => Array3::ones(window),
+    };
+    let mut blender = Blender::with_importance(classes, padded_shape, importance);
     for chunk in positions.chunks(batch.max(1)) {
         let mut data = Vec::with_capacity(chunk.len() * c * window.iter().product::<usize>());
         for p in chunk {
@@ -58,7 +111,11 @@ pub fn predict_probabilities(
                 logits.dim(1)?
             );
         }
-        let probs = candle_nn::ops::softmax(&logits, 1)?.to_device(&Device::Cpu)?;
+        let probs = match sliding.blend {
+            Blend::Probabilities => candle_nn::ops::softmax(&logits, 1)?,
+            Blend::Logits => logits,
+        }
+        .to_device(&Device::Cpu)?;
         let flat: Vec<f32> = probs.flatten_all()?.to_vec1()?;
         let per = classes * window.iter().product::<usize>();
         for (i, p) in chunk.iter().enumerate() {
@@ -69,7 +126,10 @@ pub fn predict_probabilities(
             blender.add(*p, w)?;
         }
     }
-    let full = blender.finish();
+    let mut full = blender.finish();
+    if sliding.blend == Blend::Logits {
+        softmax_channels(&mut full);
+    }
     if padded_shape == [z, y, x] {
         return Ok(full);
     }
@@ -88,6 +148,16 @@ pub fn predict_probabilities(
 
 /// A prediction of one case on the input's grid, with the probabilities on the network's grid
 /// and what is needed to map them back.
+/// Softmax over the first axis of `[k, z, y, x]`, in place.
+fn softmax_channels(scores: &mut Array4<f32>) {
+    for mut lane in scores.lanes_mut(ndarray::Axis(0)) {
+        let max = lane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        lane.mapv_inplace(|v| (v - max).exp());
+        let sum = lane.sum();
+        lane.mapv_inplace(|v| v / sum);
+    }
+}
+
 pub struct CasePrediction {
     /// Stored label values on the input's grid (preprocessing inverted).
     pub labels: Array3<u8>,
@@ -129,7 +199,7 @@ pub fn predict_case(
         &pre.data,
         card.classes.len(),
         card.patch,
-        options.overlap,
+        card.sliding_window(options.overlap),
         2,
         device,
     )?;

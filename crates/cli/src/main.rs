@@ -15,6 +15,7 @@ mod experiment;
 mod figures;
 mod hub;
 mod infer;
+mod interop;
 mod optim;
 mod postprocess;
 mod prepare;
@@ -99,6 +100,15 @@ enum Command {
         /// A `cwseg evaluate --json` report to put in the model card.
         #[arg(long)]
         evaluation: Option<PathBuf>,
+        /// `cwseg`: a model folder; `monai`: a state dict and the constructor's arguments
+        /// (`args.json`) for MONAI's VNet or UNETR, in MONAI's axis order.
+        #[arg(long, value_enum, default_value = "cwseg")]
+        format: ExportFormat,
+    },
+    /// Turn weights trained elsewhere into a cwseg model folder.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
     },
     /// Fetch a model `ORG/NAME[@REV]` into the Hugging Face cache (or find it there offline),
     /// verify its files and print the folder.
@@ -114,6 +124,21 @@ enum Command {
     /// Time the operations that matter to users (contour maps, distances, metrics, losses, a
     /// U-Net training step).
     Bench(bench::BenchOptions),
+}
+
+/// What `export` writes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    Cwseg,
+    Monai,
+}
+
+/// Where `import` takes weights from.
+#[derive(Subcommand)]
+enum ImportSource {
+    /// A MONAI VNet or UNETR: its state dict (safetensors) and constructor arguments (JSON);
+    /// the weights are converted from MONAI's (x, y, z) axis order to cwseg's (z, y, x).
+    Monai(commands::ImportMonaiArgs),
 }
 
 /// Weight precision of `export`.
@@ -185,7 +210,21 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             license,
             evaluation,
+            format,
         } => {
+            if format == ExportFormat::Monai {
+                if !matches!(dtype, DTypeArg::F32) || evaluation.is_some() {
+                    anyhow::bail!(
+                        "--format monai writes f32 weights and no model card: leave out --dtype and --evaluation"
+                    );
+                }
+                interop::export_monai(&run, &out)?;
+                println!(
+                    "MONAI state dict and args.json written to {}",
+                    out.display()
+                );
+                return Ok(());
+            }
             let dtype = match dtype {
                 DTypeArg::F32 => candle_core::DType::F32,
                 DTypeArg::F16 => candle_core::DType::F16,
@@ -203,6 +242,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("model folder written to {}", out.display());
             Ok(())
         }
+        Command::Import {
+            source: ImportSource::Monai(args),
+        } => commands::import_monai(args),
         Command::Pull { model, offline } => {
             let model: hub::HubRef = model.parse()?;
             let dir = hub::pull(&model, offline || hub::offline_from_env())?;

@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::infer::predict_probabilities;
+use crate::infer::{SlidingWindow, predict_probabilities};
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 use crate::postprocess::{self, PostProcessing};
 use crate::prepare::{DataConfig, PreparedCase, Preprocessing, open_data};
@@ -276,8 +276,8 @@ pub struct ModelCard {
     pub cwseg_version: String,
     /// The network.
     pub model: ModelConfig,
-    /// The loss it was trained with.
-    pub loss: LossConfig,
+    /// The loss it was trained with (`None`: trained outside cwseg, see `origin`).
+    pub loss: Option<LossConfig>,
     /// Class names, index = class.
     pub classes: Vec<String>,
     /// Stored label value of each class (written back by `predict`).
@@ -290,6 +290,12 @@ pub struct ModelCard {
     pub patch: [usize; 3],
     /// Inference overlap.
     pub overlap: f64,
+    /// What overlapping windows blend (cards before this field: probabilities).
+    #[serde(default)]
+    pub blend: crate::infer::Blend,
+    /// The window weights (cards before this field: Gaussian).
+    #[serde(default)]
+    pub window_weights: crate::infer::WindowWeights,
     /// Where the training patches' contour maps came from (cards written before this field
     /// existed were trained with per-patch maps).
     #[serde(default = "ContourMaps::legacy")]
@@ -301,6 +307,9 @@ pub struct ModelCard {
     /// SHA-256 of the `model.safetensors` beside it (hex); loading refuses a file that differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
+    /// Where weights trained elsewhere came from and how they were converted (`cwseg import`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// SHA-256 of a file, hex.
@@ -314,6 +323,15 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 impl ModelCard {
+    /// The card's sliding-window settings with `overlap`.
+    pub fn sliding_window(&self, overlap: f64) -> crate::infer::SlidingWindow {
+        crate::infer::SlidingWindow {
+            overlap,
+            blend: self.blend,
+            weights: self.window_weights,
+        }
+    }
+
     /// The card with the digest of the weights file `weights`.
     pub fn with_weights_digest(&self, weights: &Path) -> Result<ModelCard> {
         Ok(ModelCard {
@@ -514,7 +532,7 @@ pub fn validate(
             &case.image.data,
             classes,
             patch,
-            overlap,
+            SlidingWindow::probabilities(overlap),
             2,
             device,
         )?;
@@ -649,7 +667,7 @@ fn decide_postprocessing(
             &case.image.data,
             card.classes.len(),
             card.patch,
-            config.validation.overlap,
+            card.sliding_window(config.validation.overlap),
             2,
             device,
         )?;
@@ -807,16 +825,19 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
     let card = ModelCard {
         cwseg_version: env!("CARGO_PKG_VERSION").to_string(),
         model: model_config.clone(),
-        loss: config.loss.clone(),
+        loss: Some(config.loss.clone()),
         classes: data.dataset.classes.clone(),
         label_values: data.dataset.label_values.clone(),
         modalities: data.dataset.modalities.clone(),
         preprocessing: data.preprocessing,
         patch: config.patch,
         overlap: config.validation.overlap,
+        blend: Default::default(),
+        window_weights: Default::default(),
         contour_maps: config.contour_maps,
         postprocessing: None,
         weights_sha256: None,
+        origin: None,
     };
 
     let vars = VarMap::new();

@@ -5,33 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn cwseg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cwseg"))
-        .args(args)
-        .output()
-        .expect("cwseg runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = cwseg(args);
-    assert!(
-        out.status.success(),
-        "cwseg {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = cwseg(args);
-    assert!(!out.status.success(), "cwseg {args:?} should fail");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a clean error exit, not a panic (101)"
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod common;
+use common::{cwseg, fails, ok};
 
 const TINY: &str = r#"
 patch = [16, 16, 16]

@@ -86,10 +86,16 @@ impl Blender {
     /// A blender for `channels` outputs over a volume of `shape`, windows of `window` weighted
     /// by the Gaussian importance map with `sigma_scale` (0.125: SPEC §6).
     pub fn new(channels: usize, shape: [usize; 3], window: [usize; 3], sigma_scale: f64) -> Self {
+        Blender::with_importance(channels, shape, gaussian_importance(window, sigma_scale))
+    }
+
+    /// A blender whose windows (of the importance map's shape) are weighted by `importance`
+    /// (all ones: MONAI's `mode="constant"`, a plain mean of the overlapping windows).
+    pub fn with_importance(channels: usize, shape: [usize; 3], importance: Array3<f32>) -> Self {
         Blender {
             sum: Array4::zeros((channels, shape[0], shape[1], shape[2])),
             weight: Array3::zeros(shape),
-            importance: gaussian_importance(window, sigma_scale),
+            importance,
         }
     }
 

@@ -9,6 +9,7 @@ mod fused;
 pub mod init;
 pub mod layers;
 pub mod modules;
+pub mod monai;
 pub mod network;
 pub mod ops3d;
 pub mod unet;

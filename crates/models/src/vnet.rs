@@ -1,6 +1,6 @@
 //! V-Net (Milletari 2016) in MONAI's layout (`monai.networks.nets.VNet`): 16-32-64-128-256
 //! channels, 5³ convolutions with batch norm, residual stages, 2³ stride-2 convolutions down,
-//! 2³ stride-2 transposed convolutions up, ELU or PReLU, channel dropout.
+//! 2³ stride-2 transposed convolutions up, ELU, PReLU or ReLU, channel dropout.
 //!
 //! Parameter names are MONAI's, one to one (`in_tr.conv_block.conv.weight`,
 //! `down_tr32.bn1.running_mean`, `up_tr256.ops.1.conv_block.adn.N.weight`, `out_tr.conv2.bias`,
@@ -25,6 +25,8 @@ pub enum VNetActivation {
     Elu,
     /// PReLU with one slope per channel (the original V-Net).
     Prelu,
+    /// ReLU.
+    Relu,
 }
 
 /// V-Net's configuration; the defaults are MONAI's.
@@ -63,6 +65,7 @@ impl Default for VNetConfig {
 enum Act {
     Elu,
     Prelu(PRelu),
+    Relu,
 }
 
 impl Act {
@@ -70,6 +73,7 @@ impl Act {
         Ok(match kind {
             VNetActivation::Elu => Act::Elu,
             VNetActivation::Prelu => Act::Prelu(PRelu::new(channels, vb)?),
+            VNetActivation::Relu => Act::Relu,
         })
     }
 
@@ -77,6 +81,7 @@ impl Act {
         match self {
             Act::Elu => elu(x, 1.0),
             Act::Prelu(p) => p.forward(x),
+            Act::Relu => x.relu(),
         }
     }
 }

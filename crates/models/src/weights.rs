@@ -30,6 +30,28 @@ pub fn save(
         ));
     }
     drop(data);
+    save_tensors(tensors, path, metadata)
+}
+
+/// The variables of `vars` by name, as CPU tensors of their own dtype.
+pub fn tensors(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
+    data.iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
+        .collect()
+}
+
+/// Writes named tensors to `path` (sorted by name, with string `metadata`): a temporary file
+/// beside it, then a rename, so an existing file is replaced whole or not at all.
+pub fn save_tensors(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    path: &Path,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = safetensors::serialize(
         tensors.iter().map(|(n, t)| (n.as_str(), t)),
@@ -86,6 +108,16 @@ pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
     }
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?;
+    assign_strict(vars, &tensors, path)
+}
+
+/// Sets every variable of `vars` from `tensors` (read from `path`, named in errors), refusing
+/// missing, extra or differently shaped tensors and non-finite values, as [`load_strict`].
+pub fn assign_strict(vars: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let weights_error = |message: String| ModelError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
     let data = vars
         .data()
         .lock()

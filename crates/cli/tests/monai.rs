@@ -1,0 +1,472 @@
+//! `cwseg import monai` and `cwseg export --format monai` against MONAI's own outputs
+//! (fixtures from `scripts/monai_fixtures.py`): on orientation-sensitive, non-cubic volumes the
+//! imported model predicts MONAI's labels with probabilities within 1e-4, and the export gives
+//! back MONAI's state dict.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use cwseg_models::ModelConfig;
+use cwseg_models::monai::{MonaiNetwork, from_monai_args};
+use ndarray::{Array4, Axis};
+
+mod common;
+use common::{fails, ok};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/monai")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// MONAI's `(K, x, y, z)` probabilities as cwseg's `[K, z, y, x]`.
+fn monai_probabilities(file: &Path) -> Array4<f32> {
+    let p: Array4<f32> = ndarray_npy::read_npy(file).expect("probabilities.npy");
+    p.permuted_axes([0, 3, 2, 1])
+        .as_standard_layout()
+        .to_owned()
+}
+
+/// `cwseg predict --probabilities` of `model` on `image`: the labels and the probabilities.
+fn cwseg_predict(model: &Path, image: &Path, dir: &Path) -> (ndarray::Array3<u8>, Array4<f32>) {
+    let output = dir.join("prediction.nii.gz");
+    ok(&[
+        "predict",
+        "--model",
+        path(model),
+        "--input",
+        path(image),
+        "--output",
+        path(&output),
+        "--probabilities",
+    ]);
+    let labels = cwseg_data::read_label(&output, &Default::default())
+        .expect("labels")
+        .data;
+    let case = path(image)
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.strip_suffix(".nii.gz"))
+        .expect("a .nii.gz file");
+    let folder = dir.join(format!("{case}_probabilities"));
+    let mut classes = Vec::new();
+    for k in 0.. {
+        let file = folder.join(format!("class_{k:02}.nii.gz"));
+        if !file.exists() {
+            break;
+        }
+        let image = cwseg_data::read_image(&file, &Default::default()).expect("probabilities");
+        classes.push(image.data.index_axis(Axis(0), 0).to_owned());
+    }
+    let views: Vec<_> = classes.iter().map(|c| c.view()).collect();
+    (
+        labels,
+        ndarray::stack(Axis(0), &views).expect("same shapes"),
+    )
+}
+
+/// Probabilities within `tolerance`, and the labels equal wherever MONAI's top two classes are
+/// more than `2 · tolerance` apart (elsewhere an argmax may flip within the tolerance).
+fn assert_agrees(
+    what: &str,
+    labels: &ndarray::Array3<u8>,
+    cwseg: &Array4<f32>,
+    monai: &Array4<f32>,
+) {
+    const TOLERANCE: f32 = 1e-4;
+    assert_eq!(cwseg.shape(), monai.shape(), "{what}: shapes");
+    let worst = cwseg
+        .iter()
+        .zip(monai)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        worst <= TOLERANCE,
+        "{what}: probabilities differ by up to {worst}"
+    );
+    let (mut decided, mut differ) = (0, 0);
+    for ((z, y, x), &label) in labels.indexed_iter() {
+        let mut p: Vec<f32> = (0..monai.shape()[0]).map(|k| monai[[k, z, y, x]]).collect();
+        let best = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .expect("classes");
+        p.sort_by(f32::total_cmp);
+        if p[p.len() - 1] - p[p.len() - 2] > 2.0 * TOLERANCE {
+            decided += 1;
+            differ += usize::from(usize::from(label) != best);
+        }
+    }
+    assert_eq!(
+        differ, 0,
+        "{what}: {differ} of {decided} decided voxels labelled otherwise than MONAI"
+    );
+    assert!(
+        decided * 100 >= labels.len() * 99,
+        "{what}: only {decided} of {} voxels decided",
+        labels.len()
+    );
+}
+
+#[test]
+fn an_imported_unetr_predicts_monais_labels() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = tmp.path().join("unetr");
+    let source = fixtures().join("unetr");
+    ok(&[
+        "import",
+        "monai",
+        "--network",
+        "unetr",
+        "--args",
+        path(&source.join("args.json")),
+        "--weights",
+        path(&source.join("state.safetensors")),
+        "--out",
+        path(&model),
+    ]);
+    let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), tmp.path());
+    assert_agrees(
+        "UNETR, one window",
+        &labels,
+        &p,
+        &monai_probabilities(&source.join("probabilities.npy")),
+    );
+    // the rods along x and along z are told apart, as in MONAI
+    let truth = cwseg_data::read_label(fixtures().join("truth.nii.gz"), &Default::default())
+        .expect("truth")
+        .data;
+    for class in [1u8, 2] {
+        let both = labels
+            .iter()
+            .zip(&truth)
+            .filter(|(a, b)| **a == class && **b == class)
+            .count();
+        let sum = labels.iter().filter(|&&a| a == class).count()
+            + truth.iter().filter(|&&b| b == class).count();
+        assert!(
+            2 * both * 100 >= 95 * sum,
+            "class {class}: Dice {}",
+            2.0 * both as f64 / sum as f64
+        );
+    }
+    let large = tmp.path().join("large");
+    std::fs::create_dir(&large).expect("mkdir");
+    let (labels, p) = cwseg_predict(&model, &fixtures().join("image_large.nii.gz"), &large);
+    assert_agrees(
+        "UNETR, Gaussian-blended windows",
+        &labels,
+        &p,
+        &monai_probabilities(&source.join("probabilities_large.npy")),
+    );
+    // MONAI's default mode, "constant": the plain mean of the overlapping windows' logits
+    let constant = tmp.path().join("unetr-constant");
+    ok(&[
+        "import",
+        "monai",
+        "--network",
+        "unetr",
+        "--args",
+        path(&source.join("args.json")),
+        "--weights",
+        path(&source.join("state.safetensors")),
+        "--out",
+        path(&constant),
+        "--mode",
+        "constant",
+    ]);
+    let dir = tmp.path().join("constant");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let (labels, p) = cwseg_predict(&constant, &fixtures().join("image_large.nii.gz"), &dir);
+    assert_agrees(
+        "UNETR, constant-weighted windows",
+        &labels,
+        &p,
+        &monai_probabilities(&source.join("probabilities_large_constant.npy")),
+    );
+}
+
+/// The formula of `scripts/monai_fixtures.py` for MONAI VNet's kernels: He-uniform values from
+/// splitmix64 of the name's FNV-1a hash plus the index.
+fn formula_weights(name: &str, shape: &[usize]) -> Vec<f32> {
+    let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+    }
+    let fan_in = (shape[1] * shape[2..].iter().product::<usize>()) as f64;
+    let bound = (6.0 / fan_in).sqrt();
+    (0..shape.iter().product::<usize>() as u64)
+        .map(|i| {
+            let mut z = hash.wrapping_add(i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0;
+            (u * bound) as f32
+        })
+        .collect()
+}
+
+/// MONAI's VNet state dict for the fixture `name`: kernels by the formula (the kernels are
+/// cubic, so MONAI's shapes are cwseg's), the rest from `small.safetensors`.
+fn vnet_state(source: &Path) -> HashMap<String, Tensor> {
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("args.json")).expect("args"))
+            .expect("json");
+    let config = from_monai_args(MonaiNetwork::Vnet, &args)
+        .expect("VNet arguments")
+        .config;
+    let vars = VarMap::new();
+    config
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .expect("VNet");
+    let mut state = candle_core::safetensors::load(source.join("small.safetensors"), &Device::Cpu)
+        .expect("small");
+    for (name, t) in cwseg_models::weights::tensors(&vars).expect("tensors") {
+        if t.rank() == 5 {
+            let values = formula_weights(&name, t.dims());
+            state.insert(
+                name,
+                Tensor::from_vec(values, t.dims(), &Device::Cpu).expect("tensor"),
+            );
+        }
+    }
+    state
+}
+
+#[test]
+fn imported_vnets_predict_monais_labels_with_relu_and_prelu() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for act in ["relu", "prelu"] {
+        let source = fixtures().join(format!("vnet_{act}"));
+        let weights = tmp.path().join(format!("{act}.safetensors"));
+        candle_core::safetensors::save(&vnet_state(&source), &weights).expect("state dict");
+        let model = tmp.path().join(format!("vnet_{act}"));
+        ok(&[
+            "import",
+            "monai",
+            "--network",
+            "vnet",
+            "--args",
+            path(&source.join("args.json")),
+            "--weights",
+            path(&weights),
+            "--out",
+            path(&model),
+            "--patch",
+            "16,48,32",
+        ]);
+        let dir = tmp.path().join(act);
+        std::fs::create_dir(&dir).expect("mkdir");
+        let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), &dir);
+        assert_agrees(
+            &format!("VNet {act}"),
+            &labels,
+            &p,
+            &monai_probabilities(&source.join("probabilities.npy")),
+        );
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("values")
+}
+
+#[test]
+fn export_gives_back_monais_state_dict_and_arguments() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = fixtures().join("unetr");
+    let model = tmp.path().join("unetr");
+    ok(&[
+        "import",
+        "monai",
+        "--network",
+        "unetr",
+        "--args",
+        path(&source.join("args.json")),
+        "--weights",
+        path(&source.join("state.safetensors")),
+        "--out",
+        path(&model),
+    ]);
+    let exported = tmp.path().join("for-monai");
+    ok(&[
+        "export",
+        path(&model),
+        "--out",
+        path(&exported),
+        "--format",
+        "monai",
+    ]);
+    let original = candle_core::safetensors::load(source.join("state.safetensors"), &Device::Cpu)
+        .expect("original");
+    let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
+        .expect("exported");
+    let mut names: Vec<_> = original.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        {
+            let mut b: Vec<_> = back.keys().collect();
+            b.sort();
+            b
+        },
+        "tensor names"
+    );
+    for name in names {
+        assert_eq!(original[name].dims(), back[name].dims(), "{name}");
+        assert_eq!(flat(&original[name]), flat(&back[name]), "{name}");
+    }
+    let read = |p: &Path| -> ModelConfig {
+        let args = serde_json::from_str(&std::fs::read_to_string(p).expect("args")).expect("json");
+        from_monai_args(MonaiNetwork::Unetr, &args)
+            .expect("UNETR arguments")
+            .config
+    };
+    assert_eq!(
+        read(&exported.join("args.json")),
+        read(&source.join("args.json"))
+    );
+
+    // V-Net: every tensor back, and a num_batches_tracked counter beside each batch norm, as
+    // MONAI's load_state_dict(strict=True) wants
+    let source = fixtures().join("vnet_relu");
+    let weights = tmp.path().join("vnet.safetensors");
+    let state = vnet_state(&source);
+    candle_core::safetensors::save(&state, &weights).expect("state dict");
+    let model = tmp.path().join("vnet");
+    ok(&[
+        "import",
+        "monai",
+        "--network",
+        "vnet",
+        "--args",
+        path(&source.join("args.json")),
+        "--weights",
+        path(&weights),
+        "--out",
+        path(&model),
+        "--patch",
+        "16,48,32",
+    ]);
+    let exported = tmp.path().join("vnet-for-monai");
+    ok(&[
+        "export",
+        path(&model),
+        "--out",
+        path(&exported),
+        "--format",
+        "monai",
+    ]);
+    let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
+        .expect("exported");
+    assert_eq!(back.len(), state.len(), "same tensors, counters included");
+    for (name, t) in &state {
+        if !name.ends_with("num_batches_tracked") {
+            assert_eq!(flat(t), flat(&back[name]), "{name}");
+        }
+    }
+}
+
+#[test]
+fn monai_options_cwseg_lacks_are_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = fixtures().join("unetr");
+    let weights = source.join("state.safetensors");
+    for (key, value) in [
+        ("norm_name", "\"batch\""),
+        ("res_block", "false"),
+        ("spatial_dims", "2"),
+    ] {
+        let mut args: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("args.json")).expect("args"))
+                .expect("json");
+        args[key] = serde_json::from_str(value).expect("value");
+        let file = tmp.path().join(format!("{key}.json"));
+        std::fs::write(&file, args.to_string()).expect("write");
+        let out = tmp.path().join(key);
+        let message = fails(&[
+            "import",
+            "monai",
+            "--network",
+            "unetr",
+            "--args",
+            path(&file),
+            "--weights",
+            path(&weights),
+            "--out",
+            path(&out),
+        ]);
+        assert!(
+            message.contains(key) && message.contains(path(&file)),
+            "{key}: {message}"
+        );
+        assert!(!out.exists(), "{key}: nothing written");
+    }
+    // MONAI weights of another configuration: refused naming the tensors, nothing written
+    let mut args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("args.json")).expect("args"))
+            .expect("json");
+    args["feature_size"] = 16.into();
+    let file = tmp.path().join("wider.json");
+    std::fs::write(&file, args.to_string()).expect("write");
+    let out = tmp.path().join("wider");
+    let message = fails(&[
+        "import",
+        "monai",
+        "--network",
+        "unetr",
+        "--args",
+        path(&file),
+        "--weights",
+        path(&weights),
+        "--out",
+        path(&out),
+    ]);
+    assert!(
+        message.contains("wrong shapes") && message.contains(path(&weights)),
+        "{message}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn model_config_json_is_honoured_field_by_field() {
+    // the fixture UNETR as a cwseg config: its classes and img_size, not the flags' defaults
+    let args: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("unetr/args.json")).expect("args"),
+    )
+    .expect("json");
+    let config = from_monai_args(MonaiNetwork::Unetr, &args)
+        .expect("UNETR")
+        .config;
+    let json = serde_json::to_string(&config).expect("config");
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&["model", "--config", &json, "--json"])).expect("json");
+    // MONAI's own count: every element of its state dict (UNETR has no buffers)
+    let state =
+        candle_core::safetensors::load(fixtures().join("unetr/state.safetensors"), &Device::Cpu)
+            .expect("state");
+    let monai: usize = state.values().map(|t| t.elem_count()).sum();
+    assert_eq!(report["parameters"], monai);
+    let more: serde_json::Value = serde_json::from_str(&ok(&[
+        "model",
+        "--config",
+        &json,
+        "--classes",
+        "5",
+        "--json",
+    ]))
+    .expect("json");
+    let head = 8 + 1; // out conv: feature_size × classes weights + 1 bias per class
+    assert_eq!(
+        more["parameters"].as_u64(),
+        Some(monai as u64 + 2 * head as u64)
+    );
+}
