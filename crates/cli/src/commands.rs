@@ -52,7 +52,8 @@ pub struct TrainArgs {
     /// A split file (`{"train": [...], "val": [...], "test": [...]}`).
     #[arg(long)]
     split: Option<PathBuf>,
-    /// Network name (`unet`).
+    /// Network name: unet, vnet, unetr (its position embeddings take the patch size) or
+    /// deeplabv3; a `[model]` table in --config sets its fields.
     #[arg(long)]
     model: Option<String>,
     /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary).
@@ -526,7 +527,7 @@ pub struct EvaluateArgs {
     /// NSD tolerance in mm.
     #[arg(long, default_value_t = 1.0)]
     tolerance: f64,
-    /// Print the JSON report (DESIGN.md) instead of the table.
+    /// Print the JSON report instead of the table (layout in the README, "For MONAI users").
     #[arg(long)]
     json: bool,
     /// Also write per-case rows as CSV.

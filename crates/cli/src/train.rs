@@ -633,10 +633,16 @@ fn differing_fields(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<Stri
             _ => {}
         }
     }
+    // the network's channels, classes and UNETR's input size come from the data and the patch:
+    // train.toml records the run's, a configuration given beside --resume may hold defaults
+    let derived_cleared = |c: &TrainConfig| TrainConfig {
+        model: c.model.with_io(0, 0).with_input_size(c.patch),
+        ..c.clone()
+    };
     let mut out = Vec::new();
     walk(
-        &toml::Value::try_from(saved)?,
-        &toml::Value::try_from(given)?,
+        &toml::Value::try_from(derived_cleared(saved))?,
+        &toml::Value::try_from(derived_cleared(given))?,
         "",
         &mut out,
     );
@@ -802,7 +808,15 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
     }
 
     data.split.write(dir.join("split.json"))?;
-    cwseg_data::dataset::write_atomic(&saved_config, toml::to_string_pretty(config)?.as_bytes())?;
+    // the run's own network (channels and classes from the data), not the configuration's defaults
+    let recorded = TrainConfig {
+        model: model_config.clone(),
+        ..config.clone()
+    };
+    cwseg_data::dataset::write_atomic(
+        &saved_config,
+        toml::to_string_pretty(&recorded)?.as_bytes(),
+    )?;
     tracing::info!(
         cases = data.split.train.len(),
         val = data.split.val.len(),

@@ -110,6 +110,13 @@ fn train_resume_predict_evaluate() {
     ] {
         assert!(straight.join(file).exists(), "{file}");
     }
+    // train.toml records the run's network: the phantom's 1 channel and 14 classes, whatever
+    // the configuration left at its defaults
+    let recorded: toml::Value =
+        toml::from_str(&std::fs::read_to_string(straight.join("train.toml")).expect("train.toml"))
+            .expect("toml");
+    assert_eq!(recorded["model"]["classes"].as_integer(), Some(14));
+    assert_eq!(recorded["model"]["in_channels"].as_integer(), Some(1));
     let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 2);
     let first: serde_json::Value =
