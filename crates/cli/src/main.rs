@@ -273,6 +273,32 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM: during training the first one stops the loop after the current
+/// step, which saves and exits with 130 / 143; a second one, or one outside training, ends the
+/// command at once with that code.
+fn stop_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::Ordering;
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        tracing::warn!("cannot watch SIGINT / SIGTERM: an interrupted run saves nothing");
+        return;
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if signal == SIGTERM {
+                train::TERMINATED.store(true, Ordering::SeqCst);
+            }
+            if !train::TRAINING.load(Ordering::SeqCst)
+                || train::INTERRUPTED.swap(true, Ordering::SeqCst)
+            {
+                eprintln!("\ninterrupted");
+                std::process::exit(128 + signal);
+            }
+            eprintln!("\nstopping after this step and saving (Ctrl-C again to quit at once)");
+        }
+    });
+}
+
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     // freed activations stay in the heap for the next step (glibc; see cwseg_models::alloc)
@@ -285,22 +311,18 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let _ = ctrlc::set_handler(|| {
-        use std::sync::atomic::Ordering;
-        if !train::TRAINING.load(Ordering::SeqCst)
-            || train::INTERRUPTED.swap(true, Ordering::SeqCst)
-        {
-            eprintln!("\ninterrupted");
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step and saving (Ctrl-C again to quit at once)");
-    });
+    stop_on_signals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             if e.downcast_ref::<train::Interrupted>().is_some() {
-                ExitCode::from(130)
+                use std::sync::atomic::Ordering;
+                ExitCode::from(if train::TERMINATED.load(Ordering::SeqCst) {
+                    143
+                } else {
+                    130
+                })
             } else {
                 ExitCode::FAILURE
             }

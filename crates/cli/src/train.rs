@@ -424,14 +424,18 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// Set by Ctrl-C; the loop stops after the current step and saves.
+/// Set by Ctrl-C (SIGINT) or SIGTERM; the loop stops after the current step and saves.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Set by SIGTERM: the command exits with 143 instead of 130.
+pub static TERMINATED: AtomicBool = AtomicBool::new(false);
 
 /// Whether a training loop is running, which stops cleanly on the first Ctrl-C (elsewhere the
 /// first Ctrl-C ends the command at once).
 pub static TRAINING: AtomicBool = AtomicBool::new(false);
 
-/// A run stopped by Ctrl-C after saving what can be resumed: the command exits with 130.
+/// A run stopped by Ctrl-C or SIGTERM after saving what can be resumed: the command exits
+/// with 130 or 143, as a shell reports those signals.
 #[derive(Debug)]
 pub struct Interrupted(pub String);
 

@@ -942,6 +942,63 @@ fn silent_wrong_answers_are_errors() {
     assert!(!out.exists());
 }
 
+/// SIGTERM (a batch scheduler's stop) during training: the run stops after the step, saves,
+/// exits with 143, and `--resume` finishes it.
+#[test]
+fn sigterm_saves_and_exits_143() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("term.toml");
+    std::fs::write(&config, TINY.replace("epochs = 2", "epochs = 400")).expect("config");
+    let run = dir.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args([
+            "train",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--out",
+        ])
+        .arg(&run)
+        .arg("--quiet")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // signal once the first epoch is written: training is under way
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
+        assert!(started.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("saving"), "{stderr}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("last/state.json")).expect("saved state"),
+    )
+    .expect("json");
+    assert_eq!(state["finished"], false);
+    // the saved run resumes (and is extended no further than its 400 epochs: stop it again
+    // with the test hook after a few batches)
+    let resumed = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args(["train", "--resume", "--quiet", "--out"])
+        .arg(&run)
+        .env("CWSEG_INTERRUPT_AFTER_BATCHES", "2")
+        .output()
+        .expect("resume");
+    assert_eq!(
+        resumed.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+}
+
 /// Crash safety: a run killed with SIGKILL at several moments (some inside checkpoint writes)
 /// and resumed each time ends with the weights and optimizer state of an uninterrupted run, bit
 /// for bit, and one metrics line per epoch.
