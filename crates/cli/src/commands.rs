@@ -17,7 +17,7 @@ use cwseg_metrics::{
 };
 use cwseg_models::{ModelConfig, describe};
 use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
-use ndarray::{Array4, ArrayD, Axis, s};
+use ndarray::{Array4, Axis, s};
 use serde_json::json;
 
 use crate::figures::{Panel, write_panels};
@@ -913,146 +913,6 @@ pub struct LossArgs {
     json: bool,
 }
 
-/// The dtype code (`<f4`, `|u1` …) and shape of a `.npy` file, after checking that the file
-/// holds exactly the bytes its header promises (nothing is allocated from an unchecked header).
-fn npy_header(path: &Path) -> Result<(String, Vec<usize>)> {
-    use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let length = file
-        .metadata()
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    let mut start = [0u8; 12];
-    let not_npy = || anyhow::anyhow!("{}: not a .npy file", path.display());
-    file.read_exact(&mut start[..10]).map_err(|_| not_npy())?;
-    if &start[..6] != b"\x93NUMPY" {
-        return Err(not_npy());
-    }
-    let (header_len, prefix) = match start[6] {
-        1 => (u64::from(u16::from_le_bytes([start[8], start[9]])), 10u64),
-        2 | 3 => {
-            file.read_exact(&mut start[10..12]).map_err(|_| not_npy())?;
-            (
-                u64::from(u32::from_le_bytes([
-                    start[8], start[9], start[10], start[11],
-                ])),
-                12,
-            )
-        }
-        v => bail!(
-            "{}: .npy format version {v} is not supported",
-            path.display()
-        ),
-    };
-    if prefix + header_len > length {
-        bail!(
-            "{}: the .npy header runs past the end of the file",
-            path.display()
-        );
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|_| not_npy())?;
-    let header = String::from_utf8_lossy(&header);
-    let field = |name: &str| -> Option<&str> {
-        let at = header.find(&format!("'{name}'"))? + name.len() + 2;
-        Some(header[at..].trim_start().strip_prefix(':')?.trim_start())
-    };
-    let descr = field("descr")
-        .and_then(|v| v.strip_prefix('\''))
-        .and_then(|v| v.split('\'').next())
-        .ok_or_else(|| anyhow::anyhow!("{}: the .npy header has no dtype", path.display()))?
-        .to_string();
-    if field("fortran_order").is_some_and(|v| v.starts_with("True")) {
-        bail!(
-            "{}: Fortran-order .npy arrays are not supported",
-            path.display()
-        );
-    }
-    let shape_text = field("shape")
-        .and_then(|v| v.strip_prefix('('))
-        .and_then(|v| v.split(')').next())
-        .ok_or_else(|| anyhow::anyhow!("{}: the .npy header has no shape", path.display()))?;
-    let shape = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse::<usize>())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "{}: shape ({shape_text}) is not a list of sizes",
-                path.display()
-            )
-        })?;
-    let item: u64 = descr
-        .get(2..)
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{}: dtype {descr} is not a number type", path.display()))?;
-    let bytes = shape
-        .iter()
-        .try_fold(item, |acc, &d| acc.checked_mul(d as u64));
-    let data = length - prefix - header_len;
-    if bytes != Some(data) {
-        bail!(
-            "{}: the header's shape {shape:?} of {descr} needs {} bytes of data, the file has {data}",
-            path.display(),
-            bytes.map_or("more than 2^64".to_string(), |b| b.to_string())
-        );
-    }
-    Ok((descr, shape))
-}
-
-/// Logits: a `.npy` of f32 or f64, every value finite.
-fn read_npy_logits(path: &Path) -> Result<ArrayD<f64>> {
-    use ndarray_npy::ReadNpyExt;
-    let (descr, _) = npy_header(path)?;
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let logits = match descr.as_str() {
-        "<f8" => ArrayD::<f64>::read_npy(file)?,
-        "<f4" => ArrayD::<f32>::read_npy(file)?.mapv(f64::from),
-        other => bail!(
-            "{}: logits must be f32 or f64 (little-endian), the file holds {other}",
-            path.display()
-        ),
-    };
-    if logits.iter().any(|v| !v.is_finite()) {
-        bail!("{}: the logits hold NaN or infinite values", path.display());
-    }
-    Ok(logits)
-}
-
-/// Labels: a `.npy` of an integer type, every value a non-negative class index that fits i64.
-fn read_npy_labels(path: &Path) -> Result<ArrayD<i64>> {
-    use ndarray_npy::ReadNpyExt;
-    let (descr, _) = npy_header(path)?;
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let labels = match descr.as_str() {
-        "<i8" => ArrayD::<i64>::read_npy(file)?,
-        "<i4" => ArrayD::<i32>::read_npy(file)?.mapv(i64::from),
-        "<i2" => ArrayD::<i16>::read_npy(file)?.mapv(i64::from),
-        "|i1" => ArrayD::<i8>::read_npy(file)?.mapv(i64::from),
-        "<u8" => {
-            let wide = ArrayD::<u64>::read_npy(file)?;
-            if let Some(v) = wide.iter().find(|&&v| v > i64::MAX as u64) {
-                bail!("{}: label {v} is not a class index", path.display());
-            }
-            wide.mapv(|v| v as i64)
-        }
-        "<u4" => ArrayD::<u32>::read_npy(file)?.mapv(i64::from),
-        "<u2" => ArrayD::<u16>::read_npy(file)?.mapv(i64::from),
-        "|u1" => ArrayD::<u8>::read_npy(file)?.mapv(i64::from),
-        other => bail!(
-            "{}: labels must be integers (little-endian), the file holds {other}",
-            path.display()
-        ),
-    };
-    if let Some(v) = labels.iter().find(|&&v| v < 0) {
-        bail!("{}: label {v} is negative", path.display());
-    }
-    Ok(labels)
-}
-
 /// `cwseg loss`.
 pub fn loss(args: LossArgs) -> Result<()> {
     let config = match &args.config {
@@ -1063,8 +923,8 @@ pub fn loss(args: LossArgs) -> Result<()> {
         .with_context(|| path.display().to_string())?,
         None => LossConfig::from_name(&args.loss)?,
     };
-    let logits = read_npy_logits(&args.logits)?;
-    let labels = read_npy_labels(&args.labels)?;
+    let logits = cwseg_data::npy::read_npy_logits(&args.logits)?;
+    let labels = cwseg_data::npy::read_npy_labels(&args.labels)?;
     if logits.ndim() != 5 || labels.ndim() != 4 {
         bail!(
             "logits {} have shape {:?} (need N,K,D,H,W) and labels {} {:?} (need N,D,H,W)",

@@ -63,6 +63,14 @@ pub enum DataError {
         /// What is wrong.
         message: String,
     },
+    /// A `.npy` file that is not one, or whose header and data disagree.
+    #[error("{}: {message}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// An argument outside its domain (a zero patch size, an overlap of 1 ...).
     #[error("{0}")]
     Invalid(String),

@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod error;
 pub mod intensity;
 pub mod loader;
+pub mod npy;
 pub mod phantom;
 pub mod resample;
 pub mod sampling;

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The long fuzz runs: `fuzz/run.sh TARGET [RUNS]` (targets: nifti, npy; RUNS default 1000000).
+# cargo-fuzz needs nightly-only compiler flags (sanitizers, coverage); this machine has one
+# stable toolchain and fetches no other, so RUSTC_BOOTSTRAP=1 lets the stable compiler take them.
+# Prints libFuzzer's summary; a crash leaves its input in fuzz/artifacts/TARGET/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${1:?usage: fuzz/run.sh nifti|npy [RUNS]}"
+runs="${2:-1000000}"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+mkdir -p "fuzz/corpus/$target"
+RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" --release -- -runs="$runs" -max_len=4096 \
+    -print_final_stats=1 "fuzz/corpus/$target"
