@@ -9,5 +9,10 @@ target="${1:?usage: fuzz/run.sh nifti|npy [RUNS]}"
 runs="${2:-1000000}"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 mkdir -p "fuzz/corpus/$target"
+# seeds: the NIfTI test fixtures, the committed .npy files
+case "$target" in
+  nifti) cp -n crates/data/tests/fixtures/*.nii "fuzz/corpus/$target/" ;;
+  npy) cp -n fuzz/seeds/npy/*.npy "fuzz/corpus/$target/" ;;
+esac
 RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" --release -- -runs="$runs" -max_len=4096 \
     -print_final_stats=1 "fuzz/corpus/$target"
