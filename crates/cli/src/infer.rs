@@ -146,8 +146,6 @@ pub fn predict_probabilities(
     Ok(out)
 }
 
-/// A prediction of one case on the input's grid, with the probabilities on the network's grid
-/// and what is needed to map them back.
 /// Softmax over the first axis of `[k, z, y, x]`, in place.
 fn softmax_channels(scores: &mut Array4<f32>) {
     for mut lane in scores.lanes_mut(ndarray::Axis(0)) {
@@ -158,6 +156,8 @@ fn softmax_channels(scores: &mut Array4<f32>) {
     }
 }
 
+/// A prediction of one case on the input's grid, with the probabilities on the network's grid
+/// and what is needed to map them back.
 pub struct CasePrediction {
     /// Stored label values on the input's grid (preprocessing inverted).
     pub labels: Array3<u8>,
