@@ -68,6 +68,23 @@ pub fn recover(dir: &Path) -> Result<()> {
     remove_if_present(&partial)
 }
 
+/// Writes the new folder `out` whole: `fill` writes into a temporary folder beside it, which is
+/// then renamed to `out`; on an error the temporary folder is removed and nothing is left.
+pub fn write_new_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".cwseg-model-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    fill(tmp.path())?;
+    let kept = tmp.keep();
+    fs::rename(&kept, out).with_context(|| format!("moving the new folder to {}", out.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

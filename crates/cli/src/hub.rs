@@ -320,15 +320,15 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
     drop(network);
     weights::load_strict(&vars, model_dir.join("model.safetensors"))?;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".cwseg-export-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    let evaluation = options
+        .evaluation
+        .as_ref()
+        .map(|p| -> Result<serde_json::Value> {
+            let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a `cwseg evaluate --json` report", p.display()))
+        })
+        .transpose()?;
     let metadata: HashMap<String, String> = [
         ("format", "pt".to_string()),
         ("cwseg_version", card.cwseg_version.clone()),
@@ -339,36 +339,21 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    weights::save(
-        &vars,
-        tmp.path().join("model.safetensors"),
-        options.dtype,
-        &metadata,
-    )?;
-    let card = card.with_weights_digest(&tmp.path().join("model.safetensors"))?;
-    fs::write(
-        tmp.path().join("config.json"),
-        serde_json::to_string_pretty(&card)?,
-    )
-    .context("writing config.json")?;
-    let evaluation = options
-        .evaluation
-        .as_ref()
-        .map(|p| -> Result<serde_json::Value> {
-            let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a `cwseg evaluate --json` report", p.display()))
-        })
-        .transpose()?;
-    let readme = model_card(&card, run_dir.as_deref(), evaluation.as_ref(), options)?;
-    fs::write(tmp.path().join("README.md"), readme).context("writing README.md")?;
-    let kept = tmp.keep();
-    fs::rename(&kept, out).with_context(|| {
-        format!(
-            "moving the exported folder {} to {}",
-            kept.display(),
-            out.display()
+    crate::checkpoint::write_new_folder(out, |tmp| {
+        weights::save(
+            &vars,
+            tmp.join("model.safetensors"),
+            options.dtype,
+            &metadata,
+        )?;
+        let card = card.with_weights_digest(&tmp.join("model.safetensors"))?;
+        fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&card)?,
         )
+        .context("writing config.json")?;
+        let readme = model_card(&card, run_dir.as_deref(), evaluation.as_ref(), options)?;
+        fs::write(tmp.join("README.md"), readme).context("writing README.md")
     })?;
     Ok(())
 }

@@ -45,23 +45,6 @@ fn class_name(network: MonaiNetwork) -> &'static str {
     }
 }
 
-/// Writes the folder `out` whole: `fill` writes into a temporary folder beside it, which is
-/// then renamed; an existing `out` is refused before anything is read.
-fn write_new_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".cwseg-model-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
-    fill(tmp.path())?;
-    let kept = tmp.keep();
-    fs::rename(&kept, out).with_context(|| format!("moving the new folder to {}", out.display()))
-}
-
 fn refuse_existing(out: &Path) -> Result<()> {
     if out.exists() {
         bail!(
@@ -119,7 +102,7 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
     network.check_size(patch)?;
     weights::assign_strict(&vars, &tensors, &options.weights)?;
     let card = imported_card(&import.config, class, patch, options)?;
-    write_new_folder(&options.out, |tmp| {
+    crate::checkpoint::write_new_folder(&options.out, |tmp| {
         let metadata: HashMap<String, String> = [
             ("format".to_string(), "pt".to_string()),
             ("model".to_string(), card.model.name().to_string()),
@@ -235,7 +218,7 @@ pub fn export_monai(run: &Path, out: &Path) -> Result<()> {
     weights::load_strict(&vars, dir.join("model.safetensors"))?;
     let state = to_monai(&card.model, weights::tensors(&vars)?)?;
     let class = class_name(network);
-    write_new_folder(out, |tmp| {
+    crate::checkpoint::write_new_folder(out, |tmp| {
         let metadata: HashMap<String, String> = [
             ("format".to_string(), "pt".to_string()),
             ("monai_class".to_string(), class.to_string()),

@@ -23,6 +23,24 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `cwseg import monai --network NETWORK --args ARGS --weights WEIGHTS --out OUT EXTRA...`.
+fn import_monai(network: &str, args: &str, weights: &str, out: &str, extra: &[&str]) {
+    let mut command = vec![
+        "import",
+        "monai",
+        "--network",
+        network,
+        "--args",
+        args,
+        "--weights",
+        weights,
+        "--out",
+        out,
+    ];
+    command.extend_from_slice(extra);
+    ok(&command);
+}
+
 /// MONAI's `(K, x, y, z)` probabilities as cwseg's `[K, z, y, x]`.
 fn monai_probabilities(file: &Path) -> Array4<f32> {
     let p: Array4<f32> = ndarray_npy::read_npy(file).expect("probabilities.npy");
@@ -116,18 +134,13 @@ fn an_imported_unetr_predicts_monais_labels() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = tmp.path().join("unetr");
     let source = fixtures().join("unetr");
-    ok(&[
-        "import",
-        "monai",
-        "--network",
+    import_monai(
         "unetr",
-        "--args",
         path(&source.join("args.json")),
-        "--weights",
         path(&source.join("state.safetensors")),
-        "--out",
         path(&model),
-    ]);
+        &[],
+    );
     let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), tmp.path());
     assert_agrees(
         "UNETR, one window",
@@ -164,20 +177,13 @@ fn an_imported_unetr_predicts_monais_labels() {
     );
     // MONAI's default mode, "constant": the plain mean of the overlapping windows' logits
     let constant = tmp.path().join("unetr-constant");
-    ok(&[
-        "import",
-        "monai",
-        "--network",
+    import_monai(
         "unetr",
-        "--args",
         path(&source.join("args.json")),
-        "--weights",
         path(&source.join("state.safetensors")),
-        "--out",
         path(&constant),
-        "--mode",
-        "constant",
-    ]);
+        &["--mode", "constant"],
+    );
     let dir = tmp.path().join("constant");
     std::fs::create_dir(&dir).expect("mkdir");
     let (labels, p) = cwseg_predict(&constant, &fixtures().join("image_large.nii.gz"), &dir);
@@ -245,20 +251,13 @@ fn imported_vnets_predict_monais_labels_with_relu_and_prelu() {
         let weights = tmp.path().join(format!("{act}.safetensors"));
         candle_core::safetensors::save(&vnet_state(&source), &weights).expect("state dict");
         let model = tmp.path().join(format!("vnet_{act}"));
-        ok(&[
-            "import",
-            "monai",
-            "--network",
+        import_monai(
             "vnet",
-            "--args",
             path(&source.join("args.json")),
-            "--weights",
             path(&weights),
-            "--out",
             path(&model),
-            "--patch",
-            "16,48,32",
-        ]);
+            &["--patch", "16,48,32"],
+        );
         let dir = tmp.path().join(act);
         std::fs::create_dir(&dir).expect("mkdir");
         let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), &dir);
@@ -283,18 +282,13 @@ fn export_gives_back_monais_state_dict_and_arguments() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let source = fixtures().join("unetr");
     let model = tmp.path().join("unetr");
-    ok(&[
-        "import",
-        "monai",
-        "--network",
+    import_monai(
         "unetr",
-        "--args",
         path(&source.join("args.json")),
-        "--weights",
         path(&source.join("state.safetensors")),
-        "--out",
         path(&model),
-    ]);
+        &[],
+    );
     let exported = tmp.path().join("for-monai");
     ok(&[
         "export",
@@ -341,20 +335,13 @@ fn export_gives_back_monais_state_dict_and_arguments() {
     let state = vnet_state(&source);
     candle_core::safetensors::save(&state, &weights).expect("state dict");
     let model = tmp.path().join("vnet");
-    ok(&[
-        "import",
-        "monai",
-        "--network",
+    import_monai(
         "vnet",
-        "--args",
         path(&source.join("args.json")),
-        "--weights",
         path(&weights),
-        "--out",
         path(&model),
-        "--patch",
-        "16,48,32",
-    ]);
+        &["--patch", "16,48,32"],
+    );
     let exported = tmp.path().join("vnet-for-monai");
     ok(&[
         "export",
