@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use cwseg_data::{PhantomConfig, argmax};
+use cwseg_data::{Anatomy, AugmentConfig, PhantomConfig, argmax};
 use cwseg_losses::LossConfig;
 use cwseg_metrics::{
     Aggregate, CaseMetrics, ClassSet, Summary, TableMetric, evaluate_case, markdown_table,
@@ -17,10 +17,12 @@ use ndarray::{Array3, Axis};
 use serde_json::json;
 
 use crate::compare::{PairedLine, PairedMetric, SeedRuns, compare};
-use crate::figures::{Panel, write_panels};
+use crate::figures::{LegendEntry, Panel, label_colour, write_titled_panels};
 use crate::infer::predict_probabilities;
+use crate::optim::Schedule;
 use crate::prepare::{DataConfig, SyntheticConfig, open_data};
 use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
+use cwseg_models::{ModelConfig, UNetConfig};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -37,16 +39,37 @@ pub struct DemoOptions {
     pub quiet: bool,
 }
 
-/// Erosions of the contour band in the demo. The paper's 6 (k = 3) are for CT slices of about
-/// 512² voxels; the phantom is 48 × 64 × 64, where a 6-voxel band on both sides of every
-/// boundary covers most of the volume, so the band is scaled down with the image.
-pub const DEMO_CONTOUR_ITERATIONS: usize = 2;
+/// The demo phantom: the compact anatomy (7 classes, each its own intensity) at 24 × 32 × 32
+/// voxels of 6 × 4 × 4 mm, the field of view of the default 96 × 128 × 128 phantom at a quarter
+/// of the voxels per axis, so that a 3-D U-Net learns every class in about a minute per run on
+/// two CPU cores. Each training patch is the whole volume.
+pub const DEMO_PHANTOM: PhantomConfig = PhantomConfig {
+    anatomy: Anatomy::Compact,
+    shape: [24, 32, 32],
+    spacing: [6.0, 4.0, 4.0],
+    noise: 0.08,
+    bias: 0.15,
+    blur: 0.7,
+};
 
-/// The run configuration of one demo training.
+/// Width in millimetres of the paper's contour band: 6 erosions of CT slices of about 0.75 mm
+/// pixels.
+pub const PAPER_BAND_MM: f64 = 4.5;
+
+/// Erosions of the demo's contour band: [`PAPER_BAND_MM`] over the phantom's in-plane spacing,
+/// rounded, at least 1 (the paper's 6 on the phantom would make nearly every voxel contour).
+pub fn demo_contour_iterations() -> usize {
+    let in_plane = DEMO_PHANTOM.spacing[1].min(DEMO_PHANTOM.spacing[2]);
+    ((PAPER_BAND_MM / in_plane).round() as usize).max(1)
+}
+
+/// The run configuration of one demo training: the U-Net at 16 filters and 3 levels, Adam at
+/// 0.01 with cosine decay, no flips (they would swap the phantom's left and right).
 pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<TrainConfig> {
     let loss = match loss {
         "cwcd" => LossConfig::from_json(&format!(
-            r#"{{"name": "cwcd", "contour": {{"iterations": {DEMO_CONTOUR_ITERATIONS}}}}}"#
+            r#"{{"name": "cwcd", "contour": {{"iterations": {}}}}}"#,
+            demo_contour_iterations()
         ))?,
         other => LossConfig::from_name(other)?,
     };
@@ -56,25 +79,32 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
             synthetic: SyntheticConfig {
                 train: 6,
                 test: 3,
-                phantom: PhantomConfig {
-                    shape: [48, 64, 64],
-                    ..PhantomConfig::default()
-                },
+                phantom: DEMO_PHANTOM,
                 seed: 1000,
             },
             val_fraction: 0.17,
             ..DataConfig::default()
         },
+        model: ModelConfig::Unet(UNetConfig {
+            filters: 16,
+            depth: 3,
+            ..UNetConfig::default()
+        }),
         loss,
-        patch: [32, 32, 32],
+        patch: DEMO_PHANTOM.shape,
         batch_size: 2,
-        epochs: if quick { 4 } else { 5 },
-        batches_per_epoch: if quick { 10 } else { 12 },
+        epochs: if quick { 5 } else { 14 },
+        batches_per_epoch: 10,
         seed,
         device: device.to_string(),
         optimizer: crate::optim::OptimizerConfig {
-            lr: 1e-3,
+            lr: 0.01,
             ..Default::default()
+        },
+        schedule: Schedule::Cosine { min_lr: 1e-4 },
+        augment: AugmentConfig {
+            flip_probability: 0.0,
+            ..AugmentConfig::default()
         },
         ..TrainConfig::default()
     })
@@ -243,7 +273,20 @@ pub fn run(options: &DemoOptions) -> Result<String> {
     if let (Some((image, label)), Some(cedl), Some(cwcd)) =
         (figure_case, &predictions[0], &predictions[1])
     {
-        write_figure(&options.out.join("demo.png"), &image, &label, cedl, cwcd)?;
+        let classes: Vec<String> = DEMO_PHANTOM
+            .anatomy
+            .classes()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        write_figure(
+            &options.out.join("demo.png"),
+            &image,
+            &label,
+            cedl,
+            cwcd,
+            &classes,
+        )?;
     }
     Ok(report)
 }
@@ -286,29 +329,64 @@ fn paired_table(lines: &[PairedLine]) -> String {
     md
 }
 
-/// One axial slice (the one with the most classes): image, ground truth, CEDL, CWCD, and the
-/// contour map CWCE weighted during training (of the whole ground-truth volume).
+/// Colours of the error map: both predictions wrong, only CEDL wrong, only CWCD wrong.
+const ERROR_COLOURS: [[u8; 3]; 3] = [[255, 255, 255], [255, 140, 0], [0, 200, 255]];
+
+/// The axial slice where the two predictions differ in the most voxels (ties: the most
+/// ground-truth classes, then the lowest index).
+fn figure_slice(label: &Array3<u8>, cedl: &Array3<u8>, cwcd: &Array3<u8>) -> usize {
+    let score = |z: usize| {
+        let differ = ndarray::Zip::from(cedl.index_axis(Axis(0), z))
+            .and(cwcd.index_axis(Axis(0), z))
+            .fold(0usize, |n, a, b| n + usize::from(a != b));
+        let mut seen = [false; 256];
+        label
+            .index_axis(Axis(0), z)
+            .iter()
+            .for_each(|&l| seen[l as usize] = true);
+        (differ, seen.iter().filter(|&&s| s).count())
+    };
+    (0..label.dim().0)
+        .rev()
+        .max_by_key(|&z| score(z))
+        .unwrap_or(0)
+}
+
+/// The error map: 1 where both predictions miss the truth, 2 where only CEDL does, 3 where
+/// only CWCD does, 0 where both are right.
+fn error_map(label: &Array3<u8>, cedl: &Array3<u8>, cwcd: &Array3<u8>) -> Array3<u8> {
+    let mut out = Array3::<u8>::zeros(label.dim());
+    ndarray::Zip::from(&mut out)
+        .and(label)
+        .and(cedl)
+        .and(cwcd)
+        .for_each(|e, &t, &a, &b| {
+            *e = match (a != t, b != t) {
+                (true, true) => 1,
+                (true, false) => 2,
+                (false, true) => 3,
+                (false, false) => 0,
+            }
+        });
+    out
+}
+
+/// `demo.png`: one axial slice (where the losses differ most) of the first held-out phantom
+/// under seed 0: titled panels (image, ground truth, CEDL, CWCD, the contour map CWCE weighted
+/// in training, the errors of each) and legends for the classes and the error colours.
 fn write_figure(
     path: &Path,
     image: &Array3<f32>,
     label: &Array3<u8>,
     cedl: &Array3<u8>,
     cwcd: &Array3<u8>,
+    classes: &[String],
 ) -> Result<()> {
-    let z = (0..label.dim().0)
-        .max_by_key(|&z| {
-            let mut seen = [false; 256];
-            label
-                .index_axis(Axis(0), z)
-                .iter()
-                .for_each(|&l| seen[l as usize] = true);
-            seen.iter().filter(|&&s| s).count()
-        })
-        .unwrap_or(0);
-    // the band CWCE weighted in training (the demo's erosions, not the paper's 6 at CT scale)
+    let z = figure_slice(label, cedl, cwcd);
+    // the band CWCE weighted in training, of the whole ground-truth volume
     let spec = ContourSpec {
         erosion: ErosionSpec {
-            iterations: DEMO_CONTOUR_ITERATIONS,
+            iterations: demo_contour_iterations(),
             ..ErosionSpec::paper()
         },
         include_background: true,
@@ -316,16 +394,51 @@ fn write_figure(
     let contours = contour_map(label.view(), &spec)?
         .into_union()
         .mapv(u8::from);
+    let errors = error_map(label, cedl, cwcd);
     let img = image.index_axis(Axis(0), z);
-    write_panels(
-        path,
-        &[
-            Panel::Gray(img),
+    let panels = [
+        ("image", Panel::Gray(img)),
+        (
+            "ground truth",
             Panel::Labels(img, label.index_axis(Axis(0), z)),
-            Panel::Labels(img, cedl.index_axis(Axis(0), z)),
-            Panel::Labels(img, cwcd.index_axis(Axis(0), z)),
+        ),
+        ("CEDL", Panel::Labels(img, cedl.index_axis(Axis(0), z))),
+        ("CWCD", Panel::Labels(img, cwcd.index_axis(Axis(0), z))),
+        (
+            "contour map",
             Panel::Mask(img, contours.index_axis(Axis(0), z)),
-        ],
-        3,
-    )
+        ),
+        (
+            "errors",
+            Panel::Categories(img, errors.index_axis(Axis(0), z), &ERROR_COLOURS),
+        ),
+    ];
+    let heading = format!("held-out phantom, axial slice z = {z}");
+    let mut legend: Vec<Vec<LegendEntry>> = Vec::new();
+    for (k, name) in classes.iter().enumerate().skip(1) {
+        if (k - 1) % 4 == 0 {
+            legend.push(Vec::new());
+        }
+        if let Some(line) = legend.last_mut() {
+            line.push(LegendEntry {
+                colour: label_colour(k as u8),
+                name: name.clone(),
+            });
+        }
+    }
+    legend.push(
+        ["both wrong", "CEDL wrong", "CWCD wrong"]
+            .iter()
+            .zip(ERROR_COLOURS)
+            .map(|(name, colour)| LegendEntry {
+                colour,
+                name: name.to_string(),
+            })
+            .collect(),
+    );
+    legend.push(vec![LegendEntry {
+        colour: [255, 255, 0],
+        name: format!("contour band ({} erosion(s))", spec.erosion.iterations),
+    }]);
+    write_titled_panels(path, &heading, &panels, &legend, 3, 6)
 }

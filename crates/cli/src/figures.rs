@@ -41,6 +41,43 @@ pub enum Panel<'a> {
     Labels(ArrayView2<'a, f32>, ArrayView2<'a, u8>),
     /// A binary map (contours) in white over an image slice.
     Mask(ArrayView2<'a, f32>, ArrayView2<'a, u8>),
+    /// Categories over an image slice: value `k > 0` painted in `colours[k − 1]` (opaque),
+    /// 0 left grey.
+    Categories(ArrayView2<'a, f32>, ArrayView2<'a, u8>, &'a [[u8; 3]]),
+}
+
+impl Panel<'_> {
+    fn image(&self) -> ArrayView2<'_, f32> {
+        match self {
+            Panel::Gray(a) | Panel::Labels(a, _) | Panel::Mask(a, _) | Panel::Categories(a, ..) => {
+                a.view()
+            }
+        }
+    }
+
+    /// The colour of pixel `(y, x)` over grey level `g`.
+    fn pixel(&self, y: usize, x: usize, g: u8) -> [u8; 3] {
+        let grey = [g, g, g];
+        match self {
+            Panel::Gray(_) => grey,
+            Panel::Labels(_, l) => match l[[y, x]] {
+                0 => grey,
+                k => {
+                    let c = label_colour(k);
+                    std::array::from_fn(|i| ((c[i] as u16 * 6 + g as u16 * 4) / 10) as u8)
+                }
+            },
+            Panel::Mask(_, m) if m[[y, x]] != 0 => [255, 255, 0],
+            Panel::Mask(..) => grey,
+            Panel::Categories(_, m, colours) => match m[[y, x]] {
+                0 => grey,
+                k => colours
+                    .get(k as usize - 1)
+                    .copied()
+                    .unwrap_or([255, 255, 255]),
+            },
+        }
+    }
 }
 
 fn gray(image: ArrayView2<f32>) -> Array2<u8> {
@@ -75,55 +112,162 @@ pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// An RGB image on a white background.
+struct Canvas {
+    width: usize,
+    height: usize,
+    rgb: Vec<u8>,
+}
+
+/// Height in pixels of one line of text at text scale 2 (8 × 8 glyphs doubled, plus spacing).
+const LINE: usize = 20;
+
+impl Canvas {
+    fn new(width: usize, height: usize) -> Canvas {
+        Canvas {
+            width,
+            height,
+            rgb: vec![255; width * height * 3],
+        }
+    }
+
+    fn put(&mut self, x: usize, y: usize, c: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let o = (y * self.width + x) * 3;
+            self.rgb[o..o + 3].copy_from_slice(&c);
+        }
+    }
+
+    fn rect(&mut self, x0: usize, y0: usize, w: usize, h: usize, c: [u8; 3]) {
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                self.put(x, y, c);
+            }
+        }
+    }
+
+    /// `text` in black 8 × 8 glyphs (public-domain font8x8) doubled, top-left at `(x0, y0)`;
+    /// characters outside ASCII are drawn as `?`. Returns the width drawn.
+    fn text(&mut self, x0: usize, y0: usize, text: &str) -> usize {
+        let mut x = x0;
+        for ch in text.chars() {
+            let code = if ch.is_ascii() {
+                ch as usize
+            } else {
+                b'?' as usize
+            };
+            let glyph = font8x8::legacy::BASIC_LEGACY[code];
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..8 {
+                    if bits & (1 << col) != 0 {
+                        self.rect(x + 2 * col, y0 + 2 * row, 2, 2, [0, 0, 0]);
+                    }
+                }
+            }
+            x += 16;
+        }
+        x - x0
+    }
+
+    /// A panel scaled by `scale` with its top-left corner at `(x0, y0)`.
+    fn panel(&mut self, x0: usize, y0: usize, panel: &Panel, scale: usize) {
+        let base = gray(panel.image());
+        let (h, w) = base.dim();
+        for y in 0..h * scale {
+            for x in 0..w * scale {
+                let (sy, sx) = (y / scale, x / scale);
+                let c = panel.pixel(sy, sx, base[[sy, sx]]);
+                self.put(x0 + x, y0 + y, c);
+            }
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        write_png(path, self.width, self.height, &self.rgb)
+    }
+}
+
 /// Panels side by side, each scaled by `scale`, 4 white pixels apart.
 pub fn write_panels(path: &Path, panels: &[Panel], scale: usize) -> Result<()> {
-    let dims = |p: &Panel| match p {
-        Panel::Gray(a) | Panel::Labels(a, _) | Panel::Mask(a, _) => a.dim(),
-    };
-    let h = panels.iter().map(|p| dims(p).0).max().unwrap_or(1) * scale;
     let gap = 4;
-    let w: usize = panels
+    let h = panels.iter().map(|p| p.image().dim().0).max().unwrap_or(1) * scale;
+    let w = panels
         .iter()
-        .map(|p| dims(p).1 * scale + gap)
+        .map(|p| p.image().dim().1 * scale + gap)
         .sum::<usize>()
         .saturating_sub(gap)
         .max(1);
-    let mut rgb = vec![255u8; w * h * 3];
+    let mut canvas = Canvas::new(w, h.max(1));
     let mut x0 = 0;
     for panel in panels {
-        let (ph, pw) = dims(panel);
-        let base = match panel {
-            Panel::Gray(a) | Panel::Labels(a, _) | Panel::Mask(a, _) => gray(*a),
-        };
-        for y in 0..ph * scale {
-            for x in 0..pw * scale {
-                let (sy, sx) = (y / scale, x / scale);
-                let g = base[[sy, sx]];
-                let mut px = [g, g, g];
-                match panel {
-                    Panel::Gray(_) => {}
-                    Panel::Labels(_, l) => {
-                        let k = l[[sy, sx]];
-                        if k != 0 {
-                            let c = label_colour(k);
-                            px = std::array::from_fn(|i| {
-                                ((c[i] as u16 * 6 + px[i] as u16 * 4) / 10) as u8
-                            });
-                        }
-                    }
-                    Panel::Mask(_, m) => {
-                        if m[[sy, sx]] != 0 {
-                            px = [255, 255, 0];
-                        }
-                    }
-                }
-                let o = (y * w + x0 + x) * 3;
-                rgb[o..o + 3].copy_from_slice(&px);
-            }
-        }
-        x0 += pw * scale + gap;
+        canvas.panel(x0, 0, panel, scale);
+        x0 += panel.image().dim().1 * scale + gap;
     }
-    write_png(path, w, h, &rgb)
+    canvas.save(path)
+}
+
+/// A legend entry: a colour swatch and its name.
+pub struct LegendEntry {
+    /// The swatch.
+    pub colour: [u8; 3],
+    /// The name.
+    pub name: String,
+}
+
+/// A figure: a heading, titled panels on a grid of `columns` columns, each panel scaled by
+/// `scale`, and legend lines below (each line a row of swatches and names).
+pub fn write_titled_panels(
+    path: &Path,
+    heading: &str,
+    panels: &[(&str, Panel)],
+    legend: &[Vec<LegendEntry>],
+    columns: usize,
+    scale: usize,
+) -> Result<()> {
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns);
+    let (ph, pw) = panels
+        .iter()
+        .map(|(_, p)| p.image().dim())
+        .fold((1, 1), |(h, w), (ph, pw)| (h.max(ph), w.max(pw)));
+    let title_width = panels.iter().map(|(t, _)| t.len() * 16).max().unwrap_or(0);
+    let (cell_w, cell_h, margin) = ((pw * scale).max(title_width), ph * scale + LINE, 12);
+    let legend_width = legend
+        .iter()
+        .map(|line| {
+            line.iter()
+                .map(|e| 28 + e.name.len() * 16 + 16)
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0);
+    let width = (columns * (cell_w + margin) + margin)
+        .max(legend_width + 2 * margin)
+        .max(heading.len() * 16 + 2 * margin);
+    let top = margin + LINE + 4;
+    let height = top + rows * (cell_h + margin) + legend.len() * (LINE + 4) + margin;
+    let mut canvas = Canvas::new(width, height);
+    canvas.text(margin, margin, heading);
+    for (i, (title, panel)) in panels.iter().enumerate() {
+        let (x0, y0) = (
+            margin + (i % columns) * (cell_w + margin),
+            top + (i / columns) * (cell_h + margin),
+        );
+        canvas.text(x0, y0, title);
+        canvas.panel(x0, y0 + LINE, panel, scale);
+    }
+    let mut y = top + rows * (cell_h + margin);
+    for line in legend {
+        let mut x = margin;
+        for entry in line {
+            canvas.rect(x, y, 20, 16, [0, 0, 0]);
+            canvas.rect(x + 1, y + 1, 18, 14, entry.colour);
+            x += 28;
+            x += canvas.text(x, y, &entry.name) + 16;
+        }
+        y += LINE + 4;
+    }
+    canvas.save(path)
 }
 
 /// Training curves from `metrics.jsonl`: the loss (left, blue) and the validation DSC (right,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{DataError, Result};
-use crate::phantom::{PHANTOM_CLASSES, PhantomConfig, phantom};
+use crate::phantom::{PhantomConfig, phantom};
 use crate::volume::{Geometry, Image, LabelMap, ReadOptions, read_image, read_label, write_volume};
 
 /// The 15 organ classes of AMOS (after background), in label order.
@@ -599,7 +599,9 @@ pub fn write_phantom_dataset(
             testing.push(json!(format!("./imagesTs/{id}.nii.gz")));
         }
     }
-    let labels: serde_json::Map<String, Value> = PHANTOM_CLASSES
+    let labels: serde_json::Map<String, Value> = config
+        .anatomy
+        .classes()
         .iter()
         .enumerate()
         .map(|(i, n)| (i.to_string(), json!(n)))

@@ -20,7 +20,7 @@ pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, write_phantom_dataset};
 pub use error::{DataError, Result};
 pub use intensity::{Normalization, normalize, percentile, zscore};
 pub use loader::{Batch, EpochLoader, LoaderConfig, draw_batch};
-pub use phantom::{PHANTOM_CLASSES, PhantomConfig, phantom};
+pub use phantom::{Anatomy, COMPACT_PHANTOM_CLASSES, PHANTOM_CLASSES, PhantomConfig, phantom};
 pub use resample::{
     Interpolation, resample_image, resample_image_to, resample_label, resample_label_to,
 };

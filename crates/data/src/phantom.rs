@@ -31,10 +31,49 @@ pub const PHANTOM_CLASSES: [&str; 14] = [
     "vertebra",
 ];
 
+/// Class names of the compact phantom ([`Anatomy::Compact`]), index = label value.
+pub const COMPACT_PHANTOM_CLASSES: [&str; 8] = [
+    "background",
+    "liver",
+    "spleen",
+    "kidneys",
+    "aorta",
+    "gallbladder",
+    "liver_lesion",
+    "vertebra",
+];
+
+/// Which organs the phantom holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Anatomy {
+    /// The 13 organs of [`PHANTOM_CLASSES`]; left and right organs share an intensity and
+    /// neighbouring organs have close ones, so telling them apart takes anatomical context.
+    #[default]
+    Abdomen,
+    /// The 7 organs of [`COMPACT_PHANTOM_CLASSES`], each with its own intensity (kidneys one
+    /// class, no adrenals, pancreas, stomach or vena cava, the gallbladder and the lesion wider): still
+    /// imbalanced over three orders of magnitude, with touching and nested structures, but
+    /// learnable by a small network in a few hundred steps on a CPU (the demo's data).
+    Compact,
+}
+
+impl Anatomy {
+    /// Class names, index = label value, background first.
+    pub fn classes(self) -> &'static [&'static str] {
+        match self {
+            Anatomy::Abdomen => &PHANTOM_CLASSES,
+            Anatomy::Compact => &COMPACT_PHANTOM_CLASSES,
+        }
+    }
+}
+
 /// The phantom's size and image quality.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PhantomConfig {
+    /// Which organs.
+    pub anatomy: Anatomy,
     /// Shape `[z, y, x]`; organ sizes scale with it.
     pub shape: [usize; 3],
     /// Spacing `[z, y, x]` mm written to the files.
@@ -50,6 +89,7 @@ pub struct PhantomConfig {
 impl Default for PhantomConfig {
     fn default() -> Self {
         PhantomConfig {
+            anatomy: Anatomy::Abdomen,
             shape: [96, 128, 128],
             spacing: [1.5, 1.0, 1.0],
             noise: 0.08,
@@ -132,6 +172,44 @@ struct Organ {
     inside: Option<u8>,
 }
 
+/// The 13 organs of [`Anatomy::Abdomen`], in painting order (later organs overwrite).
+fn abdomen(jitter: &mut impl FnMut(f64, f64) -> f64) -> Vec<Organ> {
+    #[rustfmt::skip]
+    let organs = vec![
+        Organ { label: 1, centre: [0.50, jitter(0.45, 0.02), jitter(0.31, 0.02)], radii: [0.42, 0.31, 0.25], tube: None, intensity: 0.55, inside: None },
+        Organ { label: 9, centre: [0.40, jitter(0.33, 0.01), jitter(0.44, 0.01)], radii: [0.08, 0.045, 0.04], tube: None, intensity: 0.15, inside: None },
+        Organ { label: 10, centre: [jitter(0.52, 0.06), jitter(0.47, 0.04), jitter(0.27, 0.04)], radii: [0.028, 0.024, 0.024], tube: None, intensity: 0.35, inside: Some(1) },
+        Organ { label: 2, centre: [0.55, jitter(0.52, 0.02), jitter(0.75, 0.02)], radii: [0.15, 0.10, 0.075], tube: None, intensity: 0.62, inside: None },
+        Organ { label: 3, centre: [0.40, jitter(0.68, 0.01), jitter(0.32, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 0.78, inside: None },
+        Organ { label: 4, centre: [0.43, jitter(0.68, 0.01), jitter(0.69, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 0.78, inside: None },
+        Organ { label: 5, centre: [0.63, jitter(0.36, 0.02), jitter(0.62, 0.02)], radii: [0.13, 0.11, 0.10], tube: None, intensity: 0.22, inside: None },
+        Organ { label: 8, centre: [0.50, jitter(0.55, 0.01), 0.53], radii: [0.045, 0.04, 0.14], tube: None, intensity: 0.45, inside: None },
+        Organ { label: 6, centre: [0.50, 0.64, 0.53], radii: [0.0, 0.0, 0.0], tube: Some([0.037, 0.037]), intensity: 0.98, inside: None },
+        Organ { label: 7, centre: [0.50, 0.62, 0.44], radii: [0.0, 0.0, 0.0], tube: Some([0.032, 0.036]), intensity: 0.86, inside: None },
+        Organ { label: 11, centre: [jitter(0.62, 0.02), 0.62, 0.37], radii: [0.045, 0.032, 0.026], tube: None, intensity: 0.5, inside: None },
+        Organ { label: 12, centre: [jitter(0.64, 0.02), 0.62, 0.65], radii: [0.045, 0.032, 0.026], tube: None, intensity: 0.5, inside: None },
+        Organ { label: 13, centre: [0.50, 0.82, 0.50], radii: [0.0, 0.0, 0.0], tube: Some([0.07, 0.065]), intensity: 1.6, inside: None },
+    ];
+    organs
+}
+
+/// The 7 organs of [`Anatomy::Compact`]: the abdomen's geometry with a larger gallbladder and
+/// lesion, each class its own intensity (0.3 apart or more; background 0, organs −0.35–2.5).
+fn compact(jitter: &mut impl FnMut(f64, f64) -> f64) -> Vec<Organ> {
+    #[rustfmt::skip]
+    let organs = vec![
+        Organ { label: 1, centre: [0.50, jitter(0.45, 0.02), jitter(0.31, 0.02)], radii: [0.42, 0.31, 0.25], tube: None, intensity: 0.55, inside: None },
+        Organ { label: 5, centre: [0.40, jitter(0.33, 0.01), jitter(0.44, 0.01)], radii: [0.10, 0.06, 0.052], tube: None, intensity: -0.35, inside: None },
+        Organ { label: 6, centre: [jitter(0.52, 0.06), jitter(0.47, 0.04), jitter(0.27, 0.04)], radii: [0.1, 0.09, 0.09], tube: None, intensity: 0.95, inside: Some(1) },
+        Organ { label: 2, centre: [0.55, jitter(0.52, 0.02), jitter(0.75, 0.02)], radii: [0.15, 0.10, 0.075], tube: None, intensity: 1.25, inside: None },
+        Organ { label: 3, centre: [0.40, jitter(0.68, 0.01), jitter(0.32, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 1.6, inside: None },
+        Organ { label: 3, centre: [0.43, jitter(0.68, 0.01), jitter(0.69, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 1.6, inside: None },
+        Organ { label: 4, centre: [0.50, 0.64, 0.53], radii: [0.0, 0.0, 0.0], tube: Some([0.037, 0.037]), intensity: 2.0, inside: None },
+        Organ { label: 7, centre: [0.50, 0.82, 0.50], radii: [0.0, 0.0, 0.0], tube: Some([0.07, 0.065]), intensity: 2.5, inside: None },
+    ];
+    organs
+}
+
 /// Largest phantom, in voxels (a 1024³ volume): the generator holds a few f32 copies.
 pub const MAX_PHANTOM_VOXELS: u64 = 1 << 30;
 
@@ -176,22 +254,10 @@ pub fn phantom(config: &PhantomConfig, seed: u64) -> Result<(Array3<f32>, Array3
     let shape_noise = value_noise(shape, (shape[1] as f64 / 6.0).max(2.0), &mut rng);
     let texture = value_noise(shape, 3.0, &mut rng);
     let mut jitter = |v: f64, amount: f64| v + rng.random_range(-amount..amount);
-    #[rustfmt::skip]
-    let organs = vec![
-        Organ { label: 1, centre: [0.50, jitter(0.45, 0.02), jitter(0.31, 0.02)], radii: [0.42, 0.31, 0.25], tube: None, intensity: 0.55, inside: None },
-        Organ { label: 9, centre: [0.40, jitter(0.33, 0.01), jitter(0.44, 0.01)], radii: [0.08, 0.045, 0.04], tube: None, intensity: 0.15, inside: None },
-        Organ { label: 10, centre: [jitter(0.52, 0.06), jitter(0.47, 0.04), jitter(0.27, 0.04)], radii: [0.028, 0.024, 0.024], tube: None, intensity: 0.35, inside: Some(1) },
-        Organ { label: 2, centre: [0.55, jitter(0.52, 0.02), jitter(0.75, 0.02)], radii: [0.15, 0.10, 0.075], tube: None, intensity: 0.62, inside: None },
-        Organ { label: 3, centre: [0.40, jitter(0.68, 0.01), jitter(0.32, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 0.78, inside: None },
-        Organ { label: 4, centre: [0.43, jitter(0.68, 0.01), jitter(0.69, 0.01)], radii: [0.13, 0.065, 0.05], tube: None, intensity: 0.78, inside: None },
-        Organ { label: 5, centre: [0.63, jitter(0.36, 0.02), jitter(0.62, 0.02)], radii: [0.13, 0.11, 0.10], tube: None, intensity: 0.22, inside: None },
-        Organ { label: 8, centre: [0.50, jitter(0.55, 0.01), 0.53], radii: [0.045, 0.04, 0.14], tube: None, intensity: 0.45, inside: None },
-        Organ { label: 6, centre: [0.50, 0.64, 0.53], radii: [0.0, 0.0, 0.0], tube: Some([0.037, 0.037]), intensity: 0.98, inside: None },
-        Organ { label: 7, centre: [0.50, 0.62, 0.44], radii: [0.0, 0.0, 0.0], tube: Some([0.032, 0.036]), intensity: 0.86, inside: None },
-        Organ { label: 11, centre: [jitter(0.62, 0.02), 0.62, 0.37], radii: [0.045, 0.032, 0.026], tube: None, intensity: 0.5, inside: None },
-        Organ { label: 12, centre: [jitter(0.64, 0.02), 0.62, 0.65], radii: [0.045, 0.032, 0.026], tube: None, intensity: 0.5, inside: None },
-        Organ { label: 13, centre: [0.50, 0.82, 0.50], radii: [0.0, 0.0, 0.0], tube: Some([0.07, 0.065]), intensity: 1.6, inside: None },
-    ];
+    let organs = match config.anatomy {
+        Anatomy::Abdomen => abdomen(&mut jitter),
+        Anatomy::Compact => compact(&mut jitter),
+    };
     let mut labels = Array3::<u8>::zeros(shape);
     let mut body = Array3::<bool>::from_elem(shape, false);
     let norm = |i: usize, n: usize| (i as f64 + 0.5) / n as f64;

@@ -1,7 +1,7 @@
 //! The synthetic phantom: determinism, class sizes, touching and nested structures.
 
 use cwseg_data::phantom::class_sizes;
-use cwseg_data::{PHANTOM_CLASSES, PhantomConfig, phantom};
+use cwseg_data::{Anatomy, COMPACT_PHANTOM_CLASSES, PHANTOM_CLASSES, PhantomConfig, phantom};
 use ndarray::Array3;
 
 fn neighbours(labels: &Array3<u8>, a: u8, b: u8) -> usize {
@@ -32,6 +32,62 @@ fn neighbours(labels: &Array3<u8>, a: u8, b: u8) -> usize {
         }
     }
     count
+}
+
+/// The compact phantom: 7 classes, all present (also at the demo's 24 × 32 × 32), the liver at
+/// least 25 times the smallest, the lesion nested in the liver, the gallbladder touching it,
+/// and each class's mean intensity at least 0.15 from every other's (intensity tells them apart).
+#[test]
+fn compact_phantom_has_distinct_classes() {
+    let config = PhantomConfig {
+        anatomy: Anatomy::Compact,
+        shape: [48, 64, 64],
+        ..PhantomConfig::default()
+    };
+    let demo = PhantomConfig {
+        shape: [24, 32, 32],
+        ..config
+    };
+    for seed in 1000..1009 {
+        let (_, labels) = phantom(&demo, seed).expect("phantom");
+        let sizes = class_sizes(&labels, COMPACT_PHANTOM_CLASSES.len());
+        assert!(sizes.iter().all(|&s| s > 0), "seed {seed}: {sizes:?}");
+    }
+    for seed in [1000, 1001, 1002] {
+        let (image, labels) = phantom(&config, seed).expect("phantom");
+        let classes = COMPACT_PHANTOM_CLASSES.len();
+        let sizes = class_sizes(&labels, classes);
+        eprintln!("seed {seed}: {sizes:?}");
+        assert!(labels.iter().all(|&l| (l as usize) < classes));
+        let foreground = &sizes[1..];
+        let (min, max) = (
+            *foreground.iter().min().expect("classes"),
+            *foreground.iter().max().expect("classes"),
+        );
+        assert!(min >= 100 && max >= 25 * min, "sizes {sizes:?}");
+        assert!(neighbours(&labels, 6, 1) > 0, "lesion touches the liver");
+        let lesion_other: usize = (0..classes as u8)
+            .filter(|&c| c != 6 && c != 1)
+            .map(|c| neighbours(&labels, 6, c))
+            .sum();
+        assert_eq!(lesion_other, 0, "lesion inside the liver");
+        assert!(
+            neighbours(&labels, 5, 1) > 0,
+            "gallbladder touches the liver"
+        );
+        let mut means = vec![0.0f64; classes];
+        for (&v, &l) in image.iter().zip(labels.iter()) {
+            means[l as usize] += f64::from(v) / sizes[l as usize] as f64;
+        }
+        for a in 0..classes {
+            for b in a + 1..classes {
+                assert!(
+                    (means[a] - means[b]).abs() > 0.15,
+                    "classes {a} and {b}: mean intensities {means:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -60,8 +60,24 @@ impl ModelConfig {
         }
     }
 
-    /// Builds the network with parameters from (or created in) `vb`.
+    /// Builds the network with parameters from (or created in) `vb`, after checking on shapes
+    /// alone (nothing allocated) that it holds at most [`MAX_PARAMETERS`] values.
     pub fn build(&self, vb: VarBuilder) -> Result<Network> {
+        self.parameter_count()?;
+        self.build_unchecked(vb)
+    }
+
+    /// Trainable parameters and buffers (running statistics included), counted by building
+    /// the network on shapes alone: every tensor is a broadcast zero, so no width allocates.
+    /// Errors when the count passes [`MAX_PARAMETERS`].
+    pub fn parameter_count(&self) -> Result<u64> {
+        let counter = ShapeCounter::default();
+        let vb = VarBuilder::from_backend(Box::new(counter.clone()), DType::F32, Device::Cpu);
+        self.build_unchecked(vb)?;
+        counter.total()
+    }
+
+    fn build_unchecked(&self, vb: VarBuilder) -> Result<Network> {
         match self {
             ModelConfig::Unet(c) => Ok(Network::UNet(Box::new(UNet::new(*c, vb)?))),
             ModelConfig::Vnet(c) => Ok(Network::VNet(Box::new(VNet::new(*c, vb)?))),
@@ -201,6 +217,67 @@ impl ModuleT for Network {
             Network::Unetr(n) => n.forward_t(x, train),
             Network::DeepLabV3(n) => n.forward_t(x, train),
         }
+    }
+}
+
+/// Most values (parameters and buffers) a network may hold: 2³¹, 8 GiB in f32, five times
+/// the largest network of the paper's kind; a configuration past it is refused before anything
+/// is allocated.
+pub const MAX_PARAMETERS: u64 = 1 << 31;
+
+/// A variable backend that hands out broadcast zeros of the asked shapes and adds up their
+/// element counts, refusing a tensor that would pass [`MAX_PARAMETERS`] in all.
+#[derive(Clone, Default)]
+struct ShapeCounter {
+    total: std::sync::Arc<std::sync::Mutex<u64>>,
+}
+
+impl ShapeCounter {
+    fn total(&self) -> Result<u64> {
+        self.total
+            .lock()
+            .map(|t| *t)
+            .map_err(|_| ModelError::Config("the parameter counter's lock is poisoned".into()))
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for ShapeCounter {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let count = shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let mut total = self.total.lock().map_err(|_| {
+            candle_core::Error::Msg("the parameter counter's lock is poisoned".into())
+        })?;
+        match count.and_then(|c| total.checked_add(c)) {
+            Some(t) if t <= MAX_PARAMETERS => *total = t,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "the network holds more than {MAX_PARAMETERS} parameters (`{name}` alone is {:?}); \
+                     make it narrower or shallower",
+                    shape.dims()
+                )));
+            }
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "`{name}` asked for without a shape while counting parameters"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
     }
 }
 

@@ -637,3 +637,58 @@ fn deeplabv3_matches_its_pytorch_transcription_and_trains() {
         "DeepLabV3 training lowers the loss: {first} → {last}"
     );
 }
+
+/// The shape-only count (nothing allocated) agrees with the built networks' variables, and an
+/// absurd width is refused by name before any allocation (a UNETR of hidden size 10⁹ would ask
+/// for 10¹⁸ values; it used to start allocating).
+#[test]
+fn absurd_widths_are_refused_before_anything_is_allocated() {
+    for name in cwseg_models::MODEL_NAMES {
+        let config = match ModelConfig::from_name(name, 2, 4).expect("config") {
+            ModelConfig::Unetr(c) => ModelConfig::Unetr(cwseg_models::UnetrConfig {
+                hidden_size: 96,
+                mlp_dim: 192,
+                num_heads: 2,
+                feature_size: 8,
+                img_size: [32, 32, 32],
+                ..c
+            }),
+            other => other,
+        };
+        let vars = VarMap::new();
+        config
+            .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+            .expect("build");
+        let built: u64 = vars
+            .data()
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|v| v.elem_count() as u64)
+            .sum();
+        assert_eq!(config.parameter_count().expect("count"), built, "{name}");
+    }
+    let huge: ModelConfig = serde_json::from_str(
+        r#"{"name": "unetr", "in_channels": 1, "classes": 3, "img_size": [32, 32, 32],
+            "hidden_size": 1000000000, "mlp_dim": 3072, "num_heads": 1}"#,
+    )
+    .expect("json");
+    let start = std::time::Instant::now();
+    let err = huge.parameter_count().expect_err("too large");
+    assert!(
+        err.to_string().contains("more than 2147483648 parameters"),
+        "{err}"
+    );
+    let err = huge
+        .build(VarBuilder::from_varmap(
+            &VarMap::new(),
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .expect_err("too large");
+    assert!(err.to_string().contains("narrower"), "{err}");
+    let wide_unet: ModelConfig =
+        serde_json::from_str(r#"{"name": "unet", "filters": 100000}"#).expect("json");
+    assert!(describe(&wide_unet, [32, 32, 32]).is_err());
+    assert!(start.elapsed().as_secs() < 5, "refused without allocating");
+}
