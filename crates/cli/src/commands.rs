@@ -340,6 +340,26 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 /// Refuses an output that would overwrite one of the inputs.
+/// Refuses an output file whose folder does not exist or which is itself a folder, before any
+/// computation (so a second output cannot fail after the first was written).
+fn check_output_file(flag: &str, output: &Path) -> Result<()> {
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist",
+            output.display(),
+            parent.display()
+        );
+    }
+    if output.is_dir() {
+        bail!("{flag} {}: is a folder, expected a file", output.display());
+    }
+    Ok(())
+}
+
 fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
     for input in inputs {
         if same_path(output, input) {
@@ -840,8 +860,10 @@ enum BorderArg {
 /// `cwseg contour`.
 pub fn contour(args: ContourArgs) -> Result<()> {
     refuse_overwriting("--output", &args.output, &[&args.label])?;
+    check_output_file("--output", &args.output)?;
     if let Some(png) = &args.png {
         refuse_overwriting("--png", png, &[&args.label, &args.output])?;
+        check_output_file("--png", png)?;
     }
     let label = read_label(&args.label, &ReadOptions::default())?;
     let spec = ContourSpec {

@@ -92,24 +92,26 @@ fn gray(image: ArrayView2<f32>) -> Array2<u8> {
     image.mapv(|x| (((x - lo) / span).clamp(0.0, 1.0) * 255.0) as u8)
 }
 
-/// Writes RGB pixels `height × width` to `path` (temporary file, then rename).
+/// Writes RGB pixels `height × width` to `path` (temporary file, then rename; errors name
+/// `path`, and the temporary file is removed on failure).
 pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
     let tmp = path.with_extension("png.tmp");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
-        .write_header()
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .write_image_data(rgb)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .finish()
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    let encode = || -> Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut encoder =
+            png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(rgb)?;
+        writer.finish()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    encode().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        e.context(format!("writing {}", path.display()))
+    })
 }
 
 /// An RGB image on a white background.

@@ -250,8 +250,12 @@ impl Optimizer {
         );
         let tmp = path.with_extension("safetensors.tmp");
         candle_core::safetensors::save(&tensors, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                e.context(format!("writing {}", path.display()))
+            })
     }
 
     /// Restores the moments written by [`Optimizer::save`].

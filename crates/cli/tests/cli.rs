@@ -534,6 +534,24 @@ fn predict_keeps_its_inputs_and_predicts_every_case() {
     let err = fails(&["contour", "--label", l, "--output", l]);
     assert!(err.contains("would be overwritten"), "{err}");
     assert_eq!(std::fs::read(&label).expect("read"), label_bytes);
+    // a --png into a missing folder is refused before the NIfTI is written
+    let output = dir.path().join("contours.nii.gz");
+    let png = dir.path().join("missing/contours.png");
+    let o = output.to_str().expect("utf-8");
+    let err = fails(&[
+        "contour",
+        "--label",
+        l,
+        "--output",
+        o,
+        "--png",
+        png.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("--png") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!output.exists(), "nothing written");
 }
 
 #[test]

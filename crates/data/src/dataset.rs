@@ -553,8 +553,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    fs::write(&tmp, bytes).map_err(|e| DataError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    // errors name the requested file; the temporary one never outlives a failure
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            DataError::io(path, e)
+        })
 }
 
 /// Writes `train` + `test` phantoms (seeds `seed`, `seed + 1`, ...) as an MSD data set in

@@ -411,7 +411,10 @@ pub fn write_volume<T: Element>(
             let _ = fs::remove_file(&tmp);
             nifti_error(path, e)
         })?;
-    fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        DataError::io(path, e)
+    })
 }
 
 /// Writes one channel of an image as f32.

@@ -426,3 +426,32 @@ fn slabs_cover_the_volume_with_the_overlap() {
     assert_eq!(slabs(20, 32, 16).expect("slabs"), vec![0..20]);
     assert!(slabs(10, 4, 4).is_err());
 }
+
+/// A write that fails names the requested file, not its temporary, and leaves no temporary
+/// behind (the target is a folder, so the final rename fails after the bytes were written).
+#[test]
+fn failed_writes_name_the_file_and_leave_no_temporary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("results.json");
+    std::fs::create_dir(&target).expect("a folder where the file should go");
+    let err = cwseg_data::dataset::write_atomic(&target, b"{}").expect_err("a folder");
+    let named = format!("{}: ", target.display());
+    assert!(err.to_string().starts_with(&named), "{err}");
+    let volume = dir.path().join("label.nii.gz");
+    std::fs::create_dir(&volume).expect("a folder where the volume should go");
+    let label = cwseg_data::LabelMap {
+        data: Array3::zeros((2, 3, 4)),
+        geometry: cwseg_data::Geometry::new([2, 3, 4], [1.0, 1.0, 1.0]),
+    };
+    let err = cwseg_data::write_label(&volume, &label).expect_err("a folder");
+    assert!(
+        err.to_string().contains(&format!("{}", volume.display())),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("-tmp"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "only the two folders remain: {left:?}");
+}
