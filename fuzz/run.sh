@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The long fuzz runs: `fuzz/run.sh TARGET [RUNS]` (targets: nifti, npy; RUNS default 1000000).
+# The long fuzz runs: `fuzz/run.sh TARGET [RUNS]` (targets: nifti, npy, configs; RUNS default
+# 1000000).
 # cargo-fuzz needs nightly-only compiler flags (sanitizers, coverage); this machine has one
 # stable toolchain and fetches no other, so RUSTC_BOOTSTRAP=1 lets the stable compiler take them.
 # Prints libFuzzer's summary; a crash leaves its input in fuzz/artifacts/TARGET/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target="${1:?usage: fuzz/run.sh nifti|npy [RUNS]}"
+target="${1:?usage: fuzz/run.sh nifti|npy|configs [RUNS]}"
 runs="${2:-1000000}"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 mkdir -p "fuzz/corpus/$target"
@@ -13,6 +14,7 @@ mkdir -p "fuzz/corpus/$target"
 case "$target" in
   nifti) cp -n crates/data/tests/fixtures/*.nii "fuzz/corpus/$target/" ;;
   npy) cp -n fuzz/seeds/npy/*.npy "fuzz/corpus/$target/" ;;
+  configs) cp -n fuzz/seeds/configs/* "fuzz/corpus/$target/" ;;
 esac
 RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" --release -- -runs="$runs" -max_len=4096 \
     -print_final_stats=1 "fuzz/corpus/$target"

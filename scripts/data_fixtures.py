@@ -21,7 +21,7 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.data.utils import compute_importance_map
 from monai.inferers.utils import _get_scan_interval
-from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop
+from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRange
 
 OUT = os.path.join("crates", "data", "tests", "fixtures")
 rng = np.random.default_rng(11)
@@ -164,6 +164,15 @@ def main():
     arrays["percentile"] = np.array([np.percentile(x, q) for q in qs])
     arrays["zscore"] = NormalizeIntensity()(torch.from_numpy(x.copy())).numpy()
     arrays["zscore_nonzero"] = NormalizeIntensity(nonzero=True)(torch.from_numpy(x.copy())).numpy()
+    # fixed windows (MONAI's ScaleIntensityRange), clipped and not, one inverting
+    windows = [
+        {"a_min": 0.5, "a_max": 4.0, "b_min": 0.0, "b_max": 1.0, "clip": True},
+        {"a_min": -1.0, "a_max": 6.0, "b_min": -1.0, "b_max": 1.0, "clip": False},
+        {"a_min": 3.0, "a_max": 1.0, "b_min": 0.0, "b_max": 2.0, "clip": True},
+    ]
+    meta["scale_range"] = windows
+    for i, w in enumerate(windows):
+        arrays[f"scale_range_{i}"] = ScaleIntensityRange(**w)(torch.from_numpy(x.copy())).numpy()
 
     # pad or crop, centred
     small = rng.standard_normal((1, 5, 8, 9)).astype(np.float32)

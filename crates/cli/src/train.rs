@@ -223,6 +223,9 @@ impl TrainConfig {
                 && a.scale_range[0] <= a.scale_range[1],
             format!("augment.scale_range = {:?} (0 < low ≤ high)", a.scale_range),
         );
+        if let Some(Err(e)) = self.data.preprocessing.map(|p| p.normalization.validate()) {
+            check(false, format!("data.preprocessing: {e}"));
+        }
         check(
             (0.0..1.0).contains(&self.validation.overlap),
             format!(
@@ -362,8 +365,13 @@ impl ModelCard {
         let path = dir.join("config.json");
         let text =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a cwseg model config", path.display()))
+        let card: ModelCard = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a cwseg model config", path.display()))?;
+        card.preprocessing
+            .normalization
+            .validate()
+            .with_context(|| format!("{}: preprocessing", path.display()))?;
+        Ok(card)
     }
 }
 
@@ -581,6 +589,27 @@ fn save_checkpoint(
         }
         Ok(())
     })
+}
+
+/// Refuses a run state that disagrees with the optimizer saved beside it: every batch is one
+/// optimizer step, so `epoch · batches_per_epoch + batch` must equal the saved step count (an
+/// edited `state.json` would otherwise skip or repeat epochs silently).
+fn check_state(path: &Path, state: &RunState, config: &TrainConfig, steps: u64) -> Result<()> {
+    let expected = (state.epoch as u64)
+        .checked_mul(config.batches_per_epoch as u64)
+        .and_then(|s| s.checked_add(state.batch as u64));
+    if state.batch > config.batches_per_epoch || expected != Some(steps) {
+        bail!(
+            "{}: epoch {} batch {} of {} batches per epoch disagrees with the {steps} steps of \
+             optimizer.safetensors beside it; the checkpoint was edited or mixed from two runs \
+             (restore it, or train into a new folder)",
+            path.display(),
+            state.epoch,
+            state.batch,
+            config.batches_per_epoch
+        );
+    }
+    Ok(())
 }
 
 /// Keeps the lines of `metrics.jsonl` of the epochs before `epochs` (a run killed after an
@@ -873,6 +902,7 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
             &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("{}: not a run state", path.display()))?;
+        check_state(&path, &state, config, optimizer.steps())?;
         truncate_metrics(&dir.join("metrics.jsonl"), state.epoch)?;
         if state.finished && extended && state.epoch < config.epochs {
             // a larger --epochs continues a finished run

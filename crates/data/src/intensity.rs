@@ -26,6 +26,58 @@ pub enum Normalization {
         /// Upper percentile in `[0, 100]`, e.g. 99.5.
         upper: f64,
     },
+    /// A fixed intensity window (MONAI's `ScaleIntensityRange`, the usual CT preprocessing):
+    /// `x' = (x − a_min) / (a_max − a_min) · (b_max − b_min) + b_min`, then clamped to
+    /// `[b_min, b_max]` when `clip`. E.g. the abdominal window a_min −175, a_max 250 HU to
+    /// `[0, 1]` with clipping.
+    ScaleRange {
+        /// Input value mapped to `b_min`.
+        a_min: f64,
+        /// Input value mapped to `b_max`.
+        a_max: f64,
+        /// Output at `a_min`.
+        b_min: f64,
+        /// Output at `a_max`.
+        b_max: f64,
+        /// Clamp the output to `[b_min, b_max]`.
+        #[serde(default)]
+        clip: bool,
+    },
+}
+
+impl Normalization {
+    /// Checks the parameters: percentiles in `[0, 100]` with `lower ≤ upper`; a window with
+    /// finite ends, `a_min ≠ a_max`, and `b_min ≤ b_max` when clipping.
+    pub fn validate(&self) -> crate::Result<()> {
+        let invalid = |m: String| Err(crate::DataError::Invalid(m));
+        match *self {
+            Normalization::PercentileZScore { lower, upper }
+                if !((0.0..=100.0).contains(&lower)
+                    && (0.0..=100.0).contains(&upper)
+                    && lower <= upper) =>
+            {
+                invalid(format!(
+                    "normalization percentiles {lower}, {upper}: need 0 ≤ lower ≤ upper ≤ 100"
+                ))
+            }
+            Normalization::ScaleRange {
+                a_min,
+                a_max,
+                b_min,
+                b_max,
+                clip,
+            } if ![a_min, a_max, b_min, b_max].iter().all(|v| v.is_finite())
+                || a_min == a_max
+                || (clip && b_min > b_max) =>
+            {
+                invalid(format!(
+                    "normalization window a_min {a_min}, a_max {a_max}, b_min {b_min}, b_max {b_max}: \
+                     need finite values, a_min ≠ a_max, and b_min ≤ b_max when clipping"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Normalises every channel of `image` in place.
@@ -49,6 +101,19 @@ pub fn normalize_channel(mut data: ArrayViewMut3<f32>, normalization: Normalizat
             let hi = percentile(data.view(), upper);
             clip(data.view_mut(), lo, hi);
             zscore(data, None);
+        }
+        Normalization::ScaleRange {
+            a_min,
+            a_max,
+            b_min,
+            b_max,
+            clip: clamp,
+        } => {
+            let scale = (b_max - b_min) / (a_max - a_min);
+            data.mapv_inplace(|v| ((v as f64 - a_min) * scale + b_min) as f32);
+            if clamp {
+                clip(data, b_min as f32, b_max as f32);
+            }
         }
     }
 }

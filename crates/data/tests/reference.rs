@@ -220,6 +220,60 @@ fn percentiles_and_zscores_match_numpy_and_monai() {
     }
 }
 
+/// MONAI's `ScaleIntensityRange` on the same input: clipped, unclipped and inverted windows
+/// (a_min > a_max); degenerate windows are refused by `validate`.
+#[test]
+fn intensity_windows_match_monais_scale_intensity_range() {
+    let x: Array3<f64> = array::<Ix3>("intensity_input");
+    let x = x.mapv(|v| v as f32);
+    let windows = reference()["scale_range"].clone();
+    for (i, w) in windows.as_array().expect("windows").iter().enumerate() {
+        let number = |k: &str| w[k].as_f64().expect("number");
+        let kind = Normalization::ScaleRange {
+            a_min: number("a_min"),
+            a_max: number("a_max"),
+            b_min: number("b_min"),
+            b_max: number("b_max"),
+            clip: w["clip"].as_bool().expect("clip"),
+        };
+        kind.validate().expect("a valid window");
+        let mut y = x.clone();
+        normalize_channel(y.view_mut(), kind);
+        let key = format!("scale_range_{i}");
+        assert_close(&y.mapv(f64::from), &array::<Ix3>(&key), 1e-5, &key);
+    }
+    for bad in [
+        Normalization::ScaleRange {
+            a_min: 1.0,
+            a_max: 1.0,
+            b_min: 0.0,
+            b_max: 1.0,
+            clip: false,
+        },
+        Normalization::ScaleRange {
+            a_min: 0.0,
+            a_max: f64::NAN,
+            b_min: 0.0,
+            b_max: 1.0,
+            clip: false,
+        },
+        Normalization::ScaleRange {
+            a_min: 0.0,
+            a_max: 1.0,
+            b_min: 1.0,
+            b_max: 0.0,
+            clip: true,
+        },
+        Normalization::PercentileZScore {
+            lower: 99.5,
+            upper: 0.5,
+        },
+    ] {
+        let err = bad.validate().expect_err("refused");
+        assert!(err.to_string().contains("normalization"), "{err}");
+    }
+}
+
 #[test]
 fn pad_or_crop_matches_monai() {
     let meta = reference();

@@ -71,10 +71,78 @@ impl ModelConfig {
     /// the network on shapes alone: every tensor is a broadcast zero, so no width allocates.
     /// Errors when the count passes [`MAX_PARAMETERS`].
     pub fn parameter_count(&self) -> Result<u64> {
+        self.check_sizes()?;
         let counter = ShapeCounter::default();
         let vb = VarBuilder::from_backend(Box::new(counter.clone()), DType::F32, Device::Cpu);
         self.build_unchecked(vb)?;
         counter.total()
+    }
+
+    /// Refuses sizes no network of this kind can have, naming the field, before any arithmetic
+    /// on them: every channel count and width in `1..=MAX_WIDTH`, a U-Net's widest level
+    /// (`filters · 2^depth`) too, depths and block counts at most 16, UNETR's image at most
+    /// 4096 voxels per axis.
+    fn check_sizes(&self) -> Result<()> {
+        let mut fields: Vec<(&str, usize)> = vec![
+            ("in_channels", self.in_channels()),
+            ("classes", self.classes()),
+        ];
+        match self {
+            ModelConfig::Unet(c) => {
+                if c.depth > 16 {
+                    return Err(too_large("depth", c.depth, 16));
+                }
+                fields.push(("filters", c.filters));
+                fields.push((
+                    "filters · 2^depth",
+                    c.filters.checked_shl(c.depth as u32).unwrap_or(usize::MAX),
+                ));
+            }
+            ModelConfig::Vnet(_) => {}
+            ModelConfig::Unetr(c) => {
+                for (axis, &n) in c.img_size.iter().enumerate() {
+                    if n == 0 || n > 4096 {
+                        return Err(ModelError::Config(format!(
+                            "img_size[{axis}] = {n}: must be in 1..=4096"
+                        )));
+                    }
+                }
+                fields.extend([
+                    ("feature_size", c.feature_size),
+                    ("feature_size · 16", c.feature_size.saturating_mul(16)),
+                    ("hidden_size", c.hidden_size),
+                    ("mlp_dim", c.mlp_dim),
+                    ("num_heads", c.num_heads),
+                ]);
+            }
+            ModelConfig::Deeplabv3(c) => {
+                for (i, &b) in c.blocks.iter().enumerate() {
+                    if b > 16 {
+                        return Err(too_large(&format!("blocks[{i}]"), b, 16));
+                    }
+                }
+                for (i, &r) in c.rates.iter().enumerate() {
+                    if r == 0 || r > 1024 {
+                        return Err(ModelError::Config(format!(
+                            "rates[{i}] = {r}: must be in 1..=1024"
+                        )));
+                    }
+                }
+                fields.extend(c.widths.iter().map(|&w| ("widths", w)));
+                fields.push(("aspp_channels", c.aspp_channels));
+            }
+        }
+        for (name, value) in fields {
+            if value == 0 {
+                return Err(ModelError::Config(format!(
+                    "{name} = 0: must be at least 1"
+                )));
+            }
+            if value > MAX_WIDTH {
+                return Err(too_large(name, value, MAX_WIDTH));
+            }
+        }
+        Ok(())
     }
 
     fn build_unchecked(&self, vb: VarBuilder) -> Result<Network> {
@@ -224,6 +292,15 @@ impl ModuleT for Network {
 /// the largest network of the paper's kind; a configuration past it is refused before anything
 /// is allocated.
 pub const MAX_PARAMETERS: u64 = 1 << 31;
+
+/// Widest channel count or hidden size a network may have (2^20).
+pub const MAX_WIDTH: usize = 1 << 20;
+
+fn too_large(name: &str, value: usize, limit: usize) -> ModelError {
+    ModelError::Config(format!(
+        "{name} = {value}: more than {limit}; make the network narrower or shallower"
+    ))
+}
 
 /// A variable backend that hands out broadcast zeros of the asked shapes and adds up their
 /// element counts, refusing a tensor that would pass [`MAX_PARAMETERS`] in all.

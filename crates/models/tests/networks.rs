@@ -674,9 +674,9 @@ fn absurd_widths_are_refused_before_anything_is_allocated() {
     )
     .expect("json");
     let start = std::time::Instant::now();
-    let err = huge.parameter_count().expect_err("too large");
+    let err = huge.parameter_count().expect_err("too wide");
     assert!(
-        err.to_string().contains("more than 2147483648 parameters"),
+        err.to_string().contains("hidden_size = 1000000000"),
         "{err}"
     );
     let err = huge
@@ -685,10 +685,18 @@ fn absurd_widths_are_refused_before_anything_is_allocated() {
             DType::F32,
             &Device::Cpu,
         ))
-        .expect_err("too large");
+        .expect_err("too wide");
     assert!(err.to_string().contains("narrower"), "{err}");
+    // each width allowed, the whole too large: refused by the count
     let wide_unet: ModelConfig =
-        serde_json::from_str(r#"{"name": "unet", "filters": 100000}"#).expect("json");
-    assert!(describe(&wide_unet, [32, 32, 32]).is_err());
+        serde_json::from_str(r#"{"name": "unet", "filters": 16384, "depth": 4}"#).expect("json");
+    let err = describe(&wide_unet, [32, 32, 32]).expect_err("too many parameters");
+    assert!(
+        err.to_string().contains("more than 2147483648 parameters"),
+        "{err}"
+    );
+    let deep: ModelConfig =
+        serde_json::from_str(r#"{"name": "unet", "filters": 16, "depth": 70}"#).expect("json");
+    assert!(deep.parameter_count().is_err());
     assert!(start.elapsed().as_secs() < 5, "refused without allocating");
 }
