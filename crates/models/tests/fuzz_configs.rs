@@ -64,7 +64,7 @@ fn mutated_network_configurations_never_panic() {
                 text.replace_range(a..b, extreme);
             }
         }
-        if next(&mut state) % 4 == 0 && !text.is_empty() {
+        if next(&mut state).is_multiple_of(4) && !text.is_empty() {
             let at = next(&mut state) as usize % text.len();
             if text.is_char_boundary(at) && text.is_char_boundary(at + 1) {
                 text.replace_range(at..at + 1, "\"");
