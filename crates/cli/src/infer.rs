@@ -183,9 +183,9 @@ pub struct PredictOptions {
 }
 
 /// Predicts an image `[c, z, y, x]` on its own grid: the model card's preprocessing, sliding
-/// windows, argmax, the card's post-processing, then back through the resampling and the
-/// crop, class indices mapped to the stored label values; voxels outside the crop are
-/// background.
+/// windows, argmax, the card's post-processing, then back through the resampling, the crop and
+/// the reorientation, class indices mapped to the stored label values; voxels outside the crop
+/// are background.
 pub fn predict_case(
     network: &Network,
     card: &ModelCard,
@@ -204,7 +204,12 @@ pub fn predict_case(
         device,
     )?;
     let raw = argmax(probabilities.view());
-    let geometry = &image.geometry;
+    // the grid the crop and resampling refer to: the input's, reoriented when the card says so
+    let reoriented = card
+        .preprocessing
+        .reorient
+        .then(|| image.geometry.to_canonical());
+    let geometry = reoriented.as_ref().unwrap_or(&image.geometry);
     let cropped = match &bbox {
         Some(b) => geometry.crop(b.start, b.shape()),
         None => geometry.clone(),
@@ -229,7 +234,10 @@ pub fn predict_case(
         ])
         .assign(&back.data);
         full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
-        Ok(full)
+        Ok(match reoriented {
+            Some(_) => cwseg_data::from_canonical(&full, &image.geometry),
+            None => full,
+        })
     };
     let (labels, unprocessed) = match (options.postprocess, &card.postprocessing) {
         (true, Some(post)) => {

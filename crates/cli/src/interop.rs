@@ -154,6 +154,7 @@ fn imported_card(
             .map(|c| format!("channel_{c}"))
             .collect(),
         preprocessing: Preprocessing {
+            reorient: false,
             crop_foreground: false,
             spacing: None,
             normalization: Normalization::None,

@@ -96,6 +96,10 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Preprocessing {
+    /// Reorient to the closest canonical orientation (RAS+, nibabel's `as_closest_canonical`,
+    /// MONAI's `Orientation("RAS")`) first; `predict` turns its output back, so labels lie on
+    /// the input's grid whatever its orientation. Off by default (the cards before it).
+    pub reorient: bool,
     /// Crop to the box of non-zero voxels (skull-stripped MRI) first.
     pub crop_foreground: bool,
     /// Resample to this spacing `[z, y, x]` mm.
@@ -107,6 +111,7 @@ pub struct Preprocessing {
 impl Default for Preprocessing {
     fn default() -> Self {
         Preprocessing {
+            reorient: false,
             crop_foreground: false,
             spacing: None,
             normalization: Normalization::ZScore,
@@ -120,6 +125,7 @@ impl Preprocessing {
     pub fn for_dataset(dataset: &Dataset) -> Self {
         if dataset.name == "BraTS" {
             Preprocessing {
+                reorient: false,
                 crop_foreground: true,
                 spacing: None,
                 normalization: Normalization::ZScoreNonZero,
@@ -130,14 +136,17 @@ impl Preprocessing {
     }
 
     /// Applies the preprocessing to an image (and its labels): returns them with the crop box
-    /// used (in the input's voxels), for inverting.
+    /// used (in the voxels of the input, reoriented when `reorient`), for inverting.
     pub fn apply(
         &self,
         image: &Image,
         label: Option<&LabelMap>,
     ) -> Result<(Image, Option<LabelMap>, Option<BoundingBox>)> {
-        let mut image = image.clone();
-        let mut label = label.cloned();
+        let (mut image, mut label) = if self.reorient {
+            (image.to_canonical(), label.map(LabelMap::to_canonical))
+        } else {
+            (image.clone(), label.cloned())
+        };
         let mut bbox = None;
         if self.crop_foreground
             && let Some(b) = foreground_bbox(image.data.view())

@@ -1971,3 +1971,97 @@ fn assert_table_equals_evaluate(csv: &Path, predictions: &Path, segs: &Path) {
         );
     }
 }
+
+/// A model whose card says `reorient` predicts the same labels in world space whether its input
+/// is stored RAS or LPS (x and y reversed, the affine saying so); without it, the network sees
+/// a mirrored body and the two predictions differ.
+#[test]
+fn reoriented_models_predict_the_same_labels_in_world_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "1",
+        "--test",
+        "0",
+        "--shape",
+        "48,64,64",
+        "--seed",
+        "31",
+    ]);
+    let ras = data.join("imagesTr/phantom_000.nii.gz");
+    let image = cwseg_data::read_image(&ras, &cwseg_data::ReadOptions::default()).expect("read");
+    let mut lps_data = image.data.index_axis(ndarray::Axis(0), 0).to_owned();
+    lps_data.invert_axis(ndarray::Axis(1));
+    lps_data.invert_axis(ndarray::Axis(2));
+    let mut affine = *image.geometry.affine();
+    let [_, ny, nx] = image.geometry.shape();
+    for (column, n) in [(0, nx), (1, ny)] {
+        for row in affine.iter_mut().take(3) {
+            row[3] += row[column] * (n - 1) as f64;
+            row[column] = -row[column];
+        }
+    }
+    let lps = dir.path().join("lps.nii.gz");
+    let geometry = cwseg_data::Geometry::with_affine(image.geometry.shape(), affine);
+    cwseg_data::write_volume(&lps, &lps_data, &geometry).expect("write");
+    assert_eq!(geometry.orientation(), ['L', 'P', 'S']);
+
+    let original = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd");
+    let reorienting = dir.path().join("model-ras");
+    std::fs::create_dir_all(&reorienting).expect("dir");
+    for file in ["model.safetensors", "README.md"] {
+        std::fs::copy(original.join(file), reorienting.join(file)).expect("copy");
+    }
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(original.join("config.json")).expect("card"))
+            .expect("json");
+    card["preprocessing"]["reorient"] = serde_json::json!(true);
+    std::fs::write(reorienting.join("config.json"), card.to_string()).expect("card");
+
+    let predict = |model: &Path, input: &Path, name: &str| {
+        let output = dir.path().join(name);
+        ok(&[
+            "predict",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--input",
+            input.to_str().expect("utf-8"),
+            "--output",
+            output.to_str().expect("utf-8"),
+        ]);
+        cwseg_data::read_label(&output, &cwseg_data::ReadOptions::default()).expect("read")
+    };
+    // the LPS prediction, its x and y turned back: the same world voxels as the RAS one
+    let in_ras_order = |labels: cwseg_data::LabelMap| {
+        let mut data = labels.data;
+        data.invert_axis(ndarray::Axis(1));
+        data.invert_axis(ndarray::Axis(2));
+        data
+    };
+    let a = predict(&reorienting, &ras, "a.nii.gz");
+    let b = predict(&reorienting, &lps, "b.nii.gz");
+    assert_eq!(
+        b.geometry.orientation(),
+        ['L', 'P', 'S'],
+        "written on the input's grid"
+    );
+    assert!(a.data.iter().any(|&v| v != 0), "something segmented");
+    assert_eq!(
+        in_ras_order(b),
+        a.data,
+        "reoriented: the same labels in world space"
+    );
+    let c = predict(&original, &ras, "c.nii.gz");
+    let d = predict(&original, &lps, "d.nii.gz");
+    let differing = ndarray::Zip::from(&in_ras_order(d))
+        .and(&c.data)
+        .fold(0usize, |n, x, y| n + usize::from(x != y));
+    assert!(
+        differing > 100,
+        "without reorient the mirrored input changes {differing} voxels"
+    );
+}

@@ -27,5 +27,6 @@ pub use resample::{
 pub use sampling::{Patch, PatchMaps, SamplerConfig, SamplingVolume};
 pub use sliding::{Blender, argmax, gaussian_importance, window_positions};
 pub use volume::{
-    Geometry, Image, LabelMap, ReadOptions, read_image, read_label, write_label, write_volume,
+    Geometry, Image, LabelMap, ReadOptions, from_canonical, read_image, read_label, write_label,
+    write_volume,
 };

@@ -668,6 +668,19 @@ fn reorient<A: Clone, D: ndarray::Dimension>(
         .expect("a permutation keeps the rank")
 }
 
+impl Geometry {
+    /// The grid [`Image::to_canonical`] and [`LabelMap::to_canonical`] give, without moving
+    /// any voxel.
+    pub fn to_canonical(&self) -> Geometry {
+        let (source, _, affine) = canonical_plan(self);
+        let shape = self.shape();
+        self.derive(
+            [shape[source[0]], shape[source[1]], shape[source[2]]],
+            affine,
+        )
+    }
+}
+
 impl Image {
     /// The image reoriented to the closest canonical orientation (RAS+, as nibabel's
     /// `as_closest_canonical`): axes permuted and flipped, affine updated, voxels unchanged.
@@ -680,6 +693,26 @@ impl Image {
             geometry: self.geometry.derive([z, y, x], affine),
         }
     }
+}
+
+/// Takes `data`, on the canonical grid of `original` (what [`LabelMap::to_canonical`] of a map
+/// on `original` gives), back to `original`'s axes: the inverse flips, then the inverse
+/// permutation.
+pub fn from_canonical<A: Clone>(data: &Array3<A>, original: &Geometry) -> Array3<A> {
+    let (source, flip, _) = canonical_plan(original);
+    let mut view = data.view();
+    for (axis, &f) in flip.iter().enumerate() {
+        if f {
+            view.invert_axis(Axis(axis));
+        }
+    }
+    let mut inverse = [0usize; 3];
+    for (axis, &s) in source.iter().enumerate() {
+        inverse[s] = axis;
+    }
+    view.permuted_axes(inverse)
+        .as_standard_layout()
+        .into_owned()
 }
 
 impl LabelMap {

@@ -96,6 +96,25 @@ fn nifti_reading_matches_nibabel() {
             &format!("{key} canonical affine"),
         );
         assert_eq!(canonical.geometry.orientation(), ['R', 'A', 'S'], "{key}");
+        let grid = image.geometry.to_canonical();
+        assert_eq!(
+            grid.shape(),
+            canonical.geometry.shape(),
+            "{key}: the grid alone"
+        );
+        assert_eq!(
+            grid.affine(),
+            canonical.geometry.affine(),
+            "{key}: the grid alone"
+        );
+        // and back: from_canonical inverts it on every fixture orientation
+        let channel = canonical.data.index_axis(ndarray::Axis(0), 0).to_owned();
+        let back = cwseg_data::from_canonical(&channel, &image.geometry);
+        assert_eq!(
+            back,
+            image.data.index_axis(ndarray::Axis(0), 0),
+            "{key}: back from canonical"
+        );
     }
 }
 
