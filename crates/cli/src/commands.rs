@@ -40,6 +40,24 @@ fn parse_triple(text: &str) -> Result<[usize; 3], String> {
     Ok(out)
 }
 
+/// Four numbers `A_MIN,A_MAX,B_MIN,B_MAX` (an intensity window; negative values allowed).
+fn parse_window(text: &str) -> Result<[f64; 4], String> {
+    let parts: Vec<&str> = text.split(',').collect();
+    if parts.len() != 4 {
+        return Err(format!(
+            "`{text}`: expected A_MIN,A_MAX,B_MIN,B_MAX like -175,250,0,1"
+        ));
+    }
+    let mut out = [0.0; 4];
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{p}` is not a number"))?;
+    }
+    Ok(out)
+}
+
 /// `cwseg train`.
 #[derive(Args)]
 pub struct TrainArgs {
@@ -1143,6 +1161,17 @@ pub struct ImportMonaiArgs {
     /// default, a plain mean).
     #[arg(long, value_enum, default_value = "gaussian")]
     mode: WindowMode,
+    /// The network was trained after MONAI's `Orientation("RAS")`: reorient inputs to RAS+
+    /// (and predictions back).
+    #[arg(long)]
+    reorient: bool,
+    /// The network was trained after MONAI's `ScaleIntensityRange(a_min, a_max, b_min,
+    /// b_max)`: apply that window, `A_MIN,A_MAX,B_MIN,B_MAX` (write `--window=-175,250,0,1`).
+    #[arg(long, value_parser = parse_window)]
+    window: Option<[f64; 4]>,
+    /// With `--window`: `clip=True` (clamp to [b_min, b_max]).
+    #[arg(long, requires = "window")]
+    clip: bool,
 }
 
 /// MONAI's `sliding_window_inference(mode=...)`.
@@ -1169,6 +1198,21 @@ pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
         mode: match args.mode {
             WindowMode::Gaussian => crate::infer::WindowWeights::Gaussian,
             WindowMode::Constant => crate::infer::WindowWeights::Constant,
+        },
+        preprocessing: crate::prepare::Preprocessing {
+            reorient: args.reorient,
+            crop_foreground: false,
+            spacing: None,
+            normalization: match args.window {
+                Some([a_min, a_max, b_min, b_max]) => cwseg_data::Normalization::ScaleRange {
+                    a_min,
+                    a_max,
+                    b_min,
+                    b_max,
+                    clip: args.clip,
+                },
+                None => cwseg_data::Normalization::None,
+            },
         },
     })?;
     for note in notes {

@@ -1,5 +1,6 @@
-//! `cwseg demo`: the phantom data set, the paper's U-Net trained with CEDL and with CWCD under
-//! the same seeds, evaluated on held-out phantoms, the paper-style table and a figure.
+//! `cwseg demo`: the compact phantom data set, a 3-D U-Net (the paper's, 3 levels) trained with
+//! CEDL and with CWCD under the same seeds, evaluated on held-out phantoms, the paper-style
+//! tables and a figure.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,6 +13,7 @@ use cwseg_metrics::{
     Aggregate, CaseMetrics, ClassSet, Summary, TableMetric, evaluate_case, markdown_table,
     summarize,
 };
+use cwseg_models::{ModelConfig, UNetConfig};
 use cwseg_morphology::{ContourSpec, ErosionSpec, contour_map};
 use ndarray::{Array3, Axis};
 use serde_json::json;
@@ -22,7 +24,6 @@ use crate::infer::predict_probabilities;
 use crate::optim::Schedule;
 use crate::prepare::{DataConfig, SyntheticConfig, open_data};
 use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
-use cwseg_models::{ModelConfig, UNetConfig};
 
 /// Demo settings.
 #[derive(Debug, Clone)]

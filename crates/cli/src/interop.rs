@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use cwseg_data::Normalization;
 use cwseg_models::monai::{MonaiNetwork, from_monai, from_monai_args, to_monai, to_monai_args};
 use cwseg_models::{ModelConfig, weights};
 
@@ -35,6 +34,9 @@ pub struct ImportOptions {
     pub overlap: f64,
     /// Window weights (MONAI's `mode`).
     pub mode: WindowWeights,
+    /// What MONAI's transforms did before the network: orientation and intensity window
+    /// (nothing by default: give the model what the transforms gave the network).
+    pub preprocessing: Preprocessing,
 }
 
 /// MONAI's class name.
@@ -78,6 +80,11 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
     if !(0.0..1.0).contains(&options.overlap) {
         bail!("--overlap {}: must be in [0, 1)", options.overlap);
     }
+    options
+        .preprocessing
+        .normalization
+        .validate()
+        .context("--window")?;
     let class = class_name(options.network);
     let text = fs::read_to_string(&options.args)
         .with_context(|| format!("reading {}", options.args.display()))?;
@@ -153,12 +160,7 @@ fn imported_card(
         modalities: (0..model.in_channels())
             .map(|c| format!("channel_{c}"))
             .collect(),
-        preprocessing: Preprocessing {
-            reorient: false,
-            crop_foreground: false,
-            spacing: None,
-            normalization: Normalization::None,
-        },
+        preprocessing: options.preprocessing,
         patch,
         overlap: options.overlap,
         blend: Blend::Logits,

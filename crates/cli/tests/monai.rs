@@ -408,6 +408,53 @@ fn monai_options_cwseg_lacks_are_refused_by_name() {
     }
 }
 
+/// MONAI's `Orientation("RAS")` and `ScaleIntensityRange` in the training transforms are
+/// recorded in the imported card (`--reorient`, `--window`, `--clip`); a degenerate window is
+/// refused before anything is written.
+#[test]
+fn import_records_monais_orientation_and_window() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = fixtures().join("unetr");
+    let args = source.join("args.json");
+    let weights = source.join("state.safetensors");
+    let out = tmp.path().join("windowed");
+    import_monai(
+        "unetr",
+        path(&args),
+        path(&weights),
+        path(&out),
+        &["--reorient", "--window=-175,250,0,1", "--clip"],
+    );
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("card"))
+            .expect("json");
+    assert_eq!(card["preprocessing"]["reorient"], serde_json::json!(true));
+    assert_eq!(
+        card["preprocessing"]["normalization"],
+        serde_json::json!({"kind": "scale_range", "a_min": -175.0, "a_max": 250.0,
+                           "b_min": 0.0, "b_max": 1.0, "clip": true})
+    );
+    let bad = tmp.path().join("degenerate");
+    let message = fails(&[
+        "import",
+        "monai",
+        "--network",
+        "unetr",
+        "--args",
+        path(&args),
+        "--weights",
+        path(&weights),
+        "--out",
+        path(&bad),
+        "--window=1,1,0,1",
+    ]);
+    assert!(
+        message.contains("--window") && message.contains("a_min ≠ a_max"),
+        "{message}"
+    );
+    assert!(!bad.exists(), "nothing written");
+}
+
 #[test]
 fn model_config_json_is_honoured_field_by_field() {
     // the fixture UNETR as a cwseg config: its classes and img_size, not the flags' defaults
