@@ -48,9 +48,7 @@ pub const DEMO_PHANTOM: PhantomConfig = PhantomConfig {
     anatomy: Anatomy::Compact,
     shape: [24, 32, 32],
     spacing: [6.0, 4.0, 4.0],
-    noise: 0.08,
-    bias: 0.15,
-    blur: 0.7,
+    ..PhantomConfig::ABDOMEN
 };
 
 /// Width in millimetres of the paper's contour band: 6 erosions of CT slices of about 0.75 mm

@@ -37,6 +37,23 @@ depth = 2
 name = "cwcd"
 "#;
 
+/// `cwseg synth` of one 48 × 64 × 64 training phantom (no test cases) into `data`.
+fn synth_one(data: &Path, seed: u64) {
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "1",
+        "--test",
+        "0",
+        "--shape",
+        "48,64,64",
+        "--seed",
+        &seed.to_string(),
+    ]);
+}
+
 fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.toml");
     std::fs::write(&path, TINY).expect("config");
@@ -1552,19 +1569,7 @@ fn committed_models_load_and_segment() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().expect("utf-8"),
-        "--train",
-        "1",
-        "--test",
-        "0",
-        "--shape",
-        "48,64,64",
-        "--seed",
-        "7777",
-    ]);
+    synth_one(&data, 7777);
     let prediction = dir.path().join("pred/phantom_000.nii.gz");
     std::fs::create_dir_all(dir.path().join("pred")).expect("dir");
     ok(&[
@@ -1979,19 +1984,7 @@ fn assert_table_equals_evaluate(csv: &Path, predictions: &Path, segs: &Path) {
 fn reoriented_models_predict_the_same_labels_in_world_space() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    ok(&[
-        "synth",
-        "--out",
-        data.to_str().expect("utf-8"),
-        "--train",
-        "1",
-        "--test",
-        "0",
-        "--shape",
-        "48,64,64",
-        "--seed",
-        "31",
-    ]);
+    synth_one(&data, 31);
     let ras = data.join("imagesTr/phantom_000.nii.gz");
     let image = cwseg_data::read_image(&ras, &cwseg_data::ReadOptions::default()).expect("read");
     let mut lps_data = image.data.index_axis(ndarray::Axis(0), 0).to_owned();

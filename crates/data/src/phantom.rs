@@ -86,16 +86,21 @@ pub struct PhantomConfig {
     pub blur: f64,
 }
 
+impl PhantomConfig {
+    /// The default phantom: the 13-organ abdomen, 96 × 128 × 128 voxels of 1.5 × 1 × 1 mm.
+    pub const ABDOMEN: PhantomConfig = PhantomConfig {
+        anatomy: Anatomy::Abdomen,
+        shape: [96, 128, 128],
+        spacing: [1.5, 1.0, 1.0],
+        noise: 0.08,
+        bias: 0.15,
+        blur: 0.7,
+    };
+}
+
 impl Default for PhantomConfig {
     fn default() -> Self {
-        PhantomConfig {
-            anatomy: Anatomy::Abdomen,
-            shape: [96, 128, 128],
-            spacing: [1.5, 1.0, 1.0],
-            noise: 0.08,
-            bias: 0.15,
-            blur: 0.7,
-        }
+        PhantomConfig::ABDOMEN
     }
 }
 
