@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Reference fixtures for cwseg-data, computed with nibabel, scipy and MONAI.
 
-Run from the repository root with numpy, scipy, nibabel, torch and monai installed:
+Run from the repository root with numpy, scipy, nibabel, torch, monai and nnunetv2 installed
+(`pip install --no-deps nnunetv2` is enough: only its normalisation module is imported):
     python scripts/data_fixtures.py
 Writes crates/data/tests/fixtures/: small NIfTI files written by nibabel (several datatypes,
 scaling, sform / qform / no transform, 4D) with what nibabel reads from them (data in [z, y, x],
 affine, canonical orientation), and arrays.npz with scipy's and MONAI's answers for resampling,
 rotation, percentiles, normalisation, pad-or-crop, sliding-window positions and the Gaussian
-importance map. Arrays are [z, y, x] (C order) as in the Rust crate.
+importance map, nnU-Net's CT normalisation with foreground statistics pooled over cases (also
+over ../shared/data/totalseg-ct when present). Arrays are [z, y, x] (C order) as in the Rust crate.
 """
 import json
 import os
@@ -22,12 +24,23 @@ from monai.data.utils import dense_patch_slices
 from monai.data.utils import compute_importance_map
 from monai.inferers.utils import _get_scan_interval
 from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRange
+from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
 
 OUT = os.path.join("crates", "data", "tests", "fixtures")
 rng = np.random.default_rng(11)
 arrays = {}
 meta = {"versions": {"numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nib.__version__,
                      "monai": monai.__version__, "torch": torch.__version__}, "nifti": {}}
+
+
+def foreground_properties(images, labels):
+    """nnU-Net's foreground intensity properties of the voxels with label > 0, pooled."""
+    v = np.concatenate([i[l > 0] for i, l in zip(images, labels)])
+    p00_5, median, p99_5 = np.percentile(v, (0.5, 50.0, 99.5))
+    return {"voxels": int(v.size), "mean": float(np.mean(v, dtype=np.float64)),
+            "std": float(np.std(v, dtype=np.float64)), "median": float(median),
+            "min": float(v.min()), "max": float(v.max()),
+            "percentile_00_5": float(p00_5), "percentile_99_5": float(p99_5)}
 
 
 def rotation(ax, ay, az):
@@ -173,6 +186,19 @@ def main():
     meta["scale_range"] = windows
     for i, w in enumerate(windows):
         arrays[f"scale_range_{i}"] = ScaleIntensityRange(**w)(torch.from_numpy(x.copy())).numpy()
+    # nnU-Net's CT normalisation: foreground (label > 0) statistics pooled over two cases, as the
+    # data set fingerprint computes them from all voxels, then CTNormalization of the first case
+    y = (np.random.default_rng(12).standard_normal((4, 6, 5)) * 40 + 60).astype(np.float32)
+    labels = [(x > 1.5).astype(np.uint8) * 2, (y > 50).astype(np.uint8)]
+    arrays["ct_input_b"] = y
+    arrays["ct_label_a"], arrays["ct_label_b"] = labels
+    meta["ct_properties"] = foreground_properties([x, y], labels)
+    arrays["nnunet_ct"] = CTNormalization(intensityproperties=meta["ct_properties"]).run(x.copy())
+    ct = "../shared/data/totalseg-ct"
+    if os.path.isdir(ct):
+        image = np.asarray(nib.load(f"{ct}/example_ct.nii.gz").dataobj, dtype=np.float32)
+        seg = np.asarray(nib.load(f"{ct}/example_seg_full112_v1.nii.gz").dataobj)
+        meta["totalseg_ct_properties"] = foreground_properties([image], [seg])
 
     # pad or crop, centred
     small = rng.standard_normal((1, 5, 8, 9)).astype(np.float32)

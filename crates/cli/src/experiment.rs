@@ -452,18 +452,9 @@ fn load_input(
 
 /// Mean and sample standard deviation (n − 1; 0 for one value) of the finite values.
 fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
-    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    Some((mean, var.sqrt()))
+    let v: ndarray::Array1<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let mean = v.mean()?;
+    Some((mean, if v.len() > 1 { v.std(1.0) } else { 0.0 }))
 }
 
 /// Per-seed summaries of one row (network × loss) of a table.

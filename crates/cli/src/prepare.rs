@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cwseg_data::{
-    BoundingBox, Dataset, Image, LabelMap, Normalization, PhantomConfig, ReadOptions, Split,
-    crop_image, crop_label, foreground_bbox, normalize, resample_image, resample_label,
-    write_phantom_dataset,
+    BoundingBox, Dataset, ForegroundIntensities, Image, LabelMap, Normalization, PhantomConfig,
+    ReadOptions, Split, crop_image, crop_label, foreground_bbox, foreground_voxels_per_case,
+    normalize, resample_image, resample_label, write_phantom_dataset,
 };
+use ndarray::Axis;
 use serde::{Deserialize, Serialize};
 
 /// Which reader opens the data folder.
@@ -142,6 +143,18 @@ impl Preprocessing {
         image: &Image,
         label: Option<&LabelMap>,
     ) -> Result<(Image, Option<LabelMap>, Option<BoundingBox>)> {
+        let (mut image, label, bbox) = self.geometry(image, label)?;
+        normalize(&mut image, self.normalization)?;
+        Ok((image, label, bbox))
+    }
+
+    /// The geometric steps of [`Preprocessing::apply`] (reorientation, crop, resampling),
+    /// without the intensity normalisation.
+    pub fn geometry(
+        &self,
+        image: &Image,
+        label: Option<&LabelMap>,
+    ) -> Result<(Image, Option<LabelMap>, Option<BoundingBox>)> {
         let (mut image, mut label) = if self.reorient {
             (image.to_canonical(), label.map(LabelMap::to_canonical))
         } else {
@@ -159,8 +172,45 @@ impl Preprocessing {
             image = resample_image(&image, spacing)?;
             label = label.map(|l| resample_label(&l, spacing)).transpose()?;
         }
-        normalize(&mut image, self.normalization);
         Ok((image, label, bbox))
+    }
+
+    /// Replaces [`Normalization::NnunetCt`] by nnU-Net's `CTNormalization` with the foreground
+    /// statistics of the training cases `ids` (its data set fingerprint: reoriented and
+    /// cropped as configured, at the original spacing); anything else is kept.
+    pub fn measure(mut self, dataset: &Dataset, ids: &[String]) -> Result<Self> {
+        if !self.normalization.needs_dataset_statistics() {
+            return Ok(self);
+        }
+        let unresampled = Preprocessing {
+            spacing: None,
+            ..self
+        };
+        let mut pool = ForegroundIntensities::new(foreground_voxels_per_case(ids.len()));
+        for id in ids {
+            let case = dataset
+                .case(id)
+                .with_context(|| format!("case {id} is not in the data set"))?;
+            let (image, label) = dataset.load_case(case, &ReadOptions::default())?;
+            let label = label.with_context(|| format!("case {id} has no label file"))?;
+            let channels = image.data.dim().0;
+            if channels != 1 {
+                bail!(
+                    "normalization nnunet_ct: case {id} has {channels} channels; the CT scheme \
+                     takes one (use z_score or scale_range for several)"
+                );
+            }
+            let (image, label, _) = unresampled.geometry(&image, Some(&label))?;
+            let label = label.context("labels lost in preprocessing")?;
+            pool.add(image.data.index_axis(Axis(0), 0), label.data.view())
+                .with_context(|| format!("case {id}"))?;
+        }
+        let properties = pool
+            .properties()
+            .context("normalization nnunet_ct: measuring the training cases")?;
+        tracing::info!(?properties, "foreground intensities (nnunet_ct)");
+        self.normalization = properties.ct_normalization();
+        Ok(self)
     }
 }
 

@@ -367,10 +367,17 @@ impl ModelCard {
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let card: ModelCard = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a cwseg model config", path.display()))?;
-        card.preprocessing
-            .normalization
+        let normalization = card.preprocessing.normalization;
+        normalization
             .validate()
             .with_context(|| format!("{}: preprocessing", path.display()))?;
+        if normalization.needs_dataset_statistics() {
+            bail!(
+                "{}: preprocessing normalization nnunet_ct has no statistics; a trained model \
+                 records clip_z_score with the training set's numbers",
+                path.display()
+            );
+        }
         Ok(card)
     }
 }
@@ -826,7 +833,10 @@ fn train_in(config: &TrainConfig, dir: &Path, options: RunOptions) -> Result<Tra
     }
     let device = parse_device(&config.device)?;
     let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
-    let data = open_data(&config.data, config.seed, &data_dir)?;
+    let mut data = open_data(&config.data, config.seed, &data_dir)?;
+    data.preprocessing = data
+        .preprocessing
+        .measure(&data.dataset, &data.split.train)?;
     let classes = data.dataset.classes.len();
     let model_config = config
         .model

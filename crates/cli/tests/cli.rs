@@ -2058,3 +2058,108 @@ fn reoriented_models_predict_the_same_labels_in_world_space() {
         "without reorient the mirrored input changes {differing} voxels"
     );
 }
+
+/// `nnunet_ct` is measured on the training cases at the start of training and recorded as
+/// `clip_z_score` in the model card; `predict` uses the numbers and refuses a card that holds
+/// the unmeasured request.
+#[test]
+fn ct_normalization_is_measured_on_the_training_cases_and_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("ct.toml");
+    let text =
+        format!("{TINY}\n[data.preprocessing]\nnormalization = {{ kind = \"nnunet_ct\" }}\n");
+    std::fs::write(&config, text).expect("config");
+    let run = dir.path().join("run");
+    let run_str = run.to_str().expect("utf-8");
+    ok(&[
+        "train",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--out",
+        run_str,
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    let card_path = run.join("best/config.json");
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).expect("card")).expect("json");
+    let n = &card["preprocessing"]["normalization"];
+    assert_eq!(n["kind"], "clip_z_score", "{n}");
+    let number = |k: &str| n[k].as_f64().expect("number");
+
+    // the same statistics, by hand, over the foreground of the training cases only
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).expect("split"))
+            .expect("json");
+    let options = cwseg_data::ReadOptions::default();
+    let mut foreground = Vec::new();
+    for id in split["train"].as_array().expect("train ids") {
+        let id = id.as_str().expect("id");
+        let image =
+            cwseg_data::read_image(run.join(format!("data/imagesTr/{id}.nii.gz")), &options)
+                .expect("image");
+        let label =
+            cwseg_data::read_label(run.join(format!("data/labelsTr/{id}.nii.gz")), &options)
+                .expect("label");
+        ndarray::Zip::from(image.data.index_axis(ndarray::Axis(0), 0))
+            .and(&label.data)
+            .for_each(|&v, &l| {
+                if l > 0 {
+                    foreground.push(v as f64)
+                }
+            });
+    }
+    let count = foreground.len() as f64;
+    let mean = foreground.iter().sum::<f64>() / count;
+    let std = (foreground.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / count).sqrt();
+    assert!(
+        (number("mean") - mean).abs() < 1e-9 * (1.0 + mean.abs()),
+        "mean {n}"
+    );
+    assert!((number("std") - std).abs() < 1e-9 * std, "std {n}");
+    let (lo, hi) = foreground
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    assert!(
+        lo <= number("lower_bound")
+            && number("lower_bound") < number("upper_bound")
+            && number("upper_bound") <= hi,
+        "{n}"
+    );
+
+    let case = run.join("data/imagesTr");
+    let first = std::fs::read_dir(&case)
+        .expect("images")
+        .next()
+        .expect("a case")
+        .expect("entry")
+        .path();
+    let predict = |model: &Path| {
+        let out = dir.path().join("prediction.nii.gz");
+        let args = [
+            "predict",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--input",
+            first.to_str().expect("utf-8"),
+            "--output",
+            out.to_str().expect("utf-8"),
+        ];
+        (cwseg(&args), out)
+    };
+    let (output, written) = predict(&run.join("best"));
+    assert!(output.status.success() && written.exists());
+    std::fs::remove_file(&written).expect("remove");
+    card["preprocessing"]["normalization"] = serde_json::json!({"kind": "nnunet_ct"});
+    std::fs::write(&card_path, card.to_string()).expect("card");
+    let (output, written) = predict(&run.join("best"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && !written.exists());
+    assert!(
+        stderr.contains("config.json") && stderr.contains("nnunet_ct"),
+        "{stderr}"
+    );
+}

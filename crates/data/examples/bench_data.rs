@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let label = label.ok_or("no labels")?;
         let mut image = resample_image(&image, [2.0, 2.0, 2.0])?;
         let label = resample_label(&label, [2.0, 2.0, 2.0])?;
-        normalize(&mut image, Normalization::ZScoreNonZero);
+        normalize(&mut image, Normalization::ZScoreNonZero).expect("a known normalisation");
         times.push(start.elapsed().as_secs_f64());
         prepared = Some((image, label));
     }

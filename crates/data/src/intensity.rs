@@ -1,6 +1,8 @@
 //! Intensity normalisation and clipping.
 
-use ndarray::{ArrayView3, ArrayViewMut3, Axis, Zip};
+use ndarray::{Array1, ArrayView3, ArrayViewMut3, Axis, Zip};
+use ndarray_stats::{Quantile1dExt, interpolate::Linear};
+use noisy_float::types::N64;
 use serde::{Deserialize, Serialize};
 
 use crate::volume::Image;
@@ -43,11 +45,31 @@ pub enum Normalization {
         #[serde(default)]
         clip: bool,
     },
+    /// nnU-Net's CT scheme: clip to the 0.5 and 99.5 percentiles of the training set's
+    /// foreground voxels (label > 0), then `(x − μ) / max(σ, 1e-8)` with their mean and
+    /// population σ. A request: training measures the statistics
+    /// ([`ForegroundIntensities`]) and records [`Normalization::ClipZScore`] in their place;
+    /// normalising with the request itself is an error.
+    NnunetCt,
+    /// `x' = (clip(x, lower_bound, upper_bound) − mean) / max(std, 1e-8)`: nnU-Net's
+    /// `CTNormalization` with fixed intensity properties (what [`Normalization::NnunetCt`]
+    /// becomes once the training set is measured).
+    ClipZScore {
+        /// Lower clipping bound (nnU-Net's `percentile_00_5`).
+        lower_bound: f64,
+        /// Upper clipping bound (`percentile_99_5`).
+        upper_bound: f64,
+        /// Subtracted after clipping (`mean`, of the unclipped foreground).
+        mean: f64,
+        /// Divided by, at least 1e-8 (`std`, population, of the unclipped foreground).
+        std: f64,
+    },
 }
 
 impl Normalization {
     /// Checks the parameters: percentiles in `[0, 100]` with `lower ≤ upper`; a window with
-    /// finite ends, `a_min ≠ a_max`, and `b_min ≤ b_max` when clipping.
+    /// finite ends, `a_min ≠ a_max`, and `b_min ≤ b_max` when clipping; clipping bounds, mean
+    /// and σ finite with `lower_bound ≤ upper_bound` and `σ ≥ 0`.
     pub fn validate(&self) -> crate::Result<()> {
         let invalid = |m: String| Err(crate::DataError::Invalid(m));
         match *self {
@@ -75,20 +97,46 @@ impl Normalization {
                      need finite values, a_min ≠ a_max, and b_min ≤ b_max when clipping"
                 ))
             }
+            Normalization::ClipZScore {
+                lower_bound,
+                upper_bound,
+                mean,
+                std,
+            } if ![lower_bound, upper_bound, mean, std]
+                .iter()
+                .all(|v| v.is_finite())
+                || lower_bound > upper_bound
+                || std < 0.0 =>
+            {
+                invalid(format!(
+                    "normalization bounds {lower_bound}, {upper_bound}, mean {mean}, std {std}: \
+                     need finite values, lower_bound ≤ upper_bound and std ≥ 0"
+                ))
+            }
             _ => Ok(()),
         }
     }
-}
 
-/// Normalises every channel of `image` in place.
-pub fn normalize(image: &mut Image, normalization: Normalization) {
-    for channel in image.data.axis_iter_mut(Axis(0)) {
-        normalize_channel(channel, normalization);
+    /// Whether this still needs the training set's statistics ([`Normalization::NnunetCt`]).
+    pub fn needs_dataset_statistics(&self) -> bool {
+        matches!(self, Normalization::NnunetCt)
     }
 }
 
-/// Normalises one channel in place.
-pub fn normalize_channel(mut data: ArrayViewMut3<f32>, normalization: Normalization) {
+/// Normalises every channel of `image` in place. Refuses [`Normalization::NnunetCt`], whose
+/// statistics are not known yet.
+pub fn normalize(image: &mut Image, normalization: Normalization) -> crate::Result<()> {
+    for channel in image.data.axis_iter_mut(Axis(0)) {
+        normalize_channel(channel, normalization)?;
+    }
+    Ok(())
+}
+
+/// Normalises one channel in place (see [`normalize`]).
+pub fn normalize_channel(
+    mut data: ArrayViewMut3<f32>,
+    normalization: Normalization,
+) -> crate::Result<()> {
     match normalization {
         Normalization::None => {}
         Normalization::ZScore => zscore(data, None),
@@ -97,9 +145,9 @@ pub fn normalize_channel(mut data: ArrayViewMut3<f32>, normalization: Normalizat
             zscore(data, Some(mask.view()));
         }
         Normalization::PercentileZScore { lower, upper } => {
-            let lo = percentile(data.view(), lower);
-            let hi = percentile(data.view(), upper);
-            clip(data.view_mut(), lo, hi);
+            if let Some(p) = percentiles(data.iter().copied(), &[lower, upper]) {
+                clip(data.view_mut(), p[0] as f32, p[1] as f32);
+            }
             zscore(data, None);
         }
         Normalization::ScaleRange {
@@ -115,7 +163,26 @@ pub fn normalize_channel(mut data: ArrayViewMut3<f32>, normalization: Normalizat
                 clip(data, b_min as f32, b_max as f32);
             }
         }
+        Normalization::NnunetCt => {
+            return Err(crate::DataError::Invalid(
+                "normalization nnunet_ct needs the training set's foreground statistics: \
+                 training measures them and records clip_z_score in the model card"
+                    .into(),
+            ));
+        }
+        Normalization::ClipZScore {
+            lower_bound,
+            upper_bound,
+            mean,
+            std,
+        } => {
+            let sd = std.max(1e-8);
+            data.mapv_inplace(|v| {
+                ((v.clamp(lower_bound as f32, upper_bound as f32) as f64 - mean) / sd) as f32
+            });
+        }
     }
+    Ok(())
 }
 
 /// `(x − μ) / σ` with μ and the population σ over the voxels of `mask` (all voxels when `None`);
@@ -158,20 +225,159 @@ pub fn clip(mut data: ArrayViewMut3<f32>, lo: f32, hi: f32) {
     data.mapv_inplace(|v| v.clamp(lo, hi));
 }
 
-/// The `q`-th percentile (`q` in `[0, 100]`) with numpy's default linear interpolation.
+/// The `q`-th percentile (`q` in `[0, 100]`) with numpy's default linear interpolation
+/// (ndarray-stats' quickselect); 0 for no voxels, NaN when a voxel is NaN.
 pub fn percentile(data: ArrayView3<f32>, q: f64) -> f32 {
-    let mut values: Vec<f32> = data.iter().copied().collect();
-    if values.is_empty() {
+    if data.is_empty() {
         return 0.0;
     }
-    let rank = q.clamp(0.0, 100.0) / 100.0 * (values.len() - 1) as f64;
-    let lo = rank.floor() as usize;
-    let hi = (lo + 1).min(values.len() - 1);
-    let (_, &mut a, rest) = values.select_nth_unstable_by(lo, f32::total_cmp);
-    let b = if hi == lo {
-        a
-    } else {
-        rest.iter().copied().fold(f32::INFINITY, f32::min)
-    };
-    (a as f64 + (rank - lo as f64) * (b as f64 - a as f64)) as f32
+    percentiles(data.iter().copied(), &[q]).map_or(f32::NAN, |p| p[0] as f32)
+}
+
+/// The percentiles `qs` (each in `[0, 100]`, clamped) of `values`, numpy's linear
+/// interpolation; `None` for no values or a NaN.
+fn percentiles(values: impl Iterator<Item = f32>, qs: &[f64]) -> Option<Vec<f64>> {
+    let mut values: Array1<N64> = values
+        .map(|v| N64::try_new(v as f64))
+        .collect::<Option<_>>()?;
+    let qs: Array1<N64> = qs
+        .iter()
+        .map(|q| N64::try_new(q.clamp(0.0, 100.0) / 100.0))
+        .collect::<Option<_>>()?;
+    let p = values.quantiles_mut(&qs, &Linear).ok()?;
+    Some(p.iter().map(|&v| v.into()).collect())
+}
+
+/// Foreground voxels allowed per case when `n` cases are measured: `10^7 / n` (at least 1000),
+/// so that a data set's sample fits in 40 MB. nnU-Net draws `10^8 / n` per case at random, with
+/// replacement; a case with more foreground voxels than this is subsampled with a fixed stride.
+pub fn foreground_voxels_per_case(cases: usize) -> usize {
+    (10_000_000 / cases.max(1)).max(1000)
+}
+
+/// The foreground voxels (label > 0) of one channel, pooled over a data set's training cases:
+/// nnU-Net's data set fingerprint, from which [`Normalization::NnunetCt`] takes its numbers.
+#[derive(Debug, Clone)]
+pub struct ForegroundIntensities {
+    values: Vec<f32>,
+    per_case: usize,
+}
+
+impl ForegroundIntensities {
+    /// An empty pool that keeps at most `per_case` voxels of each case
+    /// ([`foreground_voxels_per_case`]).
+    pub fn new(per_case: usize) -> Self {
+        ForegroundIntensities {
+            values: Vec::new(),
+            per_case: per_case.max(1),
+        }
+    }
+
+    /// Adds the voxels of `channel` where `label > 0` (every `k`-th of them, `k` the smallest
+    /// stride that keeps at most `per_case`). Refuses different shapes and NaN intensities.
+    pub fn add(&mut self, channel: ArrayView3<f32>, label: ArrayView3<u8>) -> crate::Result<()> {
+        if channel.shape() != label.shape() {
+            return Err(crate::DataError::Invalid(format!(
+                "foreground intensities: image {:?} and labels {:?} differ in shape",
+                channel.shape(),
+                label.shape()
+            )));
+        }
+        let count = label.iter().filter(|&&l| l > 0).count();
+        let stride = count.div_ceil(self.per_case).max(1);
+        let foreground =
+            Zip::from(&channel)
+                .and(&label)
+                .fold(Vec::with_capacity(count), |mut v, &x, &l| {
+                    if l > 0 {
+                        v.push(x);
+                    }
+                    v
+                });
+        if foreground.iter().any(|v| v.is_nan()) {
+            return Err(crate::DataError::Invalid(
+                "foreground intensities: the image holds NaN voxels".into(),
+            ));
+        }
+        self.values.extend(foreground.into_iter().step_by(stride));
+        Ok(())
+    }
+
+    /// Voxels pooled so far.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether no voxel was pooled.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The pool's statistics (numpy's `mean`, population `std`, `percentile` with linear
+    /// interpolation); an error when no case had foreground.
+    pub fn properties(&self) -> crate::Result<IntensityProperties> {
+        let n = self.values.len();
+        let p = percentiles(self.values.iter().copied(), &[0.5, 50.0, 99.5]).ok_or_else(|| {
+            crate::DataError::Invalid(
+                "foreground intensities: no training case has foreground voxels".into(),
+            )
+        })?;
+        let mean = self.values.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = self
+            .values
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        let (min, max) = self
+            .values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        Ok(IntensityProperties {
+            voxels: n,
+            mean,
+            std: var.sqrt(),
+            median: p[1],
+            min: min as f64,
+            max: max as f64,
+            percentile_00_5: p[0],
+            percentile_99_5: p[2],
+        })
+    }
+}
+
+/// Foreground intensity statistics of one channel (nnU-Net's
+/// `foreground_intensity_properties_per_channel`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct IntensityProperties {
+    /// Voxels measured.
+    pub voxels: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    /// Median.
+    pub median: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// 0.5th percentile.
+    pub percentile_00_5: f64,
+    /// 99.5th percentile.
+    pub percentile_99_5: f64,
+}
+
+impl IntensityProperties {
+    /// nnU-Net's `CTNormalization` with these properties.
+    pub fn ct_normalization(&self) -> Normalization {
+        Normalization::ClipZScore {
+            lower_bound: self.percentile_00_5,
+            upper_bound: self.percentile_99_5,
+            mean: self.mean,
+            std: self.std,
+        }
+    }
 }

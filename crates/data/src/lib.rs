@@ -18,7 +18,10 @@ pub use augment::{AugmentConfig, Augmentation, augment};
 pub use crop::{BoundingBox, crop_image, crop_label, foreground_bbox, pad_or_crop, slabs};
 pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, write_phantom_dataset};
 pub use error::{DataError, Result};
-pub use intensity::{Normalization, normalize, percentile, zscore};
+pub use intensity::{
+    ForegroundIntensities, IntensityProperties, Normalization, foreground_voxels_per_case,
+    normalize, percentile, zscore,
+};
 pub use loader::{Batch, EpochLoader, LoaderConfig, draw_batch};
 pub use phantom::{Anatomy, COMPACT_PHANTOM_CLASSES, PHANTOM_CLASSES, PhantomConfig, phantom};
 pub use resample::{

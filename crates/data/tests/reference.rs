@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use cwseg_data::augment::in_plane_map;
 use cwseg_data::crop::pad_or_crop_channels;
-use cwseg_data::intensity::{Normalization, normalize_channel};
+use cwseg_data::intensity::{
+    ForegroundIntensities, IntensityProperties, Normalization, foreground_voxels_per_case,
+    normalize_channel,
+};
 use cwseg_data::resample::{Interpolation, sample, spacing_grid};
 use cwseg_data::{
     Blender, DataError, Geometry, ReadOptions, gaussian_importance, percentile, read_image,
@@ -234,7 +237,7 @@ fn percentiles_and_zscores_match_numpy_and_monai() {
         (Normalization::ZScoreNonZero, "zscore_nonzero"),
     ] {
         let mut y = x.clone();
-        normalize_channel(y.view_mut(), kind);
+        normalize_channel(y.view_mut(), kind).expect("a known normalisation");
         assert_close(&y.mapv(f64::from), &array::<Ix3>(key), 1e-5, key);
     }
 }
@@ -257,7 +260,7 @@ fn intensity_windows_match_monais_scale_intensity_range() {
         };
         kind.validate().expect("a valid window");
         let mut y = x.clone();
-        normalize_channel(y.view_mut(), kind);
+        normalize_channel(y.view_mut(), kind).expect("a known normalisation");
         let key = format!("scale_range_{i}");
         assert_close(&y.mapv(f64::from), &array::<Ix3>(&key), 1e-5, &key);
     }
@@ -291,6 +294,99 @@ fn intensity_windows_match_monais_scale_intensity_range() {
         let err = bad.validate().expect_err("refused");
         assert!(err.to_string().contains("normalization"), "{err}");
     }
+}
+
+fn assert_properties(got: &IntensityProperties, want: &Value, what: &str) {
+    let want: IntensityProperties = serde_json::from_value(want.clone()).expect("properties");
+    assert_eq!(got.voxels, want.voxels, "{what}: voxels");
+    for (name, g, w) in [
+        ("mean", got.mean, want.mean),
+        ("std", got.std, want.std),
+        ("median", got.median, want.median),
+        ("min", got.min, want.min),
+        ("max", got.max, want.max),
+        ("percentile_00_5", got.percentile_00_5, want.percentile_00_5),
+        ("percentile_99_5", got.percentile_99_5, want.percentile_99_5),
+    ] {
+        assert!(
+            (g - w).abs() <= 1e-9 * (1.0 + w.abs()),
+            "{what} {name}: {g} vs {w}"
+        );
+    }
+}
+
+/// nnU-Net's CT scheme: foreground statistics pooled over two cases equal numpy's, and the
+/// normalisation they give equals nnunetv2's `CTNormalization`.
+#[test]
+fn ct_normalization_matches_nnunet() {
+    let a = array::<Ix3>("intensity_input").mapv(|v| v as f32);
+    let b = array::<Ix3>("ct_input_b").mapv(|v| v as f32);
+    let label = |k: &str| array::<Ix3>(k).mapv(|v| v as u8);
+    let mut pool = ForegroundIntensities::new(foreground_voxels_per_case(2));
+    pool.add(a.view(), label("ct_label_a").view())
+        .expect("same shape");
+    pool.add(b.view(), label("ct_label_b").view())
+        .expect("same shape");
+    let properties = pool.properties().expect("foreground");
+    assert_properties(&properties, &reference()["ct_properties"], "pooled");
+    let kind = properties.ct_normalization();
+    kind.validate().expect("valid");
+    let mut y = a.clone();
+    normalize_channel(y.view_mut(), kind).expect("resolved");
+    assert_close(
+        &y.mapv(f64::from),
+        &array::<Ix3>("nnunet_ct"),
+        1e-5,
+        "nnunet_ct",
+    );
+    // the request itself cannot normalise, and a pool without foreground has no statistics
+    let err =
+        normalize_channel(a.clone().view_mut(), Normalization::NnunetCt).expect_err("refused");
+    assert!(err.to_string().contains("foreground statistics"), "{err}");
+    let mut empty = ForegroundIntensities::new(10);
+    empty
+        .add(a.view(), Array3::zeros(a.dim()).view())
+        .expect("same shape");
+    assert!(empty.properties().is_err());
+    let err = empty
+        .add(a.view(), Array3::zeros((1, 1, 1)).view())
+        .expect_err("shapes");
+    assert!(err.to_string().contains("differ in shape"), "{err}");
+    let mut bad = a.clone();
+    bad[[0, 0, 0]] = f32::NAN;
+    let everywhere = Array3::from_elem(a.dim(), 1u8);
+    assert!(empty.add(bad.view(), everywhere.view()).is_err());
+}
+
+/// The same statistics on the real TotalSegmentator CT (label > 0 of the 104-class map) equal
+/// numpy's over all of its 340 786 foreground voxels.
+#[test]
+fn ct_properties_of_a_real_ct_match_numpy() {
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if !shared.is_dir() {
+        assert!(std::env::var_os("CWSEG_REQUIRE_SHARED_DATA").is_none());
+        eprintln!("skipped: {} is absent", shared.display());
+        return;
+    }
+    let ct = shared.join("totalseg-ct");
+    let image = read_image(ct.join("example_ct.nii.gz"), &ReadOptions::default()).expect("CT");
+    let label = cwseg_data::read_label(
+        ct.join("example_seg_full112_v1.nii.gz"),
+        &ReadOptions::default(),
+    )
+    .expect("labels");
+    let mut pool = ForegroundIntensities::new(foreground_voxels_per_case(1));
+    pool.add(
+        image.data.index_axis(ndarray::Axis(0), 0),
+        label.data.view(),
+    )
+    .expect("same grid");
+    let properties = pool.properties().expect("foreground");
+    assert_properties(
+        &properties,
+        &reference()["totalseg_ct_properties"],
+        "TotalSegmentator CT",
+    );
 }
 
 #[test]

@@ -62,14 +62,19 @@ pub(crate) struct ClassTable {
 
 impl ClassTable {
     const MAX_LABEL: i64 = 1 << 16;
+    /// Class sets one table holds (a bit each).
+    pub const CAPACITY: usize = 64;
 
+    /// The table of at most [`ClassTable::CAPACITY`] class sets (callers evaluate more in
+    /// chunks).
     pub fn new(classes: &[ClassSet]) -> Result<Self> {
         if classes.is_empty() {
             return Err(MetricsError::NoClasses);
         }
-        if classes.len() > 64 {
-            return Err(MetricsError::TooManyClasses(classes.len()));
-        }
+        assert!(
+            classes.len() <= Self::CAPACITY,
+            "a class table holds 64 class sets"
+        );
         let mut bits = Vec::new();
         for (c, class) in classes.iter().enumerate() {
             let tolerance = class.nsd_tolerance_mm;

@@ -25,9 +25,6 @@ pub enum MetricsError {
     /// No class to evaluate.
     #[error("no class to evaluate: give at least one class or region")]
     NoClasses,
-    /// More classes than one evaluation handles.
-    #[error("{0} classes or regions to evaluate; at most 64 are supported")]
-    TooManyClasses(usize),
     /// A class set names a label that cannot be a class index.
     #[error("class `{class}` names label {label}; labels must be in 0..65536")]
     Label {

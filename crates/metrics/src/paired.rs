@@ -2,6 +2,9 @@
 //! differences with a 95 % percentile-bootstrap interval (10 000 resamples, fixed seed) and the
 //! two-sided Wilcoxon signed-rank p-value (scipy's `wilcoxon` defaults).
 
+use ndarray::Array1;
+use ndarray_stats::{Quantile1dExt, interpolate::Linear};
+use noisy_float::types::N64;
 use serde::{Deserialize, Serialize};
 
 /// Resamples of the bootstrap interval (SPEC §6).
@@ -92,21 +95,19 @@ pub fn bootstrap_mean_interval(
         return (f64::NAN, f64::NAN);
     }
     let mut rng = SplitMix64(seed);
-    let mut means: Vec<f64> = (0..resamples)
+    let means: Option<Array1<N64>> = (0..resamples)
         .map(|_| (0..n).map(|_| values[rng.below(n)]).sum::<f64>() / n as f64)
+        .map(N64::try_new)
         .collect();
-    means.sort_by(f64::total_cmp);
     let tail = (1.0 - level) / 2.0;
-    (quantile(&means, tail), quantile(&means, 1.0 - tail))
-}
-
-/// The `q` quantile of sorted values, linear interpolation between order statistics.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let position = q * (sorted.len() - 1) as f64;
-    let below = position.floor() as usize;
-    let above = (below + 1).min(sorted.len() - 1);
-    let t = position - below as f64;
-    sorted[below] + t * (sorted[above] - sorted[below])
+    let qs: Option<Array1<N64>> = [tail, 1.0 - tail].into_iter().map(N64::try_new).collect();
+    let quantiles = means
+        .zip(qs)
+        .and_then(|(mut means, qs)| means.quantiles_mut(&qs, &Linear).ok());
+    match quantiles {
+        Some(q) => (q[0].into(), q[1].into()),
+        None => (f64::NAN, f64::NAN),
+    }
 }
 
 /// Two-sided p-value of the Wilcoxon signed-rank test of `differences` against 0, as
