@@ -4,6 +4,7 @@ directions). Orientation-sensitive content on non-cubic volumes: rods along x ar
 rods along z class 2 (MONAI's (x, y, z) = nibabel's array order).
 
     python scripts/monai_fixtures.py                 # torch, monai, nibabel, safetensors
+    python scripts/monai_fixtures.py --only unetr_batch   # one fixture folder, the rest kept
     python scripts/monai_fixtures.py --check-export DIR --network unetr|vnet --image IMG \
         --cwseg-probabilities PROBS_DIR               # the reverse direction, by hand
 
@@ -15,6 +16,8 @@ Writes crates/cli/tests/fixtures/monai/:
   float32), probabilities_large.npy (on image_large.nii.gz, roi 32 × 48 × 16, overlap 0.25,
   mode "gaussian"; probabilities_large_constant.npy with MONAI's default mode "constant"),
   report.json (Dice per class in MONAI, smallest top-2 margin);
+- unetr_batch/: args.json, state.safetensors, probabilities.npy: a smaller UNETR with
+  `norm_name="batch"`, seeded initial weights, batch-norm statistics from the image;
 - vnet_relu/, vnet_prelu/: args.json, small.safetensors (every tensor of rank ≤ 1, batch-norm
   statistics from the image), probabilities.npy. MONAI's VNet has 45 M parameters (180 MB):
   its kernels are not stored but made by the formula `formula_weights` below, which the Rust
@@ -129,16 +132,9 @@ def unetr_fixture(image, truth, large):
     print("unetr", report)
 
 
-def vnet_fixture(act, image):
-    args = dict(spatial_dims=3, in_channels=1, out_channels=3, act=act)
-    net = VNet(**args)
-    state = net.state_dict()
-    for name, t in state.items():
-        if t.dim() == 5:
-            state[name] = torch.from_numpy(formula_weights(name, tuple(t.shape)))
-    net.load_state_dict(state)
-    # batch-norm statistics of the image itself: one forward in training mode with a cumulative
-    # average, dropout off (its probabilities set to 0 only for this pass)
+def batch_statistics_from(net, image):
+    """Running statistics of every BatchNorm3d from one training-mode pass over `image`
+    (cumulative average), dropout off for that pass; then evaluation mode."""
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = None
@@ -149,6 +145,33 @@ def vnet_fixture(act, image):
     with torch.no_grad():
         net(torch.from_numpy(image)[None, None])
     net.eval()
+
+
+def unetr_batch_fixture(image):
+    torch.manual_seed(7)
+    args = dict(in_channels=1, out_channels=3, img_size=list(SIZE), feature_size=4,
+                hidden_size=24, mlp_dim=48, num_heads=2, qkv_bias=True, norm_name="batch")
+    net = UNETR(**args)
+    batch_statistics_from(net, image)
+    out = os.path.join(OUT, "unetr_batch")
+    os.makedirs(out, exist_ok=True)
+    json.dump(args, open(os.path.join(out, "args.json"), "w"), indent=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              os.path.join(out, "state.safetensors"))
+    p = probabilities(net, image, SIZE)
+    np.save(os.path.join(out, "probabilities.npy"), p)
+    print(f"unetr batch: min top-2 margin {margin(p):.2e}")
+
+
+def vnet_fixture(act, image):
+    args = dict(spatial_dims=3, in_channels=1, out_channels=3, act=act)
+    net = VNet(**args)
+    state = net.state_dict()
+    for name, t in state.items():
+        if t.dim() == 5:
+            state[name] = torch.from_numpy(formula_weights(name, tuple(t.shape)))
+    net.load_state_dict(state)
+    batch_statistics_from(net, image)
     out = os.path.join(OUT, f"vnet_{act}")
     os.makedirs(out, exist_ok=True)
     json.dump(args, open(os.path.join(out, "args.json"), "w"), indent=1)
@@ -181,6 +204,7 @@ def main():
     parser.add_argument("--network", default="unetr")
     parser.add_argument("--image")
     parser.add_argument("--cwseg-probabilities")
+    parser.add_argument("--only", choices=["unetr_batch"])
     a = parser.parse_args()
     if a.check_export:
         check_export(a.check_export, a.network, a.image, a.cwseg_probabilities)
@@ -191,8 +215,12 @@ def main():
     large, _ = rods(LARGE, rng)
     save_nifti(image, os.path.join(OUT, "image.nii.gz"))
     save_nifti(truth, os.path.join(OUT, "truth.nii.gz"))
+    if a.only == "unetr_batch":
+        unetr_batch_fixture(image)
+        return
     save_nifti(large, os.path.join(OUT, "image_large.nii.gz"))
     unetr_fixture(image, truth, large)
+    unetr_batch_fixture(image)
     for act in ["relu", "prelu"]:
         vnet_fixture(act, image)
     versions = {"torch": torch.__version__, "monai": __import__("monai").__version__,

@@ -195,6 +195,33 @@ fn an_imported_unetr_predicts_monais_labels() {
     );
 }
 
+/// MONAI's UNETR with `norm_name="batch"` (affine batch norms with running statistics in every
+/// convolution block) imports as cwseg's `UnetrNorm::Batch` and predicts MONAI's labels.
+#[test]
+fn an_imported_unetr_with_batch_norm_predicts_monais_labels() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = tmp.path().join("unetr_batch");
+    let source = fixtures().join("unetr_batch");
+    import_monai(
+        "unetr",
+        path(&source.join("args.json")),
+        path(&source.join("state.safetensors")),
+        path(&model),
+        &[],
+    );
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).expect("card"))
+            .expect("json");
+    assert_eq!(card["model"]["norm_name"], "batch");
+    let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), tmp.path());
+    assert_agrees(
+        "UNETR with batch norm",
+        &labels,
+        &p,
+        &monai_probabilities(&source.join("probabilities.npy")),
+    );
+}
+
 /// The formula of `scripts/monai_fixtures.py` for MONAI VNet's kernels: He-uniform values from
 /// splitmix64 of the name's FNV-1a hash plus the index.
 fn formula_weights(name: &str, shape: &[usize]) -> Vec<f32> {
@@ -280,53 +307,54 @@ fn flat(t: &Tensor) -> Vec<f64> {
 #[test]
 fn export_gives_back_monais_state_dict_and_arguments() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let source = fixtures().join("unetr");
-    let model = tmp.path().join("unetr");
-    import_monai(
-        "unetr",
-        path(&source.join("args.json")),
-        path(&source.join("state.safetensors")),
-        path(&model),
-        &[],
-    );
-    let exported = tmp.path().join("for-monai");
-    ok(&[
-        "export",
-        path(&model),
-        "--out",
-        path(&exported),
-        "--format",
-        "monai",
-    ]);
-    let original = candle_core::safetensors::load(source.join("state.safetensors"), &Device::Cpu)
-        .expect("original");
-    let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
-        .expect("exported");
-    let mut names: Vec<_> = original.keys().collect();
-    names.sort();
-    assert_eq!(
-        names,
-        {
-            let mut b: Vec<_> = back.keys().collect();
-            b.sort();
-            b
-        },
-        "tensor names"
-    );
-    for name in names {
-        assert_eq!(original[name].dims(), back[name].dims(), "{name}");
-        assert_eq!(flat(&original[name]), flat(&back[name]), "{name}");
+    // UNETR with instance norm, and with batch norm (counters written back as 0)
+    for fixture in ["unetr", "unetr_batch"] {
+        let source = fixtures().join(fixture);
+        let model = tmp.path().join(fixture);
+        import_monai(
+            "unetr",
+            path(&source.join("args.json")),
+            path(&source.join("state.safetensors")),
+            path(&model),
+            &[],
+        );
+        let exported = tmp.path().join(format!("{fixture}-for-monai"));
+        ok(&[
+            "export",
+            path(&model),
+            "--out",
+            path(&exported),
+            "--format",
+            "monai",
+        ]);
+        let original =
+            candle_core::safetensors::load(source.join("state.safetensors"), &Device::Cpu)
+                .expect("original");
+        let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
+            .expect("exported");
+        let mut names: Vec<_> = original.keys().collect();
+        names.sort();
+        let mut back_names: Vec<_> = back.keys().collect();
+        back_names.sort();
+        assert_eq!(names, back_names, "{fixture}: tensor names");
+        for name in names {
+            assert_eq!(original[name].dims(), back[name].dims(), "{name}");
+            if !name.ends_with("num_batches_tracked") {
+                assert_eq!(flat(&original[name]), flat(&back[name]), "{name}");
+            }
+        }
+        let read = |p: &Path| -> ModelConfig {
+            let args =
+                serde_json::from_str(&std::fs::read_to_string(p).expect("args")).expect("json");
+            from_monai_args(MonaiNetwork::Unetr, &args)
+                .expect("UNETR arguments")
+                .config
+        };
+        assert_eq!(
+            read(&exported.join("args.json")),
+            read(&source.join("args.json"))
+        );
     }
-    let read = |p: &Path| -> ModelConfig {
-        let args = serde_json::from_str(&std::fs::read_to_string(p).expect("args")).expect("json");
-        from_monai_args(MonaiNetwork::Unetr, &args)
-            .expect("UNETR arguments")
-            .config
-    };
-    assert_eq!(
-        read(&exported.join("args.json")),
-        read(&source.join("args.json"))
-    );
 
     // V-Net: every tensor back, and a num_batches_tracked counter beside each batch norm, as
     // MONAI's load_state_dict(strict=True) wants
@@ -371,7 +399,18 @@ fn monai_options_cwseg_lacks_are_refused_by_name() {
     // network) naming the tensors and the weights file; nothing written either way
     let weights_file = path(&weights).to_string();
     for (key, value, needle) in [
-        ("norm_name", "\"batch\"", "norm_name"),
+        ("norm_name", "\"group\"", "norm_name"),
+        (
+            "norm_name",
+            "[\"instance\", {\"affine\": true}]",
+            "norm_name",
+        ),
+        // batch norm is supported: instance-norm weights lack its parameters
+        (
+            "norm_name",
+            "\"batch\"",
+            "missing decoder2.conv_block.norm1.bias",
+        ),
         ("res_block", "false", "res_block"),
         ("spatial_dims", "2", "spatial_dims"),
         ("feature_size", "16", "wrong shapes"),
@@ -380,9 +419,10 @@ fn monai_options_cwseg_lacks_are_refused_by_name() {
             serde_json::from_str(&std::fs::read_to_string(source.join("args.json")).expect("args"))
                 .expect("json");
         args[key] = serde_json::from_str(value).expect("value");
-        let file = tmp.path().join(format!("{key}.json"));
+        let case = format!("{key}-{}", value.len());
+        let file = tmp.path().join(format!("{case}.json"));
         std::fs::write(&file, args.to_string()).expect("write");
-        let out = tmp.path().join(key);
+        let out = tmp.path().join(&case);
         let message = fails(&[
             "import",
             "monai",
@@ -395,7 +435,7 @@ fn monai_options_cwseg_lacks_are_refused_by_name() {
             "--out",
             path(&out),
         ]);
-        let at_fault = if needle == "wrong shapes" {
+        let at_fault = if needle == "wrong shapes" || needle.starts_with("missing") {
             weights_file.as_str()
         } else {
             path(&file)

@@ -23,5 +23,5 @@ pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe};
 pub use unet::{Norm, UNet, UNetConfig};
-pub use unetr::{Unetr, UnetrConfig};
+pub use unetr::{Unetr, UnetrConfig, UnetrNorm};
 pub use vnet::{VNet, VNetActivation, VNetConfig};

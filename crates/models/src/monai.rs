@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ModelError, Result};
 use crate::network::ModelConfig;
-use crate::unetr::UnetrConfig;
+use crate::unetr::{UnetrConfig, UnetrNorm};
 use crate::vnet::{VNetActivation, VNetConfig};
 
 /// UNETR's patch size (fixed in MONAI's UNETR).
@@ -120,6 +120,31 @@ fn layer_argument<'a>(
     }
 }
 
+/// MONAI's `norm_name` of UNETR: `"instance"` (no affine parameters) or `"batch"` (affine, with
+/// running statistics), with no options beyond those defaults.
+fn unetr_norm(norm: &Value) -> Result<UnetrNorm> {
+    let (name, options) = layer_argument(norm, "norm_name")?;
+    let option = |key: &str| options.and_then(|o| o.get(key)).and_then(Value::as_bool);
+    let others = options.is_some_and(|o| {
+        o.keys()
+            .any(|k| k != "affine" && k != "track_running_stats")
+    });
+    match name.as_str() {
+        "instance" if option("affine") != Some(true) && !others => Ok(UnetrNorm::Instance),
+        "batch"
+            if option("affine") != Some(false)
+                && option("track_running_stats") != Some(false)
+                && !others =>
+        {
+            Ok(UnetrNorm::Batch)
+        }
+        _ => Err(config_error(format!(
+            "MONAI UNETR norm_name {norm} is not supported: cwseg's UNETR has \"instance\" \
+             (no affine parameters) and \"batch\" (affine, running statistics)"
+        ))),
+    }
+}
+
 fn spatial_dims(map: &Map<String, Value>, class: &str) -> Result<()> {
     match uint(map, "spatial_dims", Some(3))? {
         3 => Ok(()),
@@ -214,19 +239,10 @@ fn unetr_from_args(args: &Value) -> Result<MonaiImport> {
             )));
         }
     };
-    if let Some(norm) = map.get("norm_name") {
-        let (name, options) = layer_argument(norm, "norm_name")?;
-        let affine = options
-            .and_then(|o| o.get("affine"))
-            .map(|a| a.as_bool() == Some(true))
-            .unwrap_or(false);
-        if name != "instance" || affine {
-            return Err(config_error(format!(
-                "MONAI UNETR norm_name {norm} is not supported: cwseg's UNETR uses instance \
-                 normalisation without affine parameters (MONAI's \"instance\")"
-            )));
-        }
-    }
+    let norm_name = match map.get("norm_name") {
+        None => UnetrNorm::Instance,
+        Some(norm) => unetr_norm(norm)?,
+    };
     for block in ["conv_block", "res_block"] {
         if !boolean(map, block, true)? {
             return Err(config_error(format!(
@@ -253,6 +269,7 @@ fn unetr_from_args(args: &Value) -> Result<MonaiImport> {
         mlp_dim: uint(map, "mlp_dim", Some(3072))?,
         num_heads: uint(map, "num_heads", Some(12))?,
         qkv_bias: boolean(map, "qkv_bias", false)?,
+        norm_name,
     };
     if img_size.iter().any(|&n| n == 0 || n % PATCH != 0) {
         return Err(config_error(format!(
@@ -378,7 +395,10 @@ pub fn to_monai_args(config: &ModelConfig) -> Result<(MonaiNetwork, Value)> {
                     "mlp_dim": c.mlp_dim,
                     "num_heads": c.num_heads,
                     "proj_type": "conv",
-                    "norm_name": "instance",
+                    "norm_name": match c.norm_name {
+                        UnetrNorm::Instance => "instance",
+                        UnetrNorm::Batch => "batch",
+                    },
                     "conv_block": true,
                     "res_block": true,
                     "dropout_rate": 0.0,
@@ -529,7 +549,17 @@ mod tests {
         assert_eq!(c.img_size, [16, 48, 32]);
         assert_eq!((c.in_channels, c.classes, c.feature_size), (2, 3, 16));
         for (key, value, named) in [
-            ("norm_name", json!("batch"), "norm_name"),
+            ("norm_name", json!("group"), "norm_name"),
+            (
+                "norm_name",
+                json!(["instance", {"affine": true}]),
+                "norm_name",
+            ),
+            (
+                "norm_name",
+                json!(["batch", {"affine": false}]),
+                "norm_name",
+            ),
             ("res_block", json!(false), "res_block"),
             ("conv_block", json!(false), "conv_block"),
             ("proj_type", json!("fourier"), "proj_type"),

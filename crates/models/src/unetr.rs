@@ -1,8 +1,8 @@
 //! UNETR (Hatamizadeh 2022) in MONAI's layout (`monai.networks.nets.UNETR`, `proj_type="conv"`,
-//! `norm_name="instance"`, `res_block=True`, `conv_block=True`): a ViT over 16³ patches
-//! (hidden 768, 12 layers, 12 heads, MLP 3072, learned position embeddings), hidden states
-//! 3/6/9/12 reshaped to volumes and decoded by residual convolution blocks with instance
-//! normalisation (no affine parameters) and LeakyReLU(0.01).
+//! `res_block=True`, `conv_block=True`): a ViT over 16³ patches (hidden 768, 12 layers, 12
+//! heads, MLP 3072, learned position embeddings), hidden states 3/6/9/12 reshaped to volumes and
+//! decoded by residual convolution blocks with instance normalisation without affine parameters
+//! (MONAI's `norm_name="instance"`) or batch normalisation (`"batch"`), and LeakyReLU(0.01).
 //!
 //! Attention, layer norm, GELU and softmax are composites of candle operations (they train).
 //! Parameter names are MONAI's, one to one (`vit.patch_embedding.position_embeddings`,
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::layers::{instance_norm, leaky_relu, softmax_last};
-use crate::modules::{Conv3d, ConvTranspose3d, LayerNorm};
+use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
 
 /// UNETR's configuration; the defaults are MONAI's (ViT-B, feature size 16) for 96³ inputs.
@@ -39,6 +39,19 @@ pub struct UnetrConfig {
     pub num_heads: usize,
     /// Bias in the attention's qkv projection.
     pub qkv_bias: bool,
+    /// Normalisation in the convolution blocks (MONAI's `norm_name`).
+    pub norm_name: UnetrNorm,
+}
+
+/// Normalisation in UNETR's convolution blocks (MONAI's `norm_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnetrNorm {
+    /// `InstanceNorm3d` without affine parameters (`"instance"`, MONAI's default).
+    #[default]
+    Instance,
+    /// `BatchNorm3d` with affine parameters and running statistics (`"batch"`).
+    Batch,
 }
 
 impl Default for UnetrConfig {
@@ -52,6 +65,7 @@ impl Default for UnetrConfig {
             mlp_dim: 3072,
             num_heads: 12,
             qkv_bias: false,
+            norm_name: UnetrNorm::Instance,
         }
     }
 }
@@ -144,47 +158,75 @@ impl Block {
     }
 }
 
-/// MONAI's `UnetResBlock` (instance norm without affine parameters, LeakyReLU 0.01): `conv1`,
-/// `conv2`, and `conv3` (1³) when the channel count changes.
+/// One normalisation of a convolution block: `norm1`, `norm2`, `norm3` in MONAI's names.
+#[derive(Debug, Clone)]
+enum BlockNorm {
+    Instance,
+    Batch(BatchNorm3d),
+}
+
+impl BlockNorm {
+    fn new(kind: UnetrNorm, channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(match kind {
+            UnetrNorm::Instance => BlockNorm::Instance,
+            UnetrNorm::Batch => BlockNorm::Batch(BatchNorm3d::new(channels, vb)?),
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            BlockNorm::Instance => instance_norm(x, None, None, 1e-5),
+            BlockNorm::Batch(norm) => norm.forward_t(x, train),
+        }
+    }
+}
+
+/// MONAI's `UnetResBlock` (LeakyReLU 0.01): `conv1`, `norm1`, `conv2`, `norm2`, and `conv3`
+/// (1³) with `norm3` when the channel count changes.
 #[derive(Debug, Clone)]
 struct ResBlock {
     conv1: Conv3d,
+    norm1: BlockNorm,
     conv2: Conv3d,
-    conv3: Option<Conv3d>,
+    norm2: BlockNorm,
+    conv3: Option<(Conv3d, BlockNorm)>,
 }
 
 impl ResBlock {
-    fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
         let same = Conv3dConfig {
             padding: [1; 3],
             ..Conv3dConfig::default()
         };
         Ok(ResBlock {
             conv1: Conv3d::new(cin, cout, [3; 3], same, false, vb.pp("conv1").pp("conv"))?,
+            norm1: BlockNorm::new(norm, cout, vb.pp("norm1"))?,
             conv2: Conv3d::new(cout, cout, [3; 3], same, false, vb.pp("conv2").pp("conv"))?,
+            norm2: BlockNorm::new(norm, cout, vb.pp("norm2"))?,
             conv3: if cin != cout {
-                Some(Conv3d::new(
-                    cin,
-                    cout,
-                    [1; 3],
-                    Conv3dConfig::default(),
-                    false,
-                    vb.pp("conv3").pp("conv"),
-                )?)
+                Some((
+                    Conv3d::new(
+                        cin,
+                        cout,
+                        [1; 3],
+                        Conv3dConfig::default(),
+                        false,
+                        vb.pp("conv3").pp("conv"),
+                    )?,
+                    BlockNorm::new(norm, cout, vb.pp("norm3"))?,
+                ))
             } else {
                 None
             },
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = leaky_relu(
-            &instance_norm(&self.conv1.forward(x)?, None, None, 1e-5)?,
-            0.01,
-        )?;
-        let h = instance_norm(&self.conv2.forward(&h)?, None, None, 1e-5)?;
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = self.norm1.forward_t(&self.conv1.forward(x)?, train)?;
+        let h = leaky_relu(&h, 0.01)?;
+        let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
         let residual = match &self.conv3 {
-            Some(c) => instance_norm(&c.forward(x)?, None, None, 1e-5)?,
+            Some((conv, norm)) => norm.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
         leaky_relu(&(h + residual)?, 0.01)
@@ -214,13 +256,19 @@ struct PrUp {
 }
 
 impl PrUp {
-    fn new(cin: usize, cout: usize, layers: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cout: usize,
+        layers: usize,
+        norm: UnetrNorm,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let blocks = (0..layers)
             .map(|i| {
                 let b = vb.pp("blocks").pp(i.to_string());
                 Ok((
                     up2(cout, cout, b.pp("0"))?,
-                    ResBlock::new(cout, cout, b.pp("1"))?,
+                    ResBlock::new(cout, cout, norm, b.pp("1"))?,
                 ))
             })
             .collect::<Result<_>>()?;
@@ -230,10 +278,10 @@ impl PrUp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = self.init.forward(x)?;
         for (up, res) in &self.blocks {
-            h = res.forward(&up.forward(&h)?)?;
+            h = res.forward_t(&up.forward(&h)?, train)?;
         }
         Ok(h)
     }
@@ -247,16 +295,17 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
         Ok(UpBlock {
             transp_conv: up2(cin, cout, vb.pp("transp_conv"))?,
-            conv_block: ResBlock::new(2 * cout, cout, vb.pp("conv_block"))?,
+            conv_block: ResBlock::new(2 * cout, cout, norm, vb.pp("conv_block"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, skip: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let up = self.transp_conv.forward(x)?;
-        self.conv_block.forward(&Tensor::cat(&[&up, skip], 1)?)
+        self.conv_block
+            .forward_t(&Tensor::cat(&[&up, skip], 1)?, train)
     }
 }
 
@@ -298,7 +347,7 @@ impl Unetr {
             stride: [PATCH; 3],
             ..Conv3dConfig::default()
         };
-        let fs = c.feature_size;
+        let (fs, norm) = (c.feature_size, c.norm_name);
         Ok(Unetr {
             patch_embeddings: Conv3d::new(
                 c.in_channels,
@@ -320,15 +369,15 @@ impl Unetr {
                 .map(|i| Block::new(&c, vit.pp("blocks").pp(i.to_string())))
                 .collect::<Result<_>>()?,
             norm: LayerNorm::new(c.hidden_size, vit.pp("norm"))?,
-            encoder1: ResBlock::new(c.in_channels, fs, vb.pp("encoder1").pp("layer"))?,
-            encoder2: PrUp::new(c.hidden_size, 2 * fs, 2, vb.pp("encoder2"))?,
-            encoder3: PrUp::new(c.hidden_size, 4 * fs, 1, vb.pp("encoder3"))?,
-            encoder4: PrUp::new(c.hidden_size, 8 * fs, 0, vb.pp("encoder4"))?,
+            encoder1: ResBlock::new(c.in_channels, fs, norm, vb.pp("encoder1").pp("layer"))?,
+            encoder2: PrUp::new(c.hidden_size, 2 * fs, 2, norm, vb.pp("encoder2"))?,
+            encoder3: PrUp::new(c.hidden_size, 4 * fs, 1, norm, vb.pp("encoder3"))?,
+            encoder4: PrUp::new(c.hidden_size, 8 * fs, 0, norm, vb.pp("encoder4"))?,
             decoders: vec![
-                UpBlock::new(c.hidden_size, 8 * fs, vb.pp("decoder5"))?,
-                UpBlock::new(8 * fs, 4 * fs, vb.pp("decoder4"))?,
-                UpBlock::new(4 * fs, 2 * fs, vb.pp("decoder3"))?,
-                UpBlock::new(2 * fs, fs, vb.pp("decoder2"))?,
+                UpBlock::new(c.hidden_size, 8 * fs, norm, vb.pp("decoder5"))?,
+                UpBlock::new(8 * fs, 4 * fs, norm, vb.pp("decoder4"))?,
+                UpBlock::new(4 * fs, 2 * fs, norm, vb.pp("decoder3"))?,
+                UpBlock::new(2 * fs, fs, norm, vb.pp("decoder2"))?,
             ],
             out: Conv3d::new(
                 fs,
@@ -381,7 +430,7 @@ impl Unetr {
 }
 
 impl ModuleT for Unetr {
-    fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (_, _, d, h, w) = x.dims5()?;
         self.check_size([d, h, w])
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -396,14 +445,20 @@ impl ModuleT for Unetr {
             hidden_states.push(tokens.clone());
         }
         let last = self.norm.forward(&tokens)?;
-        let enc1 = self.encoder1.forward(x)?;
-        let enc2 = self.encoder2.forward(&self.volume(&hidden_states[3])?)?;
-        let enc3 = self.encoder3.forward(&self.volume(&hidden_states[6])?)?;
-        let enc4 = self.encoder4.forward(&self.volume(&hidden_states[9])?)?;
-        let dec3 = self.decoders[0].forward(&self.volume(&last)?, &enc4)?;
-        let dec2 = self.decoders[1].forward(&dec3, &enc3)?;
-        let dec1 = self.decoders[2].forward(&dec2, &enc2)?;
-        let out = self.decoders[3].forward(&dec1, &enc1)?;
+        let enc1 = self.encoder1.forward_t(x, train)?;
+        let enc2 = self
+            .encoder2
+            .forward_t(&self.volume(&hidden_states[3])?, train)?;
+        let enc3 = self
+            .encoder3
+            .forward_t(&self.volume(&hidden_states[6])?, train)?;
+        let enc4 = self
+            .encoder4
+            .forward_t(&self.volume(&hidden_states[9])?, train)?;
+        let dec3 = self.decoders[0].forward_t(&self.volume(&last)?, &enc4, train)?;
+        let dec2 = self.decoders[1].forward_t(&dec3, &enc3, train)?;
+        let dec1 = self.decoders[2].forward_t(&dec2, &enc2, train)?;
+        let out = self.decoders[3].forward_t(&dec1, &enc1, train)?;
         self.out.forward(&out)
     }
 }

@@ -510,6 +510,7 @@ fn unetr_matches_monai_with_monais_parameter_names() {
         mlp_dim: size("mlp_dim"),
         num_heads: size("num_heads"),
         qkv_bias: false,
+        norm_name: cwseg_models::UnetrNorm::Instance,
     });
     let vars = VarMap::new();
     let net = config
@@ -539,6 +540,15 @@ fn unetr_matches_monai_with_monais_parameter_names() {
 
 #[test]
 fn unetr_trains() {
+    for norm_name in [
+        cwseg_models::UnetrNorm::Instance,
+        cwseg_models::UnetrNorm::Batch,
+    ] {
+        unetr_trains_with(norm_name);
+    }
+}
+
+fn unetr_trains_with(norm_name: cwseg_models::UnetrNorm) {
     let config = ModelConfig::Unetr(cwseg_models::UnetrConfig {
         classes: 2,
         img_size: [32, 32, 32],
@@ -546,17 +556,22 @@ fn unetr_trains() {
         hidden_size: 32,
         mlp_dim: 64,
         num_heads: 2,
+        norm_name,
         ..Default::default()
     });
     let (vars, net) = seeded(config, 2);
     let (x, labels) = half_split(1, 32);
     let (first, last) = train_steps(&net, &vars, (&x, &labels), 5, 1e-3, |grads| {
         // the transformer trains: its attention, position embeddings and last block get gradients
-        for name in [
+        let mut names = vec![
             "vit.blocks.0.attn.qkv.weight",
             "vit.patch_embedding.position_embeddings",
             "vit.blocks.11.norm1.weight",
-        ] {
+        ];
+        if norm_name == cwseg_models::UnetrNorm::Batch {
+            names.push("decoder2.conv_block.norm1.weight");
+        }
+        for name in names {
             let var = vars.data().lock().expect("lock")[name].clone();
             let g = grads
                 .get(var.as_tensor())
@@ -575,7 +590,7 @@ fn unetr_trains() {
     });
     assert!(
         last < first,
-        "UNETR training lowers the loss: {first} → {last}"
+        "UNETR ({norm_name:?}) training lowers the loss: {first} → {last}"
     );
 }
 
