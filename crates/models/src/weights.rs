@@ -111,6 +111,17 @@ pub fn load_strict(vars: &VarMap, path: impl AsRef<Path>) -> Result<()> {
     assign_strict(vars, &tensors, path)
 }
 
+/// [`load_strict`] from the bytes of a safetensors file (`path` names them in errors).
+pub fn load_strict_from_bytes(vars: &VarMap, bytes: &[u8], path: &Path) -> Result<()> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        ModelError::Weights {
+            path: path.to_path_buf(),
+            message: format!("not a readable safetensors file: {e}"),
+        }
+    })?;
+    assign_strict(vars, &tensors, path)
+}
+
 /// Sets every variable of `vars` from `tensors` (read from `path`, named in errors), refusing
 /// missing, extra or differently shaped tensors and non-finite values, as [`load_strict`].
 pub fn assign_strict(vars: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
