@@ -152,10 +152,12 @@ impl BatchNorm3d {
 
 impl ModuleT for BatchNorm3d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // running statistics are buffers, not parameters: detached, so an evaluation pass with
+        // constant weights records no autograd graph
         let (y, mean, var) = layers::batch_norm(
             x,
-            self.running_mean.as_tensor(),
-            self.running_var.as_tensor(),
+            &self.running_mean.as_tensor().detach(),
+            &self.running_var.as_tensor().detach(),
             Some(&self.weight),
             Some(&self.bias),
             train,

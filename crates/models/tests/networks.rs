@@ -715,3 +715,45 @@ fn absurd_widths_are_refused_before_anything_is_allocated() {
     assert!(deep.parameter_count().is_err());
     assert!(start.elapsed().as_secs() < 5, "refused without allocating");
 }
+
+/// Built from constant tensors (as `cwseg predict` loads a model), an evaluation pass records no
+/// autograd graph: batch norms' running statistics are buffers, not variables, so no
+/// activation is kept alive for a backward pass that never comes. Trained with variables, the
+/// same network's output tracks its operations.
+#[test]
+fn evaluation_with_constant_weights_records_no_graph() {
+    let configs = [
+        r#"{"name": "unet", "in_channels": 1, "classes": 2, "filters": 2, "depth": 2}"#,
+        r#"{"name": "vnet", "in_channels": 1, "classes": 2}"#,
+        r#"{"name": "deeplabv3", "in_channels": 1, "classes": 2, "widths": [4, 4, 4, 4],
+            "blocks": [1, 1, 1, 1], "aspp_channels": 4}"#,
+        r#"{"name": "unetr", "in_channels": 1, "classes": 2, "img_size": [16, 16, 16],
+            "feature_size": 2, "hidden_size": 8, "mlp_dim": 8, "num_heads": 2,
+            "norm_name": "batch"}"#,
+    ];
+    for text in configs {
+        let config: ModelConfig = serde_json::from_str(text).expect(text);
+        let (vars, trained) = seeded(config.clone(), 3);
+        let x = Tensor::ones((2, 1, 16, 16, 16), DType::F32, &Device::Cpu).expect("x");
+        assert!(
+            trained.forward_t(&x, false).expect("forward").track_op(),
+            "{text}"
+        );
+        let constants: std::collections::HashMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let network = config
+            .build(VarBuilder::from_tensors(
+                constants,
+                DType::F32,
+                &Device::Cpu,
+            ))
+            .expect("network from constants");
+        let y = network.forward_t(&x, false).expect("forward");
+        assert!(!y.track_op(), "{text}: evaluation recorded a graph");
+    }
+}
