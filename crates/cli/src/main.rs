@@ -6,20 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod checkpoint;
-mod commands;
-mod compare;
-mod demo;
-mod experiment;
-mod figures;
-mod hub;
-mod infer;
-mod interop;
-mod optim;
-mod postprocess;
-mod prepare;
-mod train;
+use cwseg_cli::{bench, commands, demo, experiment, hub, interop, train};
 
 /// Class-imbalanced 3D medical image segmentation with contour-weighted losses.
 #[derive(Parser)]

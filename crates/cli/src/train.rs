@@ -365,7 +365,13 @@ impl ModelCard {
         let path = dir.join("config.json");
         let text =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let card: ModelCard = serde_json::from_str(&text)
+        ModelCard::parse(&text, &path)
+    }
+
+    /// A model card from the text of a `config.json` (`path` names it in errors): the JSON,
+    /// then a normalisation that is valid and measured.
+    pub fn parse(text: &str, path: &Path) -> Result<ModelCard> {
+        let card: ModelCard = serde_json::from_str(text)
             .with_context(|| format!("{}: not a cwseg model config", path.display()))?;
         let normalization = card.preprocessing.normalization;
         normalization

@@ -15,7 +15,7 @@ use cwseg_models::monai::{from_monai, from_monai_args, to_monai_args};
 use cwseg_models::weights::load_strict_from_bytes;
 
 const CONFIG: &str =
-    r#"{"name": "unet", "in_channels": 1, "classes": 2, "filters": 2, "depth": 2}"#;
+    r#"{"name": "unet", "in_channels": 1, "classes": 2, "filters": 1, "depth": 1}"#;
 
 /// xorshift64: enough randomness for mutations, no dependency.
 fn next(state: &mut u64) -> u64 {
