@@ -132,11 +132,13 @@ pub fn normalize(image: &mut Image, normalization: Normalization) -> crate::Resu
     Ok(())
 }
 
-/// Normalises one channel in place (see [`normalize`]).
+/// Normalises one channel in place (see [`normalize`]); parameters that
+/// [`Normalization::validate`] refuses are an error.
 pub fn normalize_channel(
     mut data: ArrayViewMut3<f32>,
     normalization: Normalization,
 ) -> crate::Result<()> {
+    normalization.validate()?;
     match normalization {
         Normalization::None => {}
         Normalization::ZScore => zscore(data, None),
