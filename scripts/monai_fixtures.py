@@ -114,11 +114,7 @@ def unetr_fixture(image, truth, large):
         loss.backward()
         opt.step()
     net.eval()
-    out = os.path.join(OUT, "unetr")
-    os.makedirs(out, exist_ok=True)
-    json.dump(args, open(os.path.join(out, "args.json"), "w"), indent=1)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              os.path.join(out, "state.safetensors"))
+    out = save_network("unetr", args, net)
     p = probabilities(net, image, SIZE)
     np.save(os.path.join(out, "probabilities.npy"), p)
     pl = probabilities(net, large, SIZE, mode="gaussian")
@@ -130,6 +126,16 @@ def unetr_fixture(image, truth, large):
               "final_training_loss": float(loss)}
     json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
     print("unetr", report)
+
+
+def save_network(name, args, net):
+    """Writes OUT/name/args.json and the whole state dict as state.safetensors; the folder."""
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    json.dump(args, open(os.path.join(out, "args.json"), "w"), indent=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              os.path.join(out, "state.safetensors"))
+    return out
 
 
 def batch_statistics_from(net, image):
@@ -153,11 +159,7 @@ def unetr_batch_fixture(image):
                 hidden_size=24, mlp_dim=48, num_heads=2, qkv_bias=True, norm_name="batch")
     net = UNETR(**args)
     batch_statistics_from(net, image)
-    out = os.path.join(OUT, "unetr_batch")
-    os.makedirs(out, exist_ok=True)
-    json.dump(args, open(os.path.join(out, "args.json"), "w"), indent=1)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              os.path.join(out, "state.safetensors"))
+    out = save_network("unetr_batch", args, net)
     p = probabilities(net, image, SIZE)
     np.save(os.path.join(out, "probabilities.npy"), p)
     print(f"unetr batch: min top-2 margin {margin(p):.2e}")

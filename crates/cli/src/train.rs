@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_core::{DType, Device, ModuleT};
 use candle_nn::VarMap;
 use cwseg_data::{
     AugmentConfig, EpochLoader, LoaderConfig, PatchMaps, SamplerConfig, SamplingVolume, argmax,
@@ -1130,26 +1130,8 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, P
     };
     let card = ModelCard::read(&dir)?;
     card.verify_weights(&dir)?;
-    let vars = VarMap::new();
-    card.model.build(candle_nn::VarBuilder::from_varmap(
-        &vars,
-        DType::F32,
-        device,
-    ))?;
-    weights::load_strict(&vars, dir.join("model.safetensors"))?;
-    // for inference: the checked weights as constants, so no autograd graph is recorded and
-    // each activation is freed once the next layer has read it
-    let constants: HashMap<String, Tensor> = vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the variable map's lock is poisoned"))?
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    let network = card.model.build(candle_nn::VarBuilder::from_tensors(
-        constants,
-        DType::F32,
-        device,
-    ))?;
+    let network = card
+        .model
+        .load_for_inference(&dir.join("model.safetensors"), device)?;
     Ok((network, card, dir))
 }

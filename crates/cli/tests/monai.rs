@@ -41,6 +41,19 @@ fn import_monai(network: &str, args: &str, weights: &str, out: &str, extra: &[&s
     ok(&command);
 }
 
+/// `import monai` of the UNETR fixture folder `fixture` (its `args.json` and
+/// `state.safetensors`) into `out`, with `extra` flags.
+fn import_unetr_fixture(fixture: &str, out: &Path, extra: &[&str]) {
+    let source = fixtures().join(fixture);
+    import_monai(
+        "unetr",
+        path(&source.join("args.json")),
+        path(&source.join("state.safetensors")),
+        path(out),
+        extra,
+    );
+}
+
 /// MONAI's `(K, x, y, z)` probabilities as cwseg's `[K, z, y, x]`.
 fn monai_probabilities(file: &Path) -> Array4<f32> {
     let p: Array4<f32> = ndarray_npy::read_npy(file).expect("probabilities.npy");
@@ -134,13 +147,7 @@ fn an_imported_unetr_predicts_monais_labels() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = tmp.path().join("unetr");
     let source = fixtures().join("unetr");
-    import_monai(
-        "unetr",
-        path(&source.join("args.json")),
-        path(&source.join("state.safetensors")),
-        path(&model),
-        &[],
-    );
+    import_unetr_fixture("unetr", &model, &[]);
     let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), tmp.path());
     assert_agrees(
         "UNETR, one window",
@@ -177,13 +184,7 @@ fn an_imported_unetr_predicts_monais_labels() {
     );
     // MONAI's default mode, "constant": the plain mean of the overlapping windows' logits
     let constant = tmp.path().join("unetr-constant");
-    import_monai(
-        "unetr",
-        path(&source.join("args.json")),
-        path(&source.join("state.safetensors")),
-        path(&constant),
-        &["--mode", "constant"],
-    );
+    import_unetr_fixture("unetr", &constant, &["--mode", "constant"]);
     let dir = tmp.path().join("constant");
     std::fs::create_dir(&dir).expect("mkdir");
     let (labels, p) = cwseg_predict(&constant, &fixtures().join("image_large.nii.gz"), &dir);
@@ -202,13 +203,7 @@ fn an_imported_unetr_with_batch_norm_predicts_monais_labels() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = tmp.path().join("unetr_batch");
     let source = fixtures().join("unetr_batch");
-    import_monai(
-        "unetr",
-        path(&source.join("args.json")),
-        path(&source.join("state.safetensors")),
-        path(&model),
-        &[],
-    );
+    import_unetr_fixture("unetr_batch", &model, &[]);
     let card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).expect("card"))
             .expect("json");
@@ -311,13 +306,7 @@ fn export_gives_back_monais_state_dict_and_arguments() {
     for fixture in ["unetr", "unetr_batch"] {
         let source = fixtures().join(fixture);
         let model = tmp.path().join(fixture);
-        import_monai(
-            "unetr",
-            path(&source.join("args.json")),
-            path(&source.join("state.safetensors")),
-            path(&model),
-            &[],
-        );
+        import_unetr_fixture(fixture, &model, &[]);
         let exported = tmp.path().join(format!("{fixture}-for-monai"));
         ok(&[
             "export",

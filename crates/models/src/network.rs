@@ -1,5 +1,7 @@
 //! Networks by name or serde config, and their size.
 
+use std::path::Path;
+
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -58,6 +60,18 @@ impl ModelConfig {
                 MODEL_NAMES.join(", ")
             ))),
         }
+    }
+
+    /// The network with the weights of the safetensors file `path`, loaded strictly
+    /// ([`crate::weights::load_strict`]), as constants: an evaluation pass records no autograd
+    /// graph, so each activation is freed once the next layer has read it. For prediction;
+    /// training needs the variables of [`ModelConfig::build`].
+    pub fn load_for_inference(&self, path: &Path, device: &Device) -> Result<Network> {
+        let vars = VarMap::new();
+        self.build(VarBuilder::from_varmap(&vars, DType::F32, device))?;
+        crate::weights::load_strict(&vars, path)?;
+        let constants = crate::weights::constants(&vars)?;
+        self.build(VarBuilder::from_tensors(constants, DType::F32, device))
     }
 
     /// Builds the network with parameters from (or created in) `vb`, after checking on shapes

@@ -44,6 +44,19 @@ pub fn tensors(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
+/// The variables of `vars` by name as constants on their device (detached: sharing the
+/// storage, recording no autograd graph where they are used).
+pub fn constants(vars: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
+    Ok(data
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect())
+}
+
 /// Writes named tensors to `path` (sorted by name, with string `metadata`): a temporary file
 /// beside it, then a rename, so an existing file is replaced whole or not at all.
 pub fn save_tensors(

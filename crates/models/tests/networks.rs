@@ -716,10 +716,10 @@ fn absurd_widths_are_refused_before_anything_is_allocated() {
     assert!(start.elapsed().as_secs() < 5, "refused without allocating");
 }
 
-/// Built from constant tensors (as `cwseg predict` loads a model), an evaluation pass records no
-/// autograd graph: batch norms' running statistics are buffers, not variables, so no
-/// activation is kept alive for a backward pass that never comes. Trained with variables, the
-/// same network's output tracks its operations.
+/// Loaded for inference (`ModelConfig::load_for_inference`, as `cwseg predict` loads a model),
+/// an evaluation pass records no autograd graph: batch norms' running statistics are buffers,
+/// not variables, so no activation is kept alive for a backward pass that never comes. The
+/// same network trained with variables records one, and both give the same output.
 #[test]
 fn evaluation_with_constant_weights_records_no_graph() {
     let configs = [
@@ -731,29 +731,26 @@ fn evaluation_with_constant_weights_records_no_graph() {
             "feature_size": 2, "hidden_size": 8, "mlp_dim": 8, "num_heads": 2,
             "norm_name": "batch"}"#,
     ];
+    let dir = tempfile::tempdir().expect("tempdir");
     for text in configs {
         let config: ModelConfig = serde_json::from_str(text).expect(text);
         let (vars, trained) = seeded(config.clone(), 3);
         let x = Tensor::ones((2, 1, 16, 16, 16), DType::F32, &Device::Cpu).expect("x");
-        assert!(
-            trained.forward_t(&x, false).expect("forward").track_op(),
-            "{text}"
-        );
-        let constants: std::collections::HashMap<String, Tensor> = vars
-            .data()
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
+        let want = trained.forward_t(&x, false).expect("forward");
+        assert!(want.track_op(), "{text}");
+        let file = dir.path().join("model.safetensors");
+        save(&vars, &file, DType::F32, &Default::default()).expect("save");
         let network = config
-            .build(VarBuilder::from_tensors(
-                constants,
-                DType::F32,
-                &Device::Cpu,
-            ))
-            .expect("network from constants");
-        let y = network.forward_t(&x, false).expect("forward");
-        assert!(!y.track_op(), "{text}: evaluation recorded a graph");
+            .load_for_inference(&file, &Device::Cpu)
+            .expect("loaded for inference");
+        let got = network.forward_t(&x, false).expect("forward");
+        assert!(!got.track_op(), "{text}: evaluation recorded a graph");
+        let difference = (&got - &want)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("difference");
+        assert_eq!(
+            difference, 0.0,
+            "{text}: the same weights give the same output"
+        );
     }
 }
