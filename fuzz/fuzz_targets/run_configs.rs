@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use cwseg_cli::train::{ModelCard, TrainConfig};
+use cwseg_train::{ModelCard, TrainConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -57,7 +57,7 @@ pub struct BenchOptions {
 pub fn run(options: &BenchOptions) -> Result<()> {
     let quick = options.quick;
     let runs = if quick { 3 } else { 5 };
-    let device = crate::train::parse_device(&options.device)?;
+    let device = cwseg_train::parse_device(&options.device)?;
     let mut rows: Vec<(String, f64)> = Vec::new();
     if !options.step_only {
         rows.extend(operation_rows(runs, &device)?);
@@ -141,7 +141,7 @@ fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Resul
     let model = ModelConfig::from_name("unet", 1, 16)?;
     let vars = VarMap::new();
     let network = model.build(seeded_var_builder(&vars, 0, DType::F32, device))?;
-    let mut optimizer = crate::optim::Optimizer::for_varmap(Default::default(), &vars)?;
+    let mut optimizer = cwseg_train::optim::Optimizer::for_varmap(Default::default(), &vars)?;
     let x = Tensor::randn(0f32, 1.0, (2, 1, size, size, size), device)?;
     // every class present, as in the PyTorch reference (class = voxel index mod 16)
     let labels: Vec<u8> = (0..2 * size * size * size)

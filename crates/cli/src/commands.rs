@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -17,13 +18,14 @@ use cwseg_metrics::{
 };
 use cwseg_models::{ModelConfig, describe};
 use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
-use ndarray::{Array4, Axis, s};
+use ndarray::{Array4, Axis};
 use serde_json::json;
 
-use crate::figures::{Panel, write_panels};
-use crate::infer::{PredictOptions, predict_case};
-use crate::optim::{OptimizerKind, Schedule};
-use crate::train::{RunOptions, TrainConfig, load_model, parse_device};
+use crate::progress::Progress;
+use cwseg_train::figures::{Panel, write_panels};
+use cwseg_train::optim::{OptimizerKind, Schedule};
+use cwseg_train::predict::{PredictOptions, predict_case};
+use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device};
 
 fn parse_triple(text: &str) -> Result<[usize; 3], String> {
     let parts: Vec<&str> = text.split([',', 'x']).collect();
@@ -143,7 +145,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
                 .with_context(|| format!("{}: invalid run configuration", path.display()))?
         }
         // `--resume --out RUN` needs nothing else: the run's own configuration
-        None if args.resume => crate::train::read_run_config(&args.out)?,
+        None if args.resume => cwseg_train::trainer::read_run_config(&args.out)?,
         None => TrainConfig::default(),
     };
     if let Some(d) = &args.data {
@@ -200,26 +202,51 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(config)
 }
 
-/// `cwseg train`.
+/// The data-parallel group of a process started by `mpirun` (feature `mpi`), else none. A build
+/// without MPI refuses to run as one of several MPI processes: each would train alone into the
+/// same folder.
+fn launcher_communicator() -> Result<Option<Rc<dyn cwseg_train::Communicator>>> {
+    #[cfg(feature = "mpi")]
+    if let Some(world) = cwseg_train::distributed::Mpi::from_launcher() {
+        return Ok(Some(Rc::new(world)));
+    }
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|n| n.parse::<usize>().ok());
+    if cfg!(not(feature = "mpi")) && launched.is_some_and(|n| n > 1) {
+        bail!(
+            "started by mpirun as one of {} processes, but this cwseg was built without MPI; build it with `cargo build --release -p cwseg-cli --features mpi`",
+            launched.unwrap_or_default()
+        );
+    }
+    Ok(None)
+}
+
+/// `cwseg train` (under `mpirun -n R` with the `mpi` feature: R data-parallel ranks).
 pub fn train(args: TrainArgs) -> Result<()> {
     let config = train_config(&args)?;
-    let outcome = crate::train::train(
+    let communicator = launcher_communicator()?;
+    let rank0 = communicator.as_ref().is_none_or(|c| c.rank() == 0);
+    let outcome = cwseg_train::train(
         &config,
         &args.out,
-        RunOptions {
+        &RunOptions {
             resume: args.resume,
-            quiet: args.quiet,
             data_dir: None,
+            communicator,
         },
+        &mut Progress::new(args.quiet || !rank0),
     )?;
     if outcome.interrupted {
-        return Err(crate::train::Interrupted(format!(
+        return Err(cwseg_train::Interrupted(format!(
             "interrupted; saved in {}; continue with `cwseg train --resume --out {}`",
             outcome.dir.display(),
             outcome.dir.display()
         ))
         .into());
-    } else {
+    }
+    if rank0 {
         println!(
             "best validation DSC {} ; run folder {} ({:.0} s)",
             outcome.best_dice.map_or("-".into(), |d| format!("{d:.4}")),
@@ -257,6 +284,10 @@ pub struct PredictArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `I/N`: predict only every N-th case (sorted by name) from case I (0-based; a job
+    /// array writing into one output folder).
+    #[arg(long)]
+    shard: Option<cwseg_train::Shard>,
 }
 
 fn nii_stem(path: &Path) -> String {
@@ -418,8 +449,17 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     }
     refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
-    let inputs = predict_inputs(&args.input, card.modalities.len())?;
+    let mut inputs = predict_inputs(&args.input, card.modalities.len())?;
     let single = args.input.is_file();
+    if let Some(shard) = args.shard {
+        if single {
+            bail!(
+                "--shard {shard} splits a folder of inputs; {} is one file",
+                args.input.display()
+            );
+        }
+        inputs = shard.select(inputs);
+    }
     if single {
         if args.output.is_dir() {
             bail!(
@@ -491,52 +531,20 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         } else {
             args.output.join(format!("{id}.nii.gz"))
         };
+        if args.probabilities {
+            write_probabilities(
+                &out.with_file_name(format!("{id}_probabilities")),
+                &prediction.probabilities_on_input(&card, &geometry)?,
+                &geometry,
+            )?;
+        }
         write_label(
             &out,
             &LabelMap {
                 data: prediction.labels,
-                geometry: geometry.clone(),
+                geometry,
             },
         )?;
-        if args.probabilities {
-            let mut full_probs = Array4::<f32>::zeros((
-                card.classes.len(),
-                geometry.shape()[0],
-                geometry.shape()[1],
-                geometry.shape()[2],
-            ));
-            full_probs.index_axis_mut(Axis(0), 0).fill(1.0);
-            let start = prediction.start;
-            let [dz, dy, dx] = prediction.cropped.shape();
-            for (k, channel) in prediction.probabilities.outer_iter().enumerate() {
-                let resampled = if card.preprocessing.spacing.is_some() {
-                    cwseg_data::resample_image_to(
-                        &Image {
-                            data: channel.to_owned().insert_axis(Axis(0)),
-                            geometry: prediction.preprocessed.clone(),
-                        },
-                        &prediction.cropped,
-                    )?
-                    .data
-                    .index_axis_move(Axis(0), 0)
-                } else {
-                    channel.to_owned()
-                };
-                full_probs
-                    .slice_mut(s![
-                        k,
-                        start[0]..start[0] + dz,
-                        start[1]..start[1] + dy,
-                        start[2]..start[2] + dx
-                    ])
-                    .assign(&resampled);
-            }
-            write_probabilities(
-                &out.with_file_name(format!("{id}_probabilities")),
-                &full_probs,
-                &geometry,
-            )?;
-        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -1185,7 +1193,7 @@ pub enum WindowMode {
 
 /// `cwseg import monai`: converts and writes the model folder.
 pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
-    let notes = crate::interop::import_monai(&crate::interop::ImportOptions {
+    let notes = cwseg_train::interop::import_monai(&cwseg_train::interop::ImportOptions {
         network: match args.network {
             MonaiNetworkArg::Unetr => cwseg_models::monai::MonaiNetwork::Unetr,
             MonaiNetworkArg::Vnet => cwseg_models::monai::MonaiNetwork::Vnet,
@@ -1196,10 +1204,10 @@ pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
         patch: args.patch,
         overlap: args.overlap,
         mode: match args.mode {
-            WindowMode::Gaussian => crate::infer::WindowWeights::Gaussian,
-            WindowMode::Constant => crate::infer::WindowWeights::Constant,
+            WindowMode::Gaussian => cwseg_train::window::WindowWeights::Gaussian,
+            WindowMode::Constant => cwseg_train::window::WindowWeights::Constant,
         },
-        preprocessing: crate::prepare::Preprocessing {
+        preprocessing: cwseg_train::prepare::Preprocessing {
             reorient: args.reorient,
             crop_foreground: false,
             spacing: None,

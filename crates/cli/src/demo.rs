@@ -18,12 +18,13 @@ use cwseg_morphology::{ContourSpec, ErosionSpec, contour_map};
 use ndarray::{Array3, Axis};
 use serde_json::json;
 
-use crate::compare::{PairedLine, PairedMetric, SeedRuns, compare};
-use crate::figures::{LegendEntry, Panel, label_colour, write_titled_panels};
-use crate::infer::predict_probabilities;
-use crate::optim::Schedule;
-use crate::prepare::{DataConfig, SyntheticConfig, open_data};
-use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
+use crate::progress::Progress;
+use cwseg_train::compare::{PairedLine, PairedMetric, SeedRuns, compare};
+use cwseg_train::figures::{LegendEntry, Panel, label_colour, write_titled_panels};
+use cwseg_train::optim::Schedule;
+use cwseg_train::predict::predict_probabilities;
+use cwseg_train::prepare::{DataConfig, SyntheticConfig, open_data};
+use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device, train};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -96,7 +97,7 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
         batches_per_epoch: 10,
         seed,
         device: device.to_string(),
-        optimizer: crate::optim::OptimizerConfig {
+        optimizer: cwseg_train::optim::OptimizerConfig {
             lr: 0.01,
             ..Default::default()
         },
@@ -139,15 +140,16 @@ pub fn run(options: &DemoOptions) -> Result<String> {
             let outcome = train(
                 &config,
                 &dir,
-                RunOptions {
+                &RunOptions {
                     resume,
-                    quiet: options.quiet,
                     data_dir: Some(data_dir.clone()),
+                    communicator: None,
                 },
+                &mut Progress::new(options.quiet),
             )?;
             seconds += outcome.seconds;
             if outcome.interrupted {
-                return Err(crate::train::Interrupted(
+                return Err(cwseg_train::Interrupted(
                     "interrupted; run the same command again to continue".into(),
                 )
                 .into());

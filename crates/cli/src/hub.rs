@@ -29,7 +29,7 @@ use cwseg_models::{describe, weights};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-use crate::train::ModelCard;
+use cwseg_train::ModelCard;
 
 /// The files a cwseg model folder holds; the first two are needed to predict.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "README.md"];
@@ -339,7 +339,7 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    crate::checkpoint::write_new_folder(out, |tmp| {
+    cwseg_train::checkpoint::write_new_folder(out, |tmp| {
         weights::save(
             &vars,
             tmp.join("model.safetensors"),
@@ -472,8 +472,8 @@ fn model_card(
         s,
         "- training contour maps: {}",
         match card.contour_maps {
-            crate::train::ContourMaps::Volume => "the whole volume's map cropped with each patch",
-            crate::train::ContourMaps::Patch => "each patch's own map (v1)",
+            cwseg_train::ContourMaps::Volume => "the whole volume's map cropped with each patch",
+            cwseg_train::ContourMaps::Patch => "each patch's own map (v1)",
         }
     );
     let _ = writeln!(
@@ -510,7 +510,7 @@ fn model_card(
     if let Some(dir) = run_dir {
         let _ = writeln!(s, "\n## Training\n");
         if let Ok(text) = fs::read_to_string(dir.join("train.toml"))
-            && let Ok(config) = toml::from_str::<crate::train::TrainConfig>(&text)
+            && let Ok(config) = toml::from_str::<cwseg_train::TrainConfig>(&text)
         {
             let _ = writeln!(
                 s,

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cwseg_cli::{bench, commands, demo, experiment, hub, interop, train};
+use cwseg_cli::progress::{self, Progress};
+use cwseg_cli::{bench, commands, demo, hub};
+use cwseg_train::{experiment, interop};
 
 /// Class-imbalanced 3D medical image segmentation with contour-weighted losses.
 #[derive(Parser)]
@@ -54,6 +56,10 @@ enum Command {
         /// Only list the runs and their states.
         #[arg(long)]
         list: bool,
+        /// `I/N`: train only every N-th run from run I (0-based; a job array) and make no
+        /// tables; `--collect` once all N are done.
+        #[arg(long)]
+        shard: Option<cwseg_train::Shard>,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
@@ -164,11 +170,15 @@ fn run(cli: Cli) -> Result<()> {
             out,
             collect,
             list,
+            shard,
             quiet,
         } => {
+            if collect && shard.is_some() {
+                anyhow::bail!("--collect makes the tables of every run: leave out --shard");
+            }
             let experiment = experiment::ExperimentConfig::read(&config)?;
             if list {
-                for (run, state) in experiment::list(&experiment, out.as_deref()) {
+                for (run, state) in experiment::list(&experiment, out.as_deref(), shard) {
                     println!("{run} {state}");
                 }
                 return Ok(());
@@ -178,8 +188,9 @@ fn run(cli: Cli) -> Result<()> {
                 &experiment::ExperimentOptions {
                     out,
                     collect,
-                    quiet,
+                    shard,
                 },
+                &mut Progress::new(quiet),
             )?;
             println!("{report}");
             Ok(())
@@ -260,32 +271,6 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM: during training the first one stops the loop after the current
-/// step, which saves and exits with 130 / 143; a second one, or one outside training, ends the
-/// command at once with that code.
-fn stop_on_signals() {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    use std::sync::atomic::Ordering;
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
-        tracing::warn!("cannot watch SIGINT / SIGTERM: an interrupted run saves nothing");
-        return;
-    };
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if signal == SIGTERM {
-                train::TERMINATED.store(true, Ordering::SeqCst);
-            }
-            if !train::TRAINING.load(Ordering::SeqCst)
-                || train::INTERRUPTED.swap(true, Ordering::SeqCst)
-            {
-                eprintln!("\ninterrupted");
-                std::process::exit(128 + signal);
-            }
-            eprintln!("\nstopping after this step and saving (Ctrl-C again to quit at once)");
-        }
-    });
-}
-
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     // freed activations stay in the heap for the next step (glibc; see cwseg_models::alloc)
@@ -298,14 +283,14 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    stop_on_signals();
+    progress::stop_on_signals();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            if e.downcast_ref::<train::Interrupted>().is_some() {
+            if e.downcast_ref::<cwseg_train::Interrupted>().is_some() {
                 use std::sync::atomic::Ordering;
-                ExitCode::from(if train::TERMINATED.load(Ordering::SeqCst) {
+                ExitCode::from(if progress::TERMINATED.load(Ordering::SeqCst) {
                     143
                 } else {
                     130

@@ -1296,6 +1296,44 @@ fn experiment_trains_each_run_once_resumes_and_tabulates() {
         .count();
     assert_eq!(epochs, 1);
 
+    // a job array: shard 0/2 and 1/2 into another folder, then --collect: the same
+    // predictions and tables as the unsharded grid
+    let sharded = dir.path().join("exp-sharded");
+    let with = |extra: &[&str]| {
+        let mut a = vec![
+            "experiment",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--out",
+            sharded.to_str().expect("utf-8"),
+            "--quiet",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a)
+    };
+    assert_eq!(
+        with(&["--list", "--shard", "1/2"]),
+        "unet-cwcd-seed0 pending\n"
+    );
+    assert!(with(&["--shard", "0/2"]).contains("--collect once every shard is done"));
+    assert_eq!(
+        with(&["--list"]),
+        "unet-ce-seed0 done\nunet-cwcd-seed0 pending\n"
+    );
+    with(&["--shard", "1/2"]);
+    with(&["--collect"]);
+    for file in [
+        "table1.csv",
+        "runs/unet-ce-seed0/predictions/phantom_003.nii.gz",
+        "runs/unet-cwcd-seed0/predictions/phantom_003.nii.gz",
+    ] {
+        assert_eq!(
+            std::fs::read(sharded.join(file)).expect("sharded output"),
+            std::fs::read(out.join(file)).expect("unsharded output"),
+            "{file}"
+        );
+    }
+
     // the table's MONAI DSC of every class equals `cwseg evaluate` on the same predictions
     let csv = std::fs::read_to_string(out.join("table1.csv")).expect("csv");
     let table_dice: Vec<f64> = csv
@@ -1977,6 +2015,75 @@ fn assert_table_equals_evaluate(csv: &Path, predictions: &Path, segs: &Path) {
     }
 }
 
+/// `predict --shard I/N`: the shards written into one folder equal the unsharded predictions,
+/// file for file; an index outside 0..N is refused.
+#[test]
+fn sharded_predictions_equal_the_unsharded_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "3",
+        "--test",
+        "0",
+        "--shape",
+        "48,64,64",
+    ]);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd");
+    let images = data.join("imagesTr");
+    let args = |output: &Path, shard: &'static str| {
+        let mut a = vec![
+            "predict".to_string(),
+            "--model".into(),
+            model.to_str().expect("utf-8").into(),
+            "--input".into(),
+            images.to_str().expect("utf-8").into(),
+            "--output".into(),
+            output.to_str().expect("utf-8").into(),
+        ];
+        if !shard.is_empty() {
+            a.extend(["--shard".to_string(), shard.to_string()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let whole = dir.path().join("whole");
+    let sharded = dir.path().join("sharded");
+    run(args(&whole, ""));
+    run(args(&sharded, "0/2"));
+    assert_eq!(std::fs::read_dir(&sharded).expect("folder").count(), 2);
+    run(args(&sharded, "1/2"));
+    let names = |d: &Path| {
+        let mut n: Vec<_> = std::fs::read_dir(d)
+            .expect("folder")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&whole).len(), 3);
+    assert_eq!(names(&whole), names(&sharded));
+    for name in names(&whole) {
+        assert_eq!(
+            std::fs::read(whole.join(&name)).expect("read"),
+            std::fs::read(sharded.join(&name)).expect("read"),
+            "{name:?}"
+        );
+    }
+    // an argument error (clap's exit code 2), naming the rule
+    let refused = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args(args(&dir.path().join("none"), "2/2"))
+        .output()
+        .expect("cwseg runs");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("0-based, from 0 to 1"), "{err}");
+    assert!(!dir.path().join("none").exists());
+}
+
 /// A model whose card says `reorient` predicts the same labels in world space whether its input
 /// is stored RAS or LPS (x and y reversed, the affine saying so); without it, the network sees
 /// a mirrored body and the two predictions differ.
@@ -2025,6 +2132,7 @@ fn reoriented_models_predict_the_same_labels_in_world_space() {
             input.to_str().expect("utf-8"),
             "--output",
             output.to_str().expect("utf-8"),
+            "--probabilities",
         ]);
         cwseg_data::read_label(&output, &cwseg_data::ReadOptions::default()).expect("read")
     };
@@ -2048,6 +2156,21 @@ fn reoriented_models_predict_the_same_labels_in_world_space() {
         a.data,
         "reoriented: the same labels in world space"
     );
+    // and the same probabilities (written on the input's grid, as the labels)
+    let probability = |stem: &str| {
+        cwseg_data::read_image(
+            dir.path()
+                .join(format!("{stem}_probabilities/class_01.nii.gz")),
+            &cwseg_data::ReadOptions::default(),
+        )
+        .expect("probabilities")
+    };
+    let (pa, pb) = (probability("phantom_000"), probability("lps"));
+    assert_eq!(pb.geometry.orientation(), ['L', 'P', 'S']);
+    let mut pb = pb.data.index_axis(ndarray::Axis(0), 0).to_owned();
+    pb.invert_axis(ndarray::Axis(1));
+    pb.invert_axis(ndarray::Axis(2));
+    assert_eq!(pb, pa.data.index_axis(ndarray::Axis(0), 0));
     let c = predict(&original, &ras, "c.nii.gz");
     let d = predict(&original, &lps, "d.nii.gz");
     let differing = ndarray::Zip::from(&in_ras_order(d))

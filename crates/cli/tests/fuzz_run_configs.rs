@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cwseg_cli::train::{ModelCard, TrainConfig};
+use cwseg_train::{ModelCard, TrainConfig};
 
 /// xorshift64: enough randomness for mutations, no dependency.
 fn next(state: &mut u64) -> u64 {

@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         augment: AugmentConfig::default(),
         maps: PatchMaps::default(),
+        parts: Default::default(),
     };
     let rate = loader_rate(&volumes, config)?;
     println!(

@@ -22,7 +22,7 @@ pub use intensity::{
     ForegroundIntensities, IntensityProperties, Normalization, foreground_voxels_per_case,
     normalize, percentile, zscore,
 };
-pub use loader::{Batch, EpochLoader, LoaderConfig, draw_batch};
+pub use loader::{Batch, BatchParts, EpochLoader, LoaderConfig, draw_batch};
 pub use phantom::{Anatomy, COMPACT_PHANTOM_CLASSES, PHANTOM_CLASSES, PhantomConfig, phantom};
 pub use resample::{
     Interpolation, resample_image, resample_image_to, resample_label, resample_label_to,

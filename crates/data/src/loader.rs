@@ -103,6 +103,55 @@ pub struct LoaderConfig {
     /// The maps made with each patch.
     #[serde(skip)]
     pub maps: PatchMaps,
+    /// Which parts of each batch this loader draws (data-parallel ranks each draw theirs).
+    #[serde(skip)]
+    pub parts: BatchParts,
+}
+
+/// A batch of `batch_size` patches is drawn as `count` equal parts, part `p` from the batch's
+/// random stream number `p` (part 0 of 1 is the batch's whole stream: the same patches as
+/// without parts). A loader draws parts `first..first + take` only, so data-parallel ranks each
+/// draw their own, and the union over ranks is the batch of one process drawing every part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchParts {
+    /// Parts per batch (divides the batch size).
+    pub count: usize,
+    /// The first part drawn.
+    pub first: usize,
+    /// Parts drawn.
+    pub take: usize,
+}
+
+impl Default for BatchParts {
+    fn default() -> Self {
+        BatchParts {
+            count: 1,
+            first: 0,
+            take: 1,
+        }
+    }
+}
+
+impl BatchParts {
+    /// Every part of a batch drawn as `count` parts.
+    pub fn all(count: usize) -> Self {
+        BatchParts {
+            count,
+            first: 0,
+            take: count,
+        }
+    }
+
+    /// The parts of rank `rank` of `ranks` (`ranks` divides `count`): `count / ranks`
+    /// consecutive parts.
+    pub fn of_rank(count: usize, rank: usize, ranks: usize) -> Self {
+        let take = count / ranks.max(1);
+        BatchParts {
+            count,
+            first: rank * take,
+            take,
+        }
+    }
 }
 
 impl Default for LoaderConfig {
@@ -115,6 +164,7 @@ impl Default for LoaderConfig {
             sampler: SamplerConfig::default(),
             augment: AugmentConfig::default(),
             maps: PatchMaps::default(),
+            parts: BatchParts::default(),
         }
     }
 }
@@ -129,8 +179,9 @@ fn batch_seed(seed: u64, epoch: u64, batch: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Draws batch `batch` of `epoch`: each patch from a uniformly chosen volume, sampled,
-/// augmented and given its maps with the batch's own random stream.
+/// Draws batch `batch` of `epoch` (the loader's [`BatchParts`] of it): each patch from a
+/// uniformly chosen volume, sampled, augmented and given its maps with its part's random
+/// stream.
 pub fn draw_batch(
     volumes: &[SamplingVolume],
     config: &LoaderConfig,
@@ -143,13 +194,35 @@ pub fn draw_batch(
             "a batch needs at least one volume and a batch size of at least 1".into(),
         ));
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(batch_seed(seed, epoch, batch));
-    let patches = (0..config.batch_size)
-        .map(|_| {
+    let parts = config.parts;
+    if parts.count == 0
+        || !config.batch_size.is_multiple_of(parts.count)
+        || parts.first + parts.take > parts.count
+    {
+        return Err(DataError::Invalid(format!(
+            "parts {}..{} of {}: the parts must divide the batch size {} and lie in 0..{}",
+            parts.first,
+            parts.first + parts.take,
+            parts.count,
+            config.batch_size,
+            parts.count
+        )));
+    }
+    let per_part = config.batch_size / parts.count;
+    let mut patches = Vec::with_capacity(per_part * parts.take);
+    for part in parts.first..parts.first + parts.take {
+        let mut rng = ChaCha8Rng::seed_from_u64(batch_seed(seed, epoch, batch));
+        rng.set_stream(part as u64);
+        for _ in 0..per_part {
             let volume = &volumes[rng.random_range(0..volumes.len())];
-            volume.sample_patch(&config.sampler, &config.augment, &config.maps, &mut rng)
-        })
-        .collect::<Result<Vec<_>>>()?;
+            patches.push(volume.sample_patch(
+                &config.sampler,
+                &config.augment,
+                &config.maps,
+                &mut rng,
+            )?);
+        }
+    }
     let contour = stack_all(patches.iter().map(|p| p.contour.as_ref()))?;
     let weights = stack_all(patches.iter().map(|p| p.weights.as_ref()))?;
     Ok(Batch {
@@ -257,5 +330,91 @@ impl Drop for EpochLoader {
         for handle in self.handles.drain(..) {
             let _ = handle.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array3, Array4};
+
+    fn volumes() -> Vec<SamplingVolume> {
+        (0..3u8)
+            .map(|v| {
+                let label = Array3::from_shape_fn((12, 14, 16), |(z, y, x)| {
+                    u8::from((z + y + x + v as usize).is_multiple_of(7)) * (1 + v % 2)
+                });
+                let image = Array4::from_shape_fn((1, 12, 14, 16), |(_, z, y, x)| {
+                    (z * 31 + y * 7 + x + v as usize) as f32
+                });
+                SamplingVolume::new(image, label, [8, 8, 8]).expect("volume")
+            })
+            .collect()
+    }
+
+    fn config(batch_size: usize, parts: BatchParts) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            parts,
+            sampler: SamplerConfig {
+                size: [8, 8, 8],
+                ..SamplerConfig::default()
+            },
+            ..LoaderConfig::default()
+        }
+    }
+
+    /// One part is the batch's whole stream: the patches drawn before parts existed.
+    #[test]
+    fn one_part_draws_the_batch_stream() {
+        let volumes = volumes();
+        let config = config(4, BatchParts::default());
+        let batch = draw_batch(&volumes, &config, 7, 2, 5).expect("batch");
+        let mut rng = ChaCha8Rng::seed_from_u64(batch_seed(7, 2, 5));
+        for n in 0..4 {
+            let volume = &volumes[rng.random_range(0..volumes.len())];
+            let patch = volume
+                .sample_patch(&config.sampler, &config.augment, &config.maps, &mut rng)
+                .expect("patch");
+            assert_eq!(batch.image.index_axis(Axis(0), n), patch.image);
+            assert_eq!(batch.label.index_axis(Axis(0), n), patch.label);
+        }
+    }
+
+    /// The ranks' parts, stacked in rank order, are the batch of one loader drawing them all.
+    #[test]
+    fn ranks_draw_disjoint_parts_of_one_batch() {
+        let volumes = volumes();
+        for (count, ranks) in [(2, 2), (4, 2), (4, 4), (3, 1)] {
+            let whole =
+                draw_batch(&volumes, &config(12, BatchParts::all(count)), 3, 1, 0).expect("whole");
+            let mut images = Vec::new();
+            for rank in 0..ranks {
+                let part = BatchParts::of_rank(count, rank, ranks);
+                let batch = draw_batch(&volumes, &config(12, part), 3, 1, 0).expect("part");
+                assert_eq!(batch.image.dim().0, 12 / ranks);
+                images.push(batch.image);
+            }
+            let views: Vec<_> = images.iter().map(|a| a.view()).collect();
+            assert_eq!(
+                stack_concat(&views),
+                whole.image,
+                "{count} parts, {ranks} ranks"
+            );
+        }
+        let parted = draw_batch(&volumes, &config(4, BatchParts::all(2)), 3, 1, 0).expect("2");
+        let single = draw_batch(&volumes, &config(4, BatchParts::default()), 3, 1, 0).expect("1");
+        assert_eq!(
+            parted.image.index_axis(Axis(0), 0),
+            single.image.index_axis(Axis(0), 0),
+            "part 0 starts as the whole stream"
+        );
+        assert_ne!(parted.image, single.image, "part 1 has its own stream");
+        let bad = draw_batch(&volumes, &config(4, BatchParts::all(3)), 3, 1, 0);
+        assert!(bad.is_err_and(|e| e.to_string().contains("divide the batch size 4")));
+    }
+
+    fn stack_concat(views: &[ndarray::ArrayView5<f32>]) -> Array5<f32> {
+        ndarray::concatenate(Axis(0), views).expect("same shapes")
     }
 }

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use candle_core::{Tensor, TensorId};
 
 use crate::Result;
-use crate::target::{ContourConfig, Target, one_hot};
+use crate::target::{ContourConfig, Kernels, Target, one_hot};
 
 /// The quantities of one forward pass: `logp = log_softmax(z)` over classes (never
 /// `log(softmax(z))`), `t = onehot(y)`, both `(N, K, D, H, W)`, and the `u32` labels.
@@ -52,16 +52,6 @@ impl Prepared {
 /// Mean over every element.
 pub(crate) fn mean(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean_all()?)
-}
-
-/// Which implementation of the fused reductions runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Kernels {
-    /// The fused parallel CPU kernels on the CPU, candle operations elsewhere.
-    #[default]
-    Auto,
-    /// Candle operations everywhere (what CUDA runs; for tests and comparisons).
-    Composite,
 }
 
 /// The reductions of one forward pass (`fused`): `(N, K, 7)` sums, on the fast path where

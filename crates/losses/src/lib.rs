@@ -12,7 +12,6 @@ mod target;
 
 use candle_core::Tensor;
 
-pub use common::Kernels;
 pub use compound::{Boundary, ContourWeightedDice, CrossEntropyDice, DiceFocal};
 pub use config::{LOSS_NAMES, LossConfig};
 pub use cross_entropy::{
@@ -21,8 +20,8 @@ pub use cross_entropy::{
 pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
 pub use error::{LossError, Result};
 pub use target::{
-    BorderKind, ContourConfig, ElementKind, Target, dwce_weights_cpu, edges_cpu, edges_online,
-    signed_distance_cpu,
+    BorderKind, ContourConfig, ElementKind, Kernels, Target, dwce_weights_cpu, edges_cpu,
+    edges_online, signed_distance_cpu,
 };
 
 /// A segmentation loss: a scalar from logits `(N, K, D, H, W)` (any float dtype, any

@@ -5,8 +5,17 @@ use cwseg_morphology::{Border, ContourSpec, DwceSpec, Element, ErosionSpec};
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 use serde::{Deserialize, Serialize};
 
-use crate::common::Kernels;
 use crate::{LossError, Result};
+
+/// Which implementation of the fused reductions runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused parallel CPU kernels on the CPU, candle operations elsewhere.
+    #[default]
+    Auto,
+    /// Candle operations everywhere (what CUDA runs; for tests and comparisons).
+    Composite,
+}
 
 /// The target of a loss: labels `(N, D, H, W)` (class indices; 2D data has `D = 1`) and,
 /// optionally, maps precomputed on the CPU by the data pipeline. A map left out is computed

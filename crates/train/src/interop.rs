@@ -13,9 +13,10 @@ use candle_nn::{VarBuilder, VarMap};
 use cwseg_models::monai::{MonaiNetwork, from_monai, from_monai_args, to_monai, to_monai_args};
 use cwseg_models::{ModelConfig, weights};
 
-use crate::infer::{Blend, WindowWeights};
+use crate::card::ModelCard;
+use crate::config::ContourMaps;
 use crate::prepare::Preprocessing;
-use crate::train::{ContourMaps, ModelCard};
+use crate::window::{Blend, WindowWeights};
 
 /// What `cwseg import monai` reads and writes.
 #[derive(Debug, Clone)]

@@ -4,60 +4,15 @@
 use anyhow::{Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
-use cwseg_data::resample::resample_label_to;
+use cwseg_data::resample::{resample_image_to, resample_label_to};
 use cwseg_data::{
     Blender, Geometry, Image, LabelMap, argmax, gaussian_importance, window_positions,
 };
 use cwseg_models::Network;
-use ndarray::{Array3, Array4, s};
-use serde::{Deserialize, Serialize};
+use ndarray::{Array3, Array4, Axis, s};
 
-use crate::train::ModelCard;
-
-/// What overlapping windows blend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Blend {
-    /// The softmax probabilities of each window (cwseg's training validation and its models).
-    #[default]
-    Probabilities,
-    /// The logits, with one softmax after blending (MONAI's `sliding_window_inference` and
-    /// nnU-Net; imported MONAI models).
-    Logits,
-}
-
-/// How each window's voxels are weighted in the blend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WindowWeights {
-    /// The Gaussian importance map, σ = 0.125·window (MONAI `mode="gaussian"`, nnU-Net).
-    #[default]
-    Gaussian,
-    /// Equal weights: the plain mean of overlapping windows (MONAI's default `mode="constant"`).
-    Constant,
-}
-
-/// Sliding-window inference settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SlidingWindow {
-    /// Fraction of a window shared with its neighbour along each axis, in `[0, 1)`.
-    pub overlap: f64,
-    /// What is blended.
-    pub blend: Blend,
-    /// The window weights.
-    pub weights: WindowWeights,
-}
-
-impl SlidingWindow {
-    /// Gaussian-weighted probabilities with `overlap`: what cwseg trains and validates with.
-    pub fn probabilities(overlap: f64) -> Self {
-        SlidingWindow {
-            overlap,
-            blend: Blend::Probabilities,
-            weights: WindowWeights::Gaussian,
-        }
-    }
-}
+use crate::card::ModelCard;
+use crate::window::{Blend, SlidingWindow, WindowWeights};
 
 /// Class probabilities `[k, z, y, x]` of a preprocessed image `[c, z, y, x]`: windows of
 /// `window` placed as MONAI's `dense_patch_slices` with `sliding.overlap`, `batch` windows per
@@ -171,6 +126,55 @@ pub struct CasePrediction {
     pub cropped: Geometry,
     /// Where the cropped grid starts in the input's voxels.
     pub start: [usize; 3],
+}
+
+impl CasePrediction {
+    /// The class probabilities `[k, z, y, x]` on the input's grid `input` (the one the
+    /// prediction was made from): resampled back to the input's spacing, background
+    /// (probability 1 of class 0) outside the preprocessing's crop, and taken back from the
+    /// canonical orientation when the card reorients.
+    pub fn probabilities_on_input(
+        &self,
+        card: &ModelCard,
+        input: &Geometry,
+    ) -> Result<Array4<f32>> {
+        let grid = if card.preprocessing.reorient {
+            input.to_canonical()
+        } else {
+            input.clone()
+        };
+        let [nz, ny, nx] = grid.shape();
+        let start = self.start;
+        let [dz, dy, dx] = self.cropped.shape();
+        let mut channels = Vec::with_capacity(self.probabilities.dim().0);
+        for (k, channel) in self.probabilities.outer_iter().enumerate() {
+            let back = if card.preprocessing.spacing.is_some() {
+                let image = Image {
+                    data: channel.to_owned().insert_axis(Axis(0)),
+                    geometry: self.preprocessed.clone(),
+                };
+                resample_image_to(&image, &self.cropped)?
+                    .data
+                    .index_axis_move(Axis(0), 0)
+            } else {
+                channel.to_owned()
+            };
+            let mut full = Array3::<f32>::from_elem((nz, ny, nx), if k == 0 { 1.0 } else { 0.0 });
+            full.slice_mut(s![
+                start[0]..start[0] + dz,
+                start[1]..start[1] + dy,
+                start[2]..start[2] + dx
+            ])
+            .assign(&back);
+            channels.push(if card.preprocessing.reorient {
+                cwseg_data::from_canonical(&full, input)
+            } else {
+                full
+            });
+        }
+        let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
+        Ok(ndarray::stack(Axis(0), &views)?)
+    }
 }
 
 /// How a case is predicted.

@@ -28,7 +28,28 @@ pub struct ComparisonSpec {
     pub seeds: Vec<u64>,
     /// Which predictions are compared.
     #[serde(default)]
-    pub predictions: crate::experiment::Predictions,
+    pub predictions: Predictions,
+}
+
+/// Which of a run's test predictions a table scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Predictions {
+    /// With the post-processing the run decided (`RUN/predictions/`).
+    #[default]
+    Postprocessed,
+    /// The argmax before post-processing (`RUN/predictions-unprocessed/`).
+    Unprocessed,
+}
+
+impl Predictions {
+    /// The run's sub-folder.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Predictions::Postprocessed => "predictions",
+            Predictions::Unprocessed => "predictions-unprocessed",
+        }
+    }
 }
 
 /// What a difference is taken of.

@@ -168,6 +168,11 @@ impl Optimizer {
         self.lr = lr;
     }
 
+    /// The variables it updates, sorted by name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.step

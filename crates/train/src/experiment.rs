@@ -18,11 +18,15 @@ use cwseg_models::ModelConfig;
 use ndarray::{Array3, Axis};
 use serde::{Deserialize, Serialize};
 
-use crate::compare::{ComparisonSpec, SeedRuns, compare, render};
+use crate::card::load_model;
+use crate::compare::{ComparisonSpec, Predictions, SeedRuns, compare, render};
+use crate::config::TrainConfig;
+use crate::device::parse_device;
 use crate::figures::{Panel, write_panels};
-use crate::infer::{PredictOptions, predict_case};
+use crate::predict::{PredictOptions, predict_case};
 use crate::prepare::{PreparedData, open_data};
-use crate::train::{RunOptions, TrainConfig, load_model, parse_device, train};
+use crate::shard::Shard;
+use crate::trainer::{Interrupted, RunOptions, RunState, TrainHooks, train};
 
 /// How test cases are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -33,27 +37,6 @@ pub enum Regions {
     Classes,
     /// BraTS regions WT = {1, 2, 4}, TC = {1, 4}, ET = {4} of the stored labels.
     Brats,
-}
-
-/// Which of a run's test predictions a table scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Predictions {
-    /// With the post-processing the run decided (`RUN/predictions/`).
-    #[default]
-    Postprocessed,
-    /// The argmax before post-processing (`RUN/predictions-unprocessed/`).
-    Unprocessed,
-}
-
-impl Predictions {
-    /// The run's sub-folder.
-    pub fn folder(self) -> &'static str {
-        match self {
-            Predictions::Postprocessed => "predictions",
-            Predictions::Unprocessed => "predictions-unprocessed",
-        }
-    }
 }
 
 /// One table of the experiment: every network × loss, over the seeds.
@@ -307,17 +290,25 @@ pub struct ExperimentOptions {
     pub out: Option<PathBuf>,
     /// Only make the tables from the runs already done.
     pub collect: bool,
-    /// No progress bars.
-    pub quiet: bool,
+    /// Train only this shard's runs (every N-th in training order) and make no tables: one
+    /// job of an array; `collect` once every shard is done.
+    pub shard: Option<Shard>,
 }
 
-/// Every run of the grid, in training order, with its state (`pending`, `training`,
-/// `predicting`, `done`) in `out` (default: the file's output folder).
-pub fn list(config: &ExperimentConfig, out: Option<&Path>) -> Vec<(String, String)> {
+/// Every run of the grid (of `shard`, if given), in training order, with its state (`pending`,
+/// `training`, `predicting`, `done`) in `out` (default: the file's output folder).
+pub fn list(
+    config: &ExperimentConfig,
+    out: Option<&Path>,
+    shard: Option<Shard>,
+) -> Vec<(String, String)> {
     let out = out.map_or_else(|| config.out_dir(), Path::to_path_buf);
-    config
-        .runs()
-        .iter()
+    let runs = config.runs();
+    let runs = match shard {
+        Some(shard) => shard.select(runs),
+        None => runs,
+    };
+    runs.iter()
         .map(|run| {
             let state = read_status(&out.join("runs").join(run.key()))
                 .map_or_else(|| "pending".to_string(), |s| s.state);
@@ -326,8 +317,13 @@ pub fn list(config: &ExperimentConfig, out: Option<&Path>) -> Vec<(String, Strin
         .collect()
 }
 
-/// Trains and predicts every run not yet done, then writes the tables; returns the Markdown.
-pub fn run(config: &ExperimentConfig, options: &ExperimentOptions) -> Result<String> {
+/// Trains and predicts every run not yet done (`hooks` watch each training), then writes the
+/// tables; returns the Markdown.
+pub fn run(
+    config: &ExperimentConfig,
+    options: &ExperimentOptions,
+    hooks: &mut dyn TrainHooks,
+) -> Result<String> {
     let out = options.out.clone().unwrap_or_else(|| config.out_dir());
     let runs_dir = out.join("runs");
     fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
@@ -336,18 +332,26 @@ pub fn run(config: &ExperimentConfig, options: &ExperimentOptions) -> Result<Str
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
     let data_dir = out.join("data");
-    if !options.collect {
-        let runs = config.runs();
-        for (i, run) in runs.iter().enumerate() {
-            let dir = runs_dir.join(run.key());
-            if is_done(&dir) {
-                continue;
-            }
-            eprintln!("run {}/{}: {}", i + 1, runs.len(), run.key());
-            run_one(config, run, &dir, &data_dir, options.quiet)?;
-        }
+    if options.collect {
+        return collect(config, &out, &data_dir);
     }
-    collect(config, &out, &data_dir)
+    let runs = config.runs();
+    let shard = options.shard.unwrap_or(Shard::ALL);
+    for (i, run) in runs.iter().enumerate() {
+        let dir = runs_dir.join(run.key());
+        if !shard.contains(i) || is_done(&dir) {
+            continue;
+        }
+        eprintln!("run {}/{}: {}", i + 1, runs.len(), run.key());
+        run_one(config, run, &dir, &data_dir, hooks)?;
+    }
+    match options.shard {
+        None => collect(config, &out, &data_dir),
+        Some(shard) => Ok(format!(
+            "shard {shard}: its runs are done in {}; make the tables with --collect once every shard is done\n",
+            out.display()
+        )),
+    }
 }
 
 /// Trains (or resumes) one run, then predicts its test cases into `RUN/predictions/`.
@@ -356,7 +360,7 @@ fn run_one(
     run: &RunKey,
     dir: &Path,
     data_dir: &Path,
-    quiet: bool,
+    hooks: &mut dyn TrainHooks,
 ) -> Result<()> {
     let train_config = config.run_config(run)?;
     let mut status = RunStatus {
@@ -370,14 +374,15 @@ fn run_one(
     let outcome = train(
         &train_config,
         dir,
-        RunOptions {
+        &RunOptions {
             resume,
-            quiet,
             data_dir: Some(data_dir.to_path_buf()),
+            communicator: None,
         },
+        hooks,
     )?;
     if outcome.interrupted {
-        return Err(crate::train::Interrupted(format!(
+        return Err(Interrupted(format!(
             "interrupted during {}; run the same command again to continue",
             run.key()
         ))
@@ -421,7 +426,7 @@ fn run_one(
             )?;
         }
     }
-    let state: crate::train::RunState = serde_json::from_str(
+    let state: RunState = serde_json::from_str(
         &fs::read_to_string(dir.join("last").join("state.json")).context("reading state.json")?,
     )?;
     status.best_val_dice = state.best_dice;

@@ -1,0 +1,147 @@
+//! The model card (`config.json` beside every `model.safetensors`): what prediction needs to
+//! replay a run, with the weights' SHA-256; and [`load_model`], which checks both.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use cwseg_losses::LossConfig;
+use cwseg_models::{ModelConfig, Network};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ContourMaps;
+use crate::postprocess::PostProcessing;
+use crate::prepare::Preprocessing;
+use crate::window::{Blend, SlidingWindow, WindowWeights};
+
+/// What `predict` needs from a run: written as `config.json` beside every `model.safetensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The cwseg version that wrote it.
+    pub cwseg_version: String,
+    /// The network.
+    pub model: ModelConfig,
+    /// The loss it was trained with (`None`: trained outside cwseg, see `origin`).
+    pub loss: Option<LossConfig>,
+    /// Class names, index = class.
+    pub classes: Vec<String>,
+    /// Stored label value of each class (written back by `predict`).
+    pub label_values: Vec<u8>,
+    /// Input channels, in order.
+    pub modalities: Vec<String>,
+    /// Preprocessing to replay.
+    pub preprocessing: Preprocessing,
+    /// Inference window.
+    pub patch: [usize; 3],
+    /// Inference overlap.
+    pub overlap: f64,
+    /// What overlapping windows blend (cards before this field: probabilities).
+    #[serde(default)]
+    pub blend: Blend,
+    /// The window weights (cards before this field: Gaussian).
+    #[serde(default)]
+    pub window_weights: WindowWeights,
+    /// Where the training patches' contour maps came from (cards written before this field
+    /// existed were trained with per-patch maps).
+    #[serde(default = "ContourMaps::legacy")]
+    pub contour_maps: ContourMaps,
+    /// What prediction does after the argmax, decided on the validation cases after training
+    /// (`None`: not decided, or no validation cases).
+    #[serde(default)]
+    pub postprocessing: Option<PostProcessing>,
+    /// SHA-256 of the `model.safetensors` beside it (hex); loading refuses a file that differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
+    /// Where weights trained elsewhere came from and how they were converted (`cwseg import`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+impl ModelCard {
+    /// The card's sliding-window settings with `overlap`.
+    pub fn sliding_window(&self, overlap: f64) -> SlidingWindow {
+        SlidingWindow {
+            overlap,
+            blend: self.blend,
+            weights: self.window_weights,
+        }
+    }
+
+    /// The card with the digest of the weights file `weights`.
+    pub fn with_weights_digest(&self, weights: &Path) -> Result<ModelCard> {
+        Ok(ModelCard {
+            weights_sha256: Some(sha256_file(weights)?),
+            ..self.clone()
+        })
+    }
+
+    /// Refuses a `dir/model.safetensors` whose SHA-256 is not the card's (when it has one).
+    pub fn verify_weights(&self, dir: &Path) -> Result<()> {
+        let Some(expected) = &self.weights_sha256 else {
+            return Ok(());
+        };
+        let path = dir.join("model.safetensors");
+        let found = sha256_file(&path)?;
+        if &found != expected {
+            bail!(
+                "{}: SHA-256 {found} is not the {expected} recorded in {} (a damaged or replaced weights file)",
+                path.display(),
+                dir.join("config.json").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads `dir/config.json`.
+    pub fn read(dir: &Path) -> Result<ModelCard> {
+        let path = dir.join("config.json");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        ModelCard::parse(&text, &path)
+    }
+
+    /// A model card from the text of a `config.json` (`path` names it in errors): the JSON,
+    /// then a normalisation that is valid and measured.
+    pub fn parse(text: &str, path: &Path) -> Result<ModelCard> {
+        let card: ModelCard = serde_json::from_str(text)
+            .with_context(|| format!("{}: not a cwseg model config", path.display()))?;
+        let normalization = card.preprocessing.normalization;
+        normalization
+            .validate()
+            .with_context(|| format!("{}: preprocessing", path.display()))?;
+        if normalization.needs_dataset_statistics() {
+            bail!(
+                "{}: preprocessing normalization nnunet_ct has no statistics; a trained model \
+                 records clip_z_score with the training set's numbers",
+                path.display()
+            );
+        }
+        Ok(card)
+    }
+}
+
+/// Loads a trained network from a run or model folder (`RUN/best`, else `RUN` itself).
+pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, PathBuf)> {
+    let dir = if path.join("best").join("model.safetensors").exists() {
+        path.join("best")
+    } else {
+        path.to_path_buf()
+    };
+    let card = ModelCard::read(&dir)?;
+    card.verify_weights(&dir)?;
+    let network = card
+        .model
+        .load_for_inference(&dir.join("model.safetensors"), device)?;
+    Ok((network, card, dir))
+}

@@ -1,0 +1,43 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+
+pub mod card;
+pub mod checkpoint;
+pub mod compare;
+pub mod config;
+pub mod device;
+pub mod distributed;
+pub mod experiment;
+pub mod figures;
+pub mod interop;
+pub mod optim;
+pub mod postprocess;
+pub mod predict;
+pub mod prepare;
+pub mod shard;
+pub mod trainer;
+pub mod validate;
+pub mod window;
+
+pub use card::{ModelCard, load_model};
+pub use config::{ContourMaps, TrainConfig, ValidationConfig};
+pub use device::parse_device;
+pub use distributed::{Communicator, Single};
+pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+pub use predict::{CasePrediction, PredictOptions, predict_case, predict_probabilities};
+pub use prepare::{
+    DataConfig, DataFormat, PreparedData, Preprocessing, SyntheticConfig, open_data,
+};
+pub use shard::Shard;
+pub use trainer::{
+    EpochReport, Interrupted, NoHooks, RunOptions, RunStart, RunState, StepReport, TrainHooks,
+    TrainOutcome, Trainer, train,
+};
+pub use window::{Blend, SlidingWindow, WindowWeights};
+
+/// The error type of this crate: an [`anyhow::Error`] whose context chain names the file, case
+/// or field at fault. [`Interrupted`] is the one cause callers match on (`downcast_ref`).
+pub type Error = anyhow::Error;
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

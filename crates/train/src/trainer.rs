@@ -1,0 +1,900 @@
+//! The training loop as a library. [`Trainer::open`] starts a run in a folder or resumes it
+//! from `last/`; [`Trainer::run`] steps through the loader's batches, validates by
+//! sliding-window inference each epoch, keeps the best and last checkpoints, writes
+//! `metrics.jsonl` and `curves.png`, stops cleanly on a non-finite loss or when a hook asks,
+//! and decides the post-processing at the end. [`TrainHooks`] is how a progress bar, a logger
+//! or a stop signal watch it; [`train`] runs one configuration to the end.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, ModuleT};
+use candle_nn::VarMap;
+use cwseg_data::{
+    Batch, BatchParts, EpochLoader, LoaderConfig, PatchMaps, SamplerConfig, SamplingVolume, argmax,
+};
+use cwseg_losses::{Loss, Target};
+use cwseg_models::{Network, seeded_var_builder, weights};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::card::{ModelCard, load_model};
+use crate::config::{ContourMaps, TrainConfig};
+use crate::device::parse_device;
+use crate::distributed::{self, Communicator, Single};
+use crate::optim::Optimizer;
+use crate::postprocess;
+use crate::predict::predict_probabilities;
+use crate::prepare::{PreparedCase, PreparedData, open_data};
+use crate::validate::{case_dice, mean_foreground};
+
+/// Progress state saved with the last checkpoint (`last/state.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The epoch in progress (or next to start).
+    pub epoch: usize,
+    /// Batches of that epoch already done.
+    pub batch: usize,
+    /// Sum of the losses of those batches.
+    pub loss_sum: f64,
+    /// Best validation DSC so far.
+    pub best_dice: Option<f64>,
+    /// Its epoch.
+    pub best_epoch: Option<usize>,
+    /// Whether training finished.
+    pub finished: bool,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The run folder.
+    pub dir: PathBuf,
+    /// Best validation DSC.
+    pub best_dice: Option<f64>,
+    /// Whether training stopped early (Ctrl-C).
+    pub interrupted: bool,
+    /// Wall time of this invocation, seconds.
+    pub seconds: f64,
+}
+
+/// A run stopped by a hook ([`TrainHooks::should_stop`]: Ctrl-C or SIGTERM in the `cwseg`
+/// command) after saving what can be resumed; the command exits with 130 or 143, as a shell
+/// reports those signals.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Writes the checkpoint folder `dir` (weights, card, and with `optimizer` its state and the
+/// run state) as a whole ([`crate::checkpoint::replace`]).
+fn save_checkpoint(
+    dir: &Path,
+    vars: &VarMap,
+    card: &ModelCard,
+    optimizer: Option<(&Optimizer, &RunState)>,
+) -> Result<()> {
+    let metadata: HashMap<String, String> = [
+        ("cwseg_version".to_string(), card.cwseg_version.clone()),
+        ("model".to_string(), card.model.name().to_string()),
+        ("loss".to_string(), serde_json::to_string(&card.loss)?),
+    ]
+    .into_iter()
+    .collect();
+    crate::checkpoint::replace(dir, |tmp| {
+        let weights_path = tmp.join("model.safetensors");
+        weights::save(vars, &weights_path, DType::F32, &metadata)?;
+        let card = card.with_weights_digest(&weights_path)?;
+        cwseg_data::dataset::write_atomic(
+            &tmp.join("config.json"),
+            serde_json::to_string_pretty(&card)?.as_bytes(),
+        )?;
+        if let Some((opt, state)) = optimizer {
+            opt.save(&tmp.join("optimizer.safetensors"))?;
+            cwseg_data::dataset::write_atomic(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(state)?.as_bytes(),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// Refuses a run state that disagrees with the optimizer saved beside it: every batch is one
+/// optimizer step, so `epoch · batches_per_epoch + batch` must equal the saved step count (an
+/// edited `state.json` would otherwise skip or repeat epochs silently).
+fn check_state(path: &Path, state: &RunState, config: &TrainConfig, steps: u64) -> Result<()> {
+    let expected = (state.epoch as u64)
+        .checked_mul(config.batches_per_epoch as u64)
+        .and_then(|s| s.checked_add(state.batch as u64));
+    if state.batch > config.batches_per_epoch || expected != Some(steps) {
+        bail!(
+            "{}: epoch {} batch {} of {} batches per epoch disagrees with the {steps} steps of \
+             optimizer.safetensors beside it; the checkpoint was edited or mixed from two runs \
+             (restore it, or train into a new folder)",
+            path.display(),
+            state.epoch,
+            state.batch,
+            config.batches_per_epoch
+        );
+    }
+    Ok(())
+}
+
+/// Keeps the lines of `metrics.jsonl` of the epochs before `epochs` (a run killed after an
+/// epoch's line but before its checkpoint repeats that epoch on resume).
+fn truncate_metrics(path: &Path, epochs: usize) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| e as usize <= epochs)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        cwseg_data::dataset::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The configuration a run folder was trained with (`RUN/train.toml`).
+pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
+    let path = dir.join("train.toml");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("--resume: reading {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{}: not a training configuration", path.display()))
+}
+
+/// The dotted names of the fields in which `given` differs from `saved`, leaving out those a
+/// resumed run may change: `epochs` (checked apart), `device` and `workers`.
+fn differing_fields(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<String>> {
+    fn walk(a: &toml::Value, b: &toml::Value, path: &str, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for key in keys {
+                    let name = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    match (x.get(key), y.get(key)) {
+                        (Some(u), Some(v)) => walk(u, v, &name, out),
+                        _ => out.push(name),
+                    }
+                }
+            }
+            _ if a != b => out.push(path.to_string()),
+            _ => {}
+        }
+    }
+    // the network's channels, classes and UNETR's input size come from the data and the patch:
+    // train.toml records the run's, a configuration given beside --resume may hold defaults
+    let derived_cleared = |c: &TrainConfig| TrainConfig {
+        model: c.model.with_io(0, 0).with_input_size(c.patch),
+        ..c.clone()
+    };
+    let mut out = Vec::new();
+    walk(
+        &toml::Value::try_from(derived_cleared(saved))?,
+        &toml::Value::try_from(derived_cleared(given))?,
+        "",
+        &mut out,
+    );
+    out.retain(|f| !matches!(f.as_str(), "epochs" | "device" | "workers"));
+    Ok(out)
+}
+
+/// Decides the post-processing on the validation cases with the best checkpoint and records
+/// it in `best/config.json`; nothing to do without validation cases, when the configuration
+/// says not to, or when the card has it already.
+fn decide_postprocessing(
+    dir: &Path,
+    val_cases: &[PreparedCase],
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<()> {
+    if val_cases.is_empty() || !config.validation.postprocess {
+        return Ok(());
+    }
+    let (network, mut card, best) = load_model(dir, device)?;
+    if card.postprocessing.is_some() {
+        return Ok(());
+    }
+    let mut predictions = Vec::with_capacity(val_cases.len());
+    for case in val_cases {
+        let probs = predict_probabilities(
+            &network,
+            &case.image.data,
+            card.classes.len(),
+            card.patch,
+            card.sliding_window(config.validation.overlap),
+            2,
+            device,
+        )?;
+        predictions.push(argmax(probs.view()));
+    }
+    let labels: Vec<_> = val_cases.iter().map(|c| c.label.data.clone()).collect();
+    let decided = postprocess::decide(&predictions, &labels, &card.classes, &card.label_values);
+    tracing::info!(
+        keep_largest = ?decided.keep_largest.iter().map(|g| &g.name).collect::<Vec<_>>(),
+        before = decided.validation_dice_before,
+        after = decided.validation_dice_after,
+        "post-processing decided on the validation cases"
+    );
+    card.postprocessing = Some(decided);
+    cwseg_data::dataset::write_atomic(
+        &best.join("config.json"),
+        serde_json::to_string_pretty(&card)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// The maps the loader makes with each patch: under [`ContourMaps::Volume`], the contour map
+/// (every class, background included: the loss takes each class's own contour from it) of a
+/// loss that uses one.
+fn patch_maps(config: &TrainConfig) -> PatchMaps {
+    let contour = match config.contour_maps {
+        ContourMaps::Volume => config.loss.contour(),
+        ContourMaps::Patch => None,
+    };
+    PatchMaps {
+        contour: contour.map(|c| cwseg_morphology::ContourSpec {
+            erosion: c.erosion(),
+            include_background: true,
+        }),
+    }
+}
+
+/// The training cases ready for sampling; under [`ContourMaps::Volume`] a DWCE loss's weight
+/// maps are made here, once per case on the whole preprocessed volume (voxel units, as the
+/// loss's own).
+fn sampling_volumes(config: &TrainConfig, cases: Vec<PreparedCase>) -> Result<Vec<SamplingVolume>> {
+    let dwce = match config.contour_maps {
+        ContourMaps::Volume => config.loss.dwce(),
+        ContourMaps::Patch => None,
+    };
+    cases
+        .into_iter()
+        .map(|c| {
+            let weights = dwce
+                .map(|spec| cwseg_morphology::dwce_weight_map(c.label.data.view(), None, &spec))
+                .transpose()
+                .with_context(|| format!("DWCE weight map of case {}", c.id))?;
+            let volume = SamplingVolume::new(c.image.data, c.label.data, config.patch)?;
+            Ok(match weights {
+                Some(w) => volume.with_weights(w)?,
+                None => volume,
+            })
+        })
+        .collect()
+}
+
+/// Options of one invocation that are not part of the run's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run in the folder from its last checkpoint.
+    pub resume: bool,
+    /// Where the synthetic data set is written (default `RUN/data`).
+    pub data_dir: Option<PathBuf>,
+    /// The data-parallel group this process trains in (default: alone).
+    pub communicator: Option<Rc<dyn Communicator>>,
+}
+
+/// Where a run stands when [`Trainer::run`] starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStart {
+    /// `"unet cwcd"`: the network's and the loss's names.
+    pub name: String,
+    /// Optimizer steps of the whole run (epochs × batches per epoch).
+    pub total_steps: u64,
+    /// Steps already done (a resumed run).
+    pub done_steps: u64,
+}
+
+/// After every optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// The epoch (0-based) and the number of epochs.
+    pub epoch: usize,
+    /// Epochs of the run.
+    pub epochs: usize,
+    /// Batches of the epoch done, this one included.
+    pub batch: usize,
+    /// This step's loss.
+    pub loss: f64,
+    /// Mean loss of the epoch so far.
+    pub mean_loss: f64,
+    /// Learning rate of the epoch.
+    pub lr: f64,
+    /// Patches per second over this invocation's steps of the epoch.
+    pub patches_per_second: f64,
+    /// Best validation DSC so far.
+    pub best_dice: Option<f64>,
+}
+
+/// After every epoch: what `metrics.jsonl` records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochReport {
+    /// The epoch (1-based, as in `metrics.jsonl`).
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Mean foreground validation DSC (validated epochs only).
+    pub val_dice: Option<f64>,
+    /// Per-class validation DSC, background first (NaN: the class in neither).
+    pub val_dice_per_class: Option<Vec<f64>>,
+    /// Wall time of the epoch, seconds.
+    pub seconds: f64,
+    /// Training patches per second.
+    pub patches_per_second: f64,
+    /// Whether this epoch's checkpoint became `best/`.
+    pub improved: bool,
+    /// Whether validation stalled for `validation.patience` epochs (the run stops).
+    pub stalled: bool,
+}
+
+/// Callbacks of [`Trainer::run`]; every method has an empty default. The `cwseg` command's
+/// progress bar and Ctrl-C handling are one implementation; [`NoHooks`] is none.
+pub trait TrainHooks {
+    /// Before the first step of this invocation.
+    fn started(&mut self, _run: &RunStart) {}
+    /// After every optimizer step.
+    fn step(&mut self, _report: &StepReport) {}
+    /// After every epoch, once its checkpoints are written.
+    fn epoch(&mut self, _report: &EpochReport) {}
+    /// Asked after every step: `true` saves `last/` and stops (the outcome says `interrupted`).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+    /// When [`Trainer::run`] returns without error.
+    fn finished(&mut self, _outcome: &TrainOutcome, _state: &RunState) {}
+}
+
+/// Hooks that do nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl TrainHooks for NoHooks {}
+
+/// A run in its folder: the network, optimizer, loss, data and progress of one configuration.
+pub struct Trainer {
+    config: TrainConfig,
+    dir: PathBuf,
+    device: Device,
+    classes: usize,
+    val_cases: Vec<PreparedCase>,
+    volumes: Arc<Vec<SamplingVolume>>,
+    loader: LoaderConfig,
+    card: ModelCard,
+    vars: VarMap,
+    network: Network,
+    optimizer: Optimizer,
+    loss: Box<dyn Loss>,
+    state: RunState,
+    /// `metrics.jsonl`, open on rank 0 only.
+    metrics: Option<fs::File>,
+    comm: Rc<dyn Communicator>,
+}
+
+/// Trains `config` into `dir` to the end (or until a hook stops it). A folder this call
+/// created is removed again when the run fails before its first checkpoint (nothing to resume).
+pub fn train(
+    config: &TrainConfig,
+    dir: &Path,
+    options: &RunOptions,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainOutcome> {
+    config.validate()?;
+    let created = !dir.exists();
+    let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
+    let rank0 = options.communicator.as_ref().is_none_or(|c| c.rank() == 0);
+    if outcome.is_err() && rank0 && created && !dir.join("last").exists() {
+        let _ = fs::remove_dir_all(dir);
+    }
+    outcome
+}
+
+/// Checks that `config` may resume the run whose `train.toml` is `saved`; returns whether it
+/// extends the run (more epochs).
+fn check_resume(saved_path: &Path, saved: &TrainConfig, config: &TrainConfig) -> Result<bool> {
+    let differing = differing_fields(saved, config)?;
+    if !differing.is_empty() {
+        bail!(
+            "--resume: {} differ(s) from the run's {}; resume with the run's settings (only a larger --epochs extends it)",
+            differing.join(", "),
+            saved_path.display()
+        );
+    }
+    if config.epochs < saved.epochs {
+        bail!(
+            "--resume: --epochs {} is fewer than the run's {}; a run can be extended, not shortened",
+            config.epochs,
+            saved.epochs
+        );
+    }
+    Ok(config.epochs > saved.epochs)
+}
+
+/// Refuses a patch larger than any case after preprocessing.
+fn check_patch_fits(patch: [usize; 3], cases: &[PreparedCase]) -> Result<()> {
+    for case in cases {
+        let shape = case.image.geometry.shape();
+        if (0..3).any(|a| patch[a] > shape[a]) {
+            bail!(
+                "patch {patch:?} is larger than case {} after preprocessing {shape:?}: choose a patch no larger than the smallest case (or resample to a finer spacing)",
+                case.id,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The loader's settings for `config` (two batches prefetched).
+fn loader_config(config: &TrainConfig) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: config.batch_size,
+        batches_per_epoch: config.batches_per_epoch,
+        workers: config.workers,
+        prefetch: 2,
+        sampler: SamplerConfig {
+            size: config.patch,
+            positive: config.positive,
+            negative: config.negative,
+            class_balanced: true,
+        },
+        augment: config.augment,
+        maps: patch_maps(config),
+        parts: BatchParts::all(config.batch_parts),
+    }
+}
+
+/// Creates the run folder, finishes any interrupted checkpoint replacement (rank 0), and checks
+/// that a new run does not overwrite one and a resumed run keeps its configuration; returns
+/// whether a resumed run is extended.
+fn prepare_folder(config: &TrainConfig, dir: &Path, resume: bool, rank0: bool) -> Result<bool> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating the run folder {}", dir.display()))?;
+    if rank0 {
+        for checkpoint in ["last", "best"] {
+            crate::checkpoint::recover(&dir.join(checkpoint))?;
+        }
+    }
+    if resume {
+        check_resume(&dir.join("train.toml"), &read_run_config(dir)?, config)
+    } else if dir.join("last").exists() {
+        bail!(
+            "{} already holds a run; use --resume to continue it or choose another --out",
+            dir.display()
+        );
+    } else {
+        Ok(false)
+    }
+}
+
+/// The data set and split of `config` with its preprocessing measured on the training cases,
+/// and the model card of the run (the network sized for the data and the patch).
+fn open_run_data(config: &TrainConfig, data_dir: &Path) -> Result<(PreparedData, ModelCard)> {
+    let mut data = open_data(&config.data, config.seed, data_dir)?;
+    data.preprocessing = data
+        .preprocessing
+        .measure(&data.dataset, &data.split.train)?;
+    let model = config
+        .model
+        .with_io(data.dataset.modalities.len(), data.dataset.classes.len())
+        .with_input_size(config.patch);
+    let multiple = model.size_multiple();
+    if config.patch.iter().any(|p| p % multiple != 0) {
+        bail!(
+            "patch {:?}: every side must be a multiple of {multiple} for this network",
+            config.patch
+        );
+    }
+    let card = ModelCard {
+        cwseg_version: env!("CARGO_PKG_VERSION").to_string(),
+        model,
+        loss: Some(config.loss.clone()),
+        classes: data.dataset.classes.clone(),
+        label_values: data.dataset.label_values.clone(),
+        modalities: data.dataset.modalities.clone(),
+        preprocessing: data.preprocessing,
+        patch: config.patch,
+        overlap: config.validation.overlap,
+        blend: Default::default(),
+        window_weights: Default::default(),
+        contour_maps: config.contour_maps,
+        postprocessing: None,
+        weights_sha256: None,
+        origin: None,
+    };
+    Ok((data, card))
+}
+
+/// `dir/metrics.jsonl`, opened for appending.
+fn open_metrics(dir: &Path) -> Result<fs::File> {
+    let path = dir.join("metrics.jsonl");
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+impl Trainer {
+    /// Opens a run in `dir`: a new one (refused where `last/` exists), or with
+    /// `options.resume` the one there, from `last/` (refused where the configuration differs
+    /// in anything but a larger `epochs`, `device` or `workers`). Loads and preprocesses the
+    /// data, builds the network (seeded) and writes `train.toml` and `split.json`.
+    pub fn open(config: &TrainConfig, dir: &Path, options: &RunOptions) -> Result<Trainer> {
+        let comm = options
+            .communicator
+            .clone()
+            .unwrap_or_else(|| Rc::new(Single));
+        if !config.batch_parts.is_multiple_of(comm.size()) {
+            bail!(
+                "{} ranks: batch_parts = {} must be a multiple of the number of ranks (each rank trains on its own parts of every batch)",
+                comm.size(),
+                config.batch_parts
+            );
+        }
+        let rank0 = comm.rank() == 0;
+        let extended = prepare_folder(config, dir, options.resume, rank0)?;
+        let device = parse_device(&config.device)?;
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+        let (data, card) = open_run_data(config, &data_dir)?;
+        if rank0 {
+            data.split.write(dir.join("split.json"))?;
+            // the run's own network (channels and classes from the data), not the
+            // configuration's defaults
+            let recorded = TrainConfig {
+                model: card.model.clone(),
+                ..config.clone()
+            };
+            cwseg_data::dataset::write_atomic(
+                &dir.join("train.toml"),
+                toml::to_string_pretty(&recorded)?.as_bytes(),
+            )?;
+        }
+        tracing::info!(
+            cases = data.split.train.len(),
+            val = data.split.val.len(),
+            "loading and preprocessing"
+        );
+        let train_cases = data.load(&data.split.train)?;
+        let val_cases = data.load(&data.split.val)?;
+        check_patch_fits(config.patch, &train_cases)?;
+        check_patch_fits(config.patch, &val_cases)?;
+        let volumes = Arc::new(sampling_volumes(config, train_cases)?);
+        let vars = VarMap::new();
+        let network =
+            card.model
+                .build(seeded_var_builder(&vars, config.seed, DType::F32, &device))?;
+        let mut optimizer = Optimizer::for_varmap(config.optimizer, &vars)?;
+        let state = if options.resume {
+            load_last(dir, &vars, &mut optimizer, config, extended)?
+        } else {
+            RunState::default()
+        };
+        distributed::broadcast_variables(&*comm, &vars)?;
+        let metrics = rank0.then(|| open_metrics(dir)).transpose()?;
+        let mut loader = loader_config(config);
+        loader.parts = BatchParts::of_rank(config.batch_parts, comm.rank(), comm.size());
+        Ok(Trainer {
+            config: config.clone(),
+            dir: dir.to_path_buf(),
+            device,
+            classes: card.classes.len(),
+            val_cases,
+            volumes,
+            loader,
+            card,
+            vars,
+            network,
+            optimizer,
+            loss: config.loss.build(),
+            state,
+            metrics,
+            comm,
+        })
+    }
+
+    /// The run's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The network being trained.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The model card its checkpoints carry.
+    pub fn card(&self) -> &ModelCard {
+        &self.card
+    }
+
+    /// Where the run stands.
+    pub fn state(&self) -> &RunState {
+        &self.state
+    }
+
+    /// One optimizer step on `batch`; returns its loss. A non-finite loss is an error and
+    /// changes nothing (the last good checkpoint stays in `last/`).
+    pub fn step(&mut self, batch: &Batch) -> Result<f64> {
+        let (image, labels) = batch.to_tensors(&self.device)?;
+        let mut target = Target::new(labels)?;
+        if let Some(contour) = batch.contour_tensor(&self.device)? {
+            target = target.with_edges(contour);
+        }
+        if let Some(weights) = batch.weights_tensor(&self.device)? {
+            target = target.with_dwce_weights(weights);
+        }
+        let logits = self.network.forward_t(&image, true)?;
+        let value = self.loss.forward(&logits, &target)?;
+        let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // every rank sees the mean loss, so a non-finite one stops them all
+        let scalar = distributed::mean(&*self.comm, scalar)?;
+        if !scalar.is_finite() {
+            let last = self.dir.join("last");
+            let kept = if last.join("model.safetensors").exists() {
+                format!("the last good checkpoint is in {}", last.display())
+            } else {
+                "no checkpoint had been saved yet".to_string()
+            };
+            bail!(
+                "the loss is {scalar} at epoch {} batch {} (step {}); stopped without saving this step; {kept}",
+                self.state.epoch + 1,
+                self.state.batch + 1,
+                self.optimizer.steps() + 1,
+            );
+        }
+        let mut grads = value.backward()?;
+        if self.comm.size() > 1 {
+            distributed::average_gradients(&*self.comm, self.optimizer.vars(), &mut grads)?;
+        }
+        self.optimizer.step(&grads)?;
+        self.state.batch += 1;
+        self.state.loss_sum += scalar;
+        Ok(scalar)
+    }
+
+    /// Mean foreground DSC and per-class DSC of the validation cases (`None` without any);
+    /// with several ranks each predicts every `size`-th case and the table is reduced.
+    pub fn validate(&self) -> Result<Option<(f64, Vec<f64>)>> {
+        if self.val_cases.is_empty() {
+            return Ok(None);
+        }
+        let (rank, size, k) = (self.comm.rank(), self.comm.size(), self.classes);
+        let mut table = vec![0.0f64; self.val_cases.len() * k];
+        for (i, case) in self.val_cases.iter().enumerate() {
+            if i % size == rank {
+                let dice = case_dice(
+                    &self.network,
+                    case,
+                    k,
+                    self.config.patch,
+                    self.config.validation.overlap,
+                    &self.device,
+                )?;
+                table[i * k..(i + 1) * k].copy_from_slice(&dice);
+            }
+        }
+        self.comm.all_reduce_sum_f64(&mut table)?;
+        let per_case: Vec<Vec<f64>> = table.chunks(k).map(<[f64]>::to_vec).collect();
+        Ok(Some(mean_foreground(&per_case)))
+    }
+
+    fn is_rank0(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Writes `last/` (weights, card, optimizer and run state) as a whole (rank 0; the other
+    /// ranks hold the same).
+    pub fn save_last(&self) -> Result<()> {
+        if !self.is_rank0() {
+            return Ok(());
+        }
+        save_checkpoint(
+            &self.dir.join("last"),
+            &self.vars,
+            &self.card,
+            Some((&self.optimizer, &self.state)),
+        )
+    }
+
+    /// The batches left in the current epoch, each one optimizer step; `false` when a hook
+    /// stopped the epoch before its end.
+    fn train_epoch(&mut self, lr: f64, hooks: &mut dyn TrainHooks) -> Result<bool> {
+        let epoch_start = Instant::now();
+        let first = self.state.batch;
+        let loader = EpochLoader::starting_at(
+            Arc::clone(&self.volumes),
+            self.loader,
+            self.config.seed,
+            self.state.epoch as u64,
+            first,
+        );
+        for batch in loader {
+            let loss = self.step(&batch?)?;
+            let patches = (self.state.batch - first) * self.config.batch_size;
+            hooks.step(&StepReport {
+                epoch: self.state.epoch,
+                epochs: self.config.epochs,
+                batch: self.state.batch,
+                loss,
+                mean_loss: self.state.loss_sum / self.state.batch as f64,
+                lr,
+                patches_per_second: patches as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
+                best_dice: self.state.best_dice,
+            });
+            if distributed::any(&*self.comm, hooks.should_stop())? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// After the last batch of an epoch: validation when due, `best/` when it improved, the
+    /// `metrics.jsonl` line, the run state and `last/`.
+    fn end_epoch(&mut self, lr: f64, first_batch: usize, seconds: f64) -> Result<EpochReport> {
+        let epoch = self.state.epoch;
+        let last_epoch = epoch + 1 == self.config.epochs;
+        let due = (epoch + 1).is_multiple_of(self.config.validation.every.max(1)) || last_epoch;
+        let validation = if due { self.validate()? } else { None };
+        let (val_dice, per_class) = validation.unzip();
+        let improved = match (val_dice, self.state.best_dice) {
+            (Some(d), Some(b)) => d.is_finite() && d > b,
+            (Some(d), None) => d.is_finite(),
+            (None, _) => self.val_cases.is_empty() && last_epoch,
+        };
+        distributed::check_replicas(&*self.comm, &self.vars)?;
+        if improved {
+            self.state.best_dice = val_dice;
+            self.state.best_epoch = Some(epoch + 1);
+            if self.is_rank0() {
+                save_checkpoint(&self.dir.join("best"), &self.vars, &self.card, None)?;
+            }
+        }
+        let patches = (self.config.batches_per_epoch - first_batch) * self.config.batch_size;
+        let report = EpochReport {
+            epoch: epoch + 1,
+            loss: self.state.loss_sum / self.state.batch.max(1) as f64,
+            lr,
+            val_dice,
+            val_dice_per_class: per_class,
+            seconds,
+            patches_per_second: patches as f64 / seconds.max(1e-9),
+            improved,
+            stalled: false,
+        };
+        let finite = |d: f64| d.is_finite().then_some(d);
+        let line = json!({
+            "epoch": report.epoch,
+            "loss": report.loss,
+            "lr": lr,
+            "val_dice": report.val_dice.and_then(finite),
+            "val_dice_per_class": report.val_dice_per_class.as_ref().map(|v| v.iter().map(|&d| finite(d)).collect::<Vec<_>>()),
+            "seconds": seconds,
+            "patches_per_second": report.patches_per_second,
+        });
+        if let Some(metrics) = &mut self.metrics {
+            writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+        }
+        self.state.epoch += 1;
+        self.state.batch = 0;
+        self.state.loss_sum = 0.0;
+        let stalled = self
+            .config
+            .validation
+            .patience
+            .zip(self.state.best_epoch)
+            .is_some_and(|(patience, best)| self.state.epoch >= best + patience);
+        self.state.finished = self.state.epoch == self.config.epochs || stalled;
+        self.save_last()?;
+        tracing::info!(epoch = epoch + 1, loss = report.loss, val_dice = ?val_dice, "epoch done");
+        if stalled {
+            tracing::info!(
+                best_epoch = ?self.state.best_epoch,
+                "validation DSC has not improved for {} epochs; stopped early",
+                self.config.validation.patience.unwrap_or_default()
+            );
+        }
+        Ok(EpochReport { stalled, ..report })
+    }
+
+    /// Trains the remaining epochs; at the end decides the post-processing on the validation
+    /// cases (recorded in `best/config.json`) and writes `curves.png`. A hook that stops the
+    /// run leaves `last/` to resume from and an outcome with `interrupted` set.
+    pub fn run(mut self, hooks: &mut dyn TrainHooks) -> Result<TrainOutcome> {
+        let start = Instant::now();
+        let per_epoch = self.config.batches_per_epoch as u64;
+        hooks.started(&RunStart {
+            name: format!("{} {}", self.card.model.name(), self.loss.name()),
+            total_steps: self.config.epochs as u64 * per_epoch,
+            done_steps: self.state.epoch as u64 * per_epoch + self.state.batch as u64,
+        });
+        if self.state.finished {
+            tracing::info!("the run had finished; nothing to do");
+        }
+        let mut interrupted = false;
+        while self.state.epoch < self.config.epochs && !self.state.finished {
+            let lr = self.config.schedule.lr(
+                self.config.optimizer.lr,
+                self.state.epoch,
+                self.config.epochs,
+            );
+            self.optimizer.set_lr(lr);
+            let epoch_start = Instant::now();
+            let first = self.state.batch;
+            if !self.train_epoch(lr, hooks)? {
+                self.save_last()?;
+                interrupted = true;
+                break;
+            }
+            let report = self.end_epoch(lr, first, epoch_start.elapsed().as_secs_f64())?;
+            hooks.epoch(&report);
+        }
+        if !interrupted && self.is_rank0() {
+            decide_postprocessing(&self.dir, &self.val_cases, &self.config, &self.device)?;
+            crate::figures::write_curves(
+                &self.dir.join("metrics.jsonl"),
+                &self.dir.join("curves.png"),
+            )?;
+        }
+        let outcome = TrainOutcome {
+            dir: self.dir.clone(),
+            best_dice: self.state.best_dice,
+            interrupted,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        hooks.finished(&outcome, &self.state);
+        Ok(outcome)
+    }
+}
+
+/// The run state in `dir/last/` with the weights and optimizer state loaded into `vars` and
+/// `optimizer`, checked against each other; `metrics.jsonl` cut back to the saved epochs. A
+/// finished run given more epochs (`extended`) continues.
+fn load_last(
+    dir: &Path,
+    vars: &VarMap,
+    optimizer: &mut Optimizer,
+    config: &TrainConfig,
+    extended: bool,
+) -> Result<RunState> {
+    let last = dir.join("last");
+    weights::load_strict(vars, last.join("model.safetensors"))?;
+    optimizer.load(&last.join("optimizer.safetensors"))?;
+    let path = last.join("state.json");
+    let mut state: RunState = serde_json::from_str(
+        &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not a run state", path.display()))?;
+    check_state(&path, &state, config, optimizer.steps())?;
+    truncate_metrics(&dir.join("metrics.jsonl"), state.epoch)?;
+    if state.finished && extended && state.epoch < config.epochs {
+        state.finished = false;
+    }
+    Ok(state)
+}

@@ -1,0 +1,49 @@
+//! Sliding-window settings: what overlapping windows blend and how they are weighted (recorded
+//! in the model card, used by [`crate::predict`]).
+
+use serde::{Deserialize, Serialize};
+
+/// What overlapping windows blend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blend {
+    /// The softmax probabilities of each window (cwseg's training validation and its models).
+    #[default]
+    Probabilities,
+    /// The logits, with one softmax after blending (MONAI's `sliding_window_inference` and
+    /// nnU-Net; imported MONAI models).
+    Logits,
+}
+
+/// How each window's voxels are weighted in the blend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowWeights {
+    /// The Gaussian importance map, σ = 0.125·window (MONAI `mode="gaussian"`, nnU-Net).
+    #[default]
+    Gaussian,
+    /// Equal weights: the plain mean of overlapping windows (MONAI's default `mode="constant"`).
+    Constant,
+}
+
+/// Sliding-window inference settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    /// Fraction of a window shared with its neighbour along each axis, in `[0, 1)`.
+    pub overlap: f64,
+    /// What is blended.
+    pub blend: Blend,
+    /// The window weights.
+    pub weights: WindowWeights,
+}
+
+impl SlidingWindow {
+    /// Gaussian-weighted probabilities with `overlap`: what cwseg trains and validates with.
+    pub fn probabilities(overlap: f64) -> Self {
+        SlidingWindow {
+            overlap,
+            blend: Blend::Probabilities,
+            weights: WindowWeights::Gaussian,
+        }
+    }
+}
