@@ -1118,16 +1118,17 @@ pub fn model(args: ModelArgs) -> Result<()> {
     if args.json {
         println!(
             "{}",
-            json!({"parameters": d.parameters, "activation_bytes": d.activation_bytes})
+            json!({"parameters": d.parameters, "activation_bytes": d.activation_bytes, "training_bytes": d.training_bytes})
         );
     } else {
         println!(
-            "{}: {} parameters ({:.2} M); activations for one {:?} input: {:.1} MiB (f32, kept for the backward pass)",
+            "{}: {} parameters ({:.2} M); activations for one {:?} input: {:.1} MiB (f32, kept for the backward pass); a training step: {:.1} MiB beyond the weights and the optimizer's state",
             config.name(),
             d.parameters,
             d.parameters as f64 / 1e6,
             size,
-            d.activation_bytes as f64 / (1 << 20) as f64
+            d.activation_bytes as f64 / (1 << 20) as f64,
+            d.training_bytes as f64 / (1 << 20) as f64
         );
     }
     Ok(())

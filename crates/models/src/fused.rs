@@ -1,6 +1,6 @@
 //! CPU kernels for the element-wise layers the networks call most, as custom ops with their
-//! backward passes: batch normalisation in training mode, ReLU and the per-channel bias of the
-//! convolutions. The composites of candle
+//! backward passes: batch normalisation in training mode, ReLU, ELU, PReLU and the per-channel
+//! bias of the convolutions. The composites of candle
 //! operations they replace allocate a tensor per step (≈ 6 for batch norm's forward, more for
 //! its backward); these read and write each value once or twice.
 
@@ -225,6 +225,166 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     } else {
         x.relu()
     }
+}
+
+/// ELU, `x` for `x > 0` and `α (eˣ − 1)` otherwise; the backward reads the output alone
+/// (`∂y/∂x` is 1 where `y > 0`, `y + α` elsewhere), so the op keeps one tensor where the
+/// composite kept seven.
+struct Elu {
+    alpha: f32,
+}
+
+impl CustomOp1 for Elu {
+    fn name(&self) -> &'static str {
+        "cwseg-elu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let alpha = self.alpha;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 16)
+            .zip(x.par_chunks(1 << 16))
+            .for_each(|(o, i)| {
+                for (a, &b) in o.iter_mut().zip(i) {
+                    *a = if b > 0.0 { b } else { alpha * b.exp_m1() };
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let alpha = self.alpha;
+        let out = with_f32(res, |yv| {
+            with_f32(grad, |gv| {
+                let mut d = vec![0f32; gv.len()];
+                d.par_chunks_mut(1 << 16)
+                    .zip(gv.par_chunks(1 << 16))
+                    .zip(yv.par_chunks(1 << 16))
+                    .for_each(|((o, g), y)| {
+                        for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
+                            *a = if v > 0.0 { b } else { b * (v + alpha) };
+                        }
+                    });
+                Ok(d)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+    }
+}
+
+/// ELU: the fused kernel on CPU f32, `None` elsewhere (the caller's composite).
+pub(crate) fn elu(x: &Tensor, alpha: f64) -> Result<Option<Tensor>> {
+    if !cpu_f32(x) {
+        return Ok(None);
+    }
+    let op = Elu {
+        alpha: alpha as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// PReLU of `(N, C, S…)` with slopes `a` of `(C,)` or `(1,)`: `x` for `x > 0`, `a_c·x`
+/// otherwise. Backward: `∂L/∂x = g` or `a_c·g`; `∂L/∂a_c = Σ g·x` over the values `x ≤ 0` of
+/// channel `c` (summed in f64). One output tensor where the composite kept six.
+struct Prelu;
+
+/// The slope of flat channel block `block` (`n·C + c`) of `(N, C, S…)`.
+fn slope(a: &[f32], block: usize, channels: usize) -> f32 {
+    if a.len() == 1 {
+        a[0]
+    } else {
+        a[block % channels]
+    }
+}
+
+impl CustomOp2 for Prelu {
+    fn name(&self) -> &'static str {
+        "cwseg-prelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let dims = l1.dims();
+        if dims.len() < 2 || !(a.len() == 1 || a.len() == dims[1]) {
+            bail!("prelu: {} slopes for the shape {dims:?}", a.len());
+        }
+        let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>().max(1));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(spatial)
+            .zip(x.par_chunks(spatial))
+            .enumerate()
+            .for_each(|(block, (o, i))| {
+                let w = slope(a, block, channels);
+                for (v, &u) in o.iter_mut().zip(i) {
+                    *v = if u > 0.0 { u } else { w * u };
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims().to_vec();
+        let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>().max(1));
+        let slopes = a.flatten_all()?.to_vec1::<f32>()?;
+        let (dx, per_block) = with_f32(x, |xv| {
+            with_f32(grad, |gv| {
+                let mut dx = vec![0f32; gv.len()];
+                let per_block: Vec<f64> = dx
+                    .par_chunks_mut(spatial)
+                    .zip(gv.par_chunks(spatial).zip(xv.par_chunks(spatial)))
+                    .enumerate()
+                    .map(|(block, (d, (g, u)))| {
+                        let w = slope(&slopes, block, channels);
+                        let mut sum = 0f64;
+                        for ((o, &gi), &ui) in d.iter_mut().zip(g).zip(u) {
+                            if ui > 0.0 {
+                                *o = gi;
+                            } else {
+                                *o = w * gi;
+                                sum += f64::from(gi) * f64::from(ui);
+                            }
+                        }
+                        sum
+                    })
+                    .collect();
+                Ok((dx, per_block))
+            })
+        })?;
+        let mut da = vec![0f64; slopes.len()];
+        for (block, sum) in per_block.iter().enumerate() {
+            da[if slopes.len() == 1 {
+                0
+            } else {
+                block % channels
+            }] += sum;
+        }
+        let da: Vec<f32> = da.into_iter().map(|v| v as f32).collect();
+        Ok((
+            Some(Tensor::from_vec(dx, dims, x.device())?),
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+        ))
+    }
+}
+
+/// PReLU: the fused kernel on CPU f32 (`x` of rank ≥ 2), `None` elsewhere.
+pub(crate) fn prelu(x: &Tensor, a: &Tensor) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && cpu_f32(a) && x.rank() >= 2) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2(&a.contiguous()?, Prelu)?))
 }
 
 /// `y[n, c, s] = x[n, c, s] + b[c]` on `(N, C, S…)`; the bias gradient is the per-channel sum

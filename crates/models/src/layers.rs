@@ -101,8 +101,35 @@ pub fn batch_norm(
 }
 
 /// Instance normalisation: per sample and channel over `(D, H, W)` (PyTorch's
-/// `instance_norm` without running statistics).
+/// `instance_norm` without running statistics). On CPU f32 it is the fused batch-norm kernel on
+/// `(1, N·C, S)` (a channel per sample and channel; `γ`, `β` repeated per sample, so their
+/// gradients sum over the samples), which keeps one tensor for the backward pass where the
+/// composite ([`instance_norm_composite`]) keeps four.
 pub fn instance_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if !(crate::fused::cpu_f32(x) && dims.len() >= 3) {
+        return instance_norm_composite(x, weight, bias, eps);
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let flat = x.reshape((1, n * c, x.elem_count() / (n * c)))?;
+    let per_sample = |t: Option<&Tensor>, fill: f32| -> Result<Tensor> {
+        match t {
+            Some(t) => t.flatten_all()?.repeat(n),
+            None => Tensor::full(fill, n * c, x.device()),
+        }
+    };
+    let (w, b) = (per_sample(weight, 1.0)?, per_sample(bias, 0.0)?);
+    let (y, _, _) = crate::fused::batch_norm_train_cpu(&flat, &w, &b, eps)?;
+    y.reshape(dims)
+}
+
+/// Instance normalisation as candle operations (any device and dtype).
+pub fn instance_norm_composite(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
@@ -168,8 +195,17 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
     x.relu()? - x.neg()?.relu()?.affine(slope, 0.0)?
 }
 
-/// PReLU with one learned slope per channel (`a` of shape `(C,)`) or one for all (`(1,)`).
+/// PReLU with one learned slope per channel (`a` of shape `(C,)`) or one for all (`(1,)`):
+/// the fused kernel on CPU f32, [`prelu_composite`] elsewhere.
 pub fn prelu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    match crate::fused::prelu(x, a)? {
+        Some(y) => Ok(y),
+        None => prelu_composite(x, a),
+    }
+}
+
+/// PReLU as candle operations, `relu(x) + a·min(0, x)` (any device).
+pub fn prelu_composite(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1usize; x.rank()];
     if a.elem_count() > 1 {
         shape[1] = a.elem_count();
@@ -196,8 +232,17 @@ pub fn dropout_channels(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
     x.broadcast_mul(&keep)?.affine(1.0 / (1.0 - p), 0.0)
 }
 
-/// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise.
+/// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise: the fused kernel on CPU f32,
+/// [`elu_composite`] elsewhere.
 pub fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    match crate::fused::elu(x, alpha)? {
+        Some(y) => Ok(y),
+        None => elu_composite(x, alpha),
+    }
+}
+
+/// ELU as candle operations (any device).
+pub fn elu_composite(x: &Tensor, alpha: f64) -> Result<Tensor> {
     let negative = x.neg()?.relu()?.neg()?; // min(0, x)
     x.relu()? + negative.exp()?.affine(alpha, -alpha)?
 }

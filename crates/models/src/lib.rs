@@ -21,7 +21,7 @@ pub mod weights;
 pub use deeplab::{DeepLabV3, DeepLabV3Config};
 pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
-pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe};
+pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe, training_bytes};
 pub use unet::{Norm, UNet, UNetConfig};
 pub use unetr::{Unetr, UnetrConfig, UnetrNorm};
 pub use vnet::{VNet, VNetActivation, VNetConfig};

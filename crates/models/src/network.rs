@@ -379,6 +379,22 @@ pub struct Description {
     pub parameters: u64,
     /// Activation memory of one forward pass for the given input size, f32, batch 1.
     pub activation_bytes: u64,
+    /// Heap of one training step beyond the weights, f32, batch 1 ([`training_bytes`]).
+    pub training_bytes: u64,
+}
+
+/// Heap a training step needs beyond the weights and the input (f32): the activations `A` kept
+/// for the backward pass, the backward's transient buffers `t·A`, and one gradient per
+/// parameter: `(1 + t)·A + 4·P` bytes. `t` = 0.3 for the convolutional networks and 0.05 for
+/// UNETR, from the peaks a counting allocator measured at 32³ and 64³ (0.30–0.53 and
+/// 0.02–0.11; `crates/models/tests/activation_memory.rs`). The optimizer's state (Adam: 8·P)
+/// comes on top.
+pub fn training_bytes(network: &Network, activation_bytes: u128, parameters: u64) -> u128 {
+    let transient_percent: u128 = match network {
+        Network::Unetr(_) => 5,
+        _ => 30,
+    };
+    activation_bytes * (100 + transient_percent) / 100 + 4 * u128::from(parameters)
 }
 
 /// Builds `config` on the CPU and counts its parameters and activation memory for `size`.
@@ -395,13 +411,18 @@ pub fn describe(config: &ModelConfig, size: [usize; 3]) -> Result<Description> {
         .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
         .map(|(_, v)| v.elem_count() as u64)
         .sum();
-    let activation_bytes = u64::try_from(network.activation_bytes(size)).map_err(|_| {
+    let too_large = |_| {
         ModelError::Config(format!(
             "an input of {size:?} voxels needs more than 2^64 bytes of activations"
         ))
-    })?;
+    };
+    let activations = network.activation_bytes(size);
+    let activation_bytes = u64::try_from(activations).map_err(too_large)?;
+    let training_bytes =
+        u64::try_from(training_bytes(&network, activations, parameters)).map_err(too_large)?;
     Ok(Description {
         parameters,
         activation_bytes,
+        training_bytes,
     })
 }

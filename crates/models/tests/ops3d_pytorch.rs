@@ -291,6 +291,136 @@ fn normalisations_and_activations_match_pytorch() {
         layers::prelu(&t[0], &t[1]).unwrap()
     });
     check(&mut fx, "elu", &["x"], |t| layers::elu(&t[0], 1.0).unwrap());
+    // in f32 the fused CPU kernels run (f64 above takes the composites)
+    check_f32(&mut fx, "prelu", &["x", "w"], |t| {
+        layers::prelu(&t[0], &t[1]).unwrap()
+    });
+    check_f32(&mut fx, "elu", &["x"], |t| layers::elu(&t[0], 1.0).unwrap());
+    check_f32(&mut fx, "instance_norm", &["x", "w", "b"], |t| {
+        layers::instance_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5).unwrap()
+    });
+}
+
+/// `got` equals `want` (f32 tensors) to 1e-5 relative to the largest entry.
+fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let (g, w) = (values(got), values(want));
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * scale,
+            "{what}[{i}]: fused {a}, composite {b}"
+        );
+    }
+}
+
+/// The fused PReLU, ELU and instance norm equal their candle composites (the path of other devices and dtypes)
+/// in value and gradient, with one slope and with one per channel; at exactly zero they take
+/// PyTorch's negative branch (`a·g`, `α·g`), where candle's `relu` passes the gradient.
+#[test]
+fn fused_activations_equal_their_composites() {
+    let device = Device::Cpu;
+    let x = Tensor::randn(0f32, 2.0, (2, 3, 4, 5, 6), &device).unwrap();
+    let g = Tensor::randn(0f32, 1.0, x.shape(), &device).unwrap();
+    for slopes in [vec![0.25f32], vec![0.1, -0.3, 0.7]] {
+        let n = slopes.len();
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let av =
+                Var::from_tensor(&Tensor::from_vec(slopes.clone(), n, &device).unwrap()).unwrap();
+            let y = if fused {
+                layers::prelu(xv.as_tensor(), av.as_tensor()).unwrap()
+            } else {
+                layers::prelu_composite(xv.as_tensor(), av.as_tensor()).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(xv.as_tensor()).unwrap().clone();
+            let da = grads.get(av.as_tensor()).unwrap().clone();
+            (y, dx, da)
+        };
+        let (a, b) = (run(true), run(false));
+        assert_same(&a.0, &b.0, "prelu value");
+        assert_same(&a.1, &b.1, "prelu gradient of x");
+        assert_same(&a.2, &b.2, "prelu gradient of the slopes");
+    }
+    for affine in [true, false] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let w = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &device).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::new(&[0.1f32, 0.0, -0.3], &device).unwrap()).unwrap();
+            let (wt, bt) = (w.as_tensor(), b.as_tensor());
+            let (w_opt, b_opt) = if affine {
+                (Some(wt), Some(bt))
+            } else {
+                (None, None)
+            };
+            let y = if fused {
+                layers::instance_norm(xv.as_tensor(), w_opt, b_opt, 1e-5).unwrap()
+            } else {
+                layers::instance_norm_composite(xv.as_tensor(), w_opt, b_opt, 1e-5).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut out = vec![y, grads.get(xv.as_tensor()).unwrap().clone()];
+            if affine {
+                out.push(grads.get(wt).unwrap().clone());
+                out.push(grads.get(bt).unwrap().clone());
+            }
+            out
+        };
+        for (i, (a, b)) in run(true).iter().zip(&run(false)).enumerate() {
+            assert_same(
+                a,
+                b,
+                &format!("instance norm (affine {affine}), output {i}"),
+            );
+        }
+    }
+    for alpha in [1.0, 0.5] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if fused {
+                layers::elu(xv.as_tensor(), alpha).unwrap()
+            } else {
+                layers::elu_composite(xv.as_tensor(), alpha).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (a, b) = (run(true), run(false));
+        assert_same(&a.0, &b.0, "elu value");
+        assert_same(&a.1, &b.1, "elu gradient");
+    }
+}
+
+#[test]
+fn fused_activations_take_pytorchs_branch_at_zero() {
+    let device = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::zeros((1, 2, 3), candle_core::DType::F32, &device).unwrap())
+        .unwrap();
+    let a = Var::from_tensor(&Tensor::new(&[0.25f32, -0.5], &device).unwrap()).unwrap();
+    let y = layers::prelu(x.as_tensor(), a.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let dx: Vec<f32> = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(dx, [0.25, 0.25, 0.25, -0.5, -0.5, -0.5]);
+    let da: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+    assert_eq!(da, [0.0, 0.0]);
+    let y = layers::elu(x.as_tensor(), 0.5).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let dx: Vec<f32> = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(dx, [0.5; 6]);
 }
 
 #[test]
