@@ -210,17 +210,34 @@ fn launcher_communicator() -> Result<Option<Rc<dyn cwseg_train::Communicator>>> 
     if let Some(world) = cwseg_train::distributed::Mpi::from_launcher() {
         return Ok(Some(Rc::new(world)));
     }
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok())
-        .and_then(|n| n.parse::<usize>().ok());
-    if cfg!(not(feature = "mpi")) && launched.is_some_and(|n| n > 1) {
+    if cfg!(not(feature = "mpi"))
+        && let Some(n) = mpi_processes()
+    {
         bail!(
-            "started by mpirun as one of {} processes, but this cwseg was built without MPI; build it with `cargo build --release -p cwseg-cli --features mpi`",
-            launched.unwrap_or_default()
+            "started by mpirun as one of {n} processes, but this cwseg was built without MPI; build it with `cargo build --release -p cwseg-cli --features mpi`"
         );
     }
     Ok(None)
+}
+
+/// The number of processes an MPI launcher started, when more than one.
+fn mpi_processes() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 1)
+}
+
+/// Refuses to run `command` as one of several MPI processes: only `train` is data-parallel;
+/// the others would each do the whole work into the same folder.
+pub fn refuse_mpi_launch(command: &str) -> Result<()> {
+    if let Some(n) = mpi_processes() {
+        bail!(
+            "`cwseg {command}` started by mpirun as one of {n} processes: only `cwseg train` trains data-parallel (for several processes use `--shard I/N`)"
+        );
+    }
+    Ok(())
 }
 
 /// `cwseg train` (under `mpirun -n R` with the `mpi` feature: R data-parallel ranks).

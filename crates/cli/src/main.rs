@@ -143,6 +143,12 @@ enum DTypeArg {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Demo { .. } => commands::refuse_mpi_launch("demo")?,
+        Command::Experiment { .. } => commands::refuse_mpi_launch("experiment")?,
+        Command::Predict(_) => commands::refuse_mpi_launch("predict")?,
+        _ => {}
+    }
     match cli.command {
         Command::Demo {
             quick,

@@ -2286,3 +2286,45 @@ fn ct_normalization_is_measured_on_the_training_cases_and_recorded() {
         "{stderr}"
     );
 }
+
+/// A command started by an MPI launcher as one of several processes: only `train` runs
+/// data-parallel (and only in a build with `mpi`); the others would each do the whole work
+/// into the same folder, so they refuse.
+#[test]
+fn commands_refuse_to_run_as_several_mpi_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/brats18-cv.toml");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cwseg"))
+            .args(args)
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .output()
+            .expect("cwseg runs")
+    };
+    let out = run(&[
+        "experiment",
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--list",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("only `cwseg train` trains data-parallel"),
+        "{err}"
+    );
+    if !cfg!(feature = "mpi") {
+        let run_dir = dir.path().join("run");
+        let out = run(&[
+            "train",
+            "--out",
+            run_dir.to_str().expect("utf-8"),
+            "--epochs",
+            "1",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("built without MPI"), "{err}");
+        assert!(!run_dir.exists());
+    }
+}
