@@ -158,6 +158,27 @@ fn two_ranks_train_as_one_process_with_the_global_batch() {
         assert!((u - v).abs() <= 1e-5 * u.abs(), "loss {u} vs {v}");
     }
 
+    // batch norm (the default): each rank normalises its own samples, rank 0's running
+    // statistics are broadcast after every step, so the replicas stay identical
+    let bn = dir.path().join("bn.toml");
+    std::fs::write(
+        &bn,
+        run_config(1).replace(
+            "norm = { kind = \"instance\" }",
+            "norm = { kind = \"batch\" }",
+        ),
+    )
+    .expect("config");
+    let with_bn = mpirun(2)
+        .args(train_args(&bn, &dir.path().join("bn")))
+        .output()
+        .expect("mpirun runs");
+    assert!(
+        with_bn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_bn.stderr)
+    );
+
     // a rank count that does not divide batch_parts is refused on every rank
     let three = mpirun(3)
         .args(train_args(&config, &dir.path().join("three")))

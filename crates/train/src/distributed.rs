@@ -4,11 +4,13 @@
 //! gradients are averaged by all-reduce in buckets, so every rank takes the same optimizer
 //! step. Validation cases are split across ranks and their DSC reduced; rank 0 alone writes the
 //! run folder. [`Single`] is one process; `Mpi` (feature `mpi`) is a launch by `mpirun`.
+//! Batch norm's running statistics are rank 0's after every step ([`broadcast_buffers`]).
 //!
-//! With instance or group norm and a loss that is a mean of per-sample terms (CE, and every
-//! per-sample Dice of this crate's losses), R ranks with `batch_parts = P` compute the step of
-//! one process drawing all P parts, up to the order of floating-point sums. Batch norm
-//! normalises each rank's own samples (no synchronised batch norm).
+//! With instance or group norm and a loss that is a mean of per-sample terms (CE; the Dice
+//! family with its default one dice per sample, not `batch = true`), R ranks with
+//! `batch_parts = P` compute the step of one process drawing all P parts, up to the order of
+//! floating-point sums. Batch norm normalises each rank's own samples (no synchronised batch
+//! norm), and a batch dice pools each rank's own samples.
 
 use std::fmt::Debug;
 
@@ -96,10 +98,26 @@ fn sorted(vars: &VarMap) -> Result<Vec<(String, Var)>> {
 /// Sets every variable of `vars` (parameters and buffers such as batch norm's running
 /// statistics) to rank 0's values.
 pub fn broadcast_variables(comm: &dyn Communicator, vars: &VarMap) -> Result<()> {
+    broadcast_matching(comm, vars, |_| true)
+}
+
+/// Sets the buffers of `vars` (batch norm's running statistics, which each rank updates from
+/// its own samples) to rank 0's, as PyTorch's DistributedDataParallel does before each step.
+pub fn broadcast_buffers(comm: &dyn Communicator, vars: &VarMap) -> Result<()> {
+    broadcast_matching(comm, vars, |name| {
+        name.ends_with("running_mean") || name.ends_with("running_var")
+    })
+}
+
+fn broadcast_matching(
+    comm: &dyn Communicator,
+    vars: &VarMap,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<()> {
     if comm.size() == 1 {
         return Ok(());
     }
-    for (_, var) in sorted(vars)? {
+    for (_, var) in sorted(vars)?.into_iter().filter(|(n, _)| wanted(n)) {
         let mut data = values(var.as_tensor())?;
         comm.broadcast(&mut data)?;
         let tensor = Tensor::from_vec(data, var.shape(), var.device())?.to_dtype(var.dtype())?;

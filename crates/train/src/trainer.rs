@@ -314,7 +314,7 @@ pub struct RunStart {
 /// After every optimizer step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepReport {
-    /// The epoch (0-based) and the number of epochs.
+    /// The epoch (0-based).
     pub epoch: usize,
     /// Epochs of the run.
     pub epochs: usize,
@@ -343,7 +343,7 @@ pub struct EpochReport {
     pub lr: f64,
     /// Mean foreground validation DSC (validated epochs only).
     pub val_dice: Option<f64>,
-    /// Per-class validation DSC, background first (NaN: the class in neither).
+    /// Validation DSC of each foreground class (NaN: in no case's prediction or label).
     pub val_dice_per_class: Option<Vec<f64>>,
     /// Wall time of the epoch, seconds.
     pub seconds: f64,
@@ -672,6 +672,7 @@ impl Trainer {
         let mut grads = value.backward()?;
         if self.comm.size() > 1 {
             distributed::average_gradients(&*self.comm, self.optimizer.vars(), &mut grads)?;
+            distributed::broadcast_buffers(&*self.comm, &self.vars)?;
         }
         self.optimizer.step(&grads)?;
         self.state.batch += 1;
