@@ -1,6 +1,6 @@
 //! The commands other than `demo`: thin layers over the crates.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
 use cwseg_data::{
-    Dataset, Geometry, Image, LabelMap, PhantomConfig, ReadOptions, read_image, read_label,
-    write_label, write_phantom_dataset,
+    Geometry, Image, LabelMap, PhantomConfig, ReadOptions, read_image, read_label, write_label,
+    write_phantom_dataset,
 };
 use cwseg_losses::{LossConfig, Target};
 use cwseg_metrics::{
@@ -307,96 +307,6 @@ pub struct PredictArgs {
     shard: Option<cwseg_train::Shard>,
 }
 
-fn nii_stem(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    name.trim_end_matches(".gz")
-        .trim_end_matches(".nii")
-        .to_string()
-}
-
-/// Splits an nnU-Net channel file name `CASE_XXXX` into `(CASE, XXXX)`.
-fn channel_suffix(stem: &str) -> Option<(&str, usize)> {
-    let (id, digits) = stem.rsplit_once('_')?;
-    (digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty())
-        .then(|| (id, digits.parse().unwrap_or_default()))
-}
-
-/// The cases of a predict input: `(id, image files)`. A folder holds nnU-Net channel files
-/// (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, … one per input channel of the model), plain
-/// files (`CASE.nii.gz`, all channels in one file), or BraTS case folders; every file is a case
-/// or a channel of one, never skipped.
-fn predict_inputs(input: &Path, modalities: usize) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    if input.is_file() {
-        return Ok(vec![(nii_stem(input), vec![input.to_path_buf()])]);
-    }
-    if !input.is_dir() {
-        bail!("{}: no such file or folder", input.display());
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-        .with_context(|| format!("listing {}", input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    files.sort();
-    let is_nifti = |p: &PathBuf| {
-        let s = p.to_string_lossy();
-        p.is_file() && (s.ends_with(".nii.gz") || s.ends_with(".nii"))
-    };
-    if files.iter().any(|p| p.is_dir()) && !files.iter().any(is_nifti) {
-        let dataset = Dataset::brats(input)?;
-        return Ok(dataset
-            .training
-            .into_iter()
-            .map(|c| (c.id, c.images))
-            .collect());
-    }
-    let images: Vec<PathBuf> = files.into_iter().filter(is_nifti).collect();
-    if images.is_empty() {
-        bail!("{}: no NIfTI files", input.display());
-    }
-    let mut channels: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
-    let mut plain: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for path in images {
-        let stem = nii_stem(&path);
-        match channel_suffix(&stem) {
-            Some((id, c)) => {
-                channels.entry(id.to_string()).or_default().insert(c, path);
-            }
-            None => {
-                plain.insert(stem, path);
-            }
-        }
-    }
-    let mut cases = Vec::new();
-    for (id, files) in channels {
-        if let Some(other) = plain.get(&id) {
-            bail!(
-                "{}: case {id} is both a file of its own and channel files {id}_XXXX; keep one",
-                other.display()
-            );
-        }
-        let numbers: Vec<usize> = files.keys().copied().collect();
-        if numbers != (0..modalities).collect::<Vec<_>>() {
-            let list = numbers
-                .iter()
-                .map(|c| format!("{id}_{c:04}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            bail!(
-                "{}: case {id} has channel files {list}, the model takes {modalities} channel(s) ({id}_0000 to {id}_{:04}); name a single-channel case without the _XXXX suffix or as CASE_0000",
-                input.display(),
-                modalities.saturating_sub(1)
-            );
-        }
-        cases.push((id, files.into_values().collect()));
-    }
-    cases.extend(plain.into_iter().map(|(id, p)| (id, vec![p])));
-    cases.sort();
-    Ok(cases)
-}
-
 /// Whether two paths name the same existing file or folder.
 fn same_path(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -466,7 +376,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     }
     refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
-    let mut inputs = predict_inputs(&args.input, card.modalities.len())?;
+    let mut inputs = cwseg_train::inputs::case_files(&args.input, card.modalities.len())?;
     let single = args.input.is_file();
     if let Some(shard) = args.shard {
         if single {
@@ -723,7 +633,7 @@ fn pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
     }
     if pred.is_file() && label.is_file() {
         return Ok(vec![(
-            nii_stem(label),
+            cwseg_train::inputs::nii_stem(label),
             pred.to_path_buf(),
             label.to_path_buf(),
         )]);
@@ -748,7 +658,7 @@ fn pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
         if !p.exists() {
             bail!("{}: no prediction for {}", pred.display(), l.display());
         }
-        out.push((nii_stem(&l), p, l));
+        out.push((cwseg_train::inputs::nii_stem(&l), p, l));
     }
     if out.is_empty() {
         bail!("{}: no NIfTI label files", label.display());

@@ -9,6 +9,7 @@ pub mod device;
 pub mod distributed;
 pub mod experiment;
 pub mod figures;
+pub mod inputs;
 pub mod interop;
 pub mod optim;
 pub mod postprocess;
