@@ -238,7 +238,7 @@ impl DeepLabV3 {
     /// ASPP branch, the head and the upsampled logits.
     /// The layers' outputs counted below are multiplied by 4/3: what the kernels really keep,
     /// measured with a counting allocator at 32³, 64³ and 32×64×48 (the ratio varies by under
-    /// 2 % across sizes; `crates/models/tests/activation_memory.rs`).
+    /// 2 % across sizes; `crates/models/tests/activation_memory.rs` checks 32³ and 16×32×48).
     pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
         let v = |stride: usize| {

@@ -187,35 +187,51 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 16)
-            .zip(x.par_chunks(1 << 16))
-            .for_each(|(o, i)| {
-                for (a, &b) in o.iter_mut().zip(i) {
-                    *a = b.max(0.0);
-                }
-            });
+        let y = map_values(f32_slice(storage, layout)?, |v| v.max(0.0));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let out = with_f32(res, |yv| {
-            with_f32(grad, |gv| {
-                let mut d = vec![0f32; gv.len()];
-                d.par_chunks_mut(1 << 16)
-                    .zip(gv.par_chunks(1 << 16))
-                    .zip(yv.par_chunks(1 << 16))
-                    .for_each(|((o, g), y)| {
-                        for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
-                            *a = if v > 0.0 { b } else { 0.0 };
-                        }
-                    });
-                Ok(d)
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+        let d = backward_from_output(res, grad, |y, g| if y > 0.0 { g } else { 0.0 })?;
+        Ok(Some(d))
     }
+}
+
+/// `f` of every value, in parallel.
+fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(o, i)| {
+            for (a, &b) in o.iter_mut().zip(i) {
+                *a = f(b);
+            }
+        });
+    y
+}
+
+/// The input gradient of an element-wise op whose derivative is a function of its output:
+/// `f(y, g)` for every output value `y` and its gradient `g`, shaped as the output.
+fn backward_from_output(
+    res: &Tensor,
+    grad: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Tensor> {
+    let out = with_f32(res, |yv| {
+        with_f32(grad, |gv| {
+            let mut d = vec![0f32; gv.len()];
+            d.par_chunks_mut(1 << 16)
+                .zip(gv.par_chunks(1 << 16))
+                .zip(yv.par_chunks(1 << 16))
+                .for_each(|((o, g), y)| {
+                    for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
+                        *a = f(v, b);
+                    }
+                });
+            Ok(d)
+        })
+    })?;
+    Tensor::from_vec(out, res.shape(), res.device())
 }
 
 /// ReLU: the fused kernel on CPU f32, candle's elsewhere.
@@ -240,36 +256,17 @@ impl CustomOp1 for Elu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
         let alpha = self.alpha;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 16)
-            .zip(x.par_chunks(1 << 16))
-            .for_each(|(o, i)| {
-                for (a, &b) in o.iter_mut().zip(i) {
-                    *a = if b > 0.0 { b } else { alpha * b.exp_m1() };
-                }
-            });
+        let y = map_values(f32_slice(storage, layout)?, |v| {
+            if v > 0.0 { v } else { alpha * v.exp_m1() }
+        });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let alpha = self.alpha;
-        let out = with_f32(res, |yv| {
-            with_f32(grad, |gv| {
-                let mut d = vec![0f32; gv.len()];
-                d.par_chunks_mut(1 << 16)
-                    .zip(gv.par_chunks(1 << 16))
-                    .zip(yv.par_chunks(1 << 16))
-                    .for_each(|((o, g), y)| {
-                        for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
-                            *a = if v > 0.0 { b } else { b * (v + alpha) };
-                        }
-                    });
-                Ok(d)
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+        let d = backward_from_output(res, grad, |y, g| if y > 0.0 { g } else { g * (y + alpha) })?;
+        Ok(Some(d))
     }
 }
 

@@ -318,7 +318,7 @@ impl VNet {
     /// Activation memory (f32, batch 1): the tensors each stage keeps for the backward pass.
     /// The layers' outputs counted below are multiplied by 6/5: what the kernels really keep,
     /// measured with a counting allocator at 32³, 64³ and 32×64×48 (the ratio varies by under
-    /// 2 % across sizes; `crates/models/tests/activation_memory.rs`).
+    /// 2 % across sizes; `crates/models/tests/activation_memory.rs` checks 32³ and 16×32×48).
     pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let v = |l: usize| (size[0] >> l) as u128 * (size[1] >> l) as u128 * (size[2] >> l) as u128;
         let convs = [1u128, 2, 3, 2];

@@ -92,20 +92,3 @@ pub fn case_dice(
         classes,
     ))
 }
-
-/// Validation: sliding-window predictions of `cases`; the mean foreground DSC and the
-/// per-class DSC ([`mean_foreground`] of the cases' [`case_dice`]).
-pub fn validate(
-    network: &Network,
-    cases: &[PreparedCase],
-    classes: usize,
-    patch: [usize; 3],
-    overlap: f64,
-    device: &Device,
-) -> Result<(f64, Vec<f64>)> {
-    let per_case = cases
-        .iter()
-        .map(|case| case_dice(network, case, classes, patch, overlap, device))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(mean_foreground(&per_case))
-}
