@@ -1073,6 +1073,7 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights() {
     .expect("config");
     let config = config.to_str().expect("utf-8");
     let straight = dir.path().join("straight");
+    let started = std::time::Instant::now();
     ok(&[
         "train",
         "--config",
@@ -1081,6 +1082,8 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights() {
         straight.to_str().expect("utf-8"),
         "--quiet",
     ]);
+    // the kills land within the straight run's duration, whatever the machine's speed
+    let whole = started.elapsed();
     let killed = dir.path().join("killed");
     let run = killed.to_str().expect("utf-8");
     // delays from the clock's nanoseconds: different moments on every test run
@@ -1092,7 +1095,7 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let delay = std::time::Duration::from_millis(200 + seed % 1500);
+        let delay = whole.mul_f64(0.1 + 0.8 * (seed % 1000) as f64 / 1000.0);
         let mut args = vec!["train", "--out", run, "--quiet"];
         if killed.join("last").exists() {
             args.push("--resume");
