@@ -282,6 +282,8 @@ pub struct ExportOptions {
     pub license: String,
     /// An `cwseg evaluate --json` report to put in the card.
     pub evaluation: Option<PathBuf>,
+    /// A `cwseg experiment` table (CSV) whose rows for this network and loss go in the card.
+    pub cross_validation: Option<PathBuf>,
 }
 
 /// Writes the Hugging Face model folder of a run (its best checkpoint) to `out`: the weights
@@ -329,6 +331,11 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
                 .with_context(|| format!("{}: not a `cwseg evaluate --json` report", p.display()))
         })
         .transpose()?;
+    let cross_validation = options
+        .cross_validation
+        .as_ref()
+        .map(|p| cross_validation_section(p, &card))
+        .transpose()?;
     let metadata: HashMap<String, String> = [
         ("format", "pt".to_string()),
         ("cwseg_version", card.cwseg_version.clone()),
@@ -352,10 +359,102 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
             serde_json::to_string_pretty(&card)?,
         )
         .context("writing config.json")?;
-        let readme = model_card(&card, run_dir.as_deref(), evaluation.as_ref(), options)?;
+        let mut readme = model_card(&card, run_dir.as_deref(), evaluation.as_ref(), options)?;
+        readme.push_str(cross_validation.as_deref().unwrap_or_default());
         fs::write(tmp.join("README.md"), readme).context("writing README.md")
     })?;
     Ok(())
+}
+
+/// The model card's "Cross-validation" section: the rows of a `cwseg experiment` table CSV
+/// (`table,network,loss,seeds,metric,region,mean,std,failures,per_seed`) whose network and
+/// loss are the card's, as one line per metric with a column per region.
+fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header = "table,network,loss,seeds,metric,region,mean,std,failures,per_seed";
+    if lines.next() != Some(header) {
+        bail!(
+            "{}: not a `cwseg experiment` table (its first line is not `{header}`)",
+            path.display()
+        );
+    }
+    let loss = card
+        .loss
+        .as_ref()
+        .map(|l| l.build().name().to_lowercase())
+        .unwrap_or_default();
+    let mut regions: Vec<String> = Vec::new();
+    let mut metrics: Vec<(String, Vec<String>)> = Vec::new();
+    let mut seeds = String::new();
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 10 {
+            bail!(
+                "{} line {}: {} fields, not 10",
+                path.display(),
+                i + 2,
+                f.len()
+            );
+        }
+        if f[1] != card.model.name() || f[2] != loss {
+            continue;
+        }
+        let number = |k: usize| {
+            f[k].parse::<f64>().with_context(|| {
+                format!(
+                    "{} line {}: `{}` is not a number",
+                    path.display(),
+                    i + 2,
+                    f[k]
+                )
+            })
+        };
+        let (mean, std) = (number(6)?, number(7)?);
+        let digits = if f[4].starts_with("hd95") { 2 } else { 4 };
+        let failed = match f[8] {
+            "0" | "" => String::new(),
+            n => format!(" ({n} failed)"),
+        };
+        if !regions.iter().any(|r| r == f[5]) {
+            regions.push(f[5].to_string());
+        }
+        seeds = f[3].to_string();
+        let cell = format!("{mean:.digits$} ± {std:.digits$}{failed}");
+        match metrics.iter_mut().find(|(m, _)| m == f[4]) {
+            Some((_, cells)) => cells.push(cell),
+            None => metrics.push((f[4].to_string(), vec![cell])),
+        }
+    }
+    if metrics.is_empty() {
+        bail!(
+            "{}: no row for network `{}` and loss `{loss}`",
+            path.display(),
+            card.model.name()
+        );
+    }
+    let name = path
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let mut s = format!(
+        "\n## Cross-validation\n\nThe training protocol's test metrics from the experiment table `{name}` \
+         (this network and loss; mean ± standard deviation over {seeds} seeds of the mean over \
+         every fold's test cases; `failed`: case × seed pairs with DSC 0, left out of the paper \
+         aggregation and HD95). They estimate what this model's protocol achieves on unseen \
+         cases.\n\n| metric | {} |\n|---|{}\n",
+        regions.join(" | "),
+        "---|".repeat(regions.len())
+    );
+    for (metric, cells) in &metrics {
+        let label = match metric.as_str() {
+            "dsc_paper" => "DSC (paper aggregation)",
+            "dsc_monai" => "DSC (MONAI aggregation)",
+            "hd95_mm" => "HD95 (mm)",
+            other => other,
+        };
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
+    Ok(s)
 }
 
 /// The best epoch's validation DSC per class from `metrics.jsonl`.

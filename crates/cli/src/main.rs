@@ -93,6 +93,10 @@ enum Command {
         /// A `cwseg evaluate --json` report to put in the model card.
         #[arg(long)]
         evaluation: Option<PathBuf>,
+        /// A `cwseg experiment` table (its CSV) whose rows for this network and loss go into
+        /// the model card as cross-validation metrics.
+        #[arg(long)]
+        cross_validation: Option<PathBuf>,
         /// `cwseg`: a model folder; `monai`: a state dict and the constructor's arguments
         /// (`args.json`) for MONAI's VNet or UNETR, in MONAI's axis order.
         #[arg(long, value_enum, default_value = "cwseg")]
@@ -214,12 +218,16 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             license,
             evaluation,
+            cross_validation,
             format,
         } => {
             if format == ExportFormat::Monai {
-                if !matches!(dtype, DTypeArg::F32) || evaluation.is_some() {
+                if !matches!(dtype, DTypeArg::F32)
+                    || evaluation.is_some()
+                    || cross_validation.is_some()
+                {
                     anyhow::bail!(
-                        "--format monai writes f32 weights and no model card: leave out --dtype and --evaluation"
+                        "--format monai writes f32 weights and no model card: leave out --dtype, --evaluation and --cross-validation"
                     );
                 }
                 interop::export_monai(&run, &out)?;
@@ -241,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                     dtype,
                     license,
                     evaluation,
+                    cross_validation,
                 },
             )?;
             println!("model folder written to {}", out.display());

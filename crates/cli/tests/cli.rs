@@ -1467,6 +1467,70 @@ fn export_then_predict_from_the_hub_cache_offline() {
     ]);
     assert!(err.contains("already exists"), "{err}");
 
+    // an experiment table's rows for this network and loss become the card's cross-validation
+    let table = dir.path().join("primary.csv");
+    std::fs::write(
+        &table,
+        "table,network,loss,seeds,metric,region,mean,std,failures,per_seed\n\
+         primary,unet,cedl,2,dsc_paper,WT,0.1,0.01,0,0.1;0.1\n\
+         primary,unet,cwcd,2,dsc_paper,WT,0.81626,0.02094,1,0.8;0.83\n\
+         primary,unet,cwcd,2,dsc_paper,ET,0.5697,0.1042,2,0.5;0.6\n\
+         primary,unet,cwcd,2,hd95_mm,WT,12.064,2.381,1,11;13\n\
+         primary,unet,cwcd,2,hd95_mm,ET,15.9,8.92,2,9;22\n",
+    )
+    .expect("table");
+    let with_cv = dir.path().join("hf-model-cv");
+    let export_cv = |table: &Path, out: &Path| {
+        cwseg(&[
+            "export",
+            run.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--cross-validation",
+            table.to_str().expect("utf-8"),
+        ])
+    };
+    let o = export_cv(&table, &with_cv);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let readme = std::fs::read_to_string(with_cv.join("README.md")).expect("card");
+    assert!(readme.contains("## Cross-validation"), "{readme}");
+    assert!(readme.contains("| metric | WT | ET |"), "{readme}");
+    assert!(
+        readme.contains(
+            "| DSC (paper aggregation) | 0.8163 ± 0.0209 (1 failed) | 0.5697 ± 0.1042 (2 failed) |"
+        ),
+        "{readme}"
+    );
+    assert!(
+        readme.contains("| HD95 (mm) | 12.06 ± 2.38 (1 failed) | 15.90 ± 8.92 (2 failed) |"),
+        "{readme}"
+    );
+    assert!(
+        !readme.contains("0.1000"),
+        "another loss's row leaked: {readme}"
+    );
+    // a table without this model's rows, or not a table, is refused naming the file
+    std::fs::write(
+        &table,
+        "table,network,loss,seeds,metric,region,mean,std,failures,per_seed\n\
+         primary,unet,cedl,2,dsc_paper,WT,0.1,0.01,0,0.1;0.1\n",
+    )
+    .expect("table");
+    let o = export_cv(&table, &dir.path().join("cv-2"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("primary.csv") && err.contains("no row for network `unet` and loss `cwcd`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("cv-2").exists());
+    let o = export_cv(&config, &dir.path().join("cv-3"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tiny.toml") && err.contains("not a `cwseg experiment` table"),
+        "{err}"
+    );
+
     // the folder as the hub client caches it; pulled and predicted offline
     let cache = dir.path().join("hf-cache");
     let commit = "0123456789abcdef0123456789abcdef01234567";
