@@ -385,7 +385,8 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
         .map(|l| l.build().name().to_lowercase())
         .unwrap_or_default();
     let mut regions: Vec<String> = Vec::new();
-    let mut metrics: Vec<(String, Vec<String>)> = Vec::new();
+    // (metric, [(region, cell)]) in the table's order
+    let mut metrics: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut seeds = String::new();
     for (i, line) in lines.enumerate() {
         let f: Vec<&str> = line.split(',').collect();
@@ -412,7 +413,9 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
         };
         let (mean, std) = (number(6)?, number(7)?);
         let digits = if f[4].starts_with("hd95") { 2 } else { 4 };
+        // MONAI's aggregation counts a failure as DSC 0 rather than leaving it out
         let failed = match f[8] {
+            _ if f[4] == "dsc_monai" => String::new(),
             "0" | "" => String::new(),
             n => format!(" ({n} failed)"),
         };
@@ -420,7 +423,10 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
             regions.push(f[5].to_string());
         }
         seeds = f[3].to_string();
-        let cell = format!("{mean:.digits$} ± {std:.digits$}{failed}");
+        let cell = (
+            f[5].to_string(),
+            format!("{mean:.digits$} ± {std:.digits$}{failed}"),
+        );
         match metrics.iter_mut().find(|(m, _)| m == f[4]) {
             Some((_, cells)) => cells.push(cell),
             None => metrics.push((f[4].to_string(), vec![cell])),
@@ -440,7 +446,7 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
         "\n## Cross-validation\n\nThe training protocol's test metrics from the experiment table `{name}` \
          (this network and loss; mean ± standard deviation over {seeds} seeds of the mean over \
          every fold's test cases; `failed`: case × seed pairs with DSC 0, left out of the paper \
-         aggregation and HD95). They estimate what this model's protocol achieves on unseen \
+         aggregation and HD95, counted as 0 by MONAI's). They estimate what this model's protocol achieves on unseen \
          cases.\n\n| metric | {} |\n|---|{}\n",
         regions.join(" | "),
         "---|".repeat(regions.len())
@@ -452,7 +458,16 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
             "hd95_mm" => "HD95 (mm)",
             other => other,
         };
-        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+        let row: Vec<&str> = regions
+            .iter()
+            .map(|r| {
+                cells
+                    .iter()
+                    .find(|(region, _)| region == r)
+                    .map_or("-", |(_, c)| c.as_str())
+            })
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", row.join(" | "));
     }
     Ok(s)
 }
