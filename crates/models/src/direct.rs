@@ -21,7 +21,11 @@ use rayon::prelude::*;
 use crate::fused::{channel_sums, f32_slice, shift_channels};
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod slab;
 
 /// Geometry of a unit-stride convolution of one sample: input `(C, D, H, W)`, kernel
 /// `(kd, kh, kw)`, padding and dilation per axis, `O` output channels.
@@ -37,21 +41,56 @@ pub(crate) struct Direct {
     pub backend: Backend,
 }
 
-/// The products behind [`Direct`]: the AVX-512 micro-kernels of `avx512.rs` where the CPU has
-/// AVX-512F, else column blocks and `gemm` (AVX2 or SSE, as the `gemm` crate picks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The products behind [`Direct`]: the micro-kernels of `avx512.rs` where the CPU has
+/// AVX-512F, else those of `avx2.rs` where it has AVX2 and FMA, else column blocks and `gemm`
+/// (SSE or NEON, as the `gemm` crate picks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Backend {
     Gemm,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
 }
 
 impl Backend {
-    /// The fastest backend this CPU runs.
+    /// The fastest backend this CPU runs, capped by the environment variable
+    /// `CWSEG_CPU_CAPABILITY` (`avx512`, `avx2` or `default`: the `gemm` path), as PyTorch's
+    /// `ATEN_CPU_CAPABILITY` caps its kernels: to compare the paths on one machine, or to run
+    /// the AVX2 kernels on an AVX-512 CPU. Read once per process.
     pub fn best() -> Backend {
+        static BEST: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = match std::env::var("CWSEG_CPU_CAPABILITY") {
+                Err(_) => Backend::Avx512,
+                Ok(v) => Backend::parse_cap(&v).unwrap_or_else(|| {
+                    eprintln!(
+                        "warning: CWSEG_CPU_CAPABILITY={v:?} is not avx512, avx2 or default; ignored"
+                    );
+                    Backend::Avx512
+                }),
+            };
+            Backend::detected().min(cap)
+        })
+    }
+
+    /// The backend a `CWSEG_CPU_CAPABILITY` value allows at most.
+    fn parse_cap(value: &str) -> Option<Backend> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "avx512" => Some(Backend::Avx512),
+            "avx2" => Some(Backend::Avx2),
+            "default" | "gemm" => Some(Backend::Gemm),
+            _ => None,
+        }
+    }
+
+    /// The fastest backend this CPU runs.
+    fn detected() -> Backend {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             return Backend::Avx512;
+        } else if avx2::available() {
+            return Backend::Avx2;
         }
         Backend::Gemm
     }
@@ -133,6 +172,7 @@ impl Direct {
         let [od, oh, ow] = self.output();
         match self.backend {
             Backend::Avx512 => padded <= 2 * od * oh * ow && oh * ow >= 64,
+            Backend::Avx2 => padded <= 2 * od * oh * ow && ow >= 8,
             Backend::Gemm => 2 * padded <= 3 * od * oh * ow,
         }
     }
@@ -231,7 +271,9 @@ impl Direct {
     pub fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => self.forward_avx512(x, w),
+            Backend::Avx512 => self.forward_slabs(x, w, &avx512::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => self.forward_slabs(x, w, &avx2::KERNELS),
             _ => self.forward_gemm(x, w),
         }
     }
@@ -241,7 +283,9 @@ impl Direct {
     pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => self.weight_grad_avx512(x, dy),
+            Backend::Avx512 => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => self.weight_grad_slabs(x, dy, &avx2::KERNELS),
             _ => self.weight_grad_gemm(x, dy),
         }
     }
@@ -588,16 +632,38 @@ mod tests {
         assert!(worst <= 1e-5 * scale, "{what}: worst {worst} of {scale}");
     }
 
-    /// The AVX-512 kernels against the `gemm` path on geometries with remainders everywhere:
-    /// channels not a multiple of 8 or 16, rows not a multiple of 16 voxels (row chunks and
-    /// packed chunks), kernels 1, 3 and 5, dilation, asymmetric padding, two samples; both the
-    /// convolution and its transpose (the input gradient's geometry).
-    #[test]
-    fn avx512_matches_gemm() {
-        if Backend::best() != Backend::Avx512 {
-            eprintln!("no AVX-512 on this CPU: the gemm path alone runs");
-            return;
+    /// The backends this CPU runs besides `gemm`.
+    fn vector_backends() -> Vec<Backend> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                v.push(Backend::Avx2);
+            }
+            if avx512::available() {
+                v.push(Backend::Avx512);
+            }
         }
+        v
+    }
+
+    /// The AVX-512 and AVX2 kernels (those this CPU has) against the `gemm` path on geometries
+    /// with remainders everywhere: channels not a multiple of 4, 8 or 16, rows not a multiple
+    /// of 8 or 16 voxels (row chunks and packed chunks), kernels 1, 3 and 5, dilation,
+    /// asymmetric padding, two samples; both the convolution and its transpose (the input
+    /// gradient's geometry).
+    #[test]
+    fn vector_kernels_match_gemm() {
+        let backends = vector_backends();
+        if backends.is_empty() {
+            eprintln!("neither AVX-512 nor AVX2 on this CPU: the gemm path alone runs");
+        }
+        for backend in backends {
+            kernels_match_gemm(backend);
+        }
+    }
+
+    fn kernels_match_gemm(backend: Backend) {
         let cases = [
             ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
             ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
@@ -625,19 +691,21 @@ mod tests {
                 backend: Backend::Gemm,
             };
             gemm.check().expect("valid geometry");
-            let fast = Direct {
-                backend: Backend::Avx512,
-                ..gemm
-            };
+            let fast = Direct { backend, ..gemm };
             let (nx, nw, ny) = gemm.lengths();
             let x = random(nx, i as u64);
             let w = random(nw, 100 + i as u64);
             let dy = random(ny, 200 + i as u64);
-            close(&fast.forward(&x, &w), &gemm.forward(&x, &w), "forward");
+            let what = |part: &str| format!("{backend:?} case {i}: {part}");
+            close(
+                &fast.forward(&x, &w),
+                &gemm.forward(&x, &w),
+                &what("forward"),
+            );
             close(
                 &fast.weight_grad(&x, &dy),
                 &gemm.weight_grad(&x, &dy),
-                "weight gradient",
+                &what("weight gradient"),
             );
             if let Some(t) = fast.transposed() {
                 let flipped = fast.flip_transpose(&w);
@@ -648,7 +716,7 @@ mod tests {
                 close(
                     &t.forward(&dy, &flipped),
                     &g.forward(&dy, &flipped),
-                    "input gradient",
+                    &what("input gradient"),
                 );
             }
         }

@@ -150,6 +150,50 @@ impl BatchNorm3d {
     }
 }
 
+impl BatchNorm3d {
+    /// The evaluation-mode transform as a per-channel affine map `y = a·x + b`, both `(C,)`:
+    /// `a = γ / √(running_var + ε)`, `b = β − running_mean · a`. Detached (buffers and, at
+    /// inference, constant weights).
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let a = self
+            .weight
+            .detach()
+            .div(&(self.running_var.as_tensor().detach() + self.eps)?.sqrt()?)?;
+        let b = self
+            .bias
+            .detach()
+            .sub(&self.running_mean.as_tensor().detach().mul(&a)?)?;
+        Ok((a, b))
+    }
+}
+
+/// `norm(conv(x))` for a convolution followed by batch normalisation. In training, the two
+/// layers; in evaluation, one convolution with the normalisation folded into it:
+/// `w' = a·w`, `bias' = a·bias + b` per output channel ([`BatchNorm3d::eval_affine`]), which
+/// saves the pass over the convolution's output. Only for inference: the folded weights are
+/// detached, so no gradient reaches the convolution's parameters.
+pub fn conv_batch_norm_t(
+    conv: &Conv3d,
+    norm: &BatchNorm3d,
+    x: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if train {
+        return norm.forward_t(&conv.forward(x)?, true);
+    }
+    let (a, b) = norm.eval_affine()?;
+    let out = a.dim(0)?;
+    let weight = conv
+        .weight
+        .detach()
+        .broadcast_mul(&a.reshape((out, 1, 1, 1, 1))?)?;
+    let bias = match &conv.bias {
+        Some(bias) => bias.detach().mul(&a)?.add(&b)?,
+        None => b,
+    };
+    conv3d(x, &weight, Some(&bias), &conv.config)
+}
+
 impl ModuleT for BatchNorm3d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // running statistics are buffers, not parameters: detached, so an evaluation pass with

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::layers::relu;
-use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm};
+use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm, conv_batch_norm_t};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, max_pool3d};
 
 /// Normalisation after each convolution.
@@ -55,10 +55,16 @@ impl NormLayer {
         })
     }
 
-    pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// `self(conv(x))`; batch norm folded into the convolution in evaluation.
+    pub(crate) fn after_conv(
+        &self,
+        conv: &Conv3d,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            NormLayer::Batch(b) => b.forward_t(x, train),
-            NormLayer::Group(g) => g.forward(x),
+            NormLayer::Batch(b) => conv_batch_norm_t(conv, b, x, train),
+            NormLayer::Group(g) => g.forward(&conv.forward(x)?),
         }
     }
 }
@@ -136,8 +142,8 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = relu(&self.norm1.forward_t(&self.conv1.forward(x)?, train)?)?;
-        let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
+        let h = relu(&self.norm1.after_conv(&self.conv1, x, train)?)?;
+        let h = self.norm2.after_conv(&self.conv2, &h, train)?;
         match &self.skip {
             None => relu(&h),
             Some(None) => relu(&(h + x)?),
