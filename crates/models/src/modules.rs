@@ -152,16 +152,14 @@ impl BatchNorm3d {
 
 impl BatchNorm3d {
     /// The evaluation-mode transform as a per-channel affine map `y = a·x + b`, both `(C,)`:
-    /// `a = γ / √(running_var + ε)`, `b = β − running_mean · a`. Detached (buffers and, at
-    /// inference, constant weights).
+    /// `a = γ / √(running_var + ε)`, `b = β − running_mean · a` (differentiable in γ and β;
+    /// the running statistics are buffers, detached).
     pub fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
         let a = self
             .weight
-            .detach()
-            .div(&(self.running_var.as_tensor().detach() + self.eps)?.sqrt()?)?;
+            .broadcast_div(&(self.running_var.as_tensor().detach() + self.eps)?.sqrt()?)?;
         let b = self
             .bias
-            .detach()
             .sub(&self.running_mean.as_tensor().detach().mul(&a)?)?;
         Ok((a, b))
     }
@@ -170,8 +168,9 @@ impl BatchNorm3d {
 /// `norm(conv(x))` for a convolution followed by batch normalisation. In training, the two
 /// layers; in evaluation, one convolution with the normalisation folded into it:
 /// `w' = a·w`, `bias' = a·bias + b` per output channel ([`BatchNorm3d::eval_affine`]), which
-/// saves the pass over the convolution's output. Only for inference: the folded weights are
-/// detached, so no gradient reaches the convolution's parameters.
+/// saves the pass over the convolution's output. Gradients still reach the convolution's and
+/// the normalisation's parameters through the folding (fine-tuning with frozen statistics);
+/// with constant weights (inference) no graph is recorded.
 pub fn conv_batch_norm_t(
     conv: &Conv3d,
     norm: &BatchNorm3d,
@@ -183,12 +182,9 @@ pub fn conv_batch_norm_t(
     }
     let (a, b) = norm.eval_affine()?;
     let out = a.dim(0)?;
-    let weight = conv
-        .weight
-        .detach()
-        .broadcast_mul(&a.reshape((out, 1, 1, 1, 1))?)?;
+    let weight = conv.weight.broadcast_mul(&a.reshape((out, 1, 1, 1, 1))?)?;
     let bias = match &conv.bias {
-        Some(bias) => bias.detach().mul(&a)?.add(&b)?,
+        Some(bias) => bias.mul(&a)?.add(&b)?,
         None => b,
     };
     conv3d(x, &weight, Some(&bias), &conv.config)
@@ -300,5 +296,81 @@ pub struct Dropout {
 impl ModuleT for Dropout {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         layers::dropout(x, self.p, train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    use super::*;
+
+    fn max_relative(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("scale")
+            .max(1e-6);
+        let worst = (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference");
+        worst / scale
+    }
+
+    /// Batch norm folded into the convolution (evaluation) gives the two layers' output and the
+    /// same gradients for the convolution's and the normalisation's parameters.
+    #[test]
+    fn folded_batch_norm_equals_the_two_layers() {
+        let vars = VarMap::new();
+        let vb = crate::seeded_var_builder(&vars, 3, DType::F32, &Device::Cpu);
+        let same = Conv3dConfig {
+            padding: [1; 3],
+            ..Conv3dConfig::default()
+        };
+        let conv = Conv3d::new(3, 5, [3; 3], same, true, vb.pp("conv")).expect("conv");
+        let norm = BatchNorm3d::new(5, vb.pp("norm")).expect("norm");
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 5, 7), &Device::Cpu).expect("x");
+        // a few training passes move the running statistics away from (0, 1); γ and β are
+        // moved from (1, 0) by hand, so that every term of the folding matters
+        for _ in 0..3 {
+            norm.forward_t(
+                &(conv.forward(&x).expect("conv") * 3.0).expect("scale"),
+                true,
+            )
+            .expect("train");
+        }
+        for (name, var) in vars.data().lock().expect("vars").iter() {
+            if name.starts_with("norm.") {
+                let shifted = (var.as_tensor() + 0.3)
+                    .and_then(|t| t * 1.7)
+                    .expect("shift");
+                var.set(&shifted).expect("set");
+            }
+        }
+        let folded = conv_batch_norm_t(&conv, &norm, &x, false).expect("folded");
+        let layers = norm
+            .forward_t(&conv.forward(&x).expect("conv"), false)
+            .expect("layers");
+        assert!(max_relative(&folded, &layers) < 1e-5, "outputs");
+
+        let r = Tensor::randn(0f32, 1.0, folded.shape(), &Device::Cpu).expect("r");
+        let loss = |y: &Tensor| (y * &r).and_then(|t| t.sum_all()).expect("loss");
+        let (g1, g2) = (
+            loss(&folded).backward().expect("backward"),
+            loss(&layers).backward().expect("backward"),
+        );
+        let data = vars.data().lock().expect("vars");
+        for name in ["conv.weight", "conv.bias", "norm.weight", "norm.bias"] {
+            let var = data.get(name).expect(name);
+            let (a, b) = (
+                g1.get(var.as_tensor()).expect("folded gradient"),
+                g2.get(var.as_tensor()).expect("layers gradient"),
+            );
+            assert!(max_relative(a, b) < 1e-4, "{name}: {}", max_relative(a, b));
+        }
     }
 }
