@@ -367,78 +367,26 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
 }
 
 /// The model card's "Cross-validation" section: the rows of a `cwseg experiment` table CSV
-/// (`table,network,loss,seeds,metric,region,mean,std,failures,per_seed`) whose network and
-/// loss are the card's, as one line per metric with a column per region.
+/// whose runs trained the card's network with the card's loss
+/// ([`cwseg_train::experiment::table_rows`]), one line per metric with a column per region.
 fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines();
-    let header = "table,network,loss,seeds,metric,region,mean,std,failures,per_seed";
-    if lines.next() != Some(header) {
+    let Some(loss) = &card.loss else {
         bail!(
-            "{}: not a `cwseg experiment` table (its first line is not `{header}`)",
-            path.display()
+            "--cross-validation: the model was not trained by cwseg, so no experiment table describes it"
         );
-    }
-    let loss = card
-        .loss
-        .as_ref()
-        .map(|l| l.build().name().to_lowercase())
-        .unwrap_or_default();
-    let mut regions: Vec<String> = Vec::new();
-    // (metric, [(region, cell)]) in the table's order
-    let mut metrics: Vec<(String, Vec<(String, String)>)> = Vec::new();
-    let mut seeds = String::new();
-    for (i, line) in lines.enumerate() {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 10 {
-            bail!(
-                "{} line {}: {} fields, not 10",
-                path.display(),
-                i + 2,
-                f.len()
-            );
+    };
+    let rows = cwseg_train::experiment::table_rows(path, card.model.name(), loss)?;
+    let mut regions: Vec<&str> = Vec::new();
+    let mut metrics: Vec<&str> = Vec::new();
+    for row in &rows {
+        if !regions.contains(&row.region.as_str()) {
+            regions.push(&row.region);
         }
-        if f[1] != card.model.name() || f[2] != loss {
-            continue;
-        }
-        let number = |k: usize| {
-            f[k].parse::<f64>().with_context(|| {
-                format!(
-                    "{} line {}: `{}` is not a number",
-                    path.display(),
-                    i + 2,
-                    f[k]
-                )
-            })
-        };
-        let (mean, std) = (number(6)?, number(7)?);
-        let digits = if f[4].starts_with("hd95") { 2 } else { 4 };
-        // MONAI's aggregation counts a failure as DSC 0 rather than leaving it out
-        let failed = match f[8] {
-            _ if f[4] == "dsc_monai" => String::new(),
-            "0" | "" => String::new(),
-            n => format!(" ({n} failed)"),
-        };
-        if !regions.iter().any(|r| r == f[5]) {
-            regions.push(f[5].to_string());
-        }
-        seeds = f[3].to_string();
-        let cell = (
-            f[5].to_string(),
-            format!("{mean:.digits$} ± {std:.digits$}{failed}"),
-        );
-        match metrics.iter_mut().find(|(m, _)| m == f[4]) {
-            Some((_, cells)) => cells.push(cell),
-            None => metrics.push((f[4].to_string(), vec![cell])),
+        if !metrics.contains(&row.metric.as_str()) {
+            metrics.push(&row.metric);
         }
     }
-    if metrics.is_empty() {
-        bail!(
-            "{}: no row for network `{}` and loss `{loss}`",
-            path.display(),
-            card.model.name()
-        );
-    }
+    let seeds = rows.iter().map(|r| r.seeds).max().unwrap_or(0);
     let name = path
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
@@ -451,23 +399,31 @@ fn cross_validation_section(path: &Path, card: &ModelCard) -> Result<String> {
         regions.join(" | "),
         "---|".repeat(regions.len())
     );
-    for (metric, cells) in &metrics {
-        let label = match metric.as_str() {
+    for metric in metrics {
+        let cells: Vec<String> = regions
+            .iter()
+            .map(|&region| {
+                rows.iter()
+                    .find(|r| r.metric == metric && r.region == region)
+                    .map_or("-".to_string(), |r| {
+                        let digits = if metric.starts_with("hd95") { 2 } else { 4 };
+                        // MONAI's aggregation counts a failure as DSC 0 rather than leaving it out
+                        let failed = if r.failures == 0 || metric == "dsc_monai" {
+                            String::new()
+                        } else {
+                            format!(" ({} failed)", r.failures)
+                        };
+                        format!("{:.digits$} ± {:.digits$}{failed}", r.mean, r.std)
+                    })
+            })
+            .collect();
+        let label = match metric {
             "dsc_paper" => "DSC (paper aggregation)",
             "dsc_monai" => "DSC (MONAI aggregation)",
             "hd95_mm" => "HD95 (mm)",
             other => other,
         };
-        let row: Vec<&str> = regions
-            .iter()
-            .map(|r| {
-                cells
-                    .iter()
-                    .find(|(region, _)| region == r)
-                    .map_or("-", |(_, c)| c.as_str())
-            })
-            .collect();
-        let _ = writeln!(s, "| {label} | {} |", row.join(" | "));
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
     }
     Ok(s)
 }

@@ -1467,12 +1467,23 @@ fn export_then_predict_from_the_hub_cache_offline() {
     ]);
     assert!(err.contains("already exists"), "{err}");
 
-    // an experiment table's rows for this network and loss become the card's cross-validation
+    // an experiment table's rows for this network and loss become the card's cross-validation;
+    // the experiment beside it says which loss each row's key trained (a CWCD variant with
+    // another border is not this model's loss)
     let table = dir.path().join("primary.csv");
+    let experiment = dir.path().join("experiment.toml");
+    std::fs::write(
+        &experiment,
+        "name = \"cv\"\n[[table]]\nname = \"primary\"\nnetworks = [\"unet\"]\n\
+         losses = [\"cedl\", \"cwcd\", \"cwcd-replicate\"]\nseeds = [0, 1]\n\
+         [losses.cwcd-replicate]\nname = \"cwcd\"\ncontour = { border = \"replicate\" }\n[train]\n",
+    )
+    .expect("experiment");
     std::fs::write(
         &table,
         "table,network,loss,seeds,metric,region,mean,std,failures,per_seed\n\
          primary,unet,cedl,2,dsc_paper,WT,0.1,0.01,0,0.1;0.1\n\
+         primary,unet,cwcd-replicate,2,dsc_paper,WT,0.2222,0.01,0,0.2;0.2\n\
          primary,unet,cwcd,2,dsc_paper,WT,0.81626,0.02094,1,0.8;0.83\n\
          primary,unet,cwcd,2,dsc_paper,ET,0.5697,0.1042,2,0.5;0.6\n\
          primary,unet,cwcd,2,dsc_monai,WT,0.78,0.03,1,0.75;0.81\n\
@@ -1515,6 +1526,10 @@ fn export_then_predict_from_the_hub_cache_offline() {
         !readme.contains("0.1000"),
         "another loss's row leaked: {readme}"
     );
+    assert!(
+        !readme.contains("0.2222"),
+        "another variant's row leaked: {readme}"
+    );
     // a table without this model's rows, or not a table, is refused naming the file
     std::fs::write(
         &table,
@@ -1534,6 +1549,14 @@ fn export_then_predict_from_the_hub_cache_offline() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("tiny.toml") && err.contains("not a `cwseg experiment` table"),
+        "{err}"
+    );
+    // without the experiment beside it, a table's loss keys cannot be told apart: refused
+    std::fs::remove_file(&experiment).expect("remove");
+    let o = export_cv(&table, &dir.path().join("cv-4"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("primary.csv") && err.contains("experiment.toml"),
         "{err}"
     );
 

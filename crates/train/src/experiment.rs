@@ -471,6 +471,95 @@ struct Row {
     monai: Vec<Summary>,
 }
 
+/// The first line of every table's CSV (`render_table` writes it, [`table_rows`] reads it).
+pub const TABLE_CSV_HEADER: &str =
+    "table,network,loss,seeds,metric,region,mean,std,failures,per_seed";
+
+/// One row of a table's CSV: a network × loss × metric × region cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRow {
+    /// `dsc_paper`, `dsc_monai` or `hd95_mm`.
+    pub metric: String,
+    /// A class, a region or `Avg`.
+    pub region: String,
+    /// Seeds in the mean.
+    pub seeds: usize,
+    /// Mean over seeds of the per-seed means.
+    pub mean: f64,
+    /// Sample standard deviation over seeds.
+    pub std: f64,
+    /// Case × seed pairs with DSC 0 (left out of the paper aggregation and HD95).
+    pub failures: usize,
+}
+
+/// The rows of a table's CSV (written by `cwseg experiment`) whose runs trained `network` with
+/// exactly `loss`: the row's loss key is resolved through the `experiment.toml` that every
+/// experiment writes beside its tables, so that two variants of one loss (say, CWCD with two
+/// contour borders) are never confused. Errors name the file: not such a table, no
+/// `experiment.toml`, no matching row.
+pub fn table_rows(table: &Path, network: &str, loss: &LossConfig) -> Result<Vec<TableRow>> {
+    let text = fs::read_to_string(table).with_context(|| format!("reading {}", table.display()))?;
+    let mut lines = text.lines();
+    if lines.next() != Some(TABLE_CSV_HEADER) {
+        bail!(
+            "{}: not a `cwseg experiment` table (its first line is not `{TABLE_CSV_HEADER}`)",
+            table.display()
+        );
+    }
+    let experiment_file = table.with_file_name("experiment.toml");
+    let experiment = ExperimentConfig::read(&experiment_file).with_context(|| {
+        format!(
+            "{}: the experiment beside the table says which loss each row trained",
+            table.display()
+        )
+    })?;
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let at = || format!("{} line {}", table.display(), i + 2);
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 10 {
+            bail!("{}: {} fields, not 10", at(), f.len());
+        }
+        let run = RunKey {
+            network: f[1].to_string(),
+            loss: f[2].to_string(),
+            seed: 0,
+            fold: None,
+        };
+        let trained = experiment
+            .run_config(&run)
+            .with_context(|| format!("{}: loss `{}`", at(), f[2]))?;
+        if f[1] != network || trained.loss != *loss {
+            continue;
+        }
+        let number = |k: usize| -> Result<f64> {
+            f[k].parse()
+                .with_context(|| format!("{}: `{}` is not a number", at(), f[k]))
+        };
+        let count = |k: usize| -> Result<usize> {
+            f[k].parse()
+                .with_context(|| format!("{}: `{}` is not a count", at(), f[k]))
+        };
+        rows.push(TableRow {
+            metric: f[4].to_string(),
+            region: f[5].to_string(),
+            seeds: count(3)?,
+            mean: number(6)?,
+            std: number(7)?,
+            failures: count(8)?,
+        });
+    }
+    if rows.is_empty() {
+        let json = serde_json::to_value(loss)?;
+        bail!(
+            "{}: no row for network `{network}` and loss `{}` (trained as {json})",
+            table.display(),
+            json["name"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(rows)
+}
+
 /// Which number a table cell shows.
 #[derive(Clone, Copy)]
 enum Metric {
@@ -800,8 +889,7 @@ fn render_table(table: &TableSpec, rows: &[Row], classes: &[ClassSet]) -> (Strin
          `(n failed)` counts case × seed pairs with DSC = 0 for a region present in the label \
          (excluded from the paper-aggregation and HD95 means, counted as 0 by MONAI's).\n"
     );
-    let mut csv =
-        String::from("table,network,loss,seeds,metric,region,mean,std,failures,per_seed\n");
+    let mut csv = format!("{TABLE_CSV_HEADER}\n");
     let names: Vec<String> = classes
         .iter()
         .map(|c| c.name.clone())
