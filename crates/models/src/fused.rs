@@ -59,19 +59,11 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let (c_n, s) = (self.c, self.spatial);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(s)
-            .zip(x.par_chunks(s))
-            .enumerate()
-            .for_each(|(i, (out, inp))| {
-                let c = i % c_n;
-                let scale = gamma[c] * self.invstd[c];
-                let shift = beta[c] - self.mean[c] * scale;
-                for (o, &v) in out.iter_mut().zip(inp) {
-                    *o = v * scale + shift;
-                }
-            });
+        let y = map_channel_blocks(x, self.spatial, self.c, |c| {
+            let scale = gamma[c] * self.invstd[c];
+            let shift = beta[c] - self.mean[c] * scale;
+            move |v| v * scale + shift
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -210,6 +202,27 @@ fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     y
 }
 
+/// `y = f_c(x)` for `(N, C, S…)` values stored as blocks of `spatial` values (block `i` of
+/// channel `i % channels`), in parallel over blocks; `per_channel(c)` makes `f_c` once per block.
+fn map_channel_blocks<F: Fn(f32) -> f32>(
+    x: &[f32],
+    spatial: usize,
+    channels: usize,
+    per_channel: impl Fn(usize) -> F + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(spatial.max(1))
+        .zip(x.par_chunks(spatial.max(1)))
+        .enumerate()
+        .for_each(|(block, (o, i))| {
+            let f = per_channel(block % channels.max(1));
+            for (v, &u) in o.iter_mut().zip(i) {
+                *v = f(u);
+            }
+        });
+    y
+}
+
 /// The input gradient of an element-wise op whose derivative is a function of its output:
 /// `f(y, g)` for every output value `y` and its gradient `g`, shaped as the output.
 fn backward_from_output(
@@ -313,16 +326,10 @@ impl CustomOp2 for Prelu {
             bail!("prelu: {} slopes for the shape {dims:?}", a.len());
         }
         let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>().max(1));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(spatial)
-            .zip(x.par_chunks(spatial))
-            .enumerate()
-            .for_each(|(block, (o, i))| {
-                let w = slope(a, block, channels);
-                for (v, &u) in o.iter_mut().zip(i) {
-                    *v = if u > 0.0 { u } else { w * u };
-                }
-            });
+        let y = map_channel_blocks(x, spatial, channels, |c| {
+            let w = slope(a, c, channels);
+            move |u| if u > 0.0 { u } else { w * u }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

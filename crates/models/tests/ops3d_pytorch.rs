@@ -399,28 +399,22 @@ fn fused_activations_take_pytorchs_branch_at_zero() {
     let x = Var::from_tensor(&Tensor::zeros((1, 2, 3), candle_core::DType::F32, &device).unwrap())
         .unwrap();
     let a = Var::from_tensor(&Tensor::new(&[0.25f32, -0.5], &device).unwrap()).unwrap();
+    // the gradient of Σy with respect to `v`, flattened
+    let grad_of = |y: &Tensor, v: &Var| -> Vec<f32> {
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     let y = layers::prelu(x.as_tensor(), a.as_tensor()).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    let dx: Vec<f32> = grads
-        .get(x.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(dx, [0.25, 0.25, 0.25, -0.5, -0.5, -0.5]);
-    let da: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1().unwrap();
-    assert_eq!(da, [0.0, 0.0]);
+    assert_eq!(grad_of(&y, &x), [0.25, 0.25, 0.25, -0.5, -0.5, -0.5]);
+    assert_eq!(grad_of(&y, &a), [0.0, 0.0]);
     let y = layers::elu(x.as_tensor(), 0.5).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    let dx: Vec<f32> = grads
-        .get(x.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(dx, [0.5; 6]);
+    assert_eq!(grad_of(&y, &x), [0.5; 6]);
 }
 
 #[test]
