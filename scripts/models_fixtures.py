@@ -70,6 +70,10 @@ def main():
         "mixed_strides": ((1, 2, 8, 9, 10), (2, 2, 2, 3, 2), (2, 1, 2), (1, 0, 1), (1, 1, 1), True),
         "k2_stride2_down": ((2, 8, 8, 8, 8), (16, 8, 2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), False),
         "k1_many_channels": ((1, 16, 5, 6, 7), (32, 16, 1, 1, 1), (1, 1, 1), (0, 0, 0), (1, 1, 1), True),
+        # taps that read only padding (cut by cwseg): depth's outer taps, none in height or width
+        "dilation_past_map": ((1, 3, 4, 5, 6), (2, 3, 3, 3, 3), (1, 1, 1), (5, 2, 2), (5, 2, 2), True),
+        # every outer tap reads padding only, with stride 2 (as an ASPP rate past the map)
+        "dilation_stride2_centre": ((1, 2, 5, 5, 5), (3, 2, 3, 3, 3), (2, 2, 2), (6, 6, 6), (6, 6, 6), False),
     }
     for name, (xs, ws, s, p, d, bias) in convs.items():
         inputs = {"x": torch.randn(xs), "w": torch.randn(ws)}

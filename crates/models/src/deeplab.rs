@@ -235,10 +235,11 @@ impl DeepLabV3 {
     }
 
     /// Activation memory (f32, batch 1), an estimate: six tensors per basic block, six per
-    /// ASPP branch, the head and the upsampled logits.
-    /// The layers' outputs counted below are multiplied by 4/3: what the kernels really keep,
-    /// measured with a counting allocator at 32³, 64³ and 32×64×48 (the ratio varies by under
-    /// 2 % across sizes; `crates/models/tests/activation_memory.rs` checks 32³ and 16×32×48).
+    /// ASPP branch, the head and the upsampled logits (once: the interpolation keeps only its
+    /// inputs, an eighth of that).
+    /// The layers' outputs counted below are multiplied by 6/5: what the kernels really keep,
+    /// measured with a counting allocator at 32³ and 16×32×48 (1.22 at both;
+    /// `crates/models/tests/activation_memory.rs` checks them).
     pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
         let v = |stride: usize| {
@@ -249,8 +250,8 @@ impl DeepLabV3 {
         for ((&blocks, &width), &stride) in c.blocks.iter().zip(&c.widths).zip(&strides) {
             values += 6 * (blocks * width) as u128 * v(stride);
         }
-        values += (3 * 5 + 3 + 3) * c.aspp_channels as u128 * v(8) + 2 * c.classes as u128 * v(1);
-        4 * values * 4 / 3
+        values += (3 * 5 + 3 + 3) * c.aspp_channels as u128 * v(8) + c.classes as u128 * v(1);
+        4 * values * 6 / 5
     }
 }
 

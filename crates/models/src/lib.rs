@@ -7,6 +7,7 @@ mod direct;
 pub mod error;
 mod fused;
 pub mod init;
+mod interp;
 pub mod layers;
 pub mod modules;
 pub mod monai;

@@ -5,7 +5,8 @@
 use candle_core::{DType, Result, Tensor, bail};
 
 use crate::direct::{Backend, Conv3dDirect, Direct};
-use crate::fused::add_channel_bias;
+use crate::fused::{add_channel_bias, cpu_f32};
+use crate::interp::{AxisTaps, interp_axis};
 use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
@@ -65,6 +66,7 @@ pub fn conv3d(
     bias: Option<&Tensor>,
     config: &Conv3dConfig,
 ) -> Result<Tensor> {
+    let (weight, config) = &without_dead_taps(x, weight, config)?;
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !fast {
         return conv3d_composite(x, weight, bias, config);
@@ -125,6 +127,52 @@ pub fn conv3d(
         Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
     }
+}
+
+/// Kernel taps that read only padding, for every output voxel, contribute nothing: along an
+/// axis of length `n`, tap `e` reads `o·s + e·d − p` for outputs `o < out`. The `m` taps at
+/// each end that read no input (the same count both sides, so the padding stays symmetric)
+/// are cut: kernel `k − 2m`, padding `p − m·d`, the same output size. DeepLabV3's ASPP
+/// branches of dilation 12 and 18 on 8³ maps become 1³ convolutions. The weight is a narrowed
+/// copy, so its gradient is zero on the cut taps, as it is exactly; the graph keeps that copy
+/// for the backward pass, so taps are cut only when it is no larger than the input (which the
+/// graph keeps anyway): V-Net's 5³ kernels of 256 channels on maps of 1 or 2 voxels are not.
+fn without_dead_taps(
+    x: &Tensor,
+    weight: &Tensor,
+    config: &Conv3dConfig,
+) -> Result<(Tensor, Conv3dConfig)> {
+    let (_, _, d, h, w) = x.dims5()?;
+    let (o, c, kd, kh, kw) = weight.dims5()?;
+    let mut cut = [0; 3];
+    for (a, (n, k)) in [(d, kd), (h, kh), (w, kw)].into_iter().enumerate() {
+        let (s, p, dil) = (config.stride[a], config.padding[a], config.dilation[a]);
+        let Ok(out) = out_len(n, k, s, p, dil, "conv3d") else {
+            // the caller reports the bad geometry
+            return Ok((weight.clone(), *config));
+        };
+        let reads_input =
+            |e: usize| (0..out).any(|o| (o * s + e * dil).checked_sub(p).is_some_and(|i| i < n));
+        let lead = (0..k).take_while(|&e| !reads_input(e)).count();
+        let trail = (0..k).rev().take_while(|&e| !reads_input(e)).count();
+        let m = lead.min(trail).min((k - 1) / 2);
+        if p >= m * dil {
+            cut[a] = m;
+        }
+    }
+    let kept = o * c * (kd - 2 * cut[0]) * (kh - 2 * cut[1]) * (kw - 2 * cut[2]);
+    if cut == [0; 3] || kept > x.elem_count() {
+        return Ok((weight.clone(), *config));
+    }
+    let mut weight = weight.clone();
+    let mut config = *config;
+    for (a, &m) in cut.iter().enumerate() {
+        if m > 0 {
+            weight = weight.narrow(2 + a, m, weight.dim(2 + a)? - 2 * m)?;
+            config.padding[a] -= m * config.dilation[a];
+        }
+    }
+    Ok((weight, config))
 }
 
 /// [`conv3d`] from candle operations, for every device: `kd` 2D convolutions over the
@@ -406,30 +454,50 @@ pub fn upsample_trilinear3d(x: &Tensor, size: [usize; 3], align_corners: bool) -
         if n_in == 0 || n_out == 0 {
             bail!("upsample_trilinear3d: sizes must be positive");
         }
-        let (mut lo, mut hi, mut frac) = (Vec::new(), Vec::new(), Vec::new());
-        for o in 0..n_out {
-            let src = if align_corners {
-                if n_out > 1 {
-                    o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
-                } else {
-                    0.0
-                }
-            } else {
-                ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
-            };
-            let l = (src.floor() as usize).min(n_in - 1);
-            lo.push(l as u32);
-            hi.push((l + 1).min(n_in - 1) as u32);
-            frac.push((src - l as f64) as f32);
-        }
-        let dev = y.device().clone();
-        let mut shape = vec![1usize; 5];
-        shape[axis] = n_out;
-        let t = Tensor::from_vec(frac, shape, &dev)?.to_dtype(y.dtype())?;
-        let a = y.index_select(&Tensor::from_vec(lo, n_out, &dev)?, axis)?;
-        let b = y.index_select(&Tensor::from_vec(hi, n_out, &dev)?, axis)?;
-        // a + t (b − a)
-        y = (&a + (b - &a)?.broadcast_mul(&t)?)?;
+        let taps = linear_taps(n_in, n_out, align_corners);
+        y = if cpu_f32(&y) {
+            interp_axis(&y, axis, taps)?
+        } else {
+            interp_composite(&y, axis, taps)?
+        };
     }
     Ok(y)
+}
+
+/// PyTorch's source positions of linear interpolation from `n_in` to `n_out` samples.
+fn linear_taps(n_in: usize, n_out: usize, align_corners: bool) -> AxisTaps {
+    let (mut lo, mut hi, mut frac) = (Vec::new(), Vec::new(), Vec::new());
+    for o in 0..n_out {
+        let src = if align_corners {
+            if n_out > 1 {
+                o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
+            } else {
+                0.0
+            }
+        } else {
+            ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
+        };
+        let l = (src.floor() as usize).min(n_in - 1);
+        lo.push(l);
+        hi.push((l + 1).min(n_in - 1));
+        frac.push((src - l as f64) as f32);
+    }
+    AxisTaps { lo, hi, frac }
+}
+
+/// Linear interpolation along `axis` from candle operations (every device and dtype):
+/// `a + t·(b − a)` with `a`, `b` gathered by `index_select`.
+fn interp_composite(y: &Tensor, axis: usize, taps: AxisTaps) -> Result<Tensor> {
+    let dev = y.device().clone();
+    let n_out = taps.lo.len();
+    let index = |v: Vec<usize>| {
+        let v: Vec<u32> = v.into_iter().map(|i| i as u32).collect();
+        Tensor::from_vec(v, n_out, &dev)
+    };
+    let mut shape = vec![1usize; 5];
+    shape[axis] = n_out;
+    let t = Tensor::from_vec(taps.frac, shape, &dev)?.to_dtype(y.dtype())?;
+    let a = y.index_select(&index(taps.lo)?, axis)?;
+    let b = y.index_select(&index(taps.hi)?, axis)?;
+    &a + (b - &a)?.broadcast_mul(&t)?
 }
