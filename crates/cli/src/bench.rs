@@ -48,6 +48,9 @@ pub struct BenchOptions {
     /// Loss of the training step.
     #[arg(long, default_value = "cwcd")]
     pub step_loss: String,
+    /// Network of the training step (`unet`, `vnet`, `deeplabv3`, `unetr`), with 16 classes.
+    #[arg(long, default_value = "unet")]
+    pub step_network: String,
     /// Time the training step only.
     #[arg(long)]
     pub step_only: bool,
@@ -64,8 +67,11 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     }
     let size = options.step_size.unwrap_or(if quick { 32 } else { 64 });
     rows.push(training_step(
-        size,
-        &options.step_loss,
+        &StepConfig {
+            network: &options.step_network,
+            loss: &options.step_loss,
+            size,
+        },
         if quick { 2 } else { 3 },
         &device,
     )?);
@@ -137,8 +143,17 @@ fn operation_rows(runs: usize, device: &Device) -> Result<Vec<(String, f64)>> {
 
 /// One training step of the paper's U-Net (16 classes, batch 2, 1 × size³): forward, loss,
 /// backward and an Adam update, on `device` (synchronised before the clock stops).
-fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Result<(String, f64)> {
-    let model = ModelConfig::from_name("unet", 1, 16)?;
+/// What the training step trains: batch 2, one input channel of `size`³, 16 classes.
+struct StepConfig<'a> {
+    network: &'a str,
+    loss: &'a str,
+    size: usize,
+}
+
+/// One training step as `cwseg train` takes it: forward, loss, backward and the trainer's Adam.
+fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(String, f64)> {
+    let size = step.size;
+    let model = ModelConfig::from_name(step.network, 1, 16)?.with_input_size([size; 3]);
     let vars = VarMap::new();
     let network = model.build(seeded_var_builder(&vars, 0, DType::F32, device))?;
     let mut optimizer = cwseg_train::optim::Optimizer::for_varmap(Default::default(), &vars)?;
@@ -149,7 +164,7 @@ fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Resul
         .collect();
     let y = Tensor::from_vec(labels, (2, size, size, size), device)?;
     let target = Target::new(y)?;
-    let loss = LossConfig::from_name(loss)?.build();
+    let loss = LossConfig::from_name(step.loss)?.build();
     let ms = time(runs, || {
         let logits = network.forward_t(&x, true)?;
         let grads = loss.forward(&logits, &target)?.backward()?;
@@ -159,7 +174,8 @@ fn training_step(size: usize, loss: &str, runs: usize, device: &Device) -> Resul
     })?;
     Ok((
         format!(
-            "paper U-Net training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}",
+            "{} training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}",
+            model.name(),
             loss.name(),
             if device.is_cuda() { "CUDA" } else { "CPU" }
         ),

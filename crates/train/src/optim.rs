@@ -9,6 +9,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+mod adam;
+
 /// The update rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -124,6 +126,18 @@ impl Schedule {
     }
 }
 
+/// The moment in `slot` as a contiguous tensor of the optimizer's own (zeros before the first
+/// step; a copy when it is not contiguous), for [`adam::adam_in_place`] to update in place.
+fn own_moment(slot: &mut Option<Tensor>, theta: &Tensor) -> Result<Tensor> {
+    let m = match slot.take() {
+        Some(m) if m.is_contiguous() => m,
+        Some(m) => m.copy()?,
+        None => theta.zeros_like()?,
+    };
+    *slot = Some(m.clone());
+    Ok(m)
+}
+
 /// An optimizer over named variables, with its state.
 pub struct Optimizer {
     config: OptimizerConfig,
@@ -195,24 +209,30 @@ impl Optimizer {
                     } else {
                         g.clone()
                     };
-                    let m = match &self.first[i] {
-                        Some(m) => ((m * c.betas[0])? + (&g * (1.0 - c.betas[0]))?)?,
-                        None => (&g * (1.0 - c.betas[0]))?,
+                    let step = adam::AdamStep {
+                        betas: c.betas,
+                        lr: self.lr,
+                        eps: c.eps,
+                        decoupled_decay: (c.kind == OptimizerKind::AdamW && c.weight_decay != 0.0)
+                            .then_some(c.weight_decay),
+                        t,
                     };
-                    let v = match &self.second[i] {
-                        Some(v) => ((v * c.betas[1])? + (g.sqr()? * (1.0 - c.betas[1]))?)?,
-                        None => (g.sqr()? * (1.0 - c.betas[1]))?,
-                    };
-                    let m_hat = (&m / (1.0 - c.betas[0].powi(t)))?;
-                    let v_hat = (&v / (1.0 - c.betas[1].powi(t)))?;
-                    let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-                    let mut next = theta.clone();
-                    if c.kind == OptimizerKind::AdamW && c.weight_decay != 0.0 {
-                        next = (next * (1.0 - self.lr * c.weight_decay))?;
+                    if adam::applies(&[theta, &g]) {
+                        let m = own_moment(&mut self.first[i], theta)?;
+                        let v = own_moment(&mut self.second[i], theta)?;
+                        adam::adam_in_place(theta, &g, &m, &v, &step)?;
+                    } else {
+                        let (next, m, v) = adam::adam_composite(
+                            theta,
+                            &g,
+                            self.first[i].as_ref(),
+                            self.second[i].as_ref(),
+                            &step,
+                        )?;
+                        var.set(&next)?;
+                        self.first[i] = Some(m);
+                        self.second[i] = Some(v);
                     }
-                    var.set(&(next - (update * self.lr)?)?)?;
-                    self.first[i] = Some(m);
-                    self.second[i] = Some(v);
                 }
                 OptimizerKind::Sgd => {
                     let g = if c.weight_decay != 0.0 {
