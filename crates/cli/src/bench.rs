@@ -141,8 +141,6 @@ fn operation_rows(runs: usize, device: &Device) -> Result<Vec<(String, f64)>> {
     Ok(rows)
 }
 
-/// One training step of the paper's U-Net (16 classes, batch 2, 1 × size³): forward, loss,
-/// backward and an Adam update, on `device` (synchronised before the clock stops).
 /// What the training step trains: batch 2, one input channel of `size`³, 16 classes.
 struct StepConfig<'a> {
     network: &'a str,
@@ -150,7 +148,8 @@ struct StepConfig<'a> {
     size: usize,
 }
 
-/// One training step as `cwseg train` takes it: forward, loss, backward and the trainer's Adam.
+/// One training step as `cwseg train` takes it: forward, loss, backward and the trainer's Adam,
+/// on `device` (synchronised before the clock stops).
 fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(String, f64)> {
     let size = step.size;
     let model = ModelConfig::from_name(step.network, 1, 16)?.with_input_size([size; 3]);
