@@ -3,7 +3,8 @@
 //! operation (thirteen passes over every parameter: 5.6 s per step for UNETR's 93 M parameters
 //! on a 2-core EPYC, against 0.3 s in place; BENCHMARKS.md). The in-place passes evaluate the
 //! composite's operations in the same order and in f32 (candle's `affine` is `x·mul + add`
-//! with both cast to f32), so both paths give the same bits (tested).
+//! with both cast to f32), so both paths give the same bits (tested); both are checked
+//! against PyTorch's `Adam` and `AdamW` in `tests/adam_pytorch.rs`.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, bail};
 use rayon::prelude::*;
