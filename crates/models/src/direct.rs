@@ -21,6 +21,8 @@ use rayon::prelude::*;
 use crate::fused::{channel_sums, f32_slice, shift_channels};
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -51,6 +53,16 @@ pub(crate) enum Backend {
     Avx2,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
+    /// bf16 on AMX tiles (`amx.rs`), chosen only for [`crate::precision::Precision::Bf16`]:
+    /// forward and input gradient; the weight gradient takes the AVX-512 kernels in f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Amx,
+}
+
+/// Whether this machine runs the AMX-BF16 kernels (CPU and operating system).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_available() -> bool {
+    amx::available() && avx512::available()
 }
 
 impl Backend {
@@ -81,6 +93,14 @@ impl Backend {
             "avx2" => Some(Backend::Avx2),
             "default" | "gemm" => Some(Backend::Gemm),
             _ => None,
+        }
+    }
+
+    /// The backend of a convolution built now: AMX in bf16 precision, else [`Backend::best`].
+    pub fn for_precision() -> Backend {
+        match crate::precision::precision() {
+            crate::precision::Precision::Bf16 => Backend::Amx,
+            crate::precision::Precision::F32 => Backend::best(),
         }
     }
 
@@ -171,7 +191,7 @@ impl Direct {
         let padded: usize = self.padded().iter().product();
         let [od, oh, ow] = self.output();
         match self.backend {
-            Backend::Avx512 => padded <= 2 * od * oh * ow && oh * ow >= 64,
+            Backend::Avx512 | Backend::Amx => padded <= 2 * od * oh * ow && oh * ow >= 64,
             Backend::Avx2 => padded <= 2 * od * oh * ow && ow >= 8,
             Backend::Gemm => 2 * padded <= 3 * od * oh * ow,
         }
@@ -273,6 +293,8 @@ impl Direct {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => self.forward_slabs(x, w, &avx512::KERNELS),
             #[cfg(target_arch = "x86_64")]
+            Backend::Amx => self.forward_amx(x, w),
+            #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.forward_slabs(x, w, &avx2::KERNELS),
             _ => self.forward_gemm(x, w),
         }
@@ -283,7 +305,7 @@ impl Direct {
     pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
+            Backend::Avx512 | Backend::Amx => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.weight_grad_slabs(x, dy, &avx2::KERNELS),
             _ => self.weight_grad_gemm(x, dy),
@@ -663,21 +685,86 @@ mod tests {
         }
     }
 
+    /// The AMX bf16 kernel (where this machine runs it) against the `gemm` path on the same
+    /// input and weights rounded to bf16: both accumulate exact products of bf16 values in
+    /// f32, so they differ by the summation order alone (1e-5 of the largest output). Every
+    /// geometry of `kernels_match_gemm` (channel counts 2 to 40: one partial tile of pairs,
+    /// tiles of 32 with zeros after the last channel; output channels not a multiple of 16)
+    /// and the transposes.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn amx_matches_gemm_on_bf16_inputs() {
+        if !amx_available() {
+            eprintln!("no AMX-BF16 on this machine: the bf16 kernel is not run");
+            return;
+        }
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| crate::precision::round_bf16(x))
+                .collect()
+        };
+        for (i, (input, kernel, padding, dilation, out_channels, samples)) in
+            CASES.into_iter().enumerate()
+        {
+            let gemm = Direct {
+                input,
+                kernel,
+                padding,
+                dilation,
+                out_channels,
+                samples,
+                backend: Backend::Gemm,
+            };
+            let amx = Direct {
+                backend: Backend::Amx,
+                ..gemm
+            };
+            let (nx, nw, ny) = gemm.lengths();
+            let x = random(nx, i as u64);
+            let w = random(nw, 100 + i as u64);
+            let dy = random(ny, 200 + i as u64);
+            let what = |part: &str| format!("AMX case {i}: {part}");
+            close(
+                &amx.forward(&x, &w),
+                &gemm.forward(&round(&x), &round(&w)),
+                &what("forward"),
+            );
+            if let Some(t) = amx.transposed() {
+                let flipped = amx.flip_transpose(&w);
+                let g = Direct {
+                    backend: Backend::Gemm,
+                    ..t
+                };
+                close(
+                    &t.forward(&dy, &flipped),
+                    &g.forward(&round(&dy), &round(&flipped)),
+                    &what("input gradient"),
+                );
+            }
+        }
+    }
+
+    /// Geometries with remainders everywhere: (input, kernel, padding, dilation, O, samples).
+    #[allow(clippy::type_complexity)]
+    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 10] = [
+        ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
+        ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
+        ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
+        ([4, 10, 11, 12], [3, 3, 3], [2, 2, 2], [2, 2, 2], 17, 1),
+        ([13, 4, 5, 6], [1, 1, 1], [0, 0, 0], [1, 1, 1], 3, 2),
+        ([5, 8, 6, 40], [3, 1, 3], [1, 0, 2], [1, 1, 1], 12, 2),
+        // rows of 4 voxels: packed chunks across rows, 10 blocks of input channels
+        ([40, 4, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], 20, 2),
+        // slabs of several planes (5 per slab; 4 per slab and a last one of 1), packed
+        // and row chunks
+        ([2, 40, 6, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], 9, 2),
+        ([3, 33, 4, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 8, 2),
+        // 70 channels: three tiles of 32 channel pairs' worth, the last mostly zeros
+        ([70, 5, 6, 7], [3, 3, 3], [1, 1, 1], [1, 1, 1], 40, 1),
+    ];
+
     fn kernels_match_gemm(backend: Backend) {
-        let cases = [
-            ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
-            ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
-            ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
-            ([4, 10, 11, 12], [3, 3, 3], [2, 2, 2], [2, 2, 2], 17, 1),
-            ([13, 4, 5, 6], [1, 1, 1], [0, 0, 0], [1, 1, 1], 3, 2),
-            ([5, 8, 6, 40], [3, 1, 3], [1, 0, 2], [1, 1, 1], 12, 2),
-            // rows of 4 voxels: packed chunks across rows, 10 blocks of input channels
-            ([40, 4, 4, 4], [3, 3, 3], [1, 1, 1], [1, 1, 1], 20, 2),
-            // slabs of several planes (5 per slab; 4 per slab and a last one of 1), packed
-            // and row chunks
-            ([2, 40, 6, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], 9, 2),
-            ([3, 33, 4, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 8, 2),
-        ];
+        let cases = CASES;
         for (i, (input, kernel, padding, dilation, out_channels, samples)) in
             cases.into_iter().enumerate()
         {

@@ -90,7 +90,7 @@ pub fn conv3d(
             dilation: config.dilation,
             out_channels: o,
             samples: n,
-            backend: Backend::best(),
+            backend: Backend::for_precision(),
         };
         if direct.pays() && direct.transposed().is_some() {
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);

@@ -1,0 +1,123 @@
+//! The arithmetic precision of convolutions: f32, or bf16 inputs with f32 accumulation where
+//! the CPU multiplies bf16 tiles (AMX-BF16, granted by the operating system). Like PyTorch's
+//! `torch.set_float32_matmul_precision`, one setting for the process, read when a
+//! convolution is built (its backward pass keeps the precision of its forward pass).
+//!
+//! In bf16, the unit-stride convolutions that take the direct path (`direct.rs`) round their
+//! input and weights to bf16 (round to nearest even) and accumulate in f32, forward and input
+//! gradient; weight gradients, strided and transposed convolutions, matmuls, norms, the loss
+//! and the optimizer stay in f32, and so do parameters and activations (stored as f32).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Arithmetic precision of convolutions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 inputs, f32 accumulation.
+    #[default]
+    F32,
+    /// bf16 inputs (rounded to nearest even), f32 accumulation and f32 results.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used on the command line and in model cards.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "precision {other:?}: expected f32 or bf16 (f16 is a CUDA precision, not built)"
+            )),
+        }
+    }
+}
+
+/// The process's convolution precision (0: f32, 1: bf16).
+static CONV_PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Whether this machine computes bf16 convolutions: an x86-64 CPU with AMX-BF16 whose
+/// operating system grants this process the tile state (Linux ≥ 5.16).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::direct::amx_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Sets the convolution precision of the process and returns the one in effect: bf16 only
+/// where [`bf16_available`], f32 everywhere else.
+pub fn set_precision(requested: Precision) -> Precision {
+    let effective = match requested {
+        Precision::Bf16 if bf16_available() => Precision::Bf16,
+        _ => Precision::F32,
+    };
+    CONV_PRECISION.store(effective as u8, Ordering::Relaxed);
+    effective
+}
+
+/// The convolution precision in effect.
+pub fn precision() -> Precision {
+    match CONV_PRECISION.load(Ordering::Relaxed) {
+        1 => Precision::Bf16,
+        _ => Precision::F32,
+    }
+}
+
+/// `v` rounded to the nearest bf16 (ties to even), as its bits; NaN stays NaN.
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` rounded to the nearest bf16, back in f32 (what a bf16 convolution reads).
+pub fn round_bf16(v: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(v)) << 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties to the even mantissa (1)
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        // 1 + 3·2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6 (even)
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        assert_eq!(round_bf16(1.0 + 1.5 / 256.0), 1.0 + 1.0 / 128.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert_eq!("F32".parse::<Precision>(), Ok(Precision::F32));
+        assert!("f16".parse::<Precision>().is_err());
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+    }
+}
