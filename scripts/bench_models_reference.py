@@ -7,6 +7,7 @@ batch 2, 1x64^3, 16 classes, cross-entropy, Adam) with the peak resident memory.
     python scripts/bench_models_reference.py --threads 2
 """
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -45,24 +46,32 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (network steps only)")
     ap.add_argument("--size", type=int, default=64, help="side of the network step's input")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"],
+                    help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss")
     ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cast = (lambda: torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else contextlib.nullcontext
     if args.what != "conv":
-        return network_step(args.what, args.device, args.size)
+        return network_step(args.what, args.device, args.size, cast)
+    print(f"precision {args.precision}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
               (64, 16, "level 2: 2x64x16^3 64->64"), (128, 8, "level 3: 2x128x8^3 128->128"), (256, 4, "level 4: 2x256x4^3 256->256")]
     for c, n, name in shapes:
         x = torch.randn(2, c, n, n, n, requires_grad=True)
         w = (0.1 * torch.randn(c, c, 3, 3, 3)).requires_grad_(True)
+        def forward():
+            with cast():
+                return F.conv3d(x, w, padding=1)
         with torch.no_grad():
-            fwd = best(lambda: F.conv3d(x, w, padding=1))
-        both = best(lambda: F.conv3d(x, w, padding=1).sum().backward())
+            fwd = best(forward)
+        both = best(lambda: forward().float().sum().backward())
         flops = 2 * 2 * c * c * 27 * n ** 3
         print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
 
-def network_step(name, device="cpu", n=64):
+def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):
     from networks_fixtures import DeepLabV3
 
     def monai(cls, **kw):  # MONAI only for the networks that need it
@@ -78,7 +87,9 @@ def network_step(name, device="cpu", n=64):
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        with cast():
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()

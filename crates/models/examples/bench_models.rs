@@ -3,8 +3,9 @@
 //! the paper U-Net's level shapes (batch 2, 64³ input), and one U-Net training step (batch 2,
 //! 1×64³, 16 classes: forward, cross-entropy, backward, Adam) with the peak resident memory.
 //!
-//! `cargo run --release -p cwseg-models --example bench_models [-- conv|unet|vnet|deeplabv3|unetr]`
-//! (one network per process, so that the peak memory is that network's).
+//! `cargo run --release -p cwseg-models --example bench_models [-- conv|unet|vnet|deeplabv3|unetr
+//! [f32|bf16]]` (one network per process, so that the peak memory is that network's; bf16:
+//! `cwseg_models::set_precision`, where the CPU has AMX-BF16).
 
 use std::time::Instant;
 
@@ -60,6 +61,12 @@ fn main() -> anyhow::Result<()> {
     // as the `cwseg` command does
     cwseg_models::alloc::retain_freed_memory();
     let what = std::env::args().nth(1).unwrap_or_else(|| "conv".into());
+    let requested: cwseg_models::Precision = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "f32".into())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    println!("precision {}", cwseg_models::set_precision(requested));
     let d = Device::Cpu;
     if what != "conv" {
         return step(&what, &d);

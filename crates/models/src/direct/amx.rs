@@ -1,15 +1,16 @@
 //! The direct convolution in bf16 on AMX tiles (`Precision::Bf16`, CPUs with AMX-BF16): the
-//! input is padded into slabs with the channels last and rounded to bf16, so that 16
-//! consecutive padded offsets × 16 channel pairs at one tap are one tile of 16 rows
-//! (`tileloadd` with a row stride of `Cp` values); the weights are packed per (16 output
-//! channels, tap, 32 input channels) as the pair-interleaved tile `tdpbf16ps` multiplies by.
-//! One micro-tile is 32 voxels × 32 output channels in the four accumulator tiles:
+//! input is padded into slabs of channel pairs (`[c / 2][z][y][x][c % 2]`, rounded to bf16),
+//! so that one channel pair's 16 consecutive padded offsets at one tap are one 64-byte tile
+//! row and 16 pairs are one tile (`tileloadd` with the slab's channel stride); the weights are
+//! packed per (16 output channels, tap, 32 input channels) as 16 rows of channel pairs. One
+//! micro-tile is 32 output channels × 32 padded offsets in the four accumulator tiles:
 //!
-//! `C[v, o] += Σ_t Σ_c bf16(xp[q(v) + off(t), c]) · bf16(w[o, c, t])`, accumulated in f32,
+//! `C[o, v] += Σ_t Σ_c bf16(w[o, c, t]) · bf16(xp[c, q(v) + off(t)])`, accumulated in f32,
 //!
-//! with two input tiles (voxels 0–15, 16–31) and two weight tiles (output channels 0–15,
-//! 16–31) per (tap, 32 channels): 4 tile loads for 4 tile products of 16 × 16 × 32. Offsets
-//! in the padding between rows are computed and dropped, as in the other kernels.
+//! with two weight tiles (output channels 0–15, 16–31) and two input tiles (offsets 0–15,
+//! 16–31) per (tap, 32 channels): 4 tile loads for 4 tile products of 16 × 16 × 32. Each
+//! accumulator row is 16 consecutive padded offsets of one output channel: those in the
+//! padding are dropped by a compressed store, as in the AVX-512 kernel's packed chunks.
 //!
 //! Measured on one core of the Xeon it was written on: 3.06 TFLOP/s from registers against
 //! 0.10 for `vdpbf16ps` (AVX512_BF16) and about 0.2 for f32 FMA (`examples/fma_peak.rs`):
@@ -28,15 +29,15 @@ use crate::precision::bf16_bits;
 const TILE: usize = 16;
 /// Channel pairs per input tile row, at most (64 bytes).
 const MAX_PAIRS: usize = 16;
-/// Voxels after a slab (zeros): the last micro-tile reads up to 31 voxels past the last
-/// output voxel's taps.
+/// Values after a slab (zeros): the last micro-tile reads up to 31 offsets past the last
+/// output voxel's taps in the last channel pair.
 const SLACK_VOXELS: usize = 2 * TILE;
 /// bf16 values of a slab, about (1 MiB: half the L2 of the Xeon it was written on).
 const SLAB_VALUES: usize = 1 << 19;
 
 thread_local! {
     /// This worker thread's channels-last bf16 slab, reused across calls.
-    static SLAB: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static SLAB: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether the CPU has AMX-BF16 and AMX-TILE (CPUID leaf 7, EDX bits 22 and 24) and the
@@ -99,8 +100,9 @@ impl Channels {
     }
 }
 
-/// The tile configuration (palette 1): tiles 0–3 accumulators (16 rows × 16 f32), 4–5 input
-/// (16 voxels × `pairs` pairs), 6–7 weights (`pairs` rows × 16 output channel pairs).
+/// The tile configuration (palette 1): tiles 0–3 accumulators (16 output channels × 16 f32),
+/// 4–5 weights (16 output channels × `pairs` channel pairs), 6–7 input (`pairs` channel pairs
+/// × 16 padded offsets).
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -144,25 +146,25 @@ unsafe fn release() {
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
-/// One micro-tile: `out[i]` (16 × 16 f32, row = voxel) for accumulator `i` = (voxel half
-/// `i / 2`, output block `i % 2`), summed over the (tap, channel group) steps:
-/// input tiles at `a + a_steps[s]` and `a + a_steps[s] + 16·cp` (row stride `2·cp` bytes),
-/// weight tiles at `b0 + s·b_step` and `b1 + s·b_step` (row stride 64 bytes).
+/// One micro-tile: `out[i]` (16 × 16 f32, row = output channel, column = padded offset) for
+/// accumulator `i` = (output block `i / 2`, offset half `i % 2`), summed over the (tap,
+/// channel group) steps: weight tiles at `w0 + s·w_step` and `w1 + s·w_step` (rows of
+/// `4·pairs` bytes, contiguous), input tiles at `x + x_steps[s]` and 16 pairs further (row
+/// stride `4·channel` bytes: one channel pair of the slab).
 ///
 /// # Safety
-/// The thread's tiles are configured for `pairs` (`TileConfig::new`); for every step the 32
-/// rows of `4·pairs` bytes from `a + a_steps[s]` (stride `2·cp` bytes) and the `pairs` rows of
-/// 64 bytes from `b0`/`b1 + s·b_step` are readable.
+/// The thread's tiles are configured for `pairs` (`TileConfig::new`); for every step the 16
+/// rows of `4·pairs` bytes from `w0`/`w1 + s·w_step` and the `pairs` rows of 128 bytes from
+/// `x + x_steps[s]` (stride `4·channel` bytes) are readable.
 unsafe fn micro_tile(
-    a: *const u16,
-    a_steps: &[usize],
-    cp: usize,
-    b0: *const u16,
-    b1: *const u16,
-    b_step: usize,
+    w0: *const u16,
+    w1: *const u16,
+    w_step: usize,
+    x: *const u32,
+    x_steps: &[usize],
+    channel: usize,
     out: &mut [f32; 4 * TILE * TILE],
 ) {
-    let a_stride = 2 * cp;
     // SAFETY: tiles configured (caller); every address below is readable (caller), `out`
     // holds the four 1 KiB accumulators.
     unsafe {
@@ -173,23 +175,23 @@ unsafe fn micro_tile(
             "tilezero tmm3",
             options(nostack, nomem)
         );
-        for (s, &off) in a_steps.iter().enumerate() {
-            let a0 = a.add(off);
+        for (s, &off) in x_steps.iter().enumerate() {
+            let x0 = x.add(off);
             asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tileloadd tmm4, [{w0} + {sw}*1]",
+                "tileloadd tmm5, [{w1} + {sw}*1]",
+                "tileloadd tmm6, [{x0} + {sx}*1]",
+                "tileloadd tmm7, [{x1} + {sx}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0,
-                a1 = in(reg) a0.add(TILE * cp),
-                b0 = in(reg) b0.add(s * b_step),
-                b1 = in(reg) b1.add(s * b_step),
-                sa = in(reg) a_stride,
-                sb = in(reg) 4 * TILE,
+                w0 = in(reg) w0.add(s * w_step),
+                w1 = in(reg) w1.add(s * w_step),
+                x0 = in(reg) x0,
+                x1 = in(reg) x0.add(TILE),
+                sw = in(reg) w_step / TILE * 2,
+                sx = in(reg) 4 * channel,
                 options(nostack, readonly)
             );
         }
@@ -209,64 +211,62 @@ unsafe fn micro_tile(
     }
 }
 
+/// Which of 16 consecutive padded offsets are output voxels, and the output offset (within a
+/// channel) of the first: the set lanes map to consecutive output voxels.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    mask: u16,
+    first: usize,
+}
+
 impl Direct {
     /// [`Direct::forward`] in bf16 on AMX tiles (module doc): slabs in parallel, micro-tiles of
-    /// 32 padded offsets × 32 output channels within a slab.
+    /// 32 output channels × 32 padded offsets within a slab.
     pub(super) fn forward_amx(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let ch = Channels::new(self.input[0]);
         let o_n = self.out_channels;
         let t_n = self.taps();
-        let [_, oh, ow] = self.output();
-        let [_, hp, wp] = self.padded();
         let volume: usize = self.output().iter().product();
         let blocks = o_n.div_ceil(TILE).next_multiple_of(2);
         let weights = self.pack_weights_amx(w, ch, blocks);
-        let b_step = ch.pairs * 2 * TILE;
+        let w_step = TILE * ch.pairs * 2;
         let steps = t_n * ch.groups;
-        // input tile of step (t, g): voxel offset off(t), channels from 2·pairs·g
-        let a_steps: Vec<usize> = self
-            .offsets()
-            .iter()
-            .flat_map(|&off| (0..ch.groups).map(move |g| off * ch.cp + g * 2 * ch.pairs))
-            .collect();
         let config = TileConfig::new(ch.pairs);
         let mut out = vec![0f32; self.samples * o_n * volume];
         let dst = Shared(out.as_mut_ptr());
-        let plane = hp * wp;
-        // slabs sized as the f32 kernels' for `cp / 2` channels of f32
-        let slab_values = SLAB_VALUES * self.input[0].max(1) / ch.cp.max(1);
+        // slabs sized as the f32 kernels' (bf16 values, twice as many)
+        let slab_values = 2 * SLAB_VALUES * self.input[0].max(1) / ch.cp.max(1);
         self.slabs(slab_values).par_iter().for_each(|&(n, z0, planes)| {
             SLAB.with_borrow_mut(|buf| {
-                let slab = self.fill_slab_amx(buf, x, n, z0, planes, ch.cp);
-                let end = (planes - 1) * plane + (oh - 1) * wp + ow;
+                let (slab, channel) = self.fill_slab_amx(buf, x, n, z0, planes, ch.cp);
+                // input tile of step (t, g): pairs from pairs·g, offset off(t)
+                let x_steps: Vec<usize> = self
+                    .offsets()
+                    .iter()
+                    .flat_map(|&off| (0..ch.groups).map(move |g| g * ch.pairs * channel + off))
+                    .collect();
                 let mut acc = [0f32; 4 * TILE * TILE];
                 // SAFETY: AMX is available (the backend is chosen only then).
                 unsafe { config.load() };
-                for q in (0..end).step_by(2 * TILE) {
-                    // output offset (within a channel of sample n) of voxel q + m, if any
-                    let voxel: [Option<usize>; 2 * TILE] = std::array::from_fn(|m| {
-                        let v = q + m;
-                        let (z, y, xx) = (v / plane, v % plane / wp, v % wp);
-                        (v < end && y < oh && xx < ow).then(|| ((z0 + z) * oh + y) * ow + xx)
-                    });
+                for (q, runs) in self.runs_amx(z0, planes) {
                     for ob in (0..blocks).step_by(2) {
-                        // SAFETY: tiles configured for `pairs` above. Input tiles: rows
-                        // q + m + off(t) for m < 32, at most end − 1 + 31 + off(t) voxels, the
-                        // last output voxel's last tap plus 31 (< slab + SLACK_VOXELS voxels of
-                        // cp values), columns within cp; weight tiles: blocks ob, ob + 1 < blocks
-                        // of `steps` steps of b_step values each.
+                        // SAFETY: tiles configured for `pairs` above. Weight tiles: blocks ob,
+                        // ob + 1 < blocks of `steps` steps of w_step values. Input tiles: pair
+                        // rows < cp / 2 at offsets q + off(t) + 31 at most: the last output
+                        // voxel's last tap (inside the channel) plus 31, within the channel
+                        // and the next one or, for the last pair, the slab's SLACK_VOXELS.
                         unsafe {
                             micro_tile(
-                                slab.as_ptr().add(q * ch.cp),
-                                &a_steps,
-                                ch.cp,
-                                weights.as_ptr().add(ob * steps * b_step),
-                                weights.as_ptr().add((ob + 1) * steps * b_step),
-                                b_step,
+                                weights.as_ptr().add(ob * steps * w_step),
+                                weights.as_ptr().add((ob + 1) * steps * w_step),
+                                w_step,
+                                slab.as_ptr().add(q),
+                                &x_steps,
+                                channel,
                                 &mut acc,
                             );
+                            self.store_amx(&acc, &runs, ob, dst.get().add(n * o_n * volume));
                         }
-                        self.scatter_amx(&acc, &voxel, ob, dst, n);
                     }
                 }
                 // SAFETY: AMX is available.
@@ -276,48 +276,81 @@ impl Direct {
         out
     }
 
-    /// Writes the micro-tile `acc` (voxel half h, output block ob + k at `acc[(2h + k)·256]`,
-    /// row = voxel) to sample `n`'s output voxels `voxel` of the real output channels.
-    fn scatter_amx(
-        &self,
-        acc: &[f32; 4 * TILE * TILE],
-        voxel: &[Option<usize>; 2 * TILE],
-        ob: usize,
-        dst: Shared,
-        n: usize,
-    ) {
-        let o_n = self.out_channels;
+    /// The micro-tiles of a slab of `planes` output planes from `z0`: the first padded offset
+    /// (within the slab) of every 32, and the runs of its two halves.
+    fn runs_amx(&self, z0: usize, planes: usize) -> Vec<(usize, [Run; 2])> {
+        let [_, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        let plane = hp * wp;
+        let end = (planes - 1) * plane + (oh - 1) * wp + ow;
+        let run = |q0: usize| {
+            let mut r = Run { mask: 0, first: 0 };
+            for l in 0..TILE {
+                let v = q0 + l;
+                let (z, y, x) = (v / plane, v % plane / wp, v % wp);
+                if v < end && y < oh && x < ow {
+                    if r.mask == 0 {
+                        r.first = ((z0 + z) * oh + y) * ow + x;
+                    }
+                    r.mask |= 1 << l;
+                }
+            }
+            r
+        };
+        (0..end)
+            .step_by(2 * TILE)
+            .map(|q| (q, [run(q), run(q + TILE)]))
+            .collect()
+    }
+
+    /// Writes the micro-tile `acc` (output block ob + k, offset half h at `acc[(2k + h)·256]`,
+    /// row = output channel) to the real output channels of one sample's output `y`.
+    ///
+    /// # Safety
+    /// AVX-512F; `y` holds `O·volume` values; each run's set lanes are voxels of its plane no
+    /// other thread writes.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_amx(&self, acc: &[f32; 4 * TILE * TILE], runs: &[Run; 2], ob: usize, y: *mut f32) {
+        use std::arch::x86_64::*;
         let volume: usize = self.output().iter().product();
-        for (m, at) in voxel.iter().enumerate() {
-            let Some(at) = *at else { continue };
-            for k in 0..2 {
-                let row = &acc[((2 * (m / TILE) + k) * TILE + m % TILE) * TILE..][..TILE];
-                for (j, &v) in row.iter().enumerate() {
-                    let o = (ob + k) * TILE + j;
-                    if o < o_n {
-                        // SAFETY: voxel `at` of channel o < O of sample n lies in the output;
-                        // the slab of this micro-tile alone writes it.
-                        unsafe { *dst.get().add((n * o_n + o) * volume + at) = v };
+        for k in 0..2 {
+            for r in 0..TILE {
+                let o = (ob + k) * TILE + r;
+                if o >= self.out_channels {
+                    return;
+                }
+                for (h, run) in runs.iter().enumerate() {
+                    if run.mask == 0 {
+                        continue;
+                    }
+                    // SAFETY: row r of accumulator 2k + h; the run's voxels lie in channel o
+                    // of the output (caller).
+                    unsafe {
+                        let v = _mm512_loadu_ps(acc.as_ptr().add(((2 * k + h) * TILE + r) * TILE));
+                        let at = y.add(o * volume + run.first);
+                        if run.mask == u16::MAX {
+                            _mm512_storeu_ps(at, v);
+                        } else {
+                            _mm512_mask_compressstoreu_ps(at, run.mask, v);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// The weights as bf16 weight tiles, `[block][t][g][pair][o % 16][2]`: pair `k` of group
+    /// The weights as bf16 weight tiles, `[block][t][g][o % 16][pair][2]`: pair `k` of group
     /// `g` holds channels `2·pairs·g + 2k` and `+ 1` of output channel `16·block + o % 16`;
     /// zeros past the real channels.
     fn pack_weights_amx(&self, w: &[f32], ch: Channels, blocks: usize) -> Vec<u16> {
         let (o_n, c_n, t_n) = (self.out_channels, self.input[0], self.taps());
-        let tile = ch.pairs * 2 * TILE;
+        let tile = TILE * ch.pairs * 2;
         let mut out = vec![0u16; blocks * t_n * ch.groups * tile];
         for o in 0..o_n {
             for c in 0..c_n {
-                let (g, k, e) = (c / (2 * ch.pairs), c % (2 * ch.pairs) / 2, c % 2);
+                let (g, k) = (c / (2 * ch.pairs), c % (2 * ch.pairs));
                 for t in 0..t_n {
-                    let at = ((o / TILE * t_n + t) * ch.groups + g) * tile
-                        + (k * TILE + o % TILE) * 2
-                        + e;
+                    let at = ((o / TILE * t_n + t) * ch.groups + g) * tile + (o % TILE) * ch.pairs * 2 + k;
                     out[at] = bf16_bits(w[(o * c_n + c) * t_n + t]);
                 }
             }
@@ -325,43 +358,80 @@ impl Direct {
         out
     }
 
-    /// The padded planes `z0 .. z0 + planes + halo` of sample `n`, channels last
-    /// (`[z][y][x][cp]`), rounded to bf16, in `buf` (grown if needed), followed by
-    /// [`SLACK_VOXELS`] voxels of zeros.
+    /// The padded planes `z0 .. z0 + planes + halo` of sample `n` as bf16 channel pairs
+    /// (`[c / 2][z][y][x]`, each value the two channels' bf16 bits, even channel low), in
+    /// `buf` (grown if needed), followed by [`SLACK_VOXELS`] zeros: the slab and its channel
+    /// (pair) length.
     fn fill_slab_amx<'b>(
         &self,
-        buf: &'b mut Vec<u16>,
+        buf: &'b mut Vec<u32>,
         x: &[f32],
         n: usize,
         z0: usize,
         planes: usize,
         cp: usize,
-    ) -> &'b [u16] {
+    ) -> (&'b [u32], usize) {
         let [c_n, d, h, w] = self.input;
         let [_, hp, wp] = self.padded();
         let [pd, ph, pw] = self.padding;
         let span = planes + self.dilation[0] * (self.kernel[0] - 1);
-        let len = (span * hp * wp + SLACK_VOXELS) * cp;
+        let channel = span * hp * wp;
+        let len = cp / 2 * channel + SLACK_VOXELS;
         if buf.len() < len {
             buf.resize(len, 0);
         }
         let slab = &mut buf[..len];
-        slab.fill(0);
         let sample = &x[n * c_n * d * h * w..][..c_n * d * h * w];
-        for i in 0..span {
-            let Some(z) = (z0 + i).checked_sub(pd).filter(|&z| z < d) else {
+        let row_of = |c: usize, z: usize, y: usize| &sample[((c * d + z) * h + y) * w..][..w];
+        for (p, pair) in slab.chunks_mut(channel).enumerate() {
+            if p * 2 >= c_n {
+                pair.fill(0);
                 continue;
-            };
-            for y in 0..h {
-                let row = &mut slab[((i * hp + y + ph) * wp + pw) * cp..][..w * cp];
-                for c in 0..c_n {
-                    let src = &sample[((c * d + z) * h + y) * w..][..w];
-                    for (v, &s) in row[c..].iter_mut().step_by(cp).zip(src) {
-                        *v = bf16_bits(s);
-                    }
+            }
+            for (i, plane) in pair.chunks_exact_mut(hp * wp).enumerate() {
+                let Some(z) = (z0 + i).checked_sub(pd).filter(|&z| z < d) else {
+                    plane.fill(0);
+                    continue;
+                };
+                for (py, row) in plane.chunks_exact_mut(wp).enumerate() {
+                    let Some(y) = py.checked_sub(ph).filter(|&y| y < h) else {
+                        row.fill(0);
+                        continue;
+                    };
+                    row[..pw].fill(0);
+                    row[pw + w..].fill(0);
+                    let odd = (2 * p + 1 < c_n).then(|| row_of(2 * p + 1, z, y));
+                    // SAFETY: AVX-512F (the AMX backend runs only with it).
+                    unsafe { pack_pairs(row_of(2 * p, z, y), odd, &mut row[pw..pw + w]) };
                 }
             }
         }
-        slab
+        (slab, channel)
+    }
+}
+
+/// `out[i]` = the bf16 bits of `even[i]` (low half) and `odd[i]` (high half, 0 without odd):
+/// scalar code that the compiler vectorises with AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_pairs(even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) {
+    let bits = |v: f32| -> u32 {
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+        if v.is_nan() { 0x7fc0 } else { rounded }
+    };
+    match odd {
+        Some(odd) => {
+            for ((o, &a), &b) in out.iter_mut().zip(even).zip(odd) {
+                *o = bits(a) | (bits(b) << 16);
+            }
+        }
+        None => {
+            for (o, &a) in out.iter_mut().zip(even) {
+                *o = bits(a);
+            }
+        }
     }
 }
