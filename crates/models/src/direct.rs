@@ -53,8 +53,7 @@ pub(crate) enum Backend {
     Avx2,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
-    /// bf16 on AMX tiles (`amx.rs`), chosen only for [`crate::precision::Precision::Bf16`]:
-    /// forward and input gradient; the weight gradient takes the AVX-512 kernels in f32.
+    /// bf16 on AMX tiles (`amx.rs`), chosen only for [`crate::precision::Precision::Bf16`].
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Amx,
 }
@@ -305,7 +304,9 @@ impl Direct {
     pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 | Backend::Amx => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
+            Backend::Avx512 => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Amx => self.weight_grad_amx(x, dy),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => self.weight_grad_slabs(x, dy, &avx2::KERNELS),
             _ => self.weight_grad_gemm(x, dy),
@@ -728,6 +729,11 @@ mod tests {
                 &amx.forward(&x, &w),
                 &gemm.forward(&round(&x), &round(&w)),
                 &what("forward"),
+            );
+            close(
+                &amx.weight_grad(&x, &dy),
+                &gemm.weight_grad(&round(&x), &round(&dy)),
+                &what("weight gradient"),
             );
             if let Some(t) = amx.transposed() {
                 let flipped = amx.flip_transpose(&w);

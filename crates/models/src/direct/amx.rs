@@ -36,8 +36,10 @@ const SLACK_VOXELS: usize = 2 * TILE;
 const SLAB_VALUES: usize = 1 << 19;
 
 thread_local! {
-    /// This worker thread's channels-last bf16 slab, reused across calls.
+    /// This worker thread's slab of bf16 channel pairs, reused across calls.
     static SLAB: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// This worker thread's bf16 slab and output-gradient tile of the weight gradient.
+    static GRAD_SLAB: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Whether the CPU has AMX-BF16 and AMX-TILE (CPUID leaf 7, EDX bits 22 and 24) and the
@@ -211,6 +213,70 @@ unsafe fn micro_tile(
     }
 }
 
+/// One weight-gradient micro-tile: `out[i]` (16 × 16 f32, row = input channel, column =
+/// output channel) for accumulator `i` = (channel block `i / 2`, output block `i % 2`),
+/// summed over `steps` runs of 32 padded offsets: input tiles at `x + 32·s` and 16 channels
+/// further (row stride `2·channel` bytes), gradient tiles at `dy + 16·s·row` and 32 values
+/// further (rows of offset pairs, stride `2·row` bytes).
+///
+/// # Safety
+/// The thread's tiles are configured for 16 pairs; for every step the 32 channel rows of 64
+/// bytes from `x + 32·s` (stride `2·channel` bytes) and the 16 rows of 128 bytes from
+/// `dy + 16·s·row` (stride `2·row` bytes) are readable.
+unsafe fn grad_micro_tile(
+    x: *const u16,
+    channel: usize,
+    dy: *const u16,
+    row: usize,
+    steps: usize,
+    out: &mut [f32; 4 * TILE * TILE],
+) {
+    // SAFETY: as `micro_tile`.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for s in 0..steps {
+            let x0 = x.add(2 * TILE * s);
+            let d0 = dy.add(TILE * s * row);
+            asm!(
+                "tileloadd tmm4, [{x0} + {sx}*1]",
+                "tileloadd tmm5, [{x1} + {sx}*1]",
+                "tileloadd tmm6, [{d0} + {sd}*1]",
+                "tileloadd tmm7, [{d1} + {sd}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                x0 = in(reg) x0,
+                x1 = in(reg) x0.add(TILE * channel),
+                d0 = in(reg) d0,
+                d1 = in(reg) d0.add(2 * TILE),
+                sx = in(reg) 2 * channel,
+                sd = in(reg) 2 * row,
+                options(nostack, readonly)
+            );
+        }
+        let c = out.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(TILE * TILE),
+            c2 = in(reg) c.add(2 * TILE * TILE),
+            c3 = in(reg) c.add(3 * TILE * TILE),
+            s = in(reg) 4 * TILE,
+            options(nostack)
+        );
+    }
+}
+
 /// Which of 16 consecutive padded offsets are output voxels, and the output offset (within a
 /// channel) of the first: the set lanes map to consecutive output voxels.
 #[derive(Debug, Clone, Copy)]
@@ -339,6 +405,182 @@ impl Direct {
         }
     }
 
+    /// [`Direct::weight_grad`] in bf16 on AMX tiles: `dW[o, c, t] = Σ_q bf16(dy[o, q]) ·
+    /// bf16(xp[c, q + off(t)])`, accumulated in f32, over the padded offsets of every slab
+    /// (zero gradient at those in the padding); per (tap, 32 channels, 32 output channels) a
+    /// micro-tile sums a slab's offsets 32 at a time. The slabs in 16 fixed groups, each
+    /// summed in order, then the groups in order (the same bits for any thread count).
+    pub(super) fn weight_grad_amx(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let c_n = self.input[0];
+        let (o_n, t_n) = (self.out_channels, self.taps());
+        let c_pad = c_n.next_multiple_of(2 * TILE);
+        let o_pad = o_n.next_multiple_of(2 * TILE);
+        let offsets = self.offsets();
+        let config = TileConfig::new(MAX_PAIRS);
+        let slabs = self.grad_slabs_amx();
+        let group = slabs.len().div_ceil(16).max(1);
+        let partials: Vec<Vec<f32>> = slabs
+            .par_chunks(group)
+            .map(|chunk| {
+                let mut acc = vec![0f32; t_n * c_pad * o_pad];
+                let mut tile = [0f32; 4 * TILE * TILE];
+                GRAD_SLAB.with_borrow_mut(|(xs, dyt)| {
+                    // SAFETY: AMX is available (the backend is chosen only then).
+                    unsafe { config.load() };
+                    for &(n, z0, planes) in chunk {
+                        let (xs, channel) = self.fill_plain_slab_amx(xs, x, n, z0, planes, c_pad);
+                        let (dyt, count) = self.fill_grad_tile_amx(dyt, dy, n, z0, planes, o_pad);
+                        let steps = count / (2 * TILE);
+                        for (t, &off) in offsets.iter().enumerate() {
+                            for cb in (0..c_pad).step_by(2 * TILE) {
+                                for ob in (0..o_pad).step_by(2 * TILE) {
+                                    // SAFETY: tiles configured for 16 pairs. Input rows
+                                    // cb + 31 < c_pad at offsets up to count − 1 + off(t) ≤
+                                    // end + 31 + off(t), within the channel and the next or
+                                    // the slab's slack; gradient rows count / 2 of o_pad
+                                    // pairs, columns ob·2 + 64 ≤ 2·o_pad.
+                                    unsafe {
+                                        grad_micro_tile(
+                                            xs.as_ptr().add(cb * channel + off),
+                                            channel,
+                                            dyt.as_ptr().add(2 * ob),
+                                            2 * o_pad,
+                                            steps,
+                                            &mut tile,
+                                        );
+                                    }
+                                    add_grad_tile(&tile, &mut acc[(t * c_pad + cb) * o_pad + ob..], o_pad);
+                                }
+                            }
+                        }
+                    }
+                    // SAFETY: AMX is available.
+                    unsafe { release() };
+                });
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; o_n * c_n * t_n];
+        out.par_chunks_mut(c_n * t_n).enumerate().for_each(|(o, row)| {
+            for c in 0..c_n {
+                for t in 0..t_n {
+                    let at = (t * c_pad + c) * o_pad + o;
+                    row[c * t_n + t] = partials.iter().fold(0.0, |s, p| s + p[at]);
+                }
+            }
+        });
+        out
+    }
+
+    /// The slabs of the weight gradient: as the other kernels' (2 MiB of bf16), but of at
+    /// least 1024 padded offsets where the volume allows, so that a micro-tile's sum over a
+    /// slab is not outweighed by adding it to the total (on 8³ maps a slab per plane took
+    /// longer than the f32 kernels).
+    fn grad_slabs_amx(&self) -> Vec<(usize, usize, usize)> {
+        let slabs = self.slabs(4 * SLAB_VALUES);
+        let [od, _, _] = self.output();
+        let [_, hp, wp] = self.padded();
+        let want = 1024usize.div_ceil(hp * wp).min(od);
+        if slabs.iter().all(|&(_, _, planes)| planes >= want) {
+            return slabs;
+        }
+        (0..self.samples)
+            .flat_map(|n| (0..od).step_by(want).map(move |z0| (n, z0, want.min(od - z0))))
+            .collect()
+    }
+
+    /// The padded planes of sample `n` for `planes` output planes from `z0` as bf16
+    /// (`[c][z][y][x]`, `c_pad` channels, zeros past the real ones), followed by zeros for
+    /// 64 offsets: the slab and its channel length.
+    fn fill_plain_slab_amx<'b>(
+        &self,
+        buf: &'b mut Vec<u16>,
+        x: &[f32],
+        n: usize,
+        z0: usize,
+        planes: usize,
+        c_pad: usize,
+    ) -> (&'b [u16], usize) {
+        let [c_n, d, h, w] = self.input;
+        let [_, hp, wp] = self.padded();
+        let [pd, ph, pw] = self.padding;
+        let span = planes + self.dilation[0] * (self.kernel[0] - 1);
+        let channel = span * hp * wp;
+        let len = c_pad * channel + 4 * TILE;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let slab = &mut buf[..len];
+        let sample = &x[n * c_n * d * h * w..][..c_n * d * h * w];
+        for (c, values) in slab.chunks_mut(channel).enumerate() {
+            if c >= c_n {
+                values.fill(0);
+                continue;
+            }
+            for (i, plane) in values.chunks_exact_mut(hp * wp).enumerate() {
+                let Some(z) = (z0 + i).checked_sub(pd).filter(|&z| z < d) else {
+                    plane.fill(0);
+                    continue;
+                };
+                for (py, row) in plane.chunks_exact_mut(wp).enumerate() {
+                    let Some(y) = py.checked_sub(ph).filter(|&y| y < h) else {
+                        row.fill(0);
+                        continue;
+                    };
+                    row[..pw].fill(0);
+                    row[pw + w..].fill(0);
+                    let src = &sample[((c * d + z) * h + y) * w..][..w];
+                    // SAFETY: AVX-512F and AVX-512BW (the AMX backend runs only with them).
+                    unsafe { pack_bf16(src, &mut row[pw..pw + w]) };
+                }
+            }
+        }
+        (slab, channel)
+    }
+
+    /// The output gradient of sample `n` at the slab's padded offsets `0 .. count` (`count`
+    /// the slab's offsets rounded up to 32), as bf16 pairs of consecutive offsets per output
+    /// channel: `[q / 2][o_pad][q % 2]`, zeros at offsets in the padding and past the real
+    /// channels; the tile and `count`.
+    fn fill_grad_tile_amx<'b>(
+        &self,
+        buf: &'b mut Vec<u16>,
+        dy: &[f32],
+        n: usize,
+        z0: usize,
+        planes: usize,
+        o_pad: usize,
+    ) -> (&'b [u16], usize) {
+        let o_n = self.out_channels;
+        let [_, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        let volume = self.output().iter().product::<usize>();
+        let end = (planes - 1) * hp * wp + (oh - 1) * wp + ow;
+        let count = end.next_multiple_of(2 * TILE);
+        let len = count * o_pad;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let tile = &mut buf[..len];
+        tile.fill(0);
+        let sample = &dy[n * o_n * volume..][..o_n * volume];
+        for z in 0..planes {
+            for y in 0..oh {
+                let q0 = z * hp * wp + y * wp;
+                let first = ((z0 + z) * oh + y) * ow;
+                // offset by offset, the channels in turn: the writes are consecutive
+                for x in 0..ow {
+                    let q = q0 + x;
+                    let at = (q / 2) * o_pad * 2 + q % 2;
+                    for (o, v) in tile[at..].iter_mut().step_by(2).take(o_n).enumerate() {
+                        *v = bf16_bits(sample[o * volume + first + x]);
+                    }
+                }
+            }
+        }
+        (tile, count)
+    }
+
     /// The weights as bf16 weight tiles, `[block][t][g][o % 16][pair][2]`: pair `k` of group
     /// `g` holds channels `2·pairs·g + 2k` and `+ 1` of output channel `16·block + o % 16`;
     /// zeros past the real channels.
@@ -410,6 +652,39 @@ impl Direct {
     }
 }
 
+/// `acc[c·o_pad + o] += tile` for the micro-tile's 32 input × 32 output channels
+/// (accumulator `2·(c / 16) + o / 16`, row c % 16, column o % 16).
+fn add_grad_tile(tile: &[f32; 4 * TILE * TILE], acc: &mut [f32], o_pad: usize) {
+    for (i, block) in tile.chunks_exact(TILE * TILE).enumerate() {
+        let (cb, ob) = (i / 2 * TILE, i % 2 * TILE);
+        for (r, row) in block.chunks_exact(TILE).enumerate() {
+            for (a, v) in acc[(cb + r) * o_pad + ob..][..TILE].iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
+/// `out[i]` = the bf16 bits of `src[i]` (rounded to nearest even; NaN stays NaN): scalar
+/// code that the compiler vectorises with AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_bf16(src: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o = bf16_round(v) as u16;
+    }
+}
+
+/// The bf16 bits of `v` in the low half: rounded to nearest even, NaN a quiet NaN.
+#[inline(always)]
+fn bf16_round(v: f32) -> u32 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    if v.is_nan() { 0x7fc0 } else { rounded }
+}
+
 /// `out[i]` = the bf16 bits of `even[i]` (low half) and `odd[i]` (high half, 0 without odd):
 /// scalar code that the compiler vectorises with AVX-512.
 ///
@@ -417,11 +692,7 @@ impl Direct {
 /// The CPU has AVX-512F and AVX-512BW.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_pairs(even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) {
-    let bits = |v: f32| -> u32 {
-        let b = v.to_bits();
-        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
-        if v.is_nan() { 0x7fc0 } else { rounded }
-    };
+    let bits = bf16_round;
     match odd {
         Some(odd) => {
             for ((o, &a), &b) in out.iter_mut().zip(even).zip(odd) {
