@@ -3,7 +3,8 @@
 
     python scripts/models_fixtures.py        # numpy, torch
 Writes crates/models/tests/fixtures/ops3d.npz: per case the inputs, the output, and the
-gradients of sum(output * g) for a random g, w.r.t. every input.
+gradients of sum(output * g) for a random g, w.r.t. every input; layers.npz likewise; and
+conv_bf16.npz, the bf16 convolution (`bf16_fixtures`).
 """
 import json
 import os
@@ -55,6 +56,33 @@ def layers_fixtures():
     record(a, "prelu", {"x": torch.randn(shape), "w": torch.rand(4)}, lambda x, w: F.prelu(x, w), [])
     record(a, "elu", {"x": torch.randn(shape)}, lambda x: F.elu(x, 1.0), [])
     np.savez_compressed(os.path.join(OUT, "layers.npz"), **a)
+
+
+def bf16_fixtures():
+    """conv3d in bf16 precision, as PyTorch's CPU autocast computes it: the stored input,
+    weight and upstream gradient are float32 values, the reference rounds them to bf16 and
+    sums the products in (here) float64, so that an f32 convolution of the stored values
+    misses it by ~1e-3 and a bf16 one matches it to f32 rounding. Shapes that take cwseg's
+    direct path (planes of >= 64 voxels, padded volume within twice the output): 18 input
+    channels (a partial tile of channel pairs) and 40 (two tiles, the second mostly zeros)."""
+    gen = torch.Generator().manual_seed(11)
+    bf16 = lambda t: t.to(torch.bfloat16).to(torch.float64)
+    f32 = lambda t: t.to(torch.float32).to(torch.float64)
+    a = {}
+    cases = {"c18": ((1, 18, 6, 10, 12), 20), "c40": ((1, 40, 5, 10, 12), 17)}
+    for name, (xs, o) in cases.items():
+        x = f32(torch.randn(xs, generator=gen))
+        w = f32(0.2 * torch.randn((o, xs[1], 3, 3, 3), generator=gen))
+        xr, wr = bf16(x).requires_grad_(True), bf16(w).requires_grad_(True)
+        y = F.conv3d(xr, wr, padding=1)
+        g = f32(torch.randn(y.shape, generator=gen))
+        (y * bf16(g)).sum().backward()
+        a[f"{name}__x"], a[f"{name}__w"] = x.numpy(), w.numpy()
+        a[f"{name}__grad_x"], a[f"{name}__grad_w"] = xr.grad.numpy(), wr.grad.numpy()
+        a[f"{name}__out"] = y.detach().numpy()
+        a[f"{name}__upstream"] = g.numpy()
+        a[f"{name}__params"] = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=np.int64)
+    np.savez_compressed(os.path.join(OUT, "conv_bf16.npz"), **a)
 
 
 def main():
@@ -116,6 +144,7 @@ def main():
                lambda x: F.interpolate(x, size=size, mode=mode, **kwargs), list(size) + [int(bool(align))])
     np.savez_compressed(os.path.join(OUT, "ops3d.npz"), **a)
     layers_fixtures()
+    bf16_fixtures()
     with open(os.path.join(OUT, "versions.json"), "w") as f:
         json.dump({"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}, f, indent=1)
     print("fixtures written to", OUT)

@@ -54,6 +54,10 @@ pub struct BenchOptions {
     /// Time the training step only.
     #[arg(long)]
     pub step_only: bool,
+    /// Convolution precision, `f32` or `bf16` (where the CPU has AMX-BF16, else f32 with a
+    /// warning).
+    #[arg(long, default_value = "f32")]
+    pub precision: cwseg_models::Precision,
 }
 
 /// Runs the benchmarks; prints a table, or JSON.
@@ -61,6 +65,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let quick = options.quick;
     let runs = if quick { 3 } else { 5 };
     let device = cwseg_train::parse_device(&options.device)?;
+    crate::commands::set_precision(options.precision);
     let mut rows: Vec<(String, f64)> = Vec::new();
     if !options.step_only {
         rows.extend(operation_rows(runs, &device)?);
@@ -173,10 +178,11 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
     })?;
     Ok((
         format!(
-            "{} training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}",
+            "{} training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}, {}",
             model.name(),
             loss.name(),
-            if device.is_cuda() { "CUDA" } else { "CPU" }
+            if device.is_cuda() { "CUDA" } else { "CPU" },
+            cwseg_models::precision()
         ),
         ms,
     ))

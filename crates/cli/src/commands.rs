@@ -109,6 +109,10 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long)]
     device: Option<String>,
+    /// Convolution precision, `f32` or `bf16` (bf16 inputs, f32 accumulation: where the CPU
+    /// has AMX-BF16, else f32 with a warning).
+    #[arg(long)]
+    precision: Option<cwseg_models::Precision>,
     /// Run folder.
     #[arg(long)]
     out: PathBuf,
@@ -198,6 +202,9 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(d) = &args.device {
         config.device = d.clone();
+    }
+    if let Some(p) = args.precision {
+        config.precision = p;
     }
     Ok(config)
 }
@@ -301,10 +308,24 @@ pub struct PredictArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Convolution precision, `f32` or `bf16` (where the CPU has AMX-BF16, else f32 with a
+    /// warning).
+    #[arg(long, default_value = "f32")]
+    precision: cwseg_models::Precision,
     /// `I/N`: predict only every N-th case (sorted by name) from case I (0-based; a job
     /// array writing into one output folder).
     #[arg(long)]
     shard: Option<cwseg_train::Shard>,
+}
+
+/// Sets the process's convolution precision, warning where bf16 falls back to f32.
+pub(crate) fn set_precision(requested: cwseg_models::Precision) {
+    let effective = cwseg_models::set_precision(requested);
+    if effective != requested {
+        eprintln!(
+            "warning: precision {requested} needs a CPU with AMX-BF16 (and Linux ≥ 5.16); running in {effective}"
+        );
+    }
 }
 
 /// Whether two paths name the same existing file or folder.
@@ -366,6 +387,7 @@ fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> R
 /// `cwseg predict`.
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
+    set_precision(args.precision);
     let model = crate::hub::model_path(&args.model)?;
     if let Some(overlap) = args.overlap
         && !(0.0..=MAX_OVERLAP).contains(&overlap)

@@ -39,6 +39,8 @@ pub struct DemoOptions {
     pub seeds: Option<usize>,
     /// No progress bars.
     pub quiet: bool,
+    /// Convolution precision of training and evaluation.
+    pub precision: cwseg_models::Precision,
 }
 
 /// The demo phantom: the compact anatomy (7 classes, each its own intensity) at 24 × 32 × 32
@@ -113,6 +115,7 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
 /// Runs the demo; returns the Markdown table.
 pub fn run(options: &DemoOptions) -> Result<String> {
     let device = parse_device(&options.device)?;
+    crate::commands::set_precision(options.precision);
     let seeds = options.seeds.unwrap_or(if options.quick { 1 } else { 3 });
     if seeds == 0 {
         bail!("--seeds 0: the demo needs at least one seed");
@@ -129,7 +132,10 @@ pub fn run(options: &DemoOptions) -> Result<String> {
     let mut by_seed: Vec<SeedRuns> = vec![SeedRuns::new(); losses.len()];
     for seed in 0..seeds as u64 {
         for (i, loss) in losses.iter().enumerate() {
-            let config = demo_config(options.quick, loss, seed, &options.device)?;
+            let config = TrainConfig {
+                precision: options.precision,
+                ..demo_config(options.quick, loss, seed, &options.device)?
+            };
             let dir = options.out.join(format!("{loss}-seed{seed}"));
             let resume = dir.join("last").join("state.json").exists();
             eprintln!(

@@ -40,6 +40,10 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Convolution precision, `f32` or `bf16` (where the CPU has AMX-BF16, else f32 with
+        /// a warning).
+        #[arg(long, default_value = "f32")]
+        precision: cwseg_models::Precision,
     },
     /// Train and evaluate a grid of networks × losses × seeds from an experiment file; resumes
     /// where it stopped.
@@ -160,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             seeds,
             quiet,
+            precision,
         } => {
             let report = demo::run(&demo::DemoOptions {
                 quick,
@@ -167,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
                 device,
                 seeds,
                 quiet,
+                precision,
             })?;
             println!("{report}");
             println!(

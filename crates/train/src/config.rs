@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use cwseg_data::AugmentConfig;
 use cwseg_losses::LossConfig;
-use cwseg_models::ModelConfig;
+use cwseg_models::{ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{OptimizerConfig, Schedule};
@@ -101,6 +101,9 @@ pub struct TrainConfig {
     pub validation: ValidationConfig,
     /// Where the contour maps (and DWCE weights) of patches come from.
     pub contour_maps: ContourMaps,
+    /// Convolution precision (`cwseg_models::precision`): bf16 where the CPU has AMX-BF16,
+    /// else the run trains in f32 (with a warning) and its model card says so.
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -124,6 +127,7 @@ impl Default for TrainConfig {
             workers: 2,
             validation: ValidationConfig::default(),
             contour_maps: ContourMaps::default(),
+            precision: Precision::F32,
         }
     }
 }

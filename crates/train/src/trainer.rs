@@ -408,7 +408,16 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     config.validate()?;
     let created = !dir.exists();
+    let previous = cwseg_models::precision();
+    let effective = cwseg_models::set_precision(config.precision);
+    if effective != config.precision {
+        eprintln!(
+            "warning: precision {} needs a CPU with AMX-BF16 (and Linux ≥ 5.16); training in {effective}",
+            config.precision
+        );
+    }
     let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
+    cwseg_models::set_precision(previous);
     let rank0 = options.communicator.as_ref().is_none_or(|c| c.rank() == 0);
     if outcome.is_err() && rank0 && created && !dir.join("last").exists() {
         let _ = fs::remove_dir_all(dir);
@@ -526,6 +535,7 @@ fn open_run_data(config: &TrainConfig, data_dir: &Path) -> Result<(PreparedData,
         contour_maps: config.contour_maps,
         postprocessing: None,
         weights_sha256: None,
+        precision: cwseg_models::precision(),
         origin: None,
     };
     Ok((data, card))
