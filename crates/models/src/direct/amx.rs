@@ -150,7 +150,8 @@ unsafe fn release() {
 
 /// One micro-tile: `out[i]` (16 × 16 f32, row = output channel, column = padded offset) for
 /// accumulator `i` = (output block `i / 2`, offset half `i % 2`), summed over the (tap,
-/// channel group) steps: weight tiles at `w0 + s·w_step` and `w1 + s·w_step` (rows of
+/// channel group) steps: weight tiles at `w0 + s·w_step` and, without `w1` (one block of
+/// output channels: accumulators 2 and 3 zero), `w1 + s·w_step` (rows of
 /// `4·pairs` bytes, contiguous), input tiles at `x + x_steps[s]` and 16 pairs further (row
 /// stride `4·channel` bytes: one channel pair of the slab).
 ///
@@ -158,9 +159,10 @@ unsafe fn release() {
 /// The thread's tiles are configured for `pairs` (`TileConfig::new`); for every step the 16
 /// rows of `4·pairs` bytes from `w0`/`w1 + s·w_step` and the `pairs` rows of 128 bytes from
 /// `x + x_steps[s]` (stride `4·channel` bytes) are readable.
+#[allow(clippy::too_many_arguments)]
 unsafe fn micro_tile(
     w0: *const u16,
-    w1: *const u16,
+    w1: Option<*const u16>,
     w_step: usize,
     x: *const u32,
     x_steps: &[usize],
@@ -179,23 +181,39 @@ unsafe fn micro_tile(
         );
         for (s, &off) in x_steps.iter().enumerate() {
             let x0 = x.add(off);
-            asm!(
-                "tileloadd tmm4, [{w0} + {sw}*1]",
-                "tileloadd tmm5, [{w1} + {sw}*1]",
-                "tileloadd tmm6, [{x0} + {sx}*1]",
-                "tileloadd tmm7, [{x1} + {sx}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                w0 = in(reg) w0.add(s * w_step),
-                w1 = in(reg) w1.add(s * w_step),
-                x0 = in(reg) x0,
-                x1 = in(reg) x0.add(TILE),
-                sw = in(reg) w_step / TILE * 2,
-                sx = in(reg) 4 * channel,
-                options(nostack, readonly)
-            );
+            match w1 {
+                Some(w1) => asm!(
+                    "tileloadd tmm4, [{w0} + {sw}*1]",
+                    "tileloadd tmm5, [{w1} + {sw}*1]",
+                    "tileloadd tmm6, [{x0} + {sx}*1]",
+                    "tileloadd tmm7, [{x1} + {sx}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    w0 = in(reg) w0.add(s * w_step),
+                    w1 = in(reg) w1.add(s * w_step),
+                    x0 = in(reg) x0,
+                    x1 = in(reg) x0.add(TILE),
+                    sw = in(reg) w_step / TILE * 2,
+                    sx = in(reg) 4 * channel,
+                    options(nostack, readonly)
+                ),
+                // one block of output channels: accumulators 2 and 3 stay zero
+                None => asm!(
+                    "tileloadd tmm4, [{w0} + {sw}*1]",
+                    "tileloadd tmm6, [{x0} + {sx}*1]",
+                    "tileloadd tmm7, [{x1} + {sx}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    w0 = in(reg) w0.add(s * w_step),
+                    x0 = in(reg) x0,
+                    x1 = in(reg) x0.add(TILE),
+                    sw = in(reg) w_step / TILE * 2,
+                    sx = in(reg) 4 * channel,
+                    options(nostack, readonly)
+                ),
+            }
         }
         let c = out.as_mut_ptr();
         asm!(
@@ -215,20 +233,22 @@ unsafe fn micro_tile(
 
 /// One weight-gradient micro-tile: `out[i]` (16 × 16 f32, row = input channel, column =
 /// output channel) for accumulator `i` = (channel block `i / 2`, output block `i % 2`),
-/// summed over `steps` runs of 32 padded offsets: input tiles at `x + 32·s` and 16 channels
-/// further (row stride `2·channel` bytes), gradient tiles at `dy + 16·s·row` and 32 values
-/// further (rows of offset pairs, stride `2·row` bytes).
+/// summed over `steps` runs of 32 padded offsets: input tiles at `x + 32·s` and, if `two_c`,
+/// 16 channels further (row stride `2·channel` bytes), gradient tiles at `dy + 16·s·row` and,
+/// if `two_o`, 32 values further (rows of offset pairs, stride `2·row` bytes); the
+/// accumulators of a missing block stay zero.
 ///
 /// # Safety
-/// The thread's tiles are configured for 16 pairs; for every step the 32 channel rows of 64
-/// bytes from `x + 32·s` (stride `2·channel` bytes) and the 16 rows of 128 bytes from
-/// `dy + 16·s·row` (stride `2·row` bytes) are readable.
+/// The thread's tiles are configured for 16 pairs; for every step the 16 (`two_c`: 32)
+/// channel rows of 64 bytes from `x + 32·s` (stride `2·channel` bytes) and the 16 rows of 64
+/// (`two_o`: 128) bytes from `dy + 16·s·row` (stride `2·row` bytes) are readable.
 unsafe fn grad_micro_tile(
     x: *const u16,
     channel: usize,
     dy: *const u16,
     row: usize,
     steps: usize,
+    [two_c, two_o]: [bool; 2],
     out: &mut [f32; 4 * TILE * TILE],
 ) {
     // SAFETY: as `micro_tile`.
@@ -243,23 +263,51 @@ unsafe fn grad_micro_tile(
         for s in 0..steps {
             let x0 = x.add(2 * TILE * s);
             let d0 = dy.add(TILE * s * row);
-            asm!(
-                "tileloadd tmm4, [{x0} + {sx}*1]",
-                "tileloadd tmm5, [{x1} + {sx}*1]",
-                "tileloadd tmm6, [{d0} + {sd}*1]",
-                "tileloadd tmm7, [{d1} + {sd}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                x0 = in(reg) x0,
-                x1 = in(reg) x0.add(TILE * channel),
-                d0 = in(reg) d0,
-                d1 = in(reg) d0.add(2 * TILE),
-                sx = in(reg) 2 * channel,
-                sd = in(reg) 2 * row,
-                options(nostack, readonly)
-            );
+            let (x1, d1) = (x0.add(TILE * channel), d0.add(2 * TILE));
+            let (sx, sd) = (2 * channel, 2 * row);
+            match (two_c, two_o) {
+                (true, true) => asm!(
+                    "tileloadd tmm4, [{x0} + {sx}*1]",
+                    "tileloadd tmm5, [{x1} + {sx}*1]",
+                    "tileloadd tmm6, [{d0} + {sd}*1]",
+                    "tileloadd tmm7, [{d1} + {sd}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    x0 = in(reg) x0, x1 = in(reg) x1, d0 = in(reg) d0, d1 = in(reg) d1,
+                    sx = in(reg) sx, sd = in(reg) sd,
+                    options(nostack, readonly)
+                ),
+                (true, false) => asm!(
+                    "tileloadd tmm4, [{x0} + {sx}*1]",
+                    "tileloadd tmm5, [{x1} + {sx}*1]",
+                    "tileloadd tmm6, [{d0} + {sd}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    x0 = in(reg) x0, x1 = in(reg) x1, d0 = in(reg) d0,
+                    sx = in(reg) sx, sd = in(reg) sd,
+                    options(nostack, readonly)
+                ),
+                (false, true) => asm!(
+                    "tileloadd tmm4, [{x0} + {sx}*1]",
+                    "tileloadd tmm6, [{d0} + {sd}*1]",
+                    "tileloadd tmm7, [{d1} + {sd}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    x0 = in(reg) x0, d0 = in(reg) d0, d1 = in(reg) d1,
+                    sx = in(reg) sx, sd = in(reg) sd,
+                    options(nostack, readonly)
+                ),
+                (false, false) => asm!(
+                    "tileloadd tmm4, [{x0} + {sx}*1]",
+                    "tileloadd tmm6, [{d0} + {sd}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    x0 = in(reg) x0, d0 = in(reg) d0,
+                    sx = in(reg) sx, sd = in(reg) sd,
+                    options(nostack, readonly)
+                ),
+            }
         }
         let c = out.as_mut_ptr();
         asm!(
@@ -293,7 +341,7 @@ impl Direct {
         let o_n = self.out_channels;
         let t_n = self.taps();
         let volume: usize = self.output().iter().product();
-        let blocks = o_n.div_ceil(TILE).next_multiple_of(2);
+        let blocks = o_n.div_ceil(TILE);
         let weights = self.pack_weights_amx(w, ch, blocks);
         let w_step = TILE * ch.pairs * 2;
         let steps = t_n * ch.groups;
@@ -316,15 +364,16 @@ impl Direct {
                 unsafe { config.load() };
                 for (q, runs) in self.runs_amx(z0, planes) {
                     for ob in (0..blocks).step_by(2) {
-                        // SAFETY: tiles configured for `pairs` above. Weight tiles: blocks ob,
-                        // ob + 1 < blocks of `steps` steps of w_step values. Input tiles: pair
+                        // SAFETY: tiles configured for `pairs` above. Weight tiles: blocks ob
+                        // and (if any) ob + 1 < blocks of `steps` steps of w_step values. Input tiles: pair
                         // rows < cp / 2 at offsets q + off(t) + 31 at most: the last output
                         // voxel's last tap (inside the channel) plus 31, within the channel
                         // and the next one or, for the last pair, the slab's SLACK_VOXELS.
                         unsafe {
                             micro_tile(
                                 weights.as_ptr().add(ob * steps * w_step),
-                                weights.as_ptr().add((ob + 1) * steps * w_step),
+                                (ob + 1 < blocks)
+                                    .then(|| weights.as_ptr().add((ob + 1) * steps * w_step)),
                                 w_step,
                                 slab.as_ptr().add(q),
                                 &x_steps,
@@ -413,8 +462,8 @@ impl Direct {
     pub(super) fn weight_grad_amx(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let c_n = self.input[0];
         let (o_n, t_n) = (self.out_channels, self.taps());
-        let c_pad = c_n.next_multiple_of(2 * TILE);
-        let o_pad = o_n.next_multiple_of(2 * TILE);
+        let c_pad = c_n.next_multiple_of(TILE);
+        let o_pad = o_n.next_multiple_of(TILE);
         let offsets = self.offsets();
         let config = TileConfig::new(MAX_PAIRS);
         let slabs = self.grad_slabs_amx();
@@ -434,11 +483,13 @@ impl Direct {
                         for (t, &off) in offsets.iter().enumerate() {
                             for cb in (0..c_pad).step_by(2 * TILE) {
                                 for ob in (0..o_pad).step_by(2 * TILE) {
+                                    let two = [cb + 2 * TILE <= c_pad, ob + 2 * TILE <= o_pad];
                                     // SAFETY: tiles configured for 16 pairs. Input rows
-                                    // cb + 31 < c_pad at offsets up to count − 1 + off(t) ≤
-                                    // end + 31 + off(t), within the channel and the next or
-                                    // the slab's slack; gradient rows count / 2 of o_pad
-                                    // pairs, columns ob·2 + 64 ≤ 2·o_pad.
+                                    // up to cb + 15 (two[0]: + 31) < c_pad at offsets up to
+                                    // count − 1 + off(t) ≤ end + 31 + off(t), within the
+                                    // channel and the next or the slab's slack; gradient
+                                    // rows count / 2 of o_pad pairs, columns up to 2·ob + 32
+                                    // (two[1]: + 64) ≤ 2·o_pad.
                                     unsafe {
                                         grad_micro_tile(
                                             xs.as_ptr().add(cb * channel + off),
@@ -446,10 +497,12 @@ impl Direct {
                                             dyt.as_ptr().add(2 * ob),
                                             2 * o_pad,
                                             steps,
+                                            two,
                                             &mut tile,
                                         );
                                     }
-                                    add_grad_tile(&tile, &mut acc[(t * c_pad + cb) * o_pad + ob..], o_pad);
+                                    let at = (t * c_pad + cb) * o_pad + ob;
+                                    add_grad_tile(&tile, two, &mut acc[at..], o_pad);
                                 }
                             }
                         }
@@ -652,10 +705,13 @@ impl Direct {
     }
 }
 
-/// `acc[c·o_pad + o] += tile` for the micro-tile's 32 input × 32 output channels
-/// (accumulator `2·(c / 16) + o / 16`, row c % 16, column o % 16).
-fn add_grad_tile(tile: &[f32; 4 * TILE * TILE], acc: &mut [f32], o_pad: usize) {
+/// `acc[c·o_pad + o] += tile` for the micro-tile's 16 or 32 (`two[0]`) input × 16 or 32
+/// (`two[1]`) output channels (accumulator `2·(c / 16) + o / 16`, row c % 16, column o % 16).
+fn add_grad_tile(tile: &[f32; 4 * TILE * TILE], two: [bool; 2], acc: &mut [f32], o_pad: usize) {
     for (i, block) in tile.chunks_exact(TILE * TILE).enumerate() {
+        if (i / 2 == 1 && !two[0]) || (i % 2 == 1 && !two[1]) {
+            continue;
+        }
         let (cb, ob) = (i / 2 * TILE, i % 2 * TILE);
         for (r, row) in block.chunks_exact(TILE).enumerate() {
             for (a, v) in acc[(cb + r) * o_pad + ob..][..TILE].iter_mut().zip(row) {
