@@ -13,7 +13,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Arithmetic precision of convolutions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 inputs, f32 accumulation.

@@ -28,7 +28,10 @@ fn worst(got: &Tensor, want: &Tensor) -> (f32, f32) {
     let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
     let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = g
+        .iter()
+        .zip(&w)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     (diff, scale)
 }
 
@@ -60,7 +63,10 @@ fn bf16_conv3d_matches_pytorch() {
     let mut npz = NpzReader::new(File::open(path).unwrap()).unwrap();
     // f32 misses the bf16 reference: the fixture tells the precisions apart
     for (what, d, s) in run(&mut npz, "c18") {
-        assert!(d > 1e-4 * s, "{what}: f32 within {d} of {s}: the fixture cannot tell");
+        assert!(
+            d > 1e-4 * s,
+            "{what}: f32 within {d} of {s}: the fixture cannot tell"
+        );
     }
     if !bf16_available() {
         eprintln!("no AMX-BF16 on this machine: bf16 convolutions run in f32, not tested");
@@ -69,7 +75,10 @@ fn bf16_conv3d_matches_pytorch() {
     assert_eq!(set_precision(Precision::Bf16), Precision::Bf16);
     for case in ["c18", "c40"] {
         for (what, d, s) in run(&mut npz, case) {
-            assert!(d <= 1e-4 * s, "{what}: bf16 differs from PyTorch by {d} (max {s})");
+            assert!(
+                d <= 1e-4 * s,
+                "{what}: bf16 differs from PyTorch by {d} (max {s})"
+            );
         }
     }
     set_precision(Precision::F32);

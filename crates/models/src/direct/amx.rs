@@ -42,12 +42,18 @@ thread_local! {
     static GRAD_SLAB: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Whether the CPU has AMX-BF16 and AMX-TILE (CPUID leaf 7, EDX bits 22 and 24) and the
+/// Whether the CPU has AVX-512F/BW, AMX-BF16 and AMX-TILE (CPUID leaf 7, EDX bits 22 and 24) and the
 /// operating system grants this process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 /// XFEATURE_XTILEDATA)`, asked once).
 pub(crate) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| cpu_has_amx() && os_grants_tiles())
+    *OK.get_or_init(|| {
+        // the packing loops are compiled for AVX-512F and BW (every AMX CPU so far has both)
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && cpu_has_amx()
+            && os_grants_tiles()
+    })
 }
 
 fn cpu_has_amx() -> bool {
@@ -68,7 +74,13 @@ fn os_grants_tiles() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with this request only changes the process's permitted xstate.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
@@ -350,44 +362,46 @@ impl Direct {
         let dst = Shared(out.as_mut_ptr());
         // slabs sized as the f32 kernels' (bf16 values, twice as many)
         let slab_values = 2 * SLAB_VALUES * self.input[0].max(1) / ch.cp.max(1);
-        self.slabs(slab_values).par_iter().for_each(|&(n, z0, planes)| {
-            SLAB.with_borrow_mut(|buf| {
-                let (slab, channel) = self.fill_slab_amx(buf, x, n, z0, planes, ch.cp);
-                // input tile of step (t, g): pairs from pairs·g, offset off(t)
-                let x_steps: Vec<usize> = self
-                    .offsets()
-                    .iter()
-                    .flat_map(|&off| (0..ch.groups).map(move |g| g * ch.pairs * channel + off))
-                    .collect();
-                let mut acc = [0f32; 4 * TILE * TILE];
-                // SAFETY: AMX is available (the backend is chosen only then).
-                unsafe { config.load() };
-                for (q, runs) in self.runs_amx(z0, planes) {
-                    for ob in (0..blocks).step_by(2) {
-                        // SAFETY: tiles configured for `pairs` above. Weight tiles: blocks ob
-                        // and (if any) ob + 1 < blocks of `steps` steps of w_step values. Input tiles: pair
-                        // rows < cp / 2 at offsets q + off(t) + 31 at most: the last output
-                        // voxel's last tap (inside the channel) plus 31, within the channel
-                        // and the next one or, for the last pair, the slab's SLACK_VOXELS.
-                        unsafe {
-                            micro_tile(
-                                weights.as_ptr().add(ob * steps * w_step),
-                                (ob + 1 < blocks)
-                                    .then(|| weights.as_ptr().add((ob + 1) * steps * w_step)),
-                                w_step,
-                                slab.as_ptr().add(q),
-                                &x_steps,
-                                channel,
-                                &mut acc,
-                            );
-                            self.store_amx(&acc, &runs, ob, dst.get().add(n * o_n * volume));
+        self.slabs(slab_values)
+            .par_iter()
+            .for_each(|&(n, z0, planes)| {
+                SLAB.with_borrow_mut(|buf| {
+                    let (slab, channel) = self.fill_slab_amx(buf, x, n, z0, planes, ch.cp);
+                    // input tile of step (t, g): pairs from pairs·g, offset off(t)
+                    let x_steps: Vec<usize> = self
+                        .offsets()
+                        .iter()
+                        .flat_map(|&off| (0..ch.groups).map(move |g| g * ch.pairs * channel + off))
+                        .collect();
+                    let mut acc = [0f32; 4 * TILE * TILE];
+                    // SAFETY: AMX is available (the backend is chosen only then).
+                    unsafe { config.load() };
+                    for (q, runs) in self.runs_amx(z0, planes) {
+                        for ob in (0..blocks).step_by(2) {
+                            // SAFETY: tiles configured for `pairs` above. Weight tiles: blocks ob
+                            // and (if any) ob + 1 < blocks of `steps` steps of w_step values. Input tiles: pair
+                            // rows < cp / 2 at offsets q + off(t) + 31 at most: the last output
+                            // voxel's last tap (inside the channel) plus 31, within the channel
+                            // and the next one or, for the last pair, the slab's SLACK_VOXELS.
+                            unsafe {
+                                micro_tile(
+                                    weights.as_ptr().add(ob * steps * w_step),
+                                    (ob + 1 < blocks)
+                                        .then(|| weights.as_ptr().add((ob + 1) * steps * w_step)),
+                                    w_step,
+                                    slab.as_ptr().add(q),
+                                    &x_steps,
+                                    channel,
+                                    &mut acc,
+                                );
+                                self.store_amx(&acc, &runs, ob, dst.get().add(n * o_n * volume));
+                            }
                         }
                     }
-                }
-                // SAFETY: AMX is available.
-                unsafe { release() };
+                    // SAFETY: AMX is available.
+                    unsafe { release() };
+                });
             });
-        });
         out
     }
 
@@ -425,7 +439,13 @@ impl Direct {
     /// AVX-512F; `y` holds `O·volume` values; each run's set lanes are voxels of its plane no
     /// other thread writes.
     #[target_feature(enable = "avx512f")]
-    unsafe fn store_amx(&self, acc: &[f32; 4 * TILE * TILE], runs: &[Run; 2], ob: usize, y: *mut f32) {
+    unsafe fn store_amx(
+        &self,
+        acc: &[f32; 4 * TILE * TILE],
+        runs: &[Run; 2],
+        ob: usize,
+        y: *mut f32,
+    ) {
         use std::arch::x86_64::*;
         let volume: usize = self.output().iter().product();
         for k in 0..2 {
@@ -514,14 +534,16 @@ impl Direct {
             })
             .collect();
         let mut out = vec![0f32; o_n * c_n * t_n];
-        out.par_chunks_mut(c_n * t_n).enumerate().for_each(|(o, row)| {
-            for c in 0..c_n {
-                for t in 0..t_n {
-                    let at = (t * c_pad + c) * o_pad + o;
-                    row[c * t_n + t] = partials.iter().fold(0.0, |s, p| s + p[at]);
+        out.par_chunks_mut(c_n * t_n)
+            .enumerate()
+            .for_each(|(o, row)| {
+                for c in 0..c_n {
+                    for t in 0..t_n {
+                        let at = (t * c_pad + c) * o_pad + o;
+                        row[c * t_n + t] = partials.iter().fold(0.0, |s, p| s + p[at]);
+                    }
                 }
-            }
-        });
+            });
         out
     }
 
@@ -538,7 +560,11 @@ impl Direct {
             return slabs;
         }
         (0..self.samples)
-            .flat_map(|n| (0..od).step_by(want).map(move |z0| (n, z0, want.min(od - z0))))
+            .flat_map(|n| {
+                (0..od)
+                    .step_by(want)
+                    .map(move |z0| (n, z0, want.min(od - z0)))
+            })
             .collect()
     }
 
@@ -645,7 +671,9 @@ impl Direct {
             for c in 0..c_n {
                 let (g, k) = (c / (2 * ch.pairs), c % (2 * ch.pairs));
                 for t in 0..t_n {
-                    let at = ((o / TILE * t_n + t) * ch.groups + g) * tile + (o % TILE) * ch.pairs * 2 + k;
+                    let at = ((o / TILE * t_n + t) * ch.groups + g) * tile
+                        + (o % TILE) * ch.pairs * 2
+                        + k;
                     out[at] = bf16_bits(w[(o * c_n + c) * t_n + t]);
                 }
             }
