@@ -8,13 +8,19 @@
 //! `C[o, v] += Σ_t Σ_c bf16(w[o, c, t]) · bf16(xp[c, q(v) + off(t)])`, accumulated in f32,
 //!
 //! with two weight tiles (output channels 0–15, 16–31) and two input tiles (offsets 0–15,
-//! 16–31) per (tap, 32 channels): 4 tile loads for 4 tile products of 16 × 16 × 32. Each
-//! accumulator row is 16 consecutive padded offsets of one output channel: those in the
-//! padding are dropped by a compressed store, as in the AVX-512 kernel's packed chunks.
+//! 16–31) per (tap, 32 channels): 4 tile loads for 4 tile products of 16 × 16 × 32 (a last
+//! block of 16 output channels: 3 loads, 2 products). Each accumulator row is 16 consecutive
+//! padded offsets of one output channel: those in the padding are dropped by a compressed
+//! store, as in the AVX-512 kernel's packed chunks.
 //!
-//! Measured on one core of the Xeon it was written on: 3.06 TFLOP/s from registers against
-//! 0.10 for `vdpbf16ps` (AVX512_BF16) and about 0.2 for f32 FMA (`examples/fma_peak.rs`):
-//! AMX, not AVX512_BF16, is this CPU's bf16 path.
+//! The weight gradient `dW[o, c, t] = Σ_q bf16(dy[o, q]) · bf16(xp[c, q + off(t)])` takes
+//! input rows from a plain bf16 slab (`[c][z][y][x]`: 32 consecutive offsets are 16 pairs)
+//! and the output gradient transposed into pairs of consecutive offsets per output channel;
+//! a micro-tile is 32 (or 16) channels × 32 (or 16) output channels, summed over a slab.
+//!
+//! Measured on one core of the Xeon it was written on (`examples/fma_peak.rs`): 3.06 TFLOP/s
+//! for `tdpbf16ps` from registers against 0.10 for `vdpbf16ps` (AVX512_BF16) and about 0.2
+//! for f32 FMA: AMX, not AVX512_BF16, is this CPU's bf16 path.
 
 use std::arch::asm;
 use std::cell::RefCell;
@@ -25,7 +31,7 @@ use rayon::prelude::*;
 use super::{Direct, Shared};
 use crate::precision::bf16_bits;
 
-/// Voxels (rows) and output channels (f32 columns) of an accumulator tile.
+/// Rows, and f32 columns, of an accumulator tile.
 const TILE: usize = 16;
 /// Channel pairs per input tile row, at most (64 bytes).
 const MAX_PAIRS: usize = 16;
