@@ -53,7 +53,7 @@ pub(crate) enum Backend {
     Avx2,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
-    /// bf16 on AMX tiles (`amx.rs`), chosen only for [`crate::precision::Precision::Bf16`].
+    /// bf16 on AMX tiles (`amx.rs`), chosen by `conv3d` only in bf16 precision.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Amx,
 }
@@ -92,14 +92,6 @@ impl Backend {
             "avx2" => Some(Backend::Avx2),
             "default" | "gemm" => Some(Backend::Gemm),
             _ => None,
-        }
-    }
-
-    /// The backend of a convolution built now: AMX in bf16 precision, else [`Backend::best`].
-    pub fn for_precision() -> Backend {
-        match crate::precision::precision() {
-            crate::precision::Precision::Bf16 => Backend::Amx,
-            crate::precision::Precision::F32 => Backend::best(),
         }
     }
 
@@ -699,9 +691,8 @@ mod tests {
             eprintln!("no AMX-BF16 on this machine: the bf16 kernel is not run");
             return;
         }
-        let round = |v: &[f32]| -> Vec<f32> {
-            v.iter().map(|&x| crate::precision::round_bf16(x)).collect()
-        };
+        let round =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| crate::bf16::round_bf16(x)).collect() };
         for (i, (input, kernel, padding, dilation, out_channels, samples)) in
             CASES.into_iter().enumerate()
         {

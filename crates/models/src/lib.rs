@@ -2,6 +2,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod alloc;
+mod bf16;
 pub mod deeplab;
 mod direct;
 pub mod error;

@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor, bail};
 use crate::direct::{Backend, Conv3dDirect, Direct};
 use crate::fused::{add_channel_bias, cpu_f32};
 use crate::interp::{AxisTaps, interp_axis};
+use crate::precision::Precision;
 use crate::vol2col::{Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
@@ -90,7 +91,10 @@ pub fn conv3d(
             dilation: config.dilation,
             out_channels: o,
             samples: n,
-            backend: Backend::for_precision(),
+            backend: match crate::precision::precision() {
+                Precision::Bf16 => Backend::Amx,
+                Precision::F32 => Backend::best(),
+            },
         };
         if direct.pays() && direct.transposed().is_some() {
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);

@@ -86,19 +86,7 @@ pub fn precision() -> Precision {
     }
 }
 
-/// `v` rounded to the nearest bf16 (ties to even), as its bits; NaN stays NaN.
-pub(crate) fn bf16_bits(v: f32) -> u16 {
-    let b = v.to_bits();
-    if v.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-/// `v` rounded to the nearest bf16, back in f32 (what a bf16 convolution reads).
-pub fn round_bf16(v: f32) -> f32 {
-    f32::from_bits(u32::from(bf16_bits(v)) << 16)
-}
+pub use crate::bf16::round_bf16;
 
 #[cfg(test)]
 mod tests {

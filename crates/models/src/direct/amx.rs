@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::{Direct, Shared};
-use crate::precision::bf16_bits;
+use crate::bf16::bf16_bits;
 
 /// Rows, and f32 columns, of an accumulator tile.
 const TILE: usize = 16;
