@@ -12,7 +12,9 @@ spacing (scipy `affine_transform`, cwseg's grid: voxel i at input coordinate i·
 PyTorch U-Net of `networks_fixtures.py` with the model's weights, argmax, nearest-neighbour
 back to the crop (scipy), uncrop, class → stored label value, nibabel writes `CASE.nii.gz`.
 No post-processing (compare with `cwseg predict --no-postprocess`). Prints the wall time of
-the whole loop and per case; `--compare DIR` also prints the voxel agreement with cwseg's
+the whole loop and per case; `--precision bf16` runs the network under
+`torch.autocast("cpu", dtype=torch.bfloat16)` (compare with `cwseg predict --precision bf16`);
+`--compare DIR` also prints the voxel agreement with cwseg's
 labels in DIR.
 """
 import argparse
@@ -51,7 +53,7 @@ def read_case(folder, modalities):
     return name, data, images[0]
 
 
-def predict(card, net, data, spacing_in):
+def predict(card, net, data, spacing_in, precision="f32"):
     nonzero = np.argwhere((data != 0).any(0))
     lo, hi = nonzero.min(0), nonzero.max(0) + 1
     crop = data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
@@ -60,9 +62,11 @@ def predict(card, net, data, spacing_in):
     pre = np.stack([ndi.affine_transform(c, np.diag(ratio), output_shape=shape, order=1, mode="nearest")
                     for c in crop])
     pre = NormalizeIntensity(nonzero=True, channel_wise=True)(torch.from_numpy(pre))
-    with torch.no_grad():
+    bf16 = precision == "bf16"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         probs = sliding_window_inference(pre[None].float(), tuple(card["patch"]), 2,
-                                         lambda x: torch.softmax(net(x), 1), overlap=0.5, mode="gaussian")
+                                         lambda x: torch.softmax(net(x).float(), 1), overlap=0.5,
+                                         mode="gaussian")
     labels = probs[0].argmax(0).numpy().astype(np.uint8)
     back = ndi.affine_transform(labels, np.diag(1.0 / ratio), output_shape=crop.shape[1:], order=0,
                                 mode="nearest")
@@ -78,6 +82,7 @@ def main():
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.output, exist_ok=True)
@@ -87,12 +92,12 @@ def main():
         t = time.perf_counter()
         name, data, first = read_case(os.path.join(a.input, folder), card["modalities"])
         spacing = np.asarray(first.header.get_zooms()[:3])[::-1]
-        labels = predict(card, net, data, spacing)
+        labels = predict(card, net, data, spacing, a.precision)
         out = nib.Nifti1Image(labels.transpose(2, 1, 0), first.affine)
         out.set_data_dtype(np.uint8)
         nib.save(out, os.path.join(a.output, f"{name}.nii.gz"))
         print(f"{name}: {time.perf_counter() - t:.2f} s")
-    print(f"total: {time.perf_counter() - start:.2f} s ({a.threads} threads)")
+    print(f"total: {time.perf_counter() - start:.2f} s ({a.threads} threads, {a.precision})")
     if a.compare:
         for f in sorted(os.listdir(a.output)):
             ours = np.asarray(nib.load(os.path.join(a.output, f)).dataobj)

@@ -435,70 +435,110 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         refuse_overwriting("--output", &out, &inputs)?;
     }
-    let overlap = args.overlap.unwrap_or(card.overlap);
+    let options = PredictOptions {
+        overlap: args.overlap.unwrap_or(card.overlap),
+        postprocess: !args.no_postprocess,
+    };
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
-    for (id, files) in inputs {
-        let mut images = Vec::new();
-        for f in &files {
-            images.push(read_image(f, &ReadOptions::default())?);
-        }
-        let geometry = images[0].geometry.clone();
-        for (img, f) in images.iter().zip(&files) {
-            if img.geometry.shape() != geometry.shape() {
-                bail!(
-                    "{}: shape {:?} differs from {} {:?}",
-                    f.display(),
-                    img.geometry.shape(),
-                    files[0].display(),
-                    geometry.shape()
-                );
+    let channels = (card.modalities.len(), card.modalities.join(", "));
+    // three stages at once: a thread reads the next case, this one predicts, a third writes
+    // the previous labels (the network's operations keep both cores busy only part of the time)
+    std::thread::scope(|scope| -> Result<()> {
+        let (cases, read) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for (id, files) in inputs {
+                let image = read_case_image(&files, &channels, &dir);
+                if cases.send((id, image)).is_err() {
+                    break; // the predicting loop stopped on an error
+                }
             }
-        }
-        let views: Vec<_> = images.iter().map(|i| i.data.view()).collect();
-        let data = ndarray::concatenate(Axis(0), &views)?;
-        if data.dim().0 != card.modalities.len() {
-            bail!(
-                "{}: {} channels, the model {} expects {} ({})",
-                files[0].display(),
-                data.dim().0,
-                dir.display(),
-                card.modalities.len(),
-                card.modalities.join(", ")
-            );
-        }
-        let image = Image {
-            data,
-            geometry: geometry.clone(),
-        };
-        let options = PredictOptions {
-            overlap,
-            postprocess: !args.no_postprocess,
-        };
-        let prediction = predict_case(&network, &card, &image, options, &device)?;
-        let out = if single {
-            args.output.clone()
-        } else {
-            args.output.join(format!("{id}.nii.gz"))
-        };
-        if args.probabilities {
-            write_probabilities(
-                &out.with_file_name(format!("{id}_probabilities")),
-                &prediction.probabilities_on_input(&card, &geometry)?,
-                &geometry,
-            )?;
-        }
-        write_label(
-            &out,
-            &LabelMap {
+        });
+        let mut writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
+        for (id, image) in read {
+            let image = image?;
+            let prediction = predict_case(&network, &card, &image, options, &device)?;
+            let out = if single {
+                args.output.clone()
+            } else {
+                args.output.join(format!("{id}.nii.gz"))
+            };
+            let geometry = image.geometry;
+            if args.probabilities {
+                write_probabilities(
+                    &out.with_file_name(format!("{id}_probabilities")),
+                    &prediction.probabilities_on_input(&card, &geometry)?,
+                    &geometry,
+                )?;
+            }
+            finish(writing.take())?;
+            let labels = LabelMap {
                 data: prediction.labels,
                 geometry,
-            },
-        )?;
-        bar.inc(1);
-    }
+            };
+            writing = Some(scope.spawn(move || Ok(write_label(&out, &labels)?)));
+            bar.inc(1);
+        }
+        finish(writing)
+    })?;
     bar.finish_and_clear();
     println!("predictions written to {}", args.output.display());
     Ok(())
+}
+
+/// Waits for a writing thread, if any, and returns its result.
+fn finish(writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    match writing.map(|w| w.join()) {
+        None => Ok(()),
+        Some(Ok(result)) => result,
+        Some(Err(_)) => bail!("writing a prediction panicked"),
+    }
+}
+
+/// Reads a case's channel files into one image `[c, z, y, x]`, checking that every file has
+/// the first one's shape and that there are as many as the model's `channels` (count, names)
+/// of the model in `dir`.
+fn read_case_image(files: &[PathBuf], channels: &(usize, String), dir: &Path) -> Result<Image> {
+    let mut geometry: Option<Geometry> = None;
+    let mut data = None;
+    let mut filled = 0; // channels read so far
+    for f in files {
+        let image = read_image(f, &ReadOptions::default())?;
+        let shape = image.geometry.shape();
+        let first = geometry.get_or_insert_with(|| image.geometry.clone());
+        if shape != first.shape() {
+            bail!(
+                "{}: shape {:?} differs from {} {:?}",
+                f.display(),
+                shape,
+                files[0].display(),
+                first.shape()
+            );
+        }
+        // one buffer for the case, filled file by file (no second copy of the volumes)
+        let data = data.get_or_insert_with(|| {
+            Array4::<f32>::zeros((channels.0, shape[0], shape[1], shape[2]))
+        });
+        let c = image.data.dim().0;
+        if filled + c <= channels.0 {
+            data.slice_mut(ndarray::s![filled..filled + c, .., .., ..])
+                .assign(&image.data);
+        }
+        filled += c;
+    }
+    let (Some(data), Some(geometry)) = (data, geometry) else {
+        bail!("a case without image files (model {})", dir.display());
+    };
+    if filled != channels.0 {
+        bail!(
+            "{}: {} channels, the model {} expects {} ({})",
+            files[0].display(),
+            filled,
+            dir.display(),
+            channels.0,
+            channels.1
+        );
+    }
+    Ok(Image { data, geometry })
 }
 
 /// `cwseg evaluate`.

@@ -1774,6 +1774,60 @@ fn committed_models_load_and_segment() {
     }
 }
 
+/// `predict` reads the next case while it predicts one and writes in the background: a bad
+/// case still stops it with an error naming the file, after the cases before it are written,
+/// and a case with the wrong channel count is refused, never predicted.
+#[test]
+fn predict_stops_at_a_bad_case_after_writing_the_ones_before() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    synth_one(&data, 4242);
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    std::fs::copy(
+        data.join("imagesTr/phantom_000.nii.gz"),
+        input.join("a.nii.gz"),
+    )
+    .expect("copy");
+    std::fs::write(input.join("b.nii.gz"), b"not a nifti file").expect("write");
+    let out = dir.path().join("out");
+    let err = fails(&[
+        "predict",
+        "--model",
+        models.join("phantom-unet-cwcd").to_str().expect("utf-8"),
+        "--input",
+        input.to_str().expect("utf-8"),
+        "--output",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("b.nii.gz") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(
+        out.join("a.nii.gz").is_file(),
+        "the first case was not written"
+    );
+    assert!(!out.join("b.nii.gz").exists());
+
+    // one channel for a four-channel model
+    let err = fails(&[
+        "predict",
+        "--model",
+        models.join("brats18-unet-cedl").to_str().expect("utf-8"),
+        "--input",
+        input.join("a.nii.gz").to_str().expect("utf-8"),
+        "--output",
+        dir.path().join("one.nii.gz").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("a.nii.gz") && err.contains("1 channels") && err.contains("expects 4"),
+        "{err}"
+    );
+    assert!(!dir.path().join("one.nii.gz").exists());
+}
+
 /// The committed experiment files parse, and every network and loss they name exists.
 #[test]
 fn committed_experiments_resolve() {

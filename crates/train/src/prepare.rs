@@ -1,6 +1,7 @@
 //! From a data set on disk to preprocessed volumes in memory, and the preprocessing record that
 //! `predict` replays and inverts.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -155,24 +156,30 @@ impl Preprocessing {
         image: &Image,
         label: Option<&LabelMap>,
     ) -> Result<(Image, Option<LabelMap>, Option<BoundingBox>)> {
+        // borrowed until a step makes a new volume: no copy of the whole input
         let (mut image, mut label) = if self.reorient {
-            (image.to_canonical(), label.map(LabelMap::to_canonical))
+            (
+                Cow::Owned(image.to_canonical()),
+                label.map(|l| Cow::Owned(l.to_canonical())),
+            )
         } else {
-            (image.clone(), label.cloned())
+            (Cow::Borrowed(image), label.map(Cow::Borrowed))
         };
         let mut bbox = None;
         if self.crop_foreground
             && let Some(b) = foreground_bbox(image.data.view())
         {
-            image = crop_image(&image, &b);
-            label = label.map(|l| crop_label(&l, &b));
+            image = Cow::Owned(crop_image(&image, &b));
+            label = label.map(|l| Cow::Owned(crop_label(&l, &b)));
             bbox = Some(b);
         }
         if let Some(spacing) = self.spacing {
-            image = resample_image(&image, spacing)?;
-            label = label.map(|l| resample_label(&l, spacing)).transpose()?;
+            image = Cow::Owned(resample_image(&image, spacing)?);
+            label = label
+                .map(|l| resample_label(&l, spacing).map(Cow::Owned))
+                .transpose()?;
         }
-        Ok((image, label, bbox))
+        Ok((image.into_owned(), label.map(Cow::into_owned), bbox))
     }
 
     /// Replaces [`Normalization::NnunetCt`] by nnU-Net's `CTNormalization` with the foreground
