@@ -4,13 +4,16 @@
 //! convolution is built (its backward pass keeps the precision of its forward pass).
 //!
 //! In bf16, the unit-stride convolutions that take the direct path (`direct.rs`) round their
-//! input and weights to bf16 (round to nearest even) and accumulate in f32, forward and input
-//! gradient; weight gradients, strided and transposed convolutions, matmuls, norms, the loss
-//! and the optimizer stay in f32, and so do parameters and activations (stored as f32).
+//! operands to bf16 (round to nearest even) and accumulate in f32: input and weights in the
+//! forward pass, output gradient and weights for the input gradient, input and output gradient
+//! for the weight gradient. Strided and transposed convolutions, matmuls, norms, the loss and
+//! the optimizer stay in f32, and so do parameters and activations (stored as f32).
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
+
+pub use crate::bf16::round_bf16;
 
 /// Arithmetic precision of convolutions.
 #[derive(
@@ -85,8 +88,6 @@ pub fn precision() -> Precision {
         _ => Precision::F32,
     }
 }
-
-pub use crate::bf16::round_bf16;
 
 #[cfg(test)]
 mod tests {
