@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::vit;
 use cwseg_models::modules::LayerNorm;
+use cwseg_models::seeded_var_builder;
 
 const HIDDEN: usize = 8;
 
@@ -68,9 +69,11 @@ fn input_gradient(
 
 #[test]
 fn candle_transformers_vit_encoder_computes_wrong_gradients() -> Result<()> {
-    // f32: the fused kernel has no f64
+    // f32: the fused kernel has no f64; seeded weights, so the gap below is the same each run
+    // (candle's own initialisation draws from an unseeded generator: with it the gap varied
+    // between runs and fell under the 10 % bound in one CI run)
     let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&vars, 7, DType::F32, &Device::Cpu);
     let encoder = vit::Encoder::new(&config(), vb)?;
     let x = Var::from_tensor(&input()?)?;
     let grads = encoder
