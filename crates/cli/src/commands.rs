@@ -440,14 +440,14 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         postprocess: !args.no_postprocess,
     };
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
-    let channels = (card.modalities.len(), card.modalities.join(", "));
     // three stages at once: a thread reads the next case, this one predicts, a third writes
     // the previous labels (the network's operations keep both cores busy only part of the time)
     std::thread::scope(|scope| -> Result<()> {
         let (cases, read) = std::sync::mpsc::sync_channel(1);
+        let (modalities, dir) = (&card.modalities, &dir);
         scope.spawn(move || {
             for (id, files) in inputs {
-                let image = read_case_image(&files, &channels, &dir);
+                let image = read_case_image(&files, modalities, dir);
                 if cases.send((id, image)).is_err() {
                     break; // the predicting loop stopped on an error
                 }
@@ -494,51 +494,25 @@ fn finish(writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Res
     }
 }
 
-/// Reads a case's channel files into one image `[c, z, y, x]`, checking that every file has
-/// the first one's shape and that there are as many as the model's `channels` (count, names)
-/// of the model in `dir`.
-fn read_case_image(files: &[PathBuf], channels: &(usize, String), dir: &Path) -> Result<Image> {
-    let mut geometry: Option<Geometry> = None;
-    let mut data = None;
-    let mut filled = 0; // channels read so far
-    for f in files {
-        let image = read_image(f, &ReadOptions::default())?;
-        let shape = image.geometry.shape();
-        let first = geometry.get_or_insert_with(|| image.geometry.clone());
-        if shape != first.shape() {
-            bail!(
-                "{}: shape {:?} differs from {} {:?}",
-                f.display(),
-                shape,
-                files[0].display(),
-                first.shape()
-            );
-        }
-        // one buffer for the case, filled file by file (no second copy of the volumes)
-        let data = data.get_or_insert_with(|| {
-            Array4::<f32>::zeros((channels.0, shape[0], shape[1], shape[2]))
-        });
-        let c = image.data.dim().0;
-        if filled + c <= channels.0 {
-            data.slice_mut(ndarray::s![filled..filled + c, .., .., ..])
-                .assign(&image.data);
-        }
-        filled += c;
-    }
-    let (Some(data), Some(geometry)) = (data, geometry) else {
-        bail!("a case without image files (model {})", dir.display());
-    };
-    if filled != channels.0 {
+/// Reads a case's channel files into one image `[c, z, y, x]` (`stack_channels`: same shape
+/// and affine), with as many channels as the model in `dir` has `modalities`.
+fn read_case_image(files: &[PathBuf], modalities: &[String], dir: &Path) -> Result<Image> {
+    let images = files
+        .iter()
+        .map(|f| read_image(f, &ReadOptions::default()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let image = cwseg_data::stack_channels(images, files)?;
+    let channels = image.data.dim().0;
+    if channels != modalities.len() {
         bail!(
-            "{}: {} channels, the model {} expects {} ({})",
+            "{}: {channels} channels, the model {} expects {} ({})",
             files[0].display(),
-            filled,
             dir.display(),
-            channels.0,
-            channels.1
+            modalities.len(),
+            modalities.join(", ")
         );
     }
-    Ok(Image { data, geometry })
+    Ok(image)
 }
 
 /// `cwseg evaluate`.

@@ -1774,33 +1774,76 @@ fn committed_models_load_and_segment() {
     }
 }
 
-/// `predict` reads the next case while it predicts one and writes in the background: a bad
-/// case still stops it with an error naming the file, after the cases before it are written,
-/// and a case with the wrong channel count is refused, never predicted.
+/// `predict` reads the next case while it predicts one and writes in the background: each
+/// case of a folder gets the labels it gets alone (no case's labels under another's name), a
+/// bad case stops it with an error naming the file after the cases before it are written, and
+/// a case with the wrong channel count is refused, never predicted.
 #[test]
 fn predict_stops_at_a_bad_case_after_writing_the_ones_before() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let model = models.join("phantom-unet-cwcd");
+    let predict = |input: &Path, output: &Path| {
+        vec![
+            "predict".to_string(),
+            "--model".into(),
+            model.to_str().expect("utf-8").into(),
+            "--input".into(),
+            input.to_str().expect("utf-8").into(),
+            "--output".into(),
+            output.to_str().expect("utf-8").into(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let labels = |p: &Path| {
+        cwseg_data::read_label(p, &Default::default())
+            .expect("labels")
+            .data
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    synth_one(&data, 4242);
+    ok(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf-8"),
+        "--train",
+        "2",
+        "--test",
+        "0",
+        "--shape",
+        "48,64,64",
+        "--seed",
+        "4242",
+    ]);
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).expect("dir");
-    std::fs::copy(
-        data.join("imagesTr/phantom_000.nii.gz"),
-        input.join("a.nii.gz"),
-    )
-    .expect("copy");
-    std::fs::write(input.join("b.nii.gz"), b"not a nifti file").expect("write");
+    for (from, to) in [("phantom_000", "a"), ("phantom_001", "c")] {
+        std::fs::copy(
+            data.join(format!("imagesTr/{from}.nii.gz")),
+            input.join(format!("{to}.nii.gz")),
+        )
+        .expect("copy");
+    }
     let out = dir.path().join("out");
-    let err = fails(&[
-        "predict",
-        "--model",
-        models.join("phantom-unet-cwcd").to_str().expect("utf-8"),
-        "--input",
-        input.to_str().expect("utf-8"),
-        "--output",
-        out.to_str().expect("utf-8"),
-    ]);
+    ok(&args(&predict(&input, &out)));
+    for case in ["a", "c"] {
+        let alone = dir.path().join(format!("{case}-alone.nii.gz"));
+        ok(&args(&predict(
+            &input.join(format!("{case}.nii.gz")),
+            &alone,
+        )));
+        assert_eq!(
+            labels(&out.join(format!("{case}.nii.gz"))),
+            labels(&alone),
+            "case {case}: the folder's labels differ from the case predicted alone"
+        );
+    }
+    assert_ne!(labels(&out.join("a.nii.gz")), labels(&out.join("c.nii.gz")));
+
+    std::fs::write(input.join("b.nii.gz"), b"not a nifti file").expect("write");
+    let out = dir.path().join("out-bad");
+    let err = fails(&args(&predict(&input, &out)));
     assert!(
         err.contains("b.nii.gz") && !err.contains("panicked"),
         "{err}"
@@ -1810,6 +1853,7 @@ fn predict_stops_at_a_bad_case_after_writing_the_ones_before() {
         "the first case was not written"
     );
     assert!(!out.join("b.nii.gz").exists());
+    assert!(!out.join("c.nii.gz").exists());
 
     // one channel for a four-channel model
     let err = fails(&[

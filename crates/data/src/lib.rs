@@ -16,7 +16,7 @@ pub mod volume;
 
 pub use augment::{AugmentConfig, Augmentation, augment};
 pub use crop::{BoundingBox, crop_image, crop_label, foreground_bbox, pad_or_crop, slabs};
-pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, write_phantom_dataset};
+pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, stack_channels, write_phantom_dataset};
 pub use error::{DataError, Result};
 pub use intensity::{
     ForegroundIntensities, IntensityProperties, Normalization, foreground_voxels_per_case,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use cwseg_data::augment::AugmentConfig;
 use cwseg_data::{
-    DataError, Dataset, EpochLoader, Geometry, LabelMap, LoaderConfig, PhantomConfig, ReadOptions,
-    SamplerConfig, SamplingVolume, Split, draw_batch, read_image, read_label, slabs, write_label,
-    write_phantom_dataset, write_volume,
+    DataError, Dataset, EpochLoader, Geometry, Image, LabelMap, LoaderConfig, PhantomConfig,
+    ReadOptions, SamplerConfig, SamplingVolume, Split, draw_batch, read_image, read_label, slabs,
+    stack_channels, write_label, write_phantom_dataset, write_volume,
 };
 use ndarray::{Array3, Array4};
 
@@ -454,4 +454,44 @@ fn failed_writes_name_the_file_and_leave_no_temporary() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left.len(), 2, "only the two folders remain: {left:?}");
+}
+
+/// A case's files stacked as channels: in file order (as `ndarray::concatenate` stacks them),
+/// files of several channels kept whole; a file of another shape or affine is refused by name.
+#[test]
+fn channel_files_stack_in_order_and_must_align() {
+    let geometry = Geometry::new([2, 3, 4], [1.0; 3]);
+    let image = |channels: usize, offset: f32| Image {
+        data: Array4::from_shape_fn((channels, 2, 3, 4), |(c, z, y, x)| {
+            offset + (c * 100 + z * 12 + y * 4 + x) as f32
+        }),
+        geometry: geometry.clone(),
+    };
+    let paths: Vec<PathBuf> = ["t1.nii.gz", "flair.nii.gz", "t2.nii.gz"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    let parts = vec![image(1, 0.0), image(2, 1000.0), image(1, 5000.0)];
+    let views: Vec<_> = parts.iter().map(|i| i.data.view()).collect();
+    let expected = ndarray::concatenate(ndarray::Axis(0), &views).expect("concatenate");
+    let stacked = stack_channels(parts.clone(), &paths).expect("stacked");
+    assert_eq!(stacked.data, expected);
+    assert_eq!(stacked.geometry.affine(), geometry.affine());
+    assert_eq!(stacked.geometry.shape(), geometry.shape());
+
+    let mut other_shape = parts.clone();
+    other_shape[2] = Image {
+        data: Array4::zeros((1, 2, 3, 5)),
+        geometry: Geometry::new([2, 3, 5], [1.0; 3]),
+    };
+    let err = stack_channels(other_shape, &paths).expect_err("shape");
+    assert!(err.to_string().contains("t2.nii.gz"), "{err}");
+
+    let mut shifted = parts;
+    shifted[1].geometry = Geometry::new([2, 3, 4], [2.0, 1.0, 1.0]);
+    let err = stack_channels(shifted, &paths).expect_err("affine");
+    assert!(
+        err.to_string().contains("flair.nii.gz") && err.to_string().contains("voxel-aligned"),
+        "{err}"
+    );
 }
