@@ -13,8 +13,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-pub use crate::bf16::round_bf16;
-
 /// Arithmetic precision of convolutions.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
@@ -92,18 +90,6 @@ pub fn precision() -> Precision {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rounding_is_to_nearest_even() {
-        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties to the even mantissa (1)
-        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
-        // 1 + 3·2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6 (even)
-        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
-        assert_eq!(round_bf16(1.0 + 1.5 / 256.0), 1.0 + 1.0 / 128.0);
-        assert_eq!(round_bf16(-2.5), -2.5);
-        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
-        assert!(round_bf16(f32::NAN).is_nan());
-    }
 
     #[test]
     fn names_parse() {
