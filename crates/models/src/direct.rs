@@ -116,14 +116,14 @@ const WEIGHT_GRAD_TILE: usize = 1 << 19;
 
 /// A pointer that may cross threads: each tile writes voxels no other tile writes.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 // SAFETY: used only to write disjoint output voxels from parallel tiles (see `forward`).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
     /// The pointer (a method, so that closures capture the whole `Shared`).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -14,6 +14,7 @@ pub mod modules;
 pub mod monai;
 pub mod network;
 pub mod ops3d;
+mod patches;
 pub mod precision;
 pub mod unet;
 pub mod unetr;

@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor, bail};
 use crate::direct::{Backend, Conv3dDirect, Direct};
 use crate::fused::{add_channel_bias, cpu_f32};
 use crate::interp::{AxisTaps, interp_axis};
+use crate::patches::Patches;
 use crate::precision::Precision;
 use crate::vol2col::{Conv3dCpu, Geometry};
 
@@ -345,10 +346,26 @@ pub fn conv_transpose3d(
 /// The transposed convolution whose kernel equals its stride (U-Net's 2³ up-sampling): every
 /// input voxel writes its own `k` block, so it is one matrix product
 /// `(N·D·H·W, C_in) × (C_in, C_out·kd·kh·kw)` and a reshuffle, without the zeros the general
-/// path inserts.
+/// path inserts. On CPU f32 one op that runs both in parallel and keeps only `x` and the
+/// weight for its backward pass ([`crate::patches`]); elsewhere candle's matmul and permute.
 fn conv_transpose3d_patches(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, c, d, h, w) = x.dims5()?;
     let (_, o, kd, kh, kw) = weight.dims5()?;
+    if cpu_f32(x) && cpu_f32(weight) && bias.is_none_or(cpu_f32) {
+        let op = Patches {
+            samples: n,
+            in_channels: c,
+            out_channels: o,
+            input: [d, h, w],
+            kernel: [kd, kh, kw],
+            chunk: Patches::CHUNK,
+        };
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
+            None => x.apply_op2(&weight, op),
+        };
+    }
     let rows = x.permute((0, 2, 3, 4, 1))?.reshape((n * d * h * w, c))?;
     let y = rows.matmul(&weight.reshape((c, o * kd * kh * kw))?)?;
     // (n, d, h, w, o, kd, kh, kw) → (n, o, d, kd, h, kh, w, kw)
