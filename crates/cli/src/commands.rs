@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::progress::Progress;
 use cwseg_train::figures::{Panel, write_panels};
 use cwseg_train::optim::{OptimizerKind, Schedule};
-use cwseg_train::predict::{PredictOptions, predict_case};
+use cwseg_train::predict::{PredictOptions, PreparedCase};
 use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device};
 
 fn parse_triple(text: &str) -> Result<[usize; 3], String> {
@@ -440,29 +440,32 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         postprocess: !args.no_postprocess,
     };
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
-    // three stages at once: a thread reads the next case, this one predicts, a third writes
-    // the previous labels (the network's operations keep both cores busy only part of the time)
+    // three stages at once: a thread reads and preprocesses the next case, this one predicts,
+    // a third writes the previous labels (the network's operations keep both cores busy only
+    // part of the time)
     std::thread::scope(|scope| -> Result<()> {
         let (cases, read) = std::sync::mpsc::sync_channel(1);
-        let (modalities, dir) = (&card.modalities, &dir);
+        let (card, dir) = (&card, &dir);
         scope.spawn(move || {
             for (id, files) in inputs {
-                let image = read_case_image(&files, modalities, dir);
-                if cases.send((id, image)).is_err() {
+                let case = read_case_image(&files, &card.modalities, dir).and_then(|image| {
+                    let prepared = PreparedCase::new(card, &image)?;
+                    Ok((image.geometry, prepared))
+                });
+                if cases.send((id, case)).is_err() {
                     break; // the predicting loop stopped on an error
                 }
             }
         });
         let mut writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
-        for (id, image) in read {
-            let image = image?;
-            let prediction = predict_case(&network, &card, &image, options, &device)?;
+        for (id, case) in read {
+            let (geometry, prepared) = case?;
+            let prediction = prepared.predict(&network, card, options, &device)?;
             let out = if single {
                 args.output.clone()
             } else {
                 args.output.join(format!("{id}.nii.gz"))
             };
-            let geometry = image.geometry;
             if args.probabilities {
                 write_probabilities(
                     &out.with_file_name(format!("{id}_probabilities")),

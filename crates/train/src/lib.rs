@@ -25,7 +25,9 @@ pub use config::{ContourMaps, TrainConfig, ValidationConfig};
 pub use device::parse_device;
 pub use distributed::{Communicator, Single};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
-pub use predict::{CasePrediction, PredictOptions, predict_case, predict_probabilities};
+pub use predict::{
+    CasePrediction, PredictOptions, PreparedCase, predict_case, predict_probabilities,
+};
 pub use prepare::{
     DataConfig, DataFormat, PreparedData, Preprocessing, SyntheticConfig, open_data,
 };

@@ -6,7 +6,7 @@ use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
 use cwseg_data::resample::{resample_image_to, resample_label_to};
 use cwseg_data::{
-    Blender, Geometry, Image, LabelMap, argmax, gaussian_importance, window_positions,
+    Blender, BoundingBox, Geometry, Image, LabelMap, argmax, gaussian_importance, window_positions,
 };
 use cwseg_models::Network;
 use ndarray::{Array3, Array4, Axis, s};
@@ -189,7 +189,7 @@ pub struct PredictOptions {
 /// Predicts an image `[c, z, y, x]` on its own grid: the model card's preprocessing, sliding
 /// windows, argmax, the card's post-processing, then back through the resampling, the crop and
 /// the reorientation, class indices mapped to the stored label values; voxels outside the crop
-/// are background.
+/// are background. [`PreparedCase::new`] then [`PreparedCase::predict`].
 pub fn predict_case(
     network: &Network,
     card: &ModelCard,
@@ -197,66 +197,97 @@ pub fn predict_case(
     options: PredictOptions,
     device: &Device,
 ) -> Result<CasePrediction> {
-    let (pre, _, bbox) = card.preprocessing.apply(image, None)?;
-    let probabilities = predict_probabilities(
-        network,
-        &pre.data,
-        card.classes.len(),
-        card.patch,
-        card.sliding_window(options.overlap),
-        2,
-        device,
-    )?;
-    let raw = argmax(probabilities.view());
-    // the grid the crop and resampling refer to: the input's, reoriented when the card says so
-    let reoriented = card
-        .preprocessing
-        .reorient
-        .then(|| image.geometry.to_canonical());
-    let geometry = reoriented.as_ref().unwrap_or(&image.geometry);
-    let cropped = match &bbox {
-        Some(b) => geometry.crop(b.start, b.shape()),
-        None => geometry.clone(),
-    };
-    let start = bbox.map_or([0; 3], |b| b.start);
-    let back = |data: Array3<u8>| -> Result<Array3<u8>> {
-        let labels = LabelMap {
-            data,
-            geometry: pre.geometry.clone(),
-        };
-        let back = if card.preprocessing.spacing.is_some() {
-            resample_label_to(&labels, &cropped)?
-        } else {
-            labels
-        };
-        let mut full = Array3::<u8>::zeros(geometry.shape());
-        let [dz, dy, dx] = back.geometry.shape();
-        full.slice_mut(s![
-            start[0]..start[0] + dz,
-            start[1]..start[1] + dy,
-            start[2]..start[2] + dx
-        ])
-        .assign(&back.data);
-        full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
-        Ok(match reoriented {
-            Some(_) => cwseg_data::from_canonical(&full, &image.geometry),
-            None => full,
+    PreparedCase::new(card, image)?.predict(network, card, options, device)
+}
+
+/// An input image with the model card's preprocessing applied: the part of [`predict_case`]
+/// that needs no network, so that a pipeline can prepare the next case while one is predicted.
+pub struct PreparedCase {
+    /// The input's grid.
+    input: Geometry,
+    /// The preprocessed image.
+    pre: Image,
+    /// The foreground crop, when the preprocessing crops.
+    bbox: Option<BoundingBox>,
+}
+
+impl PreparedCase {
+    /// Applies `card`'s preprocessing to `image`.
+    pub fn new(card: &ModelCard, image: &Image) -> Result<Self> {
+        let (pre, _, bbox) = card.preprocessing.apply(image, None)?;
+        Ok(PreparedCase {
+            input: image.geometry.clone(),
+            pre,
+            bbox,
         })
-    };
-    let (labels, unprocessed) = match (options.postprocess, &card.postprocessing) {
-        (true, Some(post)) => {
-            let mut processed = raw.clone();
-            post.apply(&mut processed);
-            (back(processed)?, Some(back(raw)?))
-        }
-        _ => (back(raw)?, None),
-    };
-    Ok(CasePrediction {
-        labels,
-        unprocessed,
-        probabilities,
-        preprocessed: pre.geometry,
-        cropped,
-        start,
-    })
+    }
+
+    /// The rest of [`predict_case`] for the image this was prepared from.
+    pub fn predict(
+        self,
+        network: &Network,
+        card: &ModelCard,
+        options: PredictOptions,
+        device: &Device,
+    ) -> Result<CasePrediction> {
+        let PreparedCase { input, pre, bbox } = self;
+        let probabilities = predict_probabilities(
+            network,
+            &pre.data,
+            card.classes.len(),
+            card.patch,
+            card.sliding_window(options.overlap),
+            2,
+            device,
+        )?;
+        let raw = argmax(probabilities.view());
+        // the grid the crop and resampling refer to: the input's, reoriented when the card says so
+        let reoriented = card.preprocessing.reorient.then(|| input.to_canonical());
+        let geometry = reoriented.as_ref().unwrap_or(&input);
+        let cropped = match &bbox {
+            Some(b) => geometry.crop(b.start, b.shape()),
+            None => geometry.clone(),
+        };
+        let start = bbox.map_or([0; 3], |b| b.start);
+        let back = |data: Array3<u8>| -> Result<Array3<u8>> {
+            let labels = LabelMap {
+                data,
+                geometry: pre.geometry.clone(),
+            };
+            let back = if card.preprocessing.spacing.is_some() {
+                resample_label_to(&labels, &cropped)?
+            } else {
+                labels
+            };
+            let mut full = Array3::<u8>::zeros(geometry.shape());
+            let [dz, dy, dx] = back.geometry.shape();
+            full.slice_mut(s![
+                start[0]..start[0] + dz,
+                start[1]..start[1] + dy,
+                start[2]..start[2] + dx
+            ])
+            .assign(&back.data);
+            full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+            Ok(match reoriented {
+                Some(_) => cwseg_data::from_canonical(&full, &input),
+                None => full,
+            })
+        };
+        let (labels, unprocessed) = match (options.postprocess, &card.postprocessing) {
+            (true, Some(post)) => {
+                let mut processed = raw.clone();
+                post.apply(&mut processed);
+                (back(processed)?, Some(back(raw)?))
+            }
+            _ => (back(raw)?, None),
+        };
+        Ok(CasePrediction {
+            labels,
+            unprocessed,
+            probabilities,
+            preprocessed: pre.geometry,
+            cropped,
+            start,
+        })
+    }
 }
