@@ -3,6 +3,7 @@
 
 pub mod alloc;
 mod bf16;
+mod concat;
 pub mod deeplab;
 mod direct;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod monai;
 pub mod network;
 pub mod ops3d;
 mod patches;
+mod pool;
 pub mod precision;
 pub mod unet;
 pub mod unetr;

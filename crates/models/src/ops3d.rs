@@ -8,6 +8,7 @@ use crate::direct::{Backend, Conv3dDirect, Direct};
 use crate::fused::{add_channel_bias, cpu_f32};
 use crate::interp::{AxisTaps, interp_axis};
 use crate::patches::Patches;
+use crate::pool::MaxPool;
 use crate::precision::Precision;
 use crate::vol2col::{Conv3dCpu, Geometry};
 
@@ -436,6 +437,15 @@ pub fn max_pool3d(
     stride: [usize; 3],
     padding: [usize; 3],
 ) -> Result<Tensor> {
+    let (n, c, d, h, w) = x.dims5()?;
+    let fits = kernel.iter().zip([d, h, w]).all(|(&k, n)| k > 0 && k <= n);
+    if cpu_f32(x) && kernel == stride && padding == [0; 3] && fits {
+        // one parallel op (crate::pool) instead of the separable composite's copies
+        return x.contiguous()?.apply_op1(MaxPool {
+            input: [n * c, d, h, w],
+            kernel,
+        });
+    }
     pool3d(x, kernel, stride, padding, Pool::Max)
 }
 

@@ -14,6 +14,7 @@ use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
 use crate::layers::{instance_norm, leaky_relu, softmax_last};
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm};
@@ -304,8 +305,7 @@ impl UpBlock {
 
     fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let up = self.transp_conv.forward(x)?;
-        self.conv_block
-            .forward_t(&Tensor::cat(&[&up, skip], 1)?, train)
+        self.conv_block.forward_t(&cat_channels(&up, skip)?, train)
     }
 }
 

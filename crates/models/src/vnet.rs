@@ -11,6 +11,7 @@ use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
 use crate::layers::{dropout_channels, elu};
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, PRelu};
@@ -239,7 +240,7 @@ impl Up {
         let out = self
             .act_function1
             .forward(&self.bn1.forward_t(&self.up_conv.forward(&out)?, train)?)?;
-        let cat = Tensor::cat(&[&out, &skip], 1)?;
+        let cat = cat_channels(&out, &skip)?;
         self.act_function2
             .forward(&(run_ops(&self.ops, &cat, train)? + cat)?)
     }

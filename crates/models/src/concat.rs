@@ -1,0 +1,145 @@
+//! Concatenation of two `(N, C, S…)` tensors along the channel axis (the skip connections of
+//! the U-Net, V-Net and UNETR decoders) as one CPU f32 op whose copies run in parallel, channel
+//! plane by channel plane, forward and backward (candle's `cat` and the `narrow` copies of its
+//! backward run on one thread).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use crate::fused::{cpu_f32, f32_slice, with_f32};
+
+/// `[a, b]` along axis 1; both need the same samples and trailing shape.
+pub(crate) fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (da, db) = (a.dims(), b.dims());
+    if !(cpu_f32(a) && cpu_f32(b)) || da.len() < 2 || db.len() != da.len() {
+        return Tensor::cat(&[a, b], 1);
+    }
+    if da[0] != db[0] || da[2..] != db[2..] {
+        bail!("cat along channels: shapes {da:?} and {db:?} differ outside the channel axis");
+    }
+    let op = CatChannels {
+        samples: da[0],
+        channels: [da[1], db[1]],
+        plane: da[2..].iter().product(),
+    };
+    a.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+struct CatChannels {
+    samples: usize,
+    channels: [usize; 2],
+    plane: usize,
+}
+
+impl CatChannels {
+    /// `(part, channel)` of output channel plane `i`.
+    fn source(&self, i: usize) -> (usize, usize) {
+        let [ca, cb] = self.channels;
+        let (n, c) = (i / (ca + cb), i % (ca + cb));
+        if c < ca {
+            (0, n * ca + c)
+        } else {
+            (1, n * cb + c - ca)
+        }
+    }
+}
+
+impl CustomOp2 for CatChannels {
+    fn name(&self) -> &'static str {
+        "cwseg-cat-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let parts = [f32_slice(s1, l1)?, f32_slice(s2, l2)?];
+        let [ca, cb] = self.channels;
+        let mut y = vec![0f32; self.samples * (ca + cb) * self.plane];
+        y.par_chunks_mut(self.plane)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (part, c) = self.source(i);
+                out.copy_from_slice(&parts[part][c * self.plane..][..self.plane]);
+            });
+        let mut shape = l1.dims().to_vec();
+        shape[1] = ca + cb;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ca, cb] = self.channels;
+        let mut ga = vec![0f32; self.samples * ca * self.plane];
+        let mut gb = vec![0f32; self.samples * cb * self.plane];
+        with_f32(grad, |g| {
+            ga.par_chunks_mut(self.plane)
+                .enumerate()
+                .for_each(|(j, out)| {
+                    let (n, c) = (j / ca, j % ca);
+                    out.copy_from_slice(&g[(n * (ca + cb) + c) * self.plane..][..self.plane]);
+                });
+            gb.par_chunks_mut(self.plane)
+                .enumerate()
+                .for_each(|(j, out)| {
+                    let (n, c) = (j / cb, ca + j % cb);
+                    out.copy_from_slice(&g[(n * (ca + cb) + c) * self.plane..][..self.plane]);
+                });
+            Ok(())
+        })?;
+        Ok((
+            Some(Tensor::from_vec(ga, a.shape(), a.device())?),
+            Some(Tensor::from_vec(gb, b.shape(), b.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The op and its gradients against candle's `cat` in f64 (which takes candle's path).
+    #[test]
+    fn matches_candles_cat() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 4, 5, 2), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 2, 4, 5, 2), &dev).unwrap()).unwrap();
+        let y = cat_channels(&a, &b).unwrap();
+        let up = Tensor::randn(0f32, 1., y.dims(), &dev).unwrap();
+        let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let f64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+        let (a64, b64) = (f64(&a), f64(&b));
+        let y64 = cat_channels(&a64, &b64).unwrap();
+        let up64 = up.to_dtype(DType::F64).unwrap();
+        let grads64 = (&y64 * &up64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let same = |got: &Tensor, want: &Tensor| {
+            let got: Vec<f64> = got
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f64> = want.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want);
+        };
+        same(&y, &y64);
+        same(grads.get(&a).unwrap(), grads64.get(&a64).unwrap());
+        same(grads.get(&b).unwrap(), grads64.get(&b64).unwrap());
+        assert!(cat_channels(&a, &b.narrow(2, 0, 3).unwrap()).is_err());
+    }
+}
