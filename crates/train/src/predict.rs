@@ -1,7 +1,7 @@
 //! Sliding-window inference with a network: windows of the training patch size, Gaussian
 //! blending, softmax probabilities.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
 use cwseg_data::resample::{resample_image_to, resample_label_to};
@@ -10,6 +10,7 @@ use cwseg_data::{
 };
 use cwseg_models::Network;
 use ndarray::{Array3, Array4, Axis, s};
+use rayon::prelude::*;
 
 use crate::card::ModelCard;
 use crate::window::{Blend, SlidingWindow, WindowWeights};
@@ -28,7 +29,7 @@ pub fn predict_probabilities(
     batch: usize,
     device: &Device,
 ) -> Result<Array4<f32>> {
-    let (c, z, y, x) = image.dim();
+    let (_, z, y, x) = image.dim();
     let padded_shape = [z.max(window[0]), y.max(window[1]), x.max(window[2])];
     let padded;
     let volume = if padded_shape != [z, y, x] {
@@ -43,47 +44,37 @@ pub fn predict_probabilities(
         WindowWeights::Constant => Array3::ones(window),
     };
     let mut blender = Blender::with_importance(classes, padded_shape, importance);
+    let per = classes * window.iter().product::<usize>();
+    // the previous batch is blended while the network runs on this one
+    let mut pending: Option<(&[[usize; 3]], Vec<f32>)> = None;
     for chunk in positions.chunks(batch.max(1)) {
-        let mut data = Vec::with_capacity(chunk.len() * c * window.iter().product::<usize>());
-        for p in chunk {
-            let w = volume.slice(s![
-                ..,
-                p[0]..p[0] + window[0],
-                p[1]..p[1] + window[1],
-                p[2]..p[2] + window[2]
-            ]);
-            data.extend(w.iter().copied());
-        }
-        let input = Tensor::from_vec(
-            data,
-            (chunk.len(), c, window[0], window[1], window[2]),
-            device,
-        )?;
-        let logits = network.forward_t(&input, false)?;
+        let input = window_batch(volume, chunk, window, device)?;
+        let (logits, blended) = rayon::join(
+            || network.forward_t(&input, false),
+            || blend(&mut blender, pending.take(), classes, window),
+        );
+        let (logits, ()) = (logits?, blended?);
         if logits.dim(1)? != classes {
             bail!(
                 "the network gives {} classes, {classes} expected",
                 logits.dim(1)?
             );
         }
-        let probs = match sliding.blend {
-            Blend::Probabilities => candle_nn::ops::softmax(&logits, 1)?,
-            Blend::Logits => logits,
+        let mut scores: Vec<f32> = logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        if sliding.blend == Blend::Probabilities {
+            scores
+                .par_chunks_mut(per)
+                .for_each(|w| softmax_planes(w, classes));
         }
-        .to_device(&Device::Cpu)?;
-        let flat: Vec<f32> = probs.flatten_all()?.to_vec1()?;
-        let per = classes * window.iter().product::<usize>();
-        for (i, p) in chunk.iter().enumerate() {
-            let w = ndarray::ArrayView4::from_shape(
-                (classes, window[0], window[1], window[2]),
-                &flat[i * per..(i + 1) * per],
-            )?;
-            blender.add(*p, w)?;
-        }
+        pending = Some((chunk, scores));
     }
+    blend(&mut blender, pending, classes, window)?;
     let mut full = blender.finish();
     if sliding.blend == Blend::Logits {
-        softmax_channels(&mut full);
+        let flat = full
+            .as_slice_mut()
+            .context("the blended scores are not contiguous")?;
+        softmax_planes(flat, classes);
     }
     if padded_shape == [z, y, x] {
         return Ok(full);
@@ -101,13 +92,64 @@ pub fn predict_probabilities(
     Ok(out)
 }
 
-/// Softmax over the first axis of `[k, z, y, x]`, in place.
-fn softmax_channels(scores: &mut Array4<f32>) {
-    for mut lane in scores.lanes_mut(ndarray::Axis(0)) {
-        let max = lane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        lane.mapv_inplace(|v| (v - max).exp());
-        let sum = lane.sum();
-        lane.mapv_inplace(|v| v / sum);
+/// The windows of `volume` at `positions` as one input batch `(B, C, window)`.
+fn window_batch(
+    volume: &Array4<f32>,
+    positions: &[[usize; 3]],
+    window: [usize; 3],
+    device: &Device,
+) -> Result<Tensor> {
+    let c = volume.dim().0;
+    let mut data = Vec::with_capacity(positions.len() * c * window.iter().product::<usize>());
+    for p in positions {
+        let w = volume.slice(s![
+            ..,
+            p[0]..p[0] + window[0],
+            p[1]..p[1] + window[1],
+            p[2]..p[2] + window[2]
+        ]);
+        data.extend(w.iter().copied());
+    }
+    let shape = (positions.len(), c, window[0], window[1], window[2]);
+    Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+/// Adds a batch's window scores `[B, k, window]` (flat) at their positions, if there is one.
+fn blend(
+    blender: &mut Blender,
+    batch: Option<(&[[usize; 3]], Vec<f32>)>,
+    classes: usize,
+    window: [usize; 3],
+) -> Result<()> {
+    let Some((positions, scores)) = batch else {
+        return Ok(());
+    };
+    let shape = (classes, window[0], window[1], window[2]);
+    for (p, w) in positions
+        .iter()
+        .zip(scores.chunks(classes * window.iter().product::<usize>()))
+    {
+        blender.add(*p, ndarray::ArrayView4::from_shape(shape, w)?)?;
+    }
+    Ok(())
+}
+
+/// Softmax over the classes of one window's scores `[k, S]` (flat), in place.
+fn softmax_planes(scores: &mut [f32], classes: usize) {
+    let volume = scores.len() / classes;
+    let mut max = scores[..volume].to_vec();
+    for plane in scores.chunks(volume).skip(1) {
+        max.iter_mut().zip(plane).for_each(|(m, &v)| *m = m.max(v));
+    }
+    let mut sum = vec![0f32; volume];
+    for plane in scores.chunks_mut(volume) {
+        for ((v, m), s) in plane.iter_mut().zip(&max).zip(&mut sum) {
+            *v = (*v - m).exp();
+            *s += *v;
+        }
+    }
+    for plane in scores.chunks_mut(volume) {
+        plane.iter_mut().zip(&sum).for_each(|(v, s)| *v /= s);
     }
 }
 
