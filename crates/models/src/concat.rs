@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::fused::{cpu_f32, f32_slice, with_f32};
+use crate::fused::{cpu_f32, f32_slice, with_f32, zeros};
 
 /// `[a, b]` along axis 1; both need the same samples and trailing shape.
 pub(crate) fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -58,7 +58,7 @@ impl CustomOp2 for CatChannels {
     ) -> Result<(CpuStorage, Shape)> {
         let parts = [f32_slice(s1, l1)?, f32_slice(s2, l2)?];
         let [ca, cb] = self.channels;
-        let mut y = vec![0f32; self.samples * (ca + cb) * self.plane];
+        let mut y = zeros(self.samples * (ca + cb) * self.plane);
         y.par_chunks_mut(self.plane)
             .enumerate()
             .for_each(|(i, out)| {
@@ -78,8 +78,8 @@ impl CustomOp2 for CatChannels {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let [ca, cb] = self.channels;
-        let mut ga = vec![0f32; self.samples * ca * self.plane];
-        let mut gb = vec![0f32; self.samples * cb * self.plane];
+        let mut ga = zeros(self.samples * ca * self.plane);
+        let mut gb = zeros(self.samples * cb * self.plane);
         with_f32(grad, |g| {
             ga.par_chunks_mut(self.plane)
                 .enumerate()

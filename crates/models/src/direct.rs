@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::fused::{channel_sums, f32_slice, shift_channels};
+use crate::fused::{channel_sums, f32_slice, shift_channels, zeros};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -206,7 +206,7 @@ impl Direct {
         let [_, d, h, w] = self.input;
         let [dp, hp, wp] = self.padded();
         let [pd, ph, pw] = self.padding;
-        let mut out = vec![0f32; self.samples * self.input[0] * dp * hp * wp];
+        let mut out = zeros(self.samples * self.input[0] * dp * hp * wp);
         out.par_chunks_mut(dp * hp * wp)
             .zip(x.par_chunks(d * h * w))
             .for_each(|(o, i)| {
@@ -313,7 +313,7 @@ impl Direct {
         let (o_n, k) = (self.out_channels, c_n * self.taps());
         let offsets = self.offsets();
         let volume = od * oh * ow;
-        let mut out = vec![0f32; self.samples * o_n * volume];
+        let mut out = zeros(self.samples * o_n * volume);
         let xp = self.pad(x);
         let dst_all = Shared(out.as_mut_ptr());
         let len_max = self.tile_len(FORWARD_TILE);
@@ -470,7 +470,7 @@ impl Direct {
     /// `w (O, C, kd, kh, kw)` → the flipped, transposed kernel `(C, O, kd, kh, kw)`.
     pub fn flip_transpose(&self, w: &[f32]) -> Vec<f32> {
         let (o_n, c_n, t_n) = (self.out_channels, self.input[0], self.taps());
-        let mut out = vec![0f32; w.len()];
+        let mut out = zeros(w.len());
         for o in 0..o_n {
             for c in 0..c_n {
                 for t in 0..t_n {

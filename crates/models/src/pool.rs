@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{f32_slice, with_f32};
+use crate::fused::{f32_slice, with_f32, zeros};
 
 /// The op for one input shape `(N, C, D, H, W)` and kernel = stride.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl MaxPool {
         let plane: usize = self.input[1..].iter().product();
         let out_plane: usize = self.output().iter().product();
         let taps = self.taps();
-        let mut y = vec![0f32; self.input[0] * out_plane];
+        let mut y = zeros(self.input[0] * out_plane);
         y.par_chunks_mut(out_plane)
             .zip(x.par_chunks(plane))
             .for_each(|(yp, xp)| {
@@ -71,7 +71,7 @@ impl MaxPool {
         let plane: usize = self.input[1..].iter().product();
         let out_plane: usize = self.output().iter().product();
         let taps = self.taps();
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeros(x.len());
         dx.par_chunks_mut(plane)
             .zip(x.par_chunks(plane))
             .zip(y.par_chunks(out_plane).zip(g.par_chunks(out_plane)))

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::{Direct, Shared};
+use crate::fused::zeros;
 
 /// Zeros after a slab: a full vector (16 lanes) read from any voxel of the slab stays inside.
 pub(super) const SLACK: usize = 16;
@@ -215,7 +216,7 @@ impl Direct {
         let (row_chunks, packed) = self.plane_chunks(kernels.lanes, kernels.packed);
         // (c, t) steps per block: whole channels, about 128 steps, whose input rows stay in L1
         let k_block = (128 / t_n).clamp(1, c_n.max(1)) * t_n;
-        let mut out = vec![0f32; self.samples * o_n * volume];
+        let mut out = zeros(self.samples * o_n * volume);
         let dst = Shared(out.as_mut_ptr());
         self.slabs(kernels.slab_values)
             .par_iter()
