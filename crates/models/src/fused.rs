@@ -262,6 +262,45 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// LeakyReLU, `x` for `x > 0` and `s·x` otherwise (`s ≥ 0`, so `y` has the sign of `x`); the
+/// backward reads the output alone (`∂y/∂x` is 1 where `y > 0`, `s` elsewhere, PyTorch's branch
+/// at zero), so the op keeps one tensor where the composite kept five.
+struct LeakyRelu {
+    slope: f32,
+}
+
+impl CustomOp1 for LeakyRelu {
+    fn name(&self) -> &'static str {
+        "cwseg-leaky-relu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let slope = self.slope;
+        let y = map_values(f32_slice(storage, layout)?, |v| {
+            if v > 0.0 { v } else { slope * v }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let slope = self.slope;
+        let d = backward_from_output(res, grad, |y, g| if y > 0.0 { g } else { g * slope })?;
+        Ok(Some(d))
+    }
+}
+
+/// LeakyReLU: the fused kernel on CPU f32 with a slope ≥ 0, `None` elsewhere (the caller's
+/// composite).
+pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Option<Tensor>> {
+    if !cpu_f32(x) || slope < 0.0 {
+        return Ok(None);
+    }
+    let op = LeakyRelu {
+        slope: slope as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
 /// ELU, `x` for `x > 0` and `α (eˣ − 1)` otherwise; the backward reads the output alone
 /// (`∂y/∂x` is 1 where `y > 0`, `y + α` elsewhere), so the op keeps one tensor where the
 /// composite kept seven.

@@ -190,8 +190,17 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// `max(0, x) + slope · min(0, x)`.
+/// `max(0, x) + slope · min(0, x)`: the fused kernel on CPU f32 (slope ≥ 0),
+/// [`leaky_relu_composite`] elsewhere.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    match crate::fused::leaky_relu(x, slope)? {
+        Some(y) => Ok(y),
+        None => leaky_relu_composite(x, slope),
+    }
+}
+
+/// LeakyReLU as candle operations (any device).
+pub fn leaky_relu_composite(x: &Tensor, slope: f64) -> Result<Tensor> {
     x.relu()? - x.neg()?.relu()?.affine(slope, 0.0)?
 }
 

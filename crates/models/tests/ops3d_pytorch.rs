@@ -307,9 +307,21 @@ fn normalisations_and_activations_match_pytorch() {
         layers::prelu(&t[0], &t[1]).unwrap()
     });
     check_f32(&mut fx, "elu", &["x"], |t| layers::elu(&t[0], 1.0).unwrap());
+    check_f32(&mut fx, "leaky_relu", &["x"], |t| {
+        layers::leaky_relu(&t[0], 0.01).unwrap()
+    });
     check_f32(&mut fx, "instance_norm", &["x", "w", "b"], |t| {
         layers::instance_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-5).unwrap()
     });
+}
+
+/// Uniform values in `[-scale, scale)` from a seeded generator.
+fn seeded(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 /// `got` equals `want` (f32 tensors) to 1e-5 relative to the largest entry.
@@ -326,14 +338,15 @@ fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
     }
 }
 
-/// The fused PReLU, ELU and instance norm equal their candle composites (the path of other devices and dtypes)
+/// The fused PReLU, ELU, LeakyReLU and instance norm equal their candle composites (the path of other devices and dtypes)
 /// in value and gradient, with one slope and with one per channel; at exactly zero they take
 /// PyTorch's negative branch (`a·g`, `α·g`), where candle's `relu` passes the gradient.
 #[test]
 fn fused_activations_equal_their_composites() {
     let device = Device::Cpu;
-    let x = Tensor::randn(0f32, 2.0, (2, 3, 4, 5, 6), &device).unwrap();
-    let g = Tensor::randn(0f32, 1.0, x.shape(), &device).unwrap();
+    // seeded, so that a failure repeats
+    let x = seeded(&[2, 3, 4, 5, 6], 4.0, 1);
+    let g = seeded(&[2, 3, 4, 5, 6], 1.0, 2);
     for slopes in [vec![0.25f32], vec![0.1, -0.3, 0.7]] {
         let n = slopes.len();
         let run = |fused: bool| {
@@ -387,6 +400,21 @@ fn fused_activations_equal_their_composites() {
             );
         }
     }
+    for slope in [0.01, 0.3] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if fused {
+                layers::leaky_relu(xv.as_tensor(), slope).unwrap()
+            } else {
+                layers::leaky_relu_composite(xv.as_tensor(), slope).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (a, b) = (run(true), run(false));
+        assert_same(&a.0, &b.0, "leaky relu value");
+        assert_same(&a.1, &b.1, "leaky relu gradient");
+    }
     for alpha in [1.0, 0.5] {
         let run = |fused: bool| {
             let xv = Var::from_tensor(&x).unwrap();
@@ -426,6 +454,8 @@ fn fused_activations_take_pytorchs_branch_at_zero() {
     assert_eq!(grad_of(&y, &a), [0.0, 0.0]);
     let y = layers::elu(x.as_tensor(), 0.5).unwrap();
     assert_eq!(grad_of(&y, &x), [0.5; 6]);
+    let y = layers::leaky_relu(x.as_tensor(), 0.01).unwrap();
+    assert_eq!(grad_of(&y, &x), [0.01; 6]);
 }
 
 #[test]
