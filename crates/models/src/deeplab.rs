@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::layers::{dropout, relu};
-use crate::modules::{BatchNorm3d, Conv3d, conv_batch_norm_t};
+use crate::modules::{BatchNorm3d, Conv3d, conv_batch_norm_relu_t, conv_batch_norm_t};
 use crate::ops3d::{Conv3dConfig, upsample_trilinear3d};
 
 /// DeepLabV3's configuration.
@@ -103,7 +103,7 @@ impl Basic {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = relu(&conv_batch_norm_t(&self.conv1, &self.bn1, x, train)?)?;
+        let h = conv_batch_norm_relu_t(&self.conv1, &self.bn1, x, train)?;
         let h = conv_batch_norm_t(&self.conv2, &self.bn2, &h, train)?;
         let identity = match &self.downsample {
             Some((c, b)) => conv_batch_norm_t(c, b, x, train)?,
@@ -128,7 +128,7 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        relu(&conv_batch_norm_t(&self.conv, &self.bn, x, train)?)
+        conv_batch_norm_relu_t(&self.conv, &self.bn, x, train)
     }
 }
 

@@ -39,15 +39,26 @@ pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<
     }
 }
 
+/// What a normalisation op applies to its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    /// Nothing.
+    Identity,
+    /// `max(0, ·)`: the gradient is masked by the output before the norm's backward, so the
+    /// normalised values are never kept (one node and one tensor fewer than norm, then ReLU).
+    Relu,
+}
+
 /// Batch normalisation of `(N, C, S…)` with given per-channel mean and inverse standard
-/// deviation (the batch statistics), `y = γ (x − μ)·invstd + β`; its backward is the batch-norm
-/// gradient that accounts for μ and σ depending on `x`.
+/// deviation (the batch statistics), `y = γ (x − μ)·invstd + β`, then `then`; its backward is
+/// the batch-norm gradient that accounts for μ and σ depending on `x`.
 struct BatchNormTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
     n: usize,
     c: usize,
     spatial: usize,
+    then: Then,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -65,10 +76,14 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let relu = self.then == Then::Relu;
         let y = map_channel_blocks(x, self.spatial, self.c, |c| {
             let scale = gamma[c] * self.invstd[c];
             let shift = beta[c] - self.mean[c] * scale;
-            move |v| v * scale + shift
+            move |v| {
+                let y = v * scale + shift;
+                if relu { y.max(0.0) } else { y }
+            }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -78,9 +93,17 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let masked;
+        let grad = match self.then {
+            Then::Identity => grad,
+            Then::Relu => {
+                masked = backward_from_output(res, grad, |y, g| if y > 0.0 { g } else { 0.0 })?;
+                &masked
+            }
+        };
         let (n, c_n, s) = (self.n, self.c, self.spatial);
         let m = (n * s) as f32;
         let gamma_v: Vec<f32> = gamma.to_vec1()?;
@@ -127,12 +150,13 @@ impl CustomOp3 for BatchNormTrain {
 }
 
 /// Training-mode batch norm on a contiguous-able CPU f32 `(N, C, S…)` tensor with affine
-/// parameters: `(y, batch mean, biased batch variance)`.
+/// parameters, then `then`: `(y, batch mean, biased batch variance)`.
 pub(crate) fn batch_norm_train_cpu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    then: Then,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
     let dims = x.dims();
     let (n, c) = (dims[0], dims[1]);
@@ -164,6 +188,7 @@ pub(crate) fn batch_norm_train_cpu(
         n,
         c,
         spatial,
+        then,
     };
     let y = x
         .contiguous()?

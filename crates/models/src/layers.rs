@@ -4,6 +4,8 @@
 
 use candle_core::{D, Result, Tensor, bail};
 
+use crate::fused::Then;
+
 /// Mean and biased variance over `axes`, kept as size-1 axes.
 fn moments(x: &Tensor, axes: &[usize]) -> Result<(Tensor, Tensor)> {
     let mean = x.mean_keepdim(axes)?;
@@ -61,6 +63,43 @@ pub fn batch_norm(
     momentum: f64,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let stats = (running_mean, running_var);
+    let affine = (weight, bias);
+    batch_norm_then(x, stats, affine, training, (momentum, eps), Then::Identity)
+}
+
+/// [`batch_norm`], then ReLU: `max(0, BN(x))`. In training on CPU f32 with affine parameters
+/// one op whose backward masks the gradient by the output (the normalised values are not
+/// kept); elsewhere the two layers.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_relu(
+    x: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let stats = (running_mean, running_var);
+    let affine = (weight, bias);
+    batch_norm_then(x, stats, affine, training, (momentum, eps), Then::Relu)
+}
+
+/// [`batch_norm`] followed by `then`.
+fn batch_norm_then(
+    x: &Tensor,
+    (running_mean, running_var): (&Tensor, &Tensor),
+    (weight, bias): (Option<&Tensor>, Option<&Tensor>),
+    training: bool,
+    (momentum, eps): (f64, f64),
+    then: Then,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let finish = |y: Tensor| match then {
+        Then::Identity => Ok(y),
+        Then::Relu => relu(&y),
+    };
     let c = x.dim(1)?;
     let mut shape = vec![1usize; x.rank()];
     shape[1] = c;
@@ -69,7 +108,7 @@ pub fn batch_norm(
             running_mean.reshape(shape.clone())?,
             running_var.reshape(shape)?,
         );
-        let y = normalise(x, &m, &v, weight, bias, eps)?;
+        let y = finish(normalise(x, &m, &v, weight, bias, eps)?)?;
         return Ok((y, running_mean.clone(), running_var.clone()));
     }
     let count = x.elem_count() / c;
@@ -78,7 +117,7 @@ pub fn batch_norm(
     }
     let (y, mean, var) = match (weight, bias) {
         (Some(w), Some(b)) if crate::fused::cpu_f32(x) => {
-            let (y, mean, var) = crate::fused::batch_norm_train_cpu(x, w, b, eps)?;
+            let (y, mean, var) = crate::fused::batch_norm_train_cpu(x, w, b, eps, then)?;
             let mean = Tensor::from_vec(mean, c, x.device())?;
             let var = Tensor::from_vec(var, c, x.device())?;
             (y, mean, var)
@@ -86,7 +125,7 @@ pub fn batch_norm(
         _ => {
             let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
             let (mean, var) = moments(x, &axes)?;
-            let y = normalise(x, &mean, &var, weight, bias, eps)?;
+            let y = finish(normalise(x, &mean, &var, weight, bias, eps)?)?;
             (y, mean, var)
         }
     };
@@ -124,7 +163,7 @@ pub fn instance_norm(
         }
     };
     let (w, b) = (per_sample(weight, 1.0)?, per_sample(bias, 0.0)?);
-    let (y, _, _) = crate::fused::batch_norm_train_cpu(&flat, &w, &b, eps)?;
+    let (y, _, _) = crate::fused::batch_norm_train_cpu(&flat, &w, &b, eps, Then::Identity)?;
     y.reshape(dims)
 }
 

@@ -190,11 +190,31 @@ pub fn conv_batch_norm_t(
     conv3d(x, &weight, Some(&bias), &conv.config)
 }
 
-impl ModuleT for BatchNorm3d {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        // running statistics are buffers, not parameters: detached, so an evaluation pass with
-        // constant weights records no autograd graph
-        let (y, mean, var) = layers::batch_norm(
+/// `relu(norm(conv(x)))`: [`conv_batch_norm_t`], then ReLU; in training the normalisation and
+/// the ReLU are one node ([`BatchNorm3d::forward_relu_t`]).
+pub fn conv_batch_norm_relu_t(
+    conv: &Conv3d,
+    norm: &BatchNorm3d,
+    x: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if train {
+        return norm.forward_relu_t(&conv.forward(x)?, true);
+    }
+    layers::relu(&conv_batch_norm_t(conv, norm, x, false)?)
+}
+
+impl BatchNorm3d {
+    /// `relu(self(x))` ([`layers::batch_norm_relu`]: one op in training on CPU f32).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(layers::batch_norm_relu, x, train)
+    }
+
+    /// `norm(x, running statistics, weight, bias, …)`, the running statistics updated in
+    /// training. They are buffers, not parameters: detached, so an evaluation pass with
+    /// constant weights records no autograd graph.
+    fn forward_with(&self, norm: BatchNormFn, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (y, mean, var) = norm(
             x,
             &self.running_mean.as_tensor().detach(),
             &self.running_var.as_tensor().detach(),
@@ -209,6 +229,24 @@ impl ModuleT for BatchNorm3d {
             self.running_var.set(&var.detach())?;
         }
         Ok(y)
+    }
+}
+
+/// The signature of [`layers::batch_norm`] and [`layers::batch_norm_relu`].
+type BatchNormFn = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    Option<&Tensor>,
+    bool,
+    f64,
+    f64,
+) -> Result<(Tensor, Tensor, Tensor)>;
+
+impl ModuleT for BatchNorm3d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(layers::batch_norm, x, train)
     }
 }
 

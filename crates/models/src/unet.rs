@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
 use crate::layers::relu;
-use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm, conv_batch_norm_t};
+use crate::modules::{
+    BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm, conv_batch_norm_relu_t, conv_batch_norm_t,
+};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, max_pool3d};
 
 /// Normalisation after each convolution.
@@ -66,6 +68,19 @@ impl NormLayer {
         match self {
             NormLayer::Batch(b) => conv_batch_norm_t(conv, b, x, train),
             NormLayer::Group(g) => g.forward(&conv.forward(x)?),
+        }
+    }
+
+    /// `relu(self(conv(x)))`; batch norm and ReLU one node in training.
+    pub(crate) fn after_conv_relu(
+        &self,
+        conv: &Conv3d,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            NormLayer::Batch(b) => conv_batch_norm_relu_t(conv, b, x, train),
+            NormLayer::Group(g) => relu(&g.forward(&conv.forward(x)?)?),
         }
     }
 }
@@ -143,12 +158,14 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = relu(&self.norm1.after_conv(&self.conv1, x, train)?)?;
-        let h = self.norm2.after_conv(&self.conv2, &h, train)?;
+        let h = self.norm1.after_conv_relu(&self.conv1, x, train)?;
         match &self.skip {
-            None => relu(&h),
-            Some(None) => relu(&(h + x)?),
-            Some(Some(p)) => relu(&(h + p.forward(x)?)?),
+            None => self.norm2.after_conv_relu(&self.conv2, &h, train),
+            Some(None) => relu(&(self.norm2.after_conv(&self.conv2, &h, train)? + x)?),
+            Some(Some(p)) => {
+                let h = self.norm2.after_conv(&self.conv2, &h, train)?;
+                relu(&(h + p.forward(x)?)?)
+            }
         }
     }
 }
@@ -257,15 +274,15 @@ impl UNet {
 
     /// Activation memory of one forward pass kept for the backward pass (every intermediate
     /// tensor the graph holds), bytes in f32 for a batch of one.
-    /// The layers' outputs counted below are multiplied by 1.09: what the kernels really keep,
-    /// measured with a counting allocator at 32³ (1.07) and 16×32×48 (1.11), the sizes
-    /// `crates/models/tests/activation_memory.rs` checks (4/3 before the transposed
-    /// convolution and the max pooling became single ops).
+    /// Per block four tensors (convolution, batch norm + ReLU, twice; six with residual units),
+    /// and the layers' outputs counted below are multiplied by 1.09: what the kernels really
+    /// keep, measured with a counting allocator at 32³ (1.10) and 16×32×48 (1.02), the sizes
+    /// `crates/models/tests/activation_memory.rs` checks.
     pub fn activation_bytes(&self, size: [usize; 3]) -> u128 {
         let c = &self.config;
         let voxels =
             |l: usize| (size[0] >> l) as u128 * (size[1] >> l) as u128 * (size[2] >> l) as u128;
-        let per_block = if c.residual { 7 } else { 6 };
+        let per_block = if c.residual { 6 } else { 4 };
         let mut values = c.in_channels as u128 * voxels(0);
         for l in 0..c.depth {
             let w = (c.filters << l) as u128;

@@ -338,7 +338,7 @@ fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
     }
 }
 
-/// The fused PReLU, ELU, LeakyReLU and instance norm equal their candle composites (the path of other devices and dtypes)
+/// The fused PReLU, ELU, LeakyReLU, instance norm and batch norm + ReLU equal their candle composites (the path of other devices and dtypes)
 /// in value and gradient, with one slope and with one per channel; at exactly zero they take
 /// PyTorch's negative branch (`a·g`, `α·g`), where candle's `relu` passes the gradient.
 #[test]
@@ -397,6 +397,52 @@ fn fused_activations_equal_their_composites() {
                 a,
                 b,
                 &format!("instance norm (affine {affine}), output {i}"),
+            );
+        }
+    }
+    for training in [true, false] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let w = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &device).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::new(&[0.1f32, 0.0, -0.3], &device).unwrap()).unwrap();
+            let rm = Tensor::new(&[0.2f32, -0.1, 0.0], &device).unwrap();
+            let rv = Tensor::new(&[1.5f32, 0.7, 1.0], &device).unwrap();
+            let args = (Some(w.as_tensor()), Some(b.as_tensor()));
+            let (y, mean, var) = if fused {
+                layers::batch_norm_relu(
+                    xv.as_tensor(),
+                    &rm,
+                    &rv,
+                    args.0,
+                    args.1,
+                    training,
+                    0.1,
+                    1e-5,
+                )
+                .unwrap()
+            } else {
+                let (y, m, v) = layers::batch_norm(
+                    xv.as_tensor(),
+                    &rm,
+                    &rv,
+                    args.0,
+                    args.1,
+                    training,
+                    0.1,
+                    1e-5,
+                )
+                .unwrap();
+                (layers::relu(&y).unwrap(), m, v)
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            vec![y.clone(), mean, var, grad(&xv), grad(&w), grad(&b)]
+        };
+        for (i, (a, b)) in run(true).iter().zip(&run(false)).enumerate() {
+            assert_same(
+                a,
+                b,
+                &format!("batch norm + relu (training {training}), output {i}"),
             );
         }
     }
