@@ -469,7 +469,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             if args.probabilities {
                 write_probabilities(
                     &out.with_file_name(format!("{id}_probabilities")),
-                    &prediction.probabilities_on_input(&card, &geometry)?,
+                    &prediction.probabilities_on_input(card, &geometry)?,
                     &geometry,
                 )?;
             }

@@ -540,31 +540,42 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// `got` within 1e-5 of the largest `want` (f64).
+    fn close(got: Option<&Tensor>, want: Option<&Tensor>, what: &str) -> Result<()> {
+        let (Some(got), Some(want)) = (got, want) else {
+            bail!("{what}: no gradient")
+        };
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let diff = (got.to_dtype(DType::F64)? - want)?;
+        let worst: f64 = diff.abs()?.max_all()?.to_scalar()?;
+        let scale: f64 = want.abs()?.max_all()?.to_scalar()?;
+        assert!(worst <= 1e-5 * scale, "{what}: {worst} of {scale}");
+        Ok(())
     }
 
     /// The transposed convolution's CPU op (forward; input, weight and bias gradients) against
-    /// candle's matmul-and-permute composite, the f64 path of [`conv_transpose3d`], with anisotropic kernels, channel counts that leave a partial block of
-    /// output channels, and backward chunks that split rows and leave a remainder.
+    /// candle's matmul-and-permute composite, the f64 path of [`conv_transpose3d`], with
+    /// anisotropic kernels, channel counts that leave a partial block of output channels, and
+    /// backward chunks that split rows and leave a remainder.
     #[test]
-    fn patches_op_matches_the_composite() {
+    fn patches_op_matches_the_composite() -> Result<()> {
         for (x_shape, kernel, out_channels, chunk) in [
             ([2, 3, 3, 5, 4], [2, 2, 2], 6, 7),
             ([1, 4, 2, 3, 5], [1, 2, 3], 3, 4096),
             ([2, 2, 4, 1, 3], [3, 1, 2], 5, 5),
         ] {
             let [n, c, d, h, w] = x_shape;
-            let x = Var::from_tensor(&random(&x_shape, 1)).unwrap();
-            let weight = Var::from_tensor(&random(
-                &[c, out_channels, kernel[0], kernel[1], kernel[2]],
-                2,
-            ))
-            .unwrap();
-            let bias = Var::from_tensor(&random(&[out_channels], 3)).unwrap();
+            let w_shape = [c, out_channels, kernel[0], kernel[1], kernel[2]];
+            let x = Var::from_tensor(&random(&x_shape, 1)?)?;
+            let weight = Var::from_tensor(&random(&w_shape, 2)?)?;
+            let bias = Var::from_tensor(&random(&[out_channels], 3)?)?;
             let op = Patches {
                 samples: n,
                 in_channels: c,
@@ -573,49 +584,25 @@ mod tests {
                 kernel,
                 chunk,
             };
-            let y = x.apply_op3(&weight, &bias, op).unwrap();
-            let upstream = random(y.dims(), 4);
-            let grads = (&y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let f64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
-            let (x64, w64, b64) = (f64(&x), f64(&weight), f64(&bias));
+            let y = x.apply_op3(&weight, &bias, op)?;
+            let upstream = random(y.dims(), 4)?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let f64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64)?);
+            let (x64, w64, b64) = (f64(&x)?, f64(&weight)?, f64(&bias)?);
             let config = ConvTranspose3dConfig {
                 stride: kernel,
                 ..Default::default()
             };
-            let y64 = conv_transpose3d(&x64, &w64, Some(&b64), &config).unwrap();
-            let up64 = upstream.to_dtype(DType::F64).unwrap();
-            let grads64 = (&y64 * &up64)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let close = |got: &Tensor, want: &Tensor, what: &str| {
-                assert_eq!(got.dims(), want.dims(), "{what}: shape");
-                let got = got.to_dtype(DType::F64).unwrap();
-                let worst: f64 = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                let scale: f64 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                assert!(
-                    worst <= 1e-5 * scale,
-                    "{what} {x_shape:?} {kernel:?}: {worst} of {scale}"
-                );
-            };
-            close(&y, &y64, "output");
+            let y64 = conv_transpose3d(&x64, &w64, Some(&b64), &config)?;
+            let grads64 = (&y64 * &upstream.to_dtype(DType::F64)?)?
+                .sum_all()?
+                .backward()?;
+            let case = format!("{x_shape:?} {kernel:?}");
+            close(Some(&y), Some(&y64), &format!("output {case}"))?;
             for (v, v64, what) in [(&x, &x64, "dx"), (&weight, &w64, "dw"), (&bias, &b64, "db")] {
-                close(grads.get(v).unwrap(), grads64.get(v64).unwrap(), what);
+                close(grads.get(v), grads64.get(v64), &format!("{what} {case}"))?;
             }
         }
+        Ok(())
     }
 }
