@@ -45,14 +45,20 @@ pub fn predict_probabilities(
     };
     let mut blender = Blender::with_importance(classes, padded_shape, importance);
     let per = classes * window.iter().product::<usize>();
-    // the previous batch is blended while the network runs on this one
+    // on the CPU the previous batch is blended while the network runs on this one (on a GPU
+    // the network runs on this thread, whose context is bound, one after the other)
     let mut pending: Option<(&[[usize; 3]], Vec<f32>)> = None;
     for chunk in positions.chunks(batch.max(1)) {
         let input = window_batch(volume, chunk, window, device)?;
-        let (logits, blended) = rayon::join(
-            || network.forward_t(&input, false),
-            || blend(&mut blender, pending.take(), classes, window),
-        );
+        let forward = || network.forward_t(&input, false);
+        let (logits, blended) = if device.is_cpu() {
+            rayon::join(forward, || {
+                blend(&mut blender, pending.take(), classes, window)
+            })
+        } else {
+            let blended = blend(&mut blender, pending.take(), classes, window);
+            (forward(), blended)
+        };
         let (logits, ()) = (logits?, blended?);
         if logits.dim(1)? != classes {
             bail!(
