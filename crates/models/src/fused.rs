@@ -222,15 +222,8 @@ impl CustomOp1 for Relu {
 
 /// `f` of every value, in parallel.
 fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = zeros(x.len());
-    y.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16))
-        .for_each(|(o, i)| {
-            for (a, &b) in o.iter_mut().zip(i) {
-                *a = f(b);
-            }
-        });
-    y
+    // collected in place by rayon: every value written once, no zeroing pass first
+    x.par_iter().with_min_len(1 << 16).map(|&v| f(v)).collect()
 }
 
 /// `y = f_c(x)` for `(N, C, S…)` values stored as blocks of `spatial` values (block `i` of
@@ -263,16 +256,12 @@ fn backward_from_output(
 ) -> Result<Tensor> {
     let out = with_f32(res, |yv| {
         with_f32(grad, |gv| {
-            let mut d = zeros(gv.len());
-            d.par_chunks_mut(1 << 16)
-                .zip(gv.par_chunks(1 << 16))
-                .zip(yv.par_chunks(1 << 16))
-                .for_each(|((o, g), y)| {
-                    for ((a, &b), &v) in o.iter_mut().zip(g).zip(y) {
-                        *a = f(v, b);
-                    }
-                });
-            Ok(d)
+            Ok(gv
+                .par_iter()
+                .zip(yv)
+                .with_min_len(1 << 16)
+                .map(|(&g, &y)| f(y, g))
+                .collect())
         })
     })?;
     Tensor::from_vec(out, res.shape(), res.device())
