@@ -48,11 +48,14 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="side of the network step's input")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16"],
                     help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss")
-    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process)")
+    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process), "
+                    "layers-deeplabv3 or layers-vnet (each distinct convolution)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cast = (lambda: torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16)) if args.precision == "bf16" \
         else contextlib.nullcontext
+    if args.what.startswith("layers-"):
+        return layers(args.what[len("layers-"):], cast)
     if args.what != "conv":
         return network_step(args.what, args.device, args.size, cast)
     print(f"precision {args.precision}")
@@ -70,6 +73,33 @@ def main():
         both = best(lambda: forward().float().sum().backward())
         flops = 2 * 2 * c * c * 27 * n ** 3
         print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
+
+# (name, in, out, side, kernel, stride, dilation), batch 2, padding dilation*(kernel-1)/2:
+# the same table as bench_models.rs.
+LAYERS = {
+    "deeplabv3": [("stem 1→32 s2", 1, 32, 64, 3, 2, 1), ("layer1 32→32", 32, 32, 32, 3, 1, 1),
+                  ("layer2.0 32→64 s2", 32, 64, 32, 3, 2, 1), ("layer2 64→64", 64, 64, 16, 3, 1, 1),
+                  ("layer3.0 64→128 s2", 64, 128, 16, 3, 2, 1), ("layer3 128→128", 128, 128, 8, 3, 1, 1),
+                  ("layer4.0 128→256 d2", 128, 256, 8, 3, 1, 2), ("layer4 256→256 d2", 256, 256, 8, 3, 1, 2),
+                  ("aspp 256→128 d6", 256, 128, 8, 3, 1, 6), ("head 128→128", 128, 128, 8, 3, 1, 1)],
+    "vnet": [("in 16→16 k5", 16, 16, 64, 5, 1, 1), ("down 16→32 k2 s2", 16, 32, 64, 2, 2, 1),
+             ("32→32 k5", 32, 32, 32, 5, 1, 1), ("down 32→64 k2 s2", 32, 64, 32, 2, 2, 1),
+             ("64→64 k5", 64, 64, 16, 5, 1, 1), ("down 64→128 k2 s2", 64, 128, 16, 2, 2, 1),
+             ("128→128 k5", 128, 128, 8, 5, 1, 1), ("256→256 k5", 256, 256, 4, 5, 1, 1)],
+}
+
+def layers(network, cast):
+    print(f"threads {torch.get_num_threads()}")
+    for name, cin, cout, n, k, s, d in LAYERS[network]:
+        x = torch.randn(2, cin, n, n, n, requires_grad=True)
+        w = (0.1 * torch.randn(cout, cin, k, k, k)).requires_grad_(True)
+        def forward():
+            with cast():
+                return F.conv3d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d)
+        with torch.no_grad():
+            fwd = best(forward)
+        both = best(lambda: forward().float().sum().backward())
+        print(f"{network} {name} on {n}³: forward {fwd * 1e3:.2f} ms, forward+backward {both * 1e3:.2f} ms")
 
 def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):
     from networks_fixtures import DeepLabV3

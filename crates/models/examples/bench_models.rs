@@ -4,7 +4,8 @@
 //! 1×64³, 16 classes: forward, cross-entropy, backward, Adam) with the peak resident memory.
 //!
 //! `cargo run --release -p cwseg-models --example bench_models [-- conv|unet|vnet|deeplabv3|unetr
-//! [f32|bf16]]` (one network per process, so that the peak memory is that network's; bf16:
+//! |layers-deeplabv3|layers-vnet [f32|bf16]]` (`layers-*`: each distinct convolution of the
+//! network, forward and forward + backward) (one network per process, so that the peak memory is that network's; bf16:
 //! `cwseg_models::set_precision`, where the CPU has AMX-BF16).
 
 use std::time::Instant;
@@ -68,6 +69,9 @@ fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     println!("precision {}", cwseg_models::set_precision(requested));
     let d = Device::Cpu;
+    if let Some(network) = what.strip_prefix("layers-") {
+        return layers(network, &d);
+    }
     if what != "conv" {
         return step(&what, &d);
     }
@@ -101,6 +105,68 @@ fn main() -> anyhow::Result<()> {
             "conv3d {name}: forward {:.1} ms ({:.1} GFLOP/s), forward+backward {:.1} ms",
             fwd * 1e3,
             flops / fwd / 1e9,
+            both * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// A convolution of a network, batch 2: `(name, in, out, side, kernel, stride, dilation)`,
+/// padding `dilation·(kernel − 1)/2`; the same table as `bench_models_reference.py`.
+type Layer = (&'static str, usize, usize, usize, usize, usize, usize);
+
+/// The distinct convolutions of DeepLabV3 and V-Net at 64³ input (default widths).
+fn network_layers(network: &str) -> anyhow::Result<&'static [Layer]> {
+    Ok(match network {
+        "deeplabv3" => &[
+            ("stem 1→32 s2", 1, 32, 64, 3, 2, 1),
+            ("layer1 32→32", 32, 32, 32, 3, 1, 1),
+            ("layer2.0 32→64 s2", 32, 64, 32, 3, 2, 1),
+            ("layer2 64→64", 64, 64, 16, 3, 1, 1),
+            ("layer3.0 64→128 s2", 64, 128, 16, 3, 2, 1),
+            ("layer3 128→128", 128, 128, 8, 3, 1, 1),
+            ("layer4.0 128→256 d2", 128, 256, 8, 3, 1, 2),
+            ("layer4 256→256 d2", 256, 256, 8, 3, 1, 2),
+            ("aspp 256→128 d6", 256, 128, 8, 3, 1, 6),
+            ("head 128→128", 128, 128, 8, 3, 1, 1),
+        ],
+        "vnet" => &[
+            ("in 16→16 k5", 16, 16, 64, 5, 1, 1),
+            ("down 16→32 k2 s2", 16, 32, 64, 2, 2, 1),
+            ("32→32 k5", 32, 32, 32, 5, 1, 1),
+            ("down 32→64 k2 s2", 32, 64, 32, 2, 2, 1),
+            ("64→64 k5", 64, 64, 16, 5, 1, 1),
+            ("down 64→128 k2 s2", 64, 128, 16, 2, 2, 1),
+            ("128→128 k5", 128, 128, 8, 5, 1, 1),
+            ("256→256 k5", 256, 256, 4, 5, 1, 1),
+        ],
+        other => anyhow::bail!("no layer table for {other:?} (deeplabv3, vnet)"),
+    })
+}
+
+/// Forward and forward + backward of each convolution of `network` (best of 3).
+fn layers(network: &str, d: &Device) -> anyhow::Result<()> {
+    println!("threads {}", rayon::current_num_threads());
+    for &(name, cin, cout, n, k, s, dil) in network_layers(network)? {
+        let cfg = Conv3dConfig {
+            stride: [s; 3],
+            padding: [dil * (k - 1) / 2; 3],
+            dilation: [dil; 3],
+        };
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, cin, n, n, n), d)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, k, k, k), d)?)?;
+        let fwd = best(3, || {
+            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg).map(|_| ())
+        })?;
+        let both = best(3, || {
+            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg)?
+                .sum_all()?
+                .backward()
+                .map(|_| ())
+        })?;
+        println!(
+            "{network} {name} on {n}³: forward {:.2} ms, forward+backward {:.2} ms",
+            fwd * 1e3,
             both * 1e3
         );
     }

@@ -2,8 +2,13 @@
 //! time (vol2col), multiplies it with the weights (candle's multi-threaded `gemm`), and drops
 //! it; its backward pass recomputes each block's columns for the weight gradient and folds the
 //! columns' gradient back (col2vol) — memory of one block, not of the whole volume.
+//!
+//! `unsafe` for the `gemm` crate's raw-pointer interface ([`product`]): every pointer comes from
+//! a buffer whose length `Conv3dCpu::check` has matched to the geometry.
+#![allow(unsafe_code)]
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Geometry of one sample's convolution: input `(C, D, H, W)`, kernel `(kd, kh, kw)`, output
@@ -85,9 +90,9 @@ impl Geometry {
 }
 
 /// Unfolds one sample `(C, D, H, W)` into `(C·kd·kh·kw, dn·Ho·Wo)`.
-fn unfold<T: Copy + Default + Send + Sync>(g: &Geometry, x: &[T]) -> Vec<T> {
+fn unfold<T: candle_core::WithDType>(g: &Geometry, x: &[T]) -> Vec<T> {
     let (rows, cols) = (g.rows(), g.cols());
-    let mut out = vec![T::default(); rows * cols];
+    let mut out = vec![T::zero(); rows * cols];
     // One task per input channel: its rows are contiguous in the output.
     let per_channel = rows / g.input[0].max(1) * cols;
     out.par_chunks_mut(per_channel.max(1))
@@ -113,7 +118,7 @@ fn unfold<T: Copy + Default + Send + Sync>(g: &Geometry, x: &[T]) -> Vec<T> {
 
 /// Adds the columns' values back onto the voxels they were read from (col2vol), into `out`
 /// (one sample `(C, D, H, W)`).
-fn fold_into<T: Copy + Send + Sync + std::ops::AddAssign>(g: &Geometry, cols: &[T], out: &mut [T]) {
+fn fold_into<T: candle_core::WithDType>(g: &Geometry, cols: &[T], out: &mut [T]) {
     let volume = g.input[1] * g.input[2] * g.input[3];
     let per_channel = g.rows() / g.input[0].max(1) * g.cols();
     out.par_chunks_mut(volume.max(1))
@@ -131,10 +136,68 @@ fn fold_into<T: Copy + Send + Sync + std::ops::AddAssign>(g: &Geometry, cols: &[
         });
 }
 
+/// A matrix operand of [`product`]: element `(i, j)` at `ptr + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct View<P> {
+    ptr: P,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// Whether [`product`] overwrites its destination or adds to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Overwrite,
+    Add,
+}
+
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `dst += …` (`Write::Add`), by `gemm` on the
+/// whole pool (it splits `m` and `n`, never `k`, so the sums do not depend on the thread count).
+///
+/// # Safety
+/// Every element `(i, j)` of the three shapes lies inside the buffer behind its view's
+/// pointer, and `dst` overlaps neither operand.
+unsafe fn product<T: candle_core::WithDType>(
+    [m, n, k]: [usize; 3],
+    dst: View<*mut T>,
+    lhs: View<*const T>,
+    rhs: View<*const T>,
+    write: Write,
+) {
+    let one = T::from_f64(1.0);
+    // SAFETY: the caller's contract, passed on to gemm.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col_stride as isize,
+            dst.row_stride as isize,
+            write == Write::Add,
+            lhs.ptr,
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
 /// The whole CPU convolution as one custom op over `(x, w)`: column blocks are made, used and
 /// dropped one at a time, in the forward pass and again in the backward pass (recomputed), so
 /// memory stays at one block however large the volume — autograd never holds column matrices.
-/// `x` is `(N, C, D, H, W)`, `w` is `(O, C·kd·kh·kw)`; the output `(N, O, Do, Ho, Wo)`.
+/// `x` is `(N, C, D, H, W)`, `w` is `(O, C·kd·kh·kw)`; the output `(N, O, Do, Ho, Wo)`. Each
+/// block is one `gemm` product written in place into the output (forward), and two in the
+/// backward pass: the weight gradient accumulated in place over all blocks and samples,
+/// `dW += dY_b · colsᵀ`, and the columns' gradient `Wᵀ · dY_b` folded onto the input gradient.
 pub(crate) struct Conv3dCpu {
     /// Geometry of a whole sample (`od0 = 0`, `dn = Do`).
     pub geometry: Geometry,
@@ -156,58 +219,158 @@ impl Conv3dCpu {
         })
     }
 
-    fn forward<T: candle_core::WithDType + Default + Send + Sync>(
-        &self,
-        x: &[T],
-        w: &[T],
-    ) -> Result<Vec<T>> {
+    /// Values of one sample's input and of its output.
+    fn sizes(&self) -> (usize, usize) {
         let g = &self.geometry;
-        let dev = candle_core::Device::Cpu;
+        let input = g.input.iter().product();
+        (
+            input,
+            self.out_channels * g.output.iter().product::<usize>(),
+        )
+    }
+
+    fn check<T>(&self, x: &[T], w: &[T], y: Option<&[T]>) -> Result<()> {
+        let (input, output) = self.sizes();
+        let fits = x.len() == self.samples * input
+            && w.len() == self.out_channels * self.geometry.rows()
+            && y.is_none_or(|y| y.len() == self.samples * output);
+        if !fits {
+            bail!(
+                "conv3d: {} input and {} weight values do not match {} samples of {:?} → {} channels, kernel {:?}",
+                x.len(),
+                w.len(),
+                self.samples,
+                self.geometry.input,
+                self.out_channels,
+                self.geometry.kernel
+            );
+        }
+        Ok(())
+    }
+
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], w: &[T]) -> Result<Vec<T>> {
+        self.check(x, w, None)?;
+        let g = &self.geometry;
         let (rows, o) = (g.rows(), self.out_channels);
-        let input: usize = g.input.iter().product();
+        let (input, per_sample) = self.sizes();
         let plane = g.output[1] * g.output[2];
-        let per_sample = o * g.output[0] * plane;
-        let weights = Tensor::from_slice(w, (o, rows), &dev)?;
-        let mut out = vec![T::default(); self.samples * per_sample];
+        let mut out = vec![T::zero(); self.samples * per_sample];
         for n in 0..self.samples {
             let sample = &x[n * input..(n + 1) * input];
             for b in self.blocks() {
-                let cols = Tensor::from_vec(unfold(&b, sample), (rows, b.cols()), &dev)?;
-                let y: Vec<T> = weights.matmul(&cols)?.flatten_all()?.to_vec1()?;
-                let width = b.dn * plane;
-                for c in 0..o {
-                    let at = n * per_sample + c * g.output[0] * plane + b.od0 * plane;
-                    out[at..at + width].copy_from_slice(&y[c * width..(c + 1) * width]);
+                let cols = unfold(&b, sample);
+                let width = b.cols();
+                // SAFETY: dst = the block's output depths of every channel of sample n
+                // (o × width, rows g.output[0]·plane apart, inside `out`); lhs = w (o × rows,
+                // `check`ed); rhs = cols (rows × width, its own length).
+                unsafe {
+                    product(
+                        [o, width, rows],
+                        View {
+                            ptr: out.as_mut_ptr().add(n * per_sample + b.od0 * plane),
+                            row_stride: g.output[0] * plane,
+                            col_stride: 1,
+                        },
+                        View {
+                            ptr: w.as_ptr(),
+                            row_stride: rows,
+                            col_stride: 1,
+                        },
+                        View {
+                            ptr: cols.as_ptr(),
+                            row_stride: width,
+                            col_stride: 1,
+                        },
+                        Write::Overwrite,
+                    );
                 }
             }
         }
         Ok(out)
     }
+
+    /// The input and weight gradients from the output gradient `gy`; columns are recomputed
+    /// block by block.
+    fn backward<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        gy: &[T],
+    ) -> Result<(Vec<T>, Vec<T>)> {
+        self.check(x, w, Some(gy))?;
+        let g = &self.geometry;
+        let (rows, o) = (g.rows(), self.out_channels);
+        let (input, per_sample) = self.sizes();
+        let plane = g.output[1] * g.output[2];
+        let mut dx = vec![T::zero(); x.len()];
+        let mut dw = vec![T::zero(); w.len()];
+        let mut dcols = Vec::new();
+        let mut write = Write::Overwrite;
+        for n in 0..self.samples {
+            let sample = &x[n * input..(n + 1) * input];
+            for b in self.blocks() {
+                let cols = unfold(&b, sample);
+                let width = b.cols();
+                let gy_block = View {
+                    ptr: gy[n * per_sample + b.od0 * plane..].as_ptr(),
+                    row_stride: g.output[0] * plane,
+                    col_stride: 1,
+                };
+                dcols.resize(rows * width, T::zero());
+                // SAFETY: gy_block = the block's output depths of every channel of sample n
+                // (o × width inside `gy`, `check`ed); dw and w are o × rows (`check`ed);
+                // cols and dcols are rows × width (their lengths), read transposed as
+                // width × rows for the first product.
+                unsafe {
+                    product(
+                        [o, rows, width],
+                        View {
+                            ptr: dw.as_mut_ptr(),
+                            row_stride: rows,
+                            col_stride: 1,
+                        },
+                        gy_block,
+                        View {
+                            ptr: cols.as_ptr(),
+                            row_stride: 1,
+                            col_stride: width,
+                        },
+                        write,
+                    );
+                    product(
+                        [rows, width, o],
+                        View {
+                            ptr: dcols.as_mut_ptr(),
+                            row_stride: width,
+                            col_stride: 1,
+                        },
+                        View {
+                            ptr: w.as_ptr(),
+                            row_stride: 1,
+                            col_stride: rows,
+                        },
+                        gy_block,
+                        Write::Overwrite,
+                    );
+                }
+                write = Write::Add;
+                fold_into(&b, &dcols, &mut dx[n * input..(n + 1) * input]);
+            }
+        }
+        Ok((dx, dw))
+    }
 }
 
-impl Conv3dCpu {
-    /// One sample's input gradient; adds its weight gradient to `dw`. Columns are recomputed
-    /// block by block.
-    fn backward_sample<T: candle_core::WithDType + Default + Send + Sync + std::ops::AddAssign>(
-        &self,
-        sample: &Tensor,
-        gy: &Tensor,
-        w_t: &Tensor,
-        dw: &mut Tensor,
-    ) -> Result<Tensor> {
-        let g = &self.geometry;
-        let plane = g.output[1] * g.output[2];
-        let values: Vec<T> = sample.flatten_all()?.to_vec1()?;
-        let mut dx = vec![T::default(); values.len()];
-        for b in self.blocks() {
-            let gy_block = gy.narrow(1, b.od0 * plane, b.dn * plane)?.contiguous()?;
-            let cols =
-                Tensor::from_vec(unfold(&b, &values), (g.rows(), b.cols()), sample.device())?;
-            *dw = (&*dw + gy_block.matmul(&cols.t()?)?)?;
-            let dcols: Vec<T> = w_t.matmul(&gy_block)?.flatten_all()?.to_vec1()?;
-            fold_into(&b, &dcols, &mut dx);
-        }
-        Tensor::from_vec(dx, sample.shape(), sample.device())
+/// The values of a contiguous CPU tensor.
+fn host<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("conv3d: contiguous tensors expected");
+    };
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(&T::cpu_storage_as_slice(cpu)?[start..end]),
+        _ => bail!("conv3d: CPU tensors expected"),
     }
 }
 
@@ -255,28 +418,25 @@ impl candle_core::CustomOp2 for Conv3dCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.geometry;
-        let o = self.out_channels;
-        let plane = g.output[1] * g.output[2];
-        let grad = grad.contiguous()?;
-        let x = x.contiguous()?;
-        let w_t = w.t()?;
-        let mut dw = w.zeros_like()?;
-        let mut dx_samples = Vec::with_capacity(self.samples);
-        for n in 0..self.samples {
-            let gy = grad.get(n)?.reshape((o, g.output[0] * plane))?;
-            let sample = x.get(n)?;
-            let dx = match x.dtype() {
-                candle_core::DType::F32 => {
-                    self.backward_sample::<f32>(&sample, &gy, &w_t, &mut dw)?
-                }
-                candle_core::DType::F64 => {
-                    self.backward_sample::<f64>(&sample, &gy, &w_t, &mut dw)?
-                }
-                other => bail!("conv3d backward: f32 or f64 only, got {other:?}"),
-            };
-            dx_samples.push(dx);
+        fn grads<T: candle_core::WithDType>(
+            op: &Conv3dCpu,
+            x: &Tensor,
+            w: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Tensor, Tensor)> {
+            let (dx, dw) = host::<T, _>(x, |xv| {
+                host::<T, _>(w, |wv| host::<T, _>(grad, |gv| op.backward(xv, wv, gv)))
+            })?;
+            Ok((
+                Tensor::from_vec(dx, x.shape(), x.device())?,
+                Tensor::from_vec(dw, w.shape(), w.device())?,
+            ))
         }
-        Ok((Some(Tensor::stack(&dx_samples, 0)?), Some(dw)))
+        let (dx, dw) = match x.dtype() {
+            candle_core::DType::F32 => grads::<f32>(self, x, w, grad)?,
+            candle_core::DType::F64 => grads::<f64>(self, x, w, grad)?,
+            other => bail!("conv3d backward: f32 or f64 only, got {other:?}"),
+        };
+        Ok((Some(dx), Some(dw)))
     }
 }
