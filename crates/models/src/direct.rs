@@ -514,23 +514,39 @@ impl Conv3dDirect {
 
     /// `(dx, dw)`: the transposed convolution of the output gradient with the flipped kernel,
     /// and the weight gradient.
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The input and weight gradients, each only where candle's graph wants it (`track_op`):
+    /// a network's first convolution reads the data, whose gradient no one uses.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = &self.0;
-        let Some(t) = g.transposed() else {
-            bail!("conv3d (direct): no transposed geometry; choose the vol2col path");
+        let dx = if x.track_op() {
+            let Some(t) = g.transposed() else {
+                bail!("conv3d (direct): no transposed geometry; choose the vol2col path");
+            };
+            let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            let (o_n, c_n) = (g.out_channels, g.input[0]);
+            let flipped = Tensor::from_vec(
+                g.flip_transpose(&ws),
+                (c_n, o_n, ws.len() / (o_n * c_n).max(1)),
+                w.device(),
+            )?;
+            Some(grad.apply_op2_no_bwd(&flipped, &Conv3dDirect(t))?)
+        } else {
+            None
         };
-        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let (o_n, c_n) = (g.out_channels, g.input[0]);
-        let flipped = Tensor::from_vec(
-            g.flip_transpose(&ws),
-            (c_n, o_n, ws.len() / (o_n * c_n).max(1)),
-            w.device(),
-        )?;
-        let dx = grad.apply_op2_no_bwd(&flipped, &Conv3dDirect(t))?;
-        let dw = x
-            .contiguous()?
-            .apply_op2_no_bwd(grad, &WeightGrad(*g))?
-            .reshape(w.shape())?;
+        let dw = if w.track_op() {
+            Some(
+                x.contiguous()?
+                    .apply_op2_no_bwd(grad, &WeightGrad(*g))?
+                    .reshape(w.shape())?,
+            )
+        } else {
+            None
+        };
         Ok((dx, dw))
     }
 }
@@ -557,8 +573,7 @@ impl candle_core::CustomOp2 for Conv3dDirect {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.grads(x, w, &grad.contiguous()?)?;
-        Ok((Some(dx), Some(dw)))
+        self.grads(x, w, &grad.contiguous()?)
     }
 }
 
@@ -600,7 +615,7 @@ impl candle_core::CustomOp3 for Conv3dDirect {
         let grad = grad.contiguous()?;
         let (dx, dw) = self.grads(x, w, &grad)?;
         let db = channel_sums(&grad)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, dw, Some(db)))
     }
 }
 

@@ -674,4 +674,38 @@ mod tests {
         }
         Ok(())
     }
+
+    /// A convolution of data (a tensor that is no variable and no op's result, as a network's
+    /// input) gives no input gradient, and the weight gradient is unchanged: the direct path
+    /// (unit stride, 8³) and vol2col (stride 2), against the composite in f64.
+    #[test]
+    fn data_gets_no_input_gradient() -> Result<()> {
+        for stride in [1, 2] {
+            let config = Conv3dConfig {
+                stride: [stride; 3],
+                padding: [1; 3],
+                ..Default::default()
+            };
+            let x = random(&[2, 3, 8, 8, 8], 8)?;
+            let weight = Var::from_tensor(&random(&[4, 3, 3, 3, 3], 9)?)?;
+            let y = conv3d(&x, &weight, None, &config)?;
+            let upstream = random(y.dims(), 10)?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let w64 = Var::from_tensor(&weight.to_dtype(DType::F64)?)?;
+            let y64 = conv3d_composite(&x.to_dtype(DType::F64)?, &w64, None, &config)?;
+            let grads64 = (&y64 * &upstream.to_dtype(DType::F64)?)?
+                .sum_all()?
+                .backward()?;
+            assert!(
+                grads.get(&x).is_none(),
+                "stride {stride}: an input gradient"
+            );
+            close(
+                grads.get(&weight),
+                grads64.get(&w64),
+                &format!("dw stride {stride}"),
+            )?;
+        }
+        Ok(())
+    }
 }

@@ -289,76 +289,93 @@ impl Conv3dCpu {
         Ok(out)
     }
 
-    /// The input and weight gradients from the output gradient `gy`; columns are recomputed
-    /// block by block.
+    /// The input and weight gradients from the output gradient `gy`, each only if `needed`;
+    /// columns are recomputed block by block.
     fn backward<T: candle_core::WithDType>(
         &self,
         x: &[T],
         w: &[T],
         gy: &[T],
-    ) -> Result<(Vec<T>, Vec<T>)> {
+        needed: Needed,
+    ) -> Result<Grads<T>> {
         self.check(x, w, Some(gy))?;
         let g = &self.geometry;
         let (rows, o) = (g.rows(), self.out_channels);
         let (input, per_sample) = self.sizes();
         let plane = g.output[1] * g.output[2];
-        let mut dx = vec![T::zero(); x.len()];
-        let mut dw = vec![T::zero(); w.len()];
+        let mut dx = needed.input.then(|| vec![T::zero(); x.len()]);
+        let mut dw = needed.weight.then(|| vec![T::zero(); w.len()]);
         let mut dcols = Vec::new();
         let mut write = Write::Overwrite;
         for n in 0..self.samples {
             let sample = &x[n * input..(n + 1) * input];
             for b in self.blocks() {
-                let cols = unfold(&b, sample);
                 let width = b.cols();
                 let gy_block = View {
                     ptr: gy[n * per_sample + b.od0 * plane..].as_ptr(),
                     row_stride: g.output[0] * plane,
                     col_stride: 1,
                 };
-                dcols.resize(rows * width, T::zero());
-                // SAFETY: gy_block = the block's output depths of every channel of sample n
-                // (o × width inside `gy`, `check`ed); dw and w are o × rows (`check`ed);
-                // cols and dcols are rows × width (their lengths), read transposed as
-                // width × rows for the first product.
-                unsafe {
-                    product(
-                        [o, rows, width],
-                        View {
-                            ptr: dw.as_mut_ptr(),
-                            row_stride: rows,
-                            col_stride: 1,
-                        },
-                        gy_block,
-                        View {
-                            ptr: cols.as_ptr(),
-                            row_stride: 1,
-                            col_stride: width,
-                        },
-                        write,
-                    );
-                    product(
-                        [rows, width, o],
-                        View {
-                            ptr: dcols.as_mut_ptr(),
-                            row_stride: width,
-                            col_stride: 1,
-                        },
-                        View {
-                            ptr: w.as_ptr(),
-                            row_stride: 1,
-                            col_stride: rows,
-                        },
-                        gy_block,
-                        Write::Overwrite,
-                    );
+                // SAFETY (both products): gy_block = the block's output depths of every
+                // channel of sample n (o × width inside `gy`, `check`ed); dw and w are
+                // o × rows (`check`ed); cols and dcols are rows × width (their lengths), cols
+                // read transposed as width × rows.
+                if let Some(dw) = dw.as_mut() {
+                    let cols = unfold(&b, sample);
+                    unsafe {
+                        product(
+                            [o, rows, width],
+                            View {
+                                ptr: dw.as_mut_ptr(),
+                                row_stride: rows,
+                                col_stride: 1,
+                            },
+                            gy_block,
+                            View {
+                                ptr: cols.as_ptr(),
+                                row_stride: 1,
+                                col_stride: width,
+                            },
+                            write,
+                        );
+                    }
+                    write = Write::Add;
                 }
-                write = Write::Add;
-                fold_into(&b, &dcols, &mut dx[n * input..(n + 1) * input]);
+                if let Some(dx) = dx.as_mut() {
+                    dcols.resize(rows * width, T::zero());
+                    unsafe {
+                        product(
+                            [rows, width, o],
+                            View {
+                                ptr: dcols.as_mut_ptr(),
+                                row_stride: width,
+                                col_stride: 1,
+                            },
+                            View {
+                                ptr: w.as_ptr(),
+                                row_stride: 1,
+                                col_stride: rows,
+                            },
+                            gy_block,
+                            Write::Overwrite,
+                        );
+                    }
+                    fold_into(&b, &dcols, &mut dx[n * input..(n + 1) * input]);
+                }
             }
         }
         Ok((dx, dw))
     }
+}
+
+/// The input and weight gradients of [`Conv3dCpu::backward`], each if it was needed.
+type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>);
+
+/// Which gradients the backward pass computes.
+#[derive(Clone, Copy)]
+struct Needed {
+    input: bool,
+    weight: bool,
 }
 
 /// The values of a contiguous CPU tensor.
@@ -423,20 +440,26 @@ impl candle_core::CustomOp2 for Conv3dCpu {
             x: &Tensor,
             w: &Tensor,
             grad: &Tensor,
-        ) -> Result<(Tensor, Tensor)> {
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            // A network's first convolution reads the data, whose gradient no one uses.
+            let needed = Needed {
+                input: x.track_op(),
+                weight: w.track_op(),
+            };
             let (dx, dw) = host::<T, _>(x, |xv| {
-                host::<T, _>(w, |wv| host::<T, _>(grad, |gv| op.backward(xv, wv, gv)))
+                host::<T, _>(w, |wv| {
+                    host::<T, _>(grad, |gv| op.backward(xv, wv, gv, needed))
+                })
             })?;
-            Ok((
-                Tensor::from_vec(dx, x.shape(), x.device())?,
-                Tensor::from_vec(dw, w.shape(), w.device())?,
-            ))
+            let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()));
+            let dw = dw.map(|v| Tensor::from_vec(v, w.shape(), w.device()));
+            Ok((dx.transpose()?, dw.transpose()?))
         }
         let (dx, dw) = match x.dtype() {
             candle_core::DType::F32 => grads::<f32>(self, x, w, grad)?,
             candle_core::DType::F64 => grads::<f64>(self, x, w, grad)?,
             other => bail!("conv3d backward: f32 or f64 only, got {other:?}"),
         };
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, dw))
     }
 }
