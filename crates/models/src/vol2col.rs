@@ -1,5 +1,5 @@
 //! The CPU fast path of `conv3d`: one custom op that unfolds a block of output slices at a
-//! time (vol2col), multiplies it with the weights (candle's multi-threaded `gemm`), and drops
+//! time (vol2col), multiplies it with the weights (one multi-threaded `gemm` call), and drops
 //! it; its backward pass recomputes each block's columns for the weight gradient and folds the
 //! columns' gradient back (col2vol) — memory of one block, not of the whole volume.
 //!
@@ -152,7 +152,8 @@ enum Write {
 }
 
 /// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `dst += …` (`Write::Add`), by `gemm` on the
-/// whole pool (it splits `m` and `n`, never `k`, so the sums do not depend on the thread count).
+/// whole pool (its threads share the output's tiles; `k` is summed in sequential chunks, as in
+/// candle's `matmul`, which calls the same function).
 ///
 /// # Safety
 /// Every element `(i, j)` of the three shapes lies inside the buffer behind its view's
@@ -300,7 +301,6 @@ impl Conv3dCpu {
     ) -> Result<Grads<T>> {
         self.check(x, w, Some(gy))?;
         let g = &self.geometry;
-        let (rows, o) = (g.rows(), self.out_channels);
         let (input, per_sample) = self.sizes();
         let plane = g.output[1] * g.output[2];
         let mut dx = needed.input.then(|| vec![T::zero(); x.len()]);
@@ -310,61 +310,95 @@ impl Conv3dCpu {
         for n in 0..self.samples {
             let sample = &x[n * input..(n + 1) * input];
             for b in self.blocks() {
-                let width = b.cols();
                 let gy_block = View {
                     ptr: gy[n * per_sample + b.od0 * plane..].as_ptr(),
                     row_stride: g.output[0] * plane,
                     col_stride: 1,
                 };
-                // SAFETY (both products): gy_block = the block's output depths of every
-                // channel of sample n (o × width inside `gy`, `check`ed); dw and w are
-                // o × rows (`check`ed); cols and dcols are rows × width (their lengths), cols
-                // read transposed as width × rows.
                 if let Some(dw) = dw.as_mut() {
-                    let cols = unfold(&b, sample);
-                    unsafe {
-                        product(
-                            [o, rows, width],
-                            View {
-                                ptr: dw.as_mut_ptr(),
-                                row_stride: rows,
-                                col_stride: 1,
-                            },
-                            gy_block,
-                            View {
-                                ptr: cols.as_ptr(),
-                                row_stride: 1,
-                                col_stride: width,
-                            },
-                            write,
-                        );
-                    }
+                    // SAFETY: gy_block is the block's output depths of every channel of sample
+                    // n (o × width inside `gy`, `check`ed); dw is o × rows (`check`ed).
+                    unsafe { self.add_weight_grad(&b, sample, gy_block, dw, write) };
                     write = Write::Add;
                 }
                 if let Some(dx) = dx.as_mut() {
-                    dcols.resize(rows * width, T::zero());
-                    unsafe {
-                        product(
-                            [rows, width, o],
-                            View {
-                                ptr: dcols.as_mut_ptr(),
-                                row_stride: width,
-                                col_stride: 1,
-                            },
-                            View {
-                                ptr: w.as_ptr(),
-                                row_stride: 1,
-                                col_stride: rows,
-                            },
-                            gy_block,
-                            Write::Overwrite,
-                        );
-                    }
+                    // SAFETY: as above; w is o × rows (`check`ed).
+                    unsafe { self.input_grad_block(&b, gy_block, w, &mut dcols) };
                     fold_into(&b, &dcols, &mut dx[n * input..(n + 1) * input]);
                 }
             }
         }
         Ok((dx, dw))
+    }
+
+    /// `dW (o × rows) += dY_b (o × width) · colsᵀ` for block `b` of `sample`, or `=` for the
+    /// first block (`Write::Overwrite`).
+    ///
+    /// # Safety
+    /// `gy_block` views `o × b.cols()` values and `dw` holds `o × rows`.
+    unsafe fn add_weight_grad<T: candle_core::WithDType>(
+        &self,
+        b: &Geometry,
+        sample: &[T],
+        gy_block: View<*const T>,
+        dw: &mut [T],
+        write: Write,
+    ) {
+        let (rows, width) = (b.rows(), b.cols());
+        let cols = unfold(b, sample);
+        // SAFETY: the caller's contract for gy_block and dw; cols is rows × width (its
+        // length), read transposed as width × rows.
+        unsafe {
+            product(
+                [self.out_channels, rows, width],
+                View {
+                    ptr: dw.as_mut_ptr(),
+                    row_stride: rows,
+                    col_stride: 1,
+                },
+                gy_block,
+                View {
+                    ptr: cols.as_ptr(),
+                    row_stride: 1,
+                    col_stride: width,
+                },
+                write,
+            );
+        }
+    }
+
+    /// The columns' gradient of block `b`, `Wᵀ (rows × o) · dY_b (o × width)`, into `dcols`.
+    ///
+    /// # Safety
+    /// `gy_block` views `o × b.cols()` values and `w` holds `o × rows`.
+    unsafe fn input_grad_block<T: candle_core::WithDType>(
+        &self,
+        b: &Geometry,
+        gy_block: View<*const T>,
+        w: &[T],
+        dcols: &mut Vec<T>,
+    ) {
+        let (rows, width) = (b.rows(), b.cols());
+        dcols.resize(rows * width, T::zero());
+        // SAFETY: the caller's contract for gy_block and w (read transposed as rows × o);
+        // dcols is rows × width (resized above).
+        unsafe {
+            product(
+                [rows, width, self.out_channels],
+                View {
+                    ptr: dcols.as_mut_ptr(),
+                    row_stride: width,
+                    col_stride: 1,
+                },
+                View {
+                    ptr: w.as_ptr(),
+                    row_stride: 1,
+                    col_stride: rows,
+                },
+                gy_block,
+                Write::Overwrite,
+            );
+        }
     }
 }
 
