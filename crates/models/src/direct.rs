@@ -513,9 +513,8 @@ impl Conv3dDirect {
     }
 
     /// `(dx, dw)`: the transposed convolution of the output gradient with the flipped kernel,
-    /// and the weight gradient.
-    /// The input and weight gradients, each only where candle's graph wants it (`track_op`):
-    /// a network's first convolution reads the data, whose gradient no one uses.
+    /// and the weight gradient, each only where candle's graph tracks that argument
+    /// (`track_op`): a network's first convolution reads the data, whose gradient no one uses.
     fn grads(
         &self,
         x: &Tensor,
