@@ -63,16 +63,22 @@ def main():
     shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
               (64, 16, "level 2: 2x64x16^3 64->64"), (128, 8, "level 3: 2x128x8^3 128->128"), (256, 4, "level 4: 2x256x4^3 256->256")]
     for c, n, name in shapes:
-        x = torch.randn(2, c, n, n, n, requires_grad=True)
-        w = (0.1 * torch.randn(c, c, 3, 3, 3)).requires_grad_(True)
-        def forward():
-            with cast():
-                return F.conv3d(x, w, padding=1)
-        with torch.no_grad():
-            fwd = best(forward)
-        both = best(lambda: forward().float().sum().backward())
+        fwd, both = time_conv((2, c, n, n, n), (c, c, 3, 3, 3), dict(padding=1), cast)
         flops = 2 * 2 * c * c * 27 * n ** 3
         print(f"conv3d {name}: forward {fwd * 1e3:.1f} ms ({flops / fwd / 1e9:.1f} GFLOP/s), forward+backward {both * 1e3:.1f} ms")
+
+def time_conv(x_shape, w_shape, conv_args, cast):
+    """Seconds of F.conv3d on random x and w (both requiring grad): forward alone and forward +
+    backward, best of 3 each."""
+    x = torch.randn(*x_shape, requires_grad=True)
+    w = (0.1 * torch.randn(*w_shape)).requires_grad_(True)
+    def forward():
+        with cast():
+            return F.conv3d(x, w, **conv_args)
+    with torch.no_grad():
+        fwd = best(forward)
+    both = best(lambda: forward().float().sum().backward())
+    return fwd, both
 
 # (name, in, out, side, kernel, stride, dilation), batch 2, padding dilation*(kernel-1)/2:
 # the same table as bench_models.rs.
@@ -94,14 +100,8 @@ LAYERS = {
 def layers(network, cast):
     print(f"threads {torch.get_num_threads()}")
     for name, cin, cout, n, k, s, d in LAYERS[network]:
-        x = torch.randn(2, cin, n, n, n, requires_grad=True)
-        w = (0.1 * torch.randn(cout, cin, k, k, k)).requires_grad_(True)
-        def forward():
-            with cast():
-                return F.conv3d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d)
-        with torch.no_grad():
-            fwd = best(forward)
-        both = best(lambda: forward().float().sum().backward())
+        fwd, both = time_conv((2, cin, n, n, n), (cout, cin, k, k, k),
+                              dict(stride=s, padding=d * (k - 1) // 2, dilation=d), cast)
         print(f"{network} {name} on {n}³: forward {fwd * 1e3:.2f} ms, forward+backward {both * 1e3:.2f} ms")
 
 def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):

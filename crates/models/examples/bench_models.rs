@@ -89,18 +89,8 @@ fn main() -> anyhow::Result<()> {
     ];
     println!("threads {}", rayon::current_num_threads());
     for (c, n, name) in shapes {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, n, n, n), &d)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (c, c, 3, 3, 3), &d)?)?;
         let flops = 2.0 * 2.0 * (c * c * 27 * n * n * n) as f64;
-        let fwd = best(3, || {
-            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg).map(|_| ())
-        })?;
-        let both = best(3, || {
-            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg)?
-                .sum_all()?
-                .backward()
-                .map(|_| ())
-        })?;
+        let (fwd, both) = time_conv((2, c, n, n, n), (c, c, 3, 3, 3), &cfg, &d)?;
         println!(
             "conv3d {name}: forward {:.1} ms ({:.1} GFLOP/s), forward+backward {:.1} ms",
             fwd * 1e3,
@@ -109,6 +99,28 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Seconds of `conv3d` on random `x` and `w` (both variables): forward alone and forward +
+/// backward, best of 3 each.
+fn time_conv(
+    x_shape: (usize, usize, usize, usize, usize),
+    w_shape: (usize, usize, usize, usize, usize),
+    cfg: &Conv3dConfig,
+    d: &Device,
+) -> candle_core::Result<(f64, f64)> {
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, x_shape, d)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, w_shape, d)?)?;
+    let fwd = best(3, || {
+        conv3d(x.as_tensor(), w.as_tensor(), None, cfg).map(|_| ())
+    })?;
+    let both = best(3, || {
+        conv3d(x.as_tensor(), w.as_tensor(), None, cfg)?
+            .sum_all()?
+            .backward()
+            .map(|_| ())
+    })?;
+    Ok((fwd, both))
 }
 
 /// A convolution of a network, batch 2: `(name, in, out, side, kernel, stride, dilation)`,
@@ -158,17 +170,7 @@ fn layers(network: &str, d: &Device) -> anyhow::Result<()> {
             padding: [dil * (k - 1) / 2; 3],
             dilation: [dil; 3],
         };
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, cin, n, n, n), d)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (cout, cin, k, k, k), d)?)?;
-        let fwd = best(3, || {
-            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg).map(|_| ())
-        })?;
-        let both = best(3, || {
-            conv3d(x.as_tensor(), w.as_tensor(), None, &cfg)?
-                .sum_all()?
-                .backward()
-                .map(|_| ())
-        })?;
+        let (fwd, both) = time_conv((2, cin, n, n, n), (cout, cin, k, k, k), &cfg, d)?;
         println!(
             "{network} {name} on {n}³: forward {:.2} ms, forward+backward {:.2} ms",
             fwd * 1e3,

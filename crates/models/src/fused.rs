@@ -12,14 +12,22 @@ use rayon::prelude::*;
 
 /// Runs `f` on the contiguous f32 data of `t`.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    with_values::<f32, R>(t, f)
+}
+
+/// Runs `f` on the contiguous data of `t`, of dtype `T` on the CPU.
+pub(crate) fn with_values<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("expected a contiguous tensor")
     };
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(&v[start..end]),
-        _ => bail!("expected f32 data on the CPU"),
+        Storage::Cpu(cpu) => f(&T::cpu_storage_as_slice(cpu)?[start..end]),
+        _ => bail!("expected {:?} data on the CPU", T::DTYPE),
     }
 }
 

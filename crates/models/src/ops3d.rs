@@ -113,27 +113,45 @@ pub fn conv3d(
     // layers are packed once per block (V-Net's 128-channel 5³ layer on 8³, forward and
     // backward: 77 ms in blocks of 2^20 values, 66 ms of 2^22, 70 ms of 2^23).
     let block = ((1usize << 22) / (rows * oh * ow).max(1)).clamp(1, od);
-    let op = Conv3dCpu {
-        geometry: Geometry {
-            input: [c, d, h, w],
-            kernel: [kd, kh, kw],
-            stride: config.stride,
-            padding: config.padding,
-            dilation: config.dilation,
-            output: [od, oh, ow],
-            od0: 0,
-            dn: od,
-        },
+    let op = vol2col_op(
+        (n, c, d, h, w),
+        (o, wc, kd, kh, kw),
+        config,
+        [od, oh, ow],
         block,
-        samples: n,
-        out_channels: o,
-    };
+    );
     let y = x
         .contiguous()?
         .apply_op2(&weight.reshape((o, rows))?.contiguous()?, op)?;
     match bias {
         Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
+    }
+}
+
+/// The vol2col op of `x (N, C, D, H, W)` and `weight (O, C, kd, kh, kw)` with output size
+/// `output`, in blocks of `block` output slices.
+fn vol2col_op(
+    (n, c, d, h, w): (usize, usize, usize, usize, usize),
+    (o, _, kd, kh, kw): (usize, usize, usize, usize, usize),
+    config: &Conv3dConfig,
+    output: [usize; 3],
+    block: usize,
+) -> Conv3dCpu {
+    Conv3dCpu {
+        geometry: Geometry {
+            input: [c, d, h, w],
+            kernel: [kd, kh, kw],
+            stride: config.stride,
+            padding: config.padding,
+            dilation: config.dilation,
+            output,
+            od0: 0,
+            dn: output[0],
+        },
+        block,
+        samples: n,
+        out_channels: o,
     }
 }
 
@@ -635,7 +653,7 @@ mod tests {
                 },
             ),
         ] {
-            let [n, c, d, h, w] = x_shape;
+            let c = x_shape[1];
             let [kd, kh, kw] = kernel;
             let x = Var::from_tensor(&random(&x_shape, 5)?)?;
             let weight = Var::from_tensor(&random(&[out_channels, c, kd, kh, kw], 6)?)?;
@@ -648,21 +666,7 @@ mod tests {
                 .sum_all()?
                 .backward()?;
             for block in [1, 2, od] {
-                let op = Conv3dCpu {
-                    geometry: Geometry {
-                        input: [c, d, h, w],
-                        kernel,
-                        stride: config.stride,
-                        padding: config.padding,
-                        dilation: config.dilation,
-                        output: [od, oh, ow],
-                        od0: 0,
-                        dn: od,
-                    },
-                    block,
-                    samples: n,
-                    out_channels,
-                };
+                let op = vol2col_op(x.dims5()?, weight.dims5()?, &config, [od, oh, ow], block);
                 let w2 = weight.reshape((out_channels, c * kd * kh * kw))?;
                 let y = x.apply_op2(&w2, op)?;
                 let grads = (&y * &upstream)?.sum_all()?.backward()?;

@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::fused::with_values;
+
 /// Geometry of one sample's convolution: input `(C, D, H, W)`, kernel `(kd, kh, kw)`, output
 /// `(Do, Ho, Wo)`, and the block of output depths `od0..od0 + dn` this op unfolds.
 #[derive(Debug, Clone, Copy)]
@@ -412,19 +414,6 @@ struct Needed {
     weight: bool,
 }
 
-/// The values of a contiguous CPU tensor.
-fn host<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("conv3d: contiguous tensors expected");
-    };
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(&T::cpu_storage_as_slice(cpu)?[start..end]),
-        _ => bail!("conv3d: CPU tensors expected"),
-    }
-}
-
 impl candle_core::CustomOp2 for Conv3dCpu {
     fn name(&self) -> &'static str {
         "cwseg-conv3d"
@@ -480,9 +469,9 @@ impl candle_core::CustomOp2 for Conv3dCpu {
                 input: x.track_op(),
                 weight: w.track_op(),
             };
-            let (dx, dw) = host::<T, _>(x, |xv| {
-                host::<T, _>(w, |wv| {
-                    host::<T, _>(grad, |gv| op.backward(xv, wv, gv, needed))
+            let (dx, dw) = with_values::<T, _>(x, |xv| {
+                with_values::<T, _>(w, |wv| {
+                    with_values::<T, _>(grad, |gv| op.backward(xv, wv, gv, needed))
                 })
             })?;
             let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device()));
