@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="side of the network step's input")
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16"],
                     help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss")
-    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process), "
+    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process; on CUDA a comma-separated list), "
                     "layers-deeplabv3 or layers-vnet (each distinct convolution)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,7 +57,15 @@ def main():
     if args.what.startswith("layers-"):
         return layers(args.what[len("layers-"):], cast)
     if args.what != "conv":
-        return network_step(args.what, args.device, args.size, cast)
+        if args.device.startswith("cuda"):
+            # cuDNN's autotuner, as users run it; true f32 (PyTorch's default lets cuDNN's
+            # f32 convolutions run in TF32, cwseg's f32 does not)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        for name in args.what.split(","):  # on CUDA several networks per process
+            network_step(name, args.device, args.size, cast)
+        return
     print(f"precision {args.precision}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     shapes = [(32, 64, "2x32x64^3 32->32"), (16, 64, "level 0: 2x16x64^3 16->16"), (32, 32, "level 1: 2x32x32^3 32->32"),
@@ -127,10 +135,12 @@ def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     if device.startswith("cuda"):
-        t = median(step)  # the warm-up call: cuDNN autotuning and the caching allocator
+        torch.cuda.reset_peak_memory_stats()
+        t = median(step, repeat=5)  # the warm-up call: cuDNN autotuning and the caching allocator
         peak = torch.cuda.max_memory_allocated() / 2**20
-        print(f"{name} training step on {torch.cuda.get_device_name()}, batch 2, 1x{n}^3, 16 classes: "
-              f"{t * 1e3:.1f} ms (median of 3), peak GPU memory {peak:.0f} MiB, torch {torch.__version__}")
+        precision = "bf16 autocast" if cast is not contextlib.nullcontext else "f32 (no TF32)"
+        print(f"{name} training step on {torch.cuda.get_device_name()}, batch 2, 1x{n}^3, 16 classes, {precision}: "
+              f"{t * 1e3:.1f} ms (median of 5), peak GPU memory {peak:.0f} MiB, torch {torch.__version__}")
         return
     t = median(step)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

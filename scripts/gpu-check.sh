@@ -6,10 +6,11 @@
 #
 # 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
 #    gradients), every network's forward (eval and train) and input gradient, every loss.
-# 2. The paper U-Net's training step (batch 2, 1×96³, 16 classes, forward + loss + backward +
-#    Adam) with cwseg on CUDA against PyTorch on the same GPU (cross-entropy on both; cwseg's
-#    CWCD beside it).
-# 3. `cwseg demo --quick --device cuda`.
+# 2. The training steps of the four networks (batch 2, 1×96³, 16 classes, forward + loss +
+#    backward + Adam, median of 5 after a warm-up) with cwseg on CUDA (cuDNN) against PyTorch
+#    on the same GPU (cuDNN autotuner on, no TF32), in f32 and bf16 (PyTorch: autocast), with
+#    peak GPU memory on both sides (cross-entropy on both; cwseg's CWCD beside it).
+# 3. `cwseg demo --quick --device cuda`, in f32 and bf16.
 # Logs and a summary go to OUT (default $OUT, else gpu-check-out/). Exit status: failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,14 @@ done
 if [ -n "$PY" ]; then
   NVLIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
   [ -n "$NVLIB" ] && export LD_LIBRARY_PATH="$NVLIB:${LD_LIBRARY_PATH:-}"
+  # cuDNN 9 from PyTorch's wheels (nvidia/cudnn/lib beside nvidia/cu13/lib)
+  CUDNNLIB=$("$PY" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cudnn", "lib"))' 2>/dev/null || true)
+  [ -n "$CUDNNLIB" ] && [ -d "$CUDNNLIB" ] && export LD_LIBRARY_PATH="$CUDNNLIB:$LD_LIBRARY_PATH"
+  # MONAI (V-Net, UNETR references) from the carried pure-Python wheel where it is missing
+  if ! "$PY" -c 'import monai' 2>/dev/null; then
+    MONAI_WHEEL=$(ls "$BIN"/monai-*.whl 2>/dev/null | head -1)
+    [ -n "$MONAI_WHEEL" ] && export PYTHONPATH="$MONAI_WHEEL${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
 
 step() { # step NAME TIMEOUT COMMAND...
@@ -59,12 +68,18 @@ step() { # step NAME TIMEOUT COMMAND...
 
 step ops-networks-parity 300 "$BIN/tests/models-cuda" --nocapture --test-threads 1
 step losses-parity 300 "$BIN/tests/losses-cuda" --nocapture --test-threads 1
-step cwseg-step-ce 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 --step-loss ce
-step cwseg-step-cwcd 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 --step-loss cwcd
-if [ -n "$PY" ]; then
-  step pytorch-step-ce 300 "$PY" scripts/bench_models_reference.py --device cuda --size 96 unet
-fi
-step demo-quick 420 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/demo"
+NETS=unet,vnet,deeplabv3,unetr
+for p in f32 bf16; do
+  step "cwseg-steps-$p" 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 \
+    --step-network $NETS --step-loss ce,cwcd --precision $p
+  if [ -n "$PY" ]; then
+    step "pytorch-steps-$p" 300 "$PY" scripts/bench_models_reference.py --device cuda --size 96 \
+      --precision $p $NETS
+  fi
+done
+step demo-quick 300 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/demo"
+step demo-quick-bf16 300 "$BIN/cwseg" demo --quick --device cuda --precision bf16 --quiet \
+  --out "$OUT/demo-bf16"
 
 {
   echo
@@ -77,9 +92,11 @@ step demo-quick 420 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/
       | sed 's/^/SKIPPED (counted as a failure: the GPU was not usable): /' | grep .; then
     failed=$((failed + 1))
   fi
-  grep -h "U-Net training step" "$OUT/cwseg-step-ce.log" "$OUT/cwseg-step-cwcd.log" 2>/dev/null
-  grep -h "training step on" "$OUT/pytorch-step-ce.log" 2>/dev/null
-  grep -h "^| Avg\|training time" "$OUT/demo-quick.log" 2>/dev/null
+  grep -h "training step" "$OUT"/cwseg-steps-*.log 2>/dev/null
+  grep -h "training step on" "$OUT"/pytorch-steps-*.log 2>/dev/null
+  for d in demo-quick demo-quick-bf16; do
+    grep -h "^| Avg\|training time" "$OUT/$d.log" 2>/dev/null | sed "s/^/$d: /"
+  done
   echo
   echo "failed steps: $failed"
 } >> "$SUMMARY"

@@ -45,17 +45,18 @@ pub struct BenchOptions {
     /// Side of the training step's input (default 64, or 32 with --quick).
     #[arg(long)]
     pub step_size: Option<usize>,
-    /// Loss of the training step.
+    /// Loss of the training step; a comma-separated list times each.
     #[arg(long, default_value = "cwcd")]
     pub step_loss: String,
-    /// Network of the training step (`unet`, `vnet`, `deeplabv3`, `unetr`), with 16 classes.
+    /// Network of the training step (`unet`, `vnet`, `deeplabv3`, `unetr`), with 16 classes; a
+    /// comma-separated list times each.
     #[arg(long, default_value = "unet")]
     pub step_network: String,
     /// Time the training step only.
     #[arg(long)]
     pub step_only: bool,
-    /// Convolution precision, `f32` or `bf16` (where the CPU has AMX-BF16, else f32 with a
-    /// warning).
+    /// Convolution precision, `f32` or `bf16` (on CUDA, or where the CPU has AMX-BF16; else
+    /// f32 with a warning).
     #[arg(long, default_value = "f32")]
     pub precision: cwseg_models::Precision,
 }
@@ -65,21 +66,28 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let quick = options.quick;
     let runs = if quick { 3 } else { 5 };
     let device = cwseg_train::parse_device(&options.device)?;
-    crate::commands::set_precision(options.precision);
+    crate::commands::set_precision(options.precision, &device);
     let mut rows: Vec<(String, f64)> = Vec::new();
     if !options.step_only {
         rows.extend(operation_rows(runs, &device)?);
     }
     let size = options.step_size.unwrap_or(if quick { 32 } else { 64 });
-    rows.push(training_step(
-        &StepConfig {
-            network: &options.step_network,
-            loss: &options.step_loss,
-            size,
-        },
-        if quick { 2 } else { 3 },
-        &device,
-    )?);
+    // a GPU step is short: the median of 5, as the PyTorch reference takes there
+    let step_runs = match (device.is_cuda(), quick) {
+        (true, _) => 5,
+        (false, true) => 2,
+        (false, false) => 3,
+    };
+    for network in options.step_network.split(',') {
+        for loss in options.step_loss.split(',') {
+            let step = StepConfig {
+                network: network.trim(),
+                loss: loss.trim(),
+                size,
+            };
+            rows.push(training_step(&step, step_runs, &device)?);
+        }
+    }
     print_rows(&rows, runs, options)
 }
 
@@ -169,6 +177,7 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
     let y = Tensor::from_vec(labels, (2, size, size, size), device)?;
     let target = Target::new(y)?;
     let loss = LossConfig::from_name(step.loss)?.build();
+    cwseg_train::reset_peak_gpu_memory(device)?;
     let ms = time(runs, || {
         let logits = network.forward_t(&x, true)?;
         let grads = loss.forward(&logits, &target)?.backward()?;
@@ -176,12 +185,15 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
         device.synchronize()?;
         Ok(())
     })?;
+    let place = match cwseg_train::peak_gpu_memory(device)? {
+        Some(bytes) => format!("CUDA, peak GPU memory {} MiB", bytes >> 20),
+        None => "CPU".to_owned(),
+    };
     Ok((
         format!(
-            "{} training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {}, {}",
+            "{} training step (forward + {} + backward + Adam), 2×1×{size}³, 16 classes, {place}, {}",
             model.name(),
             loss.name(),
-            if device.is_cuda() { "CUDA" } else { "CPU" },
             cwseg_models::precision()
         ),
         ms,

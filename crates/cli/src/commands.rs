@@ -109,8 +109,8 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long)]
     device: Option<String>,
-    /// Convolution precision, `f32` or `bf16` (bf16 inputs, f32 accumulation: where the CPU
-    /// has AMX-BF16, else f32 with a warning).
+    /// Convolution precision, `f32` or `bf16` (bf16 inputs, f32 accumulation: on CUDA, or
+    /// where the CPU has AMX-BF16; else f32 with a warning).
     #[arg(long)]
     precision: Option<cwseg_models::Precision>,
     /// Run folder.
@@ -308,8 +308,8 @@ pub struct PredictArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Convolution precision, `f32` or `bf16` (where the CPU has AMX-BF16, else f32 with a
-    /// warning).
+    /// Convolution precision, `f32` or `bf16` (on CUDA, or where the CPU has AMX-BF16; else
+    /// f32 with a warning).
     #[arg(long, default_value = "f32")]
     precision: cwseg_models::Precision,
     /// `I/N`: predict only every N-th case (sorted by name) from case I (0-based; a job
@@ -318,12 +318,13 @@ pub struct PredictArgs {
     shard: Option<cwseg_train::Shard>,
 }
 
-/// Sets the process's convolution precision, warning where bf16 falls back to f32.
-pub(crate) fn set_precision(requested: cwseg_models::Precision) {
-    let effective = cwseg_models::set_precision(requested);
+/// Sets the process's convolution precision for `device`, warning where bf16 falls back to
+/// f32.
+pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device) {
+    let effective = cwseg_models::set_precision(requested, device);
     if effective != requested {
         eprintln!(
-            "warning: precision {requested} needs a CPU with AMX-BF16 (and Linux ≥ 5.16); running in {effective}"
+            "warning: precision {requested} needs a GPU or a CPU with AMX-BF16 (and Linux ≥ 5.16); running in {effective}"
         );
     }
 }
@@ -387,7 +388,7 @@ fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> R
 /// `cwseg predict`.
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    set_precision(args.precision);
+    set_precision(args.precision, &device);
     let model = crate::hub::model_path(&args.model)?;
     if let Some(overlap) = args.overlap
         && !(0.0..=MAX_OVERLAP).contains(&overlap)

@@ -115,7 +115,7 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
 /// Runs the demo; returns the Markdown table.
 pub fn run(options: &DemoOptions) -> Result<String> {
     let device = parse_device(&options.device)?;
-    crate::commands::set_precision(options.precision);
+    crate::commands::set_precision(options.precision, &device);
     let seeds = options.seeds.unwrap_or(if options.quick { 1 } else { 3 });
     if seeds == 0 {
         bail!("--seeds 0: the demo needs at least one seed");

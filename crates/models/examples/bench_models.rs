@@ -67,8 +67,8 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "f32".into())
         .parse()
         .map_err(anyhow::Error::msg)?;
-    println!("precision {}", cwseg_models::set_precision(requested));
     let d = Device::Cpu;
+    println!("precision {}", cwseg_models::set_precision(requested, &d));
     if let Some(network) = what.strip_prefix("layers-") {
         return layers(network, &d);
     }

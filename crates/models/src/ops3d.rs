@@ -59,10 +59,28 @@ fn strided(x: &Tensor, axis: usize, count: usize, step: usize, first: usize) -> 
         .index_select(&taps(x, count, step, first)?, axis)
 }
 
+/// Output size `[od, oh, ow]` of [`conv3d`], after checking that the channels agree.
+fn conv3d_output(x: &Tensor, weight: &Tensor, config: &Conv3dConfig) -> Result<[usize; 3]> {
+    let (_, c, d, h, w) = x.dims5()?;
+    let (_, wc, kd, kh, kw) = weight.dims5()?;
+    if wc != c {
+        bail!("conv3d: input has {c} channels, weight expects {wc}");
+    }
+    let [sd, sh, sw] = config.stride;
+    let [pd, ph, pw] = config.padding;
+    let [dd, dh, dw] = config.dilation;
+    Ok([
+        out_len(d, kd, sd, pd, dd, "conv3d depth")?,
+        out_len(h, kh, sh, ph, dh, "conv3d height")?,
+        out_len(w, kw, sw, pw, dw, "conv3d width")?,
+    ])
+}
+
 /// 3D convolution (cross-correlation, as PyTorch's `conv3d`): input `(N, C, D, H, W)`, weight
 /// `(O, C, kd, kh, kw)`, optional bias `(O,)`. On the CPU: unit strides in f32 by the direct
 /// tap-sum of `direct.rs` (no column matrix), other strides and f64 by vol2col + one `gemm`
-/// matrix product per block of output slices; elsewhere [`conv3d_composite`].
+/// matrix product per block of output slices; on CUDA (feature `cuda`) cuDNN
+/// (`cudnn.rs`); elsewhere [`conv3d_composite`].
 pub fn conv3d(
     x: &Tensor,
     weight: &Tensor,
@@ -70,21 +88,21 @@ pub fn conv3d(
     config: &Conv3dConfig,
 ) -> Result<Tensor> {
     let (weight, config) = &without_dead_taps(x, weight, config)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let y = crate::cudnn::conv3d(x, weight, config, conv3d_output(x, weight, config)?)?;
+        return match bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        };
+    }
     let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !fast {
         return conv3d_composite(x, weight, bias, config);
     }
     let (n, c, d, h, w) = x.dims5()?;
     let (o, wc, kd, kh, kw) = weight.dims5()?;
-    if wc != c {
-        bail!("conv3d: input has {c} channels, weight expects {wc}");
-    }
-    let [sd, sh, sw] = config.stride;
-    let [pd, ph, pw] = config.padding;
-    let [dd, dh, dw] = config.dilation;
-    let od = out_len(d, kd, sd, pd, dd, "conv3d depth")?;
-    let oh = out_len(h, kh, sh, ph, dh, "conv3d height")?;
-    let ow = out_len(w, kw, sw, pw, dw, "conv3d width")?;
+    let [od, oh, ow] = conv3d_output(x, weight, config)?;
     if x.dtype() == DType::F32 && config.stride == [1; 3] {
         let direct = Direct {
             input: [c, d, h, w],
@@ -94,8 +112,9 @@ pub fn conv3d(
             out_channels: o,
             samples: n,
             backend: match crate::precision::precision() {
-                Precision::Bf16 => Backend::Amx,
-                Precision::F32 => Backend::best(),
+                // bf16 may be set for CUDA on a CPU without AMX-BF16
+                Precision::Bf16 if crate::precision::bf16_available() => Backend::Amx,
+                _ => Backend::best(),
             },
         };
         if direct.pays() && direct.transposed().is_some() {
@@ -303,22 +322,65 @@ fn dilate_with_zeros(x: &Tensor, axis: usize, stride: usize) -> Result<Tensor> {
     spread.reshape(shape)?.narrow(axis, 0, (n - 1) * stride + 1)
 }
 
+/// Output size of [`conv_transpose3d`] per axis, `(n − 1)·s − 2p + d(k − 1) + output_padding
+/// + 1`, after checking the channels, that the output padding is below the stride or the
+/// dilation and that the padding is within the kernel's reach `d(k − 1)`.
+fn conv_transpose3d_output(
+    x: &Tensor,
+    weight: &Tensor,
+    config: &ConvTranspose3dConfig,
+) -> Result<[usize; 3]> {
+    let (_, c, d, h, w) = x.dims5()?;
+    let (wc, _, kd, kh, kw) = weight.dims5()?;
+    if wc != c {
+        bail!("conv_transpose3d: input has {c} channels, weight expects {wc}");
+    }
+    let mut output = [0; 3];
+    for (i, (n, k)) in [(d, kd), (h, kh), (w, kw)].into_iter().enumerate() {
+        let (s, p, op, dil) = (
+            config.stride[i],
+            config.padding[i],
+            config.output_padding[i],
+            config.dilation[i],
+        );
+        if s == 0 || dil == 0 || k == 0 || n == 0 || op >= s.max(dil) {
+            bail!(
+                "conv_transpose3d: stride {s}, dilation {dil}, kernel {k}, input length {n} and output padding {op} are out of range"
+            );
+        }
+        let reach = dil * (k - 1);
+        if p > reach {
+            bail!("conv_transpose3d: padding {p} exceeds the kernel's reach {reach}");
+        }
+        output[i] = (n - 1) * s + reach + op + 1 - 2 * p;
+        if output[i] == 0 {
+            bail!("conv_transpose3d: padding {p} leaves an empty output");
+        }
+    }
+    Ok(output)
+}
+
 /// 3D transposed convolution (PyTorch's `conv_transpose3d`): input `(N, C_in, D, H, W)`,
 /// weight `(C_in, C_out, kd, kh, kw)`, optional bias `(C_out,)`; output length per axis
-/// `(n − 1)·s − 2p + d(k − 1) + output_padding + 1`. The input gradient of a convolution:
-/// zeros inserted between input voxels, padded by `d(k − 1) − p`, then [`conv3d`] with the
-/// flipped kernel.
+/// `(n − 1)·s − 2p + d(k − 1) + output_padding + 1`. The input gradient of a convolution: on
+/// CUDA (feature `cuda`) cuDNN's; elsewhere zeros inserted between input voxels, padded by
+/// `d(k − 1) − p`, then [`conv3d`] with the flipped kernel.
 pub fn conv_transpose3d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     config: &ConvTranspose3dConfig,
 ) -> Result<Tensor> {
-    let (_, c, _, _, _) = x.dims5()?;
-    let (wc, _, kd, kh, kw) = weight.dims5()?;
-    if wc != c {
-        bail!("conv_transpose3d: input has {c} channels, weight expects {wc}");
+    let output = conv_transpose3d_output(x, weight, config)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let y = crate::cudnn::conv_transpose3d(x, weight, config, output)?;
+        return match bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        };
     }
+    let (_, _, kd, kh, kw) = weight.dims5()?;
     let kernel = [kd, kh, kw];
     if kernel == config.stride
         && config.padding == [0; 3]
@@ -335,15 +397,7 @@ pub fn conv_transpose3d(
             config.output_padding[i],
             config.dilation[i],
         );
-        if s == 0 || d == 0 || op >= s.max(d) {
-            bail!(
-                "conv_transpose3d: stride {s}, dilation {d} and output padding {op} are out of range"
-            );
-        }
         let reach = d * (k - 1);
-        if p > reach {
-            bail!("conv_transpose3d: padding {p} exceeds the kernel's reach {reach}");
-        }
         y = dilate_with_zeros(&y, 2 + i, s)?;
         y = y.pad_with_zeros(2 + i, reach - p, reach - p + op)?;
     }
@@ -358,6 +412,12 @@ pub fn conv_transpose3d(
         ..Conv3dConfig::default()
     };
     let y = conv3d(&y, &flipped, None, &conv)?;
+    if y.dims()[2..] != output {
+        bail!(
+            "conv_transpose3d: computed size {:?}, expected {output:?}",
+            &y.dims()[2..]
+        );
+    }
     match bias {
         Some(b) => add_channel_bias(&y, b),
         None => Ok(y),

@@ -8,10 +8,16 @@
 //! forward pass, output gradient and weights for the input gradient, input and output gradient
 //! for the weight gradient. Strided and transposed convolutions, matmuls, norms, the loss and
 //! the optimizer stay in f32, and so do parameters and activations (stored as f32).
+//!
+//! On CUDA (feature `cuda`), bf16 casts the inputs of every convolution and transposed
+//! convolution to bf16, which cuDNN multiplies on tensor cores with f32 accumulation, and casts
+//! the result back: parameters, gradients and the optimizer state stay f32.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::Device;
 
 /// Arithmetic precision of convolutions.
 #[derive(
@@ -59,7 +65,7 @@ impl FromStr for Precision {
 /// The process's convolution precision (0: f32, 1: bf16).
 static CONV_PRECISION: AtomicU8 = AtomicU8::new(0);
 
-/// Whether this machine computes bf16 convolutions: an x86-64 CPU with AMX-BF16 whose
+/// Whether this machine's CPU computes bf16 convolutions: an x86-64 CPU with AMX-BF16 whose
 /// operating system grants this process the tile state (Linux ≥ 5.16).
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -68,11 +74,18 @@ pub fn bf16_available() -> bool {
     false
 }
 
-/// Sets the convolution precision of the process and returns the one in effect: bf16 only
-/// where [`bf16_available`], f32 everywhere else.
-pub fn set_precision(requested: Precision) -> Precision {
+/// Whether convolutions on `device` compute in bf16: CUDA devices (cuDNN on tensor cores, in
+/// builds with the `cuda` feature) and CPUs where [`bf16_available`].
+pub fn bf16_available_on(device: &Device) -> bool {
+    device.is_cuda() || bf16_available()
+}
+
+/// Sets the convolution precision of the process for convolutions on `device` and returns the
+/// one in effect: bf16 only where [`bf16_available_on`], f32 everywhere else. CPU convolutions
+/// of a process set to bf16 for CUDA run in f32 where the CPU has no AMX-BF16.
+pub fn set_precision(requested: Precision, device: &Device) -> Precision {
     let effective = match requested {
-        Precision::Bf16 if bf16_available() => Precision::Bf16,
+        Precision::Bf16 if bf16_available_on(device) => Precision::Bf16,
         _ => Precision::F32,
     };
     CONV_PRECISION.store(effective as u8, Ordering::Relaxed);

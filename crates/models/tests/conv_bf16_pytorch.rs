@@ -72,7 +72,10 @@ fn bf16_conv3d_matches_pytorch() {
         eprintln!("no AMX-BF16 on this machine: bf16 convolutions run in f32, not tested");
         return;
     }
-    assert_eq!(set_precision(Precision::Bf16), Precision::Bf16);
+    assert_eq!(
+        set_precision(Precision::Bf16, &Device::Cpu),
+        Precision::Bf16
+    );
     for case in ["c18", "c40"] {
         for (what, d, s) in run(&mut npz, case) {
             assert!(
@@ -81,5 +84,5 @@ fn bf16_conv3d_matches_pytorch() {
             );
         }
     }
-    set_precision(Precision::F32);
+    set_precision(Precision::F32, &Device::Cpu);
 }

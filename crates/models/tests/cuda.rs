@@ -21,8 +21,11 @@ fn run(op: &Op, x: &Tensor, w: &Tensor) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         .collect();
     let r = Tensor::from_vec(r, y.shape(), y.device()).unwrap();
     let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    // (gradients of bf16 inputs are bf16)
     let host = |t: &Tensor| -> Vec<f32> {
         t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -42,16 +45,7 @@ fn gpu() -> Option<Device> {
 }
 
 fn close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: length");
-    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale;
-    println!("{what:28} max relative difference {worst:.2e}");
-    assert!(worst <= 1e-4, "{what}: CUDA differs from CPU by {worst}");
+    within(a, b, 1e-4, what);
 }
 
 #[test]
@@ -62,8 +56,59 @@ fn cuda_matches_cpu() {
     let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
     let w = Tensor::randn(0f32, 0.3, (6, 4, 3, 3, 3), &Device::Cpu).unwrap();
     let wt = Tensor::randn(0f32, 0.3, (4, 3, 2, 2, 2), &Device::Cpu).unwrap();
+    let w5 = Tensor::randn(0f32, 0.1, (5, 4, 5, 5, 5), &Device::Cpu).unwrap();
+    let w2 = Tensor::randn(0f32, 0.3, (8, 4, 2, 2, 2), &Device::Cpu).unwrap();
+    let w1 = Tensor::randn(0f32, 0.3, (3, 4, 1, 1, 1), &Device::Cpu).unwrap();
+    let wt3 = Tensor::randn(0f32, 0.3, (4, 3, 3, 3, 3), &Device::Cpu).unwrap();
     let c = Tensor::rand(0.5f32, 1.5, 4, &Device::Cpu).unwrap();
+    // A fixed bias on the op's device (its gradient is not compared).
+    let bias = |n: usize, x: &Tensor| {
+        Tensor::arange(0f32, n as f32, x.device())
+            .unwrap()
+            .affine(0.1, -0.2)
+            .unwrap()
+    };
     let ops: Vec<(&str, Tensor, Op)> = vec![
+        (
+            "conv3d k5 p2 bias",
+            w5.clone(),
+            Box::new(move |x, w| {
+                let config = Conv3dConfig {
+                    padding: [2; 3],
+                    ..Default::default()
+                };
+                conv3d(x, w, Some(&bias(5, x)), &config).unwrap()
+            }),
+        ),
+        (
+            "conv3d k2 s2",
+            w2.clone(),
+            Box::new(|x, w| {
+                let config = Conv3dConfig {
+                    stride: [2; 3],
+                    ..Default::default()
+                };
+                conv3d(x, w, None, &config).unwrap()
+            }),
+        ),
+        (
+            "conv3d k1",
+            w1.clone(),
+            Box::new(|x, w| conv3d(x, w, None, &Conv3dConfig::default()).unwrap()),
+        ),
+        (
+            "conv_transpose3d k3 s2 p1 op1",
+            wt3.clone(),
+            Box::new(|x, w| {
+                let config = ConvTranspose3dConfig {
+                    stride: [2; 3],
+                    padding: [1; 3],
+                    output_padding: [1; 3],
+                    ..Default::default()
+                };
+                conv_transpose3d(x, w, None, &config).unwrap()
+            }),
+        ),
         (
             "conv3d k3 s2 p1",
             w.clone(),
@@ -244,4 +289,55 @@ fn networks_match_cpu() {
         close(&cpu.1, &cuda.1, &format!("{name} train output"));
         close(&cpu.2, &cuda.2, &format!("{name} input gradient"));
     }
+}
+
+/// A convolution on bf16 CUDA tensors (tensor cores, f32 accumulation) against the CPU's f32:
+/// within 2e-2 of the largest output, for the output and both gradients (bf16 keeps 8
+/// significant bits, a relative rounding of 2⁻⁹ on each operand).
+#[test]
+fn bf16_conv_close_to_f32() {
+    use candle_core::DType;
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 8, 12, 12, 12), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.2, (16, 8, 3, 3, 3), &Device::Cpu).unwrap();
+    let config = Conv3dConfig {
+        padding: [1; 3],
+        ..Default::default()
+    };
+    let op: Op = Box::new(move |x, w| conv3d(x, w, None, &config).unwrap());
+    let (y, gx, gw) = run(&op, &x, &w);
+    let bf16 = |t: &Tensor| t.to_device(&gpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let to_f32: Op = Box::new(move |x, w| {
+        conv3d(x, w, None, &config)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    });
+    let (y16, gx16, gw16) = run(&to_f32, &bf16(&x), &bf16(&w));
+    for (what, a, b) in [
+        ("output", &y, &y16),
+        ("input gradient", &gx, &gx16),
+        ("weight gradient", &gw, &gw16),
+    ] {
+        within(a, b, 2e-2, &format!("bf16 conv3d {what}"));
+    }
+}
+
+/// `b` within `tolerance` of `a`, relative to the largest `|a|`.
+fn within(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale;
+    println!("{what:28} max relative difference {worst:.2e}");
+    assert!(
+        worst <= tolerance,
+        "{what}: differs by {worst} (tolerance {tolerance})"
+    );
 }

@@ -101,8 +101,8 @@ pub struct TrainConfig {
     pub validation: ValidationConfig,
     /// Where the contour maps (and DWCE weights) of patches come from.
     pub contour_maps: ContourMaps,
-    /// Convolution precision (`cwseg_models::precision`): bf16 where the CPU has AMX-BF16,
-    /// else the run trains in f32 (with a warning) and its model card says so.
+    /// Convolution precision (`cwseg_models::precision`): bf16 on CUDA or where the CPU has
+    /// AMX-BF16, else the run trains in f32 (with a warning) and its model card says so.
     pub precision: Precision,
 }
 

@@ -22,7 +22,7 @@ pub mod window;
 
 pub use card::{ModelCard, load_model};
 pub use config::{ContourMaps, TrainConfig, ValidationConfig};
-pub use device::parse_device;
+pub use device::{parse_device, peak_gpu_memory, reset_peak_gpu_memory};
 pub use distributed::{Communicator, Single};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 pub use predict::{

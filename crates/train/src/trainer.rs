@@ -409,15 +409,16 @@ pub fn train(
     config.validate()?;
     let created = !dir.exists();
     let previous = cwseg_models::precision();
-    let effective = cwseg_models::set_precision(config.precision);
+    let device = parse_device(&config.device)?;
+    let effective = cwseg_models::set_precision(config.precision, &device);
     if effective != config.precision {
         eprintln!(
-            "warning: precision {} needs a CPU with AMX-BF16 (and Linux ≥ 5.16); training in {effective}",
+            "warning: precision {} needs a GPU or a CPU with AMX-BF16 (and Linux ≥ 5.16); training in {effective}",
             config.precision
         );
     }
     let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
-    cwseg_models::set_precision(previous);
+    cwseg_models::set_precision(previous, &device);
     let rank0 = options.communicator.as_ref().is_none_or(|c| c.rank() == 0);
     if outcome.is_err() && rank0 && created && !dir.join("last").exists() {
         let _ = fs::remove_dir_all(dir);
