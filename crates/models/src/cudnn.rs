@@ -246,61 +246,16 @@ impl CustomOp2 for CudnnConv {
     }
 }
 
-/// `x ⋆ w` of contiguous CUDA tensors with output size `output`, one [`CudnnConv`] forward.
-pub(crate) fn conv3d(
-    x: &Tensor,
-    weight: &Tensor,
-    config: &crate::ops3d::Conv3dConfig,
-    output: [usize; 3],
+/// Pass `pass` of `geometry` on CUDA tensors `a` and `b` (its two inputs, in the order of
+/// [`Pass`]): the forward convolution is `(x, w)`, the transposed convolution `(y, w)` with
+/// [`Pass::Data`].
+pub(crate) fn convolve(
+    a: &Tensor,
+    b: &Tensor,
+    geometry: ConvGeometry,
+    pass: Pass,
 ) -> Result<Tensor> {
-    let (n, _, _, _, _) = x.dims5()?;
-    let (o, _, _, _, _) = weight.dims5()?;
-    let geometry = ConvGeometry {
-        x: dims5(x)?,
-        w: dims5(weight)?,
-        y: [n, o, output[0], output[1], output[2]],
-        stride: config.stride,
-        padding: config.padding,
-        dilation: config.dilation,
-    };
-    in_precision(
-        x,
-        weight,
-        CudnnConv {
-            geometry,
-            pass: Pass::Forward,
-        },
-    )
-}
-
-/// The transposed convolution of contiguous CUDA tensors: `x (N, C_in, D, H, W)`,
-/// `weight (C_in, C_out, k…)`, output `(N, C_out, output…)`; the input-gradient pass of the
-/// convolution from the output to `x` (output padding is the output's extra length, which
-/// that convolution's stride skips).
-pub(crate) fn conv_transpose3d(
-    x: &Tensor,
-    weight: &Tensor,
-    config: &crate::ops3d::ConvTranspose3dConfig,
-    output: [usize; 3],
-) -> Result<Tensor> {
-    let (n, _, _, _, _) = x.dims5()?;
-    let (_, o, _, _, _) = weight.dims5()?;
-    let geometry = ConvGeometry {
-        x: [n, o, output[0], output[1], output[2]],
-        w: dims5(weight)?,
-        y: dims5(x)?,
-        stride: config.stride,
-        padding: config.padding,
-        dilation: config.dilation,
-    };
-    in_precision(
-        x,
-        weight,
-        CudnnConv {
-            geometry,
-            pass: Pass::Data,
-        },
-    )
+    in_precision(a, b, CudnnConv { geometry, pass })
 }
 
 /// `op` on `x` and `weight`; in bf16 where the process's precision is bf16 and both are f32,
@@ -312,11 +267,6 @@ fn in_precision(x: &Tensor, weight: &Tensor, op: CudnnConv) -> Result<Tensor> {
         return x.apply_op2(&weight, op)?.to_dtype(DType::F32);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
-}
-
-fn dims5(t: &Tensor) -> Result<[usize; 5]> {
-    let (a, b, c, d, e) = t.dims5()?;
-    Ok([a, b, c, d, e])
 }
 
 /// cuDNN's descriptors of one geometry: `x`, `y` (NCDHW), the filter and the convolution

@@ -59,6 +59,13 @@ fn strided(x: &Tensor, axis: usize, count: usize, step: usize, first: usize) -> 
         .index_select(&taps(x, count, step, first)?, axis)
 }
 
+/// The five sizes of a 5-D tensor.
+#[cfg(feature = "cuda")]
+fn dims5(t: &Tensor) -> Result<[usize; 5]> {
+    let (a, b, c, d, e) = t.dims5()?;
+    Ok([a, b, c, d, e])
+}
+
 /// Output size `[od, oh, ow]` of [`conv3d`], after checking that the channels agree.
 fn conv3d_output(x: &Tensor, weight: &Tensor, config: &Conv3dConfig) -> Result<[usize; 3]> {
     let (_, c, d, h, w) = x.dims5()?;
@@ -90,7 +97,17 @@ pub fn conv3d(
     let (weight, config) = &without_dead_taps(x, weight, config)?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        let y = crate::cudnn::conv3d(x, weight, config, conv3d_output(x, weight, config)?)?;
+        let (n, o) = (x.dim(0)?, weight.dim(0)?);
+        let [od, oh, ow] = conv3d_output(x, weight, config)?;
+        let geometry = crate::cudnn::ConvGeometry {
+            x: dims5(x)?,
+            w: dims5(weight)?,
+            y: [n, o, od, oh, ow],
+            stride: config.stride,
+            padding: config.padding,
+            dilation: config.dilation,
+        };
+        let y = crate::cudnn::convolve(x, weight, geometry, crate::cudnn::Pass::Forward)?;
         return match bias {
             Some(b) => add_channel_bias(&y, b),
             None => Ok(y),
@@ -374,7 +391,18 @@ pub fn conv_transpose3d(
     let output = conv_transpose3d_output(x, weight, config)?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        let y = crate::cudnn::conv_transpose3d(x, weight, config, output)?;
+        // the input-gradient pass of the convolution from the output to `x` (output padding
+        // is the output's extra length, which that convolution's stride skips)
+        let (n, o) = (x.dim(0)?, weight.dim(1)?);
+        let geometry = crate::cudnn::ConvGeometry {
+            x: [n, o, output[0], output[1], output[2]],
+            w: dims5(weight)?,
+            y: dims5(x)?,
+            stride: config.stride,
+            padding: config.padding,
+            dilation: config.dilation,
+        };
+        let y = crate::cudnn::convolve(x, weight, geometry, crate::cudnn::Pass::Data)?;
         return match bias {
             Some(b) => add_channel_bias(&y, b),
             None => Ok(y),
