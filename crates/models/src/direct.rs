@@ -174,15 +174,17 @@ impl Direct {
     /// Whether this path beats vol2col for this geometry (by benchmark, BENCHMARKS.md).
     /// Both compute some lanes or offsets in the padding and drop them, and the dilated
     /// convolutions on small maps are mostly padding. AVX-512: the padded volume within twice
-    /// the output and planes of at least 64 voxels (the U-Net's 8³ level: direct 6.4 / 27 ms
-    /// forward / with backward, vol2col 9.4 / 31; its 4³ level: direct 17 / 65, vol2col
-    /// 5 / 18). `gemm`: within 1.5 times (64³ and 16³ with padding 1 win, 8³ and 4³ lose, as do
-    /// DeepLabV3's 8³ maps with dilations up to 18).
+    /// the output and planes of more than 64 voxels (8³ maps go to vol2col since its `gemm`
+    /// calls run AVX-512 kernels: the U-Net's 128-channel 8³ level, forward + backward, direct
+    /// 21.1–22.7 ms, vol2col 17.7–18.7; its 4³ level: direct 65, vol2col 18); AMX (bf16): 64
+    /// voxels and more. `gemm`: within 1.5 times (64³ and 16³ with padding 1 win, 8³ and 4³
+    /// lose, as do DeepLabV3's 8³ maps with dilations up to 18).
     pub fn pays(&self) -> bool {
         let padded: usize = self.padded().iter().product();
         let [od, oh, ow] = self.output();
         match self.backend {
-            Backend::Avx512 | Backend::Amx => padded <= 2 * od * oh * ow && oh * ow >= 64,
+            Backend::Avx512 => padded <= 2 * od * oh * ow && oh * ow > 64,
+            Backend::Amx => padded <= 2 * od * oh * ow && oh * ow >= 64,
             Backend::Avx2 => padded <= 2 * od * oh * ow && ow >= 8,
             Backend::Gemm => 2 * padded <= 3 * od * oh * ow,
         }

@@ -730,6 +730,17 @@ mod tests {
                     ..Default::default()
                 },
             ),
+            // anisotropic stride, padding and dilation, more channels
+            (
+                [2, 9, 7, 6, 5],
+                [3, 2, 3],
+                5,
+                Conv3dConfig {
+                    stride: [2, 1, 2],
+                    padding: [1, 0, 1],
+                    dilation: [2, 1, 1],
+                },
+            ),
             (
                 [2, 2, 6, 5, 7],
                 [3, 2, 3],
