@@ -36,23 +36,30 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// stream-ordered allocations (and cuDNN's workspaces) come; the counterpart of PyTorch's
 /// `torch.cuda.max_memory_allocated`. `None` on the CPU.
 pub fn peak_gpu_memory(device: &Device) -> Result<Option<u64>> {
-    pool_high_water(device, false)
+    pool_high_water(device, Watermark::Read)
 }
 
 /// Starts a new [`peak_gpu_memory`] measurement on `device` (nothing on the CPU).
 pub fn reset_peak_gpu_memory(device: &Device) -> Result<()> {
-    pool_high_water(device, true).map(|_| ())
+    pool_high_water(device, Watermark::Reset).map(|_| ())
+}
+
+/// What [`pool_high_water`] does with the mark.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watermark {
+    Read,
+    Reset,
 }
 
 #[cfg(not(feature = "cuda"))]
-fn pool_high_water(_: &Device, _: bool) -> Result<Option<u64>> {
+fn pool_high_water(_: &Device, _: Watermark) -> Result<Option<u64>> {
     Ok(None)
 }
 
-/// Reads (or, with `reset`, zeroes) the used-memory high-water mark of `device`'s pool.
+/// Reads (or zeroes) the used-memory high-water mark of `device`'s pool.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
-fn pool_high_water(device: &Device, reset: bool) -> Result<Option<u64>> {
+fn pool_high_water(device: &Device, mark: Watermark) -> Result<Option<u64>> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(cuda) = device else {
         return Ok(None);
@@ -68,7 +75,7 @@ fn pool_high_water(device: &Device, reset: bool) -> Result<Option<u64>> {
         let status = sys::cuDeviceGetMemPool(&mut pool, context.cu_device());
         if status != sys::CUresult::CUDA_SUCCESS {
             status
-        } else if reset {
+        } else if mark == Watermark::Reset {
             sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast())
         } else {
             sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast())
