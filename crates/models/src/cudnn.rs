@@ -30,7 +30,7 @@ use candle_core::cuda_backend::cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     FilterDescriptor, TensorDescriptor, sys,
 };
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
@@ -88,6 +88,7 @@ impl CudnnConv {
         }
     }
 
+    /// This pass on `a` and `b` (element type `T`, compute type `C`) into a new buffer.
     fn run<T, C>(
         &self,
         a: &CudaStorage,
@@ -108,69 +109,103 @@ impl CudnnConv {
         let mut out = unsafe { dev.alloc::<T>(out_dims.iter().product())? };
         let handle = handle(&dev)?;
         let d = Descriptors::<T, C>::new(&handle, &self.geometry)?;
-        let scale = (T::from_f64(1.0), T::from_f64(0.0));
         let key = (dev.id(), self.geometry, self.pass, T::DTYPE);
         match self.pass {
-            Pass::Forward => {
-                let op = ConvForward {
-                    conv: &d.conv,
-                    x: &d.x,
-                    w: &d.w,
-                    y: &d.y,
-                };
-                let (algo, bytes) = choice(key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((Algo::Forward(algo), op.get_workspace_size(algo)?))
-                })?;
-                let Algo::Forward(algo) = algo else {
-                    bail!("cudnn-conv3d: algorithm cache holds another pass")
-                };
-                with_workspace(&dev, bytes, |ws| {
-                    // SAFETY: the descriptors describe `a`, `b` and `out` (checked in cuda_fwd).
-                    unsafe { op.launch(algo, ws, scale, &a, &b, &mut out) }
-                })?;
-            }
-            Pass::Data => {
-                let op = ConvBackwardData {
-                    conv: &d.conv,
-                    dx: &d.x,
-                    w: &d.w,
-                    dy: &d.y,
-                };
-                let (algo, bytes) = choice(key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((Algo::Data(algo), op.get_workspace_size(algo)?))
-                })?;
-                let Algo::Data(algo) = algo else {
-                    bail!("cudnn-conv3d: algorithm cache holds another pass")
-                };
-                with_workspace(&dev, bytes, |ws| {
-                    // SAFETY: as above; `a` is dy, `b` the filter, `out` dx.
-                    unsafe { op.launch(algo, ws, scale, &mut out, &b, &a) }
-                })?;
-            }
-            Pass::Filter => {
-                let op = ConvBackwardFilter {
-                    conv: &d.conv,
-                    x: &d.x,
-                    dw: &d.w,
-                    dy: &d.y,
-                };
-                let (algo, bytes) = choice(key, || {
-                    let algo = op.pick_algorithm()?;
-                    Ok((Algo::Filter(algo), op.get_workspace_size(algo)?))
-                })?;
-                let Algo::Filter(algo) = algo else {
-                    bail!("cudnn-conv3d: algorithm cache holds another pass")
-                };
-                with_workspace(&dev, bytes, |ws| {
-                    // SAFETY: as above; `a` is x, `b` dy, `out` dw.
-                    unsafe { op.launch(algo, ws, scale, &a, &mut out, &b) }
-                })?;
-            }
+            Pass::Forward => forward(&d, key, &dev, (&a, &b), &mut out)?,
+            Pass::Data => input_gradient(&d, key, &dev, (&a, &b), &mut out)?,
+            Pass::Filter => weight_gradient(&d, key, &dev, (&a, &b), &mut out)?,
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
+}
+
+/// The two inputs of a pass, as cuDNN reads them.
+type Inputs<'a, T> = (&'a CudaView<'a, T>, &'a CudaView<'a, T>);
+
+/// `y = x ⋆ w` into `out`: inputs `(x, w)`.
+fn forward<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
+    d: &Descriptors<T, C>,
+    key: AlgoKey,
+    dev: &CudaDevice,
+    (x, w): Inputs<T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = ConvForward {
+        conv: &d.conv,
+        x: &d.x,
+        w: &d.w,
+        y: &d.y,
+    };
+    let (algo, bytes) = choice(key, || {
+        let algo = op.pick_algorithm()?;
+        Ok((Algo::Forward(algo), op.get_workspace_size(algo)?))
+    })?;
+    let Algo::Forward(algo) = algo else {
+        bail!("cudnn-conv3d: algorithm cache holds another pass")
+    };
+    with_workspace(dev, bytes, |ws| {
+        // SAFETY: the descriptors describe x, w and out (shapes checked in cuda_fwd).
+        unsafe { op.launch(algo, ws, scale(), x, w, out) }
+    })
+}
+
+/// The input gradient `dx` of `y = x ⋆ w` into `out`: inputs `(dy, w)`.
+fn input_gradient<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
+    d: &Descriptors<T, C>,
+    key: AlgoKey,
+    dev: &CudaDevice,
+    (dy, w): Inputs<T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = ConvBackwardData {
+        conv: &d.conv,
+        dx: &d.x,
+        w: &d.w,
+        dy: &d.y,
+    };
+    let (algo, bytes) = choice(key, || {
+        let algo = op.pick_algorithm()?;
+        Ok((Algo::Data(algo), op.get_workspace_size(algo)?))
+    })?;
+    let Algo::Data(algo) = algo else {
+        bail!("cudnn-conv3d: algorithm cache holds another pass")
+    };
+    with_workspace(dev, bytes, |ws| {
+        // SAFETY: as in `forward`.
+        unsafe { op.launch(algo, ws, scale(), out, w, dy) }
+    })
+}
+
+/// The weight gradient `dw` of `y = x ⋆ w` into `out`: inputs `(x, dy)`.
+fn weight_gradient<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
+    d: &Descriptors<T, C>,
+    key: AlgoKey,
+    dev: &CudaDevice,
+    (x, dy): Inputs<T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = ConvBackwardFilter {
+        conv: &d.conv,
+        x: &d.x,
+        dw: &d.w,
+        dy: &d.y,
+    };
+    let (algo, bytes) = choice(key, || {
+        let algo = op.pick_algorithm()?;
+        Ok((Algo::Filter(algo), op.get_workspace_size(algo)?))
+    })?;
+    let Algo::Filter(algo) = algo else {
+        bail!("cudnn-conv3d: algorithm cache holds another pass")
+    };
+    with_workspace(dev, bytes, |ws| {
+        // SAFETY: as in `forward`.
+        unsafe { op.launch(algo, ws, scale(), x, out, dy) }
+    })
+}
+
+/// `(α, β) = (1, 0)`: the result overwrites the output, which is never read.
+fn scale<T: WithDType>() -> (T, T) {
+    (T::from_f64(1.0), T::from_f64(0.0))
 }
 
 impl CustomOp2 for CudnnConv {
