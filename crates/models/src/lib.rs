@@ -6,6 +6,8 @@ mod bf16;
 mod concat;
 #[cfg(feature = "cuda")]
 mod cudnn;
+#[cfg(feature = "cuda")]
+mod cudnn_pool;
 pub mod deeplab;
 mod direct;
 pub mod error;

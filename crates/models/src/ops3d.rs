@@ -495,7 +495,8 @@ enum Pool {
     Avg,
 }
 
-/// Separable pooling: one axis at a time, window taps gathered with a stride.
+/// Separable pooling: one axis at a time, window taps gathered with a stride; on CUDA
+/// (feature `cuda`) cuDNN's (`cudnn_pool.rs`).
 fn pool3d(
     x: &Tensor,
     kernel: [usize; 3],
@@ -504,6 +505,29 @@ fn pool3d(
     kind: Pool,
 ) -> Result<Tensor> {
     x.dims5()?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let mut output = [0; 3];
+        for i in 0..3 {
+            let (k, s, p) = (kernel[i], stride[i], padding[i]);
+            if p * 2 > k {
+                bail!("pool3d: padding {p} must be at most half the kernel {k}");
+            }
+            output[i] = out_len(x.dim(2 + i)?, k, s, p, 1, "pool3d")?;
+        }
+        let pool = crate::cudnn_pool::CudnnPool {
+            window: match kind {
+                Pool::Max => crate::cudnn_pool::Window::Max,
+                Pool::Avg => crate::cudnn_pool::Window::Average,
+            },
+            input: dims5(x)?,
+            output,
+            kernel,
+            stride,
+            padding,
+        };
+        return crate::cudnn_pool::pool3d(x, pool);
+    }
     let mut y = x.clone();
     for (i, axis) in (2..5).enumerate() {
         let (k, s, p) = (kernel[i], stride[i], padding[i]);

@@ -172,6 +172,15 @@ fn cuda_matches_cpu() {
             }),
         ),
         (
+            "max_pool3d k3 s2 p1",
+            c.clone(),
+            Box::new(|x, w| {
+                let y = max_pool3d(x, [3; 3], [2; 3], [1; 3]).unwrap();
+                y.broadcast_mul(&w.reshape((1, 4, 1, 1, 1)).unwrap())
+                    .unwrap()
+            }),
+        ),
+        (
             "avg_pool3d k3 s1 p1",
             c.clone(),
             Box::new(|x, _| avg_pool3d(x, [3; 3], [1; 3], [1; 3]).unwrap()),
