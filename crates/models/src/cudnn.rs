@@ -316,11 +316,7 @@ struct Descriptors<T: CudnnDataType, C: CudnnDataType> {
 impl<T: CudnnDataType + WithDType, C: CudnnDataType> Descriptors<T, C> {
     fn new(handle: &Arc<Cudnn>, g: &ConvGeometry) -> Result<Self> {
         let tensor = |dims: [usize; 5]| -> Result<TensorDescriptor<T>> {
-            let dims = ints(&dims)?;
-            let mut strides = [1i32; 5];
-            for i in (0..4).rev() {
-                strides[i] = strides[i + 1] * dims[i + 1];
-            }
+            let (dims, strides) = contiguous(dims)?;
             Ok(handle.create_nd_tensor::<T>(&dims, &strides)?)
         };
         let mut conv = handle.create_convnd::<C>(
@@ -345,12 +341,22 @@ impl<T: CudnnDataType + WithDType, C: CudnnDataType> Descriptors<T, C> {
     }
 }
 
+/// The sizes and strides of a contiguous NCDHW tensor, as cuDNN's `int`s.
+pub(crate) fn contiguous(dims: [usize; 5]) -> Result<([i32; 5], [i32; 5])> {
+    let dims = ints(&dims)?;
+    let mut strides = [1i32; 5];
+    for i in (0..4).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    Ok((dims, strides))
+}
+
 /// Sizes as cuDNN's `int`s; larger sizes are an error, not a wrap.
-fn ints<const K: usize>(v: &[usize; K]) -> Result<[i32; K]> {
+pub(crate) fn ints<const K: usize>(v: &[usize; K]) -> Result<[i32; K]> {
     let mut out = [0i32; K];
     for (o, &x) in out.iter_mut().zip(v) {
         *o = i32::try_from(x)
-            .map_err(|_| candle_core::Error::Msg(format!("cudnn-conv3d: size {x} exceeds i32")))?;
+            .map_err(|_| candle_core::Error::Msg(format!("cuDNN: size {x} exceeds i32")))?;
     }
     Ok(out)
 }

@@ -26,6 +26,8 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
+use crate::cudnn::{contiguous, ints};
+
 /// The window's reduction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Window {
@@ -228,26 +230,12 @@ fn checked(status: sys::cudnnStatus_t, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sizes as cuDNN's `int`s.
-fn ints(v: &[usize]) -> Result<Vec<i32>> {
-    v.iter()
-        .map(|&x| {
-            i32::try_from(x)
-                .map_err(|_| candle_core::Error::Msg(format!("cudnn-pool3d: size {x} exceeds i32")))
-        })
-        .collect()
-}
-
 /// A contiguous NCDHW tensor descriptor.
 struct TensorDesc(sys::cudnnTensorDescriptor_t);
 
 impl TensorDesc {
     fn new<T: CudnnDataType>(dims: [usize; 5]) -> Result<Self> {
-        let dims = ints(&dims)?;
-        let mut strides = [1i32; 5];
-        for i in (0..4).rev() {
-            strides[i] = strides[i + 1] * dims[i + 1];
-        }
+        let (dims, strides) = contiguous(dims)?;
         let desc = TensorDesc(result::create_tensor_descriptor()?);
         // SAFETY: a descriptor just created; 5 dims and strides.
         unsafe {
