@@ -1072,6 +1072,16 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights() {
     )
     .expect("config");
     let config = config.to_str().expect("utf-8");
+    // One unmeasured run first: the first run after a build reads a cold binary and can take
+    // longer than the killed runs, whose delays would then outlast them all (no kill landing).
+    ok(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        dir.path().join("warm-up").to_str().expect("utf-8"),
+        "--quiet",
+    ]);
     let straight = dir.path().join("straight");
     let started = std::time::Instant::now();
     ok(&[
