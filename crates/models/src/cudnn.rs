@@ -24,6 +24,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{
@@ -53,7 +54,7 @@ pub(crate) struct ConvGeometry {
 }
 
 /// Which product of a [`ConvGeometry`] an op computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pass {
     /// `(x, w) → y`.
     Forward,
@@ -109,7 +110,7 @@ impl CudnnConv {
         let mut out = unsafe { dev.alloc::<T>(out_dims.iter().product())? };
         let handle = handle(&dev)?;
         let d = Descriptors::<T, C>::new(&handle, &self.geometry)?;
-        let key = (dev.id(), self.geometry, self.pass, T::DTYPE);
+        let key = (dev.id(), self.geometry, T::DTYPE);
         match self.pass {
             Pass::Forward => forward(&d, key, &dev, (&a, &b), &mut out)?,
             Pass::Data => input_gradient(&d, key, &dev, (&a, &b), &mut out)?,
@@ -136,13 +137,10 @@ fn forward<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
         w: &d.w,
         y: &d.y,
     };
-    let (algo, bytes) = choice(key, || {
+    let (algo, bytes) = choice(&FORWARD, key, || {
         let algo = op.pick_algorithm()?;
-        Ok((Algo::Forward(algo), op.get_workspace_size(algo)?))
+        Ok((algo, op.get_workspace_size(algo)?))
     })?;
-    let Algo::Forward(algo) = algo else {
-        bail!("cudnn-conv3d: algorithm cache holds another pass")
-    };
     with_workspace(dev, bytes, |ws| {
         // SAFETY: the descriptors describe x, w and out (shapes checked in cuda_fwd).
         unsafe { op.launch(algo, ws, scale(), x, w, out) }
@@ -163,13 +161,10 @@ fn input_gradient<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
         w: &d.w,
         dy: &d.y,
     };
-    let (algo, bytes) = choice(key, || {
+    let (algo, bytes) = choice(&DATA, key, || {
         let algo = op.pick_algorithm()?;
-        Ok((Algo::Data(algo), op.get_workspace_size(algo)?))
+        Ok((algo, op.get_workspace_size(algo)?))
     })?;
-    let Algo::Data(algo) = algo else {
-        bail!("cudnn-conv3d: algorithm cache holds another pass")
-    };
     with_workspace(dev, bytes, |ws| {
         // SAFETY: as in `forward`.
         unsafe { op.launch(algo, ws, scale(), out, w, dy) }
@@ -190,13 +185,10 @@ fn weight_gradient<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType>(
         dw: &d.w,
         dy: &d.y,
     };
-    let (algo, bytes) = choice(key, || {
+    let (algo, bytes) = choice(&FILTER, key, || {
         let algo = op.pick_algorithm()?;
-        Ok((Algo::Filter(algo), op.get_workspace_size(algo)?))
+        Ok((algo, op.get_workspace_size(algo)?))
     })?;
-    let Algo::Filter(algo) = algo else {
-        bail!("cudnn-conv3d: algorithm cache holds another pass")
-    };
     with_workspace(dev, bytes, |ws| {
         // SAFETY: as in `forward`.
         unsafe { op.launch(algo, ws, scale(), x, out, dy) }
@@ -361,20 +353,19 @@ pub(crate) fn ints<const K: usize>(v: &[usize; K]) -> Result<[i32; K]> {
     Ok(out)
 }
 
-/// An algorithm of one pass.
-#[derive(Debug, Clone, Copy)]
-enum Algo {
-    Forward(sys::cudnnConvolutionFwdAlgo_t),
-    Data(sys::cudnnConvolutionBwdDataAlgo_t),
-    Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
-}
+/// What an algorithm is chosen for, within one pass.
+type AlgoKey = (DeviceId, ConvGeometry, DType);
 
-type AlgoKey = (DeviceId, ConvGeometry, Pass, DType);
+/// The algorithms of one pass and their workspace sizes.
+type Algorithms<A> = RefCell<HashMap<AlgoKey, (A, usize)>>;
 
 // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps its own.
 thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    static ALGORITHMS: RefCell<HashMap<AlgoKey, (Algo, usize)>> = RefCell::new(HashMap::new());
+    static FORWARD: Algorithms<sys::cudnnConvolutionFwdAlgo_t> = RefCell::new(HashMap::new());
+    static DATA: Algorithms<sys::cudnnConvolutionBwdDataAlgo_t> = RefCell::new(HashMap::new());
+    static FILTER: Algorithms<sys::cudnnConvolutionBwdFilterAlgo_t> =
+        RefCell::new(HashMap::new());
     static WORKSPACES: RefCell<HashMap<DeviceId, CudaSlice<u8>>> = RefCell::new(HashMap::new());
 }
 
@@ -390,13 +381,18 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
     })
 }
 
-/// The algorithm and workspace size of `key`, chosen by `pick` on first use.
-fn choice(key: AlgoKey, pick: impl FnOnce() -> Result<(Algo, usize)>) -> Result<(Algo, usize)> {
-    if let Some(found) = ALGORITHMS.with(|a| a.borrow().get(&key).copied()) {
+/// The algorithm of one pass (`cache`) and its workspace size for `key`, chosen by `pick` on
+/// first use.
+fn choice<A: Copy + 'static>(
+    cache: &'static LocalKey<Algorithms<A>>,
+    key: AlgoKey,
+    pick: impl FnOnce() -> Result<(A, usize)>,
+) -> Result<(A, usize)> {
+    if let Some(found) = cache.with(|a| a.borrow().get(&key).copied()) {
         return Ok(found);
     }
     let chosen = pick()?;
-    ALGORITHMS.with(|a| a.borrow_mut().insert(key, chosen));
+    cache.with(|a| a.borrow_mut().insert(key, chosen));
     Ok(chosen)
 }
 

@@ -247,20 +247,14 @@ pub fn conv3d_composite(
     config: &Conv3dConfig,
 ) -> Result<Tensor> {
     let (n, c, _, _, _) = x.dims5()?;
-    let (o, wc, kd, kh, kw) = weight.dims5()?;
-    if wc != c {
-        bail!("conv3d: input has {c} channels, weight expects {wc}");
-    }
+    let (o, _, kd, kh, kw) = weight.dims5()?;
     let [sd, sh, sw] = config.stride;
     let [pd, ph, pw] = config.padding;
     let [dd, dh, dw] = config.dilation;
     if dh != dw {
         bail!("conv3d: in-plane dilations must be equal, got {dh} and {dw}");
     }
-    let dims = x.dims();
-    let od = out_len(dims[2], kd, sd, pd, dd, "conv3d depth")?;
-    let oh = out_len(dims[3], kh, sh, ph, dh, "conv3d height")?;
-    let ow = out_len(dims[4], kw, sw, pw, dw, "conv3d width")?;
+    let [od, oh, ow] = conv3d_output(x, weight, config)?;
     let x = x
         .pad_with_zeros(2, pd, pd)?
         .pad_with_zeros(3, ph, ph)?

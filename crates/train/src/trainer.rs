@@ -409,6 +409,8 @@ pub fn train(
     config.validate()?;
     let created = !dir.exists();
     let previous = cwseg_models::precision();
+    // before `Trainer::open`, which records the precision in the model card (on CUDA this
+    // opens the device once more than the trainer does)
     let device = parse_device(&config.device)?;
     let effective = cwseg_models::set_precision(config.precision, &device);
     if effective != config.precision {
