@@ -55,8 +55,8 @@ pub struct BenchOptions {
     /// Time the training step only.
     #[arg(long)]
     pub step_only: bool,
-    /// Convolution precision, `f32` or `bf16` (on CUDA, or where the CPU has AMX-BF16; else
-    /// f32 with a warning).
+    /// Convolution precision, `f32`, `bf16` (on CUDA, or where the CPU has AMX-BF16) or `f16`
+    /// (CUDA only); else f32 with a warning.
     #[arg(long, default_value = "f32")]
     pub precision: cwseg_models::Precision,
 }

@@ -109,8 +109,9 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long)]
     device: Option<String>,
-    /// Convolution precision, `f32` or `bf16` (bf16 inputs, f32 accumulation: on CUDA, or
-    /// where the CPU has AMX-BF16; else f32 with a warning).
+    /// Convolution precision, `f32`, `bf16` (bf16 inputs, f32 accumulation: on CUDA, or
+    /// where the CPU has AMX-BF16) or `f16` (CUDA only, with dynamic loss scaling); else f32
+    /// with a warning.
     #[arg(long)]
     precision: Option<cwseg_models::Precision>,
     /// Run folder.
@@ -308,8 +309,8 @@ pub struct PredictArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Convolution precision, `f32` or `bf16` (on CUDA, or where the CPU has AMX-BF16; else
-    /// f32 with a warning).
+    /// Convolution precision, `f32`, `bf16` (on CUDA, or where the CPU has AMX-BF16) or `f16`
+    /// (CUDA only); else f32 with a warning.
     #[arg(long, default_value = "f32")]
     precision: cwseg_models::Precision,
     /// `I/N`: predict only every N-th case (sorted by name) from case I (0-based; a job
@@ -318,13 +319,13 @@ pub struct PredictArgs {
     shard: Option<cwseg_train::Shard>,
 }
 
-/// Sets the process's convolution precision for `device`, warning where bf16 falls back to
-/// f32.
+/// Sets the process's convolution precision for `device`, warning where it falls back to f32.
 pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device) {
     let effective = cwseg_models::set_precision(requested, device);
     if effective != requested {
         eprintln!(
-            "warning: precision {requested} needs a GPU or a CPU with AMX-BF16 (and Linux ≥ 5.16); running in {effective}"
+            "warning: precision {requested} needs {}; running in {effective}",
+            requested.requirement()
         );
     }
 }

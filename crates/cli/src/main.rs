@@ -40,8 +40,8 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
-        /// Convolution precision, `f32` or `bf16` (on CUDA, or where the CPU has AMX-BF16;
-        /// else f32 with a warning).
+        /// Convolution precision, `f32`, `bf16` (on CUDA, or where the CPU has AMX-BF16) or
+        /// `f16` (CUDA only, with dynamic loss scaling); else f32 with a warning.
         #[arg(long, default_value = "f32")]
         precision: cwseg_models::Precision,
     },

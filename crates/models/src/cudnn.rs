@@ -285,12 +285,17 @@ pub(crate) fn convolve(
     in_precision(a, b, CudnnConv { geometry, pass })
 }
 
-/// `op` on `x` and `weight`; in bf16 where the process's precision is bf16 and both are f32,
-/// the result cast back to f32 (and, by autograd, the gradients to f32 in turn).
+/// `op` on `x` and `weight`; in bf16 or f16 where that is the process's precision and both
+/// are f32, the result cast back to f32 (and, by autograd, the gradients to f32 in turn).
 fn in_precision(x: &Tensor, weight: &Tensor, op: CudnnConv) -> Result<Tensor> {
-    if crate::precision::precision() == Precision::Bf16 && x.dtype() == DType::F32 {
-        let x = x.to_dtype(DType::BF16)?.contiguous()?;
-        let weight = weight.to_dtype(DType::BF16)?.contiguous()?;
+    let narrow = match crate::precision::precision() {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(DType::BF16),
+        Precision::F16 => Some(DType::F16),
+    };
+    if let (Some(dtype), DType::F32) = (narrow, x.dtype()) {
+        let x = x.to_dtype(dtype)?.contiguous()?;
+        let weight = weight.to_dtype(dtype)?.contiguous()?;
         return x.apply_op2(&weight, op)?.to_dtype(DType::F32);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)

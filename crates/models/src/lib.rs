@@ -32,7 +32,7 @@ pub use deeplab::{DeepLabV3, DeepLabV3Config};
 pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe, training_bytes};
-pub use precision::{Precision, bf16_available, bf16_available_on, precision, set_precision};
+pub use precision::{Precision, bf16_available, precision, set_precision};
 pub use unet::{Norm, UNet, UNetConfig};
 pub use unetr::{Unetr, UnetrConfig, UnetrNorm};
 pub use vnet::{VNet, VNetActivation, VNetConfig};

@@ -7,7 +7,7 @@ use cwseg_losses::LossConfig;
 use cwseg_models::{ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{OptimizerConfig, Schedule};
+use crate::optim::{LossScaling, OptimizerConfig, Schedule};
 use crate::prepare::DataConfig;
 
 /// Validation settings.
@@ -102,8 +102,11 @@ pub struct TrainConfig {
     /// Where the contour maps (and DWCE weights) of patches come from.
     pub contour_maps: ContourMaps,
     /// Convolution precision (`cwseg_models::precision`): bf16 on CUDA or where the CPU has
-    /// AMX-BF16, else the run trains in f32 (with a warning) and its model card says so.
+    /// AMX-BF16, f16 on CUDA; else the run trains in f32 (with a warning) and its model card
+    /// says so.
     pub precision: Precision,
+    /// Loss scaling (dynamic by default where the precision in effect is f16).
+    pub loss_scaling: LossScaling,
 }
 
 impl Default for TrainConfig {
@@ -128,6 +131,7 @@ impl Default for TrainConfig {
             validation: ValidationConfig::default(),
             contour_maps: ContourMaps::default(),
             precision: Precision::F32,
+            loss_scaling: LossScaling::default(),
         }
     }
 }
@@ -143,6 +147,9 @@ impl TrainConfig {
                 bad.push(what);
             }
         };
+        for problem in self.loss_scaling.problems() {
+            check(false, problem);
+        }
         let o = &self.optimizer;
         check(
             o.lr.is_finite() && o.lr > 0.0,

@@ -24,7 +24,9 @@ pub use card::{ModelCard, load_model};
 pub use config::{ContourMaps, TrainConfig, ValidationConfig};
 pub use device::{parse_device, peak_gpu_memory, reset_peak_gpu_memory};
 pub use distributed::{Communicator, Single};
-pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+pub use optim::{
+    DynamicScaling, LossScaler, LossScaling, Optimizer, OptimizerConfig, OptimizerKind, Schedule,
+};
 pub use predict::{
     CasePrediction, PredictOptions, PreparedCase, predict_case, predict_probabilities,
 };

@@ -1,5 +1,5 @@
 //! Optimizers whose state can be saved and restored exactly (candle's own do not expose their
-//! moments), and learning-rate schedules.
+//! moments), learning-rate schedules and dynamic loss scaling.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +10,9 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 mod adam;
+mod scaler;
+
+pub use scaler::{DynamicScaling, LossScaler, LossScaling, ScalerState};
 
 /// The update rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

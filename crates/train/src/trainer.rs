@@ -28,7 +28,7 @@ use crate::card::{ModelCard, load_model};
 use crate::config::{ContourMaps, TrainConfig};
 use crate::device::parse_device;
 use crate::distributed::{self, Communicator, Single};
-use crate::optim::Optimizer;
+use crate::optim::{LossScaler, Optimizer, ScalerState};
 use crate::postprocess;
 use crate::predict::predict_probabilities;
 use crate::prepare::{PreparedCase, PreparedData, open_data};
@@ -49,6 +49,13 @@ pub struct RunState {
     pub best_epoch: Option<usize>,
     /// Whether training finished.
     pub finished: bool,
+    /// Batches whose step was skipped for a non-finite gradient (loss scaling); every other
+    /// batch is one optimizer step.
+    #[serde(default)]
+    pub skipped_steps: u64,
+    /// The loss scaler's state, in runs that scale the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<ScalerState>,
 }
 
 /// The outcome of a run.
@@ -113,21 +120,24 @@ fn save_checkpoint(
 }
 
 /// Refuses a run state that disagrees with the optimizer saved beside it: every batch is one
-/// optimizer step, so `epoch · batches_per_epoch + batch` must equal the saved step count (an
-/// edited `state.json` would otherwise skip or repeat epochs silently).
+/// optimizer step or a skipped one, so `epoch · batches_per_epoch + batch` must equal the
+/// saved step count plus `skipped_steps` (an edited `state.json` would otherwise skip or repeat
+/// epochs silently).
 fn check_state(path: &Path, state: &RunState, config: &TrainConfig, steps: u64) -> Result<()> {
     let expected = (state.epoch as u64)
         .checked_mul(config.batches_per_epoch as u64)
         .and_then(|s| s.checked_add(state.batch as u64));
-    if state.batch > config.batches_per_epoch || expected != Some(steps) {
+    let done = steps.checked_add(state.skipped_steps);
+    if state.batch > config.batches_per_epoch || expected.is_none() || expected != done {
         bail!(
             "{}: epoch {} batch {} of {} batches per epoch disagrees with the {steps} steps of \
-             optimizer.safetensors beside it; the checkpoint was edited or mixed from two runs \
-             (restore it, or train into a new folder)",
+             optimizer.safetensors beside it and {} skipped steps; the checkpoint was edited or \
+             mixed from two runs (restore it, or train into a new folder)",
             path.display(),
             state.epoch,
             state.batch,
-            config.batches_per_epoch
+            config.batches_per_epoch,
+            state.skipped_steps
         );
     }
     Ok(())
@@ -391,6 +401,8 @@ pub struct Trainer {
     vars: VarMap,
     network: Network,
     optimizer: Optimizer,
+    /// Dynamic loss scaling (f16 runs, or where the configuration asks for it).
+    scaler: Option<LossScaler>,
     loss: Box<dyn Loss>,
     state: RunState,
     /// `metrics.jsonl`, open on rank 0 only.
@@ -415,8 +427,9 @@ pub fn train(
     let effective = cwseg_models::set_precision(config.precision, &device);
     if effective != config.precision {
         eprintln!(
-            "warning: precision {} needs a GPU or a CPU with AMX-BF16 (and Linux ≥ 5.16); training in {effective}",
-            config.precision
+            "warning: precision {} needs {}; training in {effective}",
+            config.precision,
+            config.precision.requirement()
         );
     }
     let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
@@ -609,6 +622,10 @@ impl Trainer {
         } else {
             RunState::default()
         };
+        let mut scaler = config.loss_scaling.scaler(cwseg_models::precision());
+        if let (Some(scaler), Some(saved)) = (&mut scaler, state.loss_scaler) {
+            scaler.restore(saved);
+        }
         distributed::broadcast_variables(&*comm, &vars)?;
         let metrics = rank0.then(|| open_metrics(dir)).transpose()?;
         let mut loader = loader_config(config);
@@ -625,6 +642,7 @@ impl Trainer {
             vars,
             network,
             optimizer,
+            scaler,
             loss: config.loss.build(),
             state,
             metrics,
@@ -653,7 +671,9 @@ impl Trainer {
     }
 
     /// One optimizer step on `batch`; returns its loss. A non-finite loss is an error and
-    /// changes nothing (the last good checkpoint stays in `last/`).
+    /// changes nothing (the last good checkpoint stays in `last/`). With loss scaling, a step
+    /// whose gradients are not finite is skipped and the scale backs off
+    /// ([`crate::optim::LossScaler`]).
     pub fn step(&mut self, batch: &Batch) -> Result<f64> {
         let (image, labels) = batch.to_tensors(&self.device)?;
         let mut target = Target::new(labels)?;
@@ -682,15 +702,40 @@ impl Trainer {
                 self.optimizer.steps() + 1,
             );
         }
-        let mut grads = value.backward()?;
+        let mut grads = match &self.scaler {
+            Some(scaler) => scaler.scale_loss(&value)?.backward()?,
+            None => value.backward()?,
+        };
         if self.comm.size() > 1 {
             distributed::average_gradients(&*self.comm, self.optimizer.vars(), &mut grads)?;
             distributed::broadcast_buffers(&*self.comm, &self.vars)?;
         }
-        self.optimizer.step(&grads)?;
+        self.apply(&mut grads)?;
         self.state.batch += 1;
         self.state.loss_sum += scalar;
         Ok(scalar)
+    }
+
+    /// The optimizer step from `grads`; with loss scaling, first unscaled, and skipped (counted
+    /// in the run state) when they are not finite. Every rank holds the same averaged
+    /// gradients, so every rank skips the same steps.
+    fn apply(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let Some(scaler) = &mut self.scaler else {
+            return self.optimizer.step(grads);
+        };
+        let finite = scaler.unscale(self.optimizer.vars(), grads)?;
+        if finite {
+            self.optimizer.step(grads)?;
+        } else {
+            self.state.skipped_steps += 1;
+            tracing::warn!(
+                scale = scaler.scale(),
+                "non-finite gradient: step skipped, loss scale backs off"
+            );
+        }
+        scaler.update(finite);
+        self.state.loss_scaler = Some(scaler.state());
+        Ok(())
     }
 
     /// Mean foreground DSC and per-class DSC of the validation cases (`None` without any);
@@ -803,7 +848,7 @@ impl Trainer {
             stalled: false,
         };
         let finite = |d: f64| d.is_finite().then_some(d);
-        let line = json!({
+        let mut line = json!({
             "epoch": report.epoch,
             "loss": report.loss,
             "lr": lr,
@@ -812,6 +857,10 @@ impl Trainer {
             "seconds": seconds,
             "patches_per_second": report.patches_per_second,
         });
+        if let Some(scaler) = &self.scaler {
+            line["loss_scale"] = json!(scaler.scale());
+            line["skipped_steps"] = json!(self.state.skipped_steps);
+        }
         if let Some(metrics) = &mut self.metrics {
             writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
         }
