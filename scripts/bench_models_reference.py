@@ -46,13 +46,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (network steps only)")
     ap.add_argument("--size", type=int, default=64, help="side of the network step's input")
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16"],
-                    help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
+                    help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss; "
+                         "f16: autocast with torch.float16 and a GradScaler (CUDA)")
     ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process; on CUDA a comma-separated list), "
                     "layers-deeplabv3 or layers-vnet (each distinct convolution)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cast = (lambda: torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16)) if args.precision == "bf16" \
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.precision)
+    cast = (lambda: torch.autocast(args.device.split(":")[0], dtype=dtype)) if dtype is not None \
         else contextlib.nullcontext
     if args.what.startswith("layers-"):
         return layers(args.what[len("layers-"):], cast)
@@ -64,7 +66,7 @@ def main():
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         for name in args.what.split(","):  # on CUDA several networks per process
-            network_step(name, args.device, args.size, cast)
+            network_step(name, args.device, args.size, cast, args.precision)
         return
     print(f"precision {args.precision}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -112,7 +114,7 @@ def layers(network, cast):
                               dict(stride=s, padding=d * (k - 1) // 2, dilation=d), cast)
         print(f"{network} {name} on {n}³: forward {fwd * 1e3:.2f} ms, forward+backward {both * 1e3:.2f} ms")
 
-def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):
+def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext, precision="f32"):
     from networks_fixtures import DeepLabV3
 
     def monai(cls, **kw):  # MONAI only for the networks that need it
@@ -126,19 +128,27 @@ def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext):
     x = torch.randn(2, 1, n, n, n, device=device)
     y = (torch.arange(2 * n ** 3, device=device) % 16).reshape(2, n, n, n)
 
+    # f16: dynamic loss scaling, as cwseg's trainer does it
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "f16" else None
+
     def step():
         opt.zero_grad()
         with cast():
             loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         t = median(step, repeat=5)  # the warm-up call: cuDNN autotuning and the caching allocator
         peak = torch.cuda.max_memory_allocated() / 2**20
-        precision = "bf16 autocast" if cast is not contextlib.nullcontext else "f32 (no TF32)"
+        precision = {"bf16": "bf16 autocast", "f16": "f16 autocast + GradScaler"}.get(precision, "f32 (no TF32)")
         print(f"{name} training step on {torch.cuda.get_device_name()}, batch 2, 1x{n}^3, 16 classes, {precision}: "
               f"{t * 1e3:.1f} ms (median of 5), peak GPU memory {peak:.0f} MiB, torch {torch.__version__}")
         return

@@ -8,9 +8,10 @@
 #    gradients), every network's forward (eval and train) and input gradient, every loss.
 # 2. The training steps of the four networks (batch 2, 1×96³, 16 classes, forward + loss +
 #    backward + Adam, median of 5 after a warm-up) with cwseg on CUDA (cuDNN) against PyTorch
-#    on the same GPU (cuDNN autotuner on, no TF32), in f32 and bf16 (PyTorch: autocast), with
-#    peak GPU memory on both sides (cross-entropy on both; cwseg's CWCD beside it).
-# 3. `cwseg demo --quick --device cuda`, in f32 and bf16.
+#    on the same GPU (cuDNN autotuner on, no TF32), in f32, bf16 and f16 (PyTorch: autocast; f16
+#    with dynamic loss scaling on both sides), with peak GPU memory on both sides (cross-entropy
+#    on both; cwseg's CWCD beside it).
+# 3. `cwseg demo --quick --device cuda`, in f32, bf16 and f16.
 # Logs and a summary go to OUT (default $OUT, else gpu-check-out/). Exit status: failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +70,7 @@ step() { # step NAME TIMEOUT COMMAND...
 step ops-networks-parity 300 "$BIN/tests/models-cuda" --nocapture --test-threads 1
 step losses-parity 300 "$BIN/tests/losses-cuda" --nocapture --test-threads 1
 NETS=unet,vnet,deeplabv3,unetr
-for p in f32 bf16; do
+for p in f32 bf16 f16; do
   step "cwseg-steps-$p" 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 \
     --step-network $NETS --step-loss ce,cwcd --precision $p
   if [ -n "$PY" ]; then
@@ -78,8 +79,10 @@ for p in f32 bf16; do
   fi
 done
 step demo-quick 300 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/demo"
-step demo-quick-bf16 300 "$BIN/cwseg" demo --quick --device cuda --precision bf16 --quiet \
-  --out "$OUT/demo-bf16"
+for p in bf16 f16; do
+  step "demo-quick-$p" 300 "$BIN/cwseg" demo --quick --device cuda --precision $p --quiet \
+    --out "$OUT/demo-$p"
+done
 
 {
   echo
@@ -94,7 +97,7 @@ step demo-quick-bf16 300 "$BIN/cwseg" demo --quick --device cuda --precision bf1
   fi
   grep -h "training step" "$OUT"/cwseg-steps-*.log 2>/dev/null
   grep -h "training step on" "$OUT"/pytorch-steps-*.log 2>/dev/null
-  for d in demo-quick demo-quick-bf16; do
+  for d in demo-quick demo-quick-bf16 demo-quick-f16; do
     grep -h "^| Avg\|training time" "$OUT/$d.log" 2>/dev/null | sed "s/^/$d: /"
   done
   echo

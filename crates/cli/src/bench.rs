@@ -161,8 +161,8 @@ struct StepConfig<'a> {
     size: usize,
 }
 
-/// One training step as `cwseg train` takes it: forward, loss, backward and the trainer's Adam,
-/// on `device` (synchronised before the clock stops).
+/// One training step as `cwseg train` takes it: forward, loss, backward and the trainer's Adam
+/// (in f16 with its dynamic loss scaling), on `device` (synchronised before the clock stops).
 fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(String, f64)> {
     let size = step.size;
     let model = ModelConfig::from_name(step.network, 1, 16)?.with_input_size([size; 3]);
@@ -177,11 +177,22 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
     let y = Tensor::from_vec(labels, (2, size, size, size), device)?;
     let target = Target::new(y)?;
     let loss = LossConfig::from_name(step.loss)?.build();
+    let mut scaler = cwseg_train::LossScaling::Auto.scaler(cwseg_models::precision());
     cwseg_train::reset_peak_gpu_memory(device)?;
     let ms = time(runs, || {
         let logits = network.forward_t(&x, true)?;
-        let grads = loss.forward(&logits, &target)?.backward()?;
-        optimizer.step(&grads)?;
+        let value = loss.forward(&logits, &target)?;
+        match &mut scaler {
+            None => optimizer.step(&value.backward()?)?,
+            Some(scaler) => {
+                let mut grads = scaler.scale_loss(&value)?.backward()?;
+                let finite = scaler.unscale(optimizer.vars(), &mut grads)?;
+                if finite {
+                    optimizer.step(&grads)?;
+                }
+                scaler.update(finite);
+            }
+        }
         device.synchronize()?;
         Ok(())
     })?;
