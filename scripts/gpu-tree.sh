@@ -39,15 +39,15 @@ case "${1:-}" in
     mapfile -t paths < <(heavy)
     printf '%s\n' "${paths[@]}" > "$STATE"
     git rm -r -q --cached -- "${paths[@]}"
-    for p in "${paths[@]}"; do echo "/$p/ $MARK"; done >> "$EXCLUDE"
+    { echo "$MARK begin"; for p in "${paths[@]}"; do echo "/$p/"; done; echo "$MARK end"; } \
+      >> "$EXCLUDE"
     echo "slim: $(size) would travel; run 'scripts/gpu-tree.sh restore' after the device calls"
     ;;
   restore)
     [ -e "$STATE" ] || { echo "not slim (no $STATE)" >&2; exit 1; }
     mapfile -t paths < "$STATE"
     git reset -q -- "${paths[@]}"
-    grep -vF "$MARK" "$EXCLUDE" > "$EXCLUDE.tmp" || true
-    mv "$EXCLUDE.tmp" "$EXCLUDE"
+    sed -i "\|^$MARK begin\$|,\|^$MARK end\$|d" "$EXCLUDE"
     rm "$STATE"
     git status --short | head
     echo "restored: $(size) would travel"
