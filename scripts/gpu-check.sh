@@ -4,6 +4,13 @@
 #   scripts/build-cuda.sh check     # here, on any machine: target/cuda/ and target/cuda.tar.xz
 #   scripts/gpu-check.sh [OUT]      # there, from the repository root, with either copied
 #
+# With the device tool, whose calls send at most 64 MiB (the tracked tree is about 100 MB):
+#   here:  scripts/build-cuda.sh check; scripts/pack-brats.sh; commit; scripts/gpu-tree.sh slim
+#   call:  scripts/gpu-check.sh $OUT               carry target/cuda.tar.xz       (< 10 min)
+#   call:  scripts/gpu-brats-check.sh $OUT         carry target/brats18.tar.bz2   (the BraTS
+#          training; target/cuda stays there from the first call)
+#   here:  give_back; scripts/gpu-tree.sh restore
+#
 # 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
 #    gradients), every network's forward (eval and train) and input gradient, every loss.
 # 2. The training steps of the four networks (batch 2, 1×96³, 16 classes, forward + loss +
@@ -12,10 +19,13 @@
 #    with dynamic loss scaling on both sides), with peak GPU memory on both sides (cross-entropy
 #    on both; cwseg's CWCD beside it).
 # 3. `cwseg demo --quick --device cuda`, in f32, bf16 and f16.
-# Logs and a summary go to OUT (default $OUT, else gpu-check-out/). Exit status: failed steps.
+# OUT (default $OUT, else gpu-check-out/) gets two files, as a device call brings back at most
+# eight: summary.md and logs.tar.gz (every step's log; the demos' reports without their
+# volumes and weights). Exit status: failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check-out}}
+WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
 BIN=target/cuda
 if [ ! -x "$BIN/cwseg-cuda" ] && [ -f target/cuda.tar.xz ]; then
@@ -47,10 +57,10 @@ step() { # step NAME TIMEOUT COMMAND...
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS
-  echo "== $name: $*" | tee -a "$OUT/all.log"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: $*" | tee -a "$WORK/all.log"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  cat "$OUT/$name.log" >> "$OUT/all.log"
+  cat "$WORK/$name.log" >> "$WORK/all.log"
   local status=ok
   [ $rc -ne 0 ] && { status="FAILED (exit $rc)"; failed=$((failed + 1)); }
   echo "| $name | $status | $((SECONDS - start)) s |" >> "$SUMMARY"
@@ -78,30 +88,32 @@ for p in f32 bf16 f16; do
       --precision $p $NETS
   fi
 done
-step demo-quick 300 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$OUT/demo"
+step demo-quick 300 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$WORK/demo"
 for p in bf16 f16; do
   step "demo-quick-$p" 300 "$BIN/cwseg" demo --quick --device cuda --precision $p --quiet \
-    --out "$OUT/demo-$p"
+    --out "$WORK/demo-$p"
 done
 
 {
   echo
   echo "## Figures"
   echo
-  grep -h "max relative difference" "$OUT/ops-networks-parity.log" 2>/dev/null \
+  grep -h "max relative difference" "$WORK/ops-networks-parity.log" 2>/dev/null \
     | awk '{print $NF, $0}' | sort -g | tail -3 | cut -d' ' -f2- | sed 's/^/worst op\/network parity: /'
-  grep -h "gradient max rel" "$OUT/losses-parity.log" 2>/dev/null | sed 's/^/loss parity: /'
-  if grep -h "skipped" "$OUT/ops-networks-parity.log" "$OUT/losses-parity.log" 2>/dev/null \
+  grep -h "gradient max rel" "$WORK/losses-parity.log" 2>/dev/null | sed 's/^/loss parity: /'
+  if grep -h "skipped" "$WORK/ops-networks-parity.log" "$WORK/losses-parity.log" 2>/dev/null \
       | sed 's/^/SKIPPED (counted as a failure: the GPU was not usable): /' | grep .; then
     failed=$((failed + 1))
   fi
-  grep -h "training step" "$OUT"/cwseg-steps-*.log 2>/dev/null
-  grep -h "training step on" "$OUT"/pytorch-steps-*.log 2>/dev/null
+  grep -h "training step" "$WORK"/cwseg-steps-*.log 2>/dev/null
+  grep -h "training step on" "$WORK"/pytorch-steps-*.log 2>/dev/null
   for d in demo-quick demo-quick-bf16 demo-quick-f16; do
-    grep -h "^| Avg\|training time" "$OUT/$d.log" 2>/dev/null | sed "s/^/$d: /"
+    grep -h "^| Avg\|training time" "$WORK/$d.log" 2>/dev/null | sed "s/^/$d: /"
   done
   echo
   echo "failed steps: $failed"
 } >> "$SUMMARY"
+tar -czf "$OUT/logs.tar.gz" --exclude='*.nii.gz' --exclude='*.safetensors' --exclude='*.npy' \
+  -C "$WORK" .
 cat "$SUMMARY"
 exit "$failed"
