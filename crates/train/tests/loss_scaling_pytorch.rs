@@ -24,7 +24,12 @@ fn skips_scales_and_steps_as_pytorch_grad_scaler() {
     let text = include_str!("fixtures/grad_scaler.json");
     let fixture: Value = serde_json::from_str(text).expect("fixture");
     let dev = Device::Cpu;
-    for (k, case) in fixture["cases"].as_array().expect("cases").iter().enumerate() {
+    for (k, case) in fixture["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .enumerate()
+    {
         let mut scaler = LossScaler::new(DynamicScaling {
             init_scale: number(&case["init_scale"]),
             growth_factor: number(&case["growth_factor"]),

@@ -81,7 +81,10 @@ fn a_power_of_two_scale_trains_the_same_bits_as_none() {
     let (a, b) = (weights(&plain), weights(&scaled));
     assert_eq!(a.len(), b.len());
     for ((name, x), (_, y)) in a.iter().zip(&b) {
-        assert!(x == y, "{name} differs between the scaled and the unscaled run");
+        assert!(
+            x == y,
+            "{name} differs between the scaled and the unscaled run"
+        );
     }
     let s = state(&scaled);
     assert_eq!(s.skipped_steps, 0);
@@ -97,7 +100,10 @@ fn overflowing_gradients_skip_steps_back_off_and_resume() {
     let first = config(dynamic(huge));
     train(&first, &dir, &RunOptions::default(), &mut NoHooks).expect("run");
     let s = state(&dir);
-    assert!(s.skipped_steps >= 1, "no step was skipped at a scale of 2^127");
+    assert!(
+        s.skipped_steps >= 1,
+        "no step was skipped at a scale of 2^127"
+    );
     assert!(s.skipped_steps < 6, "every step was skipped");
     let scale = s.loss_scaler.expect("scaler state").scale;
     assert_eq!(scale, huge / 2f32.powi(s.skipped_steps as i32));
@@ -107,10 +113,7 @@ fn overflowing_gradients_skip_steps_back_off_and_resume() {
     assert_eq!(last["skipped_steps"], s.skipped_steps);
     assert_eq!(last["loss_scale"].as_f64(), Some(f64::from(scale)));
     // one more epoch from the checkpoint: its skipped steps reconcile with the optimizer's
-    let more = TrainConfig {
-        epochs: 3,
-        ..first
-    };
+    let more = TrainConfig { epochs: 3, ..first };
     let resume = RunOptions {
         resume: true,
         ..RunOptions::default()
