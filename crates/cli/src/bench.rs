@@ -186,11 +186,7 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
             None => optimizer.step(&value.backward()?)?,
             Some(scaler) => {
                 let mut grads = scaler.scale_loss(&value)?.backward()?;
-                let finite = scaler.unscale(optimizer.vars(), &mut grads)?;
-                if finite {
-                    optimizer.step(&grads)?;
-                }
-                scaler.update(finite);
+                scaler.step(&mut optimizer, &mut grads)?;
             }
         }
         device.synchronize()?;

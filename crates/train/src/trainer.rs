@@ -723,17 +723,13 @@ impl Trainer {
         let Some(scaler) = &mut self.scaler else {
             return self.optimizer.step(grads);
         };
-        let finite = scaler.unscale(self.optimizer.vars(), grads)?;
-        if finite {
-            self.optimizer.step(grads)?;
-        } else {
+        if !scaler.step(&mut self.optimizer, grads)? {
             self.state.skipped_steps += 1;
             tracing::warn!(
                 scale = scaler.scale(),
-                "non-finite gradient: step skipped, loss scale backs off"
+                "non-finite gradient: step skipped, loss scale backed off"
             );
         }
-        scaler.update(finite);
         self.state.loss_scaler = Some(scaler.state());
         Ok(())
     }

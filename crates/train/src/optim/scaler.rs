@@ -14,6 +14,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::Optimizer;
+
 /// Whether and how the trainer scales the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
@@ -164,6 +166,17 @@ impl LossScaler {
         }
         let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
         Ok(total.is_finite())
+    }
+
+    /// `GradScaler.step` then `update`: unscales `grads` ([`LossScaler::unscale`]), takes the
+    /// optimizer step when they are finite, updates the scale; returns whether it stepped.
+    pub fn step(&mut self, optimizer: &mut Optimizer, grads: &mut GradStore) -> Result<bool> {
+        let finite = self.unscale(optimizer.vars(), grads)?;
+        if finite {
+            optimizer.step(grads)?;
+        }
+        self.update(finite);
+        Ok(finite)
     }
 
     /// The scale after a step whose gradients were `finite` (or not): `GradScaler.update`.
