@@ -61,8 +61,20 @@ pub(crate) struct Reductions<'a> {
     pub labels: Tensor,
     pub target: &'a Target,
     pub classes: usize,
-    fused: bool,
+    reducer: Reducer,
     planned: RefCell<Option<Planned>>,
+}
+
+/// Which implementation computes the sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reducer {
+    /// The fused parallel CPU kernels (`fused`), f32 and f64.
+    Cpu,
+    /// The CUDA kernel pair (`fused_cuda`), f32 and f64, in builds with the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    Cuda,
+    /// Candle operations (`fused::composite`): any device and dtype.
+    Composite,
 }
 
 struct Planned {
@@ -74,27 +86,34 @@ struct Planned {
 impl<'a> Reductions<'a> {
     pub fn new(logits: &'a Tensor, target: &'a Target) -> Result<Self> {
         let labels = target.checked_labels(logits)?;
-        let fused = target.kernels() == Kernels::Auto
-            && logits.device().is_cpu()
-            && matches!(
-                logits.dtype(),
-                candle_core::DType::F32 | candle_core::DType::F64
-            );
+        let float = matches!(
+            logits.dtype(),
+            candle_core::DType::F32 | candle_core::DType::F64
+        );
+        let reducer = match target.kernels() {
+            Kernels::Auto if float && logits.device().is_cpu() => Reducer::Cpu,
+            #[cfg(feature = "cuda")]
+            Kernels::Auto if float && logits.device().is_cuda() => Reducer::Cuda,
+            _ => Reducer::Composite,
+        };
         Ok(Reductions {
             logits,
             labels,
             target,
             classes: logits.dim(1)?,
-            fused,
+            reducer,
             planned: RefCell::new(None),
         })
     }
 
     fn reduce(&self, edges: Option<&Tensor>, weights: Option<&Tensor>) -> Result<Tensor> {
-        if self.fused {
-            crate::fused::reduce(self.logits, &self.labels, edges, weights)
-        } else {
-            crate::fused::composite::reduce(self.logits, &self.labels, edges, weights)
+        match self.reducer {
+            Reducer::Cpu => crate::fused::reduce(self.logits, &self.labels, edges, weights),
+            #[cfg(feature = "cuda")]
+            Reducer::Cuda => crate::fused_cuda::reduce(self.logits, &self.labels, edges, weights),
+            Reducer::Composite => {
+                crate::fused::composite::reduce(self.logits, &self.labels, edges, weights)
+            }
         }
     }
 
@@ -138,7 +157,7 @@ impl<'a> Reductions<'a> {
     /// (with `cwseg-morphology` on the CPU fast path, online elsewhere: bit-identical).
     pub fn edges(&self, contour: &ContourConfig) -> Result<Tensor> {
         self.target
-            .edges(&self.labels, contour, self.logits, self.fused)
+            .edges(&self.labels, contour, self.logits, self.reducer == Reducer::Cpu)
     }
 
     /// Voxels `|V| = N·D·H·W`.

@@ -8,6 +8,8 @@ mod cross_entropy;
 mod dice;
 mod error;
 mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 mod target;
 
 use candle_core::Tensor;

@@ -10,10 +10,11 @@ use crate::{LossError, Result};
 /// Which implementation of the fused reductions runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// The fused parallel CPU kernels on the CPU, candle operations elsewhere.
+    /// The fused kernels: parallel CPU kernels on the CPU, a CUDA kernel pair on CUDA (in
+    /// builds with the `cuda` feature), candle operations elsewhere.
     #[default]
     Auto,
-    /// Candle operations everywhere (what CUDA runs; for tests and comparisons).
+    /// Candle operations everywhere (for tests and comparisons).
     Composite,
 }
 
