@@ -156,8 +156,12 @@ impl<'a> Reductions<'a> {
     /// The edge map for `contour` in the logits' dtype: given with the target, or computed
     /// (with `cwseg-morphology` on the CPU fast path, online elsewhere: bit-identical).
     pub fn edges(&self, contour: &ContourConfig) -> Result<Tensor> {
-        self.target
-            .edges(&self.labels, contour, self.logits, self.reducer == Reducer::Cpu)
+        self.target.edges(
+            &self.labels,
+            contour,
+            self.logits,
+            self.reducer == Reducer::Cpu,
+        )
     }
 
     /// Voxels `|V| = N·D·H·W`.

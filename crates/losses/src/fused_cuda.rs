@@ -8,15 +8,15 @@
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage};
 use candle_core::{Tensor, WithDType};
 
-use crate::fused::STATS;
 use crate::Result;
+use crate::fused::STATS;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/loss_sums.ptx"));
 const MODULE: &str = "cwseg_loss_sums";
@@ -76,6 +76,49 @@ fn view<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
+/// The device views of the labels and the optional maps, in the kernels' argument order.
+struct MapViews<'a, T> {
+    labels: CudaView<'a, u32>,
+    edges: Option<CudaView<'a, T>>,
+    weights: Option<CudaView<'a, T>>,
+    null: usize,
+}
+
+/// A map's storage and layout from behind its lock guard.
+fn unguard<'a, G: std::ops::Deref<Target = Storage>>(
+    m: &'a Option<(G, &'a Layout)>,
+) -> Option<(&'a Storage, &'a Layout)> {
+    m.as_ref().map(|(s, l)| (&**s, *l))
+}
+
+impl<'a, T: CudaDType + DeviceRepr> MapViews<'a, T> {
+    fn new(
+        labels: &'a Storage,
+        layout: &Layout,
+        edges: Option<(&'a Storage, &Layout)>,
+        weights: Option<(&'a Storage, &Layout)>,
+    ) -> candle_core::Result<Self> {
+        let map = |m: Option<(&'a Storage, &Layout)>| m.map(|(s, l)| view::<T>(s, l)).transpose();
+        Ok(MapViews {
+            labels: view::<u32>(labels, layout)?,
+            edges: map(edges)?,
+            weights: map(weights)?,
+            null: 0,
+        })
+    }
+
+    /// Pushes labels, edges and weights (a null pointer for a map left out).
+    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        b.arg(&self.labels);
+        for map in [&self.edges, &self.weights] {
+            match map {
+                Some(m) => b.arg(m),
+                None => b.arg(&self.null),
+            };
+        }
+    }
+}
+
 fn kernel<T: WithDType>(name: &str) -> String {
     format!("{name}_{}", T::DTYPE.as_str())
 }
@@ -104,28 +147,17 @@ impl Maps {
         let dev = z.device().clone();
         let z = z.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
         let (labels, ll) = self.labels.storage_and_layout();
-        let labels = view::<u32>(&labels, ll)?;
         let edges = self.edges.as_ref().map(|e| e.storage_and_layout());
         let weights = self.weights.as_ref().map(|w| w.storage_and_layout());
-        let edges = edges.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
-        let weights = weights.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+        let views = MapViews::<T>::new(&labels, ll, unguard(&edges), unguard(&weights))?;
         let mut out = dev.alloc_zeros::<f64>(self.samples * self.classes * STATS)?;
         let func = dev.get_or_load_custom_func(&kernel::<T>("loss_sums"), MODULE, PTX)?;
         let (k, v) = (self.classes as i32, self.voxels as i64);
         let mut config = grid(self, voxel_blocks(self).min(MAX_BLOCKS))?;
         config.shared_mem_bytes = (self.classes * STATS * std::mem::size_of::<f64>()) as u32;
-        let null = 0usize;
         let mut b = func.builder();
         b.arg(&z);
-        b.arg(&labels);
-        match &edges {
-            Some(e) => b.arg(e),
-            None => b.arg(&null),
-        };
-        match &weights {
-            Some(w) => b.arg(w),
-            None => b.arg(&null),
-        };
+        views.push(&mut b);
         b.arg(&mut out);
         b.arg(&k);
         b.arg(&v);
@@ -147,28 +179,16 @@ impl Maps {
         let z = z.as_cuda_slice::<T>()?.slice(lz.start_offset()..);
         let g = g.as_cuda_slice::<f64>()?.slice(lg.start_offset()..);
         let (labels, ll) = self.labels.storage_and_layout();
-        let labels = view::<u32>(&labels, ll)?;
         let edges = self.edges.as_ref().map(|e| e.storage_and_layout());
         let weights = self.weights.as_ref().map(|w| w.storage_and_layout());
-        let edges = edges.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
-        let weights = weights.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+        let views = MapViews::<T>::new(&labels, ll, unguard(&edges), unguard(&weights))?;
         // SAFETY: every value is written by the kernel (one thread per voxel and sample).
         let mut dz = unsafe { dev.alloc::<T>(self.samples * self.classes * self.voxels)? };
-        let func =
-            dev.get_or_load_custom_func(&kernel::<T>("loss_sums_backward"), MODULE, PTX)?;
+        let func = dev.get_or_load_custom_func(&kernel::<T>("loss_sums_backward"), MODULE, PTX)?;
         let (k, v) = (self.classes as i32, self.voxels as i64);
-        let null = 0usize;
         let mut b = func.builder();
         b.arg(&z);
-        b.arg(&labels);
-        match &edges {
-            Some(e) => b.arg(e),
-            None => b.arg(&null),
-        };
-        match &weights {
-            Some(w) => b.arg(w),
-            None => b.arg(&null),
-        };
+        views.push(&mut b);
         b.arg(&g);
         b.arg(&mut dz);
         b.arg(&k);
