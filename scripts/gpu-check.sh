@@ -53,9 +53,18 @@ if [ -n "$PY" ]; then
   fi
 fi
 
+# Steps that would start after DEADLINE seconds (default 510: a device call runs at most 600)
+# are skipped and counted as failed, so the summary and the logs are always written.
+DEADLINE=${DEADLINE:-510}
 step() { # step NAME TIMEOUT COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ "$SECONDS" -ge "$DEADLINE" ]; then
+    echo "| $name | SKIPPED (past the ${DEADLINE} s deadline) | 0 s |" >> "$SUMMARY"
+    failed=$((failed + 1))
+    return
+  fi
+  [ $((SECONDS + limit)) -gt "$DEADLINE" ] && limit=$((DEADLINE - SECONDS + 30))
   local start=$SECONDS
   echo "== $name: $*" | tee -a "$WORK/all.log"
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
@@ -80,19 +89,25 @@ step() { # step NAME TIMEOUT COMMAND...
 step ops-networks-parity 300 "$BIN/tests/models-cuda" --nocapture --test-threads 1
 step losses-parity 300 "$BIN/tests/losses-cuda" --nocapture --test-threads 1
 NETS=unet,vnet,deeplabv3,unetr
-for p in f32 bf16 f16; do
-  step "cwseg-steps-$p" 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 \
-    --step-network $NETS --step-loss ce,cwcd --precision $p
+steps() { # steps PRECISION: both sides' training steps
+  step "cwseg-steps-$1" 300 "$BIN/cwseg" bench --device cuda --step-only --step-size 96 \
+    --step-network $NETS --step-loss ce,cwcd --precision "$1"
   if [ -n "$PY" ]; then
-    step "pytorch-steps-$p" 300 "$PY" scripts/bench_models_reference.py --device cuda --size 96 \
-      --precision $p $NETS
+    step "pytorch-steps-$1" 300 "$PY" scripts/bench_models_reference.py --device cuda --size 96 \
+      --precision "$1" $NETS
   fi
-done
-step demo-quick 300 "$BIN/cwseg" demo --quick --device cuda --quiet --out "$WORK/demo"
-for p in bf16 f16; do
-  step "demo-quick-$p" 300 "$BIN/cwseg" demo --quick --device cuda --precision $p --quiet \
-    --out "$WORK/demo-$p"
-done
+}
+demo() { # demo PRECISION
+  step "demo-quick-$1" 300 "$BIN/cwseg" demo --quick --device cuda --precision "$1" --quiet \
+    --out "$WORK/demo-$1"
+}
+# the most wanted first: should the deadline come, f16 is what is left out
+steps f32
+steps bf16
+demo f32
+demo bf16
+steps f16
+demo f16
 
 {
   echo
@@ -107,7 +122,7 @@ done
   fi
   grep -h "training step" "$WORK"/cwseg-steps-*.log 2>/dev/null
   grep -h "training step on" "$WORK"/pytorch-steps-*.log 2>/dev/null
-  for d in demo-quick demo-quick-bf16 demo-quick-f16; do
+  for d in demo-quick-f32 demo-quick-bf16 demo-quick-f16; do
     grep -h "^| Avg\|training time" "$WORK/$d.log" 2>/dev/null | sed "s/^/$d: /"
   done
   echo
