@@ -8,7 +8,8 @@
 #   here:  scripts/build-cuda.sh check; scripts/pack-brats.sh; commit; scripts/gpu-tree.sh slim
 #   call:  scripts/gpu-check.sh $OUT               carry target/cuda.tar.xz       (< 10 min)
 #   call:  scripts/gpu-brats-check.sh $OUT         carry target/brats18.tar.bz2   (the BraTS
-#          training; target/cuda stays there from the first call)
+#          training; target/cuda stays there from the first call; only with 6 minutes of
+#          device time left, else in a later sitting; EPOCHS=3 halves it)
 #   here:  give_back; scripts/gpu-tree.sh restore
 #
 # 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
