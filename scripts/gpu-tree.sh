@@ -4,15 +4,17 @@
 # experiment's predictions (experiments/results, 60 MB, which `experiment --collect` reads),
 # the published models (models/, 25 MB) and the test fixtures (16 MB), none of which the GPU
 # check reads. `slim` takes them out of the index and ignores them in .git/info/exclude (the
-# files stay where they are); `restore` puts the index and the exclude file back.
+# files stay where they are) and installs a pre-commit hook that refuses commits meanwhile;
+# `restore` puts the index and the exclude file back and removes the hook.
 #
 #   scripts/gpu-tree.sh size      # MB that a device call would send now
 #   scripts/gpu-tree.sh slim      # before the device calls (refuses a tree with changes)
-#   scripts/gpu-tree.sh restore   # right after them: until then a commit would delete them
+#   scripts/gpu-tree.sh restore   # right after them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXCLUDE=.git/info/exclude
 STATE=.git/gpu-tree-slim
+HOOK=.git/hooks/pre-commit
 MARK="# gpu-tree.sh slim"
 
 heavy() {
@@ -32,6 +34,7 @@ case "${1:-}" in
     ;;
   slim)
     [ -e "$STATE" ] && { echo "already slim ($STATE); run restore first" >&2; exit 1; }
+    [ -e "$HOOK" ] && { echo "$HOOK exists; slim would replace it" >&2; exit 1; }
     if [ -n "$(git status --porcelain)" ]; then
       echo "the tree has changes: commit or stash them first (restore puts back HEAD's index)" >&2
       exit 1
@@ -41,6 +44,9 @@ case "${1:-}" in
     git rm -r -q --cached -- "${paths[@]}"
     { echo "$MARK begin"; for p in "${paths[@]}"; do echo "/$p/"; done; echo "$MARK end"; } \
       >> "$EXCLUDE"
+    printf '#!/bin/sh\necho "slimmed for the device (scripts/gpu-tree.sh): restore before committing" >&2\nexit 1\n' \
+      > "$HOOK"
+    chmod +x "$HOOK"
     echo "slim: $(size) would travel; run 'scripts/gpu-tree.sh restore' after the device calls"
     ;;
   restore)
@@ -48,7 +54,7 @@ case "${1:-}" in
     mapfile -t paths < "$STATE"
     git reset -q -- "${paths[@]}"
     sed -i "\|^$MARK begin\$|,\|^$MARK end\$|d" "$EXCLUDE"
-    rm "$STATE"
+    rm "$STATE" "$HOOK"
     git status --short | head
     echo "restored: $(size) would travel"
     ;;
