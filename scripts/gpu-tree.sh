@@ -39,14 +39,15 @@ case "${1:-}" in
       echo "the tree has changes: commit or stash them first (restore puts back HEAD's index)" >&2
       exit 1
     fi
+    mkdir -p "$(dirname "$HOOK")"
+    printf '#!/bin/sh\necho "slimmed for the device (scripts/gpu-tree.sh): restore before committing" >&2\nexit 1\n' \
+      > "$HOOK"
+    chmod +x "$HOOK"
     mapfile -t paths < <(heavy)
     printf '%s\n' "${paths[@]}" > "$STATE"
     git rm -r -q --cached -- "${paths[@]}"
     { echo "$MARK begin"; for p in "${paths[@]}"; do echo "/$p/"; done; echo "$MARK end"; } \
       >> "$EXCLUDE"
-    printf '#!/bin/sh\necho "slimmed for the device (scripts/gpu-tree.sh): restore before committing" >&2\nexit 1\n' \
-      > "$HOOK"
-    chmod +x "$HOOK"
     echo "slim: $(size) would travel; run 'scripts/gpu-tree.sh restore' after the device calls"
     ;;
   restore)
@@ -54,7 +55,7 @@ case "${1:-}" in
     mapfile -t paths < "$STATE"
     git reset -q -- "${paths[@]}"
     sed -i "\|^$MARK begin\$|,\|^$MARK end\$|d" "$EXCLUDE"
-    rm "$STATE" "$HOOK"
+    rm -f "$STATE" "$HOOK"
     git status --short | head
     echo "restored: $(size) would travel"
     ;;
