@@ -138,6 +138,22 @@ fn voxel_blocks(maps: &Maps) -> u32 {
 }
 
 impl Maps {
+    /// Runs `f` with the device views of the labels and maps (their storage locked meanwhile).
+    fn with_views<T: CudaDType + DeviceRepr, R>(
+        &self,
+        f: impl FnOnce(&MapViews<'_, T>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (labels, ll) = self.labels.storage_and_layout();
+        let edges = self.edges.as_ref().map(|e| e.storage_and_layout());
+        let weights = self.weights.as_ref().map(|w| w.storage_and_layout());
+        f(&MapViews::new(
+            &labels,
+            ll,
+            unguard(&edges),
+            unguard(&weights),
+        )?)
+    }
+
     /// The sums `(N, K, 7)` in f64 of logits `z`.
     fn sums<T: CudaDType + DeviceRepr + WithDType>(
         &self,
@@ -146,24 +162,23 @@ impl Maps {
     ) -> candle_core::Result<CudaStorage> {
         let dev = z.device().clone();
         let z = z.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
-        let (labels, ll) = self.labels.storage_and_layout();
-        let edges = self.edges.as_ref().map(|e| e.storage_and_layout());
-        let weights = self.weights.as_ref().map(|w| w.storage_and_layout());
-        let views = MapViews::<T>::new(&labels, ll, unguard(&edges), unguard(&weights))?;
         let mut out = dev.alloc_zeros::<f64>(self.samples * self.classes * STATS)?;
         let func = dev.get_or_load_custom_func(&kernel::<T>("loss_sums"), MODULE, PTX)?;
         let (k, v) = (self.classes as i32, self.voxels as i64);
         let mut config = grid(self, voxel_blocks(self).min(MAX_BLOCKS))?;
         config.shared_mem_bytes = (self.classes * STATS * std::mem::size_of::<f64>()) as u32;
-        let mut b = func.builder();
-        b.arg(&z);
-        views.push(&mut b);
-        b.arg(&mut out);
-        b.arg(&k);
-        b.arg(&v);
-        // SAFETY: the arguments match the kernel's signature; `z` holds N·K·V values, the
-        // labels and maps N·V, `out` N·K·7, and the grid covers N samples.
-        unsafe { b.launch(config) }.w()?;
+        self.with_views::<T, _>(|views| {
+            let mut b = func.builder();
+            b.arg(&z);
+            views.push(&mut b);
+            b.arg(&mut out);
+            b.arg(&k);
+            b.arg(&v);
+            // SAFETY: the arguments match the kernel's signature; `z` holds N·K·V values, the
+            // labels and maps N·V, `out` N·K·7, and the grid covers N samples.
+            unsafe { b.launch(config) }.w()?;
+            Ok(())
+        })?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
@@ -178,23 +193,23 @@ impl Maps {
         let dev = z.device().clone();
         let z = z.as_cuda_slice::<T>()?.slice(lz.start_offset()..);
         let g = g.as_cuda_slice::<f64>()?.slice(lg.start_offset()..);
-        let (labels, ll) = self.labels.storage_and_layout();
-        let edges = self.edges.as_ref().map(|e| e.storage_and_layout());
-        let weights = self.weights.as_ref().map(|w| w.storage_and_layout());
-        let views = MapViews::<T>::new(&labels, ll, unguard(&edges), unguard(&weights))?;
         // SAFETY: every value is written by the kernel (one thread per voxel and sample).
         let mut dz = unsafe { dev.alloc::<T>(self.samples * self.classes * self.voxels)? };
         let func = dev.get_or_load_custom_func(&kernel::<T>("loss_sums_backward"), MODULE, PTX)?;
         let (k, v) = (self.classes as i32, self.voxels as i64);
-        let mut b = func.builder();
-        b.arg(&z);
-        views.push(&mut b);
-        b.arg(&g);
-        b.arg(&mut dz);
-        b.arg(&k);
-        b.arg(&v);
-        // SAFETY: as in `sums`; `g` holds N·K·7 values, `dz` N·K·V.
-        unsafe { b.launch(grid(self, voxel_blocks(self))?) }.w()?;
+        let config = grid(self, voxel_blocks(self))?;
+        self.with_views::<T, _>(|views| {
+            let mut b = func.builder();
+            b.arg(&z);
+            views.push(&mut b);
+            b.arg(&g);
+            b.arg(&mut dz);
+            b.arg(&k);
+            b.arg(&v);
+            // SAFETY: as in `sums`; `g` holds N·K·7 values, `dz` N·K·V.
+            unsafe { b.launch(config) }.w()?;
+            Ok(())
+        })?;
         Ok(CudaStorage::wrap_cuda_slice(dz, dev))
     }
 }
