@@ -48,6 +48,23 @@ fn skips_scales_and_steps_as_pytorch_grad_scaler() {
             // the backward pass of `sum(p · c) · s`: c · s in f32
             let c = Tensor::new(numbers(&step["c"]), &dev).expect("c");
             let scaled = c.affine(f64::from(scaler.scale()), 0.0).expect("scaled");
+            // unscaling alone gives back the fixture's gradient (exactly for powers of two)
+            let mut alone = GradStore::default();
+            alone.insert(var.as_tensor(), scaled.clone());
+            let finite = scaler.unscale(opt.vars(), &mut alone).expect("unscale");
+            if finite {
+                let got: Vec<f32> = alone
+                    .get(var.as_tensor())
+                    .expect("gradient")
+                    .to_vec1()
+                    .expect("values");
+                for (a, b) in got.iter().zip(numbers(&step["c"])) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs(),
+                        "case {k} step {i}: unscaled {a} against {b}"
+                    );
+                }
+            }
             let mut grads = GradStore::default();
             grads.insert(var.as_tensor(), scaled);
             if !scaler.step(&mut opt, &mut grads).expect("step") {
