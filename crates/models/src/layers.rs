@@ -1,10 +1,26 @@
 //! Normalisations and activations on `(N, C, D, H, W)` (or `(…, F)` for layer norm and
-//! softmax) as composites of candle operations, so that every one of them trains: candle's
-//! fused `LayerNorm`, `RmsNorm` and `softmax_last_dim` have no backward pass.
+//! softmax), each with a backward pass (candle's fused `LayerNorm`, `RmsNorm` and
+//! `softmax_last_dim` have none): on CUDA (feature `cuda`, f32/bf16/f16) the kernels of
+//! `cuda_layers`, on CPU f32 the fused kernels of `fused` where there is one, elsewhere
+//! composites of candle operations.
 
 use candle_core::{D, Result, Tensor, bail};
 
 use crate::fused::Then;
+
+/// Returns `$kernel`, the CUDA kernel's result, where the CUDA kernels take `$x` (and
+/// `$condition` holds); builds without the `cuda` feature expand this to nothing.
+macro_rules! on_cuda {
+    ($x:expr, when $condition:expr => $kernel:expr) => {
+        #[cfg(feature = "cuda")]
+        if $condition && crate::cuda_layers::applies($x) {
+            return $kernel;
+        }
+    };
+    ($x:expr, $kernel:expr) => {
+        on_cuda!($x, when true => $kernel)
+    };
+}
 
 /// Mean and biased variance over `axes`, kept as size-1 axes.
 fn moments(x: &Tensor, axes: &[usize]) -> Result<(Tensor, Tensor)> {
@@ -43,9 +59,23 @@ fn normalise(
     affine_channels(y, weight, bias)
 }
 
-/// ReLU; on the CPU (f32) a fused kernel with its backward pass.
+/// ReLU; on CUDA and CPU f32 a kernel with its backward pass.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
+    on_cuda!(
+        x,
+        crate::cuda_layers::activation(x, crate::cuda_layers::Activation::Relu)
+    );
     crate::fused::relu(x)
+}
+
+/// GELU in the erf form, `x Φ(x) = ½ x (1 + erf(x/√2))` (PyTorch's `nn.GELU()`): a kernel on
+/// CUDA, candle's `gelu_erf` elsewhere.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    on_cuda!(
+        x,
+        crate::cuda_layers::activation(x, crate::cuda_layers::Activation::Gelu)
+    );
+    x.gelu_erf()
 }
 
 /// Batch normalisation over `(N, D, H, W)` per channel (PyTorch's `batch_norm`). Training:
@@ -96,10 +126,6 @@ fn batch_norm_then(
     (momentum, eps): (f64, f64),
     then: Then,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let finish = |y: Tensor| match then {
-        Then::Identity => Ok(y),
-        Then::Relu => relu(&y),
-    };
     let c = x.dim(1)?;
     let mut shape = vec![1usize; x.rank()];
     shape[1] = c;
@@ -108,27 +134,14 @@ fn batch_norm_then(
             running_mean.reshape(shape.clone())?,
             running_var.reshape(shape)?,
         );
-        let y = finish(normalise(x, &m, &v, weight, bias, eps)?)?;
+        let y = then_apply(normalise(x, &m, &v, weight, bias, eps)?, then)?;
         return Ok((y, running_mean.clone(), running_var.clone()));
     }
     let count = x.elem_count() / c;
     if count < 2 {
         bail!("batch_norm: training needs more than one value per channel, got {count}");
     }
-    let (y, mean, var) = match (weight, bias) {
-        (Some(w), Some(b)) if crate::fused::cpu_f32(x) => {
-            let (y, mean, var) = crate::fused::batch_norm_train_cpu(x, w, b, eps, then)?;
-            let mean = Tensor::from_vec(mean, c, x.device())?;
-            let var = Tensor::from_vec(var, c, x.device())?;
-            (y, mean, var)
-        }
-        _ => {
-            let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
-            let (mean, var) = moments(x, &axes)?;
-            let y = finish(normalise(x, &mean, &var, weight, bias, eps)?)?;
-            (y, mean, var)
-        }
-    };
+    let (y, mean, var) = batch_norm_train(x, (weight, bias), eps, then)?;
     let unbiased = var
         .detach()
         .affine(count as f64 / (count - 1) as f64, 0.0)?
@@ -139,17 +152,65 @@ fn batch_norm_then(
     Ok((y, new_mean, new_var))
 }
 
+/// `then` of `y`.
+fn then_apply(y: Tensor, then: Then) -> Result<Tensor> {
+    match then {
+        Then::Identity => Ok(y),
+        Then::Relu => relu(&y),
+    }
+}
+
+/// Training-mode batch norm, then `then`: `(y, batch mean, biased batch variance)`, the
+/// statistics with `C` values (in any shape). CUDA: one kernel; CPU f32 with affine
+/// parameters: the fused kernel; elsewhere candle operations.
+fn batch_norm_train(
+    x: &Tensor,
+    (weight, bias): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    then: Then,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    on_cuda!(
+        x,
+        crate::cuda_layers::norm(
+            x,
+            (weight, bias),
+            crate::cuda_layers::Grouping::batch(x)?,
+            eps,
+            then == Then::Relu,
+        )
+    );
+    match (weight, bias) {
+        (Some(w), Some(b)) if crate::fused::cpu_f32(x) => {
+            let (y, mean, var) = crate::fused::batch_norm_train_cpu(x, w, b, eps, then)?;
+            let c = x.dim(1)?;
+            let mean = Tensor::from_vec(mean, c, x.device())?;
+            let var = Tensor::from_vec(var, c, x.device())?;
+            Ok((y, mean, var))
+        }
+        _ => {
+            let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+            let (mean, var) = moments(x, &axes)?;
+            let y = then_apply(normalise(x, &mean, &var, weight, bias, eps)?, then)?;
+            Ok((y, mean, var))
+        }
+    }
+}
+
 /// Instance normalisation: per sample and channel over `(D, H, W)` (PyTorch's
 /// `instance_norm` without running statistics). On CPU f32 it is the fused batch-norm kernel on
 /// `(1, N·C, S)` (a channel per sample and channel; `γ`, `β` repeated per sample, so their
 /// gradients sum over the samples), which keeps one tensor for the backward pass where the
-/// composite ([`instance_norm_composite`]) keeps four.
+/// composite ([`instance_norm_composite`]) keeps four. On CUDA one kernel.
 pub fn instance_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    on_cuda!(x, {
+        let grouping = crate::cuda_layers::Grouping::instance(x)?;
+        Ok(crate::cuda_layers::norm(x, (weight, bias), grouping, eps, false)?.0)
+    });
     let dims = x.dims().to_vec();
     if !(crate::fused::cpu_f32(x) && dims.len() >= 3) {
         return instance_norm_composite(x, weight, bias, eps);
@@ -180,7 +241,7 @@ pub fn instance_norm_composite(
 }
 
 /// Group normalisation: channels split into `groups`, statistics per sample and group
-/// (PyTorch's `group_norm`); affine per channel.
+/// (PyTorch's `group_norm`); affine per channel. On CUDA one kernel.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -188,6 +249,10 @@ pub fn group_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    on_cuda!(x, {
+        let grouping = crate::cuda_layers::Grouping::group(x, groups)?;
+        Ok(crate::cuda_layers::norm(x, (weight, bias), grouping, eps, false)?.0)
+    });
     let dims = x.dims().to_vec();
     let (n, c) = (dims[0], dims[1]);
     if groups == 0 || c % groups != 0 {
@@ -201,13 +266,17 @@ pub fn group_norm(
     affine_channels(y.reshape(dims)?, weight, bias)
 }
 
-/// Layer normalisation over the last axis with `γ`, `β` of its size.
+/// Layer normalisation over the last axis with `γ`, `β` of its size. On CUDA one kernel.
 pub fn layer_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    on_cuda!(x, {
+        let grouping = crate::cuda_layers::Grouping::layer(x)?;
+        Ok(crate::cuda_layers::norm(x, (weight, bias), grouping, eps, false)?.0)
+    });
     let last = x.rank() - 1;
     let (mean, var) = moments(x, &[last])?;
     let mut y = x
@@ -222,16 +291,21 @@ pub fn layer_norm(
     Ok(y)
 }
 
-/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`.
+/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`: a kernel pair on CUDA.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    on_cuda!(x, crate::cuda_layers::softmax_last(x));
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let e = shifted.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// `max(0, x) + slope · min(0, x)`: the fused kernel on CPU f32 (slope ≥ 0),
+/// `max(0, x) + slope · min(0, x)`: a kernel on CUDA and CPU f32 (slope ≥ 0),
 /// [`leaky_relu_composite`] elsewhere.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    on_cuda!(x, when slope >= 0.0 => {
+        let leaky = crate::cuda_layers::Activation::LeakyRelu(slope as f32);
+        crate::cuda_layers::activation(x, leaky)
+    });
     match crate::fused::leaky_relu(x, slope)? {
         Some(y) => Ok(y),
         None => leaky_relu_composite(x, slope),
@@ -244,8 +318,9 @@ pub fn leaky_relu_composite(x: &Tensor, slope: f64) -> Result<Tensor> {
 }
 
 /// PReLU with one learned slope per channel (`a` of shape `(C,)`) or one for all (`(1,)`):
-/// the fused kernel on CPU f32, [`prelu_composite`] elsewhere.
+/// a kernel on CUDA and CPU f32, [`prelu_composite`] elsewhere.
 pub fn prelu(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    on_cuda!(x, crate::cuda_layers::prelu(x, a));
     match crate::fused::prelu(x, a)? {
         Some(y) => Ok(y),
         None => prelu_composite(x, a),
@@ -280,9 +355,13 @@ pub fn dropout_channels(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
     x.broadcast_mul(&keep)?.affine(1.0 / (1.0 - p), 0.0)
 }
 
-/// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise: the fused kernel on CPU f32,
+/// ELU: `x` for `x > 0`, `α (eᵡ − 1)` otherwise: a kernel on CUDA (α > 0) and CPU f32,
 /// [`elu_composite`] elsewhere.
 pub fn elu(x: &Tensor, alpha: f64) -> Result<Tensor> {
+    on_cuda!(x, when alpha > 0.0 => {
+        let elu = crate::cuda_layers::Activation::Elu(alpha as f32);
+        crate::cuda_layers::activation(x, elu)
+    });
     match crate::fused::elu(x, alpha)? {
         Some(y) => Ok(y),
         None => elu_composite(x, alpha),

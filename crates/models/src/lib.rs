@@ -5,6 +5,8 @@ pub mod alloc;
 mod bf16;
 mod concat;
 #[cfg(feature = "cuda")]
+mod cuda_layers;
+#[cfg(feature = "cuda")]
 mod cudnn;
 #[cfg(feature = "cuda")]
 mod cudnn_pool;

@@ -4,7 +4,9 @@
 //! decoded by residual convolution blocks with instance normalisation without affine parameters
 //! (MONAI's `norm_name="instance"`) or batch normalisation (`"batch"`), and LeakyReLU(0.01).
 //!
-//! Attention, layer norm, GELU and softmax are composites of candle operations (they train).
+//! Attention is two matmuls around a softmax (MONAI's `SABlock` without flash attention); layer
+//! norm, GELU and softmax are [`crate::layers`]' (kernels with backward passes on CUDA,
+//! composites of candle operations on the CPU).
 //! Parameter names are MONAI's, one to one (`vit.patch_embedding.position_embeddings`,
 //! `vit.blocks.3.attn.qkv.weight`, `encoder2.blocks.0.1.conv1.conv.weight`,
 //! `decoder5.transp_conv.conv.weight`, `out.conv.conv.bias` …; `norm_cross_attn` is kept
@@ -16,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
-use crate::layers::{instance_norm, leaky_relu, softmax_last};
+use crate::layers::{gelu, instance_norm, leaky_relu, softmax_last};
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
 
@@ -154,7 +156,7 @@ impl Block {
         let attention = softmax_last(&scores)?.matmul(&v)?; // (B, heads, n, dh)
         let attention = attention.permute((0, 2, 1, 3))?.reshape((b, n, hidden))?;
         let x = (x + self.out_proj.forward(&attention)?)?;
-        let h = self.linear1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = gelu(&self.linear1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.linear2.forward(&h)?
     }
 }

@@ -61,6 +61,8 @@ fn cuda_matches_cpu() {
     let w1 = Tensor::randn(0f32, 0.3, (3, 4, 1, 1, 1), &Device::Cpu).unwrap();
     let wt3 = Tensor::randn(0f32, 0.3, (4, 3, 3, 3, 3), &Device::Cpu).unwrap();
     let c = Tensor::rand(0.5f32, 1.5, 4, &Device::Cpu).unwrap();
+    let one = Tensor::rand(0.1f32, 0.4, 1, &Device::Cpu).unwrap();
+    let features = Tensor::rand(0.5f32, 1.5, 11, &Device::Cpu).unwrap();
     // A fixed bias on the op's device (its gradient is not compared).
     let bias = |n: usize, x: &Tensor| {
         Tensor::arange(0f32, n as f32, x.device())
@@ -240,16 +242,135 @@ fn cuda_matches_cpu() {
             Box::new(|x, _| layers::softmax_last(x).unwrap()),
         ),
     ];
-    for (name, param, op) in &ops {
-        let (y_cpu, gx_cpu, gw_cpu) = run(op, &x, param);
+    let ops = ops.into_iter().chain(layer_ops(&c, &one, &features));
+    for (name, param, op) in ops {
+        let (y_cpu, gx_cpu, gw_cpu) = run(&op, &x, &param);
         let (y_gpu, gx_gpu, gw_gpu) = run(
-            op,
+            &op,
             &x.to_device(&gpu).unwrap(),
             &param.to_device(&gpu).unwrap(),
         );
         close(&y_cpu, &y_gpu, &format!("{name} output"));
         close(&gx_cpu, &gx_gpu, &format!("{name} input gradient"));
         close(&gw_cpu, &gw_gpu, &format!("{name} parameter gradient"));
+    }
+}
+
+/// The layers with CUDA kernels (`cuda_layers`) in the variants the networks use: with and
+/// without affine parameters, ReLU fused into batch norm, one shared PReLU slope, layer norm
+/// over the last axis (`features` its parameters). `c` has one value per channel of `(N, 4, …)`.
+fn layer_ops(c: &Tensor, one: &Tensor, features: &Tensor) -> Vec<(&'static str, Tensor, Op)> {
+    let batch_norm = |relu: bool| -> Op {
+        Box::new(move |x: &Tensor, w: &Tensor| {
+            let z = Tensor::zeros(4, x.dtype(), x.device()).unwrap();
+            let bias = w.affine(-0.5, 0.1).unwrap();
+            let norm = if relu {
+                layers::batch_norm_relu
+            } else {
+                layers::batch_norm
+            };
+            let (y, mean, var) = norm(
+                x,
+                &z,
+                &z.ones_like().unwrap(),
+                Some(w),
+                Some(&bias),
+                true,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            // the running statistics take part, so that they are compared too
+            let stats = (mean + var).unwrap().reshape((1, 4, 1, 1, 1)).unwrap();
+            y.broadcast_add(&stats).unwrap()
+        })
+    };
+    vec![
+        ("batch_norm train affine", c.clone(), batch_norm(false)),
+        ("batch_norm + relu train", c.clone(), batch_norm(true)),
+        (
+            "instance_norm no affine",
+            c.clone(),
+            Box::new(|x, w| {
+                let y = layers::instance_norm(x, None, None, 1e-5).unwrap();
+                y.broadcast_mul(&w.reshape((1, 4, 1, 1, 1)).unwrap())
+                    .unwrap()
+            }),
+        ),
+        (
+            "group_norm 2 groups affine",
+            c.clone(),
+            Box::new(|x, w| {
+                let bias = w.affine(0.3, -0.2).unwrap();
+                layers::group_norm(x, 2, Some(w), Some(&bias), 1e-5).unwrap()
+            }),
+        ),
+        (
+            "group_norm 1 group",
+            c.clone(),
+            Box::new(|x, w| layers::group_norm(x, 1, Some(w), None, 1e-5).unwrap()),
+        ),
+        (
+            "layer_norm last axis",
+            features.clone(),
+            Box::new(|x, w| {
+                let bias = w.affine(0.5, -0.25).unwrap();
+                layers::layer_norm(x, Some(w), Some(&bias), 1e-5).unwrap()
+            }),
+        ),
+        (
+            "prelu one slope",
+            one.clone(),
+            Box::new(|x, w| layers::prelu(x, w).unwrap()),
+        ),
+        ("relu", c.clone(), Box::new(|x, _| layers::relu(x).unwrap())),
+        (
+            "leaky_relu 0.01",
+            c.clone(),
+            Box::new(|x, _| layers::leaky_relu(x, 0.01).unwrap()),
+        ),
+        (
+            "elu 0.7",
+            c.clone(),
+            Box::new(|x, _| layers::elu(x, 0.7).unwrap()),
+        ),
+        ("gelu", c.clone(), Box::new(|x, _| layers::gelu(x).unwrap())),
+        (
+            "softmax of scaled rows",
+            c.clone(),
+            Box::new(|x, _| layers::softmax_last(&x.affine(3.0, 1.0).unwrap()).unwrap()),
+        ),
+    ]
+}
+
+/// The layer kernels on bf16 and f16 CUDA values against the CPU's f32: output and both
+/// gradients within 3e-2 of the largest f32 value (bf16 keeps 8 significant bits, f16 11; a
+/// normalisation's output and gradient carry the rounding of its input, its statistics and
+/// the incoming gradient, each about 2⁻⁹ relative in bf16; the sums are f64 on both sides).
+#[test]
+fn layer_kernels_in_half_precision() {
+    use candle_core::DType;
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
+    let c = Tensor::rand(0.5f32, 1.5, 4, &Device::Cpu).unwrap();
+    let one = Tensor::rand(0.1f32, 0.4, 1, &Device::Cpu).unwrap();
+    let features = Tensor::rand(0.5f32, 1.5, 11, &Device::Cpu).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        for (name, param, op) in layer_ops(&c, &one, &features) {
+            let (y, gx, gw) = run(&op, &x, &param);
+            let half = |t: &Tensor| t.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+            let to_f32: Op = Box::new(move |x, w| op(x, w).to_dtype(DType::F32).unwrap());
+            let (yh, gxh, gwh) = run(&to_f32, &half(&x), &half(&param));
+            for (what, a, b) in [
+                ("output", &y, &yh),
+                ("input gradient", &gx, &gxh),
+                ("parameter gradient", &gw, &gwh),
+            ] {
+                within(a, b, 3e-2, &format!("{dtype:?} {name} {what}"));
+            }
+        }
     }
 }
 
