@@ -39,8 +39,6 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
-use crate::precision::Precision;
-
 /// One 3D convolution `y = x ⋆ w`: `x (N, C, D, H, W)`, `w (O, C, kd, kh, kw)`,
 /// `y (N, O, od, oh, ow)`, with PyTorch's stride, zero padding and dilation per axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -288,12 +286,7 @@ pub(crate) fn convolve(
 /// `op` on `x` and `weight`; in bf16 or f16 where that is the process's precision and both
 /// are f32, the result cast back to f32 (and, by autograd, the gradients to f32 in turn).
 fn in_precision(x: &Tensor, weight: &Tensor, op: CudnnConv) -> Result<Tensor> {
-    let narrow = match crate::precision::precision() {
-        Precision::F32 => None,
-        Precision::Bf16 => Some(DType::BF16),
-        Precision::F16 => Some(DType::F16),
-    };
-    if let (Some(dtype), DType::F32) = (narrow, x.dtype()) {
+    if let (Some(dtype), DType::F32) = (crate::precision::precision().narrow_dtype(), x.dtype()) {
         let x = x.to_dtype(dtype)?.contiguous()?;
         let weight = weight.to_dtype(dtype)?.contiguous()?;
         return x.apply_op2(&weight, op)?.to_dtype(DType::F32);

@@ -4,7 +4,7 @@
 //! `cuda_layers`, on CPU f32 the fused kernels of `fused` where there is one, elsewhere
 //! composites of candle operations.
 
-use candle_core::{D, Result, Tensor, bail};
+use candle_core::{D, DType, Result, Tensor, bail};
 
 use crate::fused::Then;
 
@@ -150,6 +150,47 @@ fn batch_norm_then(
         + mean.detach().flatten_all()?.affine(momentum, 0.0)?)?;
     let new_var = (running_var.affine(1.0 - momentum, 0.0)? + unbiased.affine(momentum, 0.0)?)?;
     Ok((y, new_mean, new_var))
+}
+
+/// The element type f32 products on `a`'s device are computed in: bf16 or f16 on CUDA under
+/// that [`crate::precision`] (PyTorch's autocast), `None` (as they are) elsewhere.
+fn product_dtype(a: &Tensor) -> Option<DType> {
+    if a.device().is_cuda() && a.dtype() == DType::F32 {
+        crate::precision::precision().narrow_dtype()
+    } else {
+        None
+    }
+}
+
+/// `a·b`, candle's batched matrix product. On CUDA under bf16 or f16 precision the f32
+/// operands are cast to that type, multiplied by cuBLAS on tensor cores with f32 accumulation,
+/// and the product cast back to f32 (the gradients likewise); elsewhere in `a`'s type.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match product_dtype(a) {
+        Some(dtype) => a
+            .to_dtype(dtype)?
+            .matmul(&b.to_dtype(dtype)?)?
+            .to_dtype(DType::F32),
+        None => a.matmul(b),
+    }
+}
+
+/// `x·Wᵀ + b` over the last axis of `x` (`(…, in)`, `W` `(out, in)`, `b` `(out,)`: PyTorch's
+/// `nn.Linear`), the product as in [`matmul`]; the bias is added in f32.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let features = x.dim(D::Minus1)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    let rows = x
+        .contiguous()?
+        .reshape((x.elem_count() / features.max(1), features))?;
+    let y = matmul(&rows, &weight.t()?)?.reshape(dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `then` of `y`.

@@ -303,6 +303,27 @@ impl Module for LayerNorm {
     }
 }
 
+/// `nn.Linear`: `weight` `(out, in)`, optional `bias` `(out,)`, applied by [`layers::linear`]
+/// (bf16/f16 products on CUDA under that precision).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// The layer with these parameters.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layers::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
 /// `nn.PReLU(num_parameters)`: `weight` `(C,)` (or `(1,)`), initialised at 0.25.
 #[derive(Debug, Clone)]
 pub struct PRelu {

@@ -9,9 +9,11 @@
 //! for the weight gradient. Strided and transposed convolutions, matmuls, norms, the loss and
 //! the optimizer stay in f32, and so do parameters and activations (stored as f32).
 //!
-//! On CUDA (feature `cuda`), bf16 and f16 cast the inputs of every convolution and transposed
-//! convolution to bf16 or f16, which cuDNN multiplies on tensor cores with f32 accumulation, and
-//! cast the result back: parameters, gradients and the optimizer state stay f32. f16 is a CUDA
+//! On CUDA (feature `cuda`), bf16 and f16 cast the inputs of every convolution, transposed
+//! convolution and matrix product ([`crate::layers::matmul`], [`crate::layers::linear`]: UNETR's
+//! attention and MLP) to bf16 or f16, which cuDNN and cuBLAS multiply on tensor cores with f32
+//! accumulation, and cast the result back, as PyTorch's autocast does: parameters, gradients,
+//! normalisations, softmax, the loss and the optimizer state stay f32. f16 is a CUDA
 //! precision only; its narrow range (gradients below 6·10⁻⁸ flush to zero) is what the
 //! trainer's dynamic loss scaling is for (`cwseg_train::optim::LossScaler`).
 
@@ -19,7 +21,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Arithmetic precision of convolutions.
 #[derive(
@@ -54,6 +56,15 @@ impl Precision {
             Precision::F32 => true,
             Precision::Bf16 => device.is_cuda() || bf16_available(),
             Precision::F16 => device.is_cuda(),
+        }
+    }
+
+    /// The element type products are computed in: `None` for f32, else bf16 or f16.
+    pub fn narrow_dtype(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(DType::BF16),
+            Precision::F16 => Some(DType::F16),
         }
     }
 

@@ -13,13 +13,13 @@
 //! though unused, as MONAI creates it).
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
-use crate::layers::{gelu, instance_norm, leaky_relu, softmax_last};
-use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm};
+use crate::layers::{gelu, instance_norm, leaky_relu, matmul, softmax_last};
+use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm, Linear};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
 
 /// UNETR's configuration; the defaults are MONAI's (ViT-B, feature size 16) for 96³ inputs.
@@ -152,8 +152,8 @@ impl Block {
             qkv.get(1)?.contiguous()?,
             qkv.get(2)?.contiguous()?,
         );
-        let scores = (q.matmul(&k.t()?)? * (dh as f64).powf(-0.5))?;
-        let attention = softmax_last(&scores)?.matmul(&v)?; // (B, heads, n, dh)
+        let scores = (matmul(&q, &k.t()?)? * (dh as f64).powf(-0.5))?;
+        let attention = matmul(&softmax_last(&scores)?, &v)?; // (B, heads, n, dh)
         let attention = attention.permute((0, 2, 1, 3))?.reshape((b, n, hidden))?;
         let x = (x + self.out_proj.forward(&attention)?)?;
         let h = gelu(&self.linear1.forward(&self.norm2.forward(&x)?)?)?;

@@ -37,11 +37,17 @@ fn run(op: &Op, x: &Tensor, w: &Tensor) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (host(&y), gx, gw)
 }
 
-/// The first CUDA device, or `None` with a message (the test then checks nothing).
-fn gpu() -> Option<Device> {
+/// Held by every test: one of them sets the process's precision, which the others read.
+static PRECISION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The first CUDA device and the precision lock, or `None` with a message (the test then
+/// checks nothing).
+fn gpu() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    let lock = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
     Device::new_cuda(0)
         .map_err(|e| eprintln!("skipped: no CUDA device ({e})"))
         .ok()
+        .map(|d| (d, lock))
 }
 
 fn close(a: &[f32], b: &[f32], what: &str) {
@@ -50,7 +56,7 @@ fn close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn cuda_matches_cpu() {
-    let Some(gpu) = gpu() else {
+    let Some((gpu, _precision)) = gpu() else {
         return;
     };
     let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
@@ -350,7 +356,7 @@ fn layer_ops(c: &Tensor, one: &Tensor, features: &Tensor) -> Vec<(&'static str, 
 #[test]
 fn layer_kernels_in_half_precision() {
     use candle_core::DType;
-    let Some(gpu) = gpu() else {
+    let Some((gpu, _precision)) = gpu() else {
         return;
     };
     let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 10, 11), &Device::Cpu).unwrap();
@@ -381,7 +387,7 @@ fn layer_kernels_in_half_precision() {
 fn networks_match_cpu() {
     use candle_core::{DType, ModuleT};
     use cwseg_models::{ModelConfig, seeded_var_builder};
-    let Some(gpu) = gpu() else {
+    let Some((gpu, _precision)) = gpu() else {
         return;
     };
     let size = [32usize; 3];
@@ -427,7 +433,7 @@ fn networks_match_cpu() {
 #[test]
 fn bf16_conv_close_to_f32() {
     use candle_core::DType;
-    let Some(gpu) = gpu() else {
+    let Some((gpu, _precision)) = gpu() else {
         return;
     };
     let x = Tensor::randn(0f32, 1.0, (2, 8, 12, 12, 12), &Device::Cpu).unwrap();
@@ -452,6 +458,47 @@ fn bf16_conv_close_to_f32() {
         ("weight gradient", &gw, &gw16),
     ] {
         within(a, b, 2e-2, &format!("bf16 conv3d {what}"));
+    }
+}
+
+/// Under bf16 and f16 precision the matrix products of `layers::linear` and `layers::matmul`
+/// (UNETR's MLP and attention) run in that type on CUDA (PyTorch's autocast) and return f32:
+/// within 2e-2 of the CPU's f32, and not equal to CUDA's own f32 (the cast took place).
+#[test]
+fn products_in_half_precision() {
+    use candle_core::DType;
+    use cwseg_models::{Precision, set_precision};
+    let Some((gpu, _precision)) = gpu() else {
+        return;
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 27, 64), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.2, (48, 64), &Device::Cpu).unwrap();
+    let op: Op = Box::new(|x, w| {
+        let b = Tensor::arange(0f32, 48.0, x.device())
+            .unwrap()
+            .affine(0.01, 0.0)
+            .unwrap();
+        let h = layers::linear(x, w, Some(&b)).unwrap(); // (2, 27, 48)
+        let scores = layers::matmul(&h, &h.t().unwrap()).unwrap(); // (2, 27, 27)
+        let y = layers::matmul(&layers::softmax_last(&scores).unwrap(), &h).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        y
+    });
+    let (y, gx, gw) = run(&op, &x, &w);
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let (y32, _, _) = run(&op, &on_gpu(&x), &on_gpu(&w));
+    for precision in [Precision::Bf16, Precision::F16] {
+        set_precision(precision, &gpu);
+        let (yh, gxh, gwh) = run(&op, &on_gpu(&x), &on_gpu(&w));
+        set_precision(Precision::F32, &gpu);
+        for (what, a, b) in [
+            ("output", &y, &yh),
+            ("input gradient", &gx, &gxh),
+            ("weight gradient", &gw, &gwh),
+        ] {
+            within(a, b, 2e-2, &format!("{precision} products {what}"));
+        }
+        assert_ne!(y32, yh, "{precision}: the products were not cast");
     }
 }
 
