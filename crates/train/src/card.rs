@@ -53,7 +53,8 @@ pub struct ModelCard {
     /// SHA-256 of the `model.safetensors` beside it (hex); loading refuses a file that differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
-    /// The convolution precision it was trained in (cards before this field: f32).
+    /// The precision of its products it was trained in: convolutions, and on CUDA matrix
+    /// products (cards before this field: f32).
     #[serde(default)]
     pub precision: cwseg_models::Precision,
     /// Where weights trained elsewhere came from and how they were converted (`cwseg import`).
