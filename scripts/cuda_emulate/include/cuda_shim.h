@@ -5,6 +5,8 @@
 // a per-warp buffer between two barriers of the warp's 32 threads. Atomics take a mutex.
 // `extern __shared__` (dynamic shared memory) cannot be a macro: the script that compiles a
 // kernel file rewrites `extern __shared__ T name[];` as `T* name = emu_dynamic_shared<T>();`.
+// One launch at a time per process: the grid and block sizes and the shared arrays are
+// process-wide (and C++ `inline` variables are unique across loaded libraries).
 // Emulates what cwseg's kernel files use, nothing more; not a performance model.
 #pragma once
 #include <algorithm>
