@@ -1,5 +1,5 @@
 //! Normalisations and activations on `(N, C, D, H, W)` (or `(…, F)` for layer norm and
-//! softmax), each with a backward pass (candle's fused `LayerNorm`, `RmsNorm` and
+//! softmax), and the matrix products of the transformer, each with a backward pass (candle's fused `LayerNorm`, `RmsNorm` and
 //! `softmax_last_dim` have none): on CUDA (feature `cuda`, f32/bf16/f16) the kernels of
 //! `cuda_layers`, on CPU f32 the fused kernels of `fused` where there is one, elsewhere
 //! composites of candle operations.
@@ -152,47 +152,6 @@ fn batch_norm_then(
     Ok((y, new_mean, new_var))
 }
 
-/// The element type f32 products on `a`'s device are computed in: bf16 or f16 on CUDA under
-/// that [`crate::precision`] (PyTorch's autocast), `None` (as they are) elsewhere.
-fn product_dtype(a: &Tensor) -> Option<DType> {
-    if a.device().is_cuda() && a.dtype() == DType::F32 {
-        crate::precision::precision().narrow_dtype()
-    } else {
-        None
-    }
-}
-
-/// `a·b`, candle's batched matrix product. On CUDA under bf16 or f16 precision the f32
-/// operands are cast to that type, multiplied by cuBLAS on tensor cores with f32 accumulation,
-/// and the product cast back to f32 (the gradients likewise); elsewhere in `a`'s type.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match product_dtype(a) {
-        Some(dtype) => a
-            .to_dtype(dtype)?
-            .matmul(&b.to_dtype(dtype)?)?
-            .to_dtype(DType::F32),
-        None => a.matmul(b),
-    }
-}
-
-/// `x·Wᵀ + b` over the last axis of `x` (`(…, in)`, `W` `(out, in)`, `b` `(out,)`: PyTorch's
-/// `nn.Linear`), the product as in [`matmul`]; the bias is added in f32.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let features = x.dim(D::Minus1)?;
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = weight.dim(0)?;
-    }
-    let rows = x
-        .contiguous()?
-        .reshape((x.elem_count() / features.max(1), features))?;
-    let y = matmul(&rows, &weight.t()?)?.reshape(dims)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
 /// `then` of `y`.
 fn then_apply(y: Tensor, then: Then) -> Result<Tensor> {
     match then {
@@ -338,6 +297,47 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let e = shifted.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// The element type f32 products on `a`'s device are computed in: bf16 or f16 on CUDA under
+/// that [`crate::precision`] (PyTorch's autocast), `None` (as they are) elsewhere.
+fn product_dtype(a: &Tensor) -> Option<DType> {
+    if a.device().is_cuda() && a.dtype() == DType::F32 {
+        crate::precision::precision().narrow_dtype()
+    } else {
+        None
+    }
+}
+
+/// `a·b`, candle's batched matrix product. On CUDA under bf16 or f16 precision the f32
+/// operands are cast to that type, multiplied by cuBLAS on tensor cores with f32 accumulation,
+/// and the product cast back to f32 (the gradients likewise); elsewhere in `a`'s type.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match product_dtype(a) {
+        Some(dtype) => a
+            .to_dtype(dtype)?
+            .matmul(&b.to_dtype(dtype)?)?
+            .to_dtype(DType::F32),
+        None => a.matmul(b),
+    }
+}
+
+/// `x·Wᵀ + b` over the last axis of `x` (`(…, in)`, `W` `(out, in)`, `b` `(out,)`: PyTorch's
+/// `nn.Linear`), the product as in [`matmul`]; the bias is added in f32.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let features = x.dim(D::Minus1)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    let rows = x
+        .contiguous()?
+        .reshape((x.elem_count() / features.max(1), features))?;
+    let y = matmul(&rows, &weight.t()?)?.reshape(dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `max(0, x) + slope · min(0, x)`: a kernel on CUDA and CPU f32 (slope ≥ 0),

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Device};
 
-/// Arithmetic precision of convolutions.
+/// Arithmetic precision of convolutions (and, on CUDA, matrix products).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
