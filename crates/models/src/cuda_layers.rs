@@ -13,10 +13,10 @@
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
     Shape, Storage, Tensor, WithDType, bail,
@@ -31,6 +31,11 @@ const MAX_BLOCKS: usize = 1 << 20;
 const SHORT_ROW: usize = 64;
 /// Values per block of `row_sums` (a longer row is split into chunks over `gridDim.y`).
 const CHUNK: usize = 16 * THREADS as usize;
+
+/// An element type of the kernels' buffers (f32, bf16, f16; f32 and f64 for statistics).
+trait Value: DeviceRepr + WithDType + CudaDType {}
+
+impl<T: DeviceRepr + WithDType + CudaDType> Value for T {}
 
 /// Whether the kernels take `x`: values on a CUDA device, f32, bf16 or f16.
 pub(crate) fn applies(x: &Tensor) -> bool {
@@ -74,10 +79,7 @@ macro_rules! launch {
 }
 
 /// The contiguous values of `storage` as a device view of `T`.
-fn view<'a, T: DeviceRepr + WithDType + candle_core::cuda_backend::CudaDType>(
-    storage: &'a CudaStorage,
-    layout: &Layout,
-) -> Result<CudaView<'a, T>> {
+fn view<'a, T: Value>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
     if !layout.is_contiguous() {
         bail!("CUDA layer kernels take contiguous values");
     }
@@ -89,13 +91,10 @@ fn view<'a, T: DeviceRepr + WithDType + candle_core::cuda_backend::CudaDType>(
 
 /// Runs `f` with the device views of `tensors` (contiguous, of type `T`, on CUDA), their
 /// storage locked meanwhile.
-fn with_views<T, R>(
+fn with_views<T: Value, R>(
     tensors: &[&Tensor],
     f: impl FnOnce(&[CudaView<'_, T>]) -> Result<R>,
-) -> Result<R>
-where
-    T: DeviceRepr + WithDType + candle_core::cuda_backend::CudaDType,
-{
+) -> Result<R> {
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let views = guards
         .iter()
@@ -125,10 +124,7 @@ fn cpu_refused<R>(op: &str) -> Result<R> {
 }
 
 /// `n` uninitialised values of `T` on `dev`, for a kernel that writes every one of them.
-fn output<T: DeviceRepr>(
-    dev: &CudaDevice,
-    n: usize,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every caller launches a kernel that writes all `n` values before any is read.
     unsafe { dev.alloc::<T>(n) }
 }
@@ -441,16 +437,14 @@ impl RowSums {
         }
     }
 
-    fn run<T>(
+    /// The sums of `a` and `b` (element type `T`) into a new `(2, rows)` f64 buffer.
+    fn run<T: Value>(
         &self,
         a: &CudaStorage,
         la: &Layout,
         b: &CudaStorage,
         lb: &Layout,
-    ) -> Result<CudaStorage>
-    where
-        T: DeviceRepr + WithDType + candle_core::cuda_backend::CudaDType,
-    {
+    ) -> Result<CudaStorage> {
         let dev = a.device().clone();
         let (av, bv) = (view::<T>(a, la)?, view::<T>(b, lb)?);
         let rows = self.rows.rows as usize;

@@ -155,8 +155,6 @@ fn reference(
         .expect("Σ")
         .backward()
         .expect("backward");
-    let values =
-        |t: &Tensor| -> Vec<f32> { t.flatten_all().expect("flat").to_vec1().expect("values") };
     Results {
         y: values(&y),
         dx: values(grads.get(xv.as_tensor()).expect("∂x")),
@@ -236,7 +234,8 @@ fn activations_match_the_cpu_layers() {
     let activation: ActivationFn = emulator.function(b"emu_activation");
     let x = randn(&[2, 4, 5, 6, 7], 1);
     let g = randn(&[2, 4, 5, 6, 7], 2);
-    let cases: [(&str, i32, f32, fn(&Tensor) -> Tensor); 4] = [
+    type Layer = fn(&Tensor) -> Tensor;
+    let cases: [(&str, i32, f32, Layer); 4] = [
         ("relu", 0, 0.0, |x| layers::relu(x).expect("relu")),
         ("leaky_relu", 1, 0.01, |x| {
             layers::leaky_relu(x, 0.01).expect("leaky")
@@ -285,7 +284,7 @@ fn prelu_matches_the_cpu_layer() {
         let x = randn(&shape, 3);
         let g = randn(&shape, 4);
         let a = (randn(&[slopes], 5).abs().expect("|a|") * 0.2).expect("a");
-        let want = reference(&x, &[a.clone()], &g, |x, p| {
+        let want = reference(&x, std::slice::from_ref(&a), &g, |x, p| {
             layers::prelu(x, &p[0]).expect("prelu")
         });
         let (xs, gs, av) = (values(&x), values(&g), values(&a));
