@@ -13,7 +13,8 @@
 #   here:  give_back; scripts/gpu-tree.sh restore
 #
 # 1. CUDA against CPU, same inputs, 1e-4 relative: every 3D operation and layer (values and
-#    gradients), every network's forward (eval and train) and input gradient, every loss.
+#    gradients; the layer kernels also in bf16 and f16, 3e-2, and the bf16/f16 matrix products
+#    of UNETR, 2e-2), every network's forward (eval and train) and input gradient, every loss.
 # 2. The training steps of the four networks (batch 2, 1×96³, 16 classes, forward + loss +
 #    backward + Adam, median of 5 after a warm-up) with cwseg on CUDA (cuDNN) against PyTorch
 #    on the same GPU (cuDNN autotuner on, no TF32), in f32, bf16 and f16 (PyTorch: autocast; f16
