@@ -2,16 +2,16 @@
 """cwseg's CUDA kernels run on the CPU against PyTorch: the layers' (crates/models/src/cuda/
 layers.cu) and the loss sums' (crates/losses/src/cuda/loss_sums.cu).
 
-Where no GPU is lent, this checks the kernels' arithmetic and indexing: scripts/cuda_emulate/
+Where no GPU is lent, this checks the kernels' arithmetic and indexing: crates/cuda-emulate/
 compiles layers.cu as host C++ with a small emulation of CUDA's threads, barriers, warp
 shuffles and atomics (cuda_shim.h) and drives the kernels as crates/models/src/cuda_layers.rs
-does (harness.cpp: the same launch shapes and sequence). Every layer with a kernel, in the
+does (harness/layers.cpp: the same launch shapes and sequence). Every layer with a kernel, in the
 variants the networks use, in f32, bf16 and f16, is compared with PyTorch in f64 on the same
 inputs: output, input gradient, parameter gradients and (norms) the batch statistics, within
 1e-4 (f32) or 3e-2 (bf16, f16) of the largest reference value — the tolerances of
 crates/models/tests/cuda.rs, which checks the same layers on a GPU. The loss sums (the seven
 per-sample, per-class sums of crates/losses/src/fused.rs and their gradient with respect to the
-logits, harness_losses.cpp with fused_cuda.rs's launch shapes) are compared with the same sums
+logits, harness/loss_sums.cpp with fused_cuda.rs's launch shapes) are compared with the same sums
 written out in PyTorch f64 and its autograd, within 1e-5 (f32 kernels) or 1e-9 (f64).
 
 What it cannot check: the Rust side's launches (argument order, the `Rows` struct's layout:
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EMU = ROOT / "scripts" / "cuda_emulate"
+EMU = ROOT / "crates" / "cuda-emulate"
 DTYPES = {"f32": (0, 1e-4), "bf16": (1, 3e-2), "f16": (2, 3e-2)}
 KINDS = {"relu": 0, "leaky_relu": 1, "elu": 2, "gelu": 3}
 
@@ -41,7 +41,8 @@ def build(harness: str, *flags: str) -> ctypes.CDLL:
     out = pathlib.Path(tempfile.mkdtemp()) / "emu.so"
     subprocess.run(
         ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-x", "c++", "-I", str(EMU / "include"),
-         "-include", "cuda_shim.h", *flags, str(EMU / harness), "-o", str(out), "-pthread"],
+         "-include", "cuda_shim.h", *flags, str(EMU / "harness" / harness), "-o", str(out),
+         "-pthread"],
         check=True)
     return ctypes.CDLL(str(out))
 
@@ -54,7 +55,7 @@ def build_loss_sums() -> ctypes.CDLL:
     assert count == 1, "loss_sums.cu: expected one dynamic shared array"
     path = pathlib.Path(tempfile.mkdtemp()) / "loss_sums_emulated.cu"
     path.write_text(rewritten)
-    return build("harness_losses.cpp", f'-DLOSS_SUMS_CU="{path}"')
+    return build("loss_sums.cpp", f'-DLOSS_SUMS_CU="{path}"')
 
 
 def ptr(a: np.ndarray):
@@ -235,7 +236,7 @@ def check_loss_sums(lib):
 
 def main():
     torch.manual_seed(0)
-    lib = build("harness.cpp")
+    lib = build("layers.cpp")
     for dtype in DTYPES:
         for check in (check_activations, check_prelu, check_norms, check_softmax):
             check(lib, dtype)

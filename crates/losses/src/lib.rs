@@ -10,6 +10,8 @@ mod error;
 mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+#[cfg(test)]
+mod fused_emulated;
 mod target;
 
 use candle_core::Tensor;

@@ -1,7 +1,7 @@
 //! The layers' CUDA kernels (`src/cuda/layers.cu`) without a GPU: compiled as host C++ with the
-//! CPU emulation of `scripts/cuda_emulate/` (threads for a block's threads, barriers, warp
+//! CPU emulation of `cwseg-cuda-emulate` (threads for a block's threads, barriers, warp
 //! shuffles through a buffer, atomics under a lock) and driven as `src/cuda_layers.rs` drives
-//! them (`harness.cpp`: the same launch shapes and kernel sequence), against this crate's CPU
+//! them (its `harness/layers.cpp`: the same launch shapes and kernel sequence), against this crate's CPU
 //! layers (themselves checked against PyTorch) on the same inputs: output, input gradient and
 //! parameter gradients, in f32 (within 1e-4 of the largest value) and with the inputs rounded
 //! to bf16 and f16 (3e-2). Runs in every build, so a change to a kernel file is checked by CI
@@ -10,14 +10,13 @@
 //!
 //! Needs a C++20 compiler with `_Float16` (`$CXX`, else `g++`, ≥ 12); without one the test
 //! says so and checks nothing.
-// Loading the emulation and calling its C functions is FFI.
+// Calling the emulation's C functions is FFI.
 #![allow(unsafe_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::MutexGuard;
 
 use candle_core::{Device, Tensor, Var};
+use cwseg_cuda_emulate::{Emulation, Kernels};
 use cwseg_models::layers;
 
 type ActivationFn =
@@ -60,71 +59,23 @@ type SoftmaxFn = unsafe extern "C" fn(i32, *const f32, *const f32, i64, i64, *mu
 /// Element types of the emulated kernels: the harness's `dtype` code and the tolerance.
 const DTYPES: [(&str, i32, f32); 3] = [("f32", 0, 1e-4), ("bf16", 1, 3e-2), ("f16", 2, 3e-2)];
 
-/// The compiled emulation (kept alive while its functions are used).
-struct Emulator {
-    library: libloading::Library,
-    _dir: tempfile::TempDir,
+/// The emulated layer kernels, locked for this test; `None` (with a message) where no C++
+/// compiler starts.
+fn emulation() -> Option<MutexGuard<'static, Emulation>> {
+    let emulation = cwseg_cuda_emulate::emulation(Kernels::Layers).expect("the emulated layers");
+    if emulation.is_none() {
+        eprintln!("skipped: no C++ compiler to emulate the CUDA kernels");
+    }
+    emulation
 }
 
-/// The emulation, built once for the test binary; held locked while a test uses it (one launch
-/// at a time: the emulated grid and block sizes and the `__shared__` arrays are process-wide,
-/// and C++ `inline` variables are unique across libraries, so even two loaded copies would
-/// share them).
-fn emulator() -> Option<MutexGuard<'static, Emulator>> {
-    static EMULATOR: OnceLock<Option<Mutex<Emulator>>> = OnceLock::new();
-    EMULATOR
-        .get_or_init(|| Emulator::build().map(Mutex::new))
-        .as_ref()
-        .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
-}
-
-impl Emulator {
-    /// Compiles `harness.cpp` (which includes `layers.cu`), or `None` where no C++ compiler
-    /// runs.
-    fn build() -> Option<Emulator> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let emulate = root.join("scripts/cuda_emulate");
-        let dir = tempfile::tempdir().expect("a temporary folder");
-        let library = dir.path().join("emulated_layers.so");
-        let compiler = std::env::var_os("CXX").map_or_else(|| PathBuf::from("g++"), PathBuf::from);
-        let status = Command::new(&compiler)
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-fPIC",
-                "-shared",
-                "-pthread",
-                "-x",
-                "c++",
-                "-I",
-            ])
-            .arg(emulate.join("include"))
-            .args(["-include", "cuda_shim.h"])
-            .arg(emulate.join("harness.cpp"))
-            .arg("-o")
-            .arg(&library)
-            .status();
-        match status {
-            Err(e) => {
-                eprintln!("skipped: no C++ compiler ({}: {e})", compiler.display());
-                return None;
-            }
-            Ok(s) => assert!(
-                s.success(),
-                "{} failed on harness.cpp ({s})",
-                compiler.display()
-            ),
-        }
-        // SAFETY: the library was just built from harness.cpp; loading runs no initialiser
-        // beyond the C++ runtime's.
-        let library = unsafe { libloading::Library::new(&library) }.expect("load the emulation");
-        Some(Emulator { library, _dir: dir })
-    }
-
-    fn function<T: Copy>(&self, name: &[u8]) -> T {
-        // SAFETY: each `T` this test asks for is the C signature of `name` in harness.cpp.
-        *unsafe { self.library.get::<T>(name) }.expect("an emulated kernel entry point")
-    }
+/// The harness's function `name` of C signature `T`.
+///
+/// # Safety
+/// `T` must be `name`'s signature in `crates/cuda-emulate/harness/layers.cpp`.
+unsafe fn function<T: Copy>(emulation: &Emulation, name: &[u8]) -> T {
+    // SAFETY: passed on to the caller.
+    unsafe { emulation.function(name) }.expect("an emulated kernel's entry point")
 }
 
 /// Output, input gradient and parameter gradients of one layer.
@@ -228,10 +179,11 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 
 #[test]
 fn activations_match_the_cpu_layers() {
-    let Some(emulator) = emulator() else {
+    let Some(emulation) = emulation() else {
         return;
     };
-    let activation: ActivationFn = emulator.function(b"emu_activation");
+    // SAFETY: the type is the entry point's signature in harness/layers.cpp.
+    let activation: ActivationFn = unsafe { function(&emulation, b"emu_activation") };
     let x = randn(&[2, 4, 5, 6, 7], 1);
     let g = randn(&[2, 4, 5, 6, 7], 2);
     type Layer = fn(&Tensor) -> Tensor;
@@ -272,10 +224,11 @@ fn activations_match_the_cpu_layers() {
 
 #[test]
 fn prelu_matches_the_cpu_layer() {
-    let Some(emulator) = emulator() else {
+    let Some(emulation) = emulation() else {
         return;
     };
-    let prelu: PreluFn = emulator.function(b"emu_prelu");
+    // SAFETY: the type is the entry point's signature in harness/layers.cpp.
+    let prelu: PreluFn = unsafe { function(&emulation, b"emu_prelu") };
     for (shape, slopes) in [
         (vec![2, 4, 210], 4usize),
         (vec![2, 4, 210], 1),
@@ -411,10 +364,11 @@ fn norm_cases() -> Vec<NormCase> {
 
 #[test]
 fn normalisations_match_the_cpu_layers() {
-    let Some(emulator) = emulator() else {
+    let Some(emulation) = emulation() else {
         return;
     };
-    let norm: NormFn = emulator.function(b"emu_norm");
+    // SAFETY: the type is the entry point's signature in harness/layers.cpp.
+    let norm: NormFn = unsafe { function(&emulation, b"emu_norm") };
     for case in norm_cases() {
         let x = (randn(&case.shape, 6) * 2.0)
             .expect("x")
@@ -473,10 +427,11 @@ fn normalisations_match_the_cpu_layers() {
 
 #[test]
 fn softmax_matches_the_cpu_layer() {
-    let Some(emulator) = emulator() else {
+    let Some(emulation) = emulation() else {
         return;
     };
-    let softmax: SoftmaxFn = emulator.function(b"emu_softmax");
+    // SAFETY: the type is the entry point's signature in harness/layers.cpp.
+    let softmax: SoftmaxFn = unsafe { function(&emulation, b"emu_softmax") };
     for (rows, len) in [(30usize, 50usize), (9, 11)] {
         let x = (randn(&[rows, len], 10) * 3.0).expect("x");
         let g = randn(&[rows, len], 11);

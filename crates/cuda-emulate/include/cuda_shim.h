@@ -1,9 +1,9 @@
 // Runs CUDA C++ kernels on the CPU, for checking their arithmetic and indexing where no GPU is
-// lent (scripts/emulate_cuda_layers.py). Each block runs as blockDim.x OS threads, blocks one
+// lent (cwseg-cuda-emulate, scripts/emulate_cuda_layers.py). Each block runs as blockDim.x OS threads, blocks one
 // after another, so a `__shared__` variable is a function-local static (one block at a time
 // uses it); __syncthreads is a barrier of the block's threads, warp shuffles exchange through
 // a per-warp buffer between two barriers of the warp's 32 threads. Atomics take a mutex.
-// `extern __shared__` (dynamic shared memory) cannot be a macro: the script that compiles a
+// `extern __shared__` (dynamic shared memory) cannot be a macro: whoever compiles a
 // kernel file rewrites `extern __shared__ T name[];` as `T* name = emu_dynamic_shared<T>();`.
 // One launch at a time per process: the grid and block sizes and the shared arrays are
 // process-wide (and C++ `inline` variables are unique across loaded libraries).

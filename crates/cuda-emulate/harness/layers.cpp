@@ -2,12 +2,12 @@
 // crates/models/src/cuda_layers.rs drives them: the same launch shapes (256 threads; grid-stride
 // blocks; row sums split into chunks of 4096 values, rows under 64 values a thread each), the
 // same sequence of kernels, and the statistics combined in f64 as its candle reductions do.
-// A C interface on float arrays for scripts/emulate_cuda_layers.py (ctypes); `dtype` 0 f32,
+// A C interface on float arrays (cwseg-cuda-emulate, scripts/emulate_cuda_layers.py); `dtype` 0 f32,
 // 1 bf16, 2 f16: inputs are rounded to that type, outputs read back as float.
 #include <cstdint>
 #include <vector>
 
-#include "../../crates/models/src/cuda/layers.cu"
+#include "../../models/src/cuda/layers.cu"
 
 namespace {
 constexpr unsigned THREADS = 256;

@@ -2,8 +2,8 @@
 // the launch shapes of crates/losses/src/fused_cuda.rs: sums on a grid of
 // (min(⌈V/256⌉, 1024), N) blocks of 256 threads with K·7 doubles of shared memory, the
 // gradient on (⌈V/256⌉, N). LOSS_SUMS_CU is the kernel file with its `extern __shared__`
-// declaration rewritten (scripts/emulate_cuda_layers.py does it). A C interface on f64
-// arrays for that script; `f64` 0 runs the f32 kernels (inputs rounded to f32).
+// declaration rewritten (cwseg-cuda-emulate does it). A C interface on f64
+// arrays; `f64` 0 runs the f32 kernels (inputs rounded to f32).
 #include <cstdint>
 #include <vector>
 
