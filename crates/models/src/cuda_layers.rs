@@ -832,7 +832,8 @@ impl CustomOp3 for NormGrad {
         let y: Vec<&Tensor> = self.relu_output.iter().collect();
         let stats = [&self.mean, &self.invstd, &self.sum_g, &self.sum_gx];
         let dx = by_dtype!(x.dtype(), T => {
-            let (xv, gv, gammav) = (view::<T>(x, lx)?, view::<T>(g, lg)?, view::<T>(gamma, lgamma)?);
+            let (xv, gv) = (view::<T>(x, lx)?, view::<T>(g, lg)?);
+            let gammav = view::<T>(gamma, lgamma)?;
             let mut dx = output::<T>(&dev, n)?;
             let n64 = n as i64;
             with_views::<f32, _>(&stats, |s| {

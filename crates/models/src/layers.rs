@@ -1,8 +1,8 @@
 //! Normalisations and activations on `(N, C, D, H, W)` (or `(…, F)` for layer norm and
-//! softmax), and the matrix products of the transformer, each with a backward pass (candle's fused `LayerNorm`, `RmsNorm` and
-//! `softmax_last_dim` have none): on CUDA (feature `cuda`, f32/bf16/f16) the kernels of
-//! `cuda_layers`, on CPU f32 the fused kernels of `fused` where there is one, elsewhere
-//! composites of candle operations.
+//! softmax), and the matrix products of the transformer, each with a backward pass (candle's
+//! fused `LayerNorm`, `RmsNorm` and `softmax_last_dim` have none): on CUDA (feature `cuda`,
+//! f32/bf16/f16) the kernels of `cuda_layers`, on CPU f32 the fused kernels of `fused` where
+//! there is one, elsewhere composites of candle operations.
 
 use candle_core::{D, DType, Result, Tensor, bail};
 

@@ -3,9 +3,9 @@
 //! shuffles through a buffer, atomics under a lock) and driven as `src/cuda_layers.rs` drives
 //! them (its `harness/layers.cpp`: the same launch shapes and kernel sequence), against this
 //! crate's CPU layers (themselves checked against PyTorch) on the same inputs: output, input
-//! gradient and parameter gradients, in f32 (within 1e-4 of the largest value) and with the inputs rounded
-//! to bf16 and f16 (3e-2). Runs in every build, so a change to a kernel file is checked by CI
-//! although no GPU runs it; `tests/cuda.rs` checks the same layers on a GPU, and
+//! gradient and parameter gradients, in f32 (within 1e-4 of the largest value) and with the
+//! inputs rounded to bf16 and f16 (3e-2). Runs in every build, so a change to a kernel file is
+//! checked by CI although no GPU runs it; `tests/cuda.rs` checks the same layers on a GPU, and
 //! `scripts/emulate_cuda_layers.py` the same emulation against PyTorch (with the loss sums).
 //!
 //! Needs a C++20 compiler with `_Float16` (`$CXX`, else `g++`, ≥ 12); without one the test
