@@ -643,10 +643,11 @@ impl Grouping {
         x.apply_op2_no_bwd(x, &RowSums::new(SumMode::Moments, stats))
     }
 
-    /// Per-`(n, c)` sums `(N, C)` (f64) brought to one per statistic, weighted by `γ_c`.
+    /// Per-`(n, c)` sums `(N, C)` (f64) brought to one per statistic, weighted by `γ_c`
+    /// (`gamma` `(1, C)` in f64).
     fn per_stat(&self, sums: &Tensor, gamma: &Tensor) -> Result<Tensor> {
         let (n, c) = (self.samples, self.channels);
-        let weighted = sums.broadcast_mul(&gamma.to_dtype(DType::F64)?.reshape((1, c))?)?;
+        let weighted = sums.broadcast_mul(gamma)?;
         let per_stat = if self.per_sample == 0 {
             weighted
                 .sum(0)?
@@ -771,12 +772,13 @@ impl CustomOp3 for Norm {
             .apply_op2_no_bwd(x, &sums_op)?
             .reshape((2, g.samples, g.channels))?;
         let (sum_g, sum_gx) = (sums.get(0)?, sums.get(1)?);
+        let gamma64 = gamma.to_dtype(DType::F64)?.reshape((1, g.channels))?;
         let grad_op = NormGrad {
             grouping: g,
             mean: self.mean.clone(),
             invstd: self.invstd.clone(),
-            sum_g: g.per_stat(&sum_g, gamma)?,
-            sum_gx: g.per_stat(&sum_gx, gamma)?,
+            sum_g: g.per_stat(&sum_g, &gamma64)?,
+            sum_gx: g.per_stat(&sum_gx, &gamma64)?,
             relu_output,
         };
         let dx = x.apply_op3_no_bwd(&grad, gamma, &grad_op)?;

@@ -145,6 +145,18 @@ __device__ __forceinline__ void add_terms(int mode, const T* a, const T* b, cons
   }
 }
 
+// The mean and inverse standard deviation row `row` is normalised with (NORM_GRAD), else 0, 1.
+__device__ __forceinline__ void row_stats(int mode, const float* mean, const float* invstd,
+                                          const Rows& r, int64_t row, float& m, float& s) {
+  m = 0.f;
+  s = 1.f;
+  if (mode == NORM_GRAD) {
+    int64_t st = stat_of(r, row);
+    m = mean[st];
+    s = invstd[st];
+  }
+}
+
 // Grid (rows, chunks): each block adds the sums of one chunk of one row into out[row] and
 // out[rows + row] (zeroed by the caller). mean and invstd are per statistic (NORM_GRAD only).
 template <typename T>
@@ -154,12 +166,8 @@ __device__ void row_sums(int mode, const T* a, const T* b, const T* y, const flo
   int64_t chunk = (r.len + gridDim.y - 1) / gridDim.y;
   int64_t begin = blockIdx.y * chunk;
   int64_t end = min(r.len, begin + chunk);
-  float m = 0.f, s = 1.f;
-  if (mode == NORM_GRAD) {
-    int64_t st = stat_of(r, row);
-    m = mean[st];
-    s = invstd[st];
-  }
+  float m, s;
+  row_stats(mode, mean, invstd, r, row, m, s);
   double t0 = 0.0, t1 = 0.0;
   for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x)
     add_terms(mode, a, b, y, m, s, row * r.len + j, t0, t1);
@@ -175,12 +183,8 @@ template <typename T>
 __device__ void row_sums_short(int mode, const T* a, const T* b, const T* y, const float* mean,
                                const float* invstd, double* out, Rows r) {
   GRID_STRIDE(row, r.rows) {
-    float m = 0.f, s = 1.f;
-    if (mode == NORM_GRAD) {
-      int64_t st = stat_of(r, row);
-      m = mean[st];
-      s = invstd[st];
-    }
+    float m, s;
+    row_stats(mode, mean, invstd, r, row, m, s);
     double t0 = 0.0, t1 = 0.0;
     for (int64_t j = 0; j < r.len; ++j) add_terms(mode, a, b, y, m, s, row * r.len + j, t0, t1);
     out[row] = t0;
