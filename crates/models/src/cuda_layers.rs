@@ -119,8 +119,49 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-fn cpu_refused<R>(op: &str) -> Result<R> {
-    bail!("{op}: the CUDA kernel got values on the CPU")
+/// A CUDA-only custom op's `name` and a `cpu_fwd` that refuses CPU values (`$arity` inputs).
+macro_rules! cuda_only {
+    ($name:literal, 1) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("{}: the CUDA kernel got values on the CPU", $name)
+        }
+    };
+    ($name:literal, 2) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("{}: the CUDA kernel got values on the CPU", $name)
+        }
+    };
+    ($name:literal, 3) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("{}: the CUDA kernel got values on the CPU", $name)
+        }
+    };
 }
 
 /// `n` uninitialised values of `T` on `dev`, for a kernel that writes every one of them.
@@ -166,13 +207,7 @@ pub(crate) fn activation(x: &Tensor, activation: Activation) -> Result<Tensor> {
 struct ActivationOp(Activation);
 
 impl CustomOp1 for ActivationOp {
-    fn name(&self) -> &'static str {
-        "cwseg-activation-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-activation-cuda", 1);
 
     fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         let n = layout.shape().elem_count();
@@ -205,19 +240,7 @@ impl CustomOp1 for ActivationOp {
 struct ActivationGrad(Activation);
 
 impl CustomOp2 for ActivationGrad {
-    fn name(&self) -> &'static str {
-        "cwseg-activation-grad-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-activation-grad-cuda", 2);
 
     fn cuda_fwd(
         &self,
@@ -270,19 +293,7 @@ struct Prelu {
 }
 
 impl CustomOp2 for Prelu {
-    fn name(&self) -> &'static str {
-        "cwseg-prelu-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-prelu-cuda", 2);
 
     fn cuda_fwd(
         &self,
@@ -333,21 +344,7 @@ impl CustomOp2 for Prelu {
 struct PreluGrad(Prelu);
 
 impl CustomOp3 for PreluGrad {
-    fn name(&self) -> &'static str {
-        "cwseg-prelu-grad-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-prelu-grad-cuda", 3);
 
     fn cuda_fwd(
         &self,
@@ -494,19 +491,7 @@ fn row_grid(rows: Rows) -> (bool, LaunchConfig) {
 }
 
 impl CustomOp2 for RowSums {
-    fn name(&self) -> &'static str {
-        "cwseg-row-sums-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-row-sums-cuda", 2);
 
     fn cuda_fwd(
         &self,
@@ -705,21 +690,7 @@ struct Norm {
 }
 
 impl CustomOp3 for Norm {
-    fn name(&self) -> &'static str {
-        "cwseg-norm-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-norm-cuda", 3);
 
     fn cuda_fwd(
         &self,
@@ -801,21 +772,7 @@ struct NormGrad {
 }
 
 impl CustomOp3 for NormGrad {
-    fn name(&self) -> &'static str {
-        "cwseg-norm-grad-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-norm-grad-cuda", 3);
 
     fn cuda_fwd(
         &self,
@@ -887,13 +844,7 @@ fn softmax_grid(layout: &Layout) -> (i64, i64, LaunchConfig) {
 }
 
 impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "cwseg-softmax-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-softmax-cuda", 1);
 
     fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
@@ -921,19 +872,7 @@ impl CustomOp1 for Softmax {
 struct SoftmaxGrad;
 
 impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "cwseg-softmax-grad-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
+    cuda_only!("cwseg-softmax-grad-cuda", 2);
 
     fn cuda_fwd(
         &self,
