@@ -168,6 +168,10 @@ fn training_step(step: &StepConfig, runs: usize, device: &Device) -> Result<(Str
     let model = ModelConfig::from_name(step.network, 1, 16)?.with_input_size([size; 3]);
     let vars = VarMap::new();
     let network = model.build(seeded_var_builder(&vars, 0, DType::F32, device))?;
+    network.check_size([size; 3])?;
+    // a batch of two keeps twice the activations
+    let activations = 2 * network.activation_bytes([size; 3]);
+    cwseg_train::memory::check_training(activations, [size; 3], "--step-size")?;
     let mut optimizer = cwseg_train::optim::Optimizer::for_varmap(Default::default(), &vars)?;
     let x = Tensor::randn(0f32, 1.0, (2, 1, size, size, size), device)?;
     // every class present, as in the PyTorch reference (class = voxel index mod 16)

@@ -146,8 +146,8 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<TrainConfig>(&text)
-                .with_context(|| format!("{}: invalid run configuration", path.display()))?
+            cwseg_train::config::parse_toml::<TrainConfig>(&text, path)
+                .context("invalid run configuration")?
         }
         // `--resume --out RUN` needs nothing else: the run's own configuration
         None if args.resume => cwseg_train::trainer::read_run_config(&args.out)?,
@@ -294,9 +294,10 @@ pub struct PredictArgs {
     #[arg(long)]
     input: PathBuf,
     /// Output file (for one input file) or folder.
-    #[arg(long)]
+    #[arg(long, visible_alias = "out")]
     output: PathBuf,
-    /// Also write the class probabilities (`<case>_probabilities/class_KK.nii.gz`, float).
+    /// Also write the class probabilities (`<output stem>_probabilities/class_KK.nii.gz`,
+    /// float, beside each output; the folder is replaced whole).
     #[arg(long)]
     probabilities: bool,
     /// Sliding-window overlap (default: the model's).
@@ -330,15 +331,6 @@ pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device)
     }
 }
 
-/// Whether two paths name the same existing file or folder.
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
-/// Refuses an output that would overwrite one of the inputs.
 /// Refuses an output file whose folder does not exist or which is itself a folder, before any
 /// computation (so a second output cannot fail after the first was written).
 fn check_output_file(flag: &str, output: &Path) -> Result<()> {
@@ -359,9 +351,11 @@ fn check_output_file(flag: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output that would overwrite one of the inputs (or an earlier output: the paths
+/// are compared resolved, whether or not they exist yet).
 fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
     for input in inputs {
-        if same_path(output, input) {
+        if cwseg_train::outputs::same_place(output, input) {
             bail!(
                 "{flag} {} is the input {}: it would be overwritten; choose another output",
                 output.display(),
@@ -372,18 +366,66 @@ fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()>
     Ok(())
 }
 
-/// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
-/// each with the input's geometry.
-fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (k, channel) in data.outer_iter().enumerate() {
-        cwseg_data::write_volume(
-            dir.join(format!("class_{k:02}.nii.gz")),
-            &channel.to_owned(),
-            geometry,
-        )?;
+/// The folder of an output's class probabilities: `<output stem>_probabilities/` beside it
+/// (named after the output, so two outputs of one input never share it).
+fn probabilities_folder(output: &Path) -> PathBuf {
+    output.with_file_name(format!(
+        "{}_probabilities",
+        cwseg_train::inputs::nii_stem(output)
+    ))
+}
+
+/// Checks every file and folder `predict` will write before it writes any: no two cases (nor a
+/// case and its probabilities) share an output, no output is an input file, none lies inside
+/// the `protected` model folders.
+fn plan_outputs(
+    cases: &[(String, Vec<PathBuf>)],
+    destination: &dyn Fn(&str) -> PathBuf,
+    probabilities: bool,
+    protected: &[&Path],
+) -> Result<()> {
+    let mut outputs = cwseg_train::outputs::Outputs::new();
+    for (id, files) in cases {
+        let source = if cases.len() == 1 {
+            "--output".to_string()
+        } else {
+            format!("the case {id} ({})", files[0].display())
+        };
+        let out = destination(id);
+        outputs.add(&source, &out)?;
+        if probabilities {
+            outputs.add(
+                &format!("{source}'s probabilities"),
+                &probabilities_folder(&out),
+            )?;
+        }
+    }
+    let inputs: Vec<(&str, &Path)> = cases
+        .iter()
+        .flat_map(|(_, files)| files.iter().map(|f| ("image", f.as_path())))
+        .collect();
+    outputs.refuse_inputs(&inputs)?;
+    for folder in protected {
+        outputs.refuse_inside(folder, "the model folder")?;
     }
     Ok(())
+}
+
+/// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
+/// each with the input's geometry. The folder is replaced whole (written beside it, then
+/// renamed): no class file of an earlier prediction stays, and a killed command leaves the old
+/// set or the new one.
+fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> Result<()> {
+    cwseg_train::checkpoint::replace(dir, |fresh| {
+        for (k, channel) in data.outer_iter().enumerate() {
+            cwseg_data::write_volume(
+                fresh.join(format!("class_{k:02}.nii.gz")),
+                &channel.to_owned(),
+                geometry,
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// `cwseg predict`.
@@ -391,16 +433,13 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     set_precision(args.precision, &device);
     let model = crate::hub::model_path(&args.model)?;
-    if let Some(overlap) = args.overlap
-        && !(0.0..=MAX_OVERLAP).contains(&overlap)
-    {
-        bail!(
-            "--overlap {overlap}: use a value in [0, {MAX_OVERLAP}] (windows per window-sized region grow as 1/(1 − overlap)³: 8 at 0.5, 1000 at 0.9)"
-        );
+    if let Some(overlap) = args.overlap {
+        cwseg_train::window::check_overlap(overlap, "--overlap")?;
     }
     refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
-    let mut inputs = cwseg_train::inputs::case_files(&args.input, card.modalities.len())?;
+    let mut inputs =
+        cwseg_train::inputs::case_files(&args.input, &card.modalities, &dir.join("config.json"))?;
     let single = args.input.is_file();
     if let Some(shard) = args.shard {
         if single {
@@ -428,15 +467,14 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         std::fs::create_dir_all(&args.output)
             .with_context(|| format!("creating {}", args.output.display()))?;
     }
-    for (id, files) in &inputs {
-        let out = if single {
+    let destination = |id: &str| {
+        if single {
             args.output.clone()
         } else {
             args.output.join(format!("{id}.nii.gz"))
-        };
-        let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        refuse_overwriting("--output", &out, &inputs)?;
-    }
+        }
+    };
+    plan_outputs(&inputs, &destination, args.probabilities, &[&model, &dir])?;
     let options = PredictOptions {
         overlap: args.overlap.unwrap_or(card.overlap),
         postprocess: !args.no_postprocess,
@@ -451,7 +489,9 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         scope.spawn(move || {
             for (id, files) in inputs {
                 let case = read_case_image(&files, &card.modalities, dir).and_then(|image| {
-                    let prepared = PreparedCase::new(card, &image)?;
+                    let prepared = PreparedCase::new(card, &image).with_context(|| {
+                        format!("{}: the model's preprocessing", files[0].display())
+                    })?;
                     Ok((image.geometry, prepared))
                 });
                 if cases.send((id, case)).is_err() {
@@ -463,14 +503,10 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         for (id, case) in read {
             let (geometry, prepared) = case?;
             let prediction = prepared.predict(&network, card, options, &device)?;
-            let out = if single {
-                args.output.clone()
-            } else {
-                args.output.join(format!("{id}.nii.gz"))
-            };
+            let out = destination(&id);
             if args.probabilities {
                 write_probabilities(
-                    &out.with_file_name(format!("{id}_probabilities")),
+                    &probabilities_folder(&out),
                     &prediction.probabilities_on_input(card, &geometry)?,
                     &geometry,
                 )?;
@@ -527,7 +563,7 @@ pub struct EvaluateArgs {
     #[arg(long, required = true)]
     pred: Vec<PathBuf>,
     /// Label file or folder (files matched by name).
-    #[arg(long)]
+    #[arg(long, visible_alias = "labels")]
     label: PathBuf,
     /// Names of the runs (default: the folder names).
     #[arg(long)]
@@ -565,9 +601,6 @@ enum RegionsArg {
     Brats,
 }
 
-/// The largest sliding-window overlap `predict` takes.
-const MAX_OVERLAP: f64 = 0.9;
-
 /// Warns when `--regions brats` scores labels that hold no BraTS enhancing-tumour value 4 in any
 /// case, or hold a 3 (BraTS 2023 relabelled ET as 3; these regions read 4).
 fn warn_without_brats_values(runs: &[Vec<(String, cwseg_data::LabelMap, cwseg_data::LabelMap)>]) {
@@ -588,125 +621,6 @@ fn warn_without_brats_values(runs: &[Vec<(String, cwseg_data::LabelMap, cwseg_da
     }
 }
 
-/// Largest difference of affine entries (mm) between a prediction and its label that still
-/// counts as the same grid.
-const GRID_TOLERANCE_MM: f64 = 1e-3;
-
-/// Refuses a prediction whose grid (shape, spacing, origin, axis directions) differs from its
-/// label's: voxel-wise metrics would compare different places.
-fn check_same_grid(
-    pred: &Path,
-    pred_grid: &cwseg_data::Geometry,
-    label: &Path,
-    label_grid: &cwseg_data::Geometry,
-) -> Result<()> {
-    if pred_grid.shape() != label_grid.shape() {
-        bail!(
-            "{}: shape {:?} differs from the label {} {:?}",
-            pred.display(),
-            pred_grid.shape(),
-            label.display(),
-            label_grid.shape()
-        );
-    }
-    let (a, b) = (pred_grid.affine(), label_grid.affine());
-    let largest = (0..3)
-        .flat_map(|r| (0..4).map(move |c| (r, c)))
-        .map(|(r, c)| (a[r][c] - b[r][c]).abs())
-        .fold(0.0f64, f64::max);
-    if largest > GRID_TOLERANCE_MM || largest.is_nan() {
-        let origin = |m: &cwseg_data::volume::Affine| [m[0][3], m[1][3], m[2][3]];
-        bail!(
-            "{}: its grid differs from the label {}'s (orientation {} vs {}, origin {:?} vs {:?} mm, spacing {:?} vs {:?} mm, largest affine difference {largest:.4}); resample or reorient the prediction onto the label's grid",
-            pred.display(),
-            label.display(),
-            pred_grid.orientation().iter().collect::<String>(),
-            label_grid.orientation().iter().collect::<String>(),
-            origin(a),
-            origin(b),
-            pred_grid.spacing(),
-            label_grid.spacing()
-        );
-    }
-    Ok(())
-}
-
-/// The foreground label values of the `dataset.json` (MSD `{"0": "background", ...}` or
-/// nnU-Net v2 `{"background": 0, ...}`) in the label folder or its parent, if there is one.
-fn dataset_json_labels(label: &Path) -> Result<BTreeSet<u8>> {
-    let folder = if label.is_dir() {
-        label
-    } else {
-        label.parent().unwrap_or(label)
-    };
-    let Some(path) = [folder.join("dataset.json")]
-        .into_iter()
-        .chain(folder.parent().map(|p| p.join("dataset.json")))
-        .find(|p| p.is_file())
-    else {
-        return Ok(BTreeSet::new());
-    };
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    let mut values = BTreeSet::new();
-    if let Some(labels) = json["labels"].as_object() {
-        for (key, value) in labels {
-            let v = key
-                .parse::<u64>()
-                .ok()
-                .or_else(|| value.as_u64())
-                .filter(|&v| v <= 255);
-            if let Some(v) = v.filter(|&v| v != 0) {
-                values.insert(v as u8);
-            }
-        }
-    }
-    Ok(values)
-}
-
-fn pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
-    for (flag, path) in [("--pred", pred), ("--label", label)] {
-        if !path.exists() {
-            bail!("{flag} {}: no such file or folder", path.display());
-        }
-    }
-    if pred.is_file() && label.is_file() {
-        return Ok(vec![(
-            cwseg_train::inputs::nii_stem(label),
-            pred.to_path_buf(),
-            label.to_path_buf(),
-        )]);
-    }
-    if !(pred.is_dir() && label.is_dir()) {
-        bail!(
-            "--pred {} and --label {} must both be files or both folders",
-            pred.display(),
-            label.display()
-        );
-    }
-    let mut out = Vec::new();
-    let mut labels: Vec<PathBuf> = std::fs::read_dir(label)
-        .with_context(|| format!("listing {}", label.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().contains(".nii"))
-        .collect();
-    labels.sort();
-    for l in labels {
-        let name = l.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        let p = pred.join(&name);
-        if !p.exists() {
-            bail!("{}: no prediction for {}", pred.display(), l.display());
-        }
-        out.push((cwseg_train::inputs::nii_stem(&l), p, l));
-    }
-    if out.is_empty() {
-        bail!("{}: no NIfTI label files", label.display());
-    }
-    Ok(out)
-}
-
 /// `cwseg evaluate`.
 pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     let aggregate = match args.aggregate {
@@ -717,15 +631,30 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     // every class of the predictions ∪ labels ∪ the class list: false positives count
     let mut present: BTreeSet<u8> = args.classes.iter().copied().filter(|&v| v != 0).collect();
     if args.classes.is_empty() {
-        present.extend(dataset_json_labels(&args.label)?);
+        present.extend(cwseg_train::evaluate::dataset_json_labels(&args.label)?);
+    }
+    let pairs = args
+        .pred
+        .iter()
+        .map(|pred| cwseg_train::evaluate::case_pairs(pred, &args.label))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(csv) = &args.csv {
+        let mut outputs = cwseg_train::outputs::Outputs::new();
+        outputs.add("--csv", csv)?;
+        let read: Vec<(&str, &Path)> = pairs
+            .iter()
+            .flatten()
+            .flat_map(|(_, p, l)| [("--pred", p.as_path()), ("--label", l.as_path())])
+            .collect();
+        outputs.refuse_inputs(&read)?;
     }
     let mut loaded_runs = Vec::new();
-    for pred in &args.pred {
+    for run in pairs {
         let mut loaded = Vec::new();
-        for (case, p, l) in pairs(pred, &args.label)? {
+        for (case, p, l) in run {
             let label = read_label(&l, &ReadOptions::default())?;
             let prediction = read_label(&p, &ReadOptions::default())?;
-            check_same_grid(&p, &prediction.geometry, &l, &label.geometry)?;
+            cwseg_train::evaluate::check_same_grid(&p, &prediction.geometry, &l, &label.geometry)?;
             for v in label.data.iter().chain(prediction.data.iter()) {
                 if *v != 0 {
                     present.insert(*v);
@@ -823,10 +752,10 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
 #[derive(Args)]
 pub struct ContourArgs {
     /// Label volume.
-    #[arg(long)]
+    #[arg(long, visible_alias = "labels")]
     label: PathBuf,
     /// Output NIfTI (uint8, 1 = contour).
-    #[arg(long)]
+    #[arg(long, visible_alias = "out")]
     output: PathBuf,
     /// Side of the cubic structuring element.
     #[arg(long, default_value_t = 3)]
@@ -853,12 +782,14 @@ enum BorderArg {
 
 /// `cwseg contour`.
 pub fn contour(args: ContourArgs) -> Result<()> {
-    refuse_overwriting("--output", &args.output, &[&args.label])?;
+    let mut outputs = cwseg_train::outputs::Outputs::new();
+    outputs.add("--output", &args.output)?;
     check_output_file("--output", &args.output)?;
     if let Some(png) = &args.png {
-        refuse_overwriting("--png", png, &[&args.label, &args.output])?;
+        outputs.add("--png", png)?;
         check_output_file("--png", png)?;
     }
+    outputs.refuse_inputs(&[("--label", &args.label)])?;
     let label = read_label(&args.label, &ReadOptions::default())?;
     let spec = ContourSpec {
         erosion: ErosionSpec {
@@ -916,7 +847,7 @@ pub struct LossArgs {
     #[arg(long)]
     logits: PathBuf,
     /// Labels `.npy`, integer, `(N, D, H, W)`.
-    #[arg(long)]
+    #[arg(long, visible_alias = "label")]
     labels: PathBuf,
     /// Loss name.
     #[arg(long, default_value = "cwcd")]
@@ -996,7 +927,7 @@ pub fn loss(args: LossArgs) -> Result<()> {
 #[derive(Args)]
 pub struct SynthArgs {
     /// Output folder.
-    #[arg(long)]
+    #[arg(long, visible_alias = "output")]
     out: PathBuf,
     /// Training phantoms.
     #[arg(long, default_value_t = 8)]
@@ -1125,7 +1056,7 @@ pub struct ImportMonaiArgs {
     #[arg(long)]
     weights: PathBuf,
     /// The model folder to write (must not exist).
-    #[arg(long)]
+    #[arg(long, visible_alias = "output")]
     out: PathBuf,
     /// Sliding window Z,Y,X in cwseg's order (MONAI's roi_size reversed); UNETR: its
     /// img_size by default; required for V-Net.
@@ -1134,9 +1065,9 @@ pub struct ImportMonaiArgs {
     /// Overlap of neighbouring windows (MONAI's `sliding_window_inference` default).
     #[arg(long, default_value_t = 0.25)]
     overlap: f64,
-    /// Window weights, MONAI's `mode`: `gaussian` (σ = 0.125·roi) or `constant` (MONAI's
-    /// default, a plain mean).
-    #[arg(long, value_enum, default_value = "gaussian")]
+    /// Window weights, MONAI's `mode`: `constant` (MONAI's default, a plain mean) or
+    /// `gaussian` (σ = 0.125·roi, MONAI ≥ 1.1's importance map).
+    #[arg(long, value_enum, default_value = "constant")]
     mode: WindowMode,
     /// The network was trained after MONAI's `Orientation("RAS")`: reorient inputs to RAS+
     /// (and predictions back).

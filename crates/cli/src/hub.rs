@@ -279,7 +279,7 @@ pub struct ExportOptions {
     /// Weight precision: f32, f16 or bf16.
     pub dtype: DType,
     /// SPDX licence of the weights for the card's front matter.
-    pub license: String,
+    pub license: Option<String>,
     /// An `cwseg evaluate --json` report to put in the card.
     pub evaluation: Option<PathBuf>,
     /// A `cwseg experiment` table (CSV) whose rows for this network and loss go in the card.
@@ -327,8 +327,12 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
         .as_ref()
         .map(|p| -> Result<serde_json::Value> {
             let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a `cwseg evaluate --json` report", p.display()))
+            let report: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a `cwseg evaluate --json` report", p.display())
+            })?;
+            check_evaluation_report(&report, &card)
+                .with_context(|| format!("--evaluation {}", p.display()))?;
+            Ok(report)
         })
         .transpose()?;
     let cross_validation = options
@@ -363,6 +367,61 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
         readme.push_str(cross_validation.as_deref().unwrap_or_default());
         fs::write(tmp.join("README.md"), readme).context("writing README.md")
     })?;
+    Ok(())
+}
+
+/// A licence id for the card's front matter (`cc-by-nc-4.0`, `apache-2.0`, `other`): letters,
+/// digits, `.`, `+` and `-` only, so that it cannot break the YAML it is written into.
+pub fn parse_license(text: &str) -> std::result::Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || ".+-".contains(c);
+    if text.is_empty() || !text.chars().all(allowed) {
+        return Err(format!(
+            "`{}`: a licence id has only letters, digits, `.`, `+` and `-` (e.g. cc-by-nc-4.0, \
+             apache-2.0, other)",
+            text.escape_debug()
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// How the card names a run's data: `synthetic`, or a local folder's own name (never its
+/// absolute path, which says nothing to a reader and exposes the exporter's file system).
+fn data_name(source: &str) -> String {
+    match Path::new(source).file_name() {
+        Some(name) if source != "synthetic" => {
+            format!("a local folder named `{}`", name.to_string_lossy())
+        }
+        _ => format!("`{source}`"),
+    }
+}
+
+/// Refuses a JSON file that is not one run's `cwseg evaluate --json` report of this model's
+/// classes: an `aggregate` name and a `mean` table whose rows are the card's label values or
+/// BraTS regions (a report of several runs, another layout or other classes would give an
+/// empty or false section).
+fn check_evaluation_report(report: &serde_json::Value, card: &ModelCard) -> Result<()> {
+    if report.is_array() {
+        bail!("a report of several runs; give the report of this model's predictions alone");
+    }
+    if report["aggregate"].as_str().is_none() {
+        bail!("no `aggregate` field: not a `cwseg evaluate --json` report");
+    }
+    let Some(means) = report["mean"].as_object().filter(|m| !m.is_empty()) else {
+        bail!("no `mean` table: not a `cwseg evaluate --json` report");
+    };
+    let known = |class: &str| {
+        class
+            .parse::<u8>()
+            .is_ok_and(|v| card.label_values.contains(&v))
+            || ["WT", "TC", "ET"].contains(&class)
+    };
+    if let Some(other) = means.keys().find(|class| !known(class)) {
+        bail!(
+            "its class `{other}` is none of the model's label values {:?} (nor a BraTS region): \
+             a report of another model's predictions?",
+            card.label_values
+        );
+    }
     Ok(())
 }
 
@@ -459,7 +518,9 @@ fn model_card(
     let loss_name = loss.as_ref().map_or("imported", |l| l.name());
     let mut s = String::new();
     let _ = writeln!(s, "---");
-    let _ = writeln!(s, "license: {}", options.license);
+    if let Some(license) = &options.license {
+        let _ = writeln!(s, "license: {license}");
+    }
     let _ = writeln!(s, "library_name: cwseg");
     let _ = writeln!(s, "pipeline_tag: image-segmentation");
     let _ = writeln!(s, "tags:");
@@ -485,19 +546,24 @@ fn model_card(
         None => {
             let _ = writeln!(
                 s,
-                "A 3D segmentation network trained with [cwseg]({}) {}.\n",
-                env!("CARGO_PKG_REPOSITORY"),
+                "A 3D segmentation network trained with cwseg {}.\n",
                 card.cwseg_version
             );
         }
         Some(origin) => {
             let _ = writeln!(
                 s,
-                "A 3D segmentation network packaged by [cwseg]({}) {}; the weights come from {origin}.\n",
-                env!("CARGO_PKG_REPOSITORY"),
+                "A 3D segmentation network packaged by cwseg {}; the weights come from {origin}.\n",
                 card.cwseg_version
             );
         }
+    }
+    if options.license.is_none() {
+        let _ = writeln!(
+            s,
+            "Licence: none stated when this folder was exported (`cwseg export --license ID`); \
+             ask whoever published it, and mind the licence of the training data.\n"
+        );
     }
     let _ = writeln!(s, "## Use\n");
     let _ = writeln!(
@@ -584,8 +650,8 @@ fn model_card(
         {
             let _ = writeln!(
                 s,
-                "- data: `{}`; {} epochs × {} batches of {} patches {:?}; optimizer `{}`, schedule `{}`; seed {}",
-                config.data.source,
+                "- data: {}; {} epochs × {} batches of {} patches {:?}; optimizer `{}`, schedule `{}`; seed {}",
+                data_name(&config.data.source),
                 config.epochs,
                 config.batches_per_epoch,
                 config.batch_size,

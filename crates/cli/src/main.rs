@@ -29,7 +29,7 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Output folder (data, runs, results.md, demo.png).
-        #[arg(long, default_value = "cwseg-demo")]
+        #[arg(long, visible_alias = "output", default_value = "cwseg-demo")]
         out: PathBuf,
         /// `cpu`, `cuda` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
@@ -52,7 +52,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// Output folder (default: the file's `out`, else `cwseg-experiment/NAME`).
-        #[arg(long)]
+        #[arg(long, visible_alias = "output")]
         out: Option<PathBuf>,
         /// Only write the tables from the runs already done; train nothing.
         #[arg(long)]
@@ -86,14 +86,15 @@ enum Command {
         /// A run folder (its `best/`) or a model folder.
         run: PathBuf,
         /// The model folder to write (must not exist).
-        #[arg(long)]
+        #[arg(long, visible_alias = "output")]
         out: PathBuf,
         /// Weight precision.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
-        /// Licence of the weights (SPDX id) for the model card.
-        #[arg(long, default_value = "cc-by-nc-4.0")]
-        license: String,
+        /// Licence of the weights (an id such as cc-by-nc-4.0 or apache-2.0) for the model
+        /// card; none by default (the card then says no licence was stated).
+        #[arg(long, value_parser = hub::parse_license)]
+        license: Option<String>,
         /// A `cwseg evaluate --json` report to put in the model card.
         #[arg(long)]
         evaluation: Option<PathBuf>,
@@ -274,8 +275,10 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A closed standard output (`cwseg experiment --list | head -3`) ends the command quietly with
-/// 141, as SIGPIPE would, instead of the panic of `println!` on a broken pipe.
+/// A failed write to standard output or error ends the command with an exit code, never with
+/// the panic of `println!`: a closed pipe (`cwseg experiment --list | head -3`) quietly with 141,
+/// as SIGPIPE would; any other failure (a full disk, `> /dev/full`) with 1 and one line on
+/// standard error when that still works.
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -285,8 +288,20 @@ fn quiet_on_closed_stdout() {
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or_default();
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(141);
+        if message.starts_with("failed printing to stdout") {
+            if message.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            use std::io::Write;
+            let reason = message.trim_start_matches("failed printing to stdout: ");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: writing to standard output: {reason}"
+            );
+            std::process::exit(1);
+        }
+        if message.starts_with("failed printing to stderr") {
+            std::process::exit(1);
         }
         default(info);
     }));
@@ -302,6 +317,7 @@ fn main() -> ExitCode {
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     progress::stop_on_signals();

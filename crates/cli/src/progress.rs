@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cwseg_train::{RunStart, RunState, StepReport, TrainHooks, TrainOutcome};
+use std::io::IsTerminal;
+
+use cwseg_train::{EpochReport, RunStart, RunState, StepReport, TrainHooks, TrainOutcome};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Set by Ctrl-C (SIGINT) or SIGTERM during training: the loop stops after the current step.
@@ -19,17 +21,23 @@ static TRAINING: AtomicBool = AtomicBool::new(false);
 
 /// Watches SIGINT and SIGTERM for the rest of the process (see the module's documentation).
 pub fn stop_on_signals() {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
+    // SIGXFSZ (a file past `ulimit -f`) is caught and ignored, so the write fails with EFBIG
+    // and the command reports it, instead of the process dying without a word
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGXFSZ]) else {
         tracing::warn!("cannot watch SIGINT / SIGTERM: an interrupted run saves nothing");
         return;
     };
     std::thread::spawn(move || {
         for signal in signals.forever() {
+            if signal == SIGXFSZ {
+                continue;
+            }
             if signal == SIGTERM {
                 TERMINATED.store(true, Ordering::SeqCst);
             }
             if !TRAINING.load(Ordering::SeqCst) || INTERRUPTED.swap(true, Ordering::SeqCst) {
+                cwseg_train::outputs::remove_unfinished();
                 eprintln!("\ninterrupted");
                 std::process::exit(128 + signal);
             }
@@ -38,10 +46,16 @@ pub fn stop_on_signals() {
     });
 }
 
-/// A progress bar over a run's steps (hidden when quiet) that stops on [`INTERRUPTED`].
+/// A progress bar over a run's steps (hidden when quiet) that stops on [`INTERRUPTED`]. Where
+/// standard error is not a terminal (a batch job's log), where the bar would not show, one line
+/// per epoch is written instead.
 pub struct Progress {
     bar: ProgressBar,
     quiet: bool,
+    /// One line per epoch: not quiet, and standard error is not a terminal.
+    log_lines: bool,
+    /// The run's name, for the lines.
+    name: String,
     /// Test hook `CWSEG_INTERRUPT_AFTER_BATCHES=N`: behave as if Ctrl-C came after the N-th
     /// step of this invocation.
     interrupt_after: Option<usize>,
@@ -54,6 +68,8 @@ impl Progress {
         Progress {
             bar: ProgressBar::hidden(),
             quiet,
+            log_lines: !quiet && !std::io::stderr().is_terminal(),
+            name: String::new(),
             interrupt_after: std::env::var("CWSEG_INTERRUPT_AFTER_BATCHES")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -77,6 +93,28 @@ impl TrainHooks for Progress {
         );
         self.bar.set_prefix(run.name.clone());
         self.bar.set_position(run.done_steps);
+        self.name = run.name.clone();
+        if self.log_lines {
+            eprintln!(
+                "{}: started at step {} of {}",
+                run.name, run.done_steps, run.total_steps
+            );
+        }
+    }
+
+    fn epoch(&mut self, report: &EpochReport) {
+        if self.log_lines {
+            eprintln!(
+                "{}: epoch {} loss {:.4} lr {:.1e} validation DSC {} {:.1} s{}",
+                self.name,
+                report.epoch,
+                report.loss,
+                report.lr,
+                report.val_dice.map_or("-".into(), |d| format!("{d:.4}")),
+                report.seconds,
+                if report.improved { " (best)" } else { "" }
+            );
+        }
     }
 
     fn step(&mut self, report: &StepReport) {
@@ -99,6 +137,19 @@ impl TrainHooks for Progress {
 
     fn finished(&mut self, outcome: &TrainOutcome, state: &RunState) {
         TRAINING.store(false, Ordering::SeqCst);
+        if self.log_lines {
+            eprintln!(
+                "{}: {} at epoch {}; best validation DSC {}",
+                self.name,
+                if outcome.interrupted {
+                    "interrupted (saved; continue with --resume)"
+                } else {
+                    "done"
+                },
+                state.epoch,
+                state.best_dice.map_or("-".into(), |d| format!("{d:.4}"))
+            );
+        }
         if outcome.interrupted {
             self.bar.abandon_with_message(format!(
                 "interrupted at epoch {} batch {}; saved; continue with --resume",

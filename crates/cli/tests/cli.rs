@@ -2372,7 +2372,7 @@ fn reoriented_models_predict_the_same_labels_in_world_space() {
         )
         .expect("probabilities")
     };
-    let (pa, pb) = (probability("phantom_000"), probability("lps"));
+    let (pa, pb) = (probability("a"), probability("b"));
     assert_eq!(pb.geometry.orientation(), ['L', 'P', 'S']);
     let mut pb = pb.data.index_axis(ndarray::Axis(0), 0).to_owned();
     pb.invert_axis(ndarray::Axis(1));

@@ -1,5 +1,5 @@
 //! `cwseg import monai` and `cwseg export --format monai` against MONAI's own outputs
-//! (fixtures from `scripts/monai_fixtures.py`): on orientation-sensitive, non-cubic volumes the
+//! (fixtures from `scripts/fixtures/monai_fixtures.py`): on orientation-sensitive, non-cubic volumes the
 //! imported model predicts MONAI's labels with probabilities within 1e-4, and the export gives
 //! back MONAI's state dict.
 
@@ -78,12 +78,8 @@ fn cwseg_predict(model: &Path, image: &Path, dir: &Path) -> (ndarray::Array3<u8>
     let labels = cwseg_data::read_label(&output, &Default::default())
         .expect("labels")
         .data;
-    let case = path(image)
-        .rsplit('/')
-        .next()
-        .and_then(|n| n.strip_suffix(".nii.gz"))
-        .expect("a .nii.gz file");
-    let folder = dir.join(format!("{case}_probabilities"));
+    // named after the output, beside it
+    let folder = dir.join("prediction_probabilities");
     let mut classes = Vec::new();
     for k in 0.. {
         let file = folder.join(format!("class_{k:02}.nii.gz"));
@@ -147,7 +143,7 @@ fn an_imported_unetr_predicts_monais_labels() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = tmp.path().join("unetr");
     let source = fixtures().join("unetr");
-    import_unetr_fixture("unetr", &model, &[]);
+    import_unetr_fixture("unetr", &model, &["--mode", "gaussian"]);
     let (labels, p) = cwseg_predict(&model, &fixtures().join("image.nii.gz"), tmp.path());
     assert_agrees(
         "UNETR, one window",
@@ -182,9 +178,10 @@ fn an_imported_unetr_predicts_monais_labels() {
         &p,
         &monai_probabilities(&source.join("probabilities_large.npy")),
     );
-    // MONAI's default mode, "constant": the plain mean of the overlapping windows' logits
+    // MONAI's default mode, "constant" (the plain mean of the overlapping windows' logits),
+    // is the import's default too
     let constant = tmp.path().join("unetr-constant");
-    import_unetr_fixture("unetr", &constant, &["--mode", "constant"]);
+    import_unetr_fixture("unetr", &constant, &[]);
     let dir = tmp.path().join("constant");
     std::fs::create_dir(&dir).expect("mkdir");
     let (labels, p) = cwseg_predict(&constant, &fixtures().join("image_large.nii.gz"), &dir);
@@ -217,7 +214,7 @@ fn an_imported_unetr_with_batch_norm_predicts_monais_labels() {
     );
 }
 
-/// The formula of `scripts/monai_fixtures.py` for MONAI VNet's kernels: He-uniform values from
+/// The formula of `scripts/fixtures/monai_fixtures.py` for MONAI VNet's kernels: He-uniform values from
 /// splitmix64 of the name's FNV-1a hash plus the index.
 fn formula_weights(name: &str, shape: &[usize]) -> Vec<f32> {
     let mut hash: u64 = 0xCBF2_9CE4_8422_2325;

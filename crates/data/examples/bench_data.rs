@@ -2,7 +2,7 @@
 //! load the 4 modalities and the labels, resample to 2 mm, z-score the brain voxels; then
 //! loader throughput (64³ patches, the paper's augmentation; without maps, and with the
 //! whole-volume contour maps made on halo'd patches). Compare with
-//! `scripts/bench_data_reference.py` (nibabel + scipy, MONAI) on the same case.
+//! `scripts/bench/bench_data_reference.py` (nibabel + scipy, MONAI) on the same case.
 //!
 //! `cargo run --release -p cwseg-data --example bench_data [-- THREADS]`
 

@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::resample::{IndexMap, Interpolation, sample};
 
-/// Which augmentations are drawn, and how often. The default is the paper's (SPEC §6):
+/// Which augmentations are drawn, and how often. The default is the paper's (formulas §6):
 /// rotation in the axial plane by an angle uniform in `[0°, 15°]` with a random sign,
 /// probability 0.2; a horizontal or vertical flip, probability 0.2; nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {
     /// Probability of a rotation.
     pub rotation_probability: f64,

@@ -96,6 +96,81 @@ fn strip_nii(name: &str) -> &str {
     name.trim_end_matches(".gz").trim_end_matches(".nii")
 }
 
+/// The BraTS 2018–2021 modalities in the order a BraTS folder's cases stack them.
+pub const BRATS_MODALITIES: [&str; 4] = ["flair", "t1", "t1ce", "t2"];
+
+/// The BraTS modality (one of [`BRATS_MODALITIES`]) that a channel name means, case-insensitive:
+/// BraTS's own names, MSD Task01's (`FLAIR`, `T1w`, `t1gd`, `T2w`) and BraTS 2023's (`t2f`,
+/// `t1n`, `t1c`, `t2w`); `None` for any other name.
+pub fn brats_modality(name: &str) -> Option<&'static str> {
+    match name.to_ascii_lowercase().as_str() {
+        "flair" | "t2f" | "t2-flair" => Some("flair"),
+        "t1" | "t1w" | "t1n" => Some("t1"),
+        "t1ce" | "t1gd" | "t1c" | "t1-gd" => Some("t1ce"),
+        "t2" | "t2w" => Some("t2"),
+        _ => None,
+    }
+}
+
+/// Whether `dir` is one BraTS case folder: it holds `<dir name>_flair.nii.gz`.
+pub fn is_brats_case(dir: &Path) -> bool {
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!("{id}_flair.nii.gz")).is_file()
+}
+
+/// One BraTS case folder: its four images in [`BRATS_MODALITIES`] order, its `_seg` label if
+/// present.
+fn brats_case(dir: &Path) -> Result<Case> {
+    let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        return Err(DataError::dataset(
+            dir,
+            "a BraTS case folder's name must be UTF-8 (it names the case's files)",
+        ));
+    };
+    let file = |suffix: &str| dir.join(format!("{id}_{suffix}.nii.gz"));
+    let images: Vec<PathBuf> = BRATS_MODALITIES.iter().map(|m| file(m)).collect();
+    if let Some(missing) = images.iter().find(|p| !p.is_file()) {
+        return Err(DataError::dataset(
+            dir,
+            format!("missing {}", missing.display()),
+        ));
+    }
+    let label = file("seg");
+    Ok(Case {
+        id,
+        images,
+        label: label.is_file().then_some(label),
+    })
+}
+
+/// The entries of a folder, sorted; hidden entries (`.name`) left out. An entry that cannot be
+/// read, a broken symbolic link or a link loop is an error naming it: a case is never dropped
+/// silently.
+pub fn list_folder(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let path = entry.map_err(|e| DataError::io(dir, e))?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if hidden {
+            continue;
+        }
+        if let Err(e) = fs::metadata(&path) {
+            return Err(DataError::dataset(
+                &path,
+                format!("cannot be read ({e}): a broken symbolic link or a link loop?"),
+            ));
+        }
+        entries.push(path);
+    }
+    entries.sort();
+    Ok(entries)
+}
+
 impl Dataset {
     /// Opens a Medical Segmentation Decathlon folder (`dataset.json`, `imagesTr/`, `labelsTr/`,
     /// `imagesTs/`): the MSD form (`modality`, `labels` index → name, `training` list, 4D
@@ -242,49 +317,37 @@ impl Dataset {
     }
 
     /// Opens a BraTS folder: one sub-folder per case with `<case>_{flair,t1,t1ce,t2}.nii.gz` and
-    /// `<case>_seg.nii.gz` (labels 1 NCR, 2 ED, 4 ET → class indices 1, 2, 3).
+    /// `<case>_seg.nii.gz` (labels 1 NCR, 2 ED, 4 ET → class indices 1, 2, 3); the images of
+    /// each case in [`BRATS_MODALITIES`] order.
     pub fn brats(root: impl AsRef<Path>) -> Result<Dataset> {
         let root = root.as_ref().to_path_buf();
-        let modalities = ["flair", "t1", "t1ce", "t2"];
-        let mut entries: Vec<PathBuf> = fs::read_dir(&root)
-            .map_err(|e| DataError::io(&root, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        entries.sort();
         let mut training = Vec::new();
-        for dir in entries {
-            let id = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let file = |suffix: &str| dir.join(format!("{id}_{suffix}.nii.gz"));
-            let images: Vec<PathBuf> = modalities.iter().map(|m| file(m)).collect();
-            if let Some(missing) = images.iter().find(|p| !p.exists()) {
-                return Err(DataError::dataset(
-                    &dir,
-                    format!("missing {}", missing.display()),
-                ));
-            }
-            let label = file("seg");
-            training.push(Case {
-                id,
-                images,
-                label: label.exists().then_some(label),
-            });
+        for dir in list_folder(&root)?.into_iter().filter(|p| p.is_dir()) {
+            training.push(brats_case(&dir)?);
         }
         if training.is_empty() {
             return Err(DataError::dataset(&root, "no case folders"));
         }
-        Ok(Dataset {
+        Ok(Dataset::brats_of(root, training))
+    }
+
+    /// One BraTS case folder (`<case>/<case>_flair.nii.gz`, …) as a data set of that case.
+    pub fn brats_single_case(dir: impl AsRef<Path>) -> Result<Dataset> {
+        let dir = dir.as_ref();
+        let case = brats_case(dir)?;
+        Ok(Dataset::brats_of(dir.to_path_buf(), vec![case]))
+    }
+
+    fn brats_of(root: PathBuf, training: Vec<Case>) -> Dataset {
+        Dataset {
             root,
             name: "BraTS".into(),
-            modalities: modalities.iter().map(|m| m.to_string()).collect(),
+            modalities: BRATS_MODALITIES.iter().map(|m| m.to_string()).collect(),
             classes: vec!["background".into(), "NCR".into(), "ED".into(), "ET".into()],
             label_values: vec![0, 1, 2, 4],
             training,
             test: Vec::new(),
-        })
+        }
     }
 
     /// Opens `root` as BraTS when it has case folders and no `dataset.json`, else as MSD.
@@ -323,6 +386,18 @@ impl Dataset {
             ));
         }
         let Image { data, geometry } = stack_channels(images, &case.images)?;
+        if data.dim().0 != self.modalities.len() {
+            return Err(DataError::dataset(
+                &case.images[0],
+                format!(
+                    "case {} has {} channel(s), the data set names {} modalities ({})",
+                    case.id,
+                    data.dim().0,
+                    self.modalities.len(),
+                    self.modalities.join(", ")
+                ),
+            ));
+        }
         let label = match &case.label {
             None => None,
             Some(path) => {
@@ -343,11 +418,15 @@ impl Dataset {
                 for ((z, y, x), v) in label.data.indexed_iter_mut() {
                     let mapped = lut[*v as usize];
                     if mapped == u8::MAX {
-                        return Err(DataError::LabelValue {
-                            path: path.clone(),
-                            value: *v as f64,
-                            voxel: [z, y, x],
-                        });
+                        return Err(DataError::dataset(
+                            path,
+                            format!(
+                                "label value {v} at voxel [z={z}, y={y}, x={x}] is none of the \
+                                 data set's label values {:?} ({})",
+                                self.label_values,
+                                self.root.join("dataset.json").display()
+                            ),
+                        ));
                     }
                     *v = mapped;
                 }
@@ -466,11 +545,10 @@ fn scan_channel_files(
     channels: usize,
     ending: &str,
 ) -> Result<Vec<Case>> {
-    let mut ids: Vec<String> = fs::read_dir(dir)
-        .map_err(|e| DataError::io(dir, e))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
+    let mut ids: Vec<String> = list_folder(dir)?
+        .iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
             name.strip_suffix(&format!("_0000{ending}"))
                 .map(str::to_string)
         })
@@ -567,21 +645,10 @@ impl Split {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    // errors name the requested file; the temporary one never outlives a failure
-    fs::write(&tmp, bytes)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            DataError::io(path, e)
-        })
-}
+pub use crate::output::write_atomic;
+
+/// The most phantoms [`write_phantom_dataset`] writes at once.
+pub const MAX_PHANTOMS: usize = 100_000;
 
 /// Writes `train` + `test` phantoms (seeds `seed`, `seed + 1`, ...) as an MSD data set in
 /// `root`: `imagesTr/`, `labelsTr/`, `imagesTs/`, `labelsTs/` (held-out labels, nnU-Net's
@@ -595,6 +662,11 @@ pub fn write_phantom_dataset(
 ) -> Result<Dataset> {
     let root = root.as_ref();
     config.validate()?;
+    if train.checked_add(test).is_none_or(|n| n > MAX_PHANTOMS) {
+        return Err(DataError::Invalid(format!(
+            "{train} training and {test} test phantoms: at most {MAX_PHANTOMS} in all"
+        )));
+    }
     for dir in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
         fs::create_dir_all(root.join(dir)).map_err(|e| DataError::io(root.join(dir), e))?;
     }

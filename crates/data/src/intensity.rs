@@ -1,8 +1,6 @@
 //! Intensity normalisation and clipping.
 
-use ndarray::{Array1, ArrayView3, ArrayViewMut3, Axis, Zip};
-use ndarray_stats::{Quantile1dExt, interpolate::Linear};
-use noisy_float::types::N64;
+use ndarray::{ArrayView3, ArrayViewMut3, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::volume::Image;
@@ -13,7 +11,7 @@ use crate::volume::Image;
 pub enum Normalization {
     /// No change.
     None,
-    /// `(x − μ) / σ` over the whole volume (σ = 0 → 1). SPEC §6, CT and the phantom.
+    /// `(x − μ) / σ` over the whole volume (σ = 0 → 1). formulas §6, CT and the phantom.
     #[default]
     ZScore,
     /// `(x − μ) / σ` with μ, σ over the non-zero voxels of the channel; zero voxels stay 0
@@ -228,7 +226,7 @@ pub fn clip(mut data: ArrayViewMut3<f32>, lo: f32, hi: f32) {
 }
 
 /// The `q`-th percentile (`q` in `[0, 100]`) with numpy's default linear interpolation
-/// (ndarray-stats' quickselect); 0 for no voxels, NaN when a voxel is NaN.
+/// (selection with bounded stack depth); 0 for no voxels, NaN when a voxel is NaN.
 pub fn percentile(data: ArrayView3<f32>, q: f64) -> f32 {
     if data.is_empty() {
         return 0.0;
@@ -237,17 +235,12 @@ pub fn percentile(data: ArrayView3<f32>, q: f64) -> f32 {
 }
 
 /// The percentiles `qs` (each in `[0, 100]`, clamped) of `values`, numpy's linear
-/// interpolation; `None` for no values or a NaN.
+/// interpolation ([`cwseg_metrics::quantile`]: bounded stack depth); `None` for no values or a
+/// NaN.
 fn percentiles(values: impl Iterator<Item = f32>, qs: &[f64]) -> Option<Vec<f64>> {
-    let mut values: Array1<N64> = values
-        .map(|v| N64::try_new(v as f64))
-        .collect::<Option<_>>()?;
-    let qs: Array1<N64> = qs
-        .iter()
-        .map(|q| N64::try_new(q.clamp(0.0, 100.0) / 100.0))
-        .collect::<Option<_>>()?;
-    let p = values.quantiles_mut(&qs, &Linear).ok()?;
-    Some(p.iter().map(|&v| v.into()).collect())
+    let mut values: Vec<f64> = values.map(f64::from).collect();
+    let qs: Vec<f64> = qs.iter().map(|q| q / 100.0).collect();
+    cwseg_metrics::quantile::quantiles(&mut values, &qs)
 }
 
 /// Foreground voxels allowed per case when `n` cases are measured: `10^7 / n` (at least 1000),

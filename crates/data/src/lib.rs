@@ -8,6 +8,7 @@ pub mod error;
 pub mod intensity;
 pub mod loader;
 pub mod npy;
+pub mod output;
 pub mod phantom;
 pub mod resample;
 pub mod sampling;
@@ -16,7 +17,10 @@ pub mod volume;
 
 pub use augment::{AugmentConfig, Augmentation, augment};
 pub use crop::{BoundingBox, crop_image, crop_label, foreground_bbox, pad_or_crop, slabs};
-pub use dataset::{AMOS_CLASSES, Case, Dataset, Split, stack_channels, write_phantom_dataset};
+pub use dataset::{
+    AMOS_CLASSES, BRATS_MODALITIES, Case, Dataset, Split, brats_modality, is_brats_case,
+    list_folder, stack_channels, write_phantom_dataset,
+};
 pub use error::{DataError, Result};
 pub use intensity::{
     ForegroundIntensities, IntensityProperties, Normalization, foreground_voxels_per_case,

@@ -70,7 +70,7 @@ impl Anatomy {
 
 /// The phantom's size and image quality.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PhantomConfig {
     /// Which organs.
     pub anatomy: Anatomy,

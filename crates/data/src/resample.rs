@@ -145,6 +145,12 @@ impl FromF64 for u8 {
     }
 }
 
+/// The most voxels along one axis a resampled grid may have (NIfTI-1's limit).
+pub const MAX_SIDE: usize = 32767;
+
+/// The most voxels a resampled grid may have (8 GiB of f32 per channel).
+pub const MAX_VOXELS: usize = 1 << 31;
+
 /// The output grid for `spacing` `[z, y, x]` mm: same first voxel centre and axis directions,
 /// `round(n · s_old / s_new)` voxels per axis (ties to even, as numpy; at least one); and the
 /// index map onto the input.
@@ -155,9 +161,21 @@ pub fn spacing_grid(geometry: &Geometry, spacing: [f64; 3]) -> Result<(Geometry,
         )));
     }
     let old = geometry.spacing();
-    let shape: [usize; 3] = std::array::from_fn(|a| {
-        ((geometry.shape()[a] as f64 * old[a] / spacing[a]).round_ties_even() as usize).max(1)
+    let sides: [f64; 3] = std::array::from_fn(|a| {
+        (geometry.shape()[a] as f64 * old[a] / spacing[a])
+            .round_ties_even()
+            .max(1.0)
     });
+    let voxels: f64 = sides.iter().product();
+    if sides.iter().any(|&n| n > MAX_SIDE as f64) || voxels > MAX_VOXELS as f64 {
+        return Err(DataError::Invalid(format!(
+            "resampling {:?} voxels of {old:?} mm to {spacing:?} mm would give {sides:?} voxels \
+             (at most {MAX_SIDE} per axis and 2^31 in all): a target spacing far finer than the \
+             data's, or a wrong voxel size in a header",
+            geometry.shape()
+        )));
+    }
+    let shape: [usize; 3] = sides.map(|n| n as usize);
     let mut affine = *geometry.affine();
     // array axis a is voxel axis 2 − a: scale that column
     for a in 0..3 {

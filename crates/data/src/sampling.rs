@@ -1,6 +1,6 @@
 //! Patch sampling: random crops centred on foreground with a given positive/negative ratio
 //! (MONAI's `RandCropByPosNegLabel`), optionally class-balanced so rare classes are seen; the
-//! maps a loss needs, made so that each patch's map is the whole volume's map cropped (SPEC §1).
+//! maps a loss needs, made so that each patch's map is the whole volume's map cropped (formulas §1).
 
 use cwseg_morphology::{ContourSpec, contour_map};
 use ndarray::{Array3, Array4, s};
@@ -47,7 +47,7 @@ pub struct SamplingVolume {
     classes: Vec<Vec<u32>>,
 }
 
-/// The maps made for every patch (SPEC §1, "training on patches").
+/// The maps made for every patch (formulas §1, "training on patches").
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PatchMaps {
     /// The contour map under these settings: computed on the patch widened by the element's

@@ -53,9 +53,16 @@ pub fn window_positions(
     Ok(out)
 }
 
-/// The Gaussian importance map of a window: `Π_a exp(−t_a² / (2 σ_a²))` with `t_a` the offset
-/// from the window's centre and `σ_a = sigma_scale · window_a` (0.125 by default), clamped below
-/// at its smallest value or 1e-3, whichever is larger (MONAI's `compute_importance_map`).
+/// The Gaussian importance map of a window: MONAI's
+/// `compute_importance_map(window, mode="gaussian", sigma_scale)` (1.2 and later; 1.1 clamped in
+/// `sliding_window_inference` instead), the weights of `sliding_window_inference(mode="gaussian")`.
+/// In f32, `w(i) = Π_a exp(−t_a² / (2 σ_a²))` sampled at `t_a = i_a − (n_a − 1) / 2` (the
+/// window's centre, between two voxels on even sides), `σ_a = sigma_scale · n_a` (0.125 by
+/// default), then clamped below at `max(min w, 1e-3)`. It is not normalised: its maximum is the
+/// product of the central samples (< 1 on even sides). Checked against MONAI 1.6.1's map for
+/// odd, even and mixed windows and sides of 1 and 2 (`tests/reference.rs`). MONAI 1.0 and
+/// earlier filtered a delta at `n_a / 2` with an erf-integrated kernel truncated at 4σ and
+/// normalised it to a maximum of 1: another map (up to 0.26 apart at 16³), not this one.
 pub fn gaussian_importance(window: [usize; 3], sigma_scale: f64) -> Array3<f32> {
     let axis = |n: usize| -> Vec<f32> {
         let sigma = (sigma_scale * n as f64) as f32;
@@ -84,7 +91,7 @@ pub struct Blender {
 
 impl Blender {
     /// A blender for `channels` outputs over a volume of `shape`, windows of `window` weighted
-    /// by the Gaussian importance map with `sigma_scale` (0.125: SPEC §6).
+    /// by the Gaussian importance map with `sigma_scale` (0.125: formulas §6).
     pub fn new(channels: usize, shape: [usize; 3], window: [usize; 3], sigma_scale: f64) -> Self {
         Blender::with_importance(channels, shape, gaussian_importance(window, sigma_scale))
     }

@@ -5,7 +5,7 @@
 //! converted here and nowhere else. Multi-channel (4D) images are `[c, z, y, x]`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{Array3, Array4, ArrayD, Axis, Ix3, Ix4};
 use nifti::writer::WriterOptions;
@@ -147,9 +147,29 @@ pub struct LabelMap {
     pub geometry: Geometry,
 }
 
+/// A reader of the bytes of a NIfTI file, gunzipped when it starts with the gzip magic; every
+/// gzip member is read (a `.nii.gz` written in several members, as `cat a.gz b.gz` makes and
+/// nibabel reads, is one file).
+fn open_nifti(path: &Path) -> Result<Box<dyn std::io::Read>> {
+    use std::io::Read;
+    let mut magic = [0u8; 2];
+    let gz = fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b];
+    let file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    Ok(if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        )))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    })
+}
+
 /// Reads the header of `path` and checks that its volume is one this crate can hold.
 fn read_checked_header(path: &Path, options: &ReadOptions) -> Result<NiftiHeader> {
-    let header = NiftiHeader::from_file(path).map_err(|e| nifti_error(path, e))?;
+    let header = NiftiHeader::from_reader(open_nifti(path)?).map_err(|e| nifti_error(path, e))?;
     let rank = header.dim[0] as usize;
     if !(2..=4).contains(&rank) {
         return Err(DataError::nifti(
@@ -240,18 +260,7 @@ fn read_single_file_volume(path: &Path, header: &NiftiHeader) -> Result<nifti::I
     let rank = header.dim[0] as usize;
     let voxels: u64 = header.dim[1..=rank].iter().map(|&d| d as u64).product();
     let data_bytes = voxels * datatype.size_of() as u64;
-    let file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut magic = [0u8; 2];
-    let gz = fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == [0x1f, 0x8b];
-    let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-    } else {
-        Box::new(std::io::BufReader::new(file))
-    };
-    let mut reader = reader.take(offset + data_bytes);
+    let mut reader = open_nifti(path)?.take(offset + data_bytes);
     std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
         .map_err(|e| DataError::io(path, e))?;
     let volume =
@@ -376,8 +385,9 @@ impl Element for f32 {
 }
 
 /// Writes a `[z, y, x]` volume with `geometry` (its reference header's fields kept, scaling
-/// reset) to `path`: written to a temporary file beside it, then renamed, so an existing file is
-/// never left half-written.
+/// reset) to `path`, which must end in `.nii` or `.nii.gz` (any case; gzip-compressed for the
+/// latter): through a temporary file ([`crate::output::write_via_temporary`]), so an existing
+/// file is never left half-written and a symbolic link or a device keeps being one.
 pub fn write_volume<T: Element>(
     path: impl AsRef<Path>,
     data: &Array3<T>,
@@ -392,28 +402,31 @@ pub fn write_volume<T: Element>(
             geometry.shape
         )));
     }
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    let suffix = if name.ends_with(".nii.gz") {
+        ".nii.gz"
+    } else if name.ends_with(".nii") {
+        ".nii"
+    } else {
+        return Err(DataError::nifti(
+            path,
+            "a NIfTI output's name must end in .nii or .nii.gz",
+        ));
+    };
     let header = output_header(geometry);
     // Back to NIfTI's [x, y, z]: the writer transposes again for column-major order.
     let xyz = data.view().reversed_axes();
     let xyz = xyz.as_standard_layout();
-    let tmp = temporary_path(path);
-    let gz = path.to_string_lossy().ends_with(".gz");
-    WriterOptions::new(&tmp)
-        .reference_header(&header)
-        .compress(gz)
-        .write_nifti_with_type(
-            &xyz.view()
-                .into_dimensionality::<Ix3>()
-                .map_err(|e| DataError::Invalid(e.to_string()))?,
-            T::NIFTI,
-        )
-        .map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            nifti_error(path, e)
-        })?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        DataError::io(path, e)
+    let xyz = xyz
+        .view()
+        .into_dimensionality::<Ix3>()
+        .map_err(|e| DataError::Invalid(e.to_string()))?;
+    crate::output::write_via_temporary(path, suffix, |tmp| {
+        WriterOptions::new(tmp)
+            .reference_header(&header)
+            .compress(suffix == ".nii.gz")
+            .write_nifti_with_type(&xyz, T::NIFTI)
+            .map_err(|e| nifti_error(path, e))
     })
 }
 
@@ -425,21 +438,6 @@ pub fn write_image(path: impl AsRef<Path>, data: &Array3<f32>, geometry: &Geomet
 /// Writes a label map as uint8.
 pub fn write_label(path: impl AsRef<Path>, label: &LabelMap) -> Result<()> {
     write_volume(path, &label.data, &label.geometry)
-}
-
-/// `dir/.name_nii_gz-<pid>-tmp.nii[.gz]`: the same folder (so the rename is atomic), the same
-/// compression suffix, no other dot in the name (the writer rebuilds extensions from the last).
-fn temporary_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().replace('.', "_"))
-        .unwrap_or_default();
-    let suffix = if path.to_string_lossy().ends_with(".gz") {
-        ".nii.gz"
-    } else {
-        ".nii"
-    };
-    path.with_file_name(format!(".{name}-{}-tmp{suffix}", std::process::id()))
 }
 
 /// The header written for `geometry`: the reference header when the geometry is the one it

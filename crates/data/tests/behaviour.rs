@@ -188,6 +188,72 @@ fn a_failed_write_keeps_the_old_file() {
     assert_eq!(std::fs::read(&out).expect("read"), before);
 }
 
+/// A `.nii.gz` of two gzip members (the raw file split inside its header, each part gzipped,
+/// then concatenated, as `cat a.gz b.gz` makes; nibabel and gzip read it whole) reads as the
+/// one-member file does.
+#[test]
+fn a_gzip_file_of_several_members_reads_whole() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let geometry = Geometry::new([3, 4, 5], [1.0, 1.5, 2.0]);
+    let data = Array3::<f32>::from_shape_fn((3, 4, 5), |(z, y, x)| (z * 20 + y * 5 + x) as f32);
+    let one = dir.path().join("one.nii.gz");
+    write_volume(&one, &data, &geometry).expect("write");
+    let mut raw = Vec::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(&one).expect("open"))
+        .read_to_end(&mut raw)
+        .expect("gunzip");
+    let mut two = Vec::new();
+    for part in [&raw[..200], &raw[200..]] {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(part).expect("gzip");
+        two.extend(encoder.finish().expect("gzip"));
+    }
+    let path = dir.path().join("two.nii.gz");
+    std::fs::write(&path, two).expect("write");
+    let a = read_image(&one, &ReadOptions::default()).expect("one member");
+    let b = read_image(&path, &ReadOptions::default()).expect("two members");
+    assert_eq!(a.data, b.data);
+    assert_eq!(a.geometry.affine(), b.geometry.affine());
+}
+
+/// A label value the `dataset.json` does not list, and images with fewer channels than its
+/// modalities, are errors naming the file and `dataset.json`'s numbers.
+#[test]
+fn cases_that_disagree_with_dataset_json_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PhantomConfig {
+        shape: [16, 24, 24],
+        ..PhantomConfig::default()
+    };
+    write_phantom_dataset(dir.path(), 1, 0, &config, 7).expect("written");
+    let json_path = dir.path().join("dataset.json");
+    let original = std::fs::read_to_string(&json_path).expect("json");
+    let mut json: serde_json::Value = serde_json::from_str(&original).expect("json");
+    json["labels"].as_object_mut().expect("labels").remove("1");
+    std::fs::write(&json_path, json.to_string()).expect("write");
+    let dataset = Dataset::open(dir.path()).expect("open");
+    let err = dataset
+        .load_case(&dataset.training[0], &ReadOptions::default())
+        .expect_err("value 1 not listed")
+        .to_string();
+    assert!(
+        err.contains("label value 1") && err.contains("dataset.json") && err.contains("labelsTr"),
+        "{err}"
+    );
+    let mut json: serde_json::Value = serde_json::from_str(&original).expect("json");
+    json["modality"] = serde_json::json!({"0": "CT", "1": "PET"});
+    std::fs::write(&json_path, json.to_string()).expect("write");
+    let err = match Dataset::open(dir.path()) {
+        Err(e) => e.to_string(),
+        Ok(d) => d
+            .load_case(&d.training[0], &ReadOptions::default())
+            .expect_err("one channel for two modalities")
+            .to_string(),
+    };
+    assert!(err.contains("imagesTr") || err.contains("_0001"), "{err}");
+}
+
 #[test]
 fn phantom_dataset_round_trips_through_msd() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,7 +1,7 @@
-//! Training patches carry the whole volume's maps cropped (SPEC §1, "training on patches"):
+//! Training patches carry the whole volume's maps cropped (formulas §1, "training on patches"):
 //! on the real BraTS labels of `../shared/data`, every patch's contour map equals the whole
 //! volume's map cropped, bit for bit, and the whole volume's map equals scipy's (digests from
-//! `scripts/patch_contour_fixtures.py`); flipped patches carry the flipped crop; DWCE weights
+//! `scripts/fixtures/patch_contour_fixtures.py`); flipped patches carry the flipped crop; DWCE weights
 //! made on the whole volume travel with their patch.
 //!
 //! Where `../shared/data` is absent the tests say so and pass; `CWSEG_REQUIRE_SHARED_DATA=1`

@@ -1,5 +1,5 @@
 //! Forward + backward of CWCD, CEDL and GDL on logits (2, 16, 96, 96, 96), contour maps
-//! computed online, on the CPU. `scripts/bench_losses_reference.py` times the PyTorch
+//! computed online, on the CPU. `scripts/bench/bench_losses_reference.py` times the PyTorch
 //! transcription on the same shapes with the same thread count; BENCHMARKS.md holds both.
 
 use std::hint::black_box;

@@ -1,4 +1,4 @@
-//! Compound losses (SPEC §4) and the boundary loss.
+//! Compound losses (formulas §4) and the boundary loss.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

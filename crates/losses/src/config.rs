@@ -49,12 +49,14 @@ impl LossConfig {
             .map_err(|_| LossError::UnknownLoss(name.to_string()))
     }
 
-    /// Parses a JSON configuration.
+    /// Parses a JSON configuration and checks its numbers ([`LossConfig::validate`]).
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| LossError::Config {
+        let config: LossConfig = serde_json::from_str(text).map_err(|e| LossError::Config {
             loss: "config",
             what: e.to_string(),
-        })
+        })?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Checks every number of the configuration: finite and non-negative (weights, λ, α,

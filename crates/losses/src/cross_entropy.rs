@@ -1,4 +1,4 @@
-//! The cross-entropy family (SPEC §3): every voxel counts, background included.
+//! The cross-entropy family (formulas §3): every voxel counts, background included.
 
 use candle_core::{DType, Tensor};
 use cwseg_morphology::DwceSpec;
@@ -84,7 +84,7 @@ impl Loss for CrossEntropy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// The paper's text (SPEC §2–4).
+    /// The paper's text (formulas §2–4).
     #[default]
     Paper,
     /// The paper's public reference code, exactly.
@@ -92,7 +92,7 @@ pub enum Preset {
 }
 
 /// Contour-weighted cross-entropy (paper eq. 10):
-/// `CWCE = (1/|V|) Σ_v (1 + λ C_v) ℓ_v`, λ = 1, `C` the contour map of SPEC §1 with the
+/// `CWCE = (1/|V|) Σ_v (1 + λ C_v) ℓ_v`, λ = 1, `C` the contour map of formulas §1 with the
 /// background counted (a band on both sides of every boundary), cube 3, 6 iterations.
 /// Preset `reference`: `(1/|V|) Σ_v (2 + 2 C_v) ℓ_v`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ pub enum Preset {
 pub struct ContourWeightedCrossEntropy {
     /// Weight λ of the contour voxels.
     pub lambda: f64,
-    /// Count class 0's contour too (default true, SPEC §3).
+    /// Count class 0's contour too (default true, formulas §3).
     pub include_background: bool,
     /// The contour settings.
     pub contour: ContourConfig,

@@ -1,4 +1,4 @@
-//! The dice family (SPEC §2): background excluded, one dice per sample and class, then the
+//! The dice family (formulas §2): background excluded, one dice per sample and class, then the
 //! mean; `s_nr = s_dr = 1e-5`.
 
 use candle_core::Tensor;

@@ -66,7 +66,7 @@ impl Target {
 
     /// Adds the edge map `E` (`(N, D, H, W)`, 1 where the eroding element placed at the voxel
     /// meets another label or, with a background border, leaves the array): the contour map of
-    /// SPEC §1 over every class, as [`edges_cpu`] computes it for the loss's contour settings.
+    /// formulas §1 over every class, as [`edges_cpu`] computes it for the loss's contour settings.
     pub fn with_edges(mut self, edges: Tensor) -> Self {
         self.edges = Some(edges);
         self
@@ -186,7 +186,7 @@ impl Target {
     }
 }
 
-/// How contours are made (SPEC §1): `iterations` erosions by a cube of side `kernel` (or the
+/// How contours are made (formulas §1): `iterations` erosions by a cube of side `kernel` (or the
 /// cross), with a border. Default: the paper's cube 3, 6 iterations, background border.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -252,7 +252,10 @@ impl ContourConfig {
         if self.iterations == 0 || (self.element == ElementKind::Cube && self.kernel == 0) {
             return Err(LossError::Config {
                 loss,
-                what: format!("contour needs kernel ≥ 1 and iterations ≥ 1, got {self:?}"),
+                what: format!(
+                    "contour needs kernel ≥ 1 and iterations ≥ 1, got kernel {} and iterations {}",
+                    self.kernel, self.iterations
+                ),
             });
         }
         Ok(())
@@ -433,7 +436,7 @@ pub fn edges_cpu(labels: &Tensor, contour: &ContourConfig) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, labels.dims(), &Device::Cpu)?)
 }
 
-/// DWCE weight maps (SPEC §3) of every sample, f32 `(N, D, H, W)` on the CPU.
+/// DWCE weight maps (formulas §3) of every sample, f32 `(N, D, H, W)` on the CPU.
 pub fn dwce_weights_cpu(labels: &Tensor, spec: &DwceSpec) -> Result<Tensor> {
     let maps = label_volumes(labels)?
         .iter()

@@ -215,6 +215,12 @@ fn configuration_by_name_and_json() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(LossConfig::from_name("dice"), Err(LossError::UnknownLoss(n)) if n == "dice"));
+    // numbers out of range are refused when parsed (as `cwseg loss --config` and train read it)
+    let negative = LossConfig::from_json(r#"{"name": "cwcd", "lambda": -1}"#);
+    assert!(
+        matches!(&negative, Err(LossError::Config { what, .. }) if what.contains("lambda")),
+        "{negative:?}"
+    );
     let typo = LossConfig::from_json(r#"{"name": "cwce", "lamda": 2.0}"#);
     assert!(
         matches!(&typo, Err(LossError::Config { what, .. }) if what.contains("lamda")),

@@ -1,5 +1,5 @@
-//! Values and gradients against MONAI and a PyTorch transcription of SPEC §2–4
-//! (`scripts/losses_fixtures.py`), in f64.
+//! Values and gradients against MONAI and a PyTorch transcription of formulas §2–4
+//! (`scripts/fixtures/losses_fixtures.py`), in f64.
 
 use std::fs::File;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Criterion benchmark of cwseg-metrics: every metric of a 16-class 96×160×160 pair. The
 //! MONAI / surface-distance / medpy figures of the same volumes come from
-//! `scripts/bench_metrics_reference.py`; BENCHMARKS.md holds both, from one session.
+//! `scripts/bench/bench_metrics_reference.py`; BENCHMARKS.md holds both, from one session.
 
 use std::hint::black_box;
 

@@ -1,4 +1,4 @@
-//! Aggregation over cases: the paper's convention, MONAI's and nnU-Net's (SPEC §5).
+//! Aggregation over cases: the paper's convention, MONAI's and nnU-Net's (formulas §5).
 
 use serde::{Deserialize, Serialize};
 

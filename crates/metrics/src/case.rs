@@ -1,13 +1,12 @@
-//! Per-case, per-class metrics (SPEC §5).
+//! Per-case, per-class metrics (formulas §5).
 
 use cwseg_morphology::{Border, Element, ErosionSpec, Grid, Label, contour, edt};
-use ndarray::{Array1, Array3, ArrayView, ArrayView3, Axis, s};
-use ndarray_stats::{Quantile1dExt, interpolate::Linear};
-use noisy_float::types::{N64, n64};
+use ndarray::{Array3, ArrayView, ArrayView3, Axis, s};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::classes::{ClassSet, ClassTable};
+use crate::quantile::percentile;
 use crate::{MetricsError, Result};
 
 /// How a class fared in a case; every report shows it beside the numbers.
@@ -284,7 +283,7 @@ fn class_metrics<L: Label>(
             metrics.nsd = 0.0;
         }
         _ => {
-            let (to_label, to_prediction) =
+            let (mut to_label, mut to_prediction) =
                 surface_distances(o, class, table, prediction, label, spacing)?;
             let hd = |d: &[f64]| d.iter().copied().fold(0.0, f64::max);
             metrics.hausdorff = hd(&to_label).max(hd(&to_prediction));
@@ -297,7 +296,8 @@ fn class_metrics<L: Label>(
                 .filter(|&&d| d <= tolerance)
                 .count();
             metrics.nsd = within as f64 / n;
-            metrics.hausdorff95 = percentile(to_label, 95.0).max(percentile(to_prediction, 95.0));
+            metrics.hausdorff95 =
+                percentile(&mut to_label, 95.0).max(percentile(&mut to_prediction, 95.0));
         }
     }
     Ok(metrics)
@@ -355,19 +355,4 @@ fn distance_to(surface: &Array3<bool>, spacing: &[f64]) -> Result<Array3<f32>> {
     } else {
         edt(outside.view(), Some(spacing))?
     })
-}
-
-/// The `q`-th percentile (`q` in `[0, 100]`) with linear interpolation between order statistics
-/// (numpy's and torch's default), by ndarray-stats' quickselect. NaN for no values or a NaN value.
-pub(crate) fn percentile(values: Vec<f64>, q: f64) -> f64 {
-    let Some(mut values) = values
-        .into_iter()
-        .map(N64::try_new)
-        .collect::<Option<Array1<N64>>>()
-    else {
-        return f64::NAN;
-    };
-    values
-        .quantile_mut(n64(q / 100.0), &Linear)
-        .map_or(f64::NAN, f64::from)
 }

@@ -45,7 +45,7 @@ impl ClassSet {
     }
 
     /// The BraTS regions from labels {1 NCR, 2 ED, 4 ET}: WT = {1, 2, 4}, TC = {1, 4},
-    /// ET = {4} (SPEC §5).
+    /// ET = {4} (formulas §5).
     pub fn brats() -> Vec<ClassSet> {
         vec![
             ClassSet::region("WT", &[1, 2, 4]),

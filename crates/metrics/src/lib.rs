@@ -6,6 +6,7 @@ mod case;
 mod classes;
 mod error;
 mod paired;
+pub mod quantile;
 mod report;
 
 pub use aggregate::{Aggregate, CaseSummary, ClassSummary, Means, Summary, summarize};

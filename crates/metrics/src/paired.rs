@@ -1,13 +1,12 @@
-//! Paired comparison of two methods on the same cases (SPEC §6): the mean of the per-case
+//! Paired comparison of two methods on the same cases (formulas §6): the mean of the per-case
 //! differences with a 95 % percentile-bootstrap interval (10 000 resamples, fixed seed) and the
 //! two-sided Wilcoxon signed-rank p-value (scipy's `wilcoxon` defaults).
 
-use ndarray::Array1;
-use ndarray_stats::{Quantile1dExt, interpolate::Linear};
-use noisy_float::types::N64;
 use serde::{Deserialize, Serialize};
 
-/// Resamples of the bootstrap interval (SPEC §6).
+use crate::quantile::quantiles;
+
+/// Resamples of the bootstrap interval (formulas §6).
 pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
 
 /// The summary of paired differences `b − a`.
@@ -95,17 +94,12 @@ pub fn bootstrap_mean_interval(
         return (f64::NAN, f64::NAN);
     }
     let mut rng = SplitMix64(seed);
-    let means: Option<Array1<N64>> = (0..resamples)
+    let mut means: Vec<f64> = (0..resamples)
         .map(|_| (0..n).map(|_| values[rng.below(n)]).sum::<f64>() / n as f64)
-        .map(N64::try_new)
         .collect();
     let tail = (1.0 - level) / 2.0;
-    let qs: Option<Array1<N64>> = [tail, 1.0 - tail].into_iter().map(N64::try_new).collect();
-    let quantiles = means
-        .zip(qs)
-        .and_then(|(mut means, qs)| means.quantiles_mut(&qs, &Linear).ok());
-    match quantiles {
-        Some(q) => (q[0].into(), q[1].into()),
+    match quantiles(&mut means, &[tail, 1.0 - tail]) {
+        Some(q) => (q[0], q[1]),
         None => (f64::NAN, f64::NAN),
     }
 }

@@ -1,4 +1,4 @@
-//! Parity with MONAI and nnU-Net's formulas on the fixtures of `scripts/metrics_fixtures.py`.
+//! Parity with MONAI and nnU-Net's formulas on the fixtures of `scripts/fixtures/metrics_fixtures.py`.
 
 use std::fs::File;
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! The Wilcoxon signed-rank p-values of the paired comparison against scipy
-//! (`scripts/paired_fixtures.py`, `fixtures/wilcoxon.json`): exact, sign-flip and normal
+//! (`scripts/fixtures/paired_fixtures.py`, `fixtures/wilcoxon.json`): exact, sign-flip and normal
 //! approximation cases.
 
 use cwseg_metrics::wilcoxon_signed_rank;

@@ -1,4 +1,4 @@
-//! Timings for BENCHMARKS.md against `scripts/bench_models_reference.py` (PyTorch, same shapes,
+//! Timings for BENCHMARKS.md against `scripts/bench/bench_models_reference.py` (PyTorch, same shapes,
 //! same threads): conv3d forward and forward + backward on 2×32×64³ (32 → 32, k 3, pad 1) and on
 //! the paper U-Net's level shapes (batch 2, 64³ input), and one U-Net training step (batch 2,
 //! 1×64³, 16 classes: forward, cross-entropy, backward, Adam) with the peak resident memory.

@@ -157,7 +157,8 @@ impl DeepLabV3 {
             || !(0.0..1.0).contains(&c.dropout)
         {
             return Err(ModelError::Config(format!(
-                "DeepLabV3 needs positive sizes and dropout in [0, 1): {c:?}"
+                "DeepLabV3 needs positive sizes and dropout in [0, 1): {}",
+                serde_json::to_string(&c).unwrap_or_default()
             )));
         }
         let bb = vb.pp("backbone");

@@ -234,8 +234,10 @@ fn unetr_from_args(args: &Value) -> Result<MonaiImport> {
         Some("perceptron") => true,
         _ => {
             return Err(config_error(format!(
-                "MONAI UNETR proj_type {:?} is not supported (conv, perceptron)",
-                map.get("proj_type").or(map.get("pos_embed"))
+                "MONAI UNETR proj_type {} is not supported (conv, perceptron)",
+                map.get("proj_type")
+                    .or(map.get("pos_embed"))
+                    .map_or("(none)".to_string(), |v| v.to_string())
             )));
         }
     };
@@ -271,10 +273,15 @@ fn unetr_from_args(args: &Value) -> Result<MonaiImport> {
         qkv_bias: boolean(map, "qkv_bias", false)?,
         norm_name,
     };
-    if img_size.iter().any(|&n| n == 0 || n % PATCH != 0) {
+    if img_size
+        .iter()
+        .any(|&n| n == 0 || n % PATCH != 0 || n > 4096)
+    {
+        let given = map
+            .get("img_size")
+            .map_or("(none)".to_string(), |v| v.to_string());
         return Err(config_error(format!(
-            "MONAI UNETR img_size {:?}: cwseg's UNETR needs multiples of 16",
-            map.get("img_size")
+            "MONAI UNETR img_size {given}: cwseg's UNETR needs multiples of 16 up to 4096"
         )));
     }
     Ok(MonaiImport {

@@ -249,7 +249,10 @@ impl ModelConfig {
     /// Every spatial size must be a multiple of this.
     pub fn size_multiple(&self) -> usize {
         match self {
-            ModelConfig::Unet(c) => 1 << c.depth,
+            ModelConfig::Unet(c) => u32::try_from(c.depth)
+                .ok()
+                .and_then(|d| 1usize.checked_shl(d))
+                .unwrap_or(usize::MAX),
             ModelConfig::Vnet(_) | ModelConfig::Unetr(_) => 16,
             ModelConfig::Deeplabv3(_) => 8,
         }
@@ -321,6 +324,8 @@ fn too_large(name: &str, value: usize, limit: usize) -> ModelError {
 #[derive(Clone, Default)]
 struct ShapeCounter {
     total: std::sync::Arc<std::sync::Mutex<u64>>,
+    /// The part of `total` in batch norms' running statistics (buffers, not parameters).
+    buffers: std::sync::Arc<std::sync::Mutex<u64>>,
 }
 
 impl ShapeCounter {
@@ -329,6 +334,15 @@ impl ShapeCounter {
             .lock()
             .map(|t| *t)
             .map_err(|_| ModelError::Config("the parameter counter's lock is poisoned".into()))
+    }
+
+    /// Trainable parameters: `total` without the running statistics.
+    fn trainable(&self) -> Result<u64> {
+        let buffers =
+            self.buffers.lock().map(|t| *t).map_err(|_| {
+                ModelError::Config("the parameter counter's lock is poisoned".into())
+            })?;
+        Ok(self.total()? - buffers)
     }
 }
 
@@ -349,7 +363,15 @@ impl candle_nn::var_builder::SimpleBackend for ShapeCounter {
             candle_core::Error::Msg("the parameter counter's lock is poisoned".into())
         })?;
         match count.and_then(|c| total.checked_add(c)) {
-            Some(t) if t <= MAX_PARAMETERS => *total = t,
+            Some(t) if t <= MAX_PARAMETERS => {
+                if name.ends_with("running_mean") || name.ends_with("running_var") {
+                    let mut buffers = self.buffers.lock().map_err(|_| {
+                        candle_core::Error::Msg("the parameter counter's lock is poisoned".into())
+                    })?;
+                    *buffers += t - *total;
+                }
+                *total = t;
+            }
             _ => {
                 return Err(candle_core::Error::Msg(format!(
                     "the network holds more than {MAX_PARAMETERS} parameters (`{name}` alone is {:?}); \
@@ -397,20 +419,15 @@ pub fn training_bytes(network: &Network, activation_bytes: u128, parameters: u64
     activation_bytes * (100 + transient_percent) / 100 + 4 * u128::from(parameters)
 }
 
-/// Builds `config` on the CPU and counts its parameters and activation memory for `size`.
+/// Counts `config`'s parameters and activation memory for `size` on shapes alone: the network
+/// is built from broadcast zeros, so nothing of its size is allocated.
 pub fn describe(config: &ModelConfig, size: [usize; 3]) -> Result<Description> {
-    let vars = VarMap::new();
-    let network = config.build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+    config.check_sizes()?;
+    let counter = ShapeCounter::default();
+    let vb = VarBuilder::from_backend(Box::new(counter.clone()), DType::F32, Device::Cpu);
+    let network = config.build_unchecked(vb)?;
     network.check_size(size)?;
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
-    let parameters = data
-        .iter()
-        .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
-        .map(|(_, v)| v.elem_count() as u64)
-        .sum();
+    let parameters = counter.trainable()?;
     let too_large = |_| {
         ModelError::Config(format!(
             "an input of {size:?} voxels needs more than 2^64 bytes of activations"

@@ -1,4 +1,4 @@
-//! The paper's 3D U-Net (SPEC §6): `depth` down/up levels, `filters` channels in the first
+//! The paper's 3D U-Net (formulas §6): `depth` down/up levels, `filters` channels in the first
 //! level doubling at every down-sampling, (Conv3³-Norm-ReLU)×2 per level, 2³ max pooling down,
 //! 2³ stride-2 transposed convolutions up, concatenated skips, a 1³ convolution to the classes
 //! at input resolution.
@@ -19,20 +19,34 @@ use crate::modules::{
 };
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, max_pool3d};
 
-/// Normalisation after each convolution.
+/// Normalisation after each convolution; a key its `kind` does not have is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Norm {
     /// `BatchNorm3d` (the paper).
     #[default]
+    #[serde(deserialize_with = "no_fields")]
     Batch,
     /// Instance normalisation with affine parameters (nnU-Net).
+    #[serde(deserialize_with = "no_fields")]
     Instance,
     /// Group normalisation.
     Group {
         /// Number of groups; must divide every level's channel count.
         groups: usize,
     },
+}
+
+/// The fields of a variant without any, of an internally tagged enum: none. serde's derive
+/// ignores every key beside the tag for such a variant, even under `deny_unknown_fields`.
+fn no_fields<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<(), D::Error> {
+    /// A table that must be empty.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoFields {}
+    NoFields::deserialize(deserializer).map(|_| ())
 }
 
 /// A normalisation layer.

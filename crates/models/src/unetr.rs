@@ -339,7 +339,9 @@ impl Unetr {
             || c.img_size.iter().any(|&n| n == 0 || n % PATCH != 0)
         {
             return Err(ModelError::Config(format!(
-                "UNETR needs positive sizes, heads dividing hidden_size and img_size multiples of 16: {c:?}"
+                "UNETR needs positive sizes, heads dividing hidden_size and img_size multiples of \
+                 16: {}",
+                serde_json::to_string(&c).unwrap_or_default()
             )));
         }
         let tokens: usize = c.img_size.iter().map(|n| n / PATCH).product();

@@ -264,7 +264,9 @@ impl VNet {
     pub fn new(config: VNetConfig, vb: VarBuilder) -> Result<Self> {
         if config.in_channels == 0 || 16 % config.in_channels != 0 || config.classes < 1 {
             return Err(ModelError::Config(format!(
-                "V-Net needs in_channels dividing 16 and at least one class: {config:?}"
+                "V-Net needs in_channels dividing 16 and at least one class: in_channels {}, \
+                 classes {}",
+                config.in_channels, config.classes
             )));
         }
         let no_drop = (None, 0.5);

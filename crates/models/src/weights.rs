@@ -24,13 +24,57 @@ pub fn save(
         .map_err(|_| ModelError::Config("the variable map's lock is poisoned".into()))?;
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(data.len());
     for (name, var) in data.iter() {
-        tensors.push((
-            name.clone(),
-            var.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?,
-        ));
+        let cast = var.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?;
+        check_finite(name, var.as_tensor(), &cast, path)?;
+        tensors.push((name.clone(), cast));
     }
     drop(data);
     save_tensors(tensors, path, metadata)
+}
+
+/// Refuses a tensor that is not finite after the cast to the file's dtype (f16 holds
+/// |x| ≤ 65504: a larger weight would be written as ±∞), naming the tensor and the value.
+fn check_finite(name: &str, source: &Tensor, cast: &Tensor, path: &Path) -> Result<()> {
+    let back: Vec<f32> = cast.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let Some(i) = back.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let value: f32 = source
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .get(i)?
+        .to_scalar()?;
+    Err(ModelError::Weights {
+        path: path.to_path_buf(),
+        message: format!(
+            "tensor {name} holds {value}, which is not finite as {} (f16 holds |x| ≤ 65504); \
+             write f32 or bf16",
+            format!("{:?}", cast.dtype()).to_lowercase()
+        ),
+    })
+}
+
+/// The bytes of a safetensors file with the keys of its JSON header sorted, so that equal
+/// tensors and metadata give equal files (the safetensors crate writes the metadata map in
+/// hash order). The header keeps its padding to a multiple of 8 bytes; the data is unchanged.
+fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let size: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("no header")?;
+    let n = usize::try_from(u64::from_le_bytes(size)).map_err(|e| e.to_string())?;
+    let header = bytes.get(8..8 + n).ok_or("a header longer than the file")?;
+    let fields: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header.trim_ascii_end()).map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// The variables of `vars` by name, as CPU tensors of their own dtype.
@@ -70,23 +114,27 @@ pub fn save_tensors(
         tensors.iter().map(|(n, t)| (n.as_str(), t)),
         Some(metadata.clone()),
     )
-    .map_err(|e| ModelError::Weights {
+    .map_err(|e| e.to_string())
+    .and_then(sorted_header)
+    .map_err(|message| ModelError::Weights {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message,
     })?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|source| ModelError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    // errors name the requested file; the temporary one never outlives a failure
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
 }
 
 /// The metadata of a safetensors file.
@@ -217,4 +265,51 @@ pub fn assign_strict(vars: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pa
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::Init;
+
+    /// Two tensors: `a.weight` of `value`s, `b.bias` of halves.
+    fn vars(value: f32) -> VarMap {
+        let vars = VarMap::new();
+        for (name, v) in [("a.weight", value), ("b.bias", 0.5)] {
+            vars.get(3, name, Init::Const(f64::from(v)), DType::F32, &Device::Cpu)
+                .expect("var");
+        }
+        vars
+    }
+
+    #[test]
+    fn equal_weights_give_equal_bytes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let metadata = |_| -> HashMap<String, String> {
+            (0..8)
+                .map(|i| (format!("key{i}"), format!("v{i}")))
+                .collect()
+        };
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        save(&vars(0.5), &a, DType::F32, &metadata(0)).expect("a");
+        save(&vars(0.5), &b, DType::F32, &metadata(1)).expect("b");
+        let (a, b) = (std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        assert_eq!(a, b);
+        // still a safetensors file that reads back
+        let read = safetensors::SafeTensors::deserialize(&a).expect("valid");
+        assert_eq!(read.len(), 2);
+    }
+
+    #[test]
+    fn a_weight_beyond_f16_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("w.safetensors");
+        let err = save(&vars(70000.0), &path, DType::F16, &HashMap::new()).expect_err("inf");
+        assert!(
+            err.to_string().contains("a.weight") && err.to_string().contains("70000"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        save(&vars(70000.0), &path, DType::BF16, &HashMap::new()).expect("bf16 holds it");
+    }
 }

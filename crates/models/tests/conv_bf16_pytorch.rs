@@ -1,4 +1,4 @@
-//! conv3d in bf16 precision against PyTorch (`scripts/models_fixtures.py`, `bf16_fixtures`):
+//! conv3d in bf16 precision against PyTorch (`scripts/fixtures/models_fixtures.py`, `bf16_fixtures`):
 //! the reference rounds the stored f32 input, weight and upstream gradient to bf16 and sums in
 //! f64, so an f32 convolution of the stored values misses it (by ~1e-3 of the largest entry)
 //! and the AMX bf16 path must meet it within 1e-4: output, input gradient and weight

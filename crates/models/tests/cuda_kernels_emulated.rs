@@ -6,7 +6,7 @@
 //! gradient and parameter gradients, in f32 (within 1e-4 of the largest value) and with the
 //! inputs rounded to bf16 and f16 (3e-2). Runs in every build, so a change to a kernel file is
 //! checked by CI although no GPU runs it; `tests/cuda.rs` checks the same layers on a GPU, and
-//! `scripts/emulate_cuda_layers.py` the same emulation against PyTorch (with the loss sums).
+//! `scripts/gpu/emulate_cuda_layers.py` the same emulation against PyTorch (with the loss sums).
 //!
 //! Needs a C++20 compiler with `_Float16` (`$CXX`, else `g++`, ≥ 12); without one the test
 //! says so and checks nothing.

@@ -1,4 +1,4 @@
-//! Networks against a PyTorch transcription (`scripts/networks_fixtures.py`): the same weights
+//! Networks against a PyTorch transcription (`scripts/fixtures/networks_fixtures.py`): the same weights
 //! loaded from safetensors give the same outputs in eval and train mode, the same running
 //! statistics, and the same parameter count; and a few Adam steps lower a loss.
 
@@ -299,7 +299,7 @@ fn a_few_adam_steps_lower_the_loss_and_batch_statistics_update() {
     );
 }
 
-/// The weights `scripts/networks_fixtures.py` loads into MONAI's network (`formula_weights`),
+/// The weights `scripts/fixtures/networks_fixtures.py` loads into MONAI's network (`formula_weights`),
 /// written under MONAI's names to a safetensors file in `dir`.
 fn monai_weights(case: &Value, dir: &std::path::Path) -> PathBuf {
     let mut tensors = std::collections::HashMap::new();

@@ -1,4 +1,4 @@
-//! 3D operations, normalisations and activations against PyTorch (`scripts/models_fixtures.py`): outputs and the gradients of
+//! 3D operations, normalisations and activations against PyTorch (`scripts/fixtures/models_fixtures.py`): outputs and the gradients of
 //! `Σ y·g` w.r.t. every input, in f64.
 
 use std::fs::File;

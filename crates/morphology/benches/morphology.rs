@@ -1,5 +1,5 @@
 //! Criterion benchmarks of cwseg-morphology. The same volumes and the scipy / `edt`
-//! reference timings come from `scripts/bench_morphology_reference.py`; BENCHMARKS.md holds
+//! reference timings come from `scripts/bench/bench_morphology_reference.py`; BENCHMARKS.md holds
 //! both, from one session.
 //!
 //! Single-thread figures run inside a one-thread rayon pool; `2 threads` in a two-thread pool.

@@ -1,4 +1,4 @@
-//! Contours of binary masks and contour maps of label volumes (paper §2.1, SPEC §1).
+//! Contours of binary masks and contour maps of label volumes (paper §2.1, formulas §1).
 
 use ndarray::{Array, ArrayView, Zip};
 
@@ -30,7 +30,7 @@ pub fn contour<T: Binary, D: Grid>(
 /// Settings of a multi-class contour map.
 ///
 /// The default is the paper's erosion (cube 3, 6 iterations, background border) over the
-/// foreground classes; CWCE uses `include_background = true` (SPEC §3).
+/// foreground classes; CWCE uses `include_background = true` (formulas §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ContourSpec {
     /// The erosion whose residue is the contour.
@@ -76,7 +76,7 @@ impl<'a, L: Label, D: Grid> ContourMap<'a, L, D> {
     }
 }
 
-/// The contour map of a label volume under `spec` (SPEC §1), in one pass over the labels
+/// The contour map of a label volume under `spec` (formulas §1), in one pass over the labels
 /// whatever the number of classes: `C_v = 1` iff `v`'s class is counted and the eroding
 /// element placed at `v` meets another label (or, with a background border, leaves the array).
 ///

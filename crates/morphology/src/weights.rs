@@ -1,4 +1,4 @@
-//! The distance weight map of the DWCE loss (Ronneberger et al. 2015; SPEC §3).
+//! The distance weight map of the DWCE loss (Ronneberger et al. 2015; formulas §3).
 
 use ndarray::{Array, Array3, ArrayView, Axis, Zip, s};
 

@@ -1,5 +1,5 @@
 //! The real label volumes of `../shared/data` (BraTS 2018, TotalSegmentator) against digests
-//! of scipy's results (`scripts/morphology_fixtures.py`, `fixtures/real_data.json`).
+//! of scipy's results (`scripts/fixtures/morphology_fixtures.py`, `fixtures/real_data.json`).
 //!
 //! The volumes are not in the repository. Where `../shared/data` is absent the test says so
 //! and passes; set `CWSEG_REQUIRE_SHARED_DATA=1` to make their absence a failure.

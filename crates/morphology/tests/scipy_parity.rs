@@ -1,4 +1,4 @@
-//! Parity with scipy.ndimage on the fixtures of `scripts/morphology_fixtures.py`.
+//! Parity with scipy.ndimage on the fixtures of `scripts/fixtures/morphology_fixtures.py`.
 
 mod common;
 

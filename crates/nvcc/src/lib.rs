@@ -50,7 +50,7 @@ fn compile(source: &Path, out: &Path) {
         Ok(s) => panic!("{} failed ({s}) on {}", nvcc.display(), source.display()),
         Err(e) => panic!(
             "CUDA kernels need nvcc to compile {}: {} ({e}); set NVCC or CUDA_HOME \
-             (scripts/build-cuda.sh does)",
+             (scripts/gpu/build_cuda.sh does)",
             source.display(),
             nvcc.display()
         ),

@@ -131,7 +131,65 @@ impl ModelCard {
                 path.display()
             );
         }
+        card.check_fields()
+            .with_context(|| path.display().to_string())?;
         Ok(card)
+    }
+
+    /// Refuses fields that disagree with each other or with the network: one class name and
+    /// one distinct label value per output of the network, one modality per input channel, a
+    /// window the network takes, an overlap inference takes.
+    fn check_fields(&self) -> Result<()> {
+        let outputs = self.model.classes();
+        if self.classes.len() != outputs {
+            bail!(
+                "classes: {} names for a network with {outputs} outputs",
+                self.classes.len()
+            );
+        }
+        if self.label_values.len() != self.classes.len() {
+            bail!(
+                "label_values: {} values for {} classes (one stored value per class)",
+                self.label_values.len(),
+                self.classes.len()
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(v) = self.label_values.iter().find(|&&v| !seen.insert(v)) {
+            bail!("label_values: {v} stands for two classes (each class needs its own value)");
+        }
+        let inputs = self.model.in_channels();
+        if self.modalities.len() != inputs {
+            bail!(
+                "modalities: {} names for a network with {inputs} input channels",
+                self.modalities.len()
+            );
+        }
+        let multiple = self.model.size_multiple();
+        if self.patch.iter().any(|&p| p == 0 || p % multiple != 0) {
+            bail!(
+                "patch {:?}: every side must be a positive multiple of {multiple} for this \
+                 network",
+                self.patch
+            );
+        }
+        if let Some(spacing) = self.preprocessing.spacing
+            && spacing.iter().any(|&s| !(s.is_finite() && s > 0.0))
+        {
+            bail!("preprocessing.spacing {spacing:?}: every side must be finite and positive (mm)");
+        }
+        if let Some(rule) = &self.postprocessing {
+            for group in &rule.keep_largest {
+                if let Some(c) = group.classes.iter().find(|&&c| c as usize >= outputs) {
+                    bail!(
+                        "postprocessing.keep_largest `{}`: class {c} is not one of the \
+                         network's {outputs} classes",
+                        group.name
+                    );
+                }
+            }
+        }
+        crate::window::check_overlap(self.overlap, "overlap")
     }
 }
 
@@ -147,5 +205,10 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, P
     let network = card
         .model
         .load_for_inference(&dir.join("model.safetensors"), device)?;
+    let field = format!("{}: patch", dir.join("config.json").display());
+    network
+        .check_size(card.patch)
+        .with_context(|| field.clone())?;
+    crate::memory::check_window(&network, card.patch, &field)?;
     Ok((network, card, dir))
 }

@@ -1,4 +1,4 @@
-//! Paired comparison of two losses in an experiment (SPEC §6): per case and region the
+//! Paired comparison of two losses in an experiment (formulas §6): per case and region the
 //! difference `b − a` (same cases, folds and seeds), averaged over seeds per case; the mean with
 //! a 95 % bootstrap interval over cases and the Wilcoxon signed-rank p-value, for DSC under the
 //! paper's and MONAI's aggregation and for HD95; pooled over folds and per fold.

@@ -1,7 +1,9 @@
 //! A run's configuration (`train.toml`): data, network, loss, optimizer, schedule, patches,
 //! augmentation and validation, with [`TrainConfig::validate`] naming every bad field.
 
-use anyhow::{Result, bail};
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
 use cwseg_data::AugmentConfig;
 use cwseg_losses::LossConfig;
 use cwseg_models::{ModelConfig, Precision};
@@ -18,7 +20,7 @@ pub struct ValidationConfig {
     pub every: usize,
     /// Sliding-window overlap.
     pub overlap: f64,
-    /// Decide the post-processing on the validation cases after training (SPEC §6).
+    /// Decide the post-processing on the validation cases after training (formulas §6).
     pub postprocess: bool,
     /// Stop when the validation DSC has not improved for this many epochs (early stopping;
     /// `None`: train every epoch).
@@ -36,7 +38,7 @@ impl Default for ValidationConfig {
     }
 }
 
-/// Where a training patch's contour map comes from (SPEC §1, "training on patches").
+/// Where a training patch's contour map comes from (formulas §1, "training on patches").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContourMaps {
@@ -277,4 +279,50 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// Parses the TOML `text` of the file `path` as a `T`. The error is one line that names the
+/// file, the line, the dotted field and serde's reason (an unknown field with the names
+/// expected, a wrong type with the type wanted), e.g. `run.toml: line 3, column 1,
+/// augment.flip_probabilty: unknown field `flip_probabilty`, expected one of …`: the multi-line
+/// display of `toml::de::Error` would lose all but its first line in a one-line message.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    toml::from_str(text).map_err(|e| anyhow!("{}: {}", path.display(), describe(text, &e)))
+}
+
+/// `line L, column C, FIELD: MESSAGE` for a TOML error in `text` (the message alone when the
+/// error has no position).
+fn describe(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', "; ");
+    let Some(before) = error.span().and_then(|s| text.get(..s.start)) else {
+        return message;
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_number = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(table_header)
+        .unwrap_or_default();
+    let field = match (table_header(line), line.split_once('=')) {
+        (Some(header), _) => header,
+        (None, Some((key, _))) if table.is_empty() => key.trim().to_string(),
+        (None, Some((key, _))) => format!("{table}.{}", key.trim()),
+        (None, None) => table,
+    };
+    if field.is_empty() {
+        format!("line {line_number}, column {column}: {message}")
+    } else {
+        format!("line {line_number}, column {column}, {field}: {message}")
+    }
+}
+
+/// The table a TOML header line opens (`[a.b]` or `[[a]]` → `a.b`, `a`), if it is one.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.trim_start();
+    let inner = line.strip_prefix("[[").or_else(|| line.strip_prefix('['))?;
+    let end = inner.find(']')?;
+    Some(inner[..end].trim().to_string())
 }

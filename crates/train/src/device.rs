@@ -16,7 +16,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 .unwrap_or(0);
             if !cfg!(feature = "cuda") {
                 bail!(
-                    "device `{other}`: this cwseg was built without CUDA; build it with `scripts/build-cuda.sh` (see the README's GPU section)"
+                    "device `{other}`: this cwseg was built without CUDA; build it with `scripts/gpu/build_cuda.sh` (see the README's GPU section)"
                 );
             }
             Device::new_cuda(ordinal).map_err(|e| {

@@ -85,7 +85,7 @@ pub struct ExperimentConfig {
     /// one split of `train.data`.
     #[serde(default)]
     pub folds: Vec<PathBuf>,
-    /// Paired comparisons of two losses (SPEC §6), made from the same runs as the tables.
+    /// Paired comparisons of two losses (formulas §6), made from the same runs as the tables.
     #[serde(default, rename = "comparison")]
     pub comparisons: Vec<ComparisonSpec>,
     /// Everything else of each run (its `model`, `loss`, `seed` and, with folds, its split are
@@ -98,11 +98,14 @@ impl ExperimentConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text =
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: ExperimentConfig = toml::from_str(&text)
-            .with_context(|| format!("{}: invalid experiment configuration", path.display()))?;
+        let config: ExperimentConfig =
+            crate::config::parse_toml(&text, path).context("invalid experiment configuration")?;
         if config.tables.is_empty() {
             bail!("{}: no [[table]]", path.display());
         }
+        config
+            .check_output_names()
+            .with_context(|| path.display().to_string())?;
         for t in &config.tables {
             if t.networks.is_empty() || t.losses.is_empty() || t.seeds.is_empty() {
                 bail!(
@@ -140,6 +143,59 @@ impl ExperimentConfig {
                 .with_context(|| format!("{}: run {}", path.display(), run.key()))?;
         }
         Ok(config)
+    }
+
+    /// Refuses two `[[table]]`s or `[[comparison]]`s of one name (each writes `NAME.md` and
+    /// `NAME.csv`: the second would overwrite the first), and the name `results` (the
+    /// experiment's own `results.md`).
+    fn check_output_names(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        let names = self.tables.iter().map(|t| ("[[table]]", &t.name));
+        let names = names.chain(self.comparisons.iter().map(|c| ("[[comparison]]", &c.name)));
+        for (kind, name) in names {
+            if name == "results" {
+                bail!("{kind} name `results` is the experiment's own results.md; choose another");
+            }
+            if !seen.insert(name) {
+                bail!(
+                    "{kind} name `{name}` is used twice (each writes {name}.md and {name}.csv); give every table and comparison its own name"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses the grid where a run already in `runs_dir` was trained with a configuration
+    /// other than the one the grid asks for now (its `train.toml`), naming the run, the field,
+    /// the recorded and the new value: a finished run would be reused and the tables would
+    /// claim a protocol nobody ran. `device` and `workers` may change; `epochs` may grow for a
+    /// run not yet finished (it is extended when resumed), not for a finished one.
+    pub fn check_recorded_runs(&self, runs_dir: &Path) -> Result<()> {
+        for run in self.runs() {
+            let dir = runs_dir.join(run.key());
+            if !dir.join("train.toml").exists() {
+                continue;
+            }
+            let recorded = crate::trainer::read_run_config(&dir)?;
+            let wanted = self.run_config(&run)?;
+            let done = is_done(&dir);
+            let differing = crate::trainer::differences(&recorded, &wanted)?
+                .into_iter()
+                .find(|d| d.field != "epochs" || done || wanted.epochs < recorded.epochs);
+            if let Some(d) = differing {
+                bail!(
+                    "run {} in {} was trained with {} = {}, the experiment now asks for {}; restore {} = {} in the experiment file, or write the grid to a new --out",
+                    run.key(),
+                    dir.display(),
+                    d.field,
+                    d.saved,
+                    d.given,
+                    d.field,
+                    d.saved
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The output folder.
@@ -326,6 +382,8 @@ pub fn run(
 ) -> Result<String> {
     let out = options.out.clone().unwrap_or_else(|| config.out_dir());
     let runs_dir = out.join("runs");
+    // before experiment.toml records this grid's protocol
+    config.check_recorded_runs(&runs_dir)?;
     fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
     cwseg_data::dataset::write_atomic(
         &out.join("experiment.toml"),
@@ -394,7 +452,9 @@ fn run_one(
 
     let start = Instant::now();
     let device = parse_device(&train_config.device)?;
-    let data = open_data(&train_config.data, train_config.seed, data_dir)?;
+    // the test cases of the split the run recorded when it started
+    let data = open_data(&train_config.data, train_config.seed, data_dir)?
+        .with_recorded_split(&dir.join("split.json"))?;
     if data.split.test.is_empty() {
         bail!("{}: the split has no test cases to evaluate", run.key());
     }

@@ -92,26 +92,25 @@ fn gray(image: ArrayView2<f32>) -> Array2<u8> {
     image.mapv(|x| (((x - lo) / span).clamp(0.0, 1.0) * 255.0) as u8)
 }
 
-/// Writes RGB pixels `height × width` to `path` (temporary file, then rename; errors name
-/// `path`, and the temporary file is removed on failure).
+/// Writes RGB pixels `height × width` to `path` as PNG, through a temporary file
+/// ([`cwseg_data::output::write_via_temporary`]: errors name `path`, a failure keeps the old
+/// file, a symbolic link or a device keeps being one).
 pub fn write_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    let encode = || -> Result<()> {
-        let file = std::fs::File::create(&tmp)?;
+    let encode = |tmp: &Path| -> std::result::Result<(), String> {
+        let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
         let mut encoder =
             png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(rgb)?;
-        writer.finish()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+        writer.write_image_data(rgb).map_err(|e| e.to_string())?;
+        writer.finish().map_err(|e| e.to_string())
     };
-    encode().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        e.context(format!("writing {}", path.display()))
-    })
+    cwseg_data::output::write_via_temporary(path, ".png", |tmp| {
+        encode(tmp)
+            .map_err(|e| cwseg_data::DataError::Invalid(format!("writing {}: {e}", path.display())))
+    })?;
+    Ok(())
 }
 
 /// An RGB image on a white background.
@@ -151,6 +150,11 @@ impl Canvas {
     /// `text` in black 8 × 8 glyphs (public-domain font8x8) doubled, top-left at `(x0, y0)`;
     /// characters outside ASCII are drawn as `?`. Returns the width drawn.
     fn text(&mut self, x0: usize, y0: usize, text: &str) -> usize {
+        self.text_scaled(x0, y0, text, 2)
+    }
+
+    /// `text` in black glyphs of `8·scale` pixels (see [`Canvas::text`]).
+    fn text_scaled(&mut self, x0: usize, y0: usize, text: &str, scale: usize) -> usize {
         let mut x = x0;
         for ch in text.chars() {
             let code = if ch.is_ascii() {
@@ -162,13 +166,25 @@ impl Canvas {
             for (row, bits) in glyph.iter().enumerate() {
                 for col in 0..8 {
                     if bits & (1 << col) != 0 {
-                        self.rect(x + 2 * col, y0 + 2 * row, 2, 2, [0, 0, 0]);
+                        self.rect(x + scale * col, y0 + scale * row, scale, scale, [0, 0, 0]);
                     }
                 }
             }
-            x += 16;
+            x += 8 * scale;
         }
         x - x0
+    }
+
+    /// A line from `a` to `b` (pixel centres, may lie outside), `thick` pixels wide.
+    fn line(&mut self, a: (f64, f64), b: (f64, f64), thick: usize, c: [u8; 3]) {
+        let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil().max(1.0) as usize;
+        for s in 0..=steps {
+            let t = s as f64 / steps as f64;
+            let (x, y) = (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t);
+            if x >= 0.0 && y >= 0.0 {
+                self.rect(x as usize, y as usize, thick, thick, c);
+            }
+        }
     }
 
     /// A panel scaled by `scale` with its top-left corner at `(x0, y0)`.
@@ -272,8 +288,90 @@ pub fn write_titled_panels(
     canvas.save(path)
 }
 
-/// Training curves from `metrics.jsonl`: the loss (left, blue) and the validation DSC (right,
-/// red, on [0, 1]) per epoch, on a light grid.
+/// One chart of [`write_curves`]: a series over epochs in a box with its title, y ticks and
+/// an epoch axis.
+struct Chart<'a> {
+    title: &'a str,
+    points: &'a [(f64, f64)],
+    top: f64,
+    max_epoch: f64,
+    colour: [u8; 3],
+}
+
+/// Chart geometry, pixels: panel size, plot margins.
+const CHART: (usize, usize) = (440, 300);
+const MARGIN_LEFT: usize = 64;
+const MARGIN_RIGHT: usize = 14;
+const MARGIN_TOP: usize = 30;
+const MARGIN_BOTTOM: usize = 40;
+
+impl Canvas {
+    /// Draws `chart` in the panel whose left edge is `x0`.
+    fn chart(&mut self, x0: usize, chart: &Chart) {
+        let (pw, ph) = CHART;
+        let (left, right) = (x0 + MARGIN_LEFT, x0 + pw - MARGIN_RIGHT);
+        let (top, bottom) = (MARGIN_TOP, ph - MARGIN_BOTTOM);
+        let to_px = |(e, v): (f64, f64)| -> (f64, f64) {
+            let x = left as f64 + (e / chart.max_epoch) * (right - left) as f64;
+            let y = bottom as f64 - (v / chart.top).clamp(0.0, 1.0) * (bottom - top) as f64;
+            (x, y)
+        };
+        // title with a swatch of the series' colour (the legend)
+        self.rect(left, 10, 16, 10, chart.colour);
+        self.text_scaled(left + 22, 8, chart.title, 2);
+        // grid and y ticks
+        for i in 0..=4 {
+            let v = chart.top * i as f64 / 4.0;
+            let y = to_px((0.0, v)).1 as usize;
+            self.rect(left, y, right - left, 1, [225, 225, 225]);
+            let label = tick_label(v);
+            let width = 8 * label.len();
+            self.text_scaled(
+                left.saturating_sub(width + 6),
+                y.saturating_sub(4),
+                &label,
+                1,
+            );
+        }
+        // axes and x ticks at the first, middle and last epoch
+        self.rect(left, top, 1, bottom - top + 1, [90, 90, 90]);
+        self.rect(left, bottom, right - left, 1, [90, 90, 90]);
+        for e in [0.0, (chart.max_epoch / 2.0).round(), chart.max_epoch] {
+            let x = to_px((e, 0.0)).0 as usize;
+            self.rect(x, bottom, 1, 5, [90, 90, 90]);
+            let label = tick_label(e);
+            self.text_scaled(x.saturating_sub(4 * label.len()), bottom + 8, &label, 1);
+        }
+        self.text_scaled((left + right) / 2 - 20, bottom + 22, "epoch", 1);
+        for pair in chart.points.windows(2) {
+            self.line(to_px(pair[0]), to_px(pair[1]), 2, chart.colour);
+        }
+        for &p in chart.points {
+            let (x, y) = to_px(p);
+            self.rect(
+                (x - 2.0).max(0.0) as usize,
+                (y - 2.0).max(0.0) as usize,
+                5,
+                5,
+                chart.colour,
+            );
+        }
+    }
+}
+
+/// A tick value in at most six characters: `0.25`, `12`, `1.2e4`.
+fn tick_label(v: f64) -> String {
+    let text = if v == 0.0 || (0.01..1000.0).contains(&v.abs()) {
+        let digits = if v.fract() == 0.0 { 0 } else { 2 };
+        format!("{v:.digits$}")
+    } else {
+        format!("{v:.1e}")
+    };
+    text.chars().take(6).collect()
+}
+
+/// Training curves from `metrics.jsonl`: the training loss (left, blue) and the validation DSC
+/// (right, red, on [0, 1]) per epoch, each with a title, y ticks and an epoch axis.
 pub fn write_curves(metrics: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics)
         .with_context(|| format!("reading {}", metrics.display()))?;
@@ -290,56 +388,29 @@ pub fn write_curves(metrics: &Path, out: &Path) -> Result<()> {
             dice.push((epoch, d));
         }
     }
-    let (pw, ph, gap) = (320usize, 220usize, 10usize);
-    let (w, h) = (2 * pw + gap, ph);
-    let mut rgb = vec![255u8; w * h * 3];
     let max_epoch = loss.iter().chain(&dice).map(|p| p.0).fold(1.0, f64::max);
     let max_loss = loss.iter().map(|p| p.1).fold(1e-9, f64::max);
-    let mut plot = |x0: usize, points: &[(f64, f64)], top: f64, colour: [u8; 3]| {
-        let to_px = |(e, v): (f64, f64)| -> (i64, i64) {
-            let x = x0 as f64 + 10.0 + (e / max_epoch) * (pw as f64 - 20.0);
-            let y = ph as f64 - 10.0 - (v / top).clamp(0.0, 1.0) * (ph as f64 - 20.0);
-            (x as i64, y as i64)
-        };
-        let mut set = |x: i64, y: i64, c: [u8; 3]| {
-            if x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h {
-                let o = (y as usize * w + x as usize) * 3;
-                rgb[o..o + 3].copy_from_slice(&c);
-            }
-        };
-        for i in 0..=4 {
-            let y = 10 + i * (ph - 20) / 4;
-            for x in x0 + 10..x0 + pw - 10 {
-                set(x as i64, y as i64, [225, 225, 225]);
-            }
-        }
-        for y in 10..ph - 10 {
-            set(x0 as i64 + 10, y as i64, [120, 120, 120]);
-        }
-        for x in x0 + 10..x0 + pw - 10 {
-            set(x as i64, (ph - 10) as i64, [120, 120, 120]);
-        }
-        for pair in points.windows(2) {
-            let (a, b) = (to_px(pair[0]), to_px(pair[1]));
-            let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).max(1);
-            for s in 0..=steps {
-                let x = a.0 + (b.0 - a.0) * s / steps;
-                let y = a.1 + (b.1 - a.1) * s / steps;
-                for d in [(0, 0), (0, 1), (1, 0)] {
-                    set(x + d.0, y + d.1, colour);
-                }
-            }
-        }
-        for &p in points {
-            let (x, y) = to_px(p);
-            for dx in -2..=2 {
-                for dy in -2..=2 {
-                    set(x + dx, y + dy, colour);
-                }
-            }
-        }
-    };
-    plot(0, &loss, max_loss * 1.05, [31, 119, 180]);
-    plot(pw + gap, &dice, 1.0, [214, 39, 40]);
-    write_png(out, w, h, &rgb)
+    let (pw, ph) = CHART;
+    let mut canvas = Canvas::new(2 * pw, ph);
+    canvas.chart(
+        0,
+        &Chart {
+            title: "training loss",
+            points: &loss,
+            top: max_loss * 1.05,
+            max_epoch,
+            colour: [31, 119, 180],
+        },
+    );
+    canvas.chart(
+        pw,
+        &Chart {
+            title: "validation DSC",
+            points: &dice,
+            top: 1.0,
+            max_epoch,
+            colour: [214, 39, 40],
+        },
+    );
+    canvas.save(out)
 }

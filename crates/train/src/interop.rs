@@ -78,9 +78,7 @@ fn import_window(config: &ModelConfig, patch: Option<[usize; 3]>) -> Result<[usi
 /// `README.md`); returns notes for the user (arguments that act only in training).
 pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
     refuse_existing(&options.out)?;
-    if !(0.0..1.0).contains(&options.overlap) {
-        bail!("--overlap {}: must be in [0, 1)", options.overlap);
-    }
+    crate::window::check_overlap(options.overlap, "--overlap")?;
     options
         .preprocessing
         .normalization
@@ -108,6 +106,7 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
         .config
         .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
     network.check_size(patch)?;
+    crate::memory::check_window(&network, patch, "--patch")?;
     weights::assign_strict(&vars, &tensors, &options.weights)?;
     let card = imported_card(&import.config, class, patch, options)?;
     crate::checkpoint::write_new_folder(&options.out, |tmp| {

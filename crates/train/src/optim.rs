@@ -66,7 +66,7 @@ impl Default for OptimizerConfig {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Schedule {
     /// Multiply by `gamma` at each milestone epoch (the paper: halve twice; default
-    /// milestones at 50% and 75% of the epochs, SPEC §6).
+    /// milestones at 50% and 75% of the epochs, formulas §6).
     Step {
         /// Epochs (0-based) from which the next factor applies.
         #[serde(default)]
@@ -88,7 +88,20 @@ pub enum Schedule {
         power: f64,
     },
     /// No change.
+    #[serde(deserialize_with = "no_fields")]
     Constant,
+}
+
+/// The fields of a variant without any, of an internally tagged enum: none. serde's derive
+/// ignores every key beside the tag for such a variant, even under `deny_unknown_fields`.
+pub(crate) fn no_fields<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<(), D::Error> {
+    /// A table that must be empty.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoFields {}
+    NoFields::deserialize(deserializer).map(|_| ())
 }
 
 fn half() -> f64 {

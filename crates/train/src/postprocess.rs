@@ -1,4 +1,4 @@
-//! Post-processing as nnU-Net decides it (SPEC §6): for each class, and each BraTS region,
+//! Post-processing as nnU-Net decides it (formulas §6): for each class, and each BraTS region,
 //! keep only the largest connected component where that does not lower the mean validation
 //! DSC; decided once after training on the validation cases, stored in the model card and
 //! applied by prediction.

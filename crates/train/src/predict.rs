@@ -4,12 +4,12 @@
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
-use cwseg_data::resample::{resample_image_to, resample_label_to};
+use cwseg_data::resample::resample_image_to;
 use cwseg_data::{
-    Blender, BoundingBox, Geometry, Image, LabelMap, argmax, gaussian_importance, window_positions,
+    Blender, BoundingBox, Geometry, Image, argmax, gaussian_importance, window_positions,
 };
 use cwseg_models::Network;
-use ndarray::{Array3, Array4, Axis, s};
+use ndarray::{Array3, Array4, ArrayView3, Axis, s};
 use rayon::prelude::*;
 
 use crate::card::ModelCard;
@@ -186,42 +186,112 @@ impl CasePrediction {
         card: &ModelCard,
         input: &Geometry,
     ) -> Result<Array4<f32>> {
-        let grid = if card.preprocessing.reorient {
-            input.to_canonical()
-        } else {
-            input.clone()
-        };
-        let [nz, ny, nx] = grid.shape();
-        let start = self.start;
-        let [dz, dy, dx] = self.cropped.shape();
-        let mut channels = Vec::with_capacity(self.probabilities.dim().0);
-        for (k, channel) in self.probabilities.outer_iter().enumerate() {
-            let back = if card.preprocessing.spacing.is_some() {
-                let image = Image {
-                    data: channel.to_owned().insert_axis(Axis(0)),
-                    geometry: self.preprocessed.clone(),
-                };
-                resample_image_to(&image, &self.cropped)?
-                    .data
-                    .index_axis_move(Axis(0), 0)
-            } else {
-                channel.to_owned()
-            };
-            let mut full = Array3::<f32>::from_elem((nz, ny, nx), if k == 0 { 1.0 } else { 0.0 });
-            full.slice_mut(s![
-                start[0]..start[0] + dz,
-                start[1]..start[1] + dy,
-                start[2]..start[2] + dx
-            ])
-            .assign(&back);
-            channels.push(if card.preprocessing.reorient {
-                cwseg_data::from_canonical(&full, input)
-            } else {
-                full
-            });
-        }
+        let channels = self
+            .probabilities
+            .outer_iter()
+            .enumerate()
+            .map(|(k, channel)| {
+                let canonical = self.channel_on_canonical(card, input, k, channel)?;
+                Ok(to_input_orientation(card, input, canonical))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
         Ok(ndarray::stack(Axis(0), &views)?)
+    }
+
+    /// The argmax over classes of the probabilities resampled to the input's spacing, on the
+    /// input's grid in the canonical orientation when the card reorients (else as it is), one
+    /// channel at a time (a running maximum: one volume of probabilities in memory, not one
+    /// per class); the first class wins ties, as [`argmax`].
+    fn argmax_on_canonical(&self, card: &ModelCard, input: &Geometry) -> Result<Array3<u8>> {
+        let mut best: Option<(Array3<f32>, Array3<u8>)> = None;
+        for (k, channel) in self.probabilities.outer_iter().enumerate() {
+            let p = self.channel_on_canonical(card, input, k, channel)?;
+            match &mut best {
+                None => {
+                    let index = Array3::zeros(p.dim());
+                    best = Some((p, index));
+                }
+                Some((max, index)) => {
+                    ndarray::Zip::from(max)
+                        .and(index)
+                        .and(&p)
+                        .for_each(|m, i, &v| {
+                            if v > *m {
+                                *m = v;
+                                *i = k as u8;
+                            }
+                        });
+                }
+            }
+        }
+        Ok(best.map_or_else(
+            || Array3::zeros(canonical_grid(card, input).shape()),
+            |b| b.1,
+        ))
+    }
+
+    /// Class `k`'s probabilities resampled to the input's spacing (when the card resamples)
+    /// and placed in the input's grid (background outside the crop), in the canonical
+    /// orientation when the card reorients.
+    fn channel_on_canonical(
+        &self,
+        card: &ModelCard,
+        input: &Geometry,
+        k: usize,
+        channel: ArrayView3<f32>,
+    ) -> Result<Array3<f32>> {
+        let back = if card.preprocessing.spacing.is_some() {
+            let image = Image {
+                data: channel.to_owned().insert_axis(Axis(0)),
+                geometry: self.preprocessed.clone(),
+            };
+            resample_image_to(&image, &self.cropped)?
+                .data
+                .index_axis_move(Axis(0), 0)
+        } else {
+            channel.to_owned()
+        };
+        let background = if k == 0 { 1.0 } else { 0.0 };
+        Ok(self.placed(canonical_grid(card, input).shape(), back, background))
+    }
+
+    /// `part` (the crop's size) placed at the crop's start in a volume of `shape` filled with
+    /// `fill`.
+    fn placed<T: Clone>(&self, shape: [usize; 3], part: Array3<T>, fill: T) -> Array3<T> {
+        let mut full = Array3::from_elem(shape, fill);
+        let [dz, dy, dx] = self.cropped.shape();
+        let start = self.start;
+        full.slice_mut(s![
+            start[0]..start[0] + dz,
+            start[1]..start[1] + dy,
+            start[2]..start[2] + dx
+        ])
+        .assign(&part);
+        full
+    }
+}
+
+/// The grid the crop and the resampling refer to: the input's, in the canonical orientation
+/// when the card reorients.
+fn canonical_grid(card: &ModelCard, input: &Geometry) -> Geometry {
+    if card.preprocessing.reorient {
+        input.to_canonical()
+    } else {
+        input.clone()
+    }
+}
+
+/// A volume on [`canonical_grid`] turned to the input's own orientation.
+fn to_input_orientation<T: Clone>(
+    card: &ModelCard,
+    input: &Geometry,
+    data: Array3<T>,
+) -> Array3<T> {
+    if card.preprocessing.reorient {
+        cwseg_data::from_canonical(&data, input)
+    } else {
+        data
     }
 }
 
@@ -288,7 +358,6 @@ impl PreparedCase {
             2,
             device,
         )?;
-        let raw = argmax(probabilities.view());
         // the grid the crop and resampling refer to: the input's, reoriented when the card says so
         let reoriented = card.preprocessing.reorient.then(|| input.to_canonical());
         let geometry = reoriented.as_ref().unwrap_or(&input);
@@ -296,46 +365,46 @@ impl PreparedCase {
             Some(b) => geometry.crop(b.start, b.shape()),
             None => geometry.clone(),
         };
-        let start = bbox.map_or([0; 3], |b| b.start);
-        let back = |data: Array3<u8>| -> Result<Array3<u8>> {
-            let labels = LabelMap {
-                data,
-                geometry: pre.geometry.clone(),
-            };
-            let back = if card.preprocessing.spacing.is_some() {
-                resample_label_to(&labels, &cropped)?
-            } else {
-                labels
-            };
-            let mut full = Array3::<u8>::zeros(geometry.shape());
-            let [dz, dy, dx] = back.geometry.shape();
-            full.slice_mut(s![
-                start[0]..start[0] + dz,
-                start[1]..start[1] + dy,
-                start[2]..start[2] + dx
-            ])
-            .assign(&back.data);
-            full.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
-            Ok(match reoriented {
-                Some(_) => cwseg_data::from_canonical(&full, &input),
-                None => full,
-            })
-        };
-        let (labels, unprocessed) = match (options.postprocess, &card.postprocessing) {
-            (true, Some(post)) => {
-                let mut processed = raw.clone();
-                post.apply(&mut processed);
-                (back(processed)?, Some(back(raw)?))
-            }
-            _ => (back(raw)?, None),
-        };
-        Ok(CasePrediction {
-            labels,
-            unprocessed,
+        let mut prediction = CasePrediction {
+            labels: Array3::zeros(input.shape()),
+            unprocessed: None,
             probabilities,
             preprocessed: pre.geometry,
             cropped,
-            start,
-        })
+            start: bbox.map_or([0; 3], |b| b.start),
+        };
+        prediction.labels_on_input(card, &input, options.postprocess)?;
+        Ok(prediction)
+    }
+}
+
+impl CasePrediction {
+    /// Sets `labels` (and `unprocessed`): the argmax of the probabilities on the input's grid,
+    /// post-processed, as stored label values. With resampling the probabilities are resampled
+    /// first and the argmax taken at the input's spacing (nnU-Net's order), so the labels are the
+    /// argmax of what `--probabilities` writes; otherwise the crop only moves voxels, and the
+    /// argmax is taken before it. Post-processing runs in the canonical orientation when the
+    /// card reorients, so that an input's orientation cannot change which component is kept.
+    fn labels_on_input(&mut self, card: &ModelCard, input: &Geometry, post: bool) -> Result<()> {
+        let classes = if card.preprocessing.spacing.is_some() {
+            self.argmax_on_canonical(card, input)?
+        } else {
+            let raw = argmax(self.probabilities.view());
+            self.placed(canonical_grid(card, input).shape(), raw, 0)
+        };
+        let finish = |mut classes: Array3<u8>| {
+            classes.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
+            to_input_orientation(card, input, classes)
+        };
+        match (post, &card.postprocessing) {
+            (true, Some(rule)) => {
+                let mut processed = classes.clone();
+                rule.apply(&mut processed);
+                self.labels = finish(processed);
+                self.unprocessed = Some(finish(classes));
+            }
+            _ => self.labels = finish(classes),
+        }
+        Ok(())
     }
 }

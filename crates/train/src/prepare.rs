@@ -106,8 +106,33 @@ pub struct Preprocessing {
     pub crop_foreground: bool,
     /// Resample to this spacing `[z, y, x]` mm.
     pub spacing: Option<[f64; 3]>,
-    /// Intensity normalisation per channel.
+    /// Intensity normalisation per channel (a key its `kind` does not have is refused).
+    #[serde(deserialize_with = "strict_normalization")]
     pub normalization: Normalization,
+}
+
+/// A [`Normalization`] that refuses keys its kind does not have: serde's derive ignores them
+/// for the kinds without fields of an internally tagged enum (`kind = "z_score"` with a
+/// misspelt `clip` beside it would be trained silently). The keys given are checked against
+/// those the value serializes back to.
+fn strict_normalization<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Normalization, D::Error> {
+    use serde::de::Error;
+    let given = toml::Value::deserialize(deserializer)?;
+    let normalization: Normalization = given.clone().try_into().map_err(D::Error::custom)?;
+    let known = toml::Value::try_from(normalization).map_err(D::Error::custom)?;
+    let (Some(given), Some(known)) = (given.as_table(), known.as_table()) else {
+        return Ok(normalization);
+    };
+    if let Some(key) = given.keys().find(|k| !known.contains_key(*k)) {
+        let names: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+        return Err(D::Error::custom(format!(
+            "unknown field `{key}` for this normalization kind, expected {}",
+            names.join(", ")
+        )));
+    }
+    Ok(normalization)
 }
 
 impl Default for Preprocessing {
@@ -123,7 +148,7 @@ impl Default for Preprocessing {
 
 impl Preprocessing {
     /// The defaults for a data set: BraTS crops to the brain and normalises its non-zero
-    /// voxels (SPEC §6); everything else z-scores the whole volume.
+    /// voxels (formulas §6); everything else z-scores the whole volume.
     pub fn for_dataset(dataset: &Dataset) -> Self {
         if dataset.name == "BraTS" {
             Preprocessing {
@@ -294,6 +319,31 @@ pub fn open_data(config: &DataConfig, seed: u64, synthetic_dir: &Path) -> Result
 }
 
 impl PreparedData {
+    /// The data with the split recorded in `path` (a run's `split.json`) instead of a new one:
+    /// a resumed run keeps its training, validation and test cases. Cases added to the data
+    /// set since are in no part of it, so they are not used (a new run uses them); a recorded
+    /// case that is no longer in the data set is an error naming it and the file.
+    pub fn with_recorded_split(self, path: &Path) -> Result<Self> {
+        let split = Split::read(path, &self.dataset)
+            .context("the split recorded when the run started (a resumed run keeps its cases)")?;
+        let recorded = split.train.len() + split.val.len() + split.test.len();
+        let labelled_tests = self
+            .dataset
+            .test
+            .iter()
+            .filter(|c| c.label.is_some())
+            .count();
+        let unused = (self.dataset.training.len() + labelled_tests).saturating_sub(recorded);
+        if unused > 0 {
+            tracing::info!(
+                unused,
+                split = %path.display(),
+                "cases of the data set outside the run's recorded split are not used"
+            );
+        }
+        Ok(PreparedData { split, ..self })
+    }
+
     /// Reads and preprocesses the cases `ids` (each must have labels), in parallel.
     pub fn load(&self, ids: &[String]) -> Result<Vec<PreparedCase>> {
         use rayon::prelude::*;

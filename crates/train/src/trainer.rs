@@ -56,6 +56,10 @@ pub struct RunState {
     /// The loss scaler's state, in runs that scale the loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<ScalerState>,
+    /// SHA-256 of the `optimizer.safetensors` beside it (hex), written with the checkpoint;
+    /// resuming refuses a file that differs (checkpoints before this field are not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_sha256: Option<String>,
 }
 
 /// The outcome of a run.
@@ -85,13 +89,23 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// Writes the checkpoint folder `dir` (weights, card, and with `optimizer` its state and the
-/// run state) as a whole ([`crate::checkpoint::replace`]).
+/// What a checkpoint that can be resumed holds besides the weights and the card.
+struct Resumable<'a> {
+    /// The optimizer (`optimizer.safetensors`).
+    optimizer: &'a Optimizer,
+    /// The run state (`state.json`, with the optimizer file's digest added).
+    state: &'a RunState,
+    /// The run's configuration (`train.toml`: what these weights were trained with).
+    config: &'a TrainConfig,
+}
+
+/// Writes the checkpoint folder `dir` (weights, card, and with `resumable` the optimizer, run
+/// state and configuration) as a whole ([`crate::checkpoint::replace`]).
 fn save_checkpoint(
     dir: &Path,
     vars: &VarMap,
     card: &ModelCard,
-    optimizer: Option<(&Optimizer, &RunState)>,
+    resumable: Option<Resumable>,
 ) -> Result<()> {
     let metadata: HashMap<String, String> = [
         ("cwseg_version".to_string(), card.cwseg_version.clone()),
@@ -108,11 +122,20 @@ fn save_checkpoint(
             &tmp.join("config.json"),
             serde_json::to_string_pretty(&card)?.as_bytes(),
         )?;
-        if let Some((opt, state)) = optimizer {
-            opt.save(&tmp.join("optimizer.safetensors"))?;
+        if let Some(r) = resumable {
+            let optimizer_path = tmp.join("optimizer.safetensors");
+            r.optimizer.save(&optimizer_path)?;
+            let state = RunState {
+                optimizer_sha256: Some(crate::card::sha256_file(&optimizer_path)?),
+                ..r.state.clone()
+            };
             cwseg_data::dataset::write_atomic(
                 &tmp.join("state.json"),
-                serde_json::to_string_pretty(state)?.as_bytes(),
+                serde_json::to_string_pretty(&state)?.as_bytes(),
+            )?;
+            cwseg_data::dataset::write_atomic(
+                &tmp.join("train.toml"),
+                toml::to_string_pretty(r.config)?.as_bytes(),
             )?;
         }
         Ok(())
@@ -165,38 +188,68 @@ fn truncate_metrics(path: &Path, epochs: usize) -> Result<()> {
     Ok(())
 }
 
-/// The configuration a run folder was trained with (`RUN/train.toml`).
+/// The configuration a run folder was trained with (`RUN/train.toml`; also the one inside
+/// each resumable checkpoint, `RUN/last/train.toml`).
 pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
     let path = dir.join("train.toml");
     let text = fs::read_to_string(&path)
         .with_context(|| format!("--resume: reading {}", path.display()))?;
-    toml::from_str(&text)
-        .with_context(|| format!("{}: not a training configuration", path.display()))
+    crate::config::parse_toml(&text, &path).context("not a training configuration")
 }
 
-/// The dotted names of the fields in which `given` differs from `saved`, leaving out those a
-/// resumed run may change: `epochs` (checked apart), `device` and `workers`.
-fn differing_fields(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<String>> {
-    fn walk(a: &toml::Value, b: &toml::Value, path: &str, out: &mut Vec<String>) {
-        match (a, b) {
-            (toml::Value::Table(x), toml::Value::Table(y)) => {
-                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-                for key in keys {
-                    let name = if path.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{path}.{key}")
-                    };
-                    match (x.get(key), y.get(key)) {
-                        (Some(u), Some(v)) => walk(u, v, &name, out),
-                        _ => out.push(name),
-                    }
-                }
-            }
-            _ if a != b => out.push(path.to_string()),
-            _ => {}
-        }
+/// A field in which two run configurations differ: its dotted name and both values.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Difference {
+    /// `optimizer.lr`, `patch`, …
+    pub field: String,
+    /// The recorded value (TOML; `(absent)` where the field is missing).
+    pub saved: String,
+    /// The value asked for now.
+    pub given: String,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (recorded {}, now {})",
+            self.field, self.saved, self.given
+        )
     }
+}
+
+/// A TOML value on one line, `(absent)` for none.
+fn show(value: Option<&toml::Value>) -> String {
+    value.map_or_else(
+        || "(absent)".to_string(),
+        |v| v.to_string().trim().replace('\n', ", "),
+    )
+}
+
+/// Appends to `out` every leaf of `a` and `b` (tables walked by key) that differs.
+fn walk(a: Option<&toml::Value>, b: Option<&toml::Value>, path: &str, out: &mut Vec<Difference>) {
+    if let (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) = (a, b) {
+        let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+        for key in keys {
+            let name = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            walk(x.get(key), y.get(key), &name, out);
+        }
+    } else if a != b {
+        out.push(Difference {
+            field: path.to_string(),
+            saved: show(a),
+            given: show(b),
+        });
+    }
+}
+
+/// The fields in which `given` differs from `saved`, leaving out those a resumed run may
+/// change: `device` and `workers` (callers check `epochs` by their own rule).
+pub(crate) fn differences(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<Difference>> {
     // the network's channels, classes and UNETR's input size come from the data and the patch:
     // train.toml records the run's, a configuration given beside --resume may hold defaults
     let derived_cleared = |c: &TrainConfig| TrainConfig {
@@ -205,12 +258,12 @@ fn differing_fields(saved: &TrainConfig, given: &TrainConfig) -> Result<Vec<Stri
     };
     let mut out = Vec::new();
     walk(
-        &toml::Value::try_from(derived_cleared(saved))?,
-        &toml::Value::try_from(derived_cleared(given))?,
+        Some(&toml::Value::try_from(derived_cleared(saved))?),
+        Some(&toml::Value::try_from(derived_cleared(given))?),
         "",
         &mut out,
     );
-    out.retain(|f| !matches!(f.as_str(), "epochs" | "device" | "workers"));
+    out.retain(|d| !matches!(d.field.as_str(), "device" | "workers"));
     Ok(out)
 }
 
@@ -302,7 +355,8 @@ fn sampling_volumes(config: &TrainConfig, cases: Vec<PreparedCase>) -> Result<Ve
 /// Options of one invocation that are not part of the run's configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Continue the run in the folder from its last checkpoint.
+    /// Continue the run in the folder from its last checkpoint, with the configuration and
+    /// the split (`split.json`) it recorded: cases added to the data set since are not used.
     pub resume: bool,
     /// Where the synthetic data set is written (default `RUN/data`).
     pub data_dir: Option<PathBuf>,
@@ -410,8 +464,9 @@ pub struct Trainer {
     comm: Rc<dyn Communicator>,
 }
 
-/// Trains `config` into `dir` to the end (or until a hook stops it). A folder this call
-/// created is removed again when the run fails before its first checkpoint (nothing to resume).
+/// Trains `config` into `dir` to the end (or until a hook stops it). When a new run fails
+/// before its first checkpoint (nothing to resume), what this call wrote is removed again: the
+/// folder if it created it, else the run's files in a folder that held none.
 pub fn train(
     config: &TrainConfig,
     dir: &Path,
@@ -419,7 +474,16 @@ pub fn train(
     hooks: &mut dyn TrainHooks,
 ) -> Result<TrainOutcome> {
     config.validate()?;
-    let created = !dir.exists();
+    let rank0 = options.communicator.as_ref().is_none_or(|c| c.rank() == 0);
+    // one process writes a run folder at a time; what follows is decided under the lock
+    let (_lock, created) = match rank0 {
+        true => {
+            let (lock, created) = lock_run_folder(dir)?;
+            (Some(lock), created)
+        }
+        false => (None, false),
+    };
+    let fresh = !options.resume && !holds_run_files(dir);
     let previous = cwseg_models::precision();
     // before `Trainer::open`, which records the precision in the model card (on CUDA this
     // opens the device once more than the trainer does)
@@ -434,17 +498,91 @@ pub fn train(
     }
     let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
     cwseg_models::set_precision(previous, &device);
-    let rank0 = options.communicator.as_ref().is_none_or(|c| c.rank() == 0);
-    if outcome.is_err() && rank0 && created && !dir.join("last").exists() {
-        let _ = fs::remove_dir_all(dir);
+    // a checkpoint, or the previous one of a replacement cut short, is never removed
+    let checkpointed = ["last", "last.previous"]
+        .iter()
+        .any(|c| dir.join(c).exists());
+    if outcome.is_err() && rank0 && !checkpointed {
+        if created {
+            let _ = fs::remove_dir_all(dir);
+        } else if fresh {
+            remove_run_files(dir);
+        }
     }
     outcome
 }
 
-/// Checks that `config` may resume the run whose `train.toml` is `saved`; returns whether it
-/// extends the run (more epochs).
+/// Takes the run folder `dir` (created if missing) for this process: an exclusive lock on
+/// `dir/.lock`, held while the returned file lives. Another process writing the folder (a
+/// second `train --out` of the same folder) is refused instead of mixing two runs into one.
+/// Returns the lock and whether the folder was created.
+fn lock_run_folder(dir: &Path) -> Result<(fs::File, bool)> {
+    let created = !dir.exists();
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating the run folder {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok((file, created)),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "{} is being written by another cwseg process (it holds {}); wait for it to end, \
+             or choose another --out",
+            dir.display(),
+            path.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// The files and folders a run writes into its folder: `train.toml`, then the checkpoints
+/// (the file a refusal names is the first found).
+const RUN_FILES: [&str; 11] = [
+    "train.toml",
+    "last",
+    "best",
+    "last.partial",
+    "last.previous",
+    "best.partial",
+    "best.previous",
+    "state.json",
+    "curves.png",
+    "metrics.jsonl",
+    "split.json",
+];
+
+/// Whether `dir` holds any of a run's files.
+fn holds_run_files(dir: &Path) -> bool {
+    RUN_FILES.iter().any(|f| dir.join(f).exists())
+}
+
+/// Removes a run's files from `dir` (a new run that failed before its first checkpoint in a
+/// folder that held none), best effort.
+fn remove_run_files(dir: &Path) {
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        let _ = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+    }
+}
+
+/// Checks that `config` may resume the run whose recorded configuration is `saved` (read from
+/// `saved_path`); returns whether it extends the run (more epochs).
 fn check_resume(saved_path: &Path, saved: &TrainConfig, config: &TrainConfig) -> Result<bool> {
-    let differing = differing_fields(saved, config)?;
+    let differing: Vec<String> = differences(saved, config)?
+        .iter()
+        .filter(|d| d.field != "epochs")
+        .map(Difference::to_string)
+        .collect();
     if !differing.is_empty() {
         bail!(
             "--resume: {} differ(s) from the run's {}; resume with the run's settings (only a larger --epochs extends it)",
@@ -495,33 +633,93 @@ fn loader_config(config: &TrainConfig) -> LoaderConfig {
     }
 }
 
-/// Creates the run folder, finishes any interrupted checkpoint replacement (rank 0), and checks
-/// that a new run does not overwrite one and a resumed run keeps its configuration; returns
-/// whether a resumed run is extended.
+/// Creates the run folder and checks it: a new run must not overwrite one ([`check_new_run`]);
+/// a resumed one (rank 0 first finishes any interrupted checkpoint replacement) must keep the
+/// configuration its checkpoint was trained with ([`check_resume`]). Touches no file of a run
+/// it refuses. Returns whether a resumed run is extended.
 fn prepare_folder(config: &TrainConfig, dir: &Path, resume: bool, rank0: bool) -> Result<bool> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the run folder {}", dir.display()))?;
+    if !resume {
+        check_new_run(config, dir, rank0)?;
+        return Ok(false);
+    }
     if rank0 {
         for checkpoint in ["last", "best"] {
             crate::checkpoint::recover(&dir.join(checkpoint))?;
         }
     }
-    if resume {
-        check_resume(&dir.join("train.toml"), &read_run_config(dir)?, config)
-    } else if dir.join("last").exists() {
-        bail!(
-            "{} already holds a run; use --resume to continue it or choose another --out",
-            dir.display()
-        );
+    let (path, saved) = resume_reference(dir)?;
+    check_resume(&path, &saved, config)
+}
+
+/// The configuration a resumed run must keep and its file: the one saved in the checkpoint
+/// (`last/train.toml`), or in checkpoints written before it was saved there, `RUN/train.toml`.
+fn resume_reference(dir: &Path) -> Result<(PathBuf, TrainConfig)> {
+    let last = dir.join("last");
+    let from = if last.join("train.toml").exists() {
+        last
     } else {
-        Ok(false)
+        dir.to_path_buf()
+    };
+    Ok((from.join("train.toml"), read_run_config(&from)?))
+}
+
+/// Refuses to start a new run in a folder that holds one, naming the file found: a
+/// checkpoint, `curves.png`, `state.json`, or `metrics.jsonl`, `split.json` and `train.toml` of
+/// another configuration. A `train.toml` of this same configuration without a checkpoint is
+/// this run killed before its first checkpoint: it starts again (its split kept).
+fn check_new_run(config: &TrainConfig, dir: &Path, rank0: bool) -> Result<()> {
+    let recorded = dir.join("train.toml");
+    let restart = recorded.exists();
+    if restart {
+        let differing = differences(&read_run_config(dir)?, config)?;
+        if let Some(first) = differing.first() {
+            bail!(
+                "{} holds another run: its {} records {first}; continue it with --resume and \
+                 its settings, or choose another --out",
+                dir.display(),
+                recorded.display()
+            );
+        }
+        if rank0 {
+            for checkpoint in ["last", "best"] {
+                crate::checkpoint::recover(&dir.join(checkpoint))?;
+            }
+        }
     }
+    let found = RUN_FILES.iter().skip(1).find(|name| {
+        let path = dir.join(name);
+        match **name {
+            "split.json" | "metrics.jsonl" if restart => false,
+            "metrics.jsonl" => fs::metadata(&path).is_ok_and(|m| m.len() > 0),
+            _ => path.exists(),
+        }
+    });
+    if let Some(name) = found {
+        bail!(
+            "{} already holds a run ({} found); continue it with --resume or choose another --out",
+            dir.display(),
+            dir.join(name).display()
+        );
+    }
+    Ok(())
 }
 
 /// The data set and split of `config` with its preprocessing measured on the training cases,
-/// and the model card of the run (the network sized for the data and the patch).
-fn open_run_data(config: &TrainConfig, data_dir: &Path) -> Result<(PreparedData, ModelCard)> {
+/// and the model card of the run (the network sized for the data and the patch). The split is
+/// the one recorded in `recorded_split` when that file exists (a resumed run keeps its cases:
+/// cases added to the data set since are not used, and a recorded case that is gone is an
+/// error naming it), else a new one from the configuration.
+fn open_run_data(
+    config: &TrainConfig,
+    data_dir: &Path,
+    recorded_split: &Path,
+) -> Result<(PreparedData, ModelCard)> {
     let mut data = open_data(&config.data, config.seed, data_dir)?;
+    if recorded_split.exists() {
+        data = data.with_recorded_split(recorded_split)?;
+    }
     data.preprocessing = data
         .preprocessing
         .measure(&data.dataset, &data.split.train)?;
@@ -557,6 +755,40 @@ fn open_run_data(config: &TrainConfig, data_dir: &Path) -> Result<(PreparedData,
     Ok((data, card))
 }
 
+/// The configuration a run records (`train.toml`): `config` with the run's own network
+/// (channels and classes from the data), not the configuration's defaults.
+fn recorded_config(config: &TrainConfig, card: &ModelCard) -> TrainConfig {
+    TrainConfig {
+        model: card.model.clone(),
+        ..config.clone()
+    }
+}
+
+/// Records the run in its folder once it is known to open (rank 0, after the checkpoint of a
+/// resumed run has loaded): `train.toml`, then `split.json` unless it is recorded already; a
+/// new run (started again after it was killed before its first checkpoint) starts an empty
+/// `metrics.jsonl`.
+fn record_run(
+    dir: &Path,
+    config: &TrainConfig,
+    card: &ModelCard,
+    split: &cwseg_data::Split,
+    resume: bool,
+) -> Result<()> {
+    cwseg_data::dataset::write_atomic(
+        &dir.join("train.toml"),
+        toml::to_string_pretty(&recorded_config(config, card))?.as_bytes(),
+    )?;
+    let split_path = dir.join("split.json");
+    if !split_path.exists() {
+        split.write(&split_path)?;
+    }
+    if !resume {
+        truncate_metrics(&dir.join("metrics.jsonl"), 0)?;
+    }
+    Ok(())
+}
+
 /// `dir/metrics.jsonl`, opened for appending.
 fn open_metrics(dir: &Path) -> Result<fs::File> {
     let path = dir.join("metrics.jsonl");
@@ -568,10 +800,15 @@ fn open_metrics(dir: &Path) -> Result<fs::File> {
 }
 
 impl Trainer {
-    /// Opens a run in `dir`: a new one (refused where `last/` exists), or with
-    /// `options.resume` the one there, from `last/` (refused where the configuration differs
-    /// in anything but a larger `epochs`, `device` or `workers`). Loads and preprocesses the
-    /// data, builds the network (seeded) and writes `train.toml` and `split.json`.
+    /// Opens a run in `dir`: a new one (refused where the folder holds a run: a checkpoint,
+    /// its history, or the `train.toml` of another configuration; a `train.toml` of this one
+    /// without a checkpoint is the same run started again), or with `options.resume` the one
+    /// there, from `last/` (refused where the configuration differs from the one the
+    /// checkpoint was trained with in anything but a larger `epochs`, `device` or `workers`,
+    /// or where a file of the checkpoint does not have its recorded SHA-256). A resumed run
+    /// keeps the split recorded in `split.json` when it started: cases added to the data set
+    /// since are not used. Loads and preprocesses the data, builds the network (seeded), loads
+    /// the checkpoint, and only then writes `train.toml` and (unless recorded) `split.json`.
     pub fn open(config: &TrainConfig, dir: &Path, options: &RunOptions) -> Result<Trainer> {
         let comm = options
             .communicator
@@ -586,21 +823,12 @@ impl Trainer {
         }
         let rank0 = comm.rank() == 0;
         let extended = prepare_folder(config, dir, options.resume, rank0)?;
+        let last = options.resume.then(|| read_last(dir)).transpose()?;
         let device = parse_device(&config.device)?;
         let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
-        let (data, card) = open_run_data(config, &data_dir)?;
-        if rank0 {
-            data.split.write(dir.join("split.json"))?;
-            // the run's own network (channels and classes from the data), not the
-            // configuration's defaults
-            let recorded = TrainConfig {
-                model: card.model.clone(),
-                ..config.clone()
-            };
-            cwseg_data::dataset::write_atomic(
-                &dir.join("train.toml"),
-                toml::to_string_pretty(&recorded)?.as_bytes(),
-            )?;
+        let (data, card) = open_run_data(config, &data_dir, &dir.join("split.json"))?;
+        if let Some(last) = &last {
+            last.check_card(&card)?;
         }
         tracing::info!(
             cases = data.split.train.len(),
@@ -617,11 +845,14 @@ impl Trainer {
             card.model
                 .build(seeded_var_builder(&vars, config.seed, DType::F32, &device))?;
         let mut optimizer = Optimizer::for_varmap(config.optimizer, &vars)?;
-        let state = if options.resume {
-            load_last(dir, &vars, &mut optimizer, config, extended)?
-        } else {
-            RunState::default()
+        let state = match last {
+            Some(last) => last.restore(dir, &vars, &mut optimizer, config, extended)?,
+            None => RunState::default(),
         };
+        // only now that everything loaded: a refused resume leaves train.toml as it was
+        if rank0 {
+            record_run(dir, config, &card, &data.split, options.resume)?;
+        }
         let mut scaler = config.loss_scaling.scaler(cwseg_models::precision());
         if let (Some(scaler), Some(saved)) = (&mut scaler, state.loss_scaler) {
             scaler.restore(saved);
@@ -774,7 +1005,11 @@ impl Trainer {
             &self.dir.join("last"),
             &self.vars,
             &self.card,
-            Some((&self.optimizer, &self.state)),
+            Some(Resumable {
+                optimizer: &self.optimizer,
+                state: &self.state,
+                config: &recorded_config(&self.config, &self.card),
+            }),
         )
     }
 
@@ -932,28 +1167,106 @@ impl Trainer {
     }
 }
 
-/// The run state in `dir/last/` with the weights and optimizer state loaded into `vars` and
-/// `optimizer`, checked against each other; `metrics.jsonl` cut back to the saved epochs. A
-/// finished run given more epochs (`extended`) continues.
-fn load_last(
-    dir: &Path,
-    vars: &VarMap,
-    optimizer: &mut Optimizer,
-    config: &TrainConfig,
-    extended: bool,
-) -> Result<RunState> {
+/// A run's last checkpoint (`RUN/last/`) whose files match the digests recorded in it.
+struct LastCheckpoint {
+    /// The folder.
+    dir: PathBuf,
+    /// Its model card (`config.json`).
+    card: ModelCard,
+    /// Its run state (`state.json`).
+    state: RunState,
+}
+
+/// Reads `dir/last/`: its card and run state, with the weights and the optimizer state checked
+/// against the SHA-256 that the card and the run state record (checkpoints written before a
+/// digest was recorded are not checked). Loads nothing into a network.
+fn read_last(dir: &Path) -> Result<LastCheckpoint> {
     let last = dir.join("last");
-    weights::load_strict(vars, last.join("model.safetensors"))?;
-    optimizer.load(&last.join("optimizer.safetensors"))?;
+    let card = ModelCard::read(&last)?;
+    card.verify_weights(&last)?;
     let path = last.join("state.json");
-    let mut state: RunState = serde_json::from_str(
+    let state: RunState = serde_json::from_str(
         &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("{}: not a run state", path.display()))?;
-    check_state(&path, &state, config, optimizer.steps())?;
-    truncate_metrics(&dir.join("metrics.jsonl"), state.epoch)?;
-    if state.finished && extended && state.epoch < config.epochs {
-        state.finished = false;
+    if let Some(expected) = &state.optimizer_sha256 {
+        let optimizer = last.join("optimizer.safetensors");
+        let found = crate::card::sha256_file(&optimizer)?;
+        if &found != expected {
+            bail!(
+                "{}: SHA-256 {found} is not the {expected} recorded in {} (a damaged or replaced optimizer state)",
+                optimizer.display(),
+                path.display()
+            );
+        }
     }
-    Ok(state)
+    Ok(LastCheckpoint {
+        dir: last,
+        card,
+        state,
+    })
+}
+
+impl LastCheckpoint {
+    /// Refuses to resume with `card` (this invocation's configuration on this data) where it
+    /// differs from the checkpoint's in what cannot change within a run: the network, the loss,
+    /// the patch, the preprocessing, the contour maps, the classes, their label values or the
+    /// modalities; the error names them.
+    fn check_card(&self, card: &ModelCard) -> Result<()> {
+        use serde_json::to_value as value;
+        let fields = |c: &ModelCard| -> Result<[(&'static str, serde_json::Value); 8]> {
+            Ok([
+                ("model", value(&c.model)?),
+                ("loss", value(&c.loss)?),
+                ("patch", value(c.patch)?),
+                ("preprocessing", value(c.preprocessing)?),
+                ("contour_maps", value(c.contour_maps)?),
+                ("classes", value(&c.classes)?),
+                ("label_values", value(&c.label_values)?),
+                ("modalities", value(&c.modalities)?),
+            ])
+        };
+        let (saved, given) = (fields(&self.card)?, fields(card)?);
+        let differing: Vec<&str> = saved
+            .iter()
+            .zip(&given)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| a.0)
+            .collect();
+        if !differing.is_empty() {
+            bail!(
+                "--resume: the {} of this configuration and data differ(s) from {}, what the checkpoint was trained with; resume with the run's own train.toml and data, or train into a new folder",
+                differing.join(", "),
+                self.dir.join("config.json").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads the weights and the optimizer state into `vars` and `optimizer`, checks the run
+    /// state against the optimizer's step count and cuts `run/metrics.jsonl` back to the saved
+    /// epochs; a finished run given more epochs (`extended`) continues.
+    fn restore(
+        self,
+        run: &Path,
+        vars: &VarMap,
+        optimizer: &mut Optimizer,
+        config: &TrainConfig,
+        extended: bool,
+    ) -> Result<RunState> {
+        weights::load_strict(vars, self.dir.join("model.safetensors"))?;
+        optimizer.load(&self.dir.join("optimizer.safetensors"))?;
+        let mut state = self.state;
+        check_state(
+            &self.dir.join("state.json"),
+            &state,
+            config,
+            optimizer.steps(),
+        )?;
+        truncate_metrics(&run.join("metrics.jsonl"), state.epoch)?;
+        if state.finished && extended && state.epoch < config.epochs {
+            state.finished = false;
+        }
+        Ok(state)
+    }
 }

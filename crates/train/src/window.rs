@@ -47,3 +47,18 @@ impl SlidingWindow {
         }
     }
 }
+
+/// The largest sliding-window overlap inference takes: windows per window-sized region grow as
+/// `1/(1 − overlap)³` (8 at 0.5, 1000 at 0.9).
+pub const MAX_OVERLAP: f64 = 0.9;
+
+/// Refuses an overlap outside `[0, MAX_OVERLAP]`; `field` names where it came from.
+pub fn check_overlap(overlap: f64, field: &str) -> anyhow::Result<()> {
+    if !(0.0..=MAX_OVERLAP).contains(&overlap) {
+        anyhow::bail!(
+            "{field} {overlap}: use a value in [0, {MAX_OVERLAP}] (windows per window-sized \
+             region grow as 1/(1 − overlap)³: 8 at 0.5, 1000 at 0.9)"
+        );
+    }
+    Ok(())
+}

@@ -1,5 +1,5 @@
 //! The trainer's Adam and AdamW against PyTorch's `torch.optim.Adam` / `AdamW`
-//! (`scripts/optim_fixtures.py`): three steps from the same parameters and gradients, on the
+//! (`scripts/fixtures/optim_fixtures.py`): three steps from the same parameters and gradients, on the
 //! CPU in f32 (the in-place path) and in f64 (the composite of candle operations).
 
 use candle_core::backprop::GradStore;

@@ -1,5 +1,5 @@
 //! Dynamic loss scaling against PyTorch's `torch.amp.GradScaler` driving `Adam`
-//! (`scripts/optim_fixtures.py`): the same scaled gradients, with infinities and NaNs in some
+//! (`scripts/fixtures/optim_fixtures.py`): the same scaled gradients, with infinities and NaNs in some
 //! steps, must skip the same steps and give the same scales, growth trackers, Adam step
 //! counts and parameters.
 

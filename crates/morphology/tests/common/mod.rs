@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use ndarray::{ArrayD, IxDyn, OwnedRepr};
 use ndarray_npy::{NpzReader, ReadableElement};
 
-/// A fixture file written by `scripts/morphology_fixtures.py` (scipy).
+/// A fixture file written by `scripts/fixtures/morphology_fixtures.py` (scipy).
 pub struct Fixture {
     npz: NpzReader<File>,
     pub name: &'static str,

@@ -23,8 +23,10 @@ pub enum LossScaling {
     /// Dynamic scaling with the default settings where the precision in effect is f16; none
     /// in f32 and bf16 (bf16 has f32's range).
     #[default]
+    #[serde(deserialize_with = "super::no_fields")]
     Auto,
     /// No scaling, in any precision.
+    #[serde(deserialize_with = "super::no_fields")]
     None,
     /// Dynamic scaling in every precision.
     Dynamic(DynamicScaling),

@@ -1,0 +1,174 @@
+//! What `cwseg evaluate` compares: predictions paired with labels by case (files, folders of
+//! files, or a BraTS folder of case folders), on one grid, and the label values to score.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use cwseg_data::Geometry;
+
+use crate::inputs::nii_stem;
+
+/// Largest difference of affine entries (mm) between a prediction and its label that still
+/// counts as the same grid.
+const GRID_TOLERANCE_MM: f64 = 1e-3;
+
+/// Refuses a prediction whose grid (shape, spacing, origin, axis directions) differs from its
+/// label's: voxel-wise metrics would compare different places.
+pub fn check_same_grid(
+    pred: &Path,
+    pred_grid: &Geometry,
+    label: &Path,
+    label_grid: &Geometry,
+) -> Result<()> {
+    if pred_grid.shape() != label_grid.shape() {
+        bail!(
+            "{}: shape {:?} differs from the label {} {:?}",
+            pred.display(),
+            pred_grid.shape(),
+            label.display(),
+            label_grid.shape()
+        );
+    }
+    let (a, b) = (pred_grid.affine(), label_grid.affine());
+    let largest = (0..3)
+        .flat_map(|r| (0..4).map(move |c| (r, c)))
+        .map(|(r, c)| (a[r][c] - b[r][c]).abs())
+        .fold(0.0f64, f64::max);
+    if largest > GRID_TOLERANCE_MM || largest.is_nan() {
+        let origin = |m: &cwseg_data::volume::Affine| [m[0][3], m[1][3], m[2][3]];
+        bail!(
+            "{}: its grid differs from the label {}'s (orientation {} vs {}, origin {:?} vs {:?} mm, spacing {:?} vs {:?} mm, largest affine difference {largest:.4}); resample or reorient the prediction onto the label's grid",
+            pred.display(),
+            label.display(),
+            pred_grid.orientation().iter().collect::<String>(),
+            label_grid.orientation().iter().collect::<String>(),
+            origin(a),
+            origin(b),
+            pred_grid.spacing(),
+            label_grid.spacing()
+        );
+    }
+    Ok(())
+}
+
+/// The foreground label values of the `dataset.json` (MSD `{"0": "background", ...}` or
+/// nnU-Net v2 `{"background": 0, ...}`) in the label folder or its parent, if there is one.
+pub fn dataset_json_labels(label: &Path) -> Result<BTreeSet<u8>> {
+    let folder = if label.is_dir() {
+        label
+    } else {
+        label.parent().unwrap_or(label)
+    };
+    let Some(path) = [folder.join("dataset.json")]
+        .into_iter()
+        .chain(folder.parent().map(|p| p.join("dataset.json")))
+        .find(|p| p.is_file())
+    else {
+        return Ok(BTreeSet::new());
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let mut values = BTreeSet::new();
+    if let Some(labels) = json["labels"].as_object() {
+        for (key, value) in labels {
+            let v = key
+                .parse::<u64>()
+                .ok()
+                .or_else(|| value.as_u64())
+                .filter(|&v| v <= 255);
+            if let Some(v) = v.filter(|&v| v != 0) {
+                values.insert(v as u8);
+            }
+        }
+    }
+    Ok(values)
+}
+
+/// Whether `path` names a NIfTI file (`.nii` or `.nii.gz`).
+fn is_nifti_name(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.ends_with(".nii.gz") || name.ends_with(".nii")
+}
+
+/// The label files of a folder: its NIfTI files, or in a BraTS folder (case folders, no NIfTI
+/// files) each case's `CASE/CASE_seg.nii.gz`; `(case, label)`, sorted.
+fn label_files(label: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = cwseg_data::list_folder(label)?;
+    let mut files: Vec<(String, PathBuf)> = entries
+        .iter()
+        .filter(|p| p.is_file() && is_nifti_name(p))
+        .map(|p| (nii_stem(p), p.clone()))
+        .collect();
+    files.sort();
+    for pair in files.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            bail!(
+                "{} and {} are both the labels of case {} (names equal once `.nii`/`.nii.gz` \
+                 is removed and non-UTF-8 bytes replaced); keep one",
+                pair[0].1.display(),
+                pair[1].1.display(),
+                pair[0].0
+            );
+        }
+    }
+    if !files.is_empty() || !entries.iter().any(|p| p.is_dir()) {
+        return Ok(files);
+    }
+    let dataset = cwseg_data::Dataset::brats(label)?;
+    Ok(dataset
+        .training
+        .into_iter()
+        .filter_map(|case| case.label.map(|l| (case.id, l)))
+        .collect())
+}
+
+/// The prediction of `case` in the folder `pred`: the file named as its label, else
+/// `CASE.nii.gz` or `CASE.nii` (what `cwseg predict` writes for a BraTS folder).
+fn prediction_file(pred: &Path, case: &str, label: &Path) -> Option<PathBuf> {
+    let same_name = label.file_name().map(|n| pred.join(n));
+    same_name
+        .into_iter()
+        .chain([
+            pred.join(format!("{case}.nii.gz")),
+            pred.join(format!("{case}.nii")),
+        ])
+        .find(|p| p.is_file())
+}
+
+/// Pairs `(case, prediction, label)`: two files, or two folders matched by case (every label
+/// needs its prediction; a BraTS label folder is read as `CASE/CASE_seg.nii.gz`).
+pub fn case_pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    for (flag, path) in [("--pred", pred), ("--label", label)] {
+        if !path.exists() {
+            bail!("{flag} {}: no such file or folder", path.display());
+        }
+    }
+    if pred.is_file() && label.is_file() {
+        return Ok(vec![(
+            nii_stem(label),
+            pred.to_path_buf(),
+            label.to_path_buf(),
+        )]);
+    }
+    if !(pred.is_dir() && label.is_dir()) {
+        bail!(
+            "--pred {} and --label {} must both be files or both folders",
+            pred.display(),
+            label.display()
+        );
+    }
+    let mut out = Vec::new();
+    for (case, l) in label_files(label)? {
+        let Some(p) = prediction_file(pred, &case, &l) else {
+            bail!("{}: no prediction for {}", pred.display(), l.display());
+        };
+        out.push((case, p, l));
+    }
+    if out.is_empty() {
+        bail!("{}: no NIfTI label files", label.display());
+    }
+    Ok(out)
+}

@@ -1,0 +1,225 @@
+//! Where a command will write, checked before it writes anything: no output is one of its
+//! inputs, no two outputs are one file, and no output lands inside a folder it must not touch
+//! (a model folder). Paths are compared after resolving them, so two spellings of one place
+//! (`a/../b`, a symbolic link, a hard link) are caught whether or not the file exists yet.
+
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// `path` made absolute, with `.` and `..` folded and the symbolic links of every existing
+/// prefix resolved; the parts that do not exist yet are appended as written.
+pub fn resolve(path: &Path) -> PathBuf {
+    let absolute = std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            // `out` is canonical up to its last existing part, so popping is exact
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => {
+                out.push(other);
+                if let Ok(full) = out.canonicalize() {
+                    out = full;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `a` and `b` are one file or folder: the same resolved path, or (both existing) the
+/// same device and inode (hard links).
+pub fn same_place(a: &Path, b: &Path) -> bool {
+    if resolve(a) == resolve(b) {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    false
+}
+
+/// One planned output: the flag or case that asks for it, the path as given, and resolved.
+#[derive(Debug, Clone)]
+struct Planned {
+    source: String,
+    given: PathBuf,
+    resolved: PathBuf,
+}
+
+/// The files and folders a command will write, each checked as it is added.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    planned: Vec<Planned>,
+}
+
+impl Outputs {
+    /// No outputs yet.
+    pub fn new() -> Outputs {
+        Outputs::default()
+    }
+
+    /// Adds `path`, written for `source` (a flag such as `--csv`, or a case); refuses a path
+    /// that another output already takes, or that lies inside or around another output folder.
+    pub fn add(&mut self, source: &str, path: &Path) -> Result<()> {
+        let resolved = resolve(path);
+        for other in &self.planned {
+            if other.resolved == resolved
+                || resolved.starts_with(&other.resolved)
+                || other.resolved.starts_with(&resolved)
+            {
+                bail!(
+                    "{source} and {} would both write {}{}; give them different outputs",
+                    other.source,
+                    path.display(),
+                    if other.given == path {
+                        String::new()
+                    } else {
+                        format!(" (also named {})", other.given.display())
+                    }
+                );
+            }
+        }
+        self.planned.push(Planned {
+            source: source.to_string(),
+            given: path.to_path_buf(),
+            resolved,
+        });
+        Ok(())
+    }
+
+    /// Refuses an output that is one of `inputs` (`(what, path)`, e.g. `("--label", l)`).
+    pub fn refuse_inputs(&self, inputs: &[(&str, &Path)]) -> Result<()> {
+        for output in &self.planned {
+            for (what, input) in inputs {
+                if same_place(&output.given, input) {
+                    bail!(
+                        "{} {} is the input {what} {}: it would be overwritten; choose another output",
+                        output.source,
+                        output.given.display(),
+                        input.display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses an output inside `folder` (or the folder itself), which `what` names (e.g.
+    /// "the model folder").
+    pub fn refuse_inside(&self, folder: &Path, what: &str) -> Result<()> {
+        let folder_resolved = resolve(folder);
+        for output in &self.planned {
+            if output.resolved.starts_with(&folder_resolved) {
+                bail!(
+                    "{} ({}) lies inside {what} {}: writing there could overwrite it; write \
+                     elsewhere",
+                    output.given.display(),
+                    output.source,
+                    folder.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_place_are_one_output() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = dir.path().join("a.nii.gz");
+        let mut outputs = Outputs::new();
+        outputs.add("--output", &a).expect("first");
+        let other = dir.path().join("sub").join("..").join("a.nii.gz");
+        let err = outputs.add("--png", &other).expect_err("same file");
+        assert!(err.to_string().contains("--output"), "{err}");
+        // a file inside a planned output folder collides with it too
+        outputs
+            .add("case x", &dir.path().join("p"))
+            .expect("folder");
+        assert!(outputs.add("case y", &dir.path().join("p/q")).is_err());
+        assert!(outputs.add("case z", &dir.path().join("b.nii.gz")).is_ok());
+    }
+
+    #[test]
+    fn an_input_or_a_protected_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let label = dir.path().join("label.nii.gz");
+        std::fs::write(&label, b"x").expect("write");
+        let link = dir.path().join("link.nii.gz");
+        std::fs::hard_link(&label, &link).expect("link");
+        let mut outputs = Outputs::new();
+        outputs.add("--csv", &link).expect("add");
+        assert!(outputs.refuse_inputs(&[("--label", &label)]).is_err());
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).expect("model");
+        let mut outputs = Outputs::new();
+        outputs
+            .add(
+                "--output",
+                &model.join("x").join("..").join("model.safetensors"),
+            )
+            .expect("add");
+        let err = outputs
+            .refuse_inside(&model, "the model folder")
+            .expect_err("inside");
+        assert!(err.to_string().contains("model folder"), "{err}");
+    }
+}
+
+/// Temporary files and folders being written now, removed by [`remove_unfinished`] when a
+/// signal ends the process before they are renamed into place.
+static UNFINISHED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `path` as unfinished until the returned guard is dropped (after the rename, or on an
+/// error, when its owner removes it).
+#[must_use = "the path is tracked only while the guard lives"]
+pub fn track_unfinished(path: &Path) -> Unfinished {
+    if let Ok(mut list) = UNFINISHED.lock() {
+        list.push(path.to_path_buf());
+    }
+    Unfinished {
+        path: path.to_path_buf(),
+    }
+}
+
+/// A path tracked by [`track_unfinished`].
+#[derive(Debug)]
+pub struct Unfinished {
+    path: PathBuf,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Ok(mut list) = UNFINISHED.lock()
+            && let Some(i) = list.iter().rposition(|p| *p == self.path)
+        {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// Removes every unfinished temporary file or folder (for a process about to exit on a signal:
+/// an interrupted `export` or `import` leaves no hidden folder behind).
+pub fn remove_unfinished() {
+    let paths = match UNFINISHED.lock() {
+        Ok(mut list) => std::mem::take(&mut *list),
+        Err(_) => return,
+    };
+    for path in paths {
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+    }
+}
