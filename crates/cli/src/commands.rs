@@ -63,55 +63,56 @@ fn parse_window(text: &str) -> Result<[f64; 4], String> {
 /// `cwseg train`.
 #[derive(Args)]
 pub struct TrainArgs {
-    /// A TOML run configuration (flags override it).
+    /// A TOML run configuration (flags override it; what neither sets takes the default shown).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Data: `synthetic`, an MSD / nnU-Net folder or a BraTS folder.
+    /// Data: `synthetic`, an MSD / nnU-Net folder or a BraTS folder [default: synthetic].
     #[arg(long)]
     data: Option<String>,
     /// A split file (`{"train": [...], "val": [...], "test": [...]}`).
     #[arg(long)]
     split: Option<PathBuf>,
     /// Network name: unet, vnet, unetr (its position embeddings take the patch size) or
-    /// deeplabv3; a `[model]` table in --config sets its fields.
+    /// deeplabv3; a `[model]` table in --config sets its fields [default: unet].
     #[arg(long)]
     model: Option<String>,
-    /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary).
+    /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary)
+    /// [default: cwcd].
     #[arg(long)]
     loss: Option<String>,
     /// Loss configuration as JSON (`{"name": "cwcd", "lambda": 1.0}`).
     #[arg(long)]
     loss_config: Option<String>,
-    /// Patch size z,y,x.
+    /// Patch size z,y,x [default: 32,32,32].
     #[arg(long, value_parser = parse_triple)]
     patch: Option<[usize; 3]>,
-    /// Patches per batch.
+    /// Patches per batch [default: 2].
     #[arg(long)]
     batch: Option<usize>,
-    /// Epochs.
+    /// Epochs [default: 10].
     #[arg(long)]
     epochs: Option<usize>,
-    /// Batches per epoch.
+    /// Batches per epoch [default: 20].
     #[arg(long)]
     batches_per_epoch: Option<usize>,
-    /// Optimizer.
+    /// Optimizer [default: adam].
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerArg>,
-    /// Learning rate.
+    /// Learning rate [default: 0.0003].
     #[arg(long)]
     lr: Option<f64>,
-    /// Learning-rate schedule.
+    /// Learning-rate schedule [default: step].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
-    /// Seed.
+    /// Seed [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda` or `cuda:N` [default: cpu].
     #[arg(long)]
     device: Option<String>,
     /// Convolution precision, `f32`, `bf16` (bf16 inputs, f32 accumulation: on CUDA, or
     /// where the CPU has AMX-BF16) or `f16` (CUDA only, with dynamic loss scaling); else f32
-    /// with a warning.
+    /// with a warning [default: f32].
     #[arg(long)]
     precision: Option<cwseg_models::Precision>,
     /// Run folder.
@@ -448,7 +449,12 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 args.input.display()
             );
         }
+        let all = inputs.len();
         inputs = shard.select(inputs);
+        if inputs.is_empty() {
+            println!("shard {shard}: no case ({all} in {})", args.input.display());
+            return Ok(());
+        }
     }
     if single {
         if args.output.is_dir() {
@@ -522,7 +528,11 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         finish(writing)
     })?;
     bar.finish_and_clear();
-    println!("predictions written to {}", args.output.display());
+    println!(
+        "{} prediction(s) written to {}",
+        bar.length().unwrap_or(0),
+        args.output.display()
+    );
     Ok(())
 }
 
@@ -575,12 +585,12 @@ pub struct EvaluateArgs {
     #[arg(long, value_enum)]
     regions: Option<RegionsArg>,
     /// NSD tolerance in mm.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     tolerance: f64,
     /// Print the JSON report instead of the table (layout in the README, "For MONAI users").
     #[arg(long)]
     json: bool,
-    /// Also write per-case rows as CSV.
+    /// Also write per-case rows as CSV (`-`: to standard output).
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Label values to score besides those found in the predictions and labels (comma
@@ -602,23 +612,60 @@ enum RegionsArg {
 }
 
 /// Warns when `--regions brats` scores labels that hold no BraTS enhancing-tumour value 4 in any
-/// case, or hold a 3 (BraTS 2023 relabelled ET as 3; these regions read 4).
+/// case, or hold values outside {0, 1, 2, 4} (BraTS 2023 relabelled ET as 3; these regions read
+/// 4, and any other value counts in no region).
 fn warn_without_brats_values(runs: &[Vec<(String, cwseg_data::LabelMap, cwseg_data::LabelMap)>]) {
-    let labels = runs.iter().flatten().map(|(_, _, l)| l);
-    let (mut four, mut three) = (false, false);
-    for label in labels {
-        four |= label.data.iter().any(|&v| v == 4);
-        three |= label.data.iter().any(|&v| v == 3);
+    let mut seen = [false; 256];
+    for (_, prediction, label) in runs.iter().flatten() {
+        for &v in label.data.iter().chain(prediction.data.iter()) {
+            seen[v as usize] = true;
+        }
     }
-    if three {
+    let others: Vec<String> = (0..256)
+        .filter(|&v| seen[v] && ![0, 1, 2, 4].contains(&v))
+        .map(|v| v.to_string())
+        .collect();
+    if !others.is_empty() {
         eprintln!(
-            "warning: --regions brats: the labels hold the value 3; these regions read BraTS 2018–2021 labels (ET = 4, no 3), so a 3 counts in no region"
+            "warning: --regions brats: the volumes hold the value(s) {}; these regions read BraTS 2018–2021 labels (1 NCR, 2 ED, 4 ET; BraTS 2023's ET is 3), so those voxels count in no region",
+            others.join(", ")
         );
-    } else if !four {
+    }
+    if !seen[4] {
         eprintln!(
             "warning: --regions brats: no label holds the BraTS enhancing-tumour value 4; TC and ET are empty in every case"
         );
     }
+}
+
+/// The run names of `evaluate`: `--name` in order, else each prediction's folder or file name;
+/// two runs of one name are refused (their columns and reports could not be told apart).
+fn run_names(args: &EvaluateArgs) -> Result<Vec<String>> {
+    if args.name.len() > args.pred.len() {
+        bail!(
+            "{} --name for {} --pred; give one name per prediction",
+            args.name.len(),
+            args.pred.len()
+        );
+    }
+    let names: Vec<String> = args
+        .pred
+        .iter()
+        .enumerate()
+        .map(|(r, pred)| {
+            args.name.get(r).cloned().unwrap_or_else(|| {
+                pred.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("run {r}"))
+            })
+        })
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            bail!("two runs are named `{name}`; give each --pred its own --name");
+        }
+    }
+    Ok(names)
 }
 
 /// `cwseg evaluate`.
@@ -628,17 +675,25 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
         AggregateArg::Monai => Aggregate::Monai,
         AggregateArg::Nnunet => Aggregate::Nnunet,
     };
+    if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
+        bail!(
+            "--tolerance {}: the NSD tolerance is a distance in mm, finite and ≥ 0",
+            args.tolerance
+        );
+    }
+    let names = run_names(&args)?;
     // every class of the predictions ∪ labels ∪ the class list: false positives count
     let mut present: BTreeSet<u8> = args.classes.iter().copied().filter(|&v| v != 0).collect();
     if args.classes.is_empty() {
         present.extend(cwseg_train::evaluate::dataset_json_labels(&args.label)?);
     }
+    let ignore = cwseg_train::evaluate::dataset_json_ignore(&args.label)?;
     let pairs = args
         .pred
         .iter()
         .map(|pred| cwseg_train::evaluate::case_pairs(pred, &args.label))
         .collect::<Result<Vec<_>>>()?;
-    if let Some(csv) = &args.csv {
+    if let Some(csv) = args.csv.as_ref().filter(|c| c.as_os_str() != "-") {
         let mut outputs = cwseg_train::outputs::Outputs::new();
         outputs.add("--csv", csv)?;
         let read: Vec<(&str, &Path)> = pairs
@@ -652,9 +707,12 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     for run in pairs {
         let mut loaded = Vec::new();
         for (case, p, l) in run {
-            let label = read_label(&l, &ReadOptions::default())?;
-            let prediction = read_label(&p, &ReadOptions::default())?;
+            let mut label = read_label(&l, &ReadOptions::default())?;
+            let mut prediction = read_label(&p, &ReadOptions::default())?;
             cwseg_train::evaluate::check_same_grid(&p, &prediction.geometry, &l, &label.geometry)?;
+            if let Some(ignore) = ignore {
+                cwseg_train::evaluate::mask_ignored(&mut prediction.data, &mut label.data, ignore);
+            }
             for v in label.data.iter().chain(prediction.data.iter()) {
                 if *v != 0 {
                     present.insert(*v);
@@ -672,7 +730,7 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
         .iter_mut()
         .for_each(|c| c.nsd_tolerance_mm = args.tolerance);
     let mut runs = Vec::new();
-    for (r, (pred, loaded)) in args.pred.iter().zip(&loaded_runs).enumerate() {
+    for (r, loaded) in loaded_runs.iter().enumerate() {
         let cases = loaded
             .iter()
             .map(|(case, p, l)| {
@@ -686,12 +744,7 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
                 .map_err(anyhow::Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
-        let name = args.name.get(r).cloned().unwrap_or_else(|| {
-            pred.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| format!("run {r}"))
-        });
-        runs.push((name, cases));
+        runs.push((names[r].clone(), cases));
     }
     let summaries: Vec<_> = runs.iter().map(|(_, c)| summarize(c, aggregate)).collect();
     if let Some(path) = &args.csv {
@@ -712,7 +765,11 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
             }
             text
         };
-        cwseg_data::dataset::write_atomic(path, text.as_bytes())?;
+        if path.as_os_str() == "-" {
+            print!("{text}");
+        } else {
+            cwseg_data::dataset::write_atomic(path, text.as_bytes())?;
+        }
     }
     if args.regions.is_some() {
         warn_without_brats_values(&loaded_runs);
@@ -721,7 +778,13 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
         let reports: Vec<_> = runs
             .iter()
             .zip(&summaries)
-            .map(|((_, c), s)| json_report(c, s))
+            .map(|((name, c), s)| {
+                let mut report = json_report(c, s);
+                if runs.len() > 1 {
+                    report["name"] = json!(name);
+                }
+                report
+            })
             .collect();
         let out = if reports.len() == 1 {
             reports.into_iter().next().unwrap_or_default()
@@ -973,8 +1036,9 @@ pub struct ModelArgs {
     /// Network name.
     #[arg(long, default_value = "unet")]
     name: String,
-    /// Network configuration JSON (`{"name": "unet", "filters": 32}`), overrides --name; its
-    /// fields (channels, classes, UNETR's img_size) hold unless a flag below is given.
+    /// Network configuration: JSON text (`{"name": "unet", "filters": 32}`) or a JSON file;
+    /// overrides --name; its fields (channels, classes, UNETR's img_size) hold unless a flag
+    /// below is given.
     #[arg(long)]
     config: Option<String>,
     /// Input channels [default: 1, or the config's].
@@ -995,8 +1059,13 @@ pub struct ModelArgs {
 pub fn model(args: ModelArgs) -> Result<()> {
     let config = match &args.config {
         Some(text) => {
-            let c = serde_json::from_str::<ModelConfig>(text)
-                .context("--config: not a network configuration")?;
+            // JSON text, or the path of a JSON file
+            let (text, source) = match std::fs::read_to_string(text) {
+                Ok(file) => (file, text.clone()),
+                Err(_) => (text.clone(), "--config".to_string()),
+            };
+            let c = serde_json::from_str::<ModelConfig>(text.trim_start_matches('\u{feff}'))
+                .with_context(|| format!("{source}: not a network configuration"))?;
             c.with_io(
                 args.in_channels.unwrap_or(c.in_channels()),
                 args.classes.unwrap_or(c.classes()),

@@ -313,7 +313,12 @@ fn main() -> ExitCode {
     cwseg_models::alloc::retain_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if cli.verbose { "info" } else { "warn" })
+        // an experiment's "run i/N" lines show by default; other details with -v
+        tracing_subscriber::EnvFilter::new(if cli.verbose {
+            "info"
+        } else {
+            "warn,cwseg_train::experiment=info"
+        })
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -143,3 +143,179 @@ fn the_cycle_finder_finds_a_cycle() {
         "use crate::target::one_hot; // crate::fused in a comment\nlet x = crate::fused::reduce;";
     assert_eq!(references(text, &modules), modules);
 }
+
+/// Every `.rs` file under `crates/*/{src,tests,examples,benches}`, relative to `crates/`.
+fn workspace_sources() -> Vec<(String, String)> {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for entry in fs::read_dir(&crates).expect("the crates folder").flatten() {
+        for part in ["src", "tests", "examples", "benches"] {
+            let dir = entry.path().join(part);
+            if dir.is_dir() {
+                rust_files(&dir, &mut files);
+            }
+        }
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let name = f
+                .strip_prefix(&crates)
+                .expect("under crates")
+                .to_string_lossy()
+                .into_owned();
+            (name, fs::read_to_string(&f).expect("a source file"))
+        })
+        .collect()
+}
+
+/// The code of `text` without `//` comments (string contents are kept: good enough for
+/// keywords that do not appear in strings here).
+fn code_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(|line| line.split("//").next().unwrap_or_default())
+}
+
+/// ARCHITECTURE.md's invariant: `unsafe` only in the files it lists (the kernels of
+/// `cwseg-ops`, the CUDA launches, `mallopt`, device queries, the emulation harness and the
+/// counting allocator of one test).
+#[test]
+fn unsafe_code_lives_only_where_the_architecture_allows() {
+    const ALLOWED: &[&str] = &[
+        "ops/src/direct.rs",
+        "ops/src/direct/slab.rs",
+        "ops/src/direct/avx512.rs",
+        "ops/src/direct/avx2.rs",
+        "ops/src/direct/amx.rs",
+        "ops/src/patches.rs",
+        "ops/src/vol2col.rs",
+        "ops/src/alloc.rs",
+        "ops/src/cudnn.rs",
+        "ops/src/cudnn_pool.rs",
+        "ops/src/cuda_layers.rs",
+        "ops/examples/fma_peak.rs",
+        "ops/tests/cuda_kernels_emulated.rs",
+        "losses/src/fused_cuda.rs",
+        "losses/src/fused_emulated.rs",
+        "train/src/device.rs",
+        "models/tests/activation_memory.rs",
+        "cuda-emulate/src/lib.rs",
+    ];
+    let keyword = |line: &str| {
+        ["unsafe {", "unsafe fn", "unsafe impl", "unsafe extern"]
+            .iter()
+            .any(|k| line.contains(k))
+    };
+    let mut found = BTreeSet::new();
+    for (name, text) in workspace_sources() {
+        // this file names the keywords it looks for
+        if name != "cli/tests/architecture.rs" && code_lines(&text).any(keyword) {
+            found.insert(name);
+        }
+    }
+    let outside: Vec<&String> = found
+        .iter()
+        .filter(|f| !ALLOWED.contains(&f.as_str()))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "unsafe outside the allowed files: {outside:?}"
+    );
+    assert!(
+        !found.iter().any(|f| f.starts_with("models/src")),
+        "cwseg-models' sources hold no unsafe code"
+    );
+    assert!(found.len() >= 10, "the scan found only {found:?}");
+}
+
+/// ARCHITECTURE.md's invariant: library crates do not print (their tests may); `cwseg-nvcc`
+/// prints cargo's directives from build scripts, which is its job.
+#[test]
+fn libraries_do_not_print() {
+    const LIBRARIES: &[&str] = &[
+        "morphology/src",
+        "metrics/src",
+        "data/src",
+        "losses/src",
+        "ops/src",
+        "models/src",
+        "train/src",
+    ];
+    const TEST_ONLY: &[&str] = &["losses/src/fused_emulated.rs"];
+    let mut printing = Vec::new();
+    for (name, text) in workspace_sources() {
+        if !LIBRARIES.iter().any(|l| name.starts_with(l)) || TEST_ONLY.contains(&name.as_str()) {
+            continue;
+        }
+        // a file's unit tests come after its `#[cfg(test)]` line
+        let before_tests = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let prints = code_lines(before_tests).any(|line| {
+            ["println!", "print!(", "eprintln!", "eprint!("]
+                .iter()
+                .any(|m| line.contains(m))
+        });
+        if prints {
+            printing.push(name);
+        }
+    }
+    assert!(
+        printing.is_empty(),
+        "library sources that print: {printing:?}"
+    );
+}
+
+/// ARCHITECTURE.md's invariant: dependencies point down the crate map (morphology, metrics,
+/// data, losses, ops, models, train, cli); `nvcc` and `cuda-emulate` are only build- and
+/// dev-dependencies; nothing depends on the CLI.
+#[test]
+fn dependencies_point_down_the_crate_map() {
+    const ORDER: &[&str] = &[
+        "morphology",
+        "metrics",
+        "data",
+        "losses",
+        "ops",
+        "models",
+        "train",
+        "cli",
+    ];
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    for (rank, name) in ORDER.iter().enumerate() {
+        let manifest = fs::read_to_string(crates.join(name).join("Cargo.toml")).expect("manifest");
+        let mut section = String::new();
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                section = line.to_string();
+                continue;
+            }
+            let Some(dependency) = line.strip_prefix("cwseg-") else {
+                continue;
+            };
+            let dependency: String = dependency
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            let normal = section == "[dependencies]" || section.ends_with(".dependencies]");
+            if ["nvcc", "cuda-emulate"].contains(&dependency.as_str()) {
+                assert!(
+                    !normal,
+                    "{name} depends on cwseg-{dependency} beyond build or tests"
+                );
+                continue;
+            }
+            let Some(target) = ORDER.iter().position(|o| *o == dependency) else {
+                panic!("{name}: cwseg-{dependency} is not in the crate map");
+            };
+            if normal {
+                assert!(
+                    target < rank,
+                    "{name} depends on cwseg-{dependency}, which the map puts above it"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 12, "found only {checked} dependencies");
+}

@@ -649,3 +649,210 @@ name = "ce"
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }
+
+/// Second tour, weak spots: each now a clear refusal or the expected output.
+#[test]
+fn weak_spots_of_the_second_tour() {
+    let dir = tempfile::tempdir().expect("dir");
+    let label = dir.path().join("label.nii.gz");
+    write_labels(&label);
+    // `model --config` takes a file as well as JSON text
+    let config = dir.path().join("net.json");
+    std::fs::write(&config, r#"{"name": "unet", "filters": 4, "depth": 2}"#).expect("config");
+    let out = ok(&[
+        "model",
+        "--config",
+        s(&config),
+        "--size",
+        "16,16,16",
+        "--json",
+    ]);
+    assert!(out.contains("parameters"), "{out}");
+    // evaluate: duplicate run names refused; several runs' reports carry their names; CSV to
+    // standard output; a negative tolerance refused before any file is read
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        s(&label),
+        "--pred",
+        s(&label),
+        "--label",
+        s(&label),
+        "--name",
+        "a",
+        "--name",
+        "a",
+    ]);
+    assert!(err.contains("`a`"), "{err}");
+    let json = ok(&[
+        "evaluate",
+        "--pred",
+        s(&label),
+        "--pred",
+        s(&label),
+        "--label",
+        s(&label),
+        "--name",
+        "a",
+        "--name",
+        "b",
+        "--json",
+    ]);
+    let reports: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(reports[1]["name"], "b", "{json}");
+    let csv = ok(&[
+        "evaluate",
+        "--pred",
+        s(&label),
+        "--label",
+        s(&label),
+        "--csv",
+        "-",
+    ]);
+    assert!(csv.starts_with("case,"), "{csv}");
+    assert!(!Path::new("-").exists());
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        s(&label),
+        "--label",
+        s(&label),
+        "--tolerance",
+        "-1",
+    ]);
+    assert!(err.contains("--tolerance"), "{err}");
+    // degenerate losses
+    for (text, field) in [
+        (r#"{"name":"tversky","alpha":0,"beta":0}"#, "alpha"),
+        (r#"{"name":"ce","class_weights":[0,0,0]}"#, "class_weights"),
+        ("\u{feff}{\"name\":\"cwcd\",\"lambda\":-1}", "lambda"),
+    ] {
+        let path = dir.path().join("loss.json");
+        std::fs::write(&path, text).expect("loss");
+        let err = fails(&[
+            "loss",
+            "--logits",
+            "x.npy",
+            "--labels",
+            "y.npy",
+            "--config",
+            s(&path),
+        ]);
+        assert!(err.contains(field), "{text}: {err}");
+    }
+    // model cards: a post-processing class the network lacks, a zero spacing
+    let image = dir.path().join("img.nii.gz");
+    write_image(&image);
+    for (name, edit, field) in [
+        (
+            "post",
+            Box::new(|c: &mut serde_json::Value| {
+                c["postprocessing"]["keep_largest"][0]["classes"] = serde_json::json!([99]);
+            }) as CardEdit,
+            "postprocessing",
+        ),
+        (
+            "spacing",
+            Box::new(|c: &mut serde_json::Value| {
+                c["preprocessing"]["spacing"] = serde_json::json!([0.0, 1.0, 1.0]);
+            }),
+            "preprocessing.spacing",
+        ),
+    ] {
+        let model = edited_model(dir.path(), name, edit);
+        let err = fails(&[
+            "predict",
+            "--model",
+            s(&model),
+            "--input",
+            s(&image),
+            "--output",
+            s(&dir.path().join("o.nii.gz")),
+        ]);
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{name}: {err}"
+        );
+    }
+    let err = fails(&[
+        "predict",
+        "--model",
+        s(&dir.path().join("nothing")),
+        "--input",
+        s(&image),
+        "--output",
+        s(&dir.path().join("o.nii.gz")),
+    ]);
+    assert!(err.contains("neither a model folder"), "{err}");
+    // a shard with no case says so
+    let folder = dir.path().join("one");
+    std::fs::create_dir_all(&folder).expect("dir");
+    write_image(&folder.join("a.nii.gz"));
+    let said = ok(&[
+        "predict",
+        "--model",
+        s(&phantom_model()),
+        "--input",
+        s(&folder),
+        "--output",
+        s(&dir.path().join("sharded")),
+        "--shard",
+        "1/3",
+    ]);
+    assert!(said.contains("no case"), "{said}");
+}
+
+/// nnU-Net v2's `ignore` label of a `dataset.json` is left out of the scores (not a failing
+/// class), and `--regions brats` warns about values outside {0, 1, 2, 4}.
+#[test]
+fn ignored_voxels_are_not_scored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let labels = dir.path().join("labels");
+    let preds = dir.path().join("preds");
+    for folder in [&labels, &preds] {
+        std::fs::create_dir_all(folder).expect("dir");
+    }
+    write_labels(&labels.join("a.nii.gz"));
+    let geometry = cwseg_data::Geometry::new([16, 24, 24], [1.0; 3]);
+    let mut with_ignore = cwseg_data::read_label(labels.join("a.nii.gz"), &Default::default())
+        .expect("labels")
+        .data;
+    with_ignore.slice_mut(ndarray::s![0..2, .., ..]).fill(255);
+    cwseg_data::write_volume(labels.join("a.nii.gz"), &with_ignore, &geometry).expect("w");
+    write_labels(&preds.join("a.nii.gz"));
+    std::fs::write(
+        dir.path().join("dataset.json"),
+        r#"{"labels": {"background": 0, "box": 1, "ignore": 255}}"#,
+    )
+    .expect("dataset.json");
+    let report = ok(&[
+        "evaluate",
+        "--pred",
+        s(&preds),
+        "--label",
+        s(&labels),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let classes = report["cases"][0]["classes"].as_object().expect("classes");
+    assert!(!classes.contains_key("255"), "{report}");
+    assert_eq!(classes["1"]["dice"], 1.0, "{report}");
+    let seven = dir.path().join("seven.nii.gz");
+    let mut data = with_ignore.mapv(|v| if v == 255 { 7 } else { v });
+    data[[8, 12, 12]] = 4;
+    cwseg_data::write_volume(&seven, &data, &geometry).expect("w");
+    let out = common::cwseg(&[
+        "evaluate",
+        "--pred",
+        s(&seven),
+        "--label",
+        s(&seven),
+        "--regions",
+        "brats",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("value(s) 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,5 +1,5 @@
-// The kernels of crates/models/src/cuda/layers.cu on the CPU (cuda_shim.h), driven as
-// crates/models/src/cuda_layers.rs drives them: the same launch shapes (256 threads; grid-stride
+// The kernels of crates/ops/src/cuda/layers.cu on the CPU (cuda_shim.h), driven as
+// crates/ops/src/cuda_layers.rs drives them: the same launch shapes (256 threads; grid-stride
 // blocks; row sums split into chunks of 4096 values, rows under 64 values a thread each), the
 // same sequence of kernels, and the statistics combined in f64 as its candle reductions do.
 // A C interface on float arrays (cwseg-cuda-emulate, scripts/emulate_cuda_layers.py); `dtype` 0 f32,
@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "../../models/src/cuda/layers.cu"
+#include "../../ops/src/cuda/layers.cu"
 
 namespace {
 constexpr unsigned THREADS = 256;

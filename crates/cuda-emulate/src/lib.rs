@@ -39,7 +39,7 @@ pub enum EmulationError {
 /// Which kernel file to emulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// `crates/models/src/cuda/layers.cu` through `harness/layers.cpp`: `emu_activation`,
+    /// `crates/ops/src/cuda/layers.cu` through `harness/layers.cpp`: `emu_activation`,
     /// `emu_prelu`, `emu_norm`, `emu_softmax`.
     Layers,
     /// `crates/losses/src/cuda/loss_sums.cu` through `harness/loss_sums.cpp`: `emu_loss_sums`.

@@ -244,7 +244,8 @@ impl PhantomConfig {
             || self.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0))
         {
             return Err(DataError::Invalid(format!(
-                "phantom noise, bias and blur must be finite and non-negative, spacing positive: {self:?}"
+                "phantom noise {}, bias {} and blur {} must be finite and non-negative, spacing {:?} positive",
+                self.noise, self.bias, self.blur, self.spacing
             )));
         }
         Ok(())

@@ -51,6 +51,7 @@ impl LossConfig {
 
     /// Parses a JSON configuration and checks its numbers ([`LossConfig::validate`]).
     pub fn from_json(text: &str) -> Result<Self> {
+        let text = text.trim_start_matches('\u{feff}');
         let config: LossConfig = serde_json::from_str(text).map_err(|e| LossError::Config {
             loss: "config",
             what: e.to_string(),
@@ -72,13 +73,29 @@ impl LossConfig {
         if matches!(self, LossConfig::Sdl(_) | LossConfig::Cwcd(_))
             && value["alpha"].as_f64().is_some_and(|a| a > 1.0)
         {
-            bad.push(format!("alpha = {} (at most 1)", value["alpha"]));
+            bad.push(format!("alpha = {}: at most 1", value["alpha"]));
+        }
+        if matches!(self, LossConfig::Tversky(_))
+            && value["alpha"].as_f64().unwrap_or(0.0) + value["beta"].as_f64().unwrap_or(0.0) <= 0.0
+        {
+            bad.push(format!(
+                "alpha = {}, beta = {} (α + β > 0, or every Tversky index is 1)",
+                value["alpha"], value["beta"]
+            ));
+        }
+        for weights in find_key(&value, "class_weights") {
+            let all_zero = weights
+                .as_array()
+                .is_some_and(|w| !w.is_empty() && w.iter().all(|v| v.as_f64() == Some(0.0)));
+            if all_zero {
+                bad.push("class_weights all 0 (the loss would be 0 for any prediction)".into());
+            }
         }
         match bad.first() {
             None => Ok(()),
             Some(first) => Err(LossError::Config {
                 loss: self.build().name(),
-                what: format!("{first}: every number must be finite and non-negative"),
+                what: first.clone(),
             }),
         }
     }
@@ -141,6 +158,24 @@ pub const LOSS_NAMES: [&str; 12] = [
 
 /// Collects `path = value` for every number of `value` that is negative or not finite (NaN and
 /// infinities serialise as `null`, which a numeric field never is otherwise).
+/// Every value under the key `key`, at any depth of `value`.
+fn find_key<'a>(value: &'a serde_json::Value, key: &str) -> Vec<&'a serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .flat_map(|(k, v)| {
+                let mut found = find_key(v, key);
+                if k == key {
+                    found.push(v);
+                }
+                found
+            })
+            .collect(),
+        serde_json::Value::Array(items) => items.iter().flat_map(|v| find_key(v, key)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn check_numbers(value: &serde_json::Value, path: &str, bad: &mut Vec<String>) {
     let join = |key: &str| {
         if path.is_empty() {
@@ -151,10 +186,14 @@ fn check_numbers(value: &serde_json::Value, path: &str, bad: &mut Vec<String>) {
     };
     match value {
         serde_json::Value::Number(n) if n.as_f64().is_none_or(|v| !v.is_finite() || v < 0.0) => {
-            bad.push(format!("{path} = {n}"));
+            bad.push(format!(
+                "{path} = {n}: every number must be finite and non-negative"
+            ));
         }
         serde_json::Value::Null if !path.is_empty() && !OPTIONAL_FIELDS.contains(&path) => {
-            bad.push(format!("{path} is not a finite number"));
+            bad.push(format!(
+                "{path} is not a finite number: every number must be finite and non-negative"
+            ));
         }
         serde_json::Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {

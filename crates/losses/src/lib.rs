@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
+// a library reports through return values and `tracing`, never by printing (tests may print)
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 mod common;
 mod compound;

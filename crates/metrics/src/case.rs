@@ -129,7 +129,12 @@ pub fn evaluate_case<L: Label, D: Grid>(
             label: label.shape().to_vec(),
         });
     }
-    if spacing.len() != D::RANK || spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+    // distances are computed in f32: a voxel over a kilometre would overflow them
+    if spacing.len() != D::RANK
+        || spacing
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1e6))
+    {
         return Err(MetricsError::Spacing {
             spacing: spacing.to_vec(),
             rank: D::RANK,

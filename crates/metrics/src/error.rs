@@ -12,9 +12,9 @@ pub enum MetricsError {
         /// The label's shape.
         label: Vec<usize>,
     },
-    /// The spacing has the wrong length or a non-positive entry.
+    /// The spacing has the wrong length, a non-positive entry or one over 10^6 mm.
     #[error(
-        "spacing {spacing:?} must have {rank} finite positive entries (mm, in array axis order)"
+        "spacing {spacing:?} must have {rank} positive entries of at most 10^6 mm (in array axis order)"
     )]
     Spacing {
         /// The spacing given.

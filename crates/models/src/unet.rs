@@ -205,7 +205,9 @@ impl UNet {
             || config.depth > 6
         {
             return Err(ModelError::Config(format!(
-                "U-Net needs in_channels ≥ 1, classes ≥ 2, filters ≥ 1 and depth in 1..=6: {config:?}"
+                "U-Net needs in_channels ≥ 1, classes ≥ 2, filters ≥ 1 and depth in 1..=6: \
+                 in_channels {}, classes {}, filters {}, depth {}",
+                config.in_channels, config.classes, config.filters, config.depth
             )));
         }
         let width = |l: usize| config.filters << l;

@@ -200,6 +200,13 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Network, ModelCard, P
     } else {
         path.to_path_buf()
     };
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "{}: neither a model folder (config.json and model.safetensors) nor a run folder \
+             with a best/ checkpoint",
+            path.display()
+        );
+    }
     let card = ModelCard::read(&dir)?;
     card.verify_weights(&dir)?;
     let network = card

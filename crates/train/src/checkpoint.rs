@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let name = dir
@@ -32,14 +32,30 @@ fn rename(from: &Path, to: &Path) -> Result<()> {
     fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))
 }
 
-/// Replaces the folder `dir` by the files `write` puts into the fresh folder it is given.
+/// Refuses to rename `tmp` into place when it is gone: removed while it was filled (by
+/// [`crate::outputs::remove_unfinished`], a process ending on a signal).
+fn check_still_there(tmp: &Path) -> Result<()> {
+    if !tmp.is_dir() {
+        bail!(
+            "{} was removed while it was written (interrupted); nothing was replaced",
+            tmp.display()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces the folder `dir` by the files `write` puts into the fresh folder it is given. The
+/// `.partial` folder is tracked ([`crate::outputs::track_unfinished`]) until it is renamed, so a
+/// process ending on a signal removes it.
 pub fn replace(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     recover(dir)?;
     let partial = sibling(dir, "partial");
     let previous = sibling(dir, "previous");
     remove_if_present(&partial)?;
     fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let _tracked = crate::outputs::track_unfinished(&partial);
     write(&partial)?;
+    check_still_there(&partial)?;
     if dir.exists() {
         rename(dir, &previous)?;
     }
@@ -69,7 +85,9 @@ pub fn recover(dir: &Path) -> Result<()> {
 }
 
 /// Writes the new folder `out` whole: `fill` writes into a temporary folder beside it, which is
-/// then renamed to `out`; on an error the temporary folder is removed and nothing is left.
+/// then renamed to `out`; on an error the temporary folder is removed and nothing is left. The
+/// temporary folder is tracked ([`crate::outputs::track_unfinished`]) until the rename, so a
+/// process ending on a signal (an interrupted `export` or `import`) removes it too.
 pub fn write_new_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = out
         .parent()
@@ -80,7 +98,9 @@ pub fn write_new_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         .prefix(".cwseg-model-")
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    let _tracked = crate::outputs::track_unfinished(tmp.path());
     fill(tmp.path())?;
+    check_still_there(tmp.path())?;
     let kept = tmp.keep();
     fs::rename(&kept, out).with_context(|| format!("moving the new folder to {}", out.display()))
 }

@@ -104,8 +104,8 @@ pub struct TrainConfig {
     /// Where the contour maps (and DWCE weights) of patches come from.
     pub contour_maps: ContourMaps,
     /// Convolution precision (`cwseg_models::precision`): bf16 on CUDA or where the CPU has
-    /// AMX-BF16, f16 on CUDA; else the run trains in f32 (with a warning) and its model card
-    /// says so.
+    /// AMX-BF16, f16 on CUDA; else the run trains in f32 (with a warning), and its model card
+    /// and its `train.toml` say so (a resume elsewhere keeps f32).
     pub precision: Precision,
     /// Loss scaling (dynamic by default where the precision in effect is f16).
     pub loss_scaling: LossScaling,

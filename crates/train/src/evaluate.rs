@@ -73,7 +73,7 @@ pub fn dataset_json_labels(label: &Path) -> Result<BTreeSet<u8>> {
         serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
     let mut values = BTreeSet::new();
     if let Some(labels) = json["labels"].as_object() {
-        for (key, value) in labels {
+        for (key, value) in labels.iter().filter(|(k, _)| *k != "ignore") {
             let v = key
                 .parse::<u64>()
                 .ok()
@@ -171,4 +171,50 @@ pub fn case_pairs(pred: &Path, label: &Path) -> Result<Vec<(String, PathBuf, Pat
         bail!("{}: no NIfTI label files", label.display());
     }
     Ok(out)
+}
+
+/// nnU-Net v2's `"ignore"` label value of the `dataset.json` beside or above `label`, if it
+/// declares one: voxels the annotators left unlabelled, which evaluation leaves out.
+pub fn dataset_json_ignore(label: &Path) -> Result<Option<u8>> {
+    let folder = if label.is_dir() {
+        label
+    } else {
+        label.parent().unwrap_or(label)
+    };
+    let Some(path) = [folder.join("dataset.json")]
+        .into_iter()
+        .chain(folder.parent().map(|p| p.join("dataset.json")))
+        .find(|p| p.is_file())
+    else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    match &json["labels"]["ignore"] {
+        serde_json::Value::Null => Ok(None),
+        value => match value.as_u64().and_then(|v| u8::try_from(v).ok()) {
+            Some(v) => Ok(Some(v)),
+            None => bail!(
+                "{}: labels.ignore = {value} is not a label value in 0..=255",
+                path.display()
+            ),
+        },
+    }
+}
+
+/// Leaves out the voxels of the `ignore` label: background in both volumes where the label
+/// holds it (nnU-Net scores only the annotated voxels).
+pub fn mask_ignored(
+    prediction: &mut ndarray::Array3<u8>,
+    label: &mut ndarray::Array3<u8>,
+    ignore: u8,
+) {
+    ndarray::Zip::from(prediction).and(label).for_each(|p, l| {
+        if *l == ignore {
+            *p = 0;
+            *l = 0;
+        }
+    });
 }

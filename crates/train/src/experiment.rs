@@ -147,12 +147,15 @@ impl ExperimentConfig {
 
     /// Refuses two `[[table]]`s or `[[comparison]]`s of one name (each writes `NAME.md` and
     /// `NAME.csv`: the second would overwrite the first), and the name `results` (the
-    /// experiment's own `results.md`).
+    /// experiment's own `results.md`), and any name (the experiment's too) that is not a plain
+    /// file name.
     fn check_output_names(&self) -> Result<()> {
+        check_plain_name("name", &self.name)?;
         let mut seen = std::collections::BTreeSet::new();
         let names = self.tables.iter().map(|t| ("[[table]]", &t.name));
         let names = names.chain(self.comparisons.iter().map(|c| ("[[comparison]]", &c.name)));
         for (kind, name) in names {
+            check_plain_name(&format!("{kind} name"), name)?;
             if name == "results" {
                 bail!("{kind} name `results` is the experiment's own results.md; choose another");
             }
@@ -169,7 +172,8 @@ impl ExperimentConfig {
     /// other than the one the grid asks for now (its `train.toml`), naming the run, the field,
     /// the recorded and the new value: a finished run would be reused and the tables would
     /// claim a protocol nobody ran. `device` and `workers` may change; `epochs` may grow for a
-    /// run not yet finished (it is extended when resumed), not for a finished one.
+    /// run not yet finished (it is extended when resumed), not for a finished one; a run
+    /// recorded in f32 matches a precision not available on its device here (the fallback).
     pub fn check_recorded_runs(&self, runs_dir: &Path) -> Result<()> {
         for run in self.runs() {
             let dir = runs_dir.join(run.key());
@@ -178,9 +182,10 @@ impl ExperimentConfig {
             }
             let recorded = crate::trainer::read_run_config(&dir)?;
             let wanted = self.run_config(&run)?;
-            let done = is_done(&dir);
+            let done = is_done(&dir)?;
             let differing = crate::trainer::differences(&recorded, &wanted)?
                 .into_iter()
+                .filter(|d| d.field != "precision" || !fell_back(&recorded, &wanted))
                 .find(|d| d.field != "epochs" || done || wanted.epochs < recorded.epochs);
             if let Some(d) = differing {
                 bail!(
@@ -271,6 +276,28 @@ impl ExperimentConfig {
     }
 }
 
+/// Refuses a `name` that is not a plain file name (letters, digits, `_`, `-`, `.`, not starting
+/// with `.`): names become file and folder names, and `../x` would write outside the
+/// experiment's folder. `field` names the field in the message.
+fn check_plain_name(field: &str, name: &str) -> Result<()> {
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if name.is_empty() || name.starts_with('.') || !plain {
+        bail!(
+            "{field} `{name}` is not a plain name: use letters, digits, `_`, `-` and `.` (not first); it becomes a file name"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a run recorded in f32 is the `wanted` precision fallen back to f32 (training
+/// records the precision in effect): the precision is not available on the wanted device here.
+fn fell_back(recorded: &TrainConfig, wanted: &TrainConfig) -> bool {
+    recorded.precision == cwseg_models::Precision::F32
+        && parse_device(&wanted.device).map_or(true, |d| !wanted.precision.available_on(&d))
+}
+
 /// One run of the grid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunKey {
@@ -311,14 +338,24 @@ pub struct RunStatus {
     pub cwseg_version: String,
 }
 
-fn read_status(dir: &Path) -> Option<RunStatus> {
-    let text = fs::read_to_string(dir.join("status.json")).ok()?;
-    serde_json::from_str(&text).ok()
+/// The run's `status.json`: `None` where there is none (a run not started), an error naming the
+/// file where it cannot be read or parsed (never taken for a pending run).
+fn read_status(dir: &Path) -> Result<Option<RunStatus>> {
+    let path = dir.join("status.json");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => bail!("{}: {e}", path.display()),
+    };
+    match serde_json::from_str(&text) {
+        Ok(status) => Ok(Some(status)),
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
 }
 
 /// Whether the run in `dir` has predicted its test cases.
-fn is_done(dir: &Path) -> bool {
-    read_status(dir).is_some_and(|s| s.state == "done")
+fn is_done(dir: &Path) -> Result<bool> {
+    Ok(read_status(dir)?.is_some_and(|s| s.state == "done"))
 }
 
 fn write_status(dir: &Path, status: &RunStatus) -> Result<()> {
@@ -352,7 +389,8 @@ pub struct ExperimentOptions {
 }
 
 /// Every run of the grid (of `shard`, if given), in training order, with its state (`pending`,
-/// `training`, `predicting`, `done`) in `out` (default: the file's output folder).
+/// `training`, `predicting`, `done`, or `unreadable (FILE: reason)` for a `status.json` that
+/// cannot be read) in `out` (default: the file's output folder).
 pub fn list(
     config: &ExperimentConfig,
     out: Option<&Path>,
@@ -366,8 +404,10 @@ pub fn list(
     };
     runs.iter()
         .map(|run| {
-            let state = read_status(&out.join("runs").join(run.key()))
-                .map_or_else(|| "pending".to_string(), |s| s.state);
+            let state = match read_status(&out.join("runs").join(run.key())) {
+                Ok(status) => status.map_or_else(|| "pending".to_string(), |s| s.state),
+                Err(e) => format!("unreadable ({e})"),
+            };
             (run.key(), state)
         })
         .collect()
@@ -382,6 +422,10 @@ pub fn run(
 ) -> Result<String> {
     let out = options.out.clone().unwrap_or_else(|| config.out_dir());
     let runs_dir = out.join("runs");
+    if options.collect {
+        // before anything is written: a mistyped --out must not become a folder of NaN tables
+        check_some_done(config, &runs_dir)?;
+    }
     // before experiment.toml records this grid's protocol
     config.check_recorded_runs(&runs_dir)?;
     fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
@@ -397,10 +441,10 @@ pub fn run(
     let shard = options.shard.unwrap_or(Shard::ALL);
     for (i, run) in runs.iter().enumerate() {
         let dir = runs_dir.join(run.key());
-        if !shard.contains(i) || is_done(&dir) {
+        if !shard.contains(i) || is_done(&dir)? {
             continue;
         }
-        eprintln!("run {}/{}: {}", i + 1, runs.len(), run.key());
+        tracing::info!("run {}/{}: {}", i + 1, runs.len(), run.key());
         run_one(config, run, &dir, &data_dir, hooks)?;
     }
     match options.shard {
@@ -410,6 +454,26 @@ pub fn run(
             out.display()
         )),
     }
+}
+
+/// Refuses to tabulate when no run of the grid is done in `runs_dir` (a mistyped `--out`, or
+/// nothing trained yet); an unreadable `status.json` is an error naming it.
+fn check_some_done(config: &ExperimentConfig, runs_dir: &Path) -> Result<()> {
+    let runs = config.runs();
+    let mut done = 0;
+    for run in &runs {
+        if is_done(&runs_dir.join(run.key()))? {
+            done += 1;
+        }
+    }
+    if done == 0 {
+        bail!(
+            "0 of {} runs done in {}; nothing to tabulate",
+            runs.len(),
+            runs_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Trains (or resumes) one run, then predicts its test cases into `RUN/predictions/`.
@@ -720,13 +784,13 @@ impl Scorer<'_> {
             }
             .key();
             let dir = self.out.join("runs").join(&key);
-            if !is_done(&dir) {
+            if !is_done(&dir)? {
                 return Ok(None);
             }
             let cached = format!("{key}/{}", predictions.folder());
             if !self.cache.contains_key(&cached) {
                 let folder = dir.join(predictions.folder());
-                let scored = score_run(&folder, tests, self.labels, self.classes)?;
+                let scored = scored_run(&folder, tests, self.labels, self.classes)?;
                 self.cache.insert(cached.clone(), scored);
             }
             cases.extend(self.cache[&cached].iter().cloned());
@@ -897,6 +961,70 @@ fn write_comparison(
     cwseg_data::dataset::write_atomic(&out.join(format!("{}.md", spec.name)), markdown.as_bytes())?;
     cwseg_data::dataset::write_atomic(&out.join(format!("{}.csv", spec.name)), csv.as_bytes())?;
     Ok(markdown)
+}
+
+/// The per-case metrics a run's predictions folder `FOLDER` scored, kept beside it as
+/// `FOLDER.metrics.toml` (with the test cases and the classes scored): what the tables are made
+/// from. Predictions are regenerable and not kept in the repository; the metrics are. TOML, not
+/// JSON: its floats hold the NaN and ∞ of empty and failed cases exactly.
+#[derive(Debug, Serialize, Deserialize)]
+struct ScoredRun {
+    /// The test cases, in order.
+    cases: Vec<String>,
+    /// The classes or regions scored.
+    classes: Vec<String>,
+    /// Their metrics.
+    metrics: Vec<CaseMetrics>,
+}
+
+/// The metrics of the predictions in `folder` (see [`ScoredRun`]): scored from the predictions
+/// when they are there (and written to `FOLDER.metrics.toml`), else read from that file, which
+/// must hold the same cases and classes.
+fn scored_run(
+    folder: &Path,
+    ids: &[String],
+    labels: &BTreeMap<String, LabelMap>,
+    classes: &[ClassSet],
+) -> Result<Vec<CaseMetrics>> {
+    let file = folder.with_file_name(format!(
+        "{}.metrics.toml",
+        folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+    if folder.is_dir() {
+        let metrics = score_run(folder, ids, labels, classes)?;
+        let scored = ScoredRun {
+            cases: ids.to_vec(),
+            classes: names,
+            metrics,
+        };
+        let text = toml::to_string(&scored)
+            .with_context(|| format!("{}: the metrics as TOML", file.display()))?;
+        cwseg_data::dataset::write_atomic(&file, text.as_bytes())?;
+        return Ok(scored.metrics);
+    }
+    let text = fs::read_to_string(&file).with_context(|| {
+        format!(
+            "neither the predictions {} nor their metrics {}",
+            folder.display(),
+            file.display()
+        )
+    })?;
+    let scored: ScoredRun = toml::from_str(&text)
+        .with_context(|| format!("{}: not a run's metrics", file.display()))?;
+    if scored.cases != ids || scored.classes != names {
+        bail!(
+            "{}: scored cases {:?} and classes {:?}, the experiment now asks for {ids:?} and {names:?}; \
+             predict the run again (its predictions are not kept)",
+            file.display(),
+            scored.cases,
+            scored.classes
+        );
+    }
+    Ok(scored.metrics)
 }
 
 /// Metrics of the predictions of `ids` in a run's predictions folder against their labels, on

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(clippy::unwrap_used)]
+// a library reports through return values, hooks and `tracing`, never by printing
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod card;
 pub mod checkpoint;

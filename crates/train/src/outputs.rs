@@ -48,6 +48,37 @@ pub fn same_place(a: &Path, b: &Path) -> bool {
     false
 }
 
+/// Refuses an output whose existing folder cannot take a new file (read-only, no permission),
+/// found by creating and removing a small file there: so that a command with two outputs
+/// cannot write the first and fail on the second. An existing non-regular destination (a FIFO,
+/// a device) is written in place, so its folder is not probed.
+fn check_writable(source: &str, given: &Path, resolved: &Path) -> Result<()> {
+    if std::fs::metadata(resolved).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return Ok(());
+    }
+    let Some(folder) = resolved.parent().filter(|p| p.is_dir()) else {
+        return Ok(());
+    };
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = folder.join(format!(".cwseg-probe-{}-{n}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{source} {}: the folder {} cannot take a new file ({e})",
+            given.display(),
+            folder.display()
+        ),
+    }
+}
+
 /// One planned output: the flag or case that asks for it, the path as given, and resolved.
 #[derive(Debug, Clone)]
 struct Planned {
@@ -89,6 +120,7 @@ impl Outputs {
                 );
             }
         }
+        check_writable(source, path, &resolved)?;
         self.planned.push(Planned {
             source: source.to_string(),
             given: path.to_path_buf(),

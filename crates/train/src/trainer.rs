@@ -489,13 +489,23 @@ pub fn train(
     // opens the device once more than the trainer does)
     let device = parse_device(&config.device)?;
     let effective = cwseg_models::set_precision(config.precision, &device);
-    if effective != config.precision {
-        eprintln!(
-            "warning: precision {} needs {}; training in {effective}",
+    let fallback;
+    let config = if effective == config.precision {
+        config
+    } else {
+        tracing::warn!(
+            "precision {} needs {}; training in {effective} (recorded as precision = \"{effective}\" in {})",
             config.precision,
-            config.precision.requirement()
+            config.precision.requirement(),
+            dir.join("train.toml").display()
         );
-    }
+        // the run records what it trained in: a resume elsewhere cannot switch precision
+        fallback = TrainConfig {
+            precision: effective,
+            ..config.clone()
+        };
+        &fallback
+    };
     let outcome = Trainer::open(config, dir, options).and_then(|t| t.run(hooks));
     cwseg_models::set_precision(previous, &device);
     // a checkpoint, or the previous one of a replacement cut short, is never removed
@@ -1106,10 +1116,10 @@ impl Trainer {
             .is_some_and(|(patience, best)| self.state.epoch >= best + patience);
         self.state.finished = self.state.epoch == self.config.epochs || stalled;
         self.save_last()?;
-        tracing::info!(epoch = epoch + 1, loss = report.loss, val_dice = ?val_dice, "epoch done");
+        tracing::info!(epoch = epoch + 1, loss = report.loss, val_dice = %show_dice(val_dice), "epoch done");
         if stalled {
             tracing::info!(
-                best_epoch = ?self.state.best_epoch,
+                best_epoch = self.state.best_epoch.unwrap_or_default(),
                 "validation DSC has not improved for {} epochs; stopped early",
                 self.config.validation.patience.unwrap_or_default()
             );
@@ -1189,6 +1199,7 @@ fn read_last(dir: &Path) -> Result<LastCheckpoint> {
         &fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("{}: not a run state", path.display()))?;
+    check_best_present(dir, &state, &path)?;
     if let Some(expected) = &state.optimizer_sha256 {
         let optimizer = last.join("optimizer.safetensors");
         let found = crate::card::sha256_file(&optimizer)?;
@@ -1205,6 +1216,33 @@ fn read_last(dir: &Path) -> Result<LastCheckpoint> {
         card,
         state,
     })
+}
+
+/// A validation DSC for the log: the number, or `-` for an epoch without validation.
+fn show_dice(dice: Option<f64>) -> String {
+    dice.map_or_else(|| "-".to_string(), |d| d.to_string())
+}
+
+/// Refuses to resume a run whose state (`state_path`) records a best epoch when `best/` lacks
+/// a file that the end of training reads (its card and weights), naming the missing file:
+/// otherwise the run would train on and fail only at the end.
+fn check_best_present(dir: &Path, state: &RunState, state_path: &Path) -> Result<()> {
+    let Some(epoch) = state.best_epoch else {
+        return Ok(());
+    };
+    let best = dir.join("best");
+    for file in ["config.json", "model.safetensors"] {
+        let path = best.join(file);
+        if !path.is_file() {
+            bail!(
+                "{} is missing, but {} records a best checkpoint (epoch {}); restore it, or train into a new folder",
+                path.display(),
+                state_path.display(),
+                epoch
+            );
+        }
+    }
+    Ok(())
 }
 
 impl LastCheckpoint {

@@ -17,7 +17,7 @@ use std::sync::MutexGuard;
 
 use candle_core::{Device, Tensor, Var};
 use cwseg_cuda_emulate::{Emulation, Kernels};
-use cwseg_models::layers;
+use cwseg_ops::layers;
 
 type ActivationFn =
     unsafe extern "C" fn(i32, i32, f32, *const f32, *const f32, i64, *mut f32, *mut f32);

@@ -75,8 +75,8 @@ impl Backend {
             let cap = match std::env::var("CWSEG_CPU_CAPABILITY") {
                 Err(_) => Backend::Avx512,
                 Ok(v) => Backend::parse_cap(&v).unwrap_or_else(|| {
-                    eprintln!(
-                        "warning: CWSEG_CPU_CAPABILITY={v:?} is not avx512, avx2 or default; ignored"
+                    tracing::warn!(
+                        "CWSEG_CPU_CAPABILITY={v:?} is not avx512, avx2 or default; ignored"
                     );
                     Backend::Avx512
                 }),

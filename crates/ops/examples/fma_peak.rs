@@ -2,7 +2,7 @@
 //! AVX-512 FMA chains per thread in registers (nothing else in the loop), or 12 AVX2 ones where
 //! the CPU has no AVX-512F, on 1 and on all rayon threads. Where the CPU has them, also its
 //! bf16 products: 16 chains of `vdpbf16ps` (AVX512_BF16) and 4 accumulator tiles of
-//! `tdpbf16ps` (AMX-BF16, where `cwseg_models::bf16_available`).
+//! `tdpbf16ps` (AMX-BF16, where `cwseg_ops::bf16_available`).
 //! `cargo run --release -p cwseg-models --example fma_peak`
 #![allow(unsafe_code)]
 
@@ -156,7 +156,7 @@ fn main() {
                     |n| unsafe { dpbf16_loop(n) },
                 );
             }
-            if cwseg_models::bf16_available() {
+            if cwseg_ops::bf16_available() {
                 measure(
                     "AMX-BF16 tdpbf16ps",
                     2_000_000,

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::fused::{cpu_f32, f32_slice, with_f32, zeros};
 
 /// `[a, b]` along axis 1; both need the same samples and trailing shape.
-pub(crate) fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (da, db) = (a.dims(), b.dims());
     if !(cpu_f32(a) && cpu_f32(b)) || da.len() < 2 || db.len() != da.len() {
         return Tensor::cat(&[a, b], 1);

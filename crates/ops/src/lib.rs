@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![warn(clippy::unwrap_used)]
+// a library reports through return values and `tracing`, never by printing (tests may print)
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
+pub mod alloc;
+mod bf16;
+pub mod concat;
+#[cfg(feature = "cuda")]
+mod cuda_layers;
+#[cfg(feature = "cuda")]
+mod cudnn;
+#[cfg(feature = "cuda")]
+mod cudnn_pool;
+mod direct;
+mod fused;
+mod interp;
+pub mod layers;
+pub mod ops3d;
+mod patches;
+mod pool;
+pub mod precision;
+mod vol2col;
+
+pub use precision::{Precision, bf16_available, precision, set_precision};
