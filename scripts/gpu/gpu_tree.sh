@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # A device call sends the working tree (tracked and untracked-not-ignored files, 64 MiB at
-# most with what it carries). This checkout's tracked files are about 100 MB: the BraTS
-# experiment's predictions (experiments/results, 60 MB, which `experiment --collect` reads),
-# the published models (models/, 25 MB) and the test fixtures (16 MB), none of which the GPU
-# check reads. `slim` takes them out of the index and ignores them in .git/info/exclude (the
+# most with what it carries). This checkout's tracked files are about 46 MB: the published
+# models (models/, 25 MB), the test fixtures (16 MB) and the experiments' small results (the
+# predictions are not tracked), none of which the GPU check reads. `slim` takes them out of the index and ignores them in .git/info/exclude (the
 # files stay where they are) and installs a pre-commit hook that refuses commits meanwhile;
 # `restore` puts the index and the exclude file back and removes the hook.
 #
