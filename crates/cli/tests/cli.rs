@@ -1381,6 +1381,22 @@ fn experiment_trains_each_run_once_resumes_and_tabulates() {
         compared += 1;
     }
     assert!(compared > 0, "no class compared");
+
+    // predictions are regenerable and not kept: the tables come back the same from the
+    // per-case metrics each run wrote beside them
+    let tables = std::fs::read(sharded.join("table1.csv")).expect("table");
+    for run in ["unet-ce-seed0", "unet-cwcd-seed0"] {
+        let folder = sharded.join("runs").join(run);
+        assert!(folder.join("predictions.metrics.toml").is_file(), "{run}");
+        std::fs::remove_dir_all(folder.join("predictions")).expect("remove");
+        let _ = std::fs::remove_dir_all(folder.join("predictions-unprocessed"));
+    }
+    with(&["--collect"]);
+    assert_eq!(
+        std::fs::read(sharded.join("table1.csv")).expect("table"),
+        tables,
+        "the same table from the metrics alone"
+    );
 }
 
 fn cwseg_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
