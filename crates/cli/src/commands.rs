@@ -1,30 +1,24 @@
 //! The commands other than `demo`: thin layers over the crates.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use cwseg_data::{
-    Geometry, Image, LabelMap, PhantomConfig, ReadOptions, read_image, read_label, write_label,
-    write_phantom_dataset,
+    LabelMap, PhantomConfig, ReadOptions, read_label, write_label, write_phantom_dataset,
 };
 use cwseg_losses::{LossConfig, Target};
-use cwseg_metrics::{
-    Aggregate, ClassSet, TableMetric, csv_report, evaluate_case, json_report, markdown_table,
-    summarize,
-};
+use cwseg_metrics::{Aggregate, TableMetric, markdown_table, summarize};
 use cwseg_models::{ModelConfig, describe};
 use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
-use ndarray::{Array4, Axis};
+use ndarray::Axis;
 use serde_json::json;
 
 use crate::progress::Progress;
 use cwseg_train::figures::{Panel, write_panels};
 use cwseg_train::optim::{OptimizerKind, Schedule};
-use cwseg_train::predict::{PredictOptions, PreparedCase};
+use cwseg_train::predict::PredictOptions;
 use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device};
 
 fn parse_triple(text: &str) -> Result<[usize; 3], String> {
@@ -211,48 +205,10 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(config)
 }
 
-/// The data-parallel group of a process started by `mpirun` (feature `mpi`), else none. A build
-/// without MPI refuses to run as one of several MPI processes: each would train alone into the
-/// same folder.
-fn launcher_communicator() -> Result<Option<Rc<dyn cwseg_train::Communicator>>> {
-    #[cfg(feature = "mpi")]
-    if let Some(world) = cwseg_train::distributed::Mpi::from_launcher() {
-        return Ok(Some(Rc::new(world)));
-    }
-    if cfg!(not(feature = "mpi"))
-        && let Some(n) = mpi_processes()
-    {
-        bail!(
-            "started by mpirun as one of {n} processes, but this cwseg was built without MPI; build it with `cargo build --release -p cwseg-cli --features mpi`"
-        );
-    }
-    Ok(None)
-}
-
-/// The number of processes an MPI launcher started, when more than one.
-fn mpi_processes() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok())
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|&n| n > 1)
-}
-
-/// Refuses to run `command` as one of several MPI processes: only `train` is data-parallel;
-/// the others would each do the whole work into the same folder.
-pub fn refuse_mpi_launch(command: &str) -> Result<()> {
-    if let Some(n) = mpi_processes() {
-        bail!(
-            "`cwseg {command}` started by mpirun as one of {n} processes: only `cwseg train` trains data-parallel (for several processes use `--shard I/N`)"
-        );
-    }
-    Ok(())
-}
-
 /// `cwseg train` (under `mpirun -n R` with the `mpi` feature: R data-parallel ranks).
 pub fn train(args: TrainArgs) -> Result<()> {
     let config = train_config(&args)?;
-    let communicator = launcher_communicator()?;
+    let communicator = cwseg_train::distributed::launcher_communicator()?;
     let rank0 = communicator.as_ref().is_none_or(|c| c.rank() == 0);
     let outcome = cwseg_train::train(
         &config,
@@ -367,203 +323,42 @@ fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()>
     Ok(())
 }
 
-/// The folder of an output's class probabilities: `<output stem>_probabilities/` beside it
-/// (named after the output, so two outputs of one input never share it).
-fn probabilities_folder(output: &Path) -> PathBuf {
-    output.with_file_name(format!(
-        "{}_probabilities",
-        cwseg_train::inputs::nii_stem(output)
-    ))
-}
-
-/// Checks every file and folder `predict` will write before it writes any: no two cases (nor a
-/// case and its probabilities) share an output, no output is an input file, none lies inside
-/// the `protected` model folders.
-fn plan_outputs(
-    cases: &[(String, Vec<PathBuf>)],
-    destination: &dyn Fn(&str) -> PathBuf,
-    probabilities: bool,
-    protected: &[&Path],
-) -> Result<()> {
-    let mut outputs = cwseg_train::outputs::Outputs::new();
-    for (id, files) in cases {
-        let source = if cases.len() == 1 {
-            "--output".to_string()
-        } else {
-            format!("the case {id} ({})", files[0].display())
-        };
-        let out = destination(id);
-        outputs.add(&source, &out)?;
-        if probabilities {
-            outputs.add(
-                &format!("{source}'s probabilities"),
-                &probabilities_folder(&out),
-            )?;
-        }
-    }
-    let inputs: Vec<(&str, &Path)> = cases
-        .iter()
-        .flat_map(|(_, files)| files.iter().map(|f| ("image", f.as_path())))
-        .collect();
-    outputs.refuse_inputs(&inputs)?;
-    for folder in protected {
-        outputs.refuse_inside(folder, "the model folder")?;
-    }
-    Ok(())
-}
-
-/// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
-/// each with the input's geometry. The folder is replaced whole (written beside it, then
-/// renamed): no class file of an earlier prediction stays, and a killed command leaves the old
-/// set or the new one.
-fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> Result<()> {
-    cwseg_train::checkpoint::replace(dir, |fresh| {
-        for (k, channel) in data.outer_iter().enumerate() {
-            cwseg_data::write_volume(
-                fresh.join(format!("class_{k:02}.nii.gz")),
-                &channel.to_owned(),
-                geometry,
-            )?;
-        }
-        Ok(())
-    })
-}
-
 /// `cwseg predict`.
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     set_precision(args.precision, &device);
-    let model = crate::hub::model_path(&args.model)?;
+    let model = cwseg_train::hub::model_path(&args.model)?;
     if let Some(overlap) = args.overlap {
         cwseg_train::window::check_overlap(overlap, "--overlap")?;
     }
     refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
-    let mut inputs =
-        cwseg_train::inputs::case_files(&args.input, &card.modalities, &dir.join("config.json"))?;
-    let single = args.input.is_file();
-    if let Some(shard) = args.shard {
-        if single {
-            bail!(
-                "--shard {shard} splits a folder of inputs; {} is one file",
-                args.input.display()
-            );
-        }
-        let all = inputs.len();
-        inputs = shard.select(inputs);
-        if inputs.is_empty() {
-            println!("shard {shard}: no case ({all} in {})", args.input.display());
-            return Ok(());
-        }
-    }
-    if single {
-        if args.output.is_dir() {
-            bail!(
-                "--output {} is a folder; one input file gives one output file",
-                args.output.display()
-            );
-        }
-    } else {
-        if args.output.is_file() {
-            bail!(
-                "--output {} is a file; a folder of inputs needs an output folder",
-                args.output.display()
-            );
-        }
-        std::fs::create_dir_all(&args.output)
-            .with_context(|| format!("creating {}", args.output.display()))?;
-    }
-    let destination = |id: &str| {
-        if single {
-            args.output.clone()
-        } else {
-            args.output.join(format!("{id}.nii.gz"))
-        }
+    let job = cwseg_train::predict_files::PredictFiles {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        probabilities: args.probabilities,
+        options: PredictOptions {
+            overlap: args.overlap.unwrap_or(card.overlap),
+            postprocess: !args.no_postprocess,
+        },
+        shard: args.shard,
+        protected: vec![model.clone(), dir.clone()],
     };
-    plan_outputs(&inputs, &destination, args.probabilities, &[&model, &dir])?;
-    let options = PredictOptions {
-        overlap: args.overlap.unwrap_or(card.overlap),
-        postprocess: !args.no_postprocess,
-    };
-    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
-    // three stages at once: a thread reads and preprocesses the next case, this one predicts,
-    // a third writes the previous labels (the network's operations keep both cores busy only
-    // part of the time)
-    std::thread::scope(|scope| -> Result<()> {
-        let (cases, read) = std::sync::mpsc::sync_channel(1);
-        let (card, dir) = (&card, &dir);
-        scope.spawn(move || {
-            for (id, files) in inputs {
-                let case = read_case_image(&files, &card.modalities, dir).and_then(|image| {
-                    let prepared = PreparedCase::new(card, &image).with_context(|| {
-                        format!("{}: the model's preprocessing", files[0].display())
-                    })?;
-                    Ok((image.geometry, prepared))
-                });
-                if cases.send((id, case)).is_err() {
-                    break; // the predicting loop stopped on an error
-                }
-            }
-        });
-        let mut writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
-        for (id, case) in read {
-            let (geometry, prepared) = case?;
-            let prediction = prepared.predict(&network, card, options, &device)?;
-            let out = destination(&id);
-            if args.probabilities {
-                write_probabilities(
-                    &probabilities_folder(&out),
-                    &prediction.probabilities_on_input(card, &geometry)?,
-                    &geometry,
-                )?;
-            }
-            finish(writing.take())?;
-            let labels = LabelMap {
-                data: prediction.labels,
-                geometry,
-            };
-            writing = Some(scope.spawn(move || Ok(write_label(&out, &labels)?)));
-            bar.inc(1);
+    let plan = job.plan(&card, &dir)?;
+    if plan.is_empty() {
+        if let Some(shard) = args.shard {
+            println!("shard {shard}: no case in {}", args.input.display());
         }
-        finish(writing)
-    })?;
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(plan.len() as u64);
+    let written = job.run(plan, &network, &card, &dir, &device, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     println!(
-        "{} prediction(s) written to {}",
-        bar.length().unwrap_or(0),
+        "{written} prediction(s) written to {}",
         args.output.display()
     );
     Ok(())
-}
-
-/// Waits for a writing thread, if any, and returns its result.
-fn finish(writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
-    match writing.map(|w| w.join()) {
-        None => Ok(()),
-        Some(Ok(result)) => result,
-        Some(Err(_)) => bail!("writing a prediction panicked"),
-    }
-}
-
-/// Reads a case's channel files into one image `[c, z, y, x]` (`stack_channels`: same shape
-/// and affine), with as many channels as the model in `dir` has `modalities`.
-fn read_case_image(files: &[PathBuf], modalities: &[String], dir: &Path) -> Result<Image> {
-    let images = files
-        .iter()
-        .map(|f| read_image(f, &ReadOptions::default()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let image = cwseg_data::stack_channels(images, files)?;
-    let channels = image.data.dim().0;
-    if channels != modalities.len() {
-        bail!(
-            "{}: {channels} channels, the model {} expects {} ({})",
-            files[0].display(),
-            dir.display(),
-            modalities.len(),
-            modalities.join(", ")
-        );
-    }
-    Ok(image)
 }
 
 /// `cwseg evaluate`.
@@ -611,33 +406,6 @@ enum RegionsArg {
     Brats,
 }
 
-/// Warns when `--regions brats` scores labels that hold no BraTS enhancing-tumour value 4 in any
-/// case, or hold values outside {0, 1, 2, 4} (BraTS 2023 relabelled ET as 3; these regions read
-/// 4, and any other value counts in no region).
-fn warn_without_brats_values(runs: &[Vec<(String, cwseg_data::LabelMap, cwseg_data::LabelMap)>]) {
-    let mut seen = [false; 256];
-    for (_, prediction, label) in runs.iter().flatten() {
-        for &v in label.data.iter().chain(prediction.data.iter()) {
-            seen[v as usize] = true;
-        }
-    }
-    let others: Vec<String> = (0..256)
-        .filter(|&v| seen[v] && ![0, 1, 2, 4].contains(&v))
-        .map(|v| v.to_string())
-        .collect();
-    if !others.is_empty() {
-        eprintln!(
-            "warning: --regions brats: the volumes hold the value(s) {}; these regions read BraTS 2018–2021 labels (1 NCR, 2 ED, 4 ET; BraTS 2023's ET is 3), so those voxels count in no region",
-            others.join(", ")
-        );
-    }
-    if !seen[4] {
-        eprintln!(
-            "warning: --regions brats: no label holds the BraTS enhancing-tumour value 4; TC and ET are empty in every case"
-        );
-    }
-}
-
 /// The run names of `evaluate`: `--name` in order, else each prediction's folder or file name;
 /// two runs of one name are refused (their columns and reports could not be told apart).
 fn run_names(args: &EvaluateArgs) -> Result<Vec<String>> {
@@ -675,126 +443,41 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
         AggregateArg::Monai => Aggregate::Monai,
         AggregateArg::Nnunet => Aggregate::Nnunet,
     };
-    if !(args.tolerance.is_finite() && args.tolerance >= 0.0) {
-        bail!(
-            "--tolerance {}: the NSD tolerance is a distance in mm, finite and ≥ 0",
-            args.tolerance
-        );
-    }
-    let names = run_names(&args)?;
-    // every class of the predictions ∪ labels ∪ the class list: false positives count
-    let mut present: BTreeSet<u8> = args.classes.iter().copied().filter(|&v| v != 0).collect();
-    if args.classes.is_empty() {
-        present.extend(cwseg_train::evaluate::dataset_json_labels(&args.label)?);
-    }
-    let ignore = cwseg_train::evaluate::dataset_json_ignore(&args.label)?;
-    let pairs = args
-        .pred
-        .iter()
-        .map(|pred| cwseg_train::evaluate::case_pairs(pred, &args.label))
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(csv) = args.csv.as_ref().filter(|c| c.as_os_str() != "-") {
-        let mut outputs = cwseg_train::outputs::Outputs::new();
-        outputs.add("--csv", csv)?;
-        let read: Vec<(&str, &Path)> = pairs
-            .iter()
-            .flatten()
-            .flat_map(|(_, p, l)| [("--pred", p.as_path()), ("--label", l.as_path())])
-            .collect();
-        outputs.refuse_inputs(&read)?;
-    }
-    let mut loaded_runs = Vec::new();
-    for run in pairs {
-        let mut loaded = Vec::new();
-        for (case, p, l) in run {
-            let mut label = read_label(&l, &ReadOptions::default())?;
-            let mut prediction = read_label(&p, &ReadOptions::default())?;
-            cwseg_train::evaluate::check_same_grid(&p, &prediction.geometry, &l, &label.geometry)?;
-            if let Some(ignore) = ignore {
-                cwseg_train::evaluate::mask_ignored(&mut prediction.data, &mut label.data, ignore);
-            }
-            for v in label.data.iter().chain(prediction.data.iter()) {
-                if *v != 0 {
-                    present.insert(*v);
-                }
-            }
-            loaded.push((case, prediction, label));
-        }
-        loaded_runs.push(loaded);
-    }
-    let mut classes = match args.regions {
-        Some(RegionsArg::Brats) => ClassSet::brats(),
-        None => present.iter().map(|&v| ClassSet::label(v as i64)).collect(),
+    let job = cwseg_train::evaluate::Evaluation {
+        predictions: args.pred.clone(),
+        names: run_names(&args)?,
+        label: args.label.clone(),
+        classes: args.classes.clone(),
+        brats_regions: args.regions.is_some(),
+        tolerance_mm: args.tolerance,
+        csv: args.csv.clone().filter(|c| c.as_os_str() != "-"),
     };
-    classes
-        .iter_mut()
-        .for_each(|c| c.nsd_tolerance_mm = args.tolerance);
-    let mut runs = Vec::new();
-    for (r, loaded) in loaded_runs.iter().enumerate() {
-        let cases = loaded
-            .iter()
-            .map(|(case, p, l)| {
-                evaluate_case(
-                    case,
-                    p.data.view(),
-                    l.data.view(),
-                    &l.geometry.spacing(),
-                    &classes,
-                )
-                .map_err(anyhow::Error::from)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        runs.push((names[r].clone(), cases));
-    }
-    let summaries: Vec<_> = runs.iter().map(|(_, c)| summarize(c, aggregate)).collect();
+    let scored = job.run()?;
+    let summaries: Vec<_> = scored
+        .runs
+        .iter()
+        .map(|(_, c)| summarize(c, aggregate))
+        .collect();
     if let Some(path) = &args.csv {
-        // one run: the per-case table as it is; several: a leading `run` column
-        let text = if runs.len() == 1 {
-            csv_report(&runs[0].1)
-        } else {
-            let mut text = String::new();
-            for (i, (name, cases)) in runs.iter().enumerate() {
-                let report = csv_report(cases);
-                for (j, line) in report.lines().enumerate() {
-                    if j == 0 && i == 0 {
-                        text.push_str(&format!("run,{line}\n"));
-                    } else if j > 0 {
-                        text.push_str(&format!("{},{line}\n", name.replace([',', '"', '\n'], "_")));
-                    }
-                }
-            }
-            text
-        };
+        let text = scored.csv();
         if path.as_os_str() == "-" {
             print!("{text}");
         } else {
             cwseg_data::dataset::write_atomic(path, text.as_bytes())?;
         }
     }
-    if args.regions.is_some() {
-        warn_without_brats_values(&loaded_runs);
+    for warning in &scored.warnings {
+        eprintln!("warning: {warning}");
     }
     if args.json {
-        let reports: Vec<_> = runs
-            .iter()
-            .zip(&summaries)
-            .map(|((name, c), s)| {
-                let mut report = json_report(c, s);
-                if runs.len() > 1 {
-                    report["name"] = json!(name);
-                }
-                report
-            })
-            .collect();
-        let out = if reports.len() == 1 {
-            reports.into_iter().next().unwrap_or_default()
-        } else {
-            json!(reports)
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&scored.json(&summaries))?
+        );
         return Ok(());
     }
-    let table_runs: Vec<(&str, &cwseg_metrics::Summary)> = runs
+    let table_runs: Vec<(&str, &cwseg_metrics::Summary)> = scored
+        .runs
         .iter()
         .map(|(n, _)| n.as_str())
         .zip(summaries.iter())
@@ -944,37 +627,25 @@ pub fn loss(args: LossArgs) -> Result<()> {
             labels.shape()
         );
     }
-    let x = Var::from_tensor(&Tensor::from_vec(
+    let x = Tensor::from_vec(
         logits.iter().copied().collect::<Vec<_>>(),
         logits.shape(),
         &Device::Cpu,
-    )?)?;
+    )?;
     let y = Tensor::from_vec(
         labels.iter().copied().collect::<Vec<_>>(),
         labels.shape(),
         &Device::Cpu,
     )?;
-    let value = config
-        .build()
-        .forward(x.as_tensor(), &Target::new(y)?)
-        .with_context(|| {
-            format!(
-                "{} against {}",
-                args.logits.display(),
-                args.labels.display()
-            )
-        })?;
-    let grads = value.backward()?;
-    let grad_norm = match grads.get(x.as_tensor()) {
-        Some(g) => g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?
-            .sqrt(),
-        None => 0.0,
-    };
-    let value = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let (value, grad_norm) =
+        cwseg_losses::value_and_gradient_norm(&*config.build(), &x, &Target::new(y)?)
+            .with_context(|| {
+                format!(
+                    "{} against {}",
+                    args.logits.display(),
+                    args.labels.display()
+                )
+            })?;
     if args.json {
         println!("{}", json!({"loss": value, "grad_norm": grad_norm}));
     } else {

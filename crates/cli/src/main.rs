@@ -7,8 +7,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use cwseg_cli::progress::{self, Progress};
-use cwseg_cli::{bench, commands, demo, hub};
-use cwseg_train::{experiment, interop};
+use cwseg_cli::{bench, commands};
+use cwseg_train::{demo, experiment, export, hub, interop};
 
 /// Class-imbalanced 3D medical image segmentation with contour-weighted losses.
 #[derive(Parser)]
@@ -93,7 +93,7 @@ enum Command {
         dtype: DTypeArg,
         /// Licence of the weights (an id such as cc-by-nc-4.0 or apache-2.0) for the model
         /// card; none by default (the card then says no licence was stated).
-        #[arg(long, value_parser = hub::parse_license)]
+        #[arg(long, value_parser = export::parse_license)]
         license: Option<String>,
         /// A `cwseg evaluate --json` report to put in the model card.
         #[arg(long)]
@@ -153,9 +153,9 @@ enum DTypeArg {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Demo { .. } => commands::refuse_mpi_launch("demo")?,
-        Command::Experiment { .. } => commands::refuse_mpi_launch("experiment")?,
-        Command::Predict(_) => commands::refuse_mpi_launch("predict")?,
+        Command::Demo { .. } => cwseg_train::distributed::refuse_mpi_launch("demo")?,
+        Command::Experiment { .. } => cwseg_train::distributed::refuse_mpi_launch("experiment")?,
+        Command::Predict(_) => cwseg_train::distributed::refuse_mpi_launch("predict")?,
         _ => {}
     }
     match cli.command {
@@ -167,14 +167,16 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             precision,
         } => {
-            let report = demo::run(&demo::DemoOptions {
-                quick,
-                out: out.clone(),
-                device,
-                seeds,
-                quiet,
-                precision,
-            })?;
+            let report = demo::run(
+                &demo::DemoOptions {
+                    quick,
+                    out: out.clone(),
+                    device,
+                    seeds,
+                    precision,
+                },
+                &mut Progress::new(quiet),
+            )?;
             println!("{report}");
             println!(
                 "runs, results.md, results.json and demo.png are in {}",
@@ -249,10 +251,10 @@ fn run(cli: Cli) -> Result<()> {
                 DTypeArg::F16 => candle_core::DType::F16,
                 DTypeArg::Bf16 => candle_core::DType::BF16,
             };
-            hub::export(
+            export::export(
                 &run,
                 &out,
-                &hub::ExportOptions {
+                &export::ExportOptions {
                     dtype,
                     license,
                     evaluation,
@@ -317,7 +319,7 @@ fn main() -> ExitCode {
         tracing_subscriber::EnvFilter::new(if cli.verbose {
             "info"
         } else {
-            "warn,cwseg_train::experiment=info"
+            "warn,cwseg_train::experiment=info,cwseg_train::demo=info"
         })
     });
     tracing_subscriber::fmt()

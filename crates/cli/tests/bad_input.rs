@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails, ok};
+use common::{fails, ok, s};
 
 fn phantom_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/phantom-unet-cwcd")
@@ -14,10 +14,6 @@ fn phantom_model() -> PathBuf {
 
 fn brats_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/brats18-unet-cwcd")
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().expect("utf-8")
 }
 
 /// A one-channel image the phantom model takes.

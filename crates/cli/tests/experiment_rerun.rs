@@ -1,5 +1,7 @@
-//! `cwseg experiment` run again on the same output folder: a finished run is reused only if
-//! it was trained with what the grid asks for now, and two tables of one name are refused.
+//! `cwseg experiment` on bad input: run again on the same output folder, a finished run is
+//! reused only if it was trained with what the grid asks for now; two tables of one name,
+//! names that are not plain file names, `--collect` with no run done and a run whose
+//! `status.json` cannot be read are refused.
 
 use std::path::Path;
 
@@ -117,4 +119,84 @@ fn two_tables_of_one_name_are_refused() {
     .expect("config");
     let err = fails(&["experiment", "--config", s(&config), "--list"]);
     assert!(err.contains("table1") && err.contains("twice"), "{err}");
+}
+
+#[test]
+fn names_that_are_not_plain_file_names_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("experiment.toml");
+    for (from, to, field) in [
+        ("name = \"table1\"", "name = \"../x\"", "[[table]] name"),
+        (
+            "name = \"table1\"",
+            "name = \"../../escape\"",
+            "[[table]] name",
+        ),
+        ("name = \"table1\"", "name = \".hidden\"", "[[table]] name"),
+        ("name = \"rerun\"", "name = \"a/b\"", "name `a/b`"),
+    ] {
+        std::fs::write(&config, EXPERIMENT.replacen(from, to, 1)).expect("config");
+        let err = fails(&["experiment", "--config", s(&config), "--list"]);
+        assert!(
+            err.contains(field) && err.contains("experiment.toml") && err.contains("plain"),
+            "{to}: {err}"
+        );
+    }
+}
+
+#[test]
+fn collect_with_no_run_done_is_refused_without_creating_the_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(&config, EXPERIMENT).expect("config");
+    let out = dir.path().join("none");
+    let err = fails(&[
+        "experiment",
+        "--config",
+        s(&config),
+        "--out",
+        s(&out),
+        "--collect",
+    ]);
+    assert!(
+        err.contains("0 of 1 runs done") && err.contains("nothing to tabulate"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a refused --collect created {}",
+        out.display()
+    );
+}
+
+#[test]
+fn an_unreadable_status_is_reported_not_taken_for_pending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(&config, EXPERIMENT).expect("config");
+    let out = dir.path().join("out");
+    let run = out.join("runs").join("unet-ce-seed0");
+    std::fs::create_dir_all(&run).expect("run");
+    std::fs::write(run.join("status.json"), "{ not json").expect("status");
+    let list = ok(&[
+        "experiment",
+        "--config",
+        s(&config),
+        "--out",
+        s(&out),
+        "--list",
+    ]);
+    assert!(
+        list.contains("unet-ce-seed0 unreadable (") && list.contains("status.json"),
+        "{list}"
+    );
+    let err = fails(&[
+        "experiment",
+        "--config",
+        s(&config),
+        "--out",
+        s(&out),
+        "--collect",
+    ]);
+    assert!(err.contains("status.json"), "{err}");
 }

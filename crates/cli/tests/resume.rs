@@ -6,50 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails, ok};
-
-const TINY: &str = r#"
-patch = [16, 16, 16]
-batch_size = 2
-epochs = 1
-batches_per_epoch = 1
-seed = 4
-workers = 1
-
-[data]
-source = "synthetic"
-val_fraction = 0.34
-
-[data.synthetic]
-train = 3
-test = 1
-seed = 50
-
-[data.synthetic.phantom]
-shape = [16, 24, 24]
-
-[model]
-name = "unet"
-filters = 4
-depth = 2
-
-[loss]
-name = "cwcd"
-
-[validation]
-postprocess = false
-"#;
-
-fn s(path: &Path) -> &str {
-    path.to_str().expect("utf-8")
-}
-
-/// The tiny configuration written to `dir/tiny.toml`.
-fn write_config(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, TINY).expect("config");
-    path
-}
+use common::{fails, ok, s, write_tiny_run};
 
 /// Trains the tiny configuration (one epoch) into `run` with the extra flags.
 fn train(config: &Path, run: &Path, extra: &[&str]) -> String {
@@ -111,7 +68,7 @@ fn flip_a_bit(path: &Path) -> Vec<u8> {
 #[test]
 fn a_new_run_never_replaces_a_run_in_its_folder() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "cwcd");
     let run = dir.path().join("run");
     train(&config, &run, &[]);
     // a finished run whose last/ was deleted: best/, train.toml and metrics.jsonl stay as they were
@@ -213,7 +170,7 @@ fn remove_case(data: &Path, id: &str) {
 #[test]
 fn resume_keeps_the_split_recorded_when_the_run_started() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "cwcd");
     let data = dir.path().join("data");
     ok(&[
         "synth",
@@ -257,7 +214,7 @@ fn resume_keeps_the_split_recorded_when_the_run_started() {
 #[test]
 fn resume_refuses_checkpoint_files_that_changed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "cwcd");
     let run = dir.path().join("run");
     train(&config, &run, &[]);
     let before = snapshot(&run);
@@ -295,7 +252,7 @@ fn resume_refuses_checkpoint_files_that_changed() {
 #[test]
 fn a_refused_resume_writes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "cwcd");
     let run = dir.path().join("run");
     train(&config, &run, &[]);
     let state_path = run.join("last/state.json");
@@ -318,7 +275,7 @@ fn a_refused_resume_writes_nothing() {
 #[test]
 fn an_edited_train_toml_is_refused_on_resume() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "cwcd");
     let run = dir.path().join("run");
     train(&config, &run, &[]);
     let toml_path = run.join("train.toml");

@@ -1,58 +1,13 @@
 //! `cwseg train` found weak by a tour of the binary: a resume whose `best/` is gone, the
 //! verbose log of the validation DSC, the recorded precision, and the defaults in `--help`.
 
-use std::path::{Path, PathBuf};
-
 mod common;
-use common::{cwseg, fails, ok};
-
-const TINY: &str = r#"
-patch = [16, 16, 16]
-batch_size = 2
-epochs = 1
-batches_per_epoch = 1
-seed = 4
-workers = 1
-
-[data]
-source = "synthetic"
-val_fraction = 0.34
-
-[data.synthetic]
-train = 3
-test = 1
-seed = 50
-
-[data.synthetic.phantom]
-shape = [16, 24, 24]
-
-[model]
-name = "unet"
-filters = 4
-depth = 2
-
-[loss]
-name = "ce"
-
-[validation]
-postprocess = false
-"#;
-
-fn s(path: &Path) -> &str {
-    path.to_str().expect("utf-8")
-}
-
-/// The tiny configuration written to `dir/tiny.toml`.
-fn write_config(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, TINY).expect("config");
-    path
-}
+use common::{cwseg, fails, ok, s, write_tiny_run};
 
 #[test]
 fn a_resume_without_the_recorded_best_checkpoint_is_refused_before_training() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "ce");
     let run = dir.path().join("run");
     ok(&["train", "--config", s(&config), "--out", s(&run), "--quiet"]);
     std::fs::remove_dir_all(run.join("best")).expect("remove best");
@@ -84,7 +39,7 @@ fn a_resume_without_the_recorded_best_checkpoint_is_refused_before_training() {
 #[test]
 fn the_verbose_log_shows_the_validation_dsc_as_a_number() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "ce");
     let run = dir.path().join("run");
     let out = cwseg(&[
         "-v",
@@ -104,7 +59,7 @@ fn the_verbose_log_shows_the_validation_dsc_as_a_number() {
 #[test]
 fn a_precision_that_falls_back_is_recorded_as_the_one_trained_in() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_tiny_run(dir.path(), "ce");
     let run = dir.path().join("run");
     // f16 needs a GPU: on the CPU the run trains in f32
     let out = cwseg(&[

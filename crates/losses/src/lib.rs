@@ -38,3 +38,29 @@ pub trait Loss: Send + Sync {
     /// The loss value, a scalar tensor on the logits' device.
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor>;
 }
+
+/// A loss's value and the L2 norm of its gradient with respect to `logits`:
+/// `(L, ‖∂L/∂z‖₂)`, both in f64 (0 for the norm when no gradient reaches the logits), as
+/// `cwseg loss --json` reports them.
+pub fn value_and_gradient_norm(
+    loss: &dyn Loss,
+    logits: &Tensor,
+    target: &Target,
+) -> Result<(f64, f64)> {
+    let logits = candle_core::Var::from_tensor(logits)?;
+    let value = loss.forward(logits.as_tensor(), target)?;
+    let grads = value.backward()?;
+    let norm = match grads.get(logits.as_tensor()) {
+        Some(g) => g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?
+            .sqrt(),
+        None => 0.0,
+    };
+    let value = value
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok((value, norm))
+}

@@ -276,6 +276,44 @@ mod mpi_world {
     }
 }
 
+/// The data-parallel group of a process started by `mpirun` (feature `mpi`), else none. A build
+/// without MPI refuses to run as one of several MPI processes: each would train alone into the
+/// same folder.
+pub fn launcher_communicator() -> Result<Option<std::rc::Rc<dyn Communicator>>> {
+    #[cfg(feature = "mpi")]
+    if let Some(world) = Mpi::from_launcher() {
+        return Ok(Some(std::rc::Rc::new(world)));
+    }
+    if cfg!(not(feature = "mpi"))
+        && let Some(n) = mpi_processes()
+    {
+        anyhow::bail!(
+            "started by mpirun as one of {n} processes, but this cwseg was built without MPI; build it with `cargo build --release -p cwseg-cli --features mpi`"
+        );
+    }
+    Ok(None)
+}
+
+/// The number of processes an MPI launcher started, when more than one.
+fn mpi_processes() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok())
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 1)
+}
+
+/// Refuses to run `command` as one of several MPI processes: only `train` is data-parallel;
+/// the others would each do the whole work into the same folder.
+pub fn refuse_mpi_launch(command: &str) -> Result<()> {
+    if let Some(n) = mpi_processes() {
+        anyhow::bail!(
+            "`cwseg {command}` started by mpirun as one of {n} processes: only `cwseg train` trains data-parallel (for several processes use `--shard I/N`)"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Barrier, Mutex};

@@ -3,15 +3,19 @@
 // a library reports through return values, hooks and `tracing`, never by printing
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
+pub mod bench;
 pub mod card;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod demo;
 pub mod device;
 pub mod distributed;
 pub mod evaluate;
 pub mod experiment;
+pub mod export;
 pub mod figures;
+pub mod hub;
 pub mod inputs;
 pub mod interop;
 pub mod memory;
@@ -19,6 +23,7 @@ pub mod optim;
 pub mod outputs;
 pub mod postprocess;
 pub mod predict;
+pub mod predict_files;
 pub mod prepare;
 pub mod shard;
 pub mod trainer;

@@ -33,3 +33,49 @@ pub fn fails(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A run configuration small enough to train in a second: three 16×24×24 phantoms, a
+/// 4-filter U-Net of depth 2, one epoch of one batch, with `LOSS` as the loss.
+pub const TINY_RUN: &str = r#"
+patch = [16, 16, 16]
+batch_size = 2
+epochs = 1
+batches_per_epoch = 1
+seed = 4
+workers = 1
+
+[data]
+source = "synthetic"
+val_fraction = 0.34
+
+[data.synthetic]
+train = 3
+test = 1
+seed = 50
+
+[data.synthetic.phantom]
+shape = [16, 24, 24]
+
+[model]
+name = "unet"
+filters = 4
+depth = 2
+
+[loss]
+name = "LOSS"
+
+[validation]
+postprocess = false
+"#;
+
+/// A path as the `&str` an argument list takes.
+pub fn s(path: &std::path::Path) -> &str {
+    path.to_str().expect("utf-8")
+}
+
+/// [`TINY_RUN`] with `loss`, written to `dir/tiny.toml`.
+pub fn write_tiny_run(dir: &std::path::Path, loss: &str) -> std::path::PathBuf {
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, TINY_RUN.replace("LOSS", loss)).expect("config");
+    path
+}

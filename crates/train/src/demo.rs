@@ -18,13 +18,12 @@ use cwseg_morphology::{ContourSpec, ErosionSpec, contour_map};
 use ndarray::{Array3, Axis};
 use serde_json::json;
 
-use crate::progress::Progress;
-use cwseg_train::compare::{PairedLine, PairedMetric, SeedRuns, compare};
-use cwseg_train::figures::{LegendEntry, Panel, label_colour, write_titled_panels};
-use cwseg_train::optim::Schedule;
-use cwseg_train::predict::predict_probabilities;
-use cwseg_train::prepare::{DataConfig, SyntheticConfig, open_data};
-use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device, train};
+use crate::compare::{PairedLine, PairedMetric, SeedRuns, compare};
+use crate::figures::{LegendEntry, Panel, label_colour, write_titled_panels};
+use crate::optim::Schedule;
+use crate::predict::predict_probabilities;
+use crate::prepare::{DataConfig, SyntheticConfig, open_data};
+use crate::{RunOptions, TrainConfig, TrainHooks, load_model, parse_device, train};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -37,8 +36,6 @@ pub struct DemoOptions {
     pub device: String,
     /// Seeds (default 3, or 1 with `quick`).
     pub seeds: Option<usize>,
-    /// No progress bars.
-    pub quiet: bool,
     /// Convolution precision of training and evaluation.
     pub precision: cwseg_models::Precision,
 }
@@ -99,7 +96,7 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
         batches_per_epoch: 10,
         seed,
         device: device.to_string(),
-        optimizer: cwseg_train::optim::OptimizerConfig {
+        optimizer: crate::optim::OptimizerConfig {
             lr: 0.01,
             ..Default::default()
         },
@@ -112,10 +109,17 @@ pub fn demo_config(quick: bool, loss: &str, seed: u64, device: &str) -> Result<T
     })
 }
 
-/// Runs the demo; returns the Markdown table.
-pub fn run(options: &DemoOptions) -> Result<String> {
+/// Runs the demo (each training run watched by `hooks`); returns the Markdown table.
+pub fn run(options: &DemoOptions, hooks: &mut dyn TrainHooks) -> Result<String> {
     let device = parse_device(&options.device)?;
-    crate::commands::set_precision(options.precision, &device);
+    let effective = cwseg_models::set_precision(options.precision, &device);
+    if effective != options.precision {
+        tracing::warn!(
+            "precision {} needs {}; running in {effective}",
+            options.precision,
+            options.precision.requirement()
+        );
+    }
     let seeds = options.seeds.unwrap_or(if options.quick { 1 } else { 3 });
     if seeds == 0 {
         bail!("--seeds 0: the demo needs at least one seed");
@@ -138,7 +142,7 @@ pub fn run(options: &DemoOptions) -> Result<String> {
             };
             let dir = options.out.join(format!("{loss}-seed{seed}"));
             let resume = dir.join("last").join("state.json").exists();
-            eprintln!(
+            tracing::info!(
                 "training U-Net with {} (seed {seed}) into {}",
                 loss.to_uppercase(),
                 dir.display()
@@ -151,11 +155,11 @@ pub fn run(options: &DemoOptions) -> Result<String> {
                     data_dir: Some(data_dir.clone()),
                     communicator: None,
                 },
-                &mut Progress::new(options.quiet),
+                hooks,
             )?;
             seconds += outcome.seconds;
             if outcome.interrupted {
-                return Err(cwseg_train::Interrupted(
+                return Err(crate::Interrupted(
                     "interrupted; run the same command again to continue".into(),
                 )
                 .into());

@@ -1,0 +1,76 @@
+//! One optimizer step: a batch through the network and the loss, the gradients averaged over
+//! the ranks and applied (or, with loss scaling, skipped when not finite).
+
+use anyhow::{Result, bail};
+use candle_core::{DType, ModuleT};
+use cwseg_data::Batch;
+use cwseg_losses::Target;
+
+use super::Trainer;
+use crate::distributed;
+
+impl Trainer {
+    /// One optimizer step on `batch`; returns its loss. A non-finite loss is an error and
+    /// changes nothing (the last good checkpoint stays in `last/`). With loss scaling, a step
+    /// whose gradients are not finite is skipped and the scale backs off
+    /// ([`crate::optim::LossScaler`]).
+    pub fn step(&mut self, batch: &Batch) -> Result<f64> {
+        let (image, labels) = batch.to_tensors(&self.device)?;
+        let mut target = Target::new(labels)?;
+        if let Some(contour) = batch.contour_tensor(&self.device)? {
+            target = target.with_edges(contour);
+        }
+        if let Some(weights) = batch.weights_tensor(&self.device)? {
+            target = target.with_dwce_weights(weights);
+        }
+        let logits = self.network.forward_t(&image, true)?;
+        let value = self.loss.forward(&logits, &target)?;
+        let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // every rank sees the mean loss, so a non-finite one stops them all
+        let scalar = distributed::mean(&*self.comm, scalar)?;
+        if !scalar.is_finite() {
+            let last = self.dir.join("last");
+            let kept = if last.join("model.safetensors").exists() {
+                format!("the last good checkpoint is in {}", last.display())
+            } else {
+                "no checkpoint had been saved yet".to_string()
+            };
+            bail!(
+                "the loss is {scalar} at epoch {} batch {} (step {}); stopped without saving this step; {kept}",
+                self.state.epoch + 1,
+                self.state.batch + 1,
+                self.optimizer.steps() + 1,
+            );
+        }
+        let mut grads = match &self.scaler {
+            Some(scaler) => scaler.scale_loss(&value)?.backward()?,
+            None => value.backward()?,
+        };
+        if self.comm.size() > 1 {
+            distributed::average_gradients(&*self.comm, self.optimizer.vars(), &mut grads)?;
+            distributed::broadcast_buffers(&*self.comm, &self.vars)?;
+        }
+        self.apply(&mut grads)?;
+        self.state.batch += 1;
+        self.state.loss_sum += scalar;
+        Ok(scalar)
+    }
+
+    /// The optimizer step from `grads`; with loss scaling, first unscaled, and skipped (counted
+    /// in the run state) when they are not finite. Every rank holds the same averaged
+    /// gradients, so every rank skips the same steps.
+    fn apply(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let Some(scaler) = &mut self.scaler else {
+            return self.optimizer.step(grads);
+        };
+        if !scaler.step(&mut self.optimizer, grads)? {
+            self.state.skipped_steps += 1;
+            tracing::warn!(
+                scale = scaler.scale(),
+                "non-finite gradient: step skipped, loss scale backed off"
+            );
+        }
+        self.state.loss_scaler = Some(scaler.state());
+        Ok(())
+    }
+}
