@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference timings for the cwseg-losses benchmark (BENCHMARKS.md): forward + backward of
-CWCD (PyTorch transcription of SPEC, contour map by separable max-pooling), CEDL
+CWCD (PyTorch transcription of docs/formulas.md, contour map by separable max-pooling), CEDL
 (MONAI DiceCELoss) and GDL (MONAI GeneralizedDiceLoss) on logits (2, 16, 96, 96, 96), CPU.
 
     python scripts/bench/bench_losses_reference.py --threads 2

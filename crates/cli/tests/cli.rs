@@ -275,7 +275,7 @@ fn train_resume_predict_evaluate() {
             .exists()
     );
 
-    // evaluate: DESIGN.md's JSON contract
+    // evaluate: the JSON contract of the README's "For MONAI users"
     let labels = dir.path().join("labels");
     std::fs::create_dir_all(&labels).expect("dir");
     std::fs::copy(&label, labels.join("phantom_003.nii.gz")).expect("copy");

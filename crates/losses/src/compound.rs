@@ -114,7 +114,7 @@ impl Loss for ContourWeightedDice {
 }
 
 /// `DiceFocal = λ_dice · DL + λ_focal · Focal` (DL without background, Focal over every
-/// class in the SPEC form). MONAI's `DiceFocalLoss` equals DL + Focal / K with
+/// class in the form of docs/formulas.md §4). MONAI's `DiceFocalLoss` equals DL + Focal / K with
 /// `include_background=True` for its focal part.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -12,7 +12,7 @@ use crate::target::ContourConfig;
 use crate::{Loss, LossError, Result};
 
 /// Every loss's configuration, tagged by its lower-case short name; omitted fields take the
-/// SPEC defaults, unknown fields are errors.
+/// the defaults of docs/formulas.md, unknown fields are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum LossConfig {
@@ -140,7 +140,7 @@ impl LossConfig {
     }
 }
 
-/// Every loss name, in SPEC order.
+/// Every loss name, in the order of docs/formulas.md.
 pub const LOSS_NAMES: [&str; 12] = [
     "ce",
     "dl",

@@ -38,7 +38,7 @@ fn means_json(m: &Means) -> Value {
     })
 }
 
-/// The machine-readable report (DESIGN.md): `{"cases": [{"case", "classes": {name: {...,
+/// The machine-readable report (the README's "For MONAI users"): `{"cases": [{"case", "classes": {name: {...,
 /// "status"}}}], "mean": {name: {...}}, "failures": {name: n}, "aggregate", "average"}`.
 pub fn json_report(cases: &[CaseMetrics], summary: &Summary) -> Value {
     let cases: Vec<Value> = cases
