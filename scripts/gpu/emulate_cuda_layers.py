@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
-"""cwseg's CUDA kernels run on the CPU against PyTorch: the layers' (crates/models/src/cuda/
-layers.cu) and the loss sums' (crates/losses/src/cuda/loss_sums.cu).
+"""cwseg's CUDA kernels run on the CPU against PyTorch: the layers' (crates/ops/src/cuda/
+layers.cu) and the loss sums' (crates/ops/src/cuda/loss_sums.cu).
 
 Where no GPU is lent, this checks the kernels' arithmetic and indexing: crates/cuda-emulate/
 compiles layers.cu as host C++ with a small emulation of CUDA's threads, barriers, warp
-shuffles and atomics (cuda_shim.h) and drives the kernels as crates/models/src/cuda_layers.rs
+shuffles and atomics (cuda_shim.h) and drives the kernels as crates/ops/src/cuda_layers.rs
 does (harness/layers.cpp: the same launch shapes and sequence). Every layer with a kernel, in the
 variants the networks use, in f32, bf16 and f16, is compared with PyTorch in f64 on the same
 inputs: output, input gradient, parameter gradients and (norms) the batch statistics, within
 1e-4 (f32) or 3e-2 (bf16, f16) of the largest reference value — the tolerances of
 crates/models/tests/cuda.rs, which checks the same layers on a GPU. The loss sums (the seven
-per-sample, per-class sums of crates/losses/src/fused.rs and their gradient with respect to the
-logits, harness/loss_sums.cpp with fused_cuda.rs's launch shapes) are compared with the same sums
+per-sample, per-class sums of crates/ops/src/loss_sums.rs and their gradient with respect to the
+logits, harness/loss_sums.cpp with loss_sums_cuda.rs's launch shapes) are compared with the same sums
 written out in PyTorch f64 and its autograd, within 1e-5 (f32 kernels) or 1e-9 (f64).
 
 What it cannot check: the Rust side's launches (argument order, the `Rows` struct's layout:
@@ -49,7 +49,7 @@ def build(harness: str, *flags: str) -> ctypes.CDLL:
 
 def build_loss_sums() -> ctypes.CDLL:
     """loss_sums.cu with `extern __shared__ T name[];` rewritten for cuda_shim.h."""
-    source = (ROOT / "crates/losses/src/cuda/loss_sums.cu").read_text()
+    source = (ROOT / "crates/ops/src/cuda/loss_sums.cu").read_text()
     rewritten, count = re.subn(r"extern __shared__ (\w+) (\w+)\[\];",
                                r"\1* \2 = emu_dynamic_shared<\1>();", source)
     assert count == 1, "loss_sums.cu: expected one dynamic shared array"

@@ -1,5 +1,5 @@
-// The loss-sum kernels of crates/losses/src/cuda/loss_sums.cu on the CPU (cuda_shim.h), with
-// the launch shapes of crates/losses/src/fused_cuda.rs: sums on a grid of
+// The loss-sum kernels of crates/ops/src/cuda/loss_sums.cu on the CPU (cuda_shim.h), with
+// the launch shapes of crates/ops/src/loss_sums_cuda.rs: sums on a grid of
 // (min(⌈V/256⌉, 1024), N) blocks of 256 threads with K·7 doubles of shared memory, the
 // gradient on (⌈V/256⌉, N). LOSS_SUMS_CU is the kernel file with its `extern __shared__`
 // declaration rewritten (cwseg-cuda-emulate does it). A C interface on f64

@@ -42,7 +42,7 @@ pub enum Kernels {
     /// `crates/ops/src/cuda/layers.cu` through `harness/layers.cpp`: `emu_activation`,
     /// `emu_prelu`, `emu_norm`, `emu_softmax`.
     Layers,
-    /// `crates/losses/src/cuda/loss_sums.cu` through `harness/loss_sums.cpp`: `emu_loss_sums`.
+    /// `crates/ops/src/cuda/loss_sums.cu` through `harness/loss_sums.cpp`: `emu_loss_sums`.
     LossSums,
 }
 
@@ -114,7 +114,7 @@ fn build(kernels: Kernels) -> Result<Option<Emulation>, EmulationError> {
     let harness = match kernels {
         Kernels::Layers => here().join("harness/layers.cpp"),
         Kernels::LossSums => {
-            let source = here().join("../losses/src/cuda/loss_sums.cu");
+            let source = here().join("../ops/src/cuda/loss_sums.cu");
             let text = std::fs::read_to_string(&source)
                 .map_err(io(format!("reading {}", source.display())))?;
             let rewritten = dir.path().join("loss_sums.cu");

@@ -24,7 +24,7 @@ impl Prepared {
     /// From labels already checked against the logits.
     pub fn with_labels(logits: &Tensor, labels: Tensor) -> Result<Self> {
         let classes = logits.dim(1)?;
-        let logp = crate::fused::composite::log_softmax(logits)?;
+        let logp = crate::composite::log_softmax(logits)?;
         let onehot = one_hot(&labels, classes, logits.dtype())?;
         Ok(Prepared {
             labels,
@@ -54,7 +54,7 @@ pub(crate) fn mean(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean_all()?)
 }
 
-/// The reductions of one forward pass (`fused`): `(N, K, 7)` sums, on the fast path where
+/// The reductions of one forward pass (`cwseg_ops::loss_sums`): `(N, K, 7)` sums, on the fast path where
 /// there is one. A compound loss [`Reductions::plan`]s one pass for all its parts.
 pub(crate) struct Reductions<'a> {
     pub logits: &'a Tensor,
@@ -68,12 +68,13 @@ pub(crate) struct Reductions<'a> {
 /// Which implementation computes the sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reducer {
-    /// The fused parallel CPU kernels (`fused`), f32 and f64.
+    /// The fused parallel CPU kernels (`cwseg_ops::loss_sums`), f32 and f64.
     Cpu,
-    /// The CUDA kernel pair (`fused_cuda`), f32 and f64, in builds with the `cuda` feature.
+    /// The CUDA kernel pair (`cwseg_ops::loss_sums_cuda`), f32 and f64, in builds with the
+    /// `cuda` feature.
     #[cfg(feature = "cuda")]
     Cuda,
-    /// Candle operations (`fused::composite`): any device and dtype.
+    /// Candle operations (`composite`): any device and dtype.
     Composite,
 }
 
@@ -108,11 +109,21 @@ impl<'a> Reductions<'a> {
 
     fn reduce(&self, edges: Option<&Tensor>, weights: Option<&Tensor>) -> Result<Tensor> {
         match self.reducer {
-            Reducer::Cpu => crate::fused::reduce(self.logits, &self.labels, edges, weights),
+            Reducer::Cpu => Ok(cwseg_ops::loss_sums::reduce(
+                self.logits,
+                &self.labels,
+                edges,
+                weights,
+            )?),
             #[cfg(feature = "cuda")]
-            Reducer::Cuda => crate::fused_cuda::reduce(self.logits, &self.labels, edges, weights),
+            Reducer::Cuda => Ok(cwseg_ops::loss_sums_cuda::reduce(
+                self.logits,
+                &self.labels,
+                edges,
+                weights,
+            )?),
             Reducer::Composite => {
-                crate::fused::composite::reduce(self.logits, &self.labels, edges, weights)
+                crate::composite::reduce(self.logits, &self.labels, edges, weights)
             }
         }
     }
@@ -129,7 +140,7 @@ impl<'a> Reductions<'a> {
         Ok(())
     }
 
-    /// `(N, K, 7)` sums (`fused::stat`) with the edge map `edges`.
+    /// `(N, K, 7)` sums (`cwseg_ops::loss_sums::stat`) with the edge map `edges`.
     pub fn stats(&self, edges: Option<&Tensor>) -> Result<Tensor> {
         if let Some(p) = self.planned.borrow().as_ref()
             && p.edges == edges.map(Tensor::id)
@@ -150,7 +161,10 @@ impl<'a> Reductions<'a> {
             Some(s) => s,
             None => self.reduce(None, Some(weights))?,
         };
-        Ok(sums.narrow(2, crate::fused::stat::NLL, 1)?.sum(2)?.sum(1)?)
+        Ok(sums
+            .narrow(2, cwseg_ops::loss_sums::stat::NLL, 1)?
+            .sum(2)?
+            .sum(1)?)
     }
 
     /// The edge map for `contour` in the logits' dtype: given with the target, or computed

@@ -11,7 +11,7 @@ use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
 use crate::target::ContourConfig;
 use crate::{Loss, LossError, Result};
 
-/// Every loss's configuration, tagged by its lower-case short name; omitted fields take the
+/// Every loss's configuration, tagged by its lower-case short name; omitted fields take
 /// the defaults of docs/formulas.md, unknown fields are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "lowercase")]

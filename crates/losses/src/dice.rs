@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Reductions, statistic};
 use crate::cross_entropy::Preset;
-use crate::fused::stat;
 use crate::target::{ContourConfig, Target};
 use crate::{Loss, LossError, Result};
+use cwseg_ops::loss_sums::stat;
 
 fn default_smooth() -> f64 {
     1e-5

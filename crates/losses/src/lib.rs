@@ -4,16 +4,12 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 mod common;
+mod composite;
 mod compound;
 mod config;
 mod cross_entropy;
 mod dice;
 mod error;
-mod fused;
-#[cfg(feature = "cuda")]
-mod fused_cuda;
-#[cfg(test)]
-mod fused_emulated;
 mod target;
 
 use candle_core::Tensor;

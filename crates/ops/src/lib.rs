@@ -16,6 +16,11 @@ mod direct;
 mod fused;
 mod interp;
 pub mod layers;
+pub mod loss_sums;
+#[cfg(feature = "cuda")]
+pub mod loss_sums_cuda;
+#[cfg(test)]
+mod loss_sums_emulated;
 pub mod ops3d;
 mod patches;
 mod pool;

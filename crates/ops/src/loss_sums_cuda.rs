@@ -1,4 +1,4 @@
-//! The loss sums of [`crate::fused`] on CUDA: one kernel for the `(N, K, 7)` sums and one for
+//! The loss sums of [`crate::loss_sums`] on CUDA: one kernel for the `(N, K, 7)` sums and one for
 //! their gradient with respect to the logits (`src/cuda/loss_sums.cu`, compiled to PTX by
 //! `build.rs` with the CUDA toolkit's `nvcc`), in place of the graph of candle operations
 //! (`fused::composite`) that costs a dozen logits-sized tensors and their backward passes.
@@ -15,8 +15,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage};
 use candle_core::{Tensor, WithDType};
 
-use crate::Result;
-use crate::fused::STATS;
+use crate::loss_sums::STATS;
+use candle_core::Result;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/loss_sums.ptx"));
 const MODULE: &str = "cwseg_loss_sums";
@@ -36,8 +36,8 @@ struct Maps {
     voxels: usize,
 }
 
-/// See [`crate::fused::reduce`]; `logits` on a CUDA device, f32 or f64.
-pub(crate) fn reduce(
+/// See [`crate::loss_sums::reduce`]; `logits` on a CUDA device, f32 or f64.
+pub fn reduce(
     logits: &Tensor,
     labels: &Tensor,
     edges: Option<&Tensor>,

@@ -1,7 +1,7 @@
 //! The CPU fast path: every loss of the zoo but Focal and boundary is a function of a few
 //! per-sample, per-class sums, fused here into one parallel pass over the logits (softmax per
-//! voxel, never materialised), with its backward pass. Other devices use the [`composite`]
-//! version made of candle operations; both agree to rounding (tests compare them).
+//! voxel, never materialised), with its backward pass. Other devices use `cwseg-losses`'
+//! composite version made of candle operations; both agree to rounding (tests compare them).
 //!
 //! `reduce` gives `(N, K, 7)`: per sample and class `I = Σ p t`, `P = Σ p`, `P2 = Σ p²`,
 //! `G = Σ t`, `I_E = Σ E p t`, `G_E = Σ E t` and `NLL = Σ_{v: y_v = k} w_v ℓ_v`
@@ -13,18 +13,25 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::Result;
+use candle_core::Result;
 
 /// Number of statistics per sample and class.
-pub(crate) const STATS: usize = 7;
+pub const STATS: usize = 7;
 /// Index of each statistic.
-pub(crate) mod stat {
+pub mod stat {
+    /// `I = Σ p t`, the overlap.
     pub const I: usize = 0;
+    /// `P = Σ p`.
     pub const P: usize = 1;
+    /// `P2 = Σ p²`.
     pub const P2: usize = 2;
+    /// `G = Σ t`.
     pub const G: usize = 3;
+    /// `I_E = Σ E p t`, the overlap on the edge map.
     pub const IE: usize = 4;
+    /// `G_E = Σ E t`.
     pub const GE: usize = 5;
+    /// `NLL = Σ_{v: y_v = k} w_v ℓ_v`.
     pub const NLL: usize = 6;
 }
 
@@ -360,7 +367,7 @@ fn contiguous<'a, T>(
 
 /// The `(N, K, 7)` reductions of logits `(N, K, D, H, W)` against `u32` labels with the
 /// optional edge map `E` and NLL weights `w` `(N, D, H, W)`; differentiable w.r.t. the logits.
-pub(crate) fn reduce(
+pub fn reduce(
     logits: &Tensor,
     labels: &Tensor,
     edges: Option<&Tensor>,
@@ -445,60 +452,5 @@ impl CustomOp2 for ReduceBackward {
             )),
             _ => candle_core::bail!("{op}: logits must be f32 or f64"),
         }
-    }
-}
-
-/// The same reductions from candle operations, for every device.
-pub(crate) mod composite {
-    use candle_core::{D, Tensor};
-
-    use super::stat;
-    use crate::Result;
-    use crate::target::one_hot;
-
-    fn sums(x: &Tensor) -> Result<Tensor> {
-        Ok(x.flatten_from(2)?.sum(D::Minus1)?)
-    }
-
-    /// `log_softmax` over the class axis, from the logits (never `log(softmax)`).
-    pub(crate) fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-        let max = logits.max_keepdim(1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let logsum = shifted.exp()?.sum_keepdim(1)?.log()?;
-        Ok(shifted.broadcast_sub(&logsum)?)
-    }
-
-    /// See [`super::reduce`].
-    pub fn reduce(
-        logits: &Tensor,
-        labels: &Tensor,
-        edges: Option<&Tensor>,
-        weights: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let logp = log_softmax(logits)?;
-        let p = logp.exp()?;
-        let t = one_hot(labels, logits.dim(1)?, logits.dtype())?;
-        let pt = (&p * &t)?;
-        let zeros = sums(&t)?.zeros_like()?;
-        let (ie, ge) = match edges {
-            Some(e) => {
-                let e = e.unsqueeze(1)?;
-                (sums(&pt.broadcast_mul(&e)?)?, sums(&t.broadcast_mul(&e)?)?)
-            }
-            None => (zeros.clone(), zeros.clone()),
-        };
-        let nll = match weights {
-            Some(w) => sums(&(logp * &t)?.broadcast_mul(&w.unsqueeze(1)?)?)?.neg()?,
-            None => zeros,
-        };
-        let mut parts = vec![nll.clone(); super::STATS];
-        parts[stat::I] = sums(&pt)?;
-        parts[stat::P] = sums(&p)?;
-        parts[stat::P2] = sums(&p.sqr()?)?;
-        parts[stat::G] = sums(&t)?;
-        parts[stat::IE] = ie;
-        parts[stat::GE] = ge;
-        parts[stat::NLL] = nll;
-        Ok(Tensor::stack(&parts, 2)?)
     }
 }

@@ -1,6 +1,6 @@
 //! The loss-sum CUDA kernels (`src/cuda/loss_sums.cu`) without a GPU: compiled for the CPU by
-//! `cwseg-cuda-emulate` (its `harness/loss_sums.cpp` launches them with `fused_cuda.rs`'s grid
-//! shapes) and compared with the CPU op of [`crate::fused::reduce`] on the same inputs: the
+//! `cwseg-cuda-emulate` (its `harness/loss_sums.cpp` launches them with `loss_sums_cuda.rs`'s grid
+//! shapes) and compared with the CPU op of [`crate::loss_sums::reduce`] on the same inputs: the
 //! `(N, K, 7)` sums and the logits' gradient of `Σ g·sums`, f64 within 1e-9 and f32 within 1e-5
 //! of the largest value, with and without edge and weight maps. Runs in every build, so CI
 //! checks the kernel file although no GPU runs it; skips with a message where no C++ compiler
@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use cwseg_cuda_emulate::{Kernels, emulation};
 
-use crate::fused::{STATS, reduce};
+use crate::loss_sums::{STATS, reduce};
 
 /// `emu_loss_sums(f64, z, labels, e, w, n, k, v, g, sums, dz)` of `harness/loss_sums.cpp`.
 type LossSumsFn = unsafe extern "C" fn(
