@@ -374,7 +374,7 @@ pub fn reduce(
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     let problem = Problem::new(labels, edges, weights, logits.dim(1)?)?;
-    Ok(logits.contiguous()?.apply_op1(Reduce(problem))?)
+    logits.contiguous()?.apply_op1(Reduce(problem))
 }
 
 struct Reduce(Problem);

@@ -59,10 +59,7 @@ pub fn reduce(
         classes,
         voxels: logits.elem_count() / (samples * classes).max(1),
     };
-    Ok(logits
-        .contiguous()?
-        .apply_op1(Sums(maps))?
-        .to_dtype(dtype)?)
+    logits.contiguous()?.apply_op1(Sums(maps))?.to_dtype(dtype)
 }
 
 /// The device view of a contiguous tensor's values.
