@@ -852,3 +852,103 @@ fn ignored_voxels_are_not_scored() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With a card that resamples, the labels are the argmax of the probabilities `predict`
+/// writes (was: argmax on the model's grid, then nearest resampling: 10–24 % of the
+/// foreground disagreed).
+#[test]
+fn labels_are_the_argmax_of_the_written_probabilities() {
+    let dir = tempfile::tempdir().expect("dir");
+    let brats = dir.path().join("brats");
+    write_brats(&brats, &["Case_A"]);
+    // the BraTS model resamples to 2 mm: give it 1.2 mm voxels
+    let case = brats.join("Case_A");
+    for modality in ["flair", "t1", "t1ce", "t2"] {
+        let path = case.join(format!("Case_A_{modality}.nii.gz"));
+        let image = cwseg_data::read_image(&path, &Default::default()).expect("image");
+        let geometry = cwseg_data::Geometry::new(image.geometry.shape(), [1.2, 1.2, 1.2]);
+        let data = image.data.index_axis(ndarray::Axis(0), 0).to_owned();
+        cwseg_data::write_volume(&path, &data, &geometry).expect("write");
+    }
+    let out = dir.path().join("out");
+    ok(&[
+        "predict",
+        "--model",
+        s(&brats_model()),
+        "--input",
+        s(&case),
+        "--output",
+        s(&out),
+        "--probabilities",
+        "--no-postprocess",
+    ]);
+    let labels = cwseg_data::read_label(out.join("Case_A.nii.gz"), &Default::default())
+        .expect("labels")
+        .data;
+    let p = probabilities(&out.join("Case_A_probabilities"));
+    let values = [0u8, 1, 2, 4];
+    let mut disagree = 0;
+    for (v, &label) in labels.iter().enumerate() {
+        let best = (0..4)
+            .max_by(|&a, &b| p[a][v].total_cmp(&p[b][v]).then(b.cmp(&a)))
+            .expect("classes");
+        disagree += usize::from(values[best] != label);
+    }
+    assert_eq!(disagree, 0, "voxels whose label is not the argmax");
+    assert!(labels.iter().any(|&l| l != 0), "something segmented");
+}
+
+/// `export --license` takes an id only; `--evaluation` takes one run's report of this model's
+/// classes.
+#[test]
+fn export_refuses_a_licence_that_is_not_an_id_and_a_foreign_report() {
+    let dir = tempfile::tempdir().expect("dir");
+    let model = edited_model(dir.path(), "model", |_| {});
+    let out = dir.path().join("exported");
+    let err = common::cwseg(&[
+        "export",
+        s(&model),
+        "--out",
+        s(&out),
+        "--license",
+        "mit\nlibrary_name: evil",
+    ]);
+    assert_eq!(err.status.code(), Some(2), "a usage error");
+    assert!(!out.exists());
+    let report = dir.path().join("report.json");
+    std::fs::write(
+        &report,
+        r#"[{"aggregate": "paper", "mean": {"1": {}}}, {}]"#,
+    )
+    .expect("w");
+    let err = fails(&[
+        "export",
+        s(&model),
+        "--out",
+        s(&out),
+        "--evaluation",
+        s(&report),
+    ]);
+    assert!(err.contains("several runs"), "{err}");
+    std::fs::write(
+        &report,
+        r#"{"aggregate": "paper", "mean": {"99": {"dice": 1.0}}}"#,
+    )
+    .expect("w");
+    let err = fails(&[
+        "export",
+        s(&model),
+        "--out",
+        s(&out),
+        "--evaluation",
+        s(&report),
+    ]);
+    assert!(err.contains("`99`"), "{err}");
+    assert!(!out.exists());
+    ok(&["export", s(&model), "--out", s(&out)]);
+    let card = std::fs::read_to_string(out.join("README.md")).expect("card");
+    assert!(
+        !card.contains("license:") && card.contains("none stated"),
+        "{card}"
+    );
+}
