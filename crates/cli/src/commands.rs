@@ -5,18 +5,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
-use cwseg_data::{
-    LabelMap, PhantomConfig, ReadOptions, read_label, write_label, write_phantom_dataset,
-};
+use cwseg_data::{PhantomConfig, write_phantom_dataset};
 use cwseg_losses::{LossConfig, Target};
 use cwseg_metrics::{Aggregate, TableMetric, markdown_table, summarize};
 use cwseg_models::{ModelConfig, describe};
-use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec, contour_map};
-use ndarray::Axis;
+use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec};
 use serde_json::json;
 
 use crate::progress::Progress;
-use cwseg_train::figures::{Panel, write_panels};
 use cwseg_train::optim::{OptimizerKind, Schedule};
 use cwseg_train::predict::PredictOptions;
 use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device};
@@ -288,26 +284,6 @@ pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device)
     }
 }
 
-/// Refuses an output file whose folder does not exist or which is itself a folder, before any
-/// computation (so a second output cannot fail after the first was written).
-fn check_output_file(flag: &str, output: &Path) -> Result<()> {
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!(
-            "{flag} {}: the folder {} does not exist",
-            output.display(),
-            parent.display()
-        );
-    }
-    if output.is_dir() {
-        bail!("{flag} {}: is a folder, expected a file", output.display());
-    }
-    Ok(())
-}
-
 /// Refuses an output that would overwrite one of the inputs (or an earlier output: the paths
 /// are compared resolved, whether or not they exist yet).
 fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
@@ -528,15 +504,6 @@ enum BorderArg {
 
 /// `cwseg contour`.
 pub fn contour(args: ContourArgs) -> Result<()> {
-    let mut outputs = cwseg_train::outputs::Outputs::new();
-    outputs.add("--output", &args.output)?;
-    check_output_file("--output", &args.output)?;
-    if let Some(png) = &args.png {
-        outputs.add("--png", png)?;
-        check_output_file("--png", png)?;
-    }
-    outputs.refuse_inputs(&[("--label", &args.label)])?;
-    let label = read_label(&args.label, &ReadOptions::default())?;
     let spec = ContourSpec {
         erosion: ErosionSpec {
             element: Element::Cube(args.kernel),
@@ -548,39 +515,14 @@ pub fn contour(args: ContourArgs) -> Result<()> {
         },
         include_background: args.include_background,
     };
-    let map = contour_map(label.data.view(), &spec)
-        .with_context(|| format!("contour map of {}", args.label.display()))?
-        .into_union()
-        .mapv(u8::from);
-    write_label(
+    let voxels = cwseg_train::contours::write_contour_map(
+        &args.label,
         &args.output,
-        &LabelMap {
-            data: map.clone(),
-            geometry: label.geometry.clone(),
-        },
+        args.png.as_deref(),
+        &spec,
     )?;
-    if let Some(png) = &args.png {
-        let z = (0..map.dim().0)
-            .max_by_key(|&z| {
-                map.index_axis(Axis(0), z)
-                    .iter()
-                    .filter(|&&v| v != 0)
-                    .count()
-            })
-            .unwrap_or(0);
-        let base = label.data.index_axis(Axis(0), z).mapv(f32::from);
-        write_panels(
-            png,
-            &[
-                Panel::Labels(base.view(), label.data.index_axis(Axis(0), z)),
-                Panel::Mask(base.view(), map.index_axis(Axis(0), z)),
-            ],
-            3,
-        )?;
-    }
     println!(
-        "{} contour voxels written to {}",
-        map.iter().filter(|&&v| v != 0).count(),
+        "{voxels} contour voxels written to {}",
         args.output.display()
     );
     Ok(())
@@ -867,5 +809,44 @@ pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     println!("model folder written to {}", args.out.display());
+    Ok(())
+}
+
+/// `cwseg plan`.
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The data set: an MSD / nnU-Net folder with `dataset.json`, or a BraTS folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// The run configuration to write (`fingerprint.json` goes beside it).
+    #[arg(long, visible_alias = "output")]
+    out: PathBuf,
+    /// Memory for a training step, GiB.
+    #[arg(long, default_value_t = 4.0)]
+    memory: f64,
+    /// Only check the data set (every case read: grids, channels, label values, finite
+    /// voxels, orthogonal axes); write nothing.
+    #[arg(long)]
+    verify: bool,
+}
+
+/// `cwseg plan`: the fingerprint, then the plan.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    if args.verify {
+        let cases = cwseg_train::plan::verify(&args.data)?;
+        println!(
+            "{}: {cases} cases read, every one consistent",
+            args.data.display()
+        );
+        return Ok(());
+    }
+    let budget = cwseg_train::plan::PlanBudget {
+        memory_gib: args.memory,
+    };
+    let plan = cwseg_train::plan::write_plan(&args.data, &args.out, budget)?;
+    for (field, why) in &plan.reasons {
+        println!("{field}: {why}");
+    }
+    println!("plan written to {}", args.out.display());
     Ok(())
 }

@@ -123,6 +123,9 @@ enum Command {
     },
     /// Build a network and print its parameter count and activation memory.
     Model(commands::ModelArgs),
+    /// Plan a run from a data set, as nnU-Net plans: its fingerprint (`fingerprint.json`) and a
+    /// commented run configuration that `cwseg train --config` runs as it is.
+    Plan(commands::PlanArgs),
     /// Time the operations that matter to users (contour maps, distances, metrics, losses, a
     /// U-Net training step).
     Bench(bench::BenchOptions),
@@ -221,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Loss(args) => commands::loss(args),
         Command::Synth(args) => commands::synth(args),
         Command::Model(args) => commands::model(args),
+        Command::Plan(args) => commands::plan(args),
         Command::Export {
             run,
             out,

@@ -1,0 +1,77 @@
+//! `cwseg plan`: a data set's fingerprint and a commented run configuration that `cwseg train`
+//! runs unchanged; `--verify` reads every case and names the first inconsistent one.
+
+mod common;
+use common::{fails, ok, s};
+
+#[test]
+fn a_plan_trains_unchanged_and_says_why() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    ok(&[
+        "synth",
+        "--out",
+        s(&data),
+        "--train",
+        "3",
+        "--test",
+        "0",
+        "--shape",
+        "24,32,40",
+    ]);
+    let plan = dir.path().join("plan.toml");
+    let said = ok(&["plan", "--data", s(&data), "--out", s(&plan)]);
+    assert!(
+        said.contains("patch:") && said.contains("normalization"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    // every planned choice carries its reason as a comment right above it
+    for (field, reason) in [
+        ("patch = ", "# the median case"),
+        ("spacing = ", "# the median spacing"),
+        ("iterations = ", "# a 6 mm contour band"),
+        ("[data.preprocessing.normalization]", "# a CT channel"),
+    ] {
+        let lines: Vec<&str> = text.lines().collect();
+        let found = lines
+            .windows(2)
+            .any(|w| w[0].starts_with(reason) && w[1].starts_with(field));
+        assert!(found, "{field} under {reason}: {text}");
+    }
+    let fingerprint: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("fingerprint.json")).expect("fingerprint"),
+    )
+    .expect("json");
+    assert_eq!(fingerprint["cases"].as_array().expect("cases").len(), 3);
+    assert_eq!(
+        fingerprint["cases"][0]["shape"],
+        serde_json::json!([24, 32, 40])
+    );
+    // train takes it as it is (one short epoch here)
+    let run = dir.path().join("run");
+    ok(&[
+        "train",
+        "--config",
+        s(&plan),
+        "--epochs",
+        "1",
+        "--batches-per-epoch",
+        "1",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("best/model.safetensors").is_file());
+    // --verify reads every case; a label value the dataset.json lacks names its case
+    assert!(ok(&["plan", "--data", s(&data), "--out", s(&plan), "--verify"]).contains("3 cases"));
+    let json_path = data.join("dataset.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json")).expect("json");
+    json["labels"].as_object_mut().expect("labels").remove("1");
+    std::fs::write(&json_path, json.to_string()).expect("write");
+    let err = fails(&["plan", "--data", s(&data), "--out", s(&plan), "--verify"]);
+    assert!(
+        err.contains("case phantom_000") && err.contains("label value 1"),
+        "{err}"
+    );
+}

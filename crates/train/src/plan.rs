@@ -1,0 +1,450 @@
+//! `cwseg plan`: from a data set to a run configuration, as nnU-Net plans. Two steps, each data
+//! the user can read and edit:
+//!
+//! - the **fingerprint** ([`fingerprint`]): per case its shape, spacing and channels; per
+//!   channel the foreground intensities nnU-Net measures (0.5 / 99.5 percentiles, mean, σ of the
+//!   voxels with a label > 0); per class its voxel count. Reading every case is also the
+//!   integrity check (nnU-Net's `--verify_dataset_integrity`): images and labels on one grid,
+//!   one channel count, known label values, no NaN or ∞, orthogonal axes — errors name the case
+//!   and the file.
+//! - the **plan** ([`plan`]): the target spacing (the median per axis; an axis more than 3×
+//!   coarser than the finest takes its 10th percentile, nnU-Net's anisotropy rule), the patch (the
+//!   median case's shape at that spacing, in steps of the network's size multiple, shrunk along
+//!   its longest side until a training step of batch 2 fits the memory budget), the
+//!   normalisation (CT: nnU-Net's scheme; MR and other modalities: z-score, over the non-zero
+//!   voxels when the background is zero, with the crop to them), and the contour band of 6 mm
+//!   (docs/formulas.md §7) in erosions at the target spacing's finest axis. Each choice's
+//!   reason is written beside it ([`commented_toml`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, bail};
+use cwseg_data::{Dataset, ForegroundIntensities, IntensityProperties, Normalization, ReadOptions};
+use cwseg_models::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::prepare::{DataConfig, Preprocessing};
+
+/// One case as the fingerprint sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseFingerprint {
+    /// The case id.
+    pub id: String,
+    /// Voxels `[z, y, x]`.
+    pub shape: [usize; 3],
+    /// Voxels of the box of the non-zero voxels (any channel), what a crop to them keeps.
+    pub foreground_shape: [usize; 3],
+    /// Spacing `[z, y, x]`, mm.
+    pub spacing: [f64; 3],
+    /// Orientation codes (`RAS`, `LPS`, …).
+    pub orientation: String,
+}
+
+/// What [`fingerprint`] measured on a data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// The data set's channel names.
+    pub modalities: Vec<String>,
+    /// The stored label values, background first.
+    pub label_values: Vec<u8>,
+    /// Every training case.
+    pub cases: Vec<CaseFingerprint>,
+    /// Per channel, the foreground intensities.
+    pub intensities: Vec<IntensityProperties>,
+    /// Voxels of each stored label value over the training cases.
+    pub class_voxels: BTreeMap<u8, u64>,
+    /// Fraction of the image voxels (first channel) that are exactly 0, over every case.
+    pub zero_fraction: f64,
+}
+
+/// Reads every training case of `dataset` (the integrity check) and measures it.
+pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
+    if dataset.training.is_empty() {
+        bail!("{}: no training cases to plan from", dataset.root.display());
+    }
+    let per_case = cwseg_data::foreground_voxels_per_case(dataset.training.len());
+    let mut pools: Vec<ForegroundIntensities> = dataset
+        .modalities
+        .iter()
+        .map(|_| ForegroundIntensities::new(per_case))
+        .collect();
+    let mut cases = Vec::new();
+    let mut class_voxels = BTreeMap::new();
+    let (mut zeros, mut voxels) = (0u64, 0u64);
+    for case in &dataset.training {
+        let (image, label) = dataset
+            .load_case(case, &ReadOptions::default())
+            .with_context(|| format!("case {}", case.id))?;
+        let Some(label) = label else {
+            bail!(
+                "case {} ({}): no label file",
+                case.id,
+                case.images[0].display()
+            );
+        };
+        check_orthogonal(&image.geometry, &case.images[0])?;
+        for (pool, channel) in pools.iter_mut().zip(image.data.outer_iter()) {
+            pool.add(channel, label.data.view())?;
+        }
+        let first = image.data.index_axis(ndarray::Axis(0), 0);
+        zeros += first.iter().filter(|&&v| v == 0.0).count() as u64;
+        voxels += first.len() as u64;
+        for &k in &label.data {
+            let value = dataset
+                .label_values
+                .get(usize::from(k))
+                .copied()
+                .unwrap_or(k);
+            *class_voxels.entry(value).or_insert(0) += 1;
+        }
+        let foreground_shape = cwseg_data::crop::foreground_bbox(image.data.view())
+            .map_or(image.geometry.shape(), |b| b.shape());
+        cases.push(CaseFingerprint {
+            id: case.id.clone(),
+            shape: image.geometry.shape(),
+            foreground_shape,
+            spacing: image.geometry.spacing(),
+            orientation: image.geometry.orientation().iter().collect(),
+        });
+    }
+    let intensities = pools
+        .iter()
+        .map(|p| p.properties().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Fingerprint {
+        modalities: dataset.modalities.clone(),
+        label_values: dataset.label_values.clone(),
+        cases,
+        intensities,
+        class_voxels,
+        zero_fraction: zeros as f64 / voxels.max(1) as f64,
+    })
+}
+
+/// Refuses a grid whose axes are not orthogonal (a sheared affine: resampling and flips would
+/// move voxels wrongly).
+fn check_orthogonal(geometry: &cwseg_data::Geometry, file: &std::path::Path) -> Result<()> {
+    let a = geometry.affine();
+    let column = |c: usize| [a[0][c], a[1][c], a[2][c]];
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        let (u, v) = (column(i), column(j));
+        let dot: f64 = (0..3).map(|r| u[r] * v[r]).sum();
+        let norm = |w: [f64; 3]| w.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if dot.abs() > 1e-3 * norm(u) * norm(v) {
+            bail!(
+                "{}: its voxel axes {i} and {j} are not orthogonal (a sheared affine); resample it \
+                 onto an orthogonal grid first",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What the planner may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanBudget {
+    /// Memory for a training step, GiB.
+    pub memory_gib: f64,
+}
+
+/// A planned run: the configuration, and the reason of each choice by field.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The run configuration.
+    pub config: TrainConfig,
+    /// `field → why this value` (dotted TOML paths).
+    pub reasons: BTreeMap<String, String>,
+}
+
+/// The contour band the paper used, mm (6 erosions of a 3-cube at 1 mm).
+pub const BAND_MM: f64 = 6.0;
+
+/// The median of `values` (the mean of the two middle ones for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The target spacing: the median per axis; an axis more than 3× coarser than the finest axis
+/// takes the 10th percentile of its spacings instead (nnU-Net's anisotropy rule).
+pub fn target_spacing(cases: &[CaseFingerprint]) -> [f64; 3] {
+    let per_axis = |a: usize| cases.iter().map(|c| c.spacing[a]).collect::<Vec<f64>>();
+    let mut target: [f64; 3] = std::array::from_fn(|a| median(&mut per_axis(a)));
+    let finest = target.iter().copied().fold(f64::INFINITY, f64::min);
+    for (a, t) in target.iter_mut().enumerate() {
+        if *t > 3.0 * finest {
+            let mut values = per_axis(a);
+            *t = cwseg_metrics::quantile::quantiles(&mut values, &[0.1]).map_or(*t, |q| q[0]);
+        }
+    }
+    target
+}
+
+/// The plan for `fingerprint`'s data set at `source` (see the module).
+pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Result<Plan> {
+    let mut reasons = BTreeMap::new();
+    let spacing = target_spacing(&fingerprint.cases);
+    let medians: Vec<f64> = (0..3)
+        .map(|a| {
+            median(
+                &mut fingerprint
+                    .cases
+                    .iter()
+                    .map(|c| c.spacing[a])
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    reasons.insert(
+        "data.preprocessing.spacing".into(),
+        format!(
+            "the median spacing {medians:?} mm per axis (z, y, x) of {} cases{}",
+            fingerprint.cases.len(),
+            if spacing.iter().zip(&medians).any(|(s, m)| s != m) {
+                "; an axis over 3× the finest takes its 10th percentile (nnU-Net)"
+            } else {
+                ""
+            }
+        ),
+    );
+    let normalization = normalization(fingerprint, &mut reasons);
+    let crop = matches!(normalization, Normalization::ZScoreNonZero);
+    // the median case as the network sees it: cropped (when the plan crops), resampled; the
+    // patch never exceeds its smallest side
+    let sides = |c: &CaseFingerprint| if crop { c.foreground_shape } else { c.shape };
+    let shape: [f64; 3] = std::array::from_fn(|a| {
+        median(
+            &mut fingerprint
+                .cases
+                .iter()
+                .map(|c| sides(c)[a] as f64 * c.spacing[a] / spacing[a])
+                .collect::<Vec<_>>(),
+        )
+    });
+    let smallest: [f64; 3] = std::array::from_fn(|a| {
+        fingerprint
+            .cases
+            .iter()
+            .map(|c| sides(c)[a] as f64 * c.spacing[a] / spacing[a])
+            .fold(f64::INFINITY, f64::min)
+    });
+    let in_channels = fingerprint.modalities.len();
+    let classes = fingerprint.label_values.len();
+    let model = ModelConfig::from_name("unet", in_channels, classes)?;
+    let patch = fit_patch(&model, shape, smallest, budget, &mut reasons)?;
+    reasons.insert(
+        "data.preprocessing.crop_foreground".into(),
+        if crop {
+            format!(
+                "{:.0} % of the voxels are 0 (background outside the body): crop to the rest",
+                100.0 * fingerprint.zero_fraction
+            )
+        } else {
+            "the images have no zero background to crop".into()
+        },
+    );
+    let finest = spacing.iter().copied().fold(f64::INFINITY, f64::min);
+    let iterations = ((BAND_MM / finest).round() as usize).max(1);
+    reasons.insert(
+        "loss.contour.iterations".into(),
+        format!(
+            "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) at the finest target \
+             spacing {finest} mm"
+        ),
+    );
+    let loss = cwseg_losses::LossConfig::from_json(&format!(
+        r#"{{"name": "cwcd", "contour": {{"iterations": {iterations}}}}}"#
+    ))?;
+    if fingerprint.label_values == [0, 1, 2, 4] {
+        reasons.insert(
+            "model".into(),
+            "BraTS-like labels (1, 2, 4): evaluate with `--regions brats` (WT, TC, ET); region \
+             training is not built yet"
+                .into(),
+        );
+    }
+    let config = TrainConfig {
+        data: DataConfig {
+            source: source.to_string(),
+            preprocessing: Some(Preprocessing {
+                reorient: false,
+                crop_foreground: crop,
+                spacing: Some(spacing),
+                normalization,
+            }),
+            ..DataConfig::default()
+        },
+        model: model.with_input_size(patch),
+        loss,
+        patch,
+        batch_size: 2,
+        ..TrainConfig::default()
+    };
+    reasons.insert(
+        "batch_size".into(),
+        "2: nnU-Net's smallest batch (batch norm needs more than one sample)".into(),
+    );
+    config
+        .validate()
+        .context("the plan is not a valid run configuration")?;
+    Ok(Plan { config, reasons })
+}
+
+/// The patch: the median shape at the target spacing rounded to the network's size multiple
+/// (down where the smallest case is shorter: every case must hold a patch), shrunk by one
+/// multiple along its longest side until a training step of batch 2 fits `budget`.
+fn fit_patch(
+    model: &ModelConfig,
+    shape: [f64; 3],
+    smallest: [f64; 3],
+    budget: PlanBudget,
+    reasons: &mut BTreeMap<String, String>,
+) -> Result<[usize; 3]> {
+    let m = model.size_multiple();
+    let mut patch: [usize; 3] = std::array::from_fn(|a| {
+        let up = ((shape[a] / m as f64).ceil() as usize).max(1) * m;
+        let fits = ((smallest[a] / m as f64).floor() as usize).max(1) * m;
+        up.min(fits)
+    });
+    let limit = (budget.memory_gib * f64::from(1u32 << 30)) as u128;
+    loop {
+        let sized = model.with_input_size(patch);
+        let d = cwseg_models::describe(&sized, patch)?;
+        let step = 2 * u128::from(d.training_bytes);
+        if step <= limit || patch.iter().all(|&p| p == m) {
+            reasons.insert(
+                "patch".into(),
+                format!(
+                    "the median case at the target spacing is {:?} voxels; in steps of {m}, the \
+                     largest a training step of batch 2 fits in {} GiB (estimated {:.1} GiB)",
+                    shape.map(|n| n.round() as usize),
+                    budget.memory_gib,
+                    step as f64 / f64::from(1u32 << 30)
+                ),
+            );
+            return Ok(patch);
+        }
+        let (longest, _) = patch
+            .iter()
+            .enumerate()
+            .max_by_key(|&(a, &p)| (p, std::cmp::Reverse(a)))
+            .unwrap_or((0, &m));
+        patch[longest] = (patch[longest] - m).max(m);
+    }
+}
+
+/// CT (a modality named `CT`): nnU-Net's scheme, measured on the training cases when a run
+/// opens; otherwise z-score, over the non-zero voxels when a fifth or more of the voxels are 0.
+fn normalization(
+    fingerprint: &Fingerprint,
+    reasons: &mut BTreeMap<String, String>,
+) -> Normalization {
+    let ct = fingerprint
+        .modalities
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case("ct"));
+    let (choice, why) = if ct {
+        (
+            Normalization::NnunetCt,
+            "a CT channel: clip to the training foreground's 0.5–99.5 percentiles, then its \
+             mean and σ (nnU-Net's CTNormalization)"
+                .to_string(),
+        )
+    } else if fingerprint.zero_fraction >= 0.2 {
+        (
+            Normalization::ZScoreNonZero,
+            "not CT, with a zero background: z-score per case over the non-zero voxels (nnU-Net's \
+             ZScoreNormalization with a mask)"
+                .to_string(),
+        )
+    } else {
+        (
+            Normalization::ZScore,
+            "not CT: z-score per case (nnU-Net's ZScoreNormalization)".to_string(),
+        )
+    };
+    reasons.insert("data.preprocessing.normalization".into(), why);
+    choice
+}
+
+/// `config` as TOML with each planned field's reason as a comment above it, and a header.
+pub fn commented_toml(plan: &Plan, header: &str) -> Result<String> {
+    let text = toml::to_string(&plan.config).context("the plan as TOML")?;
+    let mut out = String::new();
+    for line in header.lines() {
+        let _ = writeln!(out, "# {line}");
+    }
+    out.push('\n');
+    let mut table = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            table = name.trim_matches(['[', ']']).to_string();
+            if let Some(why) = plan.reasons.get(&table) {
+                let _ = writeln!(out, "# {why}");
+            }
+        } else if let Some((key, _)) = trimmed.split_once(" = ") {
+            let path = if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            };
+            if let Some(why) = plan.reasons.get(&path) {
+                let _ = writeln!(out, "# {why}");
+            }
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(out)
+}
+
+/// Reads every training case of the data set at `data` (the integrity check); the number of
+/// cases.
+pub fn verify(data: &std::path::Path) -> Result<usize> {
+    let dataset = Dataset::open(data)?;
+    Ok(fingerprint(&dataset)?.cases.len())
+}
+
+/// Plans the data set at `data` within `budget` and writes the commented run configuration to
+/// `out` and the fingerprint beside it (`fingerprint.json`), both checked before either is
+/// written.
+pub fn write_plan(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    budget: PlanBudget,
+) -> Result<Plan> {
+    if !(budget.memory_gib.is_finite() && budget.memory_gib > 0.0) {
+        bail!("--memory {}: a positive number of GiB", budget.memory_gib);
+    }
+    let dataset = Dataset::open(data)?;
+    let fingerprint = fingerprint(&dataset)?;
+    let fingerprint_file = out.with_file_name("fingerprint.json");
+    let mut outputs = crate::outputs::Outputs::new();
+    outputs.add("--out", out)?;
+    outputs.add("the fingerprint", &fingerprint_file)?;
+    let plan = plan(&fingerprint, &data.to_string_lossy(), budget)?;
+    let header = format!(
+        "cwseg plan of {} ({} cases, channels {}); the fingerprint is {}.\n\
+         Run it with: cwseg train --config {} --out RUN",
+        data.display(),
+        fingerprint.cases.len(),
+        fingerprint.modalities.join(", "),
+        fingerprint_file.display(),
+        out.display()
+    );
+    let toml = commented_toml(&plan, &header)?;
+    cwseg_data::dataset::write_atomic(
+        &fingerprint_file,
+        serde_json::to_string_pretty(&fingerprint)?.as_bytes(),
+    )?;
+    cwseg_data::dataset::write_atomic(out, toml.as_bytes())?;
+    Ok(plan)
+}
