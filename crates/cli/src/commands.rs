@@ -106,8 +106,11 @@ pub struct TrainArgs {
     #[arg(long)]
     precision: Option<cwseg_models::Precision>,
     /// Run folder.
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
+    /// Print the full default run configuration, every field commented, and exit.
     #[arg(long)]
-    out: PathBuf,
+    print_config: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -141,7 +144,9 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
                 .context("invalid run configuration")?
         }
         // `--resume --out RUN` needs nothing else: the run's own configuration
-        None if args.resume => cwseg_train::trainer::read_run_config(&args.out)?,
+        None if args.resume => cwseg_train::trainer::read_run_config(
+            args.out.as_deref().context("--resume needs --out RUN")?,
+        )?,
         None => TrainConfig::default(),
     };
     if let Some(d) = &args.data {
@@ -203,12 +208,17 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
 
 /// `cwseg train` (under `mpirun -n R` with the `mpi` feature: R data-parallel ranks).
 pub fn train(args: TrainArgs) -> Result<()> {
+    if args.print_config {
+        print!("{}", cwseg_train::plan::default_config_toml()?);
+        return Ok(());
+    }
+    let out = args.out.clone().context("--out RUN: the run folder")?;
     let config = train_config(&args)?;
     let communicator = cwseg_train::distributed::launcher_communicator()?;
     let rank0 = communicator.as_ref().is_none_or(|c| c.rank() == 0);
     let outcome = cwseg_train::train(
         &config,
-        &args.out,
+        &out,
         &RunOptions {
             resume: args.resume,
             data_dir: None,

@@ -28,15 +28,15 @@ fn a_plan_trains_unchanged_and_says_why() {
     let text = std::fs::read_to_string(&plan).expect("plan");
     // every planned choice carries its reason as a comment right above it
     for (field, reason) in [
-        ("patch = ", "# the median case"),
-        ("spacing = ", "# the median spacing"),
-        ("iterations = ", "# a 6 mm contour band"),
-        ("[data.preprocessing.normalization]", "# a CT channel"),
+        ("patch = ", "the median case"),
+        ("spacing = ", "the median spacing"),
+        ("iterations = ", "a 6 mm contour band"),
+        ("[data.preprocessing.normalization]", "a CT channel"),
     ] {
         let lines: Vec<&str> = text.lines().collect();
         let found = lines
             .windows(2)
-            .any(|w| w[0].starts_with(reason) && w[1].starts_with(field));
+            .any(|w| w[0].starts_with('#') && w[0].contains(reason) && w[1].starts_with(field));
         assert!(found, "{field} under {reason}: {text}");
     }
     let fingerprint: serde_json::Value = serde_json::from_str(
@@ -74,4 +74,37 @@ fn a_plan_trains_unchanged_and_says_why() {
         err.contains("case phantom_000") && err.contains("label value 1"),
         "{err}"
     );
+}
+
+/// `train --print-config`: every field of the default configuration under a comment saying
+/// what it is, and the text is a configuration `train` takes.
+#[test]
+fn the_printed_default_configuration_is_commented_and_runs() {
+    let text = ok(&["train", "--print-config"]);
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        assert!(
+            i > 0 && lines[i - 1].starts_with('#'),
+            "no comment above `{line}`"
+        );
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("default.toml");
+    std::fs::write(&config, &text).expect("write");
+    let run = dir.path().join("run");
+    ok(&[
+        "train",
+        "--config",
+        s(&config),
+        "--epochs",
+        "1",
+        "--batches-per-epoch",
+        "1",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("train.toml").is_file());
 }

@@ -386,19 +386,31 @@ pub fn commented_toml(plan: &Plan, header: &str) -> Result<String> {
     let mut table = String::new();
     for line in text.lines() {
         let trimmed = line.trim();
-        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+        let path = if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
             table = name.trim_matches(['[', ']']).to_string();
-            if let Some(why) = plan.reasons.get(&table) {
-                let _ = writeln!(out, "# {why}");
-            }
-        } else if let Some((key, _)) = trimmed.split_once(" = ") {
-            let path = if table.is_empty() {
-                key.to_string()
-            } else {
-                format!("{table}.{key}")
-            };
-            if let Some(why) = plan.reasons.get(&path) {
-                let _ = writeln!(out, "# {why}");
+            Some(table.clone())
+        } else {
+            trimmed.split_once(" = ").map(|(key, _)| {
+                if table.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{table}.{key}")
+                }
+            })
+        };
+        if let Some(path) = path {
+            // what the field is, then why the plan chose its value
+            match (field_doc(&path), plan.reasons.get(&path)) {
+                (Some(doc), Some(why)) => {
+                    let _ = writeln!(out, "# {doc}: {why}");
+                }
+                (Some(doc), None) => {
+                    let _ = writeln!(out, "# {doc}");
+                }
+                (None, Some(why)) => {
+                    let _ = writeln!(out, "# {why}");
+                }
+                (None, None) => {}
             }
         }
         let _ = writeln!(out, "{line}");
@@ -447,4 +459,264 @@ pub fn write_plan(
     )?;
     cwseg_data::dataset::write_atomic(out, toml.as_bytes())?;
     Ok(plan)
+}
+
+/// What each field of a run configuration is, one line each, by dotted TOML path (model and
+/// loss fields by their name alone, as they vary with the network and the loss): the comments
+/// of [`commented_toml`] and `cwseg train --print-config`.
+const FIELD_DOCS: &[(&str, &str)] = &[
+    (
+        "patch",
+        "training patch [z, y, x] in voxels, also the inference window",
+    ),
+    (
+        "batch_size",
+        "patches per batch (the global batch over every data-parallel rank)",
+    ),
+    (
+        "batch_parts",
+        "the batch drawn as this many parts, each its own random stream (mpirun -n R: R divides it)",
+    ),
+    ("epochs", "epochs of the run"),
+    ("batches_per_epoch", "optimizer steps per epoch"),
+    (
+        "seed",
+        "seed of everything random: weights, split, patches, augmentation",
+    ),
+    ("device", "cpu, cuda or cuda:N"),
+    ("positive", "weight of patches centred on foreground"),
+    ("negative", "weight of patches centred anywhere"),
+    ("workers", "loader threads"),
+    (
+        "contour_maps",
+        "volume: each patch's contour map cut from the whole volume's (the paper's); patch: the patch's own",
+    ),
+    (
+        "precision",
+        "convolution precision: f32, bf16 (CUDA, or AMX-BF16 CPUs), f16 (CUDA, with loss scaling)",
+    ),
+    ("data", "the data set"),
+    (
+        "data.source",
+        "synthetic, or a data set folder (MSD / nnU-Net with dataset.json, or BraTS)",
+    ),
+    ("data.format", "auto, msd, brats or amos"),
+    (
+        "data.val_fraction",
+        "fraction of the training cases held out for validation (a seeded split)",
+    ),
+    (
+        "data.test_fraction",
+        "fraction held out for testing (0 when the data set has a test folder)",
+    ),
+    (
+        "data.split",
+        "a split file {\"train\": [...], \"val\": [...], \"test\": [...]} instead of a seeded split",
+    ),
+    (
+        "data.max_train_cases",
+        "use at most this many training cases",
+    ),
+    (
+        "data.synthetic",
+        "the phantom data set when source = \"synthetic\"",
+    ),
+    ("data.synthetic.train", "training phantoms"),
+    ("data.synthetic.test", "test phantoms"),
+    ("data.synthetic.seed", "seed of the first phantom"),
+    ("data.synthetic.phantom", "the phantom's anatomy and image"),
+    (
+        "data.preprocessing",
+        "what every image goes through before the network (replayed and inverted by predict)",
+    ),
+    (
+        "data.preprocessing.reorient",
+        "reorient to RAS+ first (predictions are turned back)",
+    ),
+    (
+        "data.preprocessing.crop_foreground",
+        "crop to the box of the non-zero voxels",
+    ),
+    (
+        "data.preprocessing.spacing",
+        "resample to this spacing [z, y, x] mm (images trilinear, labels nearest)",
+    ),
+    (
+        "data.preprocessing.normalization",
+        "intensity normalisation",
+    ),
+    (
+        "model",
+        "the network (in_channels and classes are set from the data)",
+    ),
+    ("loss", "the loss"),
+    (
+        "loss.contour",
+        "the contour band of contour-weighted losses: a cube of side kernel, eroded iterations times",
+    ),
+    ("optimizer", "the optimizer"),
+    ("optimizer.kind", "adam, adamw or sgd"),
+    ("optimizer.lr", "learning rate"),
+    (
+        "optimizer.weight_decay",
+        "weight decay (L2 for adam and sgd, decoupled for adamw)",
+    ),
+    ("optimizer.betas", "Adam's moment decays"),
+    ("optimizer.eps", "Adam's ε"),
+    ("optimizer.momentum", "SGD's momentum"),
+    ("optimizer.nesterov", "SGD with Nesterov momentum"),
+    (
+        "schedule",
+        "learning-rate schedule: step (halved at 50 % and 75 % of the epochs), cosine, poly, constant",
+    ),
+    (
+        "augment",
+        "augmentation of training patches (the paper's rotation and flips, zoom, intensity)",
+    ),
+    (
+        "validation",
+        "validation during training (the best checkpoint by mean validation DSC)",
+    ),
+    ("validation.every", "validate every this many epochs"),
+    (
+        "validation.overlap",
+        "sliding-window overlap of validation predictions",
+    ),
+    (
+        "validation.postprocess",
+        "decide nnU-Net's largest-component post-processing after training",
+    ),
+    (
+        "loss_scaling",
+        "dynamic loss scaling (auto: on where the precision in effect is f16)",
+    ),
+    (
+        "loss_scaling.kind",
+        "auto, none, or dynamic with its own settings",
+    ),
+    (
+        "data.synthetic.phantom.anatomy",
+        "abdomen (13 organs) or compact (7 classes)",
+    ),
+    (
+        "data.synthetic.phantom.shape",
+        "phantom size [z, y, x] in voxels",
+    ),
+    (
+        "data.synthetic.phantom.spacing",
+        "phantom voxel size [z, y, x] mm",
+    ),
+    (
+        "data.synthetic.phantom.noise",
+        "σ of the additive Gaussian noise",
+    ),
+    (
+        "data.synthetic.phantom.bias",
+        "strength of the smooth intensity bias",
+    ),
+    (
+        "data.synthetic.phantom.blur",
+        "Gaussian blur (voxels) before the noise: partial-volume edges",
+    ),
+    (
+        "data.preprocessing.normalization.kind",
+        "z_score, z_score_non_zero, percentile_z_score, scale_range, nnunet_ct, clip_z_score or none",
+    ),
+    (
+        "model.name",
+        "unet, vnet, unetr or deeplabv3 (their own fields follow)",
+    ),
+    (
+        "model.in_channels",
+        "input channels (set from the data set's modalities)",
+    ),
+    (
+        "model.classes",
+        "outputs, background included (set from the data set's labels)",
+    ),
+    (
+        "model.filters",
+        "filters of the first level, doubled at every down-sampling",
+    ),
+    ("model.depth", "down-sampling levels"),
+    (
+        "model.residual",
+        "residual units instead of plain Conv-Norm-ReLU pairs",
+    ),
+    ("model.norm", "normalisation of the convolution blocks"),
+    ("model.norm.kind", "batch, instance or group"),
+    (
+        "loss.name",
+        "ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal or boundary",
+    ),
+    ("loss.lambda", "λ: the contour weight of CWCE, (1 + λ C) ℓ"),
+    (
+        "loss.alpha",
+        "α: SDL's weight of the contour part against the rest",
+    ),
+    (
+        "loss.preset",
+        "paper (docs/formulas.md) or reference (the paper's code)",
+    ),
+    (
+        "loss.contour.kernel",
+        "side of the cubic structuring element (3: 26-neighbourhood)",
+    ),
+    (
+        "loss.contour.iterations",
+        "erosions: the band's width in voxels",
+    ),
+    ("loss.contour.element", "cube or cross"),
+    (
+        "loss.contour.border",
+        "background (outside counts as background) or replicate",
+    ),
+    ("schedule.kind", "step, cosine, poly or constant"),
+    (
+        "schedule.gamma",
+        "the step schedule's factor at each milestone",
+    ),
+    ("augment.rotation_probability", "probability of a rotation"),
+    (
+        "augment.max_rotation_degrees",
+        "largest rotation angle, degrees",
+    ),
+    ("augment.flip_probability", "probability of a flip"),
+    ("augment.scale_probability", "probability of a zoom"),
+    ("augment.scale_range", "zoom factors [low, high]"),
+    (
+        "augment.intensity_probability",
+        "probability of an intensity scale and shift",
+    ),
+    (
+        "augment.intensity_scale",
+        "largest relative intensity scale",
+    ),
+    (
+        "augment.intensity_shift",
+        "largest intensity shift (in σ of the normalised image)",
+    ),
+];
+
+/// The doc line of the field at `path` (see [`FIELD_DOCS`]).
+fn field_doc(path: &str) -> Option<&'static str> {
+    FIELD_DOCS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, doc)| *doc)
+}
+
+/// The default run configuration as TOML with a comment above every table and every field the
+/// docs name: what `cwseg train --print-config` prints.
+pub fn default_config_toml() -> Result<String> {
+    let plan = Plan {
+        config: TrainConfig::default(),
+        reasons: BTreeMap::new(),
+    };
+    commented_toml(
+        &plan,
+        "cwseg's default run configuration: every field, with what it is.\n\
+         cwseg train --config THIS.toml --out RUN (flags override fields; `cwseg plan` fills \
+         them from a data set)",
+    )
 }
