@@ -92,8 +92,9 @@ fn copy_into(from: &Path, to: &Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` through a temporary file ([`write_via_temporary`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    // errors name `path`, never the temporary
     write_via_temporary(path, "", |tmp| {
-        fs::write(tmp, bytes).map_err(|e| DataError::io(tmp, e))
+        fs::write(tmp, bytes).map_err(|e| DataError::io(path, e))
     })
 }
 
@@ -136,6 +137,19 @@ mod tests {
         let path = dir.path().join(&name);
         write_atomic(&path, b"x").expect("a 255-byte name");
         assert_eq!(fs::read(&path).expect("read"), b"x");
+    }
+
+    #[test]
+    fn a_write_into_a_missing_folder_names_the_file_not_its_temporary() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("missing").join("plan.toml");
+        let err = write_atomic(&path, b"x")
+            .expect_err("no folder")
+            .to_string();
+        assert!(
+            err.contains("missing/plan.toml") && !err.contains(".cwseg-"),
+            "{err}"
+        );
     }
 
     #[test]
