@@ -1,6 +1,6 @@
 //! The commands other than `demo`: thin layers over the crates.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
@@ -294,21 +294,6 @@ pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device)
     }
 }
 
-/// Refuses an output that would overwrite one of the inputs (or an earlier output: the paths
-/// are compared resolved, whether or not they exist yet).
-fn refuse_overwriting(flag: &str, output: &Path, inputs: &[&Path]) -> Result<()> {
-    for input in inputs {
-        if cwseg_train::outputs::same_place(output, input) {
-            bail!(
-                "{flag} {} is the input {}: it would be overwritten; choose another output",
-                output.display(),
-                input.display()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// `cwseg predict`.
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
@@ -317,7 +302,6 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     if let Some(overlap) = args.overlap {
         cwseg_train::window::check_overlap(overlap, "--overlap")?;
     }
-    refuse_overwriting("--output", &args.output, &[&args.input])?;
     let (network, card, dir) = load_model(&model, &device)?;
     let job = cwseg_train::predict_files::PredictFiles {
         input: args.input.clone(),
@@ -326,6 +310,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         options: PredictOptions {
             overlap: args.overlap.unwrap_or(card.overlap),
             postprocess: !args.no_postprocess,
+            keep_probabilities: args.probabilities,
         },
         shard: args.shard,
         protected: vec![model.clone(), dir.clone()],

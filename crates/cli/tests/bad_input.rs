@@ -438,14 +438,7 @@ fn an_export_that_would_write_infinity_is_refused() {
     let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
     candle_core::safetensors::save(&named.into_iter().collect(), &path).expect("save");
     // the card's digest is of the old file: record the new one as training would
-    let digest = {
-        use sha2::Digest;
-        let bytes = std::fs::read(&path).expect("read");
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let digest = cwseg_train::card::sha256_file(&path).expect("digest");
     let card_path = model.join("config.json");
     let mut card: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&card_path).expect("card")).expect("json");
@@ -896,6 +889,22 @@ fn labels_are_the_argmax_of_the_written_probabilities() {
     }
     assert_eq!(disagree, 0, "voxels whose label is not the argmax");
     assert!(labels.iter().any(|&l| l != 0), "something segmented");
+    // without --probabilities (a running argmax, one class at a time): the same labels
+    let alone = dir.path().join("alone");
+    ok(&[
+        "predict",
+        "--model",
+        s(&brats_model()),
+        "--input",
+        s(&case),
+        "--output",
+        s(&alone),
+        "--no-postprocess",
+    ]);
+    let again = cwseg_data::read_label(alone.join("Case_A.nii.gz"), &Default::default())
+        .expect("labels")
+        .data;
+    assert_eq!(again, labels);
 }
 
 /// `export --license` takes an id only; `--evaluation` takes one run's report of this model's

@@ -51,13 +51,22 @@ pub fn same_place(a: &Path, b: &Path) -> bool {
 /// Refuses an output whose existing folder cannot take a new file (read-only, no permission),
 /// found by creating and removing a small file there: so that a command with two outputs
 /// cannot write the first and fail on the second. An existing non-regular destination (a FIFO,
-/// a device) is written in place, so its folder is not probed.
-fn check_writable(source: &str, given: &Path, resolved: &Path) -> Result<()> {
+/// a device) is written in place, so its folder is not probed; a folder in `known` was probed
+/// already. Returns the folder probed.
+fn check_writable(
+    source: &str,
+    given: &Path,
+    resolved: &Path,
+    known: &std::collections::BTreeSet<PathBuf>,
+) -> Result<Option<PathBuf>> {
     if std::fs::metadata(resolved).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
-        return Ok(());
+        return Ok(None);
     }
-    let Some(folder) = resolved.parent().filter(|p| p.is_dir()) else {
-        return Ok(());
+    let Some(folder) = resolved
+        .parent()
+        .filter(|p| p.is_dir() && !known.contains(*p))
+    else {
+        return Ok(None);
     };
     static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -69,7 +78,7 @@ fn check_writable(source: &str, given: &Path, resolved: &Path) -> Result<()> {
     {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
-            Ok(())
+            Ok(Some(folder.to_path_buf()))
         }
         Err(e) => bail!(
             "{source} {}: the folder {} cannot take a new file ({e})",
@@ -91,6 +100,8 @@ struct Planned {
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {
     planned: Vec<Planned>,
+    /// Folders already found to take new files (probed once each).
+    writable: std::collections::BTreeSet<PathBuf>,
 }
 
 impl Outputs {
@@ -120,7 +131,9 @@ impl Outputs {
                 );
             }
         }
-        check_writable(source, path, &resolved)?;
+        if let Some(folder) = check_writable(source, path, &resolved, &self.writable)? {
+            self.writable.insert(folder);
+        }
         self.planned.push(Planned {
             source: source.to_string(),
             given: path.to_path_buf(),

@@ -162,15 +162,17 @@ pub struct Plan {
 /// The contour band the paper used, mm (6 erosions of a 3-cube at 1 mm).
 pub const BAND_MM: f64 = 6.0;
 
-/// The median of `values` (the mean of the two middle ones for an even count).
+/// The median of `values` (numpy's: the mean of the two middle ones for an even count; 0 for
+/// none).
 fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
+    percentile(values, 50.0)
+}
+
+/// The `q`-th percentile, numpy's linear interpolation ([`cwseg_metrics::quantile`]); 0 for no
+/// values.
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    let p = cwseg_metrics::quantile::percentile(values, q);
+    if p.is_nan() { 0.0 } else { p }
 }
 
 /// The target spacing: the median per axis; an axis more than 3× coarser than the finest axis
@@ -181,8 +183,7 @@ pub fn target_spacing(cases: &[CaseFingerprint]) -> [f64; 3] {
     let finest = target.iter().copied().fold(f64::INFINITY, f64::min);
     for (a, t) in target.iter_mut().enumerate() {
         if *t > 3.0 * finest {
-            let mut values = per_axis(a);
-            *t = cwseg_metrics::quantile::quantiles(&mut values, &[0.1]).map_or(*t, |q| q[0]);
+            *t = percentile(&mut per_axis(a), 10.0);
         }
     }
     target
@@ -719,4 +720,42 @@ pub fn default_config_toml() -> Result<String> {
          cwseg train --config THIS.toml --out RUN (flags override fields; `cwseg plan` fills \
          them from a data set)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(spacing: [f64; 3]) -> CaseFingerprint {
+        CaseFingerprint {
+            id: String::new(),
+            shape: [10; 3],
+            foreground_shape: [10; 3],
+            spacing,
+            orientation: "RAS".into(),
+        }
+    }
+
+    /// The medians per axis; an axis over 3× the finest takes its 10th percentile (numpy's
+    /// `np.percentile([4, 5, 5, 5, 6], 10)` = 4.4, worked by hand).
+    #[test]
+    fn target_spacing_follows_the_median_and_the_anisotropy_rule() {
+        let iso = [
+            case([1.0, 0.9, 0.9]),
+            case([1.2, 1.0, 1.0]),
+            case([1.0, 1.1, 1.1]),
+        ];
+        assert_eq!(target_spacing(&iso), [1.0, 1.0, 1.0]);
+        let even = [case([1.0, 1.0, 1.0]), case([2.0, 1.0, 1.0])];
+        assert_eq!(target_spacing(&even), [1.5, 1.0, 1.0]);
+        let thick: Vec<_> = [5.0, 5.0, 5.0, 4.0, 6.0]
+            .iter()
+            .map(|&z| case([z, 0.8, 0.8]))
+            .collect();
+        let t = target_spacing(&thick);
+        assert!(
+            (t[0] - 4.4).abs() < 1e-12 && t[1] == 0.8 && t[2] == 0.8,
+            "{t:?}"
+        );
+    }
 }

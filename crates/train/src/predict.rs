@@ -174,6 +174,9 @@ pub struct CasePrediction {
     pub cropped: Geometry,
     /// Where the cropped grid starts in the input's voxels.
     pub start: [usize; 3],
+    /// The probabilities on the input's grid, in the canonical orientation when the card
+    /// reorients, when the prediction was asked to keep them.
+    kept: Option<Array4<f32>>,
 }
 
 impl CasePrediction {
@@ -186,6 +189,14 @@ impl CasePrediction {
         card: &ModelCard,
         input: &Geometry,
     ) -> Result<Array4<f32>> {
+        if let Some(kept) = &self.kept {
+            let channels: Vec<Array3<f32>> = kept
+                .outer_iter()
+                .map(|c| to_input_orientation(card, input, c.to_owned()))
+                .collect();
+            let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
+            return Ok(ndarray::stack(Axis(0), &views)?);
+        }
         let channels = self
             .probabilities
             .outer_iter()
@@ -302,6 +313,10 @@ pub struct PredictOptions {
     pub overlap: f64,
     /// Apply the model card's post-processing (if it has one).
     pub postprocess: bool,
+    /// Keep the class probabilities on the input's grid, which the labels are the argmax of
+    /// ([`CasePrediction::probabilities_on_input`] then returns them instead of resampling every
+    /// class again).
+    pub keep_probabilities: bool,
 }
 
 /// Predicts an image `[c, z, y, x]` on its own grid: the model card's preprocessing, sliding
@@ -372,8 +387,9 @@ impl PreparedCase {
             preprocessed: pre.geometry,
             cropped,
             start: bbox.map_or([0; 3], |b| b.start),
+            kept: None,
         };
-        prediction.labels_on_input(card, &input, options.postprocess)?;
+        prediction.labels_on_input(card, &input, options)?;
         Ok(prediction)
     }
 }
@@ -385,8 +401,25 @@ impl CasePrediction {
     /// argmax of what `--probabilities` writes; otherwise the crop only moves voxels, and the
     /// argmax is taken before it. Post-processing runs in the canonical orientation when the
     /// card reorients, so that an input's orientation cannot change which component is kept.
-    fn labels_on_input(&mut self, card: &ModelCard, input: &Geometry, post: bool) -> Result<()> {
-        let classes = if card.preprocessing.spacing.is_some() {
+    fn labels_on_input(
+        &mut self,
+        card: &ModelCard,
+        input: &Geometry,
+        options: PredictOptions,
+    ) -> Result<()> {
+        let classes = if card.preprocessing.spacing.is_some() && options.keep_probabilities {
+            let channels = self
+                .probabilities
+                .outer_iter()
+                .enumerate()
+                .map(|(k, c)| self.channel_on_canonical(card, input, k, c))
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
+            let kept = ndarray::stack(Axis(0), &views)?;
+            let classes = argmax(kept.view());
+            self.kept = Some(kept);
+            classes
+        } else if card.preprocessing.spacing.is_some() {
             self.argmax_on_canonical(card, input)?
         } else {
             let raw = argmax(self.probabilities.view());
@@ -396,7 +429,7 @@ impl CasePrediction {
             classes.mapv_inplace(|k| card.label_values.get(k as usize).copied().unwrap_or(k));
             to_input_orientation(card, input, classes)
         };
-        match (post, &card.postprocessing) {
+        match (options.postprocess, &card.postprocessing) {
             (true, Some(rule)) => {
                 let mut processed = classes.clone();
                 rule.apply(&mut processed);

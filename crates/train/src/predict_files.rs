@@ -51,6 +51,13 @@ impl PredictFiles {
     /// any is written: not an input, not another output, not in a protected folder; the output
     /// folder is created for a folder of inputs. Empty when the shard holds no case.
     pub fn plan(&self, card: &ModelCard, model_dir: &Path) -> Result<Vec<PlannedCase>> {
+        if crate::outputs::same_place(&self.output, &self.input) {
+            bail!(
+                "--output {} is the input {}: it would be overwritten; choose another output",
+                self.output.display(),
+                self.input.display()
+            );
+        }
         let mut inputs = crate::inputs::case_files(
             &self.input,
             &card.modalities,
