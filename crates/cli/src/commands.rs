@@ -14,8 +14,9 @@ use serde_json::json;
 
 use crate::progress::Progress;
 use cwseg_train::optim::{OptimizerKind, Schedule};
+use cwseg_train::ensemble::Member;
 use cwseg_train::predict::PredictOptions;
-use cwseg_train::{RunOptions, TrainConfig, load_model, parse_device};
+use cwseg_train::{RunOptions, TrainConfig, parse_device};
 
 fn parse_triple(text: &str) -> Result<[usize; 3], String> {
     let parts: Vec<&str> = text.split([',', 'x']).collect();
@@ -250,8 +251,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
 pub struct PredictArgs {
     /// A run folder (its `best/` checkpoint), a model folder (`model.safetensors` + `config.json`)
     /// or `hf://ORG/NAME[@REV]` (the Hugging Face cache; offline with `HF_HUB_OFFLINE=1`).
+    /// Repeat for an ensemble: the mean of the models' probabilities (same classes, label
+    /// values, regions and modalities), post-processed with the first model's rule.
+    #[arg(long, required = true)]
+    model: Vec<PathBuf>,
+    /// Test-time mirroring (nnU-Net's default): the mean of the probabilities of the input's
+    /// 8 flips over its spatial axes, each flipped back (8× the time).
     #[arg(long)]
-    model: PathBuf,
+    tta: bool,
     /// A NIfTI image, a folder of images (nnU-Net `_0000` channel files are grouped), or a
     /// BraTS folder of case folders.
     #[arg(long)]
@@ -298,11 +305,19 @@ pub(crate) fn set_precision(requested: cwseg_models::Precision, device: &Device)
 pub fn predict(args: PredictArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     set_precision(args.precision, &device);
-    let model = cwseg_train::hub::model_path(&args.model)?;
     if let Some(overlap) = args.overlap {
         cwseg_train::window::check_overlap(overlap, "--overlap")?;
     }
-    let (network, card, dir) = load_model(&model, &device)?;
+    let mut members = Vec::new();
+    let mut protected = Vec::new();
+    for model in &args.model {
+        let model = cwseg_train::hub::model_path(model)?;
+        let member = Member::load(&model, &device)?;
+        protected.extend([model, member.dir.clone()]);
+        members.push(member);
+    }
+    cwseg_train::ensemble::check_members(&members)?;
+    let (card, dir) = (&members[0].card, &members[0].dir);
     let job = cwseg_train::predict_files::PredictFiles {
         input: args.input.clone(),
         output: args.output.clone(),
@@ -310,12 +325,13 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         options: PredictOptions {
             overlap: args.overlap.unwrap_or(card.overlap),
             postprocess: !args.no_postprocess,
+            mirror: args.tta,
             keep_probabilities: args.probabilities,
         },
         shard: args.shard,
-        protected: vec![model.clone(), dir.clone()],
+        protected,
     };
-    let plan = job.plan(&card, &dir)?;
+    let plan = job.plan(card, dir)?;
     if plan.is_empty() {
         if let Some(shard) = args.shard {
             println!("shard {shard}: no case in {}", args.input.display());
@@ -323,7 +339,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         return Ok(());
     }
     let bar = indicatif::ProgressBar::new(plan.len() as u64);
-    let written = job.run(plan, &network, &card, &dir, &device, &mut || bar.inc(1))?;
+    let written = job.run(plan, &members, &device, &mut || bar.inc(1))?;
     bar.finish_and_clear();
     println!(
         "{written} prediction(s) written to {}",
@@ -816,8 +832,8 @@ pub struct PlanArgs {
     /// The run configuration to write (`fingerprint.json` goes beside it).
     #[arg(long, visible_alias = "output")]
     out: PathBuf,
-    /// Memory for a training step, GiB.
-    #[arg(long, default_value_t = 4.0)]
+    /// Memory for a training step, GiB: the patch shrinks and the batch grows to it.
+    #[arg(long, default_value_t = cwseg_train::plan::DEFAULT_MEMORY_GIB)]
     memory: f64,
     /// Only check the data set (every case read: grids, channels, label values, finite
     /// voxels, orthogonal axes); write nothing.

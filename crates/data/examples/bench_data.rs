@@ -83,6 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     erosion,
                     include_background: true,
                 }),
+                ..Default::default()
             },
             ..config
         };

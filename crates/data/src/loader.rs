@@ -28,6 +28,36 @@ pub struct Batch {
     pub weights: Option<Array4<f32>>,
 }
 
+impl Batch {
+    /// The batch's targets at `1/factor` of its size, for deep supervision (nnU-Net): labels
+    /// and voxel weights by nearest neighbour (the first voxel of every `factor³` block, as
+    /// `torch.nn.functional.interpolate(mode="nearest")`), contour maps by max pooling (a
+    /// bitwise or: region maps packed as bits stay packed); the image is left empty.
+    pub fn downsampled(&self, factor: usize) -> Batch {
+        let f = factor.max(1) as isize;
+        let strided = ndarray::s![.., ..;f, ..;f, ..;f];
+        let (n, d, h, w) = self.label.dim();
+        let f = factor.max(1);
+        let pooled = |map: &Array4<u8>| {
+            Array4::from_shape_fn((n, d / f, h / f, w / f), |(i, z, y, x)| {
+                let block = map.slice(ndarray::s![
+                    i,
+                    z * f..(z + 1) * f,
+                    y * f..(y + 1) * f,
+                    x * f..(x + 1) * f
+                ]);
+                block.fold(0u8, |acc, &v| acc | v)
+            })
+        };
+        Batch {
+            image: Array5::zeros((n, 0, 0, 0, 0)),
+            label: self.label.slice(strided).to_owned(),
+            contour: self.contour.as_ref().map(pooled),
+            weights: self.weights.as_ref().map(|m| m.slice(strided).to_owned()),
+        }
+    }
+}
+
 #[cfg(feature = "candle")]
 impl Batch {
     /// The batch as candle tensors on `device`: image f32 `(N, C, D, H, W)`, labels u8
@@ -41,12 +71,12 @@ impl Batch {
             self.image.shape(),
             device,
         )?;
-        let label = candle_core::Tensor::from_slice(
-            self.label.as_standard_layout().as_slice().unwrap_or(&[]),
-            self.label.shape(),
-            device,
-        )?;
-        Ok((image, label))
+        Ok((image, self.label_tensor(device)?))
+    }
+
+    /// The labels as a u8 tensor `(N, D, H, W)` on `device`.
+    pub fn label_tensor(&self, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        to_tensor(&self.label, device)
     }
 
     /// The contour maps as a u8 tensor `(N, D, H, W)` on `device`, if the batch has them.
@@ -58,6 +88,23 @@ impl Batch {
             .as_ref()
             .map(|c| to_tensor(c, device))
             .transpose()
+    }
+
+    /// Region contour maps packed as bits ([`PatchMaps::regions`]) unpacked into a u8 tensor
+    /// `(N, J, D, H, W)` on `device` (1 = contour of region `j`), if the batch has them.
+    pub fn region_contour_tensor(
+        &self,
+        regions: usize,
+        device: &candle_core::Device,
+    ) -> Result<Option<candle_core::Tensor>> {
+        let Some(packed) = &self.contour else {
+            return Ok(None);
+        };
+        let (n, d, h, w) = packed.dim();
+        let unpacked = ndarray::Array5::from_shape_fn((n, regions, d, h, w), |(i, j, z, y, x)| {
+            (packed[[i, z, y, x]] >> j) & 1
+        });
+        Ok(Some(to_tensor(&unpacked, device)?))
     }
 
     /// The voxel weights as an f32 tensor `(N, D, H, W)` on `device`, if the batch has them.
@@ -85,7 +132,7 @@ fn to_tensor<T: candle_core::WithDType, D: Dimension>(
 }
 
 /// What the loader draws.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LoaderConfig {
     /// Patches per batch.
@@ -286,6 +333,7 @@ impl EpochLoader {
         for w in 0..workers {
             let (tx, rx) = sync_channel(config.prefetch.max(1));
             let volumes = Arc::clone(&volumes);
+            let config = config.clone();
             handles.push(std::thread::spawn(move || {
                 let mut b = first + w;
                 while b < config.batches_per_epoch {
@@ -337,6 +385,32 @@ impl Drop for EpochLoader {
 mod tests {
     use super::*;
     use ndarray::{Array3, Array4};
+
+    #[test]
+    fn downsampled_targets_take_each_blocks_first_label_and_or_its_maps() {
+        // torch's interpolate(mode="nearest", scale 1/2) reads source index floor(2 i): the
+        // first voxel of each 2³ block; a contour map keeps a block with any contour voxel
+        let label = Array4::from_shape_fn((1, 4, 4, 4), |(_, z, y, x)| (z * 16 + y * 4 + x) as u8);
+        let mut contour = Array4::<u8>::zeros((1, 4, 4, 4));
+        contour[[0, 1, 1, 1]] = 0b01; // the last voxel of block (0, 0, 0)
+        contour[[0, 2, 3, 0]] = 0b10; // inside block (1, 1, 0)
+        contour[[0, 3, 2, 1]] = 0b01; // the same block: the bits or together
+        let batch = Batch {
+            image: Array5::zeros((1, 1, 4, 4, 4)),
+            label,
+            contour: Some(contour),
+            weights: Some(Array4::from_elem((1, 4, 4, 4), 2.5)),
+        };
+        let half = batch.downsampled(2);
+        assert_eq!(half.label.dim(), (1, 2, 2, 2));
+        assert_eq!(half.label[[0, 1, 0, 1]], 32 + 2);
+        assert_eq!(half.label[[0, 0, 1, 1]], 8 + 2);
+        let maps = half.contour.expect("maps");
+        assert_eq!(maps[[0, 0, 0, 0]], 0b01);
+        assert_eq!(maps[[0, 1, 1, 0]], 0b11);
+        assert_eq!(maps.iter().filter(|&&m| m != 0).count(), 2);
+        assert!(half.weights.expect("weights").iter().all(|&w| w == 2.5));
+    }
 
     fn volumes() -> Vec<SamplingVolume> {
         (0..3u8)

@@ -3,13 +3,14 @@
 //! maps a loss needs, made so that each patch's map is the whole volume's map cropped (formulas §1).
 
 use cwseg_morphology::{ContourSpec, contour_map};
-use ndarray::{Array3, Array4, s};
+use ndarray::{Array3, Array4, Axis, s};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{AugmentConfig, Augmentation};
+use crate::augment::{AugmentConfig, Augmentation, shift_map};
 use crate::crop::{pad_or_crop, pad_or_crop_channels};
 use crate::error::{DataError, Result};
+use crate::resample::{Interpolation, sample};
 
 /// How patch centres are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -48,13 +49,41 @@ pub struct SamplingVolume {
 }
 
 /// The maps made for every patch (formulas §1, "training on patches").
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct PatchMaps {
     /// The contour map under these settings: computed on the patch widened by the element's
     /// reach ([`cwseg_morphology::ErosionSpec::reach`]) on every side, clipped at the volume's
     /// edges, after augmentation, then cropped; without rotation or zoom it equals the whole
     /// volume's map cropped, bit for bit. `None`: no contour map.
     pub contour: Option<ContourSpec>,
+    /// Regions (sets of class indices, at most 8) for region training: when given, the contour
+    /// map is one per region, of the region's binary mask (the spec's `include_background`
+    /// then always counts the outside), packed as bit `j` of each voxel
+    /// ([`crate::Batch::region_contour_tensor`] unpacks them). Empty: one map of the classes.
+    pub regions: Vec<Vec<u8>>,
+}
+
+impl PatchMaps {
+    /// The contour map of `label` under these settings: the classes' union map, or the
+    /// regions' maps packed as bits.
+    fn contour_of(&self, spec: &ContourSpec, label: &Array3<u8>) -> Result<Array3<u8>> {
+        if self.regions.is_empty() {
+            return Ok(contour_map(label.view(), spec)?.into_union().mapv(u8::from));
+        }
+        let spec = ContourSpec {
+            include_background: true,
+            ..*spec
+        };
+        let mut packed = Array3::<u8>::zeros(label.dim());
+        for (j, set) in self.regions.iter().enumerate().take(8) {
+            let mask = label.mapv(|c| u8::from(set.contains(&c)));
+            let map = contour_map(mask.view(), &spec)?.into_union();
+            ndarray::Zip::from(&mut packed)
+                .and(&map)
+                .for_each(|p, &m| *p |= u8::from(m) << j);
+        }
+        Ok(packed)
+    }
 }
 
 /// One training patch: image `[c, z, y, x]`, labels `[z, y, x]` and the maps asked for.
@@ -202,14 +231,14 @@ impl SamplingVolume {
             );
         }
         let start = self.draw_start(config, rng);
-        let w = self.widened(start, config.size, 0);
+        let w = self.widened(start, config.size, [0; 3]);
         (w.image, w.label)
     }
 
     /// Draws one patch with its maps: the patch is cut with a halo of the contour element's
     /// reach, augmented (rotation and zoom about the patch's own centre), its contour map made,
     /// then cropped. The random draws are those of [`SamplingVolume::sample`] followed by
-    /// [`crate::augment`]'s, so a seed gives the same patches with or without maps.
+    /// [`crate::augment()`]'s, so a seed gives the same patches with or without maps.
     pub fn sample_patch<R: Rng>(
         &self,
         config: &SamplerConfig,
@@ -245,32 +274,36 @@ impl SamplingVolume {
             )));
         }
         let halo = maps.contour.map_or(0, |c| c.erosion.reach());
-        let mut w = self.widened(start, size, halo);
-        let centre = [
-            w.inner[1] as f64 + (size[1] as f64 - 1.0) / 2.0,
-            w.inner[2] as f64 + (size[2] as f64 - 1.0) / 2.0,
-        ];
+        let mut w = if augmentation.volumetric() {
+            self.resampled(start, size, halo, augmentation)
+        } else {
+            let mut w = self.widened(start, size, [halo; 3]);
+            let centre = std::array::from_fn(|a| w.inner[a] as f64 + (size[a] as f64 - 1.0) / 2.0);
+            let mut travelling: Vec<&mut Array3<f32>> = w.weights.iter_mut().collect();
+            augmentation.resample(&mut w.image, &mut w.label, &mut travelling, centre);
+            w
+        };
         {
             let mut travelling: Vec<&mut Array3<f32>> = w.weights.iter_mut().collect();
-            augmentation.apply(&mut w.image, &mut w.label, &mut travelling, centre);
+            augmentation.reflect(&mut w.image, &mut w.label, &mut travelling);
         }
-        if let Some(axis) = augmentation.flip {
-            // the crop's mirror image inside the reversed widened arrays
-            w.inner[axis] = w.label.shape()[axis] - w.inner[axis] - size[axis];
+        for (axis, reversed) in augmentation.reversed_axes().into_iter().enumerate() {
+            if reversed {
+                // the crop's mirror image inside the reversed widened arrays
+                w.inner[axis] = w.label.shape()[axis] - w.inner[axis] - size[axis];
+            }
         }
         let contour = match &maps.contour {
-            Some(spec) => Some(
-                contour_map(w.label.view(), spec)?
-                    .into_union()
-                    .mapv(u8::from),
-            ),
+            Some(spec) => Some(maps.contour_of(spec, &w.label)?),
             None => None,
         };
         let [z, y, x] = w.inner;
         let (z1, y1, x1) = (z + size[0], y + size[1], x + size[2]);
         let crop3 = |a: &Array3<u8>| a.slice(s![z..z1, y..y1, x..x1]).to_owned();
+        let mut image = w.image.slice(s![.., z..z1, y..y1, x..x1]).to_owned();
+        augmentation.apply_intensity(&mut image);
         Ok(Patch {
-            image: w.image.slice(s![.., z..z1, y..y1, x..x1]).to_owned(),
+            image,
             label: crop3(&w.label),
             contour: contour.as_ref().map(crop3),
             weights: w
@@ -284,13 +317,21 @@ impl SamplingVolume {
         size[0] <= nz && size[1] <= ny && size[2] <= nx
     }
 
-    /// The crop `start .. start + size` widened by `halo` voxels per side, clipped at the
-    /// volume's edges.
-    fn widened(&self, start: [usize; 3], size: [usize; 3], halo: usize) -> Widened {
+    /// The bounds `[lo, hi)` of the crop `start .. start + size` widened by `halo[a]` voxels
+    /// per side along axis `a`, clipped at the volume's edges.
+    fn bounds(&self, start: [usize; 3], size: [usize; 3], halo: [usize; 3]) -> [[usize; 3]; 2] {
         let (_, nz, ny, nx) = self.image.dim();
         let n = [nz, ny, nx];
-        let lo: [usize; 3] = std::array::from_fn(|a| start[a].saturating_sub(halo));
-        let hi: [usize; 3] = std::array::from_fn(|a| (start[a] + size[a] + halo).min(n[a]));
+        [
+            std::array::from_fn(|a| start[a].saturating_sub(halo[a])),
+            std::array::from_fn(|a| (start[a] + size[a] + halo[a]).min(n[a])),
+        ]
+    }
+
+    /// The crop `start .. start + size` widened by `halo[a]` voxels per side along axis `a`,
+    /// clipped at the volume's edges.
+    fn widened(&self, start: [usize; 3], size: [usize; 3], halo: [usize; 3]) -> Widened {
+        let [lo, hi] = self.bounds(start, size, halo);
         let region = s![lo[0]..hi[0], lo[1]..hi[1], lo[2]..hi[2]];
         Widened {
             image: self
@@ -299,6 +340,42 @@ impl SamplingVolume {
                 .to_owned(),
             label: self.label.slice(region).to_owned(),
             weights: self.weights.as_ref().map(|w| w.slice(region).to_owned()),
+            inner: std::array::from_fn(|a| start[a] - lo[a]),
+        }
+    }
+
+    /// The crop widened by `halo` ([`SamplingVolume::widened`]) resampled by the volumetric
+    /// `augmentation` about the crop's centre, read from a crop widened further by the
+    /// augmentation's [`Augmentation::reach`] (so that it reads the volume, not clamped edges,
+    /// wherever the volume has voxels).
+    fn resampled(
+        &self,
+        start: [usize; 3],
+        size: [usize; 3],
+        halo: usize,
+        augmentation: &Augmentation,
+    ) -> Widened {
+        let reach = augmentation.reach(size.map(|s| s + 2 * halo));
+        let source = self.widened(start, size, std::array::from_fn(|a| halo + reach[a]));
+        let [lo, hi] = self.bounds(start, size, [halo; 3]);
+        let shape: [usize; 3] = std::array::from_fn(|a| hi[a] - lo[a]);
+        // target index o is source index o + (lo − source's lo)
+        let shift = std::array::from_fn(|a| (lo[a] + source.inner[a] - start[a]) as f64);
+        let centre = std::array::from_fn(|a| source.inner[a] as f64 + (size[a] as f64 - 1.0) / 2.0);
+        let map = shift_map(&augmentation.index_map(centre), shift);
+        let mut image = Array4::zeros((source.image.dim().0, shape[0], shape[1], shape[2]));
+        for (mut out, channel) in image
+            .axis_iter_mut(Axis(0))
+            .zip(source.image.axis_iter(Axis(0)))
+        {
+            out.assign(&sample(channel, shape, &map, Interpolation::Linear));
+        }
+        Widened {
+            image,
+            label: sample(source.label.view(), shape, &map, Interpolation::Nearest),
+            weights: source
+                .weights
+                .map(|w| sample(w.view(), shape, &map, Interpolation::Nearest)),
             inner: std::array::from_fn(|a| start[a] - lo[a]),
         }
     }

@@ -151,6 +151,7 @@ fn patch_contour_maps_equal_the_whole_volume_map_cropped() {
                         let whole = whole.mapv(u8::from);
                         let maps = PatchMaps {
                             contour: Some(spec),
+                            ..Default::default()
                         };
                         for &start in &starts {
                             let patch = volume
@@ -220,6 +221,7 @@ fn flipped_even_cube_maps_are_the_flipped_volume_maps_cropped() {
         let spec = spec(2, n, Border::Background, true);
         let maps = PatchMaps {
             contour: Some(spec),
+            ..Default::default()
         };
         for axis in [1, 2] {
             let mirrored = flipped(label.clone(), axis);
@@ -262,6 +264,7 @@ fn dwce_weights_made_on_the_whole_volume_travel_with_their_patch() {
         .expect("weights fit");
     let maps = PatchMaps {
         contour: Some(spec(3, 3, Border::Background, true)),
+        ..Default::default()
     };
     for start in starts(&volume, size, shape) {
         let patch = volume
@@ -307,6 +310,7 @@ fn sampled_patches_with_rotation_keep_their_size_and_values() {
     };
     let maps = PatchMaps {
         contour: Some(spec(3, 6, Border::Background, true)),
+        ..Default::default()
     };
     for seed in 0..4 {
         let mut a = ChaCha8Rng::seed_from_u64(seed);
@@ -334,5 +338,43 @@ fn sampled_patches_with_rotation_keep_their_size_and_values() {
             "seed {seed}: {same} of {}",
             with.label.len()
         );
+    }
+}
+
+#[test]
+fn region_patch_maps_are_each_regions_whole_volume_map_cropped() {
+    // BraTS's nested regions on the stored labels: bit j of a patch's map is the contour map of
+    // region j's mask on the whole volume (the outside counted), cropped with the patch.
+    let Some(shared) = shared_data() else { return };
+    let (label, image) = brats_case(&shared, "Brats18_TCIA02_135_1");
+    let shape = [label.dim().0, label.dim().1, label.dim().2];
+    let regions: Vec<Vec<u8>> = vec![vec![1, 2, 4], vec![1, 4], vec![4]];
+    let region_spec = spec(3, 3, Border::Background, true);
+    let whole: Vec<Array3<bool>> = regions
+        .iter()
+        .map(|set| {
+            let mask = label.mapv(|c| u8::from(set.contains(&c)));
+            contour_map(mask.view(), &region_spec)
+                .expect("map")
+                .into_union()
+        })
+        .collect();
+    assert!(whole.iter().all(|m| m.iter().any(|&v| v)), "every region has a contour");
+    let size = [24, 32, 40];
+    let volume = SamplingVolume::new(image, label, size).expect("volume");
+    // the spec's include_background is overridden: a region's outside always counts
+    let maps = PatchMaps {
+        contour: Some(spec(3, 3, Border::Background, false)),
+        regions: regions.clone(),
+    };
+    for start in starts(&volume, size, shape) {
+        let patch = volume
+            .patch_at(start, size, &Augmentation::identity(), &maps)
+            .expect("patch");
+        let packed = patch.contour.expect("region maps");
+        for (j, map) in whole.iter().enumerate() {
+            let bit = packed.mapv(|p| (p >> j) & 1 == 1);
+            assert_eq!(bit, crop(map, start, size), "region {j} at {start:?}");
+        }
     }
 }

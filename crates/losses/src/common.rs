@@ -18,6 +18,7 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub fn new(logits: &Tensor, target: &Target) -> Result<Self> {
+        refuse_regions(target, "this loss")?;
         Self::with_labels(logits, target.checked_labels(logits)?)
     }
 
@@ -49,6 +50,17 @@ impl Prepared {
     }
 }
 
+/// Refuses a region target for a loss that has no region form.
+pub(crate) fn refuse_regions(target: &Target, loss: &'static str) -> Result<()> {
+    if target.regions().is_some() {
+        return Err(crate::LossError::Config {
+            loss,
+            what: "has no region form (region training takes ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd or tversky)".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Mean over every element.
 pub(crate) fn mean(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean_all()?)
@@ -76,6 +88,8 @@ enum Reducer {
     Cuda,
     /// Candle operations (`composite`): any device and dtype.
     Composite,
+    /// The region form's candle operations (`regions::reduce`): any device and dtype.
+    Regions,
 }
 
 struct Planned {
@@ -92,6 +106,7 @@ impl<'a> Reductions<'a> {
             candle_core::DType::F32 | candle_core::DType::F64
         );
         let reducer = match target.kernels() {
+            _ if target.regions().is_some() => Reducer::Regions,
             Kernels::Auto if float && logits.device().is_cpu() => Reducer::Cpu,
             #[cfg(feature = "cuda")]
             Kernels::Auto if float && logits.device().is_cuda() => Reducer::Cuda,
@@ -125,6 +140,12 @@ impl<'a> Reductions<'a> {
             Reducer::Composite => {
                 crate::composite::reduce(self.logits, &self.labels, edges, weights)
             }
+            Reducer::Regions => match self.target.regions() {
+                Some(regions) => {
+                    crate::regions::reduce(self.logits, &self.labels, regions, edges, weights)
+                }
+                None => crate::composite::reduce(self.logits, &self.labels, edges, weights),
+            },
         }
     }
 
@@ -174,8 +195,34 @@ impl<'a> Reductions<'a> {
             &self.labels,
             contour,
             self.logits,
-            self.reducer == Reducer::Cpu,
+            self.reducer == Reducer::Cpu
+                || (self.reducer == Reducer::Regions && self.logits.device().is_cpu()),
         )
+    }
+
+    /// The regions, when the target trains regions (then `classes` counts regions).
+    pub fn regions(&self) -> Option<&crate::Regions> {
+        self.target.regions()
+    }
+
+    /// One statistic `(N, K)` of the sums: the background dropped unless `include_background`;
+    /// in the region form every region counts (there is no background channel).
+    pub fn statistic(
+        &self,
+        stats: &Tensor,
+        which: usize,
+        include_background: bool,
+    ) -> Result<Tensor> {
+        statistic(stats, which, include_background || self.regions().is_some())
+    }
+
+    /// `[y ≠ 0]` `(N, D, H, W)`, or in the region form the targets `t` `(N, J, D, H, W)`: the
+    /// voxels inside the objects, in `dtype`.
+    pub fn inside(&self, dtype: candle_core::DType) -> Result<Tensor> {
+        match self.regions() {
+            Some(regions) => regions.targets(&self.labels, dtype),
+            None => Ok(self.labels.ne(0u32)?.to_dtype(dtype)?),
+        }
     }
 
     /// Voxels `|V| = N·D·H·W`.

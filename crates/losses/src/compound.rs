@@ -145,6 +145,7 @@ impl Loss for DiceFocal {
         "dicefocal"
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
+        crate::common::refuse_regions(target, "dicefocal")?;
         // Labels are checked once, for both parts.
         let r = Reductions::new(logits, target)?;
         let dice = self.dice.value(&r)?.affine(self.lambda_dice, 0.0)?;

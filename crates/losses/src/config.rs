@@ -121,6 +121,18 @@ impl LossConfig {
         }
     }
 
+    /// Whether the loss has a region form ([`crate::regions`]): every loss made of the dice
+    /// sums and the weighted cross-entropy (CE without class weights, DL, GDL, DWCE, CEDL, CWCE,
+    /// SDL, CWCD, Tversky); not Focal, DiceFocal or the boundary loss.
+    pub fn has_region_form(&self) -> bool {
+        match self {
+            LossConfig::Ce(l) => l.class_weights.is_none(),
+            LossConfig::Cedl(l) => l.ce.class_weights.is_none(),
+            LossConfig::Focal(_) | LossConfig::Dicefocal(_) | LossConfig::Boundary(_) => false,
+            _ => true,
+        }
+    }
+
     /// The loss.
     pub fn build(&self) -> Box<dyn Loss> {
         match self.clone() {

@@ -28,7 +28,16 @@ impl CrossEntropy {
 
     /// Per-voxel weights `w_{y_v}` (0 for ignored voxels) and their sum.
     pub(crate) fn voxel_weights(&self, r: &Reductions) -> Result<(Tensor, f64)> {
-        let k = r.classes;
+        if r.regions().is_some() && self.class_weights.is_some() {
+            return Err(LossError::Config {
+                loss: "ce",
+                what:
+                    "class_weights have no region form (each region is its own two-class problem)"
+                        .into(),
+            });
+        }
+        // the label classes (in the region form, the labels' classes, not the outputs)
+        let k = r.regions().map_or(r.classes, |g| g.classes());
         let dtype = r.logits.dtype();
         let weights = if self.class_weights.is_none() && self.ignore_index.is_none() {
             r.labels.ones_like()?.to_dtype(dtype)?
@@ -132,7 +141,7 @@ impl ContourWeightedCrossEntropy {
         let contour = if self.include_background {
             edges.clone()
         } else {
-            (edges * r.labels.ne(0u32)?.to_dtype(edges.dtype())?)?
+            (edges * r.inside(edges.dtype())?)?
         };
         Ok(match self.preset {
             Preset::Paper => contour.affine(self.lambda, 1.0)?,

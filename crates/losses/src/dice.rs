@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Reductions, statistic};
+use crate::common::Reductions;
 use crate::cross_entropy::Preset;
 use crate::target::{ContourConfig, Target};
 use crate::{Loss, LossError, Result};
@@ -45,25 +45,32 @@ impl Default for Dice {
 }
 
 /// `(N, K')` statistics, pooled over the batch into `(1, K')` with `batch`.
-fn pooled(stats: &Tensor, which: usize, include_background: bool, batch: bool) -> Result<Tensor> {
-    let s = statistic(stats, which, include_background)?;
+fn pooled(
+    r: &Reductions,
+    stats: &Tensor,
+    which: usize,
+    include_background: bool,
+    batch: bool,
+) -> Result<Tensor> {
+    let s = r.statistic(stats, which, include_background)?;
     Ok(if batch { s.sum_keepdim(0)? } else { s })
 }
 
 impl Dice {
     pub(crate) fn value(&self, r: &Reductions) -> Result<Tensor> {
-        check_classes("dl", r.classes, self.include_background)?;
+        check_classes("dl", r, self.include_background)?;
         let stats = r.stats(None)?;
         let (bg, batch) = (self.include_background, self.batch);
-        let i = pooled(&stats, stat::I, bg, batch)?;
+        let i = pooled(r, &stats, stat::I, bg, batch)?;
         // t is binary: Σ t² = Σ t.
         let pp = pooled(
+            r,
             &stats,
             if self.squared { stat::P2 } else { stat::P },
             bg,
             batch,
         )?;
-        let g = pooled(&stats, stat::G, bg, batch)?;
+        let g = pooled(r, &stats, stat::G, bg, batch)?;
         let dice = (i.affine(2.0, self.smooth_nr)? / (pp + g)?.affine(1.0, self.smooth_dr)?)?;
         Ok(dice.affine(-1.0, 1.0)?.mean_all()?)
     }
@@ -78,8 +85,10 @@ impl Loss for Dice {
     }
 }
 
-fn check_classes(loss: &'static str, classes: usize, include_background: bool) -> Result<()> {
-    if classes < 2 && !include_background {
+/// A loss without the background needs a second class; in the region form every region
+/// counts.
+fn check_classes(loss: &'static str, r: &Reductions, include_background: bool) -> Result<()> {
+    if r.classes < 2 && !include_background && r.regions().is_none() {
         return Err(LossError::Config {
             loss,
             what: "needs at least 2 classes when the background is excluded".into(),
@@ -138,12 +147,12 @@ impl Loss for GeneralizedDice {
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
         let r = Reductions::new(logits, target)?;
-        check_classes("gdl", r.classes, self.include_background)?;
+        check_classes("gdl", &r, self.include_background)?;
         let stats = r.stats(None)?;
         let (bg, batch) = (self.include_background, self.batch);
-        let i = pooled(&stats, stat::I, bg, batch)?;
-        let pp = pooled(&stats, stat::P, bg, batch)?;
-        let g = pooled(&stats, stat::G, bg, batch)?;
+        let i = pooled(&r, &stats, stat::I, bg, batch)?;
+        let pp = pooled(&r, &stats, stat::P, bg, batch)?;
+        let g = pooled(&r, &stats, stat::G, bg, batch)?;
         let w = match self.weight {
             GdlWeight::Square => g.sqr()?.recip()?,
             GdlWeight::Simple => g.recip()?,
@@ -208,13 +217,13 @@ impl Loss for Tversky {
     }
     fn forward(&self, logits: &Tensor, target: &Target) -> Result<Tensor> {
         let r = Reductions::new(logits, target)?;
-        check_classes("tversky", r.classes, self.include_background)?;
+        check_classes("tversky", &r, self.include_background)?;
         let stats = r.stats(None)?;
         let (bg, batch) = (self.include_background, self.batch);
-        let i = pooled(&stats, stat::I, bg, batch)?;
+        let i = pooled(&r, &stats, stat::I, bg, batch)?;
         // FP = Σ p (1 − t) = P − I, FN = Σ (1 − p) t = G − I.
-        let fp = (pooled(&stats, stat::P, bg, batch)? - &i)?;
-        let fn_ = (pooled(&stats, stat::G, bg, batch)? - &i)?;
+        let fp = (pooled(&r, &stats, stat::P, bg, batch)? - &i)?;
+        let fn_ = (pooled(&r, &stats, stat::G, bg, batch)? - &i)?;
         let denom =
             ((&i + fp.affine(self.alpha, 0.0)?)? + fn_.affine(self.beta, self.smooth_dr)?)?;
         let ti = (i.affine(1.0, self.smooth_nr)? / denom)?;
@@ -259,9 +268,9 @@ impl SeparableDice {
     /// `P − I_E`, `G − G_E`.
     pub(crate) fn value(&self, r: &Reductions, edges: &Tensor) -> Result<Tensor> {
         self.contour.validate("sdl")?;
-        check_classes("sdl", r.classes, false)?;
+        check_classes("sdl", r, false)?;
         let stats = r.stats(Some(edges))?;
-        let get = |which| statistic(&stats, which, false);
+        let get = |which| r.statistic(&stats, which, false);
         let (i, p, g, ie, ge) = (
             get(stat::I)?,
             get(stat::P)?,

@@ -10,6 +10,7 @@ mod config;
 mod cross_entropy;
 mod dice;
 mod error;
+pub mod regions;
 mod target;
 
 use candle_core::Tensor;
@@ -21,6 +22,7 @@ pub use cross_entropy::{
 };
 pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
 pub use error::{LossError, Result};
+pub use regions::Regions;
 pub use target::{
     BorderKind, ContourConfig, ElementKind, Kernels, Target, dwce_weights_cpu, edges_cpu,
     edges_online, signed_distance_cpu,

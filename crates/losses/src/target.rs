@@ -5,6 +5,7 @@ use cwseg_morphology::{Border, ContourSpec, DwceSpec, Element, ErosionSpec};
 use ndarray::{Array2, Array3, ArrayView3, Axis};
 use serde::{Deserialize, Serialize};
 
+use crate::regions::Regions;
 use crate::{LossError, Result};
 
 /// Which implementation of the fused reductions runs.
@@ -28,6 +29,7 @@ pub struct Target {
     edges: Option<Tensor>,
     dwce_weights: Option<Tensor>,
     signed_distance: Option<Tensor>,
+    regions: Option<Regions>,
     kernels: Kernels,
 }
 
@@ -50,6 +52,7 @@ impl Target {
             edges: None,
             dwce_weights: None,
             signed_distance: None,
+            regions: None,
             kernels: Kernels::Auto,
         })
     }
@@ -70,6 +73,19 @@ impl Target {
     pub fn with_edges(mut self, edges: Tensor) -> Self {
         self.edges = Some(edges);
         self
+    }
+
+    /// Trains regions instead of classes ([`crate::regions`]): the logits are `(N, J, D, H, W)`,
+    /// one sigmoid output per region, and every loss takes its region form; an edge map given
+    /// with [`Target::with_edges`] is then `(N, J, D, H, W)`, region `j`'s own contour map.
+    pub fn with_regions(mut self, regions: Regions) -> Self {
+        self.regions = Some(regions);
+        self
+    }
+
+    /// The regions, when the target trains regions.
+    pub fn regions(&self) -> Option<&Regions> {
+        self.regions.as_ref()
     }
 
     /// Adds the DWCE weight map `(N, D, H, W)`.
@@ -98,7 +114,20 @@ impl Target {
                 labels: y.to_vec(),
             });
         }
-        let classes = l[1];
+        let classes = match &self.regions {
+            Some(regions) if regions.len() != l[1] => {
+                return Err(LossError::Config {
+                    loss: "regions",
+                    what: format!(
+                        "{} regions, but the logits have {} channels",
+                        regions.len(),
+                        l[1]
+                    ),
+                });
+            }
+            Some(regions) => regions.classes(),
+            None => l[1],
+        };
         let labels = self.labels.to_device(logits.device())?;
         if labels.dtype() == DType::I64 {
             // checked before the narrowing to u32, which would wrap 2^32 + 1 to 1
@@ -148,6 +177,17 @@ impl Target {
         like: &Tensor,
         on_cpu: bool,
     ) -> Result<Tensor> {
+        if let Some(regions) = &self.regions {
+            let mut expected = labels.dims().to_vec();
+            expected.insert(1, regions.len());
+            return match self.map(&self.edges, "region edge", &expected, like)? {
+                Some(edges) => Ok(edges),
+                None => Ok(regions
+                    .edges(labels, contour, on_cpu)?
+                    .to_device(like.device())?
+                    .to_dtype(like.dtype())?),
+            };
+        }
         match self.map(&self.edges, "edge", labels.dims(), like)? {
             Some(edges) => Ok(edges),
             None if on_cpu => Ok(edges_cpu(labels, contour)?.to_dtype(like.dtype())?),

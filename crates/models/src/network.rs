@@ -294,6 +294,17 @@ impl Network {
     }
 }
 
+impl Network {
+    /// The training outputs of every supervised level, full resolution first (deep
+    /// supervision: [`UNet::forward_deep`]); one output for a network without it.
+    pub fn forward_deep(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Network::UNet(n) => n.forward_deep(x, train),
+            other => Ok(vec![other.forward_t(x, train)?]),
+        }
+    }
+}
+
 impl ModuleT for Network {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {

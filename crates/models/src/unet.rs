@@ -5,7 +5,9 @@
 //!
 //! Parameter names: `encoders.{l}.{conv1,norm1,conv2,norm2}`, `bottleneck.*`, `ups.{l}`,
 //! `decoders.{l}.*` (level `l` from 0 at full resolution), `head`; with residual units each
-//! block also has `skip` (a 1³ projection when the channel count changes).
+//! block also has `skip` (a 1³ projection when the channel count changes); with deep
+//! supervision `heads.{l}`, a 1³ convolution to the classes at decoder level `l` for
+//! `l = 1 … depth − 2` (nnU-Net's: the lowest decoder level has weight 0 and no head).
 
 use candle_core::{Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
@@ -115,6 +117,9 @@ pub struct UNetConfig {
     pub norm: Norm,
     /// Residual units (`x + block(x)`, projected when channels change).
     pub residual: bool,
+    /// Deep supervision (nnU-Net): an output at every decoder level but the lowest, for
+    /// training ([`UNet::forward_deep`]); inference uses the full-resolution one.
+    pub deep_supervision: bool,
 }
 
 impl Default for UNetConfig {
@@ -126,6 +131,7 @@ impl Default for UNetConfig {
             depth: 4,
             norm: Norm::Batch,
             residual: false,
+            deep_supervision: false,
         }
     }
 }
@@ -192,6 +198,8 @@ pub struct UNet {
     ups: Vec<ConvTranspose3d>,
     decoders: Vec<Block>,
     head: Conv3d,
+    /// Deep-supervision heads of decoder levels `1 … depth − 2`.
+    heads: Vec<Conv3d>,
     config: UNetConfig,
 }
 
@@ -199,13 +207,13 @@ impl UNet {
     /// Builds the network; parameters come from (or are created in) `vb`.
     pub fn new(config: UNetConfig, vb: VarBuilder) -> Result<Self> {
         if config.in_channels == 0
-            || config.classes < 2
+            || config.classes == 0
             || config.filters == 0
             || config.depth == 0
             || config.depth > 6
         {
             return Err(ModelError::Config(format!(
-                "U-Net needs in_channels ≥ 1, classes ≥ 2, filters ≥ 1 and depth in 1..=6: \
+                "U-Net needs in_channels ≥ 1, classes ≥ 1, filters ≥ 1 and depth in 1..=6: \
                  in_channels {}, classes {}, filters {}, depth {}",
                 config.in_channels, config.classes, config.filters, config.depth
             )));
@@ -261,12 +269,28 @@ impl UNet {
             true,
             vb.pp("head"),
         )?;
+        let heads = match config.deep_supervision {
+            true => (1..config.depth.saturating_sub(1))
+                .map(|l| {
+                    Conv3d::new(
+                        width(l),
+                        config.classes,
+                        [1; 3],
+                        Conv3dConfig::default(),
+                        true,
+                        vb.pp(format!("heads.{l}")),
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            false => Vec::new(),
+        };
         Ok(UNet {
             encoders,
             bottleneck,
             ups,
             decoders,
             head,
+            heads,
             config,
         })
     }
@@ -314,8 +338,16 @@ impl UNet {
     }
 }
 
-impl ModuleT for UNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl UNet {
+    /// The outputs of every supervised decoder level, full resolution first: `[head(level 0),
+    /// heads.1(level 1), …]`, level `l` at `1/2^l` of the input's size (one output without deep
+    /// supervision, or outside training).
+    pub fn forward_deep(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        self.levels(x, train, train)
+    }
+
+    /// The full-resolution output, and with `supervised` the heads' outputs after it.
+    fn levels(&self, x: &Tensor, train: bool, supervised: bool) -> candle_core::Result<Vec<Tensor>> {
         let (_, _, d, h, w) = x.dims5()?;
         self.check_size([d, h, w])
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -327,10 +359,25 @@ impl ModuleT for UNet {
             skips.push(y);
         }
         h = self.bottleneck.forward_t(&h, train)?;
+        let mut outputs = Vec::with_capacity(self.heads.len() + 1);
         for l in (0..self.config.depth).rev() {
             let up = self.ups[l].forward(&h)?;
             h = self.decoders[l].forward_t(&cat_channels(&skips[l], &up)?, train)?;
+            if supervised && l >= 1 && l <= self.heads.len() {
+                outputs.push(self.heads[l - 1].forward(&h)?);
+            }
         }
-        self.head.forward(&h)
+        outputs.push(self.head.forward(&h)?);
+        outputs.reverse();
+        Ok(outputs)
+    }
+}
+
+impl ModuleT for UNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut outputs = self.levels(x, train, false)?;
+        outputs
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("the U-Net gave no output".into()))
     }
 }

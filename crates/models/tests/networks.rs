@@ -58,6 +58,7 @@ fn config(case: &Value) -> UNetConfig {
         depth: case["depth"].as_u64().expect("depth") as usize,
         norm,
         residual: case["residual"].as_bool().expect("residual"),
+        deep_supervision: false,
     }
 }
 
@@ -753,4 +754,46 @@ fn evaluation_with_constant_weights_records_no_graph() {
             "{text}: the same weights give the same output"
         );
     }
+}
+
+#[test]
+fn deep_supervision_outputs_every_level_but_the_lowest() {
+    let device = Device::Cpu;
+    let config = UNetConfig {
+        in_channels: 2,
+        classes: 3,
+        filters: 4,
+        depth: 4,
+        deep_supervision: true,
+        ..UNetConfig::default()
+    };
+    let vars = VarMap::new();
+    let net = ModelConfig::Unet(config)
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &device))
+        .expect("network");
+    // heads at decoder levels 1 and 2 of 0..=3
+    let mut heads: Vec<String> = vars
+        .data()
+        .lock()
+        .expect("vars")
+        .keys()
+        .filter(|k| k.starts_with("heads."))
+        .cloned()
+        .collect();
+    heads.sort();
+    assert_eq!(heads, ["heads.1.bias", "heads.1.weight", "heads.2.bias", "heads.2.weight"]);
+    let x = Tensor::randn(0f32, 1.0, (2, 2, 32, 32, 48), &device).expect("input");
+    let outputs = net.forward_deep(&x, true).expect("forward");
+    let shapes: Vec<Vec<usize>> = outputs.iter().map(|o| o.dims().to_vec()).collect();
+    assert_eq!(
+        shapes,
+        [vec![2, 3, 32, 32, 48], vec![2, 3, 16, 16, 24], vec![2, 3, 8, 8, 12]]
+    );
+    // the full-resolution output is the network's own; inference has no heads to run
+    let plain = net.forward_t(&x, true).expect("forward");
+    let difference = (&outputs[0] - &plain)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("difference");
+    assert_eq!(difference, 0.0);
+    assert_eq!(net.forward_deep(&x, false).expect("forward").len(), 1);
 }

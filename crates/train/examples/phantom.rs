@@ -65,6 +65,7 @@ fn main() -> cwseg_train::Result<()> {
         let options = PredictOptions {
             overlap: 0.5,
             postprocess: true,
+            mirror: false,
             keep_probabilities: false,
         };
         let prediction = predict_case(&network, &card, &image, options, &device)?;

@@ -57,6 +57,10 @@ pub struct ModelCard {
     /// products (cards before this field: f32).
     #[serde(default)]
     pub precision: cwseg_models::Precision,
+    /// Region-based training: one sigmoid output per region, turned back into labels by the
+    /// regions' class order (`None`: one softmax output per class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<crate::regions::RegionConfig>,
     /// Where weights trained elsewhere came from and how they were converted (`cwseg import`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
@@ -73,13 +77,31 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 impl ModelCard {
+    /// The network's outputs: one per region with regions, else one per class.
+    pub fn outputs(&self) -> usize {
+        self.regions
+            .as_ref()
+            .map_or(self.classes.len(), |r| r.labels.len())
+    }
+
+    /// The regions in class indices, when the network predicts regions.
+    pub fn region_classes(&self) -> Result<Option<crate::regions::RegionClasses>> {
+        self.regions
+            .as_ref()
+            .map(|r| r.to_classes(&self.label_values))
+            .transpose()
+    }
+
     /// The card's sliding-window settings with `overlap`.
     pub fn sliding_window(&self, overlap: f64) -> SlidingWindow {
         SlidingWindow {
             overlap,
             blend: self.blend,
             weights: self.window_weights,
+            activation: Default::default(),
+            mirror: false,
         }
+        .with_regions(self.regions.is_some())
     }
 
     /// The card with the digest of the weights file `weights`.
@@ -141,11 +163,22 @@ impl ModelCard {
     /// window the network takes, an overlap inference takes.
     fn check_fields(&self) -> Result<()> {
         let outputs = self.model.classes();
-        if self.classes.len() != outputs {
+        let expected = self.outputs();
+        if expected != outputs {
             bail!(
-                "classes: {} names for a network with {outputs} outputs",
-                self.classes.len()
+                "classes: {} {} for a network with {outputs} outputs",
+                expected,
+                if self.regions.is_some() {
+                    "regions"
+                } else {
+                    "names"
+                },
             );
+        }
+        if let Some(regions) = &self.regions {
+            regions
+                .validate(&self.label_values)
+                .context("the card's regions")?;
         }
         if self.label_values.len() != self.classes.len() {
             bail!(
@@ -180,10 +213,11 @@ impl ModelCard {
         }
         if let Some(rule) = &self.postprocessing {
             for group in &rule.keep_largest {
-                if let Some(c) = group.classes.iter().find(|&&c| c as usize >= outputs) {
+                let classes = self.classes.len();
+                if let Some(c) = group.classes.iter().find(|&&c| c as usize >= classes) {
                     bail!(
                         "postprocessing.keep_largest `{}`: class {c} is not one of the \
-                         network's {outputs} classes",
+                         card's {classes} classes",
                         group.name
                     );
                 }

@@ -109,6 +109,11 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Loss scaling (dynamic by default where the precision in effect is f16).
     pub loss_scaling: LossScaling,
+    /// Region-based training ([`crate::regions`]): one sigmoid output per region (BraTS: WT,
+    /// TC, ET), every loss in its region form, labels from the regions' class order. Absent:
+    /// one softmax output per class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions: Option<crate::regions::RegionConfig>,
 }
 
 impl Default for TrainConfig {
@@ -134,6 +139,7 @@ impl Default for TrainConfig {
             contour_maps: ContourMaps::default(),
             precision: Precision::F32,
             loss_scaling: LossScaling::default(),
+            regions: None,
         }
     }
 }
@@ -198,33 +204,9 @@ impl TrainConfig {
             self.positive + self.negative > 0.0,
             "positive + negative must be > 0".into(),
         );
-        let a = &self.augment;
-        for (name, p) in [
-            ("rotation_probability", a.rotation_probability),
-            ("flip_probability", a.flip_probability),
-            ("scale_probability", a.scale_probability),
-            ("intensity_probability", a.intensity_probability),
-        ] {
-            check(
-                (0.0..=1.0).contains(&p),
-                format!("augment.{name} = {p} (in [0, 1])"),
-            );
+        for problem in self.augment.problems() {
+            check(false, format!("augment.{problem}"));
         }
-        for (name, v) in [
-            ("max_rotation_degrees", a.max_rotation_degrees),
-            ("intensity_scale", a.intensity_scale),
-            ("intensity_shift", a.intensity_shift),
-        ] {
-            check(
-                v.is_finite() && v >= 0.0,
-                format!("augment.{name} = {v} (finite, ≥ 0)"),
-            );
-        }
-        check(
-            a.scale_range.iter().all(|z| z.is_finite() && *z > 0.0)
-                && a.scale_range[0] <= a.scale_range[1],
-            format!("augment.scale_range = {:?} (0 < low ≤ high)", a.scale_range),
-        );
         if let Some(Err(e)) = self.data.preprocessing.map(|p| p.normalization.validate()) {
             check(false, format!("data.preprocessing: {e}"));
         }
@@ -268,6 +250,14 @@ impl TrainConfig {
             format!(
                 "batch 1 with patch {:?}: the deepest level's batch norm would see one value per channel; use a batch of at least 2, a larger patch, or instance/group norm",
                 self.patch
+            ),
+        );
+        check(
+            self.regions.is_none() || self.loss.has_region_form(),
+            format!(
+                "loss `{}` has no region form for [regions] (region training takes ce and cedl \
+                 without class weights, dl, gdl, dwce, cwce, sdl, cwcd or tversky)",
+                self.loss.build().name()
             ),
         );
         if let Some(first) = bad.first() {

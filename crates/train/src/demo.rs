@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use cwseg_data::{Anatomy, AugmentConfig, PhantomConfig, argmax};
+use cwseg_data::{Anatomy, AugmentConfig, PhantomConfig};
 use cwseg_losses::LossConfig;
 use cwseg_metrics::{
     Aggregate, CaseMetrics, ClassSet, Summary, TableMetric, evaluate_case, markdown_table,
@@ -176,13 +176,14 @@ pub fn run(options: &DemoOptions, hooks: &mut dyn TrainHooks) -> Result<String> 
                 let probs = predict_probabilities(
                     &network,
                     &case.image.data,
-                    card.classes.len(),
+                    card.outputs(),
                     card.patch,
                     card.sliding_window(card.overlap),
                     2,
                     &device,
                 )?;
-                let mut prediction = argmax(probs.view());
+                let mut prediction =
+                    crate::regions::decide(probs.view(), card.region_classes()?.as_ref());
                 if let Some(post) = &card.postprocessing {
                     post.apply(&mut prediction);
                 }

@@ -169,6 +169,7 @@ fn imported_card(
         postprocessing: None,
         weights_sha256: None,
         precision: Default::default(),
+        regions: None,
         origin: Some(format!(
             "monai.networks.nets.{class}, imported by `cwseg import monai`: kernels' spatial axes \
              reversed from MONAI's (x, y, z) to (z, y, x){}",

@@ -12,6 +12,7 @@ pub mod contours;
 pub mod demo;
 pub mod device;
 pub mod distributed;
+pub mod ensemble;
 pub mod evaluate;
 pub mod experiment;
 pub mod export;
@@ -27,6 +28,7 @@ pub mod postprocess;
 pub mod predict;
 pub mod predict_files;
 pub mod prepare;
+pub mod regions;
 pub mod shard;
 pub mod trainer;
 pub mod validate;
@@ -45,12 +47,13 @@ pub use predict::{
 pub use prepare::{
     DataConfig, DataFormat, PreparedData, Preprocessing, SyntheticConfig, open_data,
 };
+pub use regions::{RegionClasses, RegionConfig};
 pub use shard::Shard;
 pub use trainer::{
     EpochReport, Interrupted, NoHooks, RunOptions, RunStart, RunState, StepReport, TrainHooks,
     TrainOutcome, Trainer, train,
 };
-pub use window::{Blend, SlidingWindow, WindowWeights};
+pub use window::{Activation, Blend, SlidingWindow, WindowWeights};
 
 /// The error type of this crate: an [`anyhow::Error`] whose context chain names the file, case
 /// or field at fault. [`Interrupted`] is the one cause callers match on (`downcast_ref`).

@@ -61,6 +61,21 @@ impl Default for OptimizerConfig {
     }
 }
 
+impl OptimizerConfig {
+    /// nnU-Net's optimizer (`nnUNetTrainer.configure_optimizers`): SGD with Nesterov momentum
+    /// 0.99, lr 0.01, weight decay 3·10⁻⁵ (L2, added to the gradient as PyTorch's `SGD`).
+    pub fn nnunet() -> Self {
+        OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            lr: 1e-2,
+            weight_decay: 3e-5,
+            momentum: 0.99,
+            nesterov: true,
+            ..OptimizerConfig::default()
+        }
+    }
+}
+
 /// How the learning rate changes over the epochs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
@@ -122,6 +137,12 @@ impl Default for Schedule {
 }
 
 impl Schedule {
+    /// nnU-Net's `PolyLRScheduler`: `lr · (1 − epoch/epochs)^0.9` from the start of each epoch
+    /// (0-based).
+    pub fn nnunet() -> Self {
+        Schedule::Poly { power: 0.9 }
+    }
+
     /// The learning rate of `epoch` (0-based) of `epochs`.
     pub fn lr(&self, base: f64, epoch: usize, epochs: usize) -> f64 {
         let t = epoch as f64 / epochs.max(1) as f64;
@@ -330,5 +351,30 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nnunet_optimizer_and_schedule() {
+        let o = OptimizerConfig::nnunet();
+        assert_eq!(o.kind, OptimizerKind::Sgd);
+        assert_eq!(
+            (o.lr, o.momentum, o.nesterov, o.weight_decay),
+            (0.01, 0.99, true, 3e-5)
+        );
+        // nnU-Net's PolyLRScheduler over 1000 epochs, written out
+        let s = Schedule::nnunet();
+        for (epoch, want) in [
+            (0, 0.01),
+            (500, 0.01 * 0.5f64.powf(0.9)),
+            (999, 0.01 * 0.001f64.powf(0.9)),
+        ] {
+            let got = s.lr(0.01, epoch, 1000);
+            assert!((got - want).abs() < 1e-15, "epoch {epoch}: {got} vs {want}");
+        }
     }
 }

@@ -5,22 +5,60 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, ModuleT, Tensor};
 use cwseg_data::crop::pad_or_crop_channels;
 use cwseg_data::resample::resample_image_to;
-use cwseg_data::{
-    Blender, BoundingBox, Geometry, Image, argmax, gaussian_importance, window_positions,
-};
+use cwseg_data::{Blender, BoundingBox, Geometry, Image, gaussian_importance, window_positions};
 use cwseg_models::Network;
 use ndarray::{Array3, Array4, ArrayView3, Axis, s};
 use rayon::prelude::*;
 
 use crate::card::ModelCard;
-use crate::window::{Blend, SlidingWindow, WindowWeights};
+use crate::regions::decide;
+use crate::window::{Activation, Blend, SlidingWindow, WindowWeights};
 
 /// Class probabilities `[k, z, y, x]` of a preprocessed image `[c, z, y, x]`: windows of
 /// `window` placed as MONAI's `dense_patch_slices` with `sliding.overlap`, `batch` windows per
 /// network call, their probabilities (or logits, softmaxed after blending) averaged with the
 /// window weights; volumes smaller than the window are padded (centred, zeros) and the
-/// padding cut off again.
+/// padding cut off again. With `sliding.mirror`, the mean of this over the 8 flips of the
+/// image (every subset of the three spatial axes), each result flipped back.
 pub fn predict_probabilities(
+    network: &Network,
+    image: &Array4<f32>,
+    classes: usize,
+    window: [usize; 3],
+    sliding: SlidingWindow,
+    batch: usize,
+    device: &Device,
+) -> Result<Array4<f32>> {
+    if !sliding.mirror {
+        return predict_once(network, image, classes, window, sliding, batch, device);
+    }
+    let mut sum: Option<Array4<f32>> = None;
+    for flips in 0..8usize {
+        let axes: Vec<usize> = (0..3).filter(|a| flips & (1 << a) != 0).collect();
+        let flipped = flip_spatial(image.view(), &axes);
+        let probs = predict_once(network, &flipped, classes, window, sliding, batch, device)?;
+        let back = flip_spatial(probs.view(), &axes);
+        match &mut sum {
+            None => sum = Some(back),
+            Some(s) => *s += &back,
+        }
+    }
+    let mut mean = sum.context("no mirrored prediction")?;
+    mean.mapv_inplace(|p| p / 8.0);
+    Ok(mean)
+}
+
+/// `[c, z, y, x]` reversed along the spatial `axes` (0 = z), as a standard-layout copy.
+fn flip_spatial(volume: ndarray::ArrayView4<f32>, axes: &[usize]) -> Array4<f32> {
+    let mut view = volume;
+    for &a in axes {
+        view.invert_axis(Axis(a + 1));
+    }
+    view.as_standard_layout().into_owned()
+}
+
+/// [`predict_probabilities`] without mirroring.
+fn predict_once(
     network: &Network,
     image: &Array4<f32>,
     classes: usize,
@@ -70,7 +108,7 @@ pub fn predict_probabilities(
         if sliding.blend == Blend::Probabilities {
             scores
                 .par_chunks_mut(per)
-                .for_each(|w| softmax_planes(w, classes));
+                .for_each(|w| activate(w, classes, sliding.activation));
         }
         pending = Some((chunk, scores));
     }
@@ -80,7 +118,7 @@ pub fn predict_probabilities(
         let flat = full
             .as_slice_mut()
             .context("the blended scores are not contiguous")?;
-        softmax_planes(flat, classes);
+        activate(flat, classes, sliding.activation);
     }
     if padded_shape == [z, y, x] {
         return Ok(full);
@@ -138,6 +176,17 @@ fn blend(
         blender.add(*p, ndarray::ArrayView4::from_shape(shape, w)?)?;
     }
     Ok(())
+}
+
+/// Probabilities from one window's scores `[k, S]` (flat), in place: a softmax over the
+/// classes, or a sigmoid `1 / (1 + e^{−z})` per output.
+fn activate(scores: &mut [f32], classes: usize, activation: Activation) {
+    match activation {
+        Activation::Softmax => softmax_planes(scores, classes),
+        Activation::Sigmoid => scores
+            .iter_mut()
+            .for_each(|z| *z = 1.0 / (1.0 + (-*z).exp())),
+    }
 }
 
 /// Softmax over the classes of one window's scores `[k, S]` (flat), in place.
@@ -213,7 +262,7 @@ impl CasePrediction {
     /// The argmax over classes of the probabilities resampled to the input's spacing, on the
     /// input's grid in the canonical orientation when the card reorients (else as it is), one
     /// channel at a time (a running maximum: one volume of probabilities in memory, not one
-    /// per class); the first class wins ties, as [`argmax`].
+    /// per class); the first class wins ties, as [`cwseg_data::argmax`].
     fn argmax_on_canonical(&self, card: &ModelCard, input: &Geometry) -> Result<Array3<u8>> {
         let mut best: Option<(Array3<f32>, Array3<u8>)> = None;
         for (k, channel) in self.probabilities.outer_iter().enumerate() {
@@ -263,7 +312,12 @@ impl CasePrediction {
         } else {
             channel.to_owned()
         };
-        let background = if k == 0 { 1.0 } else { 0.0 };
+        // outside the crop: class 0 certain, or no region
+        let background = if k == 0 && card.regions.is_none() {
+            1.0
+        } else {
+            0.0
+        };
         Ok(self.placed(canonical_grid(card, input).shape(), back, background))
     }
 
@@ -313,6 +367,8 @@ pub struct PredictOptions {
     pub overlap: f64,
     /// Apply the model card's post-processing (if it has one).
     pub postprocess: bool,
+    /// Test-time mirroring: the mean of the 8 flips' probabilities (nnU-Net's default).
+    pub mirror: bool,
     /// Keep the class probabilities on the input's grid, which the labels are the argmax of
     /// ([`CasePrediction::probabilities_on_input`] then returns them instead of resampling every
     /// class again).
@@ -367,9 +423,12 @@ impl PreparedCase {
         let probabilities = predict_probabilities(
             network,
             &pre.data,
-            card.classes.len(),
+            card.outputs(),
             card.patch,
-            card.sliding_window(options.overlap),
+            SlidingWindow {
+                mirror: options.mirror,
+                ..card.sliding_window(options.overlap)
+            },
             2,
             device,
         )?;
@@ -395,7 +454,8 @@ impl PreparedCase {
 }
 
 impl CasePrediction {
-    /// Sets `labels` (and `unprocessed`): the argmax of the probabilities on the input's grid,
+    /// Sets `labels` (and `unprocessed`): the argmax of the probabilities on the input's grid
+    /// (with regions, their class order: [`crate::regions`]),
     /// post-processed, as stored label values. With resampling the probabilities are resampled
     /// first and the argmax taken at the input's spacing (nnU-Net's order), so the labels are the
     /// argmax of what `--probabilities` writes; otherwise the crop only moves voxels, and the
@@ -407,7 +467,9 @@ impl CasePrediction {
         input: &Geometry,
         options: PredictOptions,
     ) -> Result<()> {
-        let classes = if card.preprocessing.spacing.is_some() && options.keep_probabilities {
+        let regions = card.region_classes()?;
+        let resampled = card.preprocessing.spacing.is_some();
+        let classes = if resampled && (options.keep_probabilities || regions.is_some()) {
             let channels = self
                 .probabilities
                 .outer_iter()
@@ -416,13 +478,15 @@ impl CasePrediction {
                 .collect::<Result<Vec<_>>>()?;
             let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
             let kept = ndarray::stack(Axis(0), &views)?;
-            let classes = argmax(kept.view());
-            self.kept = Some(kept);
+            let classes = decide(kept.view(), regions.as_ref());
+            if options.keep_probabilities {
+                self.kept = Some(kept);
+            }
             classes
-        } else if card.preprocessing.spacing.is_some() {
+        } else if resampled {
             self.argmax_on_canonical(card, input)?
         } else {
-            let raw = argmax(self.probabilities.view());
+            let raw = decide(self.probabilities.view(), regions.as_ref());
             self.placed(canonical_grid(card, input).shape(), raw, 0)
         };
         let finish = |mut classes: Array3<u8>| {

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use cwseg_data::{Geometry, Image, LabelMap, ReadOptions, read_image, write_label};
-use cwseg_models::Network;
 use ndarray::Array4;
 
 use crate::card::ModelCard;
+use crate::ensemble::{Member, predict_ensemble};
 use crate::predict::{PredictOptions, PreparedCase};
 use crate::shard::Shard;
 
@@ -143,56 +143,105 @@ impl PredictFiles {
         Ok(())
     }
 
-    /// Predicts the planned cases with `network` and `card` (from `model_dir`) on `device`,
-    /// calling `done` after each; returns the number written.
+    /// Predicts the planned cases with `members` (one model, or an ensemble whose
+    /// probabilities are averaged: [`crate::ensemble`]) on `device`, calling `done` after each;
+    /// returns the number written.
     pub fn run(
         &self,
         plan: Vec<PlannedCase>,
-        network: &Network,
-        card: &ModelCard,
-        model_dir: &Path,
+        members: &[Member],
         device: &Device,
         done: &mut dyn FnMut(),
     ) -> Result<usize> {
+        let first = members.first().context("no model to predict with")?;
         let count = plan.len();
         std::thread::scope(|scope| -> Result<()> {
             let (cases, read) = std::sync::mpsc::sync_channel(1);
+            let single = members.len() == 1;
             scope.spawn(move || {
                 for case in plan {
-                    let prepared = read_case_image(&case.files, &card.modalities, model_dir)
-                        .and_then(|image| {
-                            let prepared = PreparedCase::new(card, &image).with_context(|| {
-                                format!("{}: the model's preprocessing", case.files[0].display())
-                            })?;
-                            Ok((image.geometry, prepared))
-                        });
-                    if cases.send((case.output, prepared)).is_err() {
+                    let ready = read_case_image(&case.files, &first.card.modalities, &first.dir)
+                        .and_then(|image| Ready::new(image, single.then_some(&first.card), &case));
+                    if cases.send((case.output, ready)).is_err() {
                         break; // the predicting loop stopped on an error
                     }
                 }
             });
             let mut writing: Option<std::thread::ScopedJoinHandle<'_, Result<()>>> = None;
-            for (out, prepared) in read {
-                let (geometry, prepared) = prepared?;
-                let prediction = prepared.predict(network, card, self.options, device)?;
-                if self.probabilities {
-                    write_probabilities(
-                        &probabilities_folder(&out),
-                        &prediction.probabilities_on_input(card, &geometry)?,
-                        &geometry,
-                    )?;
+            for (out, ready) in read {
+                let (labels, probabilities) = self.predict(ready?, members, device)?;
+                if let Some((probabilities, geometry)) = probabilities {
+                    write_probabilities(&probabilities_folder(&out), &probabilities, &geometry)?;
                 }
                 finish(writing.take())?;
-                let labels = LabelMap {
-                    data: prediction.labels,
-                    geometry,
-                };
                 writing = Some(scope.spawn(move || Ok(write_label(&out, &labels)?)));
                 done();
             }
             finish(writing)
         })?;
         Ok(count)
+    }
+
+    /// One case's labels, and its probabilities on the input's grid when asked for.
+    fn predict(
+        &self,
+        ready: Ready,
+        members: &[Member],
+        device: &Device,
+    ) -> Result<(LabelMap, Option<Probabilities>)> {
+        match (ready, members) {
+            (Ready::Prepared(geometry, prepared), [member]) => {
+                let prediction =
+                    prepared.predict(&member.network, &member.card, self.options, device)?;
+                let probabilities = match self.probabilities {
+                    true => Some(prediction.probabilities_on_input(&member.card, &geometry)?),
+                    false => None,
+                };
+                let labels = LabelMap {
+                    data: prediction.labels,
+                    geometry: geometry.clone(),
+                };
+                Ok((labels, probabilities.map(|p| (p, geometry))))
+            }
+            (Ready::Prepared(..), _) | (Ready::Image(_), []) => {
+                bail!("a case prepared for one model was given to another number of models")
+            }
+            (Ready::Image(image), members) => {
+                let image = *image;
+                let options = PredictOptions {
+                    keep_probabilities: self.probabilities,
+                    ..self.options
+                };
+                let prediction = predict_ensemble(members, &image, options, device)?;
+                let probabilities = prediction.probabilities.map(|p| (p, image.geometry.clone()));
+                let labels = LabelMap {
+                    data: prediction.labels,
+                    geometry: image.geometry,
+                };
+                Ok((labels, probabilities))
+            }
+        }
+    }
+}
+
+/// A case's probabilities `[k, z, y, x]` on the input's grid, and that grid.
+type Probabilities = (Array4<f32>, Geometry);
+
+/// A case read and ready to predict: preprocessed for the one model, or the image for an
+/// ensemble (each member preprocesses it its own way).
+enum Ready {
+    Prepared(Geometry, Box<PreparedCase>),
+    Image(Box<Image>),
+}
+
+impl Ready {
+    fn new(image: Image, card: Option<&ModelCard>, case: &PlannedCase) -> Result<Self> {
+        let Some(card) = card else {
+            return Ok(Ready::Image(Box::new(image)));
+        };
+        let prepared = PreparedCase::new(card, &image)
+            .with_context(|| format!("{}: the model's preprocessing", case.files[0].display()))?;
+        Ok(Ready::Prepared(image.geometry, Box::new(prepared)))
     }
 }
 

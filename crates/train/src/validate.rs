@@ -3,12 +3,12 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use cwseg_data::argmax;
 use cwseg_models::Network;
 
+use crate::card::ModelCard;
 use crate::predict::predict_probabilities;
 use crate::prepare::PreparedCase;
-use crate::window::SlidingWindow;
+use crate::regions::decide;
 
 /// Per-class DSC of a prediction (NaN where the class is in neither).
 pub fn dice_per_class(
@@ -67,28 +67,29 @@ pub fn mean_foreground(per_case: &[Vec<f64>]) -> (f64, Vec<f64>) {
     (mean, per_class)
 }
 
-/// The per-class DSC of one validation case's sliding-window prediction (Gaussian-weighted
-/// probabilities with `overlap`).
+/// The per-class DSC of one validation case's sliding-window prediction with `card`'s window
+/// (Gaussian-weighted probabilities with `overlap` for cwseg's runs), labels by the argmax or
+/// the card's regions.
 pub fn case_dice(
     network: &Network,
     case: &PreparedCase,
-    classes: usize,
-    patch: [usize; 3],
+    card: &ModelCard,
     overlap: f64,
     device: &Device,
 ) -> Result<Vec<f64>> {
     let probs = predict_probabilities(
         network,
         &case.image.data,
-        classes,
-        patch,
-        SlidingWindow::probabilities(overlap),
+        card.outputs(),
+        card.patch,
+        card.sliding_window(overlap),
         2,
         device,
     )?;
+    let regions = card.region_classes()?;
     Ok(dice_per_class(
-        &argmax(probs.view()),
+        &decide(probs.view(), regions.as_ref()),
         &case.label.data,
-        classes,
+        card.classes.len(),
     ))
 }

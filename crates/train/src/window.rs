@@ -26,6 +26,16 @@ pub enum WindowWeights {
     Constant,
 }
 
+/// How a network's outputs become probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// A softmax over the classes: one output per class.
+    #[default]
+    Softmax,
+    /// A sigmoid per output: one output per region (region-based training).
+    Sigmoid,
+}
+
 /// Sliding-window inference settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlidingWindow {
@@ -35,15 +45,34 @@ pub struct SlidingWindow {
     pub blend: Blend,
     /// The window weights.
     pub weights: WindowWeights,
+    /// Softmax over classes, or a sigmoid per region.
+    pub activation: Activation,
+    /// Test-time mirroring (nnU-Net's default): the mean of the probabilities of the 2³ flips
+    /// of the input over its spatial axes, each flipped back.
+    pub mirror: bool,
 }
 
 impl SlidingWindow {
+    /// The same with a sigmoid per output when `regions`.
+    pub fn with_regions(self, regions: bool) -> Self {
+        SlidingWindow {
+            activation: if regions {
+                Activation::Sigmoid
+            } else {
+                Activation::Softmax
+            },
+            ..self
+        }
+    }
+
     /// Gaussian-weighted probabilities with `overlap`: what cwseg trains and validates with.
     pub fn probabilities(overlap: f64) -> Self {
         SlidingWindow {
             overlap,
             blend: Blend::Probabilities,
             weights: WindowWeights::Gaussian,
+            activation: Activation::Softmax,
+            mirror: false,
         }
     }
 }

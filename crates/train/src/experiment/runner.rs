@@ -109,6 +109,7 @@ fn predict_test_cases(
         let options = PredictOptions {
             overlap: card.overlap,
             postprocess: true,
+            mirror: false,
             keep_probabilities: false,
         };
         let prediction = predict_case(&network, &card, &image, options, &device)?;

@@ -9,6 +9,7 @@ use cwseg_data::{BatchParts, LoaderConfig, PatchMaps, SamplerConfig, SamplingVol
 use crate::card::ModelCard;
 use crate::config::{ContourMaps, TrainConfig};
 use crate::prepare::{PreparedCase, PreparedData, open_data};
+use crate::regions::RegionClasses;
 
 /// The data set and split of `config` with its preprocessing measured on the training cases,
 /// and the model card of the run (the network sized for the data and the patch). The split is
@@ -27,9 +28,19 @@ pub(super) fn open_run_data(
     data.preprocessing = data
         .preprocessing
         .measure(&data.dataset, &data.split.train)?;
+    let label_values = &data.dataset.label_values;
+    let outputs = match &config.regions {
+        Some(regions) => {
+            regions
+                .validate(label_values)
+                .context("the configuration's regions")?;
+            regions.labels.len()
+        }
+        None => data.dataset.classes.len(),
+    };
     let model = config
         .model
-        .with_io(data.dataset.modalities.len(), data.dataset.classes.len())
+        .with_io(data.dataset.modalities.len(), outputs)
         .with_input_size(config.patch);
     let multiple = model.size_multiple();
     if config.patch.iter().any(|p| p % multiple != 0) {
@@ -54,6 +65,7 @@ pub(super) fn open_run_data(
         postprocessing: None,
         weights_sha256: None,
         precision: cwseg_models::precision(),
+        regions: config.regions.clone(),
         origin: None,
     };
     Ok((data, card))
@@ -73,8 +85,9 @@ pub(super) fn check_patch_fits(patch: [usize; 3], cases: &[PreparedCase]) -> Res
     Ok(())
 }
 
-/// The loader's settings for `config` (two batches prefetched).
-pub(super) fn loader_config(config: &TrainConfig) -> LoaderConfig {
+/// The loader's settings for `config` (two batches prefetched); `regions`, the run's regions
+/// in class indices, when it trains regions.
+pub(super) fn loader_config(config: &TrainConfig, regions: Option<&RegionClasses>) -> LoaderConfig {
     LoaderConfig {
         batch_size: config.batch_size,
         batches_per_epoch: config.batches_per_epoch,
@@ -87,15 +100,15 @@ pub(super) fn loader_config(config: &TrainConfig) -> LoaderConfig {
             class_balanced: true,
         },
         augment: config.augment,
-        maps: patch_maps(config),
+        maps: patch_maps(config, regions),
         parts: BatchParts::all(config.batch_parts),
     }
 }
 
 /// The maps the loader makes with each patch: under [`ContourMaps::Volume`], the contour map
 /// (every class, background included: the loss takes each class's own contour from it) of a
-/// loss that uses one.
-fn patch_maps(config: &TrainConfig) -> PatchMaps {
+/// loss that uses one; with regions, one map per region.
+fn patch_maps(config: &TrainConfig, regions: Option<&RegionClasses>) -> PatchMaps {
     let contour = match config.contour_maps {
         ContourMaps::Volume => config.loss.contour(),
         ContourMaps::Patch => None,
@@ -105,6 +118,7 @@ fn patch_maps(config: &TrainConfig) -> PatchMaps {
             erosion: c.erosion(),
             include_background: true,
         }),
+        regions: regions.map(|r| r.sets.clone()).unwrap_or_default(),
     }
 }
 

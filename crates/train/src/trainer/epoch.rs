@@ -72,7 +72,7 @@ impl Trainer {
         let first = self.state.batch;
         let loader = EpochLoader::starting_at(
             Arc::clone(&self.volumes),
-            self.loader,
+            self.loader.clone(),
             self.config.seed,
             self.state.epoch as u64,
             first,
@@ -189,8 +189,7 @@ impl Trainer {
                 let dice = case_dice(
                     &self.network,
                     case,
-                    k,
-                    self.config.patch,
+                    &self.card,
                     self.config.validation.overlap,
                     &self.device,
                 )?;

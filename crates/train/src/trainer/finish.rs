@@ -5,13 +5,13 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::Device;
-use cwseg_data::argmax;
 
 use crate::card::load_model;
 use crate::config::TrainConfig;
 use crate::postprocess;
 use crate::predict::predict_probabilities;
 use crate::prepare::PreparedCase;
+use crate::regions::decide;
 
 /// Decides the post-processing on the validation cases with the best checkpoint and records
 /// it in `best/config.json`; nothing to do without validation cases, when the configuration
@@ -29,18 +29,19 @@ pub(super) fn decide_postprocessing(
     if card.postprocessing.is_some() {
         return Ok(());
     }
+    let regions = card.region_classes()?;
     let mut predictions = Vec::with_capacity(val_cases.len());
     for case in val_cases {
         let probs = predict_probabilities(
             &network,
             &case.image.data,
-            card.classes.len(),
+            card.outputs(),
             card.patch,
             card.sliding_window(config.validation.overlap),
             2,
             device,
         )?;
-        predictions.push(argmax(probs.view()));
+        predictions.push(decide(probs.view(), regions.as_ref()));
     }
     let labels: Vec<_> = val_cases.iter().map(|c| c.label.data.clone()).collect();
     let decided = postprocess::decide(&predictions, &labels, &card.classes, &card.label_values);

@@ -64,6 +64,8 @@ pub struct Trainer {
     dir: PathBuf,
     device: Device,
     classes: usize,
+    /// The regions, when the run trains regions (the losses' form).
+    regions: Option<cwseg_losses::Regions>,
     val_cases: Vec<PreparedCase>,
     volumes: Arc<Vec<SamplingVolume>>,
     loader: LoaderConfig,
@@ -198,13 +200,15 @@ impl Trainer {
         }
         distributed::broadcast_variables(&*comm, &vars)?;
         let metrics = rank0.then(|| open_metrics(dir)).transpose()?;
-        let mut loader = loader_config(config);
+        let region_classes = card.region_classes()?;
+        let mut loader = loader_config(config, region_classes.as_ref());
         loader.parts = BatchParts::of_rank(config.batch_parts, comm.rank(), comm.size());
         Ok(Trainer {
             config: config.clone(),
             dir: dir.to_path_buf(),
             device,
             classes: card.classes.len(),
+            regions: region_classes.as_ref().map(|r| r.losses()).transpose()?,
             val_cases,
             volumes,
             loader,

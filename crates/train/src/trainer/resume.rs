@@ -128,7 +128,7 @@ impl LastCheckpoint {
     /// modalities; the error names them.
     pub(super) fn check_card(&self, card: &ModelCard) -> Result<()> {
         use serde_json::to_value as value;
-        let fields = |c: &ModelCard| -> Result<[(&'static str, serde_json::Value); 8]> {
+        let fields = |c: &ModelCard| -> Result<[(&'static str, serde_json::Value); 9]> {
             Ok([
                 ("model", value(&c.model)?),
                 ("loss", value(&c.loss)?),
@@ -138,6 +138,7 @@ impl LastCheckpoint {
                 ("classes", value(&c.classes)?),
                 ("label_values", value(&c.label_values)?),
                 ("modalities", value(&c.modalities)?),
+                ("regions", value(&c.regions)?),
             ])
         };
         let (saved, given) = (fields(&self.card)?, fields(card)?);

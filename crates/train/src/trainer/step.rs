@@ -1,8 +1,8 @@
 //! One optimizer step: a batch through the network and the loss, the gradients averaged over
 //! the ranks and applied (or, with loss scaling, skipped when not finite).
 
-use anyhow::{Result, bail};
-use candle_core::{DType, ModuleT};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor};
 use cwseg_data::Batch;
 use cwseg_losses::Target;
 
@@ -15,16 +15,9 @@ impl Trainer {
     /// whose gradients are not finite is skipped and the scale backs off
     /// ([`crate::optim::LossScaler`]).
     pub fn step(&mut self, batch: &Batch) -> Result<f64> {
-        let (image, labels) = batch.to_tensors(&self.device)?;
-        let mut target = Target::new(labels)?;
-        if let Some(contour) = batch.contour_tensor(&self.device)? {
-            target = target.with_edges(contour);
-        }
-        if let Some(weights) = batch.weights_tensor(&self.device)? {
-            target = target.with_dwce_weights(weights);
-        }
-        let logits = self.network.forward_t(&image, true)?;
-        let value = self.loss.forward(&logits, &target)?;
+        let (image, _) = batch.to_tensors(&self.device)?;
+        let outputs = self.network.forward_deep(&image, true)?;
+        let value = self.deep_loss(&outputs, batch)?;
         let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         // every rank sees the mean loss, so a non-finite one stops them all
         let scalar = distributed::mean(&*self.comm, scalar)?;
@@ -54,6 +47,52 @@ impl Trainer {
         self.state.batch += 1;
         self.state.loss_sum += scalar;
         Ok(scalar)
+    }
+
+    /// The loss of the network's outputs, full resolution first: with deep supervision
+    /// (nnU-Net) `Σ_l w_l L(z_l, y_l)` over the levels `l` the network outputs, `w_l ∝ 2^{−l}`
+    /// normalised to sum 1 (the lowest decoder level has no output, so weight 0), the targets
+    /// of level `l` the batch's at `1/2^l` ([`Batch::downsampled`]); else `L(z_0, y)`.
+    fn deep_loss(&self, outputs: &[Tensor], batch: &Batch) -> Result<Tensor> {
+        let weights: Vec<f64> = (0..outputs.len()).map(|l| 0.5f64.powi(l as i32)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut sum: Option<Tensor> = None;
+        for (l, (logits, w)) in outputs.iter().zip(&weights).enumerate() {
+            let level = match l {
+                0 => self.loss.forward(logits, &self.target(batch)?)?,
+                _ => {
+                    let target = self.target(&batch.downsampled(1 << l))?;
+                    self.loss.forward(logits, &target)?
+                }
+            };
+            let level = level.affine(w / total, 0.0)?;
+            sum = Some(match sum {
+                None => level,
+                Some(s) => (s + level)?,
+            });
+        }
+        sum.context("the network gave no output")
+    }
+
+    /// The loss's target of `batch`: labels, the contour maps (per region with regions) and
+    /// the voxel weights the loader made.
+    fn target(&self, batch: &Batch) -> Result<Target> {
+        let labels = batch.label_tensor(&self.device)?;
+        let mut target = Target::new(labels)?;
+        let contour = match &self.regions {
+            Some(regions) => {
+                target = target.with_regions(regions.clone());
+                batch.region_contour_tensor(regions.len(), &self.device)?
+            }
+            None => batch.contour_tensor(&self.device)?,
+        };
+        if let Some(contour) = contour {
+            target = target.with_edges(contour);
+        }
+        if let Some(weights) = batch.weights_tensor(&self.device)? {
+            target = target.with_dwce_weights(weights);
+        }
+        Ok(target)
     }
 
     /// The optimizer step from `grads`; with loss scaling, first unscaled, and skipped (counted
