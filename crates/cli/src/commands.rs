@@ -13,8 +13,8 @@ use cwseg_morphology::{Border, ContourSpec, Element, ErosionSpec};
 use serde_json::json;
 
 use crate::progress::Progress;
-use cwseg_train::optim::{OptimizerKind, Schedule};
 use cwseg_train::ensemble::Member;
+use cwseg_train::optim::{OptimizerKind, Schedule};
 use cwseg_train::predict::PredictOptions;
 use cwseg_train::{RunOptions, TrainConfig, parse_device};
 
@@ -63,6 +63,13 @@ pub struct TrainArgs {
     /// A split file (`{"train": [...], "val": [...], "test": [...]}`).
     #[arg(long)]
     split: Option<PathBuf>,
+    /// Cross-validation: train on every fold but this one (from 0) and validate on it
+    /// (nnU-Net's protocol; the folds are the same for every run: `--folds`).
+    #[arg(long, requires = "folds")]
+    fold: Option<usize>,
+    /// The number of cross-validation folds (nnU-Net: 5).
+    #[arg(long, requires = "fold")]
+    folds: Option<usize>,
     /// Network name: unet, vnet, unetr (its position embeddings take the patch size) or
     /// deeplabv3; a `[model]` table in --config sets its fields [default: unet].
     #[arg(long)]
@@ -135,15 +142,17 @@ enum ScheduleArg {
     Constant,
 }
 
+/// The run configuration in the TOML file `path` (`--config`).
+fn config_file(path: &std::path::Path) -> Result<TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    cwseg_train::config::parse_toml::<TrainConfig>(&text, path).context("invalid run configuration")
+}
+
 /// The run configuration from `--config` and the flags.
 fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            cwseg_train::config::parse_toml::<TrainConfig>(&text, path)
-                .context("invalid run configuration")?
-        }
+        Some(path) => config_file(path)?,
         // `--resume --out RUN` needs nothing else: the run's own configuration
         None if args.resume => cwseg_train::trainer::read_run_config(
             args.out.as_deref().context("--resume needs --out RUN")?,
@@ -155,6 +164,9 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(s) = &args.split {
         config.data.split = Some(s.clone());
+    }
+    if let (Some(fold), Some(folds)) = (args.fold, args.folds) {
+        config.data.cross_validation = Some(cwseg_train::prepare::CrossValidation { fold, folds });
     }
     if let Some(m) = &args.model {
         config.model = ModelConfig::from_name(m, 1, 2)?;
@@ -246,13 +258,64 @@ pub fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `cwseg cv`.
+#[derive(Args)]
+pub struct CvArgs {
+    /// The TOML run configuration every fold trains with (its split settings are replaced by
+    /// the folds).
+    #[arg(long)]
+    config: PathBuf,
+    /// The cross-validation folder (`fold_K/`, `oof/`, `cv.json`, `cv.md`, `ensemble/`).
+    #[arg(long, visible_alias = "output")]
+    out: PathBuf,
+    /// The number of folds (nnU-Net: 5).
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Data: `synthetic`, an MSD / nnU-Net folder or a BraTS folder (default: the file's).
+    #[arg(long)]
+    data: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N` (default: the file's).
+    #[arg(long)]
+    device: Option<String>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `cwseg cv`: every fold trained (or resumed), the out-of-fold predictions scored, the
+/// post-processing chosen on them; prints the per-class means.
+pub fn cv(args: CvArgs) -> Result<()> {
+    let mut config = config_file(&args.config)?;
+    if let Some(d) = args.data {
+        config.data.source = d;
+    }
+    if let Some(d) = args.device {
+        config.device = d;
+    }
+    let report = cwseg_train::cross_validation::run(
+        &config,
+        &args.out,
+        args.folds,
+        &mut Progress::new(args.quiet),
+    )?;
+    println!("{}", report.markdown(false));
+    println!(
+        "cv.json, cv.md, the out-of-fold predictions (oof/) and the ensemble (predict --model {}) are in {}",
+        args.out.join("ensemble").display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// `cwseg predict`.
 #[derive(Args)]
 pub struct PredictArgs {
     /// A run folder (its `best/` checkpoint), a model folder (`model.safetensors` + `config.json`)
     /// or `hf://ORG/NAME[@REV]` (the Hugging Face cache; offline with `HF_HUB_OFFLINE=1`).
     /// Repeat for an ensemble: the mean of the models' probabilities (same classes, label
-    /// values, regions and modalities), post-processed with the first model's rule.
+    /// values, regions and modalities), post-processed with the first model's rule. An
+    /// ensemble folder (`ensemble.json`: `cwseg cv`'s `OUT/ensemble`, or `OUT` itself) is its
+    /// members with the ensemble's rule.
     #[arg(long, required = true)]
     model: Vec<PathBuf>,
     /// Test-time mirroring (nnU-Net's default): the mean of the probabilities of the input's
@@ -312,9 +375,10 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     let mut protected = Vec::new();
     for model in &args.model {
         let model = cwseg_train::hub::model_path(model)?;
-        let member = Member::load(&model, &device)?;
-        protected.extend([model, member.dir.clone()]);
-        members.push(member);
+        let loaded = Member::load_all(&model, &device)?;
+        protected.push(model);
+        protected.extend(loaded.iter().map(|m| m.dir.clone()));
+        members.extend(loaded);
     }
     cwseg_train::ensemble::check_members(&members)?;
     let (card, dir) = (&members[0].card, &members[0].dir);
@@ -839,6 +903,16 @@ pub struct PlanArgs {
     /// voxels, orthogonal axes); write nothing.
     #[arg(long)]
     verify: bool,
+    /// The training recipe: `paper` (Adam, the paper's augmentation) or `nnunet` (SGD and poly,
+    /// nnU-Net's augmentation, deep supervision).
+    #[arg(long, value_enum, default_value = "paper")]
+    recipe: RecipeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RecipeArg {
+    Paper,
+    Nnunet,
 }
 
 /// `cwseg plan`: the fingerprint, then the plan.
@@ -853,6 +927,10 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     }
     let budget = cwseg_train::plan::PlanBudget {
         memory_gib: args.memory,
+        recipe: match args.recipe {
+            RecipeArg::Paper => cwseg_train::plan::Recipe::Paper,
+            RecipeArg::Nnunet => cwseg_train::plan::Recipe::Nnunet,
+        },
     };
     let plan = cwseg_train::plan::write_plan(&args.data, &args.out, budget)?;
     for (field, why) in &plan.reasons {

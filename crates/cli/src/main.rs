@@ -70,6 +70,10 @@ enum Command {
     },
     /// Train a network with a loss on a data set.
     Train(commands::TrainArgs),
+    /// Cross-validation (nnU-Net's): train every fold (resuming where it stopped), predict
+    /// each fold's validation cases, choose the post-processing on all of them, write the
+    /// scores (cv.json, cv.md) and the folds' ensemble.
+    Cv(commands::CvArgs),
     /// Sliding-window inference on NIfTI files or folders.
     Predict(commands::PredictArgs),
     /// DSC, IoU, HD95, ASSD and NSD between prediction and label files or folders.
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { .. } => cwseg_train::distributed::refuse_mpi_launch("demo")?,
         Command::Experiment { .. } => cwseg_train::distributed::refuse_mpi_launch("experiment")?,
         Command::Predict(_) => cwseg_train::distributed::refuse_mpi_launch("predict")?,
+        Command::Cv(_) => cwseg_train::distributed::refuse_mpi_launch("cv")?,
         _ => {}
     }
     match cli.command {
@@ -218,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => commands::train(args),
+        Command::Cv(args) => commands::cv(args),
         Command::Predict(args) => commands::predict(args),
         Command::Evaluate(args) => commands::evaluate(args),
         Command::Contour(args) => commands::contour(args),
@@ -319,11 +325,11 @@ fn main() -> ExitCode {
     cwseg_models::alloc::retain_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        // an experiment's "run i/N" lines show by default; other details with -v
+        // an experiment's "run i/N" and a cross-validation's "fold i/N" lines show by default; other details with -v
         tracing_subscriber::EnvFilter::new(if cli.verbose {
             "info"
         } else {
-            "warn,cwseg_train::experiment=info,cwseg_train::demo=info"
+            "warn,cwseg_train::experiment=info,cwseg_train::demo=info,cwseg_train::cross_validation=info"
         })
     });
     tracing_subscriber::fmt()

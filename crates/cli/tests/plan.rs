@@ -62,6 +62,38 @@ fn a_plan_trains_unchanged_and_says_why() {
         s(&run),
     ]);
     assert!(run.join("best/model.safetensors").is_file());
+    // nnU-Net's recipe: SGD and poly, its augmentation and deep supervision, trained as written
+    let nnunet = dir.path().join("nnunet.toml");
+    ok(&[
+        "plan",
+        "--data",
+        s(&data),
+        "--out",
+        s(&nnunet),
+        "--recipe",
+        "nnunet",
+    ]);
+    let text = std::fs::read_to_string(&nnunet).expect("plan");
+    for line in [
+        "deep_supervision = true",
+        "kind = \"sgd\"",
+        "mirror_probability = 0.5",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}: {text}");
+    }
+    let run = dir.path().join("run-nnunet");
+    ok(&[
+        "train",
+        "--config",
+        s(&nnunet),
+        "--epochs",
+        "1",
+        "--batches-per-epoch",
+        "1",
+        "--out",
+        s(&run),
+    ]);
+    assert!(run.join("best/model.safetensors").is_file());
     // --verify reads every case; a label value the dataset.json lacks names its case
     assert!(ok(&["plan", "--data", s(&data), "--out", s(&plan), "--verify"]).contains("3 cases"));
     let json_path = data.join("dataset.json");

@@ -46,7 +46,10 @@ fn probabilities(output: &Path) -> Array4<f32> {
     ndarray::stack(Axis(0), &views).expect("stack")
 }
 
-fn flipped<A: Clone, D: ndarray::Dimension>(a: &ndarray::Array<A, D>, axes: &[usize]) -> ndarray::Array<A, D> {
+fn flipped<A: Clone, D: ndarray::Dimension>(
+    a: &ndarray::Array<A, D>,
+    axes: &[usize],
+) -> ndarray::Array<A, D> {
     let mut view = a.view();
     for &axis in axes {
         view.invert_axis(Axis(axis));
@@ -64,7 +67,13 @@ fn predict(models: &[&Path], input: &Path, output: &Path, extra: &[&str]) {
     for m in models {
         args.extend(["--model", s(m)]);
     }
-    args.extend(["--input", s(input), "--output", s(output), "--probabilities"]);
+    args.extend([
+        "--input",
+        s(input),
+        "--output",
+        s(output),
+        "--probabilities",
+    ]);
     args.extend(extra);
     ok(&args);
 }
@@ -95,7 +104,10 @@ fn tta_is_the_mean_of_the_flipped_predictions_flipped_back() {
     predict(&[&run], &input, &out, &["--tta"]);
     let tta = probabilities(&out);
     let difference = max_difference(&tta, &mean);
-    assert!(difference < 1e-5, "TTA vs the mean of the flips: {difference}");
+    assert!(
+        difference < 1e-5,
+        "TTA vs the mean of the flips: {difference}"
+    );
     // and not the plain prediction: mirroring changed something
     let plain = dir.path().join("plain.nii.gz");
     predict(&[&run], &input, &plain, &[]);
@@ -118,19 +130,40 @@ fn an_ensemble_is_the_mean_of_its_members_and_refuses_other_classes() {
     let mean = (probabilities(&pa) + probabilities(&pb)) / 2.0;
     let ensemble = probabilities(&pe);
     let difference = max_difference(&ensemble, &mean);
-    assert!(difference < 1e-6, "ensemble vs the members' mean: {difference}");
+    assert!(
+        difference < 1e-6,
+        "ensemble vs the members' mean: {difference}"
+    );
     let labels = cwseg_data::read_label(&pe, &ReadOptions::default()).expect("labels");
     let argmax = cwseg_data::argmax(mean.view());
-    let disagree = labels.data.iter().zip(&argmax).filter(|(l, a)| l != a).count();
-    assert_eq!(disagree, 0, "the ensemble's labels are the argmax of the mean");
+    let disagree = labels
+        .data
+        .iter()
+        .zip(&argmax)
+        .filter(|(l, a)| l != a)
+        .count();
+    assert_eq!(
+        disagree, 0,
+        "the ensemble's labels are the argmax of the mean"
+    );
 
     // a member trained on regions predicts other outputs: refused, naming both models
     let regions = "\n[regions]\nnames = [\"r\"]\nlabels = [[1, 2]]\nclass_order = [1]\n";
     let c = train(dir.path(), "ccc", regions);
     let err = fails(&[
-        "predict", "--model", s(&a), "--model", s(&c), "--input", s(&input), "--output",
+        "predict",
+        "--model",
+        s(&a),
+        "--model",
+        s(&c),
+        "--input",
+        s(&input),
+        "--output",
         s(&dir.path().join("refused.nii.gz")),
     ]);
-    assert!(err.contains("regions") && err.contains("ccc") && err.contains("/a"), "{err}");
+    assert!(
+        err.contains("regions") && err.contains("ccc") && err.contains("/a"),
+        "{err}"
+    );
     assert!(!dir.path().join("refused.nii.gz").exists());
 }

@@ -606,6 +606,35 @@ impl Split {
         })
     }
 
+    /// Fold `fold` of `folds`-fold cross-validation (nnU-Net's protocol: the fold's cases
+    /// validate, every other fold's train, no test part): the ids sorted, shuffled by a
+    /// ChaCha8 stream of the fixed seed 12 345 (the same folds for every run, loss and seed),
+    /// and dealt in turn, the `i`-th shuffled case to fold `i mod folds`.
+    pub fn fold(ids: &[String], fold: usize, folds: usize) -> Result<Split> {
+        if folds < 2 || fold >= folds || ids.len() < folds {
+            return Err(DataError::Invalid(format!(
+                "fold {fold} of {folds} over {} cases: need 2 ≤ folds ≤ cases and fold < folds",
+                ids.len()
+            )));
+        }
+        let mut ids = ids.to_vec();
+        ids.sort();
+        ids.dedup();
+        ids.shuffle(&mut ChaCha8Rng::seed_from_u64(12_345));
+        let (val, train): (Vec<_>, Vec<_>) = ids
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| i % folds == fold);
+        let ids = |part: Vec<(usize, String)>| -> Vec<String> {
+            part.into_iter().map(|(_, id)| id).collect()
+        };
+        Ok(Split {
+            train: ids(train),
+            val: ids(val),
+            test: Vec::new(),
+        })
+    }
+
     /// Reads a split file (`{"train": [...], "val": [...], "test": [...]}`), checking that every
     /// id is a case of `dataset` and that no id is in two parts.
     pub fn read(path: impl AsRef<Path>, dataset: &Dataset) -> Result<Split> {

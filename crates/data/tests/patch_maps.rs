@@ -359,7 +359,10 @@ fn region_patch_maps_are_each_regions_whole_volume_map_cropped() {
                 .into_union()
         })
         .collect();
-    assert!(whole.iter().all(|m| m.iter().any(|&v| v)), "every region has a contour");
+    assert!(
+        whole.iter().all(|m| m.iter().any(|&v| v)),
+        "every region has a contour"
+    );
     let size = [24, 32, 40];
     let volume = SamplingVolume::new(image, label, size).expect("volume");
     // the spec's include_background is overridden: a region's outside always counts

@@ -347,7 +347,12 @@ impl UNet {
     }
 
     /// The full-resolution output, and with `supervised` the heads' outputs after it.
-    fn levels(&self, x: &Tensor, train: bool, supervised: bool) -> candle_core::Result<Vec<Tensor>> {
+    fn levels(
+        &self,
+        x: &Tensor,
+        train: bool,
+        supervised: bool,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let (_, _, d, h, w) = x.dims5()?;
         self.check_size([d, h, w])
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

@@ -781,13 +781,25 @@ fn deep_supervision_outputs_every_level_but_the_lowest() {
         .cloned()
         .collect();
     heads.sort();
-    assert_eq!(heads, ["heads.1.bias", "heads.1.weight", "heads.2.bias", "heads.2.weight"]);
+    assert_eq!(
+        heads,
+        [
+            "heads.1.bias",
+            "heads.1.weight",
+            "heads.2.bias",
+            "heads.2.weight"
+        ]
+    );
     let x = Tensor::randn(0f32, 1.0, (2, 2, 32, 32, 48), &device).expect("input");
     let outputs = net.forward_deep(&x, true).expect("forward");
     let shapes: Vec<Vec<usize>> = outputs.iter().map(|o| o.dims().to_vec()).collect();
     assert_eq!(
         shapes,
-        [vec![2, 3, 32, 32, 48], vec![2, 3, 16, 16, 24], vec![2, 3, 8, 8, 12]]
+        [
+            vec![2, 3, 32, 32, 48],
+            vec![2, 3, 16, 16, 24],
+            vec![2, 3, 8, 8, 12]
+        ]
     );
     // the full-resolution output is the network's own; inference has no heads to run
     let plain = net.forward_t(&x, true).expect("forward");

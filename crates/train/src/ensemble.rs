@@ -1,7 +1,8 @@
 //! Ensembles of trained models (nnU-Net's ensembling of folds or configurations): the mean of
 //! the members' probabilities on the input's grid, each member with its own preprocessing and
 //! blending, then the labels (argmax, or the regions' class order) and the first member's
-//! post-processing.
+//! post-processing. An ensemble folder (`ensemble.json`, as `cwseg cv` writes) names its
+//! members and the post-processing chosen for them.
 
 use std::path::{Path, PathBuf};
 
@@ -10,10 +11,65 @@ use candle_core::Device;
 use cwseg_data::{Geometry, Image};
 use cwseg_models::Network;
 use ndarray::{Array3, Array4};
+use serde::{Deserialize, Serialize};
 
 use crate::card::{ModelCard, load_model};
+use crate::postprocess::PostProcessing;
 use crate::predict::{PredictOptions, PreparedCase};
 use crate::regions::decide;
+
+/// The file that makes a folder an ensemble.
+pub const ENSEMBLE_FILE: &str = "ensemble.json";
+
+/// `ensemble.json`: an ensemble's members and its post-processing (nnU-Net's
+/// `find_best_configuration` output: folds to average, and the rule chosen on their pooled
+/// out-of-fold predictions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleFile {
+    /// The members' model or run folders, relative to the ensemble's folder (`../fold_0/best`).
+    pub members: Vec<String>,
+    /// The ensemble's post-processing, applied to the labels of the mean probabilities in
+    /// place of any member's own (`None`: none).
+    pub postprocessing: Option<PostProcessing>,
+}
+
+impl EnsembleFile {
+    /// Reads `path`, refusing a file without members.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: EnsembleFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an ensemble file", path.display()))?;
+        if file.members.is_empty() {
+            bail!("{}: an ensemble needs at least one member", path.display());
+        }
+        Ok(file)
+    }
+
+    /// Writes it to `dir/ensemble.json` atomically (the folder created if missing).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        cwseg_data::dataset::write_atomic(
+            &dir.join(ENSEMBLE_FILE),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+}
+
+/// The ensemble file `path` stands for: `path/ensemble.json`; else, unless `path` is itself a
+/// model or run folder, `path/ensemble/ensemble.json` (a `cwseg cv` folder); `None` for a
+/// single model.
+pub fn ensemble_file(path: &Path) -> Option<PathBuf> {
+    let own = path.join(ENSEMBLE_FILE);
+    if own.is_file() {
+        return Some(own);
+    }
+    let model = path.join("config.json").exists() || path.join("best").exists();
+    let nested = path.join("ensemble").join(ENSEMBLE_FILE);
+    (!model && nested.is_file()).then_some(nested)
+}
 
 /// A trained model: its network, model card and folder.
 pub struct Member {
@@ -31,6 +87,52 @@ impl Member {
         let (network, card, dir) = load_model(path, device)?;
         Ok(Member { network, card, dir })
     }
+
+    /// Loads every model `path` stands for: the members of an ensemble folder
+    /// ([`ensemble_file`]; member paths relative to the ensemble's folder), with the ensemble's
+    /// post-processing on the first member's card (the rule [`predict_ensemble`] and a
+    /// one-member prediction apply); else the one model in `path`. A missing member is refused,
+    /// naming the ensemble file and the member.
+    pub fn load_all(path: &Path, device: &Device) -> Result<Vec<Self>> {
+        let Some(file) = ensemble_file(path) else {
+            return Ok(vec![Member::load(path, device)?]);
+        };
+        let ensemble = EnsembleFile::read(&file)?;
+        let folder = file.parent().unwrap_or(Path::new("."));
+        let mut members = Vec::with_capacity(ensemble.members.len());
+        for name in &ensemble.members {
+            let dir = folder.join(name);
+            if !dir.exists() {
+                bail!(
+                    "{}: the member {name} ({}) is missing",
+                    file.display(),
+                    dir.display()
+                );
+            }
+            let member = Member::load(&dir, device)
+                .with_context(|| format!("{}: the member {name}", file.display()))?;
+            members.push(member);
+        }
+        check_rule(&file, ensemble.postprocessing.as_ref(), &members[0].card)?;
+        members[0].card.postprocessing = ensemble.postprocessing;
+        Ok(members)
+    }
+}
+
+/// Refuses an ensemble's post-processing that names a class the members do not have.
+fn check_rule(file: &Path, rule: Option<&PostProcessing>, card: &ModelCard) -> Result<()> {
+    let classes = card.classes.len();
+    for group in rule.iter().flat_map(|r| &r.keep_largest) {
+        if let Some(c) = group.classes.iter().find(|&&c| usize::from(c) >= classes) {
+            bail!(
+                "{}: postprocessing.keep_largest `{}`: class {c} is not one of the members' \
+                 {classes} classes",
+                file.display(),
+                group.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses members whose probabilities cannot be averaged, naming both folders and what
@@ -78,7 +180,9 @@ pub fn predict_ensemble(
     options: PredictOptions,
     device: &Device,
 ) -> Result<EnsemblePrediction> {
-    let first = members.first().context("an ensemble needs at least one model")?;
+    let first = members
+        .first()
+        .context("an ensemble needs at least one model")?;
     let mean = mean_probabilities(members, image, options, device)?;
     let mut classes = decide(mean.view(), first.card.region_classes()?.as_ref());
     if let (true, Some(rule)) = (options.postprocess, &first.card.postprocessing) {

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod contours;
+pub mod cross_validation;
 pub mod demo;
 pub mod device;
 pub mod distributed;

@@ -5,7 +5,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 /// `path` made absolute, with `.` and `..` folded and the symbolic links of every existing
 /// prefix resolved; the parts that do not exist yet are appended as written.
@@ -30,6 +30,19 @@ pub fn resolve(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// The modification time of `path`, `None` where there is no such file: what tells whether an
+/// output was written after what it was made from (a run's end after its last checkpoint, an
+/// out-of-fold prediction after its model's weights).
+pub fn modified(path: &Path) -> Result<Option<std::time::SystemTime>> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some(meta.modified().with_context(|| {
+            format!("the modification time of {}", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Whether `a` and `b` are one file or folder: the same resolved path, or (both existing) the

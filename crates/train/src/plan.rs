@@ -1,27 +1,32 @@
-//! `cwseg plan`: from a data set to a run configuration, as nnU-Net plans. Two steps, each data
-//! the user can read and edit:
+//! `cwseg plan`: from a data set to a run configuration, as nnU-Net plans (PLANNING.md compares
+//! the two on real data). Two steps, each data the user can read and edit:
 //!
-//! - the **fingerprint** ([`fingerprint`]): per case its shape, spacing and channels; per
-//!   channel the foreground intensities nnU-Net measures (0.5 / 99.5 percentiles, mean, σ of the
-//!   voxels with a label > 0); per class its voxel count. Reading every case is also the
+//! - the **fingerprint** ([`fingerprint`]): per case its shape, the shape of its non-zero box
+//!   (what the crop keeps), spacing and orientation; per channel the foreground intensities
+//!   nnU-Net measures (0.5 / 50 / 99.5 percentiles, mean, σ of the voxels with a label > 0, every
+//!   case weighing the same); per class its voxel count. Reading every case is also the
 //!   integrity check (nnU-Net's `--verify_dataset_integrity`): images and labels on one grid,
 //!   one channel count, known label values, no NaN or ∞, orthogonal axes — errors name the case
 //!   and the file.
-//! - the **plan** ([`plan`]): the target spacing (the median per axis; an axis more than 3×
-//!   coarser than the finest takes its 10th percentile, nnU-Net's anisotropy rule), the patch (the
-//!   median case's shape at that spacing, in steps of the network's size multiple, shrunk along
-//!   its longest side until a training step of batch 2 fits the memory budget), the
-//!   normalisation (CT: nnU-Net's scheme; MR and other modalities: z-score, over the non-zero
-//!   voxels when the background is zero, with the crop to them), and the contour band of 6 mm
-//!   (docs/formulas.md §7) in erosions at the target spacing's finest axis. Each choice's
-//!   reason is written beside it ([`commented_toml`]).
+//! - the **plan** ([`plan`]), nnU-Net's `ExperimentPlanner` (3d_fullres) rule by rule: the
+//!   target spacing ([`target_spacing`]: the median, with the anisotropy rule), the median case
+//!   at that spacing ([`median_shape`]), the patch ([`initial_patch`], [`nnunet_pooling`], then
+//!   shrunk until a training step of batch 2 fits the memory budget by cwseg's own memory model),
+//!   the network's depth ([`Pooling::unet_depth`]: nnU-Net pools each axis until a feature map
+//!   would drop below 4 voxels; cwseg's U-Net pools all axes together, so it takes the fewest),
+//!   the batch (as many patches as the budget holds, at least 2, at most 5 % of the data set's
+//!   voxels), the crop and normalisation (CT: nnU-Net's scheme; other modalities: z-score, over
+//!   the non-zero voxels when the crop to them keeps under 3/4 of the median case), and the
+//!   contour band of 6 mm (docs/formulas.md §7) in erosions at the target spacing's finest
+//!   axis. Each choice's reason is written beside it ([`commented_toml`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result, bail};
-use cwseg_data::{Dataset, ForegroundIntensities, IntensityProperties, Normalization, ReadOptions};
+use cwseg_data::{Dataset, IntensityProperties, Normalization, ReadOptions};
 use cwseg_models::ModelConfig;
+use ndarray::{ArrayView3, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -34,7 +39,8 @@ pub struct CaseFingerprint {
     pub id: String,
     /// Voxels `[z, y, x]`.
     pub shape: [usize; 3],
-    /// Voxels of the box of the non-zero voxels (any channel), what a crop to them keeps.
+    /// Voxels of the box of the non-zero voxels (any channel), what a crop to them keeps
+    /// (nnU-Net's `shapes_after_crop`).
     pub foreground_shape: [usize; 3],
     /// Spacing `[z, y, x]`, mm.
     pub spacing: [f64; 3],
@@ -51,12 +57,122 @@ pub struct Fingerprint {
     pub label_values: Vec<u8>,
     /// Every training case.
     pub cases: Vec<CaseFingerprint>,
-    /// Per channel, the foreground intensities.
+    /// Per channel, the foreground intensities (every case weighing the same, as nnU-Net's).
     pub intensities: Vec<IntensityProperties>,
     /// Voxels of each stored label value over the training cases.
     pub class_voxels: BTreeMap<u8, u64>,
     /// Fraction of the image voxels (first channel) that are exactly 0, over every case.
     pub zero_fraction: f64,
+}
+
+impl Fingerprint {
+    /// The median over cases of the fraction of voxels the crop to the non-zero box keeps,
+    /// `Π foreground_shape / Π shape` (nnU-Net's `median_relative_size_after_cropping`).
+    pub fn median_kept_fraction(&self) -> f64 {
+        let volume = |s: [usize; 3]| s.iter().map(|&n| n as f64).product::<f64>();
+        median(
+            &mut self
+                .cases
+                .iter()
+                .map(|c| volume(c.foreground_shape) / volume(c.shape).max(1.0))
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
+/// One channel's foreground voxels, kept case by case so that every case weighs the same:
+/// nnU-Net draws `10^8 / n` voxels with replacement from each of the `n` cases' foreground, so
+/// its statistics are those of the mixture `F = (1/n) Σ_c F_c` of the cases' distributions,
+/// whatever their sizes (pooling the voxels instead weighs a case by its foreground: 55 % off
+/// nnU-Net's FLAIR mean on the 12 BraTS cases, PLANNING.md). A case keeps at most `per_case`
+/// voxels, every `k`-th with `k = ⌈count / per_case⌉`.
+#[derive(Debug, Clone)]
+struct CaseWeighted {
+    cases: Vec<Vec<f32>>,
+    per_case: usize,
+}
+
+impl CaseWeighted {
+    fn new(per_case: usize) -> Self {
+        CaseWeighted {
+            cases: Vec::new(),
+            per_case: per_case.max(1),
+        }
+    }
+
+    /// Adds one case: the voxels of `channel` where `label > 0`.
+    fn add(&mut self, channel: ArrayView3<f32>, label: ArrayView3<u8>) -> Result<()> {
+        if channel.shape() != label.shape() {
+            bail!(
+                "foreground intensities: image {:?} and labels {:?} differ in shape",
+                channel.shape(),
+                label.shape()
+            );
+        }
+        let mut values = Vec::new();
+        Zip::from(&channel).and(&label).for_each(|&x, &l| {
+            if l > 0 {
+                values.push(x);
+            }
+        });
+        let stride = values.len().div_ceil(self.per_case).max(1);
+        self.cases
+            .push(values.into_iter().step_by(stride).collect());
+        Ok(())
+    }
+
+    /// The mixture's statistics: with `m` cases holding foreground and weights
+    /// `w_c = 1 / (m · n_c)` per voxel of case `c`, `mean = Σ w·v`, `σ² = Σ w·(v − mean)²`, and
+    /// the `q`-quantile the smallest value `v` with `Σ_{u ≤ v} w ≥ q` (what nnU-Net's percentiles
+    /// of its 10^8 samples converge to).
+    fn properties(&self) -> Result<IntensityProperties> {
+        let filled: Vec<&Vec<f32>> = self.cases.iter().filter(|c| !c.is_empty()).collect();
+        if filled.is_empty() {
+            bail!("foreground intensities: no training case has foreground voxels");
+        }
+        let weight = |c: &[f32]| 1.0 / (filled.len() as f64 * c.len() as f64);
+        let sum = |f: &dyn Fn(f64) -> f64| -> f64 {
+            filled
+                .iter()
+                .map(|c| weight(c) * c.iter().map(|&v| f(f64::from(v))).sum::<f64>())
+                .sum()
+        };
+        let mean = sum(&|v| v);
+        let std = sum(&|v| (v - mean).powi(2)).sqrt();
+        let mut pairs: Vec<(f32, u32)> = Vec::new();
+        for (i, c) in filled.iter().enumerate() {
+            pairs.extend(c.iter().map(|&v| (v, i as u32)));
+        }
+        pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let q = mixture_quantiles(&pairs, |i| weight(filled[i as usize]), &[0.005, 0.5, 0.995]);
+        Ok(IntensityProperties {
+            voxels: pairs.len(),
+            mean,
+            std,
+            median: q[1],
+            min: f64::from(pairs[0].0),
+            max: f64::from(pairs[pairs.len() - 1].0),
+            percentile_00_5: q[0],
+            percentile_99_5: q[2],
+        })
+    }
+}
+
+/// For each of the ascending `qs`, the first of the sorted `(value, case)` pairs at which the
+/// cumulative weight reaches `q` (the last value when rounding leaves it short).
+fn mixture_quantiles(pairs: &[(f32, u32)], weight: impl Fn(u32) -> f64, qs: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(qs.len());
+    let mut cumulative = 0.0;
+    let mut pending = qs.iter().peekable();
+    for &(value, case) in pairs {
+        cumulative += weight(case);
+        while pending.next_if(|&&q| cumulative >= q).is_some() {
+            out.push(f64::from(value));
+        }
+    }
+    let last = pairs.last().map_or(f64::NAN, |p| f64::from(p.0));
+    out.resize(qs.len(), last);
+    out
 }
 
 /// Reads every training case of `dataset` (the integrity check) and measures it.
@@ -65,10 +181,10 @@ pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
         bail!("{}: no training cases to plan from", dataset.root.display());
     }
     let per_case = cwseg_data::foreground_voxels_per_case(dataset.training.len());
-    let mut pools: Vec<ForegroundIntensities> = dataset
+    let mut pools: Vec<CaseWeighted> = dataset
         .modalities
         .iter()
-        .map(|_| ForegroundIntensities::new(per_case))
+        .map(|_| CaseWeighted::new(per_case))
         .collect();
     let mut cases = Vec::new();
     let mut class_voxels = BTreeMap::new();
@@ -111,7 +227,7 @@ pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
     }
     let intensities = pools
         .iter()
-        .map(|p| p.properties().map_err(anyhow::Error::from))
+        .map(CaseWeighted::properties)
         .collect::<Result<Vec<_>>>()?;
     Ok(Fingerprint {
         modalities: dataset.modalities.clone(),
@@ -143,11 +259,76 @@ fn check_orthogonal(geometry: &cwseg_data::Geometry, file: &std::path::Path) -> 
     Ok(())
 }
 
-/// What the planner may use.
+/// What the planner may use, and the training recipe it writes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanBudget {
     /// Memory for a training step, GiB.
     pub memory_gib: f64,
+    /// The optimiser, schedule, augmentation and supervision the plan writes.
+    pub recipe: Recipe,
+}
+
+/// A training recipe: how the planned network is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    /// The paper's: Adam 3e-4 halved at 50 % and 75 % of the epochs, in-plane rotation and
+    /// flips with probability 0.2, one output.
+    #[default]
+    Paper,
+    /// nnU-Net's: SGD with Nesterov momentum 0.99, lr 0.01, weight decay 3e-5, poly schedule
+    /// (power 0.9), nnU-Net's augmentation (`AugmentConfig::nnunet`) and deep supervision.
+    Nnunet,
+}
+
+impl Recipe {
+    /// Writes the recipe into `config`, with its reasons.
+    fn apply(self, config: &mut TrainConfig, reasons: &mut BTreeMap<String, String>) {
+        if self == Recipe::Paper {
+            return;
+        }
+        config.optimizer = crate::optim::OptimizerConfig::nnunet();
+        config.schedule = crate::optim::Schedule::nnunet();
+        config.augment = cwseg_data::AugmentConfig::nnunet();
+        if let ModelConfig::Unet(unet) = &mut config.model {
+            unet.deep_supervision = true;
+        }
+        for (field, why) in [
+            (
+                "optimizer",
+                "nnU-Net's recipe (--recipe nnunet): SGD, Nesterov momentum 0.99, lr 0.01, weight decay 3e-5",
+            ),
+            (
+                "schedule",
+                "nnU-Net's PolyLRScheduler: lr (1 − epoch/epochs)^0.9",
+            ),
+            (
+                "augment",
+                "nnU-Net's default training augmentation (docs/formulas.md §6)",
+            ),
+            (
+                "model.deep_supervision",
+                "nnU-Net's deep supervision: decoder levels 0, 1, 2 weighted 4/7, 2/7, 1/7",
+            ),
+        ] {
+            reasons.insert(field.into(), why.into());
+        }
+    }
+}
+
+/// What the plan derived on its way, beside the configuration (for reports and the comparison
+/// with nnU-Net's planner).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanDetails {
+    /// The median case at the target spacing, voxels `[z, y, x]` ([`median_shape`]).
+    pub median_shape: [f64; 3],
+    /// The patch before the memory fit: [`initial_patch`] padded to its pooling.
+    pub first_patch: [usize; 3],
+    /// nnU-Net's pooling for the planned patch ([`nnunet_pooling`]); the U-Net's depth is its
+    /// [`Pooling::unet_depth`].
+    pub pooling: Pooling,
+    /// Estimated bytes of a training step at the planned patch and batch ([`step_bytes`]).
+    pub step_bytes: u128,
 }
 
 /// A planned run: the configuration, and the reason of each choice by field.
@@ -157,10 +338,25 @@ pub struct Plan {
     pub config: TrainConfig,
     /// `field → why this value` (dotted TOML paths).
     pub reasons: BTreeMap<String, String>,
+    /// What the plan derived on its way (`None` for a configuration not planned from data).
+    pub details: Option<PlanDetails>,
 }
+
+/// `cwseg plan`'s memory for a training step when `--memory` is not given, GiB.
+pub const DEFAULT_MEMORY_GIB: f64 = 4.0;
 
 /// The contour band the paper used, mm (6 erosions of a 3-cube at 1 mm).
 pub const BAND_MM: f64 = 6.0;
+
+/// nnU-Net's smallest edge of a feature map, voxels (`UNet_featuremap_min_edge_length`): an axis
+/// is pooled while its feature map has at least twice this.
+pub const MIN_FEATURE_MAP: usize = 4;
+
+/// nnU-Net's anisotropy threshold (`ANISO_THRESHOLD`).
+pub const ANISOTROPY: f64 = 3.0;
+
+/// The deepest U-Net cwseg builds (`UNetConfig::depth` in 1..=6).
+pub const MAX_DEPTH: usize = 6;
 
 /// The median of `values` (numpy's: the mean of the two middle ones for an even count; 0 for
 /// none).
@@ -175,104 +371,306 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     if p.is_nan() { 0.0 } else { p }
 }
 
-/// The target spacing: the median per axis; an axis more than 3× coarser than the finest axis
-/// takes the 10th percentile of its spacings instead (nnU-Net's anisotropy rule).
+/// `f(case)` per axis, the median over cases.
+fn median_per_axis(
+    cases: &[CaseFingerprint],
+    f: impl Fn(&CaseFingerprint, usize) -> f64,
+) -> [f64; 3] {
+    std::array::from_fn(|a| median(&mut cases.iter().map(|c| f(c, a)).collect::<Vec<_>>()))
+}
+
+/// The target spacing, nnU-Net's `determine_fullres_target_spacing`: the median spacing `t`
+/// per axis; when the coarsest axis `w` is anisotropic in spacing, `t_w > 3 · max_{a≠w} t_a`,
+/// and in voxels, `3 · n_w < min_{a≠w} n_a` (`n`: the median shape after the crop), it takes the
+/// 10th percentile of its spacings instead, at least `max_{a≠w} t_a + 10⁻⁵`.
 pub fn target_spacing(cases: &[CaseFingerprint]) -> [f64; 3] {
-    let per_axis = |a: usize| cases.iter().map(|c| c.spacing[a]).collect::<Vec<f64>>();
-    let mut target: [f64; 3] = std::array::from_fn(|a| median(&mut per_axis(a)));
-    let finest = target.iter().copied().fold(f64::INFINITY, f64::min);
-    for (a, t) in target.iter_mut().enumerate() {
-        if *t > 3.0 * finest {
-            *t = percentile(&mut per_axis(a), 10.0);
-        }
+    let mut target = median_per_axis(cases, |c, a| c.spacing[a]);
+    let sizes = median_per_axis(cases, |c, a| c.foreground_shape[a] as f64);
+    // numpy's argmax: the first of equal maxima
+    let worst = (0..3).fold(0, |w, a| if target[a] > target[w] { a } else { w });
+    let others = (0..3).filter(|&a| a != worst);
+    let other_spacing = others.clone().map(|a| target[a]).fold(0.0, f64::max);
+    let other_size = others.map(|a| sizes[a]).fold(f64::INFINITY, f64::min);
+    if target[worst] > ANISOTROPY * other_spacing && sizes[worst] * ANISOTROPY < other_size {
+        let mut axis: Vec<f64> = cases.iter().map(|c| c.spacing[worst]).collect();
+        let tenth = percentile(&mut axis, 10.0);
+        target[worst] = if tenth < other_spacing {
+            other_spacing.max(tenth) + 1e-5
+        } else {
+            tenth
+        };
     }
     target
+}
+
+/// The median case at `spacing`, nnU-Net's: per axis the median over cases of
+/// `round(s_a / t_a · n_a)` (`n`: the shape after the crop to the non-zero box, `s`: the case's
+/// spacing, `t`: the target; ties to even, as Python's `round`).
+pub fn median_shape(cases: &[CaseFingerprint], spacing: [f64; 3]) -> [f64; 3] {
+    median_per_axis(cases, |c, a| {
+        (c.spacing[a] / spacing[a] * c.foreground_shape[a] as f64).round_ties_even()
+    })
+}
+
+/// nnU-Net's first patch: the box of 256³ voxels whose sides are equal in mm,
+/// `p_a = round(256 · (Π_b s_b)^{1/3} / s_a)`, clipped to the median shape `m`.
+pub fn initial_patch(spacing: [f64; 3], median: [f64; 3]) -> [f64; 3] {
+    let inverse = spacing.map(|s| 1.0 / s);
+    let scale = (256f64.powi(3) / inverse.iter().product::<f64>()).cbrt();
+    std::array::from_fn(|a| (inverse[a] * scale).round_ties_even().min(median[a]))
+}
+
+/// The down-sampling nnU-Net's `get_pool_and_conv_props` chooses for a patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pooling {
+    /// Pooling operations per axis `[z, y, x]`.
+    pub per_axis: [usize; 3],
+    /// Each down-sampling stage's stride per axis (1: the axis is not pooled at that stage).
+    pub strides: Vec<[usize; 3]>,
+}
+
+impl Pooling {
+    /// `2^pools` per axis: what each side of the patch must be a multiple of.
+    pub fn divisor(&self) -> [usize; 3] {
+        self.per_axis.map(|k| 1usize << k.min(30))
+    }
+
+    /// The depth of cwseg's U-Net for this pooling. The U-Net pools every axis at every level
+    /// (2³, no per-axis strides), so it takes the fewest pooling operations of any axis — no
+    /// axis's bottleneck falls below [`MIN_FEATURE_MAP`] voxels, and the axes nnU-Net pools more
+    /// keep a larger bottleneck — within the U-Net's 1..=[`MAX_DEPTH`].
+    pub fn unet_depth(&self) -> usize {
+        let fewest = self.per_axis.iter().copied().min().unwrap_or(1);
+        fewest.clamp(1, MAX_DEPTH)
+    }
+}
+
+/// nnU-Net's pooling rule, stage by stage on feature-map sizes `n` (from the patch) and
+/// spacings `s`: the candidate axes have `n_a ≥ 2·4`; of those, the ones with
+/// `s_a < 2 · min s` are pooled (stride 2, `n_a ← ⌈n_a / 2⌉`, `s_a ← 2 s_a`); a lone candidate
+/// needs `n_a ≥ 3·4`; it stops when no axis qualifies. Anisotropic spacing so pools the fine
+/// axes first, until their spacing comes within 2× of the coarse one.
+pub fn nnunet_pooling(spacing: [f64; 3], patch: [f64; 3]) -> Pooling {
+    let min = MIN_FEATURE_MAP as f64;
+    let (mut s, mut n) = (spacing, patch);
+    let mut pooling = Pooling {
+        per_axis: [0; 3],
+        strides: Vec::new(),
+    };
+    loop {
+        let fits: Vec<usize> = (0..3).filter(|&a| n[a] >= 2.0 * min).collect();
+        let Some(finest) = fits.iter().map(|&a| s[a]).min_by(f64::total_cmp) else {
+            break;
+        };
+        let axes: Vec<usize> = fits.into_iter().filter(|&a| s[a] / finest < 2.0).collect();
+        if axes.len() == 1 && n[axes[0]] < 3.0 * min {
+            break;
+        }
+        let mut stride = [1; 3];
+        for &a in &axes {
+            stride[a] = 2;
+            pooling.per_axis[a] += 1;
+            s[a] *= 2.0;
+            n[a] = (n[a] / 2.0).ceil();
+        }
+        pooling.strides.push(stride);
+    }
+    pooling
+}
+
+/// `patch` rounded up to multiples of `divisor`, `⌈p_a / d_a⌉ · d_a` (nnU-Net's `pad_shape`).
+fn pad(patch: [f64; 3], divisor: [usize; 3]) -> [usize; 3] {
+    std::array::from_fn(|a| {
+        let d = divisor[a] as f64;
+        ((patch[a] / d).ceil().max(1.0) * d) as usize
+    })
+}
+
+/// The U-Net `model` with `depth` levels.
+fn with_depth(model: &ModelConfig, depth: usize) -> ModelConfig {
+    match model {
+        ModelConfig::Unet(c) => ModelConfig::Unet(cwseg_models::UNetConfig { depth, ..*c }),
+        other => other.clone(),
+    }
+}
+
+/// Estimated heap of a training step of `batch` patches, bytes:
+/// `b · (1 + t) · A + 16 · P` — per sample the activations `A` kept for the backward pass and
+/// its transients `t·A` ([`cwseg_models::training_bytes`]), once the weights, their gradients
+/// and Adam's two moments (4 + 4 + 8 bytes per parameter `P`).
+pub fn step_bytes(model: &ModelConfig, patch: [usize; 3], batch: usize) -> Result<u128> {
+    let (per_sample, fixed) = step_parts(model, patch)?;
+    Ok(per_sample * batch as u128 + fixed)
+}
+
+/// The two terms of [`step_bytes`]: `((1 + t) · A, 16 · P)`.
+fn step_parts(model: &ModelConfig, patch: [usize; 3]) -> Result<(u128, u128)> {
+    let d = cwseg_models::describe(model, patch)?;
+    let p = u128::from(d.parameters);
+    Ok((u128::from(d.training_bytes).saturating_sub(4 * p), 16 * p))
+}
+
+/// One patch nnU-Net's planner tries, with its pooling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Voxels `[z, y, x]`, multiples of [`Pooling::divisor`] (nnU-Net's patch).
+    pub patch: [usize; 3],
+    /// nnU-Net's pooling of it (computed before the padding, as nnU-Net does).
+    pub pooling: Pooling,
+}
+
+impl Candidate {
+    /// The patch `start` padded to nnU-Net's pooling of it (`get_pool_and_conv_props`).
+    pub fn new(spacing: [f64; 3], start: [f64; 3]) -> Self {
+        let pooling = nnunet_pooling(spacing, start);
+        Candidate {
+            patch: pad(start, pooling.divisor()),
+            pooling,
+        }
+    }
+
+    /// nnU-Net's step down: the axis largest against the median shape (the last of equals)
+    /// loses the divisor its side would have after losing its current one (no valid size is
+    /// skipped), then the pooling is recomputed; `None` when the patch would not get smaller.
+    pub fn shrink(&self, spacing: [f64; 3], median: [f64; 3]) -> Option<Self> {
+        let ratio = |a: usize| self.patch[a] as f64 / median[a];
+        let axis = (0..3).max_by(|&a, &b| ratio(a).total_cmp(&ratio(b)))?;
+        let mut side = self.patch.map(|p| p as f64);
+        let mut probe = side;
+        probe[axis] -= self.pooling.divisor()[axis] as f64;
+        side[axis] -= nnunet_pooling(spacing, probe).divisor()[axis] as f64;
+        if side[axis] < 1.0 {
+            return None;
+        }
+        let next = Candidate::new(spacing, side);
+        let volume = |p: [usize; 3]| p.iter().product::<usize>();
+        (volume(next.patch) < volume(self.patch)).then_some(next)
+    }
+
+    /// The patch of cwseg's U-Net: nnU-Net's, rounded up to multiples of `2^depth`
+    /// ([`Pooling::unet_depth`]); the same unless an axis is too short to pool at all (depth 1
+    /// still halves it).
+    pub fn unet_patch(&self) -> [usize; 3] {
+        let step = 1usize << self.pooling.unet_depth();
+        self.patch.map(|p| p.div_ceil(step) * step)
+    }
+}
+
+/// The patches nnU-Net's planner tries, largest first: [`initial_patch`] padded to its
+/// [`nnunet_pooling`], then step after step down ([`Candidate::shrink`]) until a step would not
+/// shrink it. nnU-Net stops at the first whose feature-map count fits its reference for 8 GB;
+/// cwseg at the first whose training step fits the memory budget ([`step_bytes`]).
+pub fn patch_candidates(spacing: [f64; 3], median: [f64; 3]) -> impl Iterator<Item = Candidate> {
+    let first = Candidate::new(spacing, initial_patch(spacing, median));
+    std::iter::successors(Some(first), move |c| c.shrink(spacing, median))
+}
+
+/// The first of [`patch_candidates`] whose training step of batch 2 fits `limit` bytes, with
+/// the U-Net of its depth ([`Pooling::unet_depth`]), the first candidate's patch and the step's
+/// bytes; an error when even the smallest does not fit.
+fn fit_patch(
+    base: &ModelConfig,
+    spacing: [f64; 3],
+    median: [f64; 3],
+    limit: u128,
+) -> Result<(Candidate, ModelConfig, [usize; 3])> {
+    let mut first = None;
+    let mut smallest = None;
+    for candidate in patch_candidates(spacing, median) {
+        let model = with_depth(base, candidate.pooling.unet_depth());
+        let bytes = step_bytes(&model, candidate.unet_patch(), 2)?;
+        let start = *first.get_or_insert(candidate.unet_patch());
+        if bytes <= limit {
+            return Ok((candidate, model, start));
+        }
+        smallest = Some((candidate.unet_patch(), bytes));
+    }
+    let (patch, bytes) = smallest.unwrap_or(([0; 3], 0));
+    bail!(
+        "even a patch of {patch:?} voxels needs an estimated {:.2} GiB for a training step of \
+         batch 2, more than --memory {:.2} GiB",
+        bytes as f64 / GIB,
+        limit as f64 / GIB
+    )
+}
+
+/// Bytes in a GiB.
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The batch: the most patches whose training step fits, `step(b) ≤ limit`, capped as
+/// nnU-Net caps it so that one batch sees at most 5 % of the data set's voxels,
+/// `round(0.05 · cases · Π m / Π p)`, and at least 2 (nnU-Net's smallest; batch norm needs more
+/// than one sample); with its reason.
+fn batch_size(
+    model: &ModelConfig,
+    patch: [usize; 3],
+    limit: u128,
+    cases: usize,
+    median: [f64; 3],
+) -> Result<(usize, String)> {
+    let (per_sample, fixed) = step_parts(model, patch)?;
+    let by_memory = limit.saturating_sub(fixed) / per_sample.max(1);
+    let voxels = |s: [f64; 3]| s.iter().product::<f64>();
+    let covered = (0.05 * cases as f64 * voxels(median) / voxels(patch.map(|p| p as f64)))
+        .round_ties_even() as u128;
+    let batch = by_memory.min(covered).max(2) as usize;
+    let why = format!(
+        "{by_memory} patches fit --memory, 5 % of the data set's voxels make {covered} (nnU-Net's \
+         cap on a batch), and at least 2 (nnU-Net's smallest; batch norm needs more than one \
+         sample)"
+    );
+    Ok((batch, why))
 }
 
 /// The plan for `fingerprint`'s data set at `source` (see the module).
 pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Result<Plan> {
     let mut reasons = BTreeMap::new();
-    let spacing = target_spacing(&fingerprint.cases);
-    let medians: Vec<f64> = (0..3)
-        .map(|a| {
-            median(
-                &mut fingerprint
-                    .cases
-                    .iter()
-                    .map(|c| c.spacing[a])
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    reasons.insert(
-        "data.preprocessing.spacing".into(),
-        format!(
-            "the median spacing {medians:?} mm per axis (z, y, x) of {} cases{}",
-            fingerprint.cases.len(),
-            if spacing.iter().zip(&medians).any(|(s, m)| s != m) {
-                "; an axis over 3× the finest takes its 10th percentile (nnU-Net)"
-            } else {
-                ""
-            }
-        ),
-    );
+    let cases = &fingerprint.cases;
+    let spacing = target_spacing(cases);
+    spacing_reason(cases, spacing, &mut reasons);
     let normalization = normalization(fingerprint, &mut reasons);
-    let crop = matches!(normalization, Normalization::ZScoreNonZero);
-    // the median case as the network sees it: cropped (when the plan crops), resampled; the
-    // patch never exceeds its smallest side
-    let sides = |c: &CaseFingerprint| if crop { c.foreground_shape } else { c.shape };
-    let shape: [f64; 3] = std::array::from_fn(|a| {
-        median(
-            &mut fingerprint
-                .cases
-                .iter()
-                .map(|c| sides(c)[a] as f64 * c.spacing[a] / spacing[a])
-                .collect::<Vec<_>>(),
-        )
-    });
-    let smallest: [f64; 3] = std::array::from_fn(|a| {
-        fingerprint
-            .cases
-            .iter()
-            .map(|c| sides(c)[a] as f64 * c.spacing[a] / spacing[a])
-            .fold(f64::INFINITY, f64::min)
-    });
-    let in_channels = fingerprint.modalities.len();
-    let classes = fingerprint.label_values.len();
-    let model = ModelConfig::from_name("unet", in_channels, classes)?;
-    let patch = fit_patch(&model, shape, smallest, budget, &mut reasons)?;
+    let crop = cases.iter().any(|c| c.foreground_shape != c.shape);
     reasons.insert(
         "data.preprocessing.crop_foreground".into(),
-        if crop {
-            format!(
-                "{:.0} % of the voxels are 0 (background outside the body): crop to the rest",
-                100.0 * fingerprint.zero_fraction
-            )
-        } else {
-            "the images have no zero background to crop".into()
-        },
-    );
-    let finest = spacing.iter().copied().fold(f64::INFINITY, f64::min);
-    let iterations = ((BAND_MM / finest).round() as usize).max(1);
-    reasons.insert(
-        "loss.contour.iterations".into(),
         format!(
-            "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) at the finest target \
-             spacing {finest} mm"
+            "nnU-Net crops every case to its non-zero box; here it keeps a median {:.0} % of the \
+             voxels{}",
+            100.0 * fingerprint.median_kept_fraction(),
+            if crop { "" } else { " (nothing to crop)" }
         ),
     );
-    let loss = cwseg_losses::LossConfig::from_json(&format!(
-        r#"{{"name": "cwcd", "contour": {{"iterations": {iterations}}}}}"#
-    ))?;
-    if fingerprint.label_values == [0, 1, 2, 4] {
+    let median = median_shape(cases, spacing);
+    let model = ModelConfig::from_name(
+        "unet",
+        fingerprint.modalities.len(),
+        fingerprint.label_values.len(),
+    )?;
+    let limit = (budget.memory_gib * GIB) as u128;
+    let (fitted, model, first_patch) = fit_patch(&model, spacing, median, limit)?;
+    let patch = fitted.unet_patch();
+    let (batch, why) = batch_size(&model, patch, limit, cases.len(), median)?;
+    reasons.insert("batch_size".into(), why);
+    let bytes = step_bytes(&model, patch, batch)?;
+    network_reasons(
+        &fitted,
+        first_patch,
+        median,
+        budget,
+        bytes,
+        batch,
+        &mut reasons,
+    );
+    let loss = contour_loss(spacing, &mut reasons)?;
+    let regions = crate::regions::RegionConfig::brats(&fingerprint.label_values);
+    if regions.is_some() {
         reasons.insert(
-            "model".into(),
-            "BraTS-like labels (1, 2, 4): evaluate with `--regions brats` (WT, TC, ET); region \
-             training is not built yet"
+            "regions".into(),
+            "BraTS labels (necrosis 1, oedema 2, enhancing tumour): nested regions trained as \
+             nnU-Net does, one sigmoid output each (WT, TC, ET); evaluate with `--regions brats`"
                 .into(),
         );
     }
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         data: DataConfig {
             source: source.to_string(),
             preprocessing: Some(Preprocessing {
@@ -286,64 +684,120 @@ pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Resu
         model: model.with_input_size(patch),
         loss,
         patch,
-        batch_size: 2,
+        batch_size: batch,
+        regions,
         ..TrainConfig::default()
     };
-    reasons.insert(
-        "batch_size".into(),
-        "2: nnU-Net's smallest batch (batch norm needs more than one sample)".into(),
-    );
+    budget.recipe.apply(&mut config, &mut reasons);
     config
         .validate()
         .context("the plan is not a valid run configuration")?;
-    Ok(Plan { config, reasons })
+    let details = PlanDetails {
+        median_shape: median,
+        first_patch,
+        pooling: fitted.pooling,
+        step_bytes: bytes,
+    };
+    Ok(Plan {
+        config,
+        reasons,
+        details: Some(details),
+    })
 }
 
-/// The patch: the median shape at the target spacing rounded to the network's size multiple
-/// (down where the smallest case is shorter: every case must hold a patch), shrunk by one
-/// multiple along its longest side until a training step of batch 2 fits `budget`.
-fn fit_patch(
-    model: &ModelConfig,
-    shape: [f64; 3],
-    smallest: [f64; 3],
-    budget: PlanBudget,
+/// The target spacing's reason: the medians, and whether the anisotropy rule changed one.
+fn spacing_reason(
+    cases: &[CaseFingerprint],
+    spacing: [f64; 3],
     reasons: &mut BTreeMap<String, String>,
-) -> Result<[usize; 3]> {
-    let m = model.size_multiple();
-    let mut patch: [usize; 3] = std::array::from_fn(|a| {
-        let up = ((shape[a] / m as f64).ceil() as usize).max(1) * m;
-        let fits = ((smallest[a] / m as f64).floor() as usize).max(1) * m;
-        up.min(fits)
-    });
-    let limit = (budget.memory_gib * f64::from(1u32 << 30)) as u128;
-    loop {
-        let sized = model.with_input_size(patch);
-        let d = cwseg_models::describe(&sized, patch)?;
-        let step = 2 * u128::from(d.training_bytes);
-        if step <= limit || patch.iter().all(|&p| p == m) {
-            reasons.insert(
-                "patch".into(),
-                format!(
-                    "the median case at the target spacing is {:?} voxels; in steps of {m}, the \
-                     largest a training step of batch 2 fits in {} GiB (estimated {:.1} GiB)",
-                    shape.map(|n| n.round() as usize),
-                    budget.memory_gib,
-                    step as f64 / f64::from(1u32 << 30)
-                ),
-            );
-            return Ok(patch);
-        }
-        let (longest, _) = patch
-            .iter()
-            .enumerate()
-            .max_by_key(|&(a, &p)| (p, std::cmp::Reverse(a)))
-            .unwrap_or((0, &m));
-        patch[longest] = (patch[longest] - m).max(m);
-    }
+) {
+    let medians = median_per_axis(cases, |c, a| c.spacing[a]);
+    let rule = if spacing != medians {
+        "; the coarsest axis is over 3× the others in spacing and under 1/3 in voxels: it takes \
+         its 10th percentile (nnU-Net's anisotropy rule)"
+    } else {
+        ""
+    };
+    reasons.insert(
+        "data.preprocessing.spacing".into(),
+        format!(
+            "the median spacing {medians:?} mm per axis (z, y, x) of {} cases{rule}",
+            cases.len()
+        ),
+    );
 }
 
-/// CT (a modality named `CT`): nnU-Net's scheme, measured on the training cases when a run
-/// opens; otherwise z-score, over the non-zero voxels when a fifth or more of the voxels are 0.
+/// The reasons of the patch and the depth.
+fn network_reasons(
+    fitted: &Candidate,
+    first_patch: [usize; 3],
+    median: [f64; 3],
+    budget: PlanBudget,
+    bytes: u128,
+    batch: usize,
+    reasons: &mut BTreeMap<String, String>,
+) {
+    let shrunk = if first_patch == fitted.unet_patch() {
+        String::new()
+    } else {
+        format!(
+            ", stepped down along the side largest against the median case (nnU-Net's order) \
+             from {first_patch:?}"
+        )
+    };
+    reasons.insert(
+        "patch".into(),
+        format!(
+            "the median case at the target spacing is {:?} voxels; nnU-Net's patch: a 256³ box \
+             of equal sides in mm clipped to it, padded to multiples of 2^pools{shrunk}; a \
+             training step of batch {batch} needs an estimated {:.2} GiB of --memory {} GiB",
+            median.map(|n| n.round() as usize),
+            bytes as f64 / GIB,
+            budget.memory_gib
+        ),
+    );
+    let depth = fitted.pooling.unet_depth();
+    let strides: Vec<String> = fitted
+        .pooling
+        .strides
+        .iter()
+        .map(|s| format!("{}{}{}", s[0], s[1], s[2]))
+        .collect();
+    reasons.insert(
+        "model.depth".into(),
+        format!(
+            "nnU-Net pools this patch {:?} times per axis (z, y, x; until a feature map would \
+             drop below {MIN_FEATURE_MAP} voxels; strides per stage {}); the U-Net pools all \
+             three axes together (2³), so it takes the fewest, {depth}",
+            fitted.pooling.per_axis,
+            strides.join(" ")
+        ),
+    );
+}
+
+/// CWCD with the contour band of [`BAND_MM`] in erosions at the finest target spacing,
+/// `iterations = max(1, round(6 mm / min t))`.
+fn contour_loss(
+    spacing: [f64; 3],
+    reasons: &mut BTreeMap<String, String>,
+) -> Result<cwseg_losses::LossConfig> {
+    let finest = spacing.iter().copied().fold(f64::INFINITY, f64::min);
+    let iterations = ((BAND_MM / finest).round() as usize).max(1);
+    reasons.insert(
+        "loss.contour.iterations".into(),
+        format!(
+            "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) at the finest target \
+             spacing {finest} mm"
+        ),
+    );
+    Ok(cwseg_losses::LossConfig::from_json(&format!(
+        r#"{{"name": "cwcd", "contour": {{"iterations": {iterations}}}}}"#
+    ))?)
+}
+
+/// nnU-Net's choice: a channel named `CT` takes its CTNormalization, measured on the training
+/// cases when a run opens; any other channel z-score, over the non-zero voxels when the crop to
+/// them keeps under 3/4 of the median case (nnU-Net's `use_mask_for_norm`), else over all.
 fn normalization(
     fingerprint: &Fingerprint,
     reasons: &mut BTreeMap<String, String>,
@@ -352,6 +806,7 @@ fn normalization(
         .modalities
         .iter()
         .any(|m| m.eq_ignore_ascii_case("ct"));
+    let kept = fingerprint.median_kept_fraction();
     let (choice, why) = if ct {
         (
             Normalization::NnunetCt,
@@ -359,12 +814,15 @@ fn normalization(
              mean and σ (nnU-Net's CTNormalization)"
                 .to_string(),
         )
-    } else if fingerprint.zero_fraction >= 0.2 {
+    } else if kept < 0.75 {
         (
             Normalization::ZScoreNonZero,
-            "not CT, with a zero background: z-score per case over the non-zero voxels (nnU-Net's \
-             ZScoreNormalization with a mask)"
-                .to_string(),
+            format!(
+                "not CT, and the crop to the non-zero voxels keeps {:.0} % (< 75 %) of the median \
+                 case: z-score per case over the non-zero voxels (nnU-Net's ZScoreNormalization \
+                 with use_mask_for_norm)",
+                100.0 * kept
+            ),
         )
     } else {
         (
@@ -436,6 +894,16 @@ pub fn write_plan(
 ) -> Result<Plan> {
     if !(budget.memory_gib.is_finite() && budget.memory_gib > 0.0) {
         bail!("--memory {}: a positive number of GiB", budget.memory_gib);
+    }
+    // before reading every case: the folder the plan goes to must exist
+    if let Some(folder) = out.parent().filter(|p| !p.as_os_str().is_empty())
+        && !folder.is_dir()
+    {
+        bail!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            folder.display()
+        );
     }
     let dataset = Dataset::open(data)?;
     let fingerprint = fingerprint(&dataset)?;
@@ -641,6 +1109,10 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     ("model.depth", "down-sampling levels"),
     (
+        "model.deep_supervision",
+        "an output at every decoder level but the lowest for training (nnU-Net's deep supervision)",
+    ),
+    (
         "model.residual",
         "residual units instead of plain Conv-Norm-ReLU pairs",
     ),
@@ -697,6 +1169,74 @@ const FIELD_DOCS: &[(&str, &str)] = &[
         "augment.intensity_shift",
         "largest intensity shift (in σ of the normalised image)",
     ),
+    (
+        "augment.rotation_axes",
+        "axial (about z, the paper's) or all (about z, y and x, each within ±max: nnU-Net's)",
+    ),
+    (
+        "augment.scale_mode",
+        "in_plane_zoom (y and x zoomed by the factor) or isotropic_step (nnU-Net's: the factor is the sampling step along every axis)",
+    ),
+    (
+        "augment.mirror_probability",
+        "probability that each of z, y and x is mirrored",
+    ),
+    ("augment.noise_probability", "probability of Gaussian noise"),
+    ("augment.noise_sigma", "the noise's σ range [low, high]"),
+    ("augment.blur_probability", "probability of a Gaussian blur"),
+    (
+        "augment.blur_channel_probability",
+        "probability that a blur touches each channel",
+    ),
+    (
+        "augment.blur_sigma",
+        "the blur's σ range in voxels (per channel and axis)",
+    ),
+    (
+        "augment.brightness_probability",
+        "probability of a brightness factor per channel",
+    ),
+    ("augment.brightness_range", "brightness factors [low, high]"),
+    (
+        "augment.contrast_probability",
+        "probability of a contrast factor per channel (range kept)",
+    ),
+    ("augment.contrast_range", "contrast factors [low, high]"),
+    (
+        "augment.low_resolution_probability",
+        "probability of a simulated low resolution",
+    ),
+    (
+        "augment.low_resolution_channel_probability",
+        "probability that it touches each channel",
+    ),
+    (
+        "augment.low_resolution_zoom",
+        "its zoom range (fraction of voxels kept per axis)",
+    ),
+    (
+        "augment.gamma_inverted_probability",
+        "probability of a gamma change of the inverted image",
+    ),
+    ("augment.gamma_probability", "probability of a gamma change"),
+    ("augment.gamma_range", "γ range [low, high]"),
+    (
+        "regions",
+        "region-based training: one sigmoid output per region, labels back by class order",
+    ),
+    ("regions.names", "a name per region"),
+    (
+        "regions.labels",
+        "the stored label values each region holds",
+    ),
+    (
+        "regions.class_order",
+        "the label written where each region's probability exceeds 0.5, regions in order",
+    ),
+    (
+        "data.cross_validation",
+        "cross-validation: validate on fold `fold` of `folds`, train on the others",
+    ),
 ];
 
 /// The doc line of the field at `path` (see [`FIELD_DOCS`]).
@@ -713,6 +1253,7 @@ pub fn default_config_toml() -> Result<String> {
     let plan = Plan {
         config: TrainConfig::default(),
         reasons: BTreeMap::new(),
+        details: None,
     };
     commented_toml(
         &plan,
@@ -726,36 +1267,76 @@ pub fn default_config_toml() -> Result<String> {
 mod tests {
     use super::*;
 
-    fn case(spacing: [f64; 3]) -> CaseFingerprint {
+    fn case(spacing: [f64; 3], shape: [usize; 3]) -> CaseFingerprint {
         CaseFingerprint {
             id: String::new(),
-            shape: [10; 3],
-            foreground_shape: [10; 3],
+            shape,
+            foreground_shape: shape,
             spacing,
             orientation: "RAS".into(),
         }
     }
 
-    /// The medians per axis; an axis over 3× the finest takes its 10th percentile (numpy's
-    /// `np.percentile([4, 5, 5, 5, 6], 10)` = 4.4, worked by hand).
+    /// The medians per axis; the coarsest axis takes its 10th percentile only when it is over
+    /// 3× the others in spacing and under 1/3 in voxels (numpy's
+    /// `np.percentile([4, 5, 5, 5, 6], 10)` = 4.4, by hand), at least the others' + 10⁻⁵.
     #[test]
     fn target_spacing_follows_the_median_and_the_anisotropy_rule() {
         let iso = [
-            case([1.0, 0.9, 0.9]),
-            case([1.2, 1.0, 1.0]),
-            case([1.0, 1.1, 1.1]),
+            case([1.0, 0.9, 0.9], [10; 3]),
+            case([1.2, 1.0, 1.0], [10; 3]),
+            case([1.0, 1.1, 1.1], [10; 3]),
         ];
         assert_eq!(target_spacing(&iso), [1.0, 1.0, 1.0]);
-        let even = [case([1.0, 1.0, 1.0]), case([2.0, 1.0, 1.0])];
+        let even = [
+            case([1.0, 1.0, 1.0], [10; 3]),
+            case([2.0, 1.0, 1.0], [10; 3]),
+        ];
         assert_eq!(target_spacing(&even), [1.5, 1.0, 1.0]);
-        let thick: Vec<_> = [5.0, 5.0, 5.0, 4.0, 6.0]
-            .iter()
-            .map(|&z| case([z, 0.8, 0.8]))
-            .collect();
-        let t = target_spacing(&thick);
-        assert!(
-            (t[0] - 4.4).abs() < 1e-12 && t[1] == 0.8 && t[2] == 0.8,
-            "{t:?}"
+        let thick = |n: usize, z: &[f64]| -> Vec<CaseFingerprint> {
+            z.iter()
+                .map(|&z| case([z, 0.8, 0.8], [n, 200, 200]))
+                .collect()
+        };
+        let t = target_spacing(&thick(30, &[5.0, 5.0, 5.0, 4.0, 6.0]));
+        assert!((t[0] - 4.4).abs() < 1e-12 && t[1..] == [0.8, 0.8], "{t:?}");
+        // as many voxels along z as a third of the others: not anisotropic for nnU-Net
+        let t = target_spacing(&thick(70, &[5.0, 5.0, 5.0, 4.0, 6.0]));
+        assert_eq!(t, [5.0, 0.8, 0.8]);
+        // a 10th percentile finer than the other axes stops just above them
+        let t = target_spacing(&thick(30, &[0.5, 0.5, 3.0, 3.0, 3.0]));
+        assert_eq!(t, [0.8 + 1e-5, 0.8, 0.8]);
+    }
+
+    /// Every case weighs the same: four voxels of 0 and one of 10 give mean 5, σ 5.
+    #[test]
+    fn foreground_statistics_weigh_every_case_the_same() {
+        let mut pool = CaseWeighted::new(100);
+        let label = ndarray::Array3::<u8>::ones((1, 1, 4));
+        let zeros = ndarray::Array3::<f32>::zeros((1, 1, 4));
+        pool.add(zeros.view(), label.view()).expect("same shapes");
+        let one = ndarray::Array3::<u8>::ones((1, 1, 1));
+        let ten = ndarray::Array3::from_elem((1, 1, 1), 10.0);
+        pool.add(ten.view(), one.view()).expect("same shapes");
+        assert!(pool.add(zeros.view(), one.view()).is_err());
+        let p = pool.properties().expect("statistics");
+        assert_eq!((p.mean, p.std, p.voxels), (5.0, 5.0, 5));
+        assert_eq!(
+            (p.percentile_00_5, p.median, p.percentile_99_5),
+            (0.0, 0.0, 10.0)
         );
+        assert!(CaseWeighted::new(1).properties().is_err());
+    }
+
+    /// nnU-Net's pooling of the 12 BraTS cases' median (1 mm) and of the CT (3 mm), as its
+    /// planner chose them (tests/fixtures/plan_nnunet.json).
+    #[test]
+    fn pooling_stops_above_four_voxels() {
+        let brats = Candidate::new([1.0; 3], [139.0, 171.5, 139.0]);
+        assert_eq!(brats.pooling.per_axis, [5; 3]);
+        assert_eq!(brats.patch, [160, 192, 160]);
+        let ct = Candidate::new([3.0; 3], [112.0, 101.0, 122.0]);
+        assert_eq!((ct.pooling.per_axis, ct.patch), ([4; 3], [112, 112, 128]));
+        assert_eq!(ct.pooling.unet_depth(), 4);
     }
 }

@@ -213,7 +213,9 @@ impl PredictFiles {
                     ..self.options
                 };
                 let prediction = predict_ensemble(members, &image, options, device)?;
-                let probabilities = prediction.probabilities.map(|p| (p, image.geometry.clone()));
+                let probabilities = prediction
+                    .probabilities
+                    .map(|p| (p, image.geometry.clone()));
                 let labels = LabelMap {
                     data: prediction.labels,
                     geometry: image.geometry,

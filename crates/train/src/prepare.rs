@@ -72,6 +72,10 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Fraction held out for testing in a seeded split (0 when the data set has a test folder).
     pub test_fraction: f64,
+    /// Cross-validation (nnU-Net's protocol): train on every fold but one, validate on that
+    /// one ([`cwseg_data::Split::fold`]); the data set's labelled test folder stays the test
+    /// part. Takes the place of `split`, `val_fraction` and `test_fraction`.
+    pub cross_validation: Option<CrossValidation>,
     /// Use at most this many training cases (after the split).
     pub max_train_cases: Option<usize>,
     /// Preprocessing; fields left out take the data set's defaults.
@@ -87,10 +91,21 @@ impl Default for DataConfig {
             split: None,
             val_fraction: 0.2,
             test_fraction: 0.0,
+            cross_validation: None,
             max_train_cases: None,
             preprocessing: None,
         }
     }
+}
+
+/// One fold of a cross-validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossValidation {
+    /// The fold validated on, from 0.
+    pub fold: usize,
+    /// The number of folds (nnU-Net: 5).
+    pub folds: usize,
 }
 
 /// What is done to every image before the network sees it; stored in `config.json` so that
@@ -287,11 +302,20 @@ pub fn open_data(config: &DataConfig, seed: u64, synthetic_dir: &Path) -> Result
         }
         .with_context(|| format!("opening the data set {}", root.display()))?
     };
-    let mut split = match &config.split {
-        Some(path) => Split::read(path, &dataset)?,
-        None => {
-            let ids: Vec<String> = dataset.training.iter().map(|c| c.id.clone()).collect();
-            let mut split = Split::random(&ids, seed, config.val_fraction, config.test_fraction)?;
+    let ids: Vec<String> = dataset.training.iter().map(|c| c.id.clone()).collect();
+    let mut split = match (&config.split, config.cross_validation) {
+        (Some(path), None) => Split::read(path, &dataset)?,
+        (Some(path), Some(_)) => bail!(
+            "data.split ({}) and data.cross_validation both choose the split: keep one",
+            path.display()
+        ),
+        (None, cross_validation) => {
+            let mut split = match cross_validation {
+                Some(cv) => {
+                    Split::fold(&ids, cv.fold, cv.folds).context("data.cross_validation")?
+                }
+                None => Split::random(&ids, seed, config.val_fraction, config.test_fraction)?,
+            };
             split.test.extend(
                 dataset
                     .test
@@ -342,6 +366,16 @@ impl PreparedData {
             );
         }
         Ok(PreparedData { split, ..self })
+    }
+
+    /// Case `id`'s image and labels (class indices) on their own grid, unprocessed: what a
+    /// prediction of the case starts from and is scored against.
+    pub fn load_input(&self, id: &str) -> Result<(Image, Option<LabelMap>)> {
+        let case = self
+            .dataset
+            .case(id)
+            .with_context(|| format!("case {id} is not in the data set"))?;
+        Ok(self.dataset.load_case(case, &ReadOptions::default())?)
     }
 
     /// Reads and preprocesses the cases `ids` (each must have labels), in parallel.

@@ -178,7 +178,9 @@ mod tests {
         );
         assert!(RegionConfig::brats(&[0, 1, 2]).is_none());
         assert_eq!(
-            RegionConfig::brats(&[0, 1, 2, 3]).expect("test value").labels,
+            RegionConfig::brats(&[0, 1, 2, 3])
+                .expect("test value")
+                .labels,
             vec![vec![1, 2, 3], vec![1, 3], vec![3]]
         );
     }

@@ -9,7 +9,6 @@ use cwseg_data::{LabelMap, ReadOptions, read_label};
 use ndarray::{Array3, Axis};
 
 use super::RunKey;
-use super::runner::load_input;
 use super::tables::Row;
 use crate::figures::{Panel, write_panels};
 use crate::prepare::PreparedData;
@@ -52,7 +51,7 @@ pub(super) fn write_table_figure(
     if predictions.is_empty() {
         return Ok(());
     }
-    let (image, _) = load_input(data, id)?;
+    let (image, _) = data.load_input(id)?;
     let z = (0..label.data.dim().0)
         .max_by_key(|&z| {
             label

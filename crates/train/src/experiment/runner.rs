@@ -1,12 +1,12 @@
 //! One run of the grid: trained (or resumed), then its test cases predicted, with its
-//! `status.json` kept up to date; and the loading of a test case's image and labels.
+//! `status.json` kept up to date.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use cwseg_data::{LabelMap, ReadOptions, write_label};
+use cwseg_data::{LabelMap, write_label};
 
 use super::status::{RunStatus, train_seconds, write_status, write_status_creating};
 use super::{ExperimentConfig, RunKey};
@@ -15,8 +15,8 @@ use crate::compare::Predictions;
 use crate::config::TrainConfig;
 use crate::device::parse_device;
 use crate::predict::{PredictOptions, predict_case};
-use crate::prepare::{PreparedData, open_data};
-use crate::trainer::{Interrupted, RunOptions, RunState, TrainHooks, train};
+use crate::prepare::open_data;
+use crate::trainer::{RunState, TrainHooks, train_to_end};
 
 /// Trains (or resumes) one run, then predicts its test cases into `RUN/predictions/`.
 pub(super) fn run_one(
@@ -33,7 +33,7 @@ pub(super) fn run_one(
         ..RunStatus::default()
     };
     write_status_creating(dir, &status)?;
-    train_run(&train_config, run, dir, data_dir, hooks)?;
+    train_to_end(&train_config, dir, data_dir, hooks, &run.key())?;
     status.state = "predicting".into();
     status.train_seconds = train_seconds(dir);
     write_status(dir, &status)?;
@@ -49,37 +49,6 @@ pub(super) fn run_one(
     status.state = "done".into();
     write_status(dir, &status)?;
     tracing::info!(run = run.key(), checkpoint = %best.display(), "predicted the test cases");
-    Ok(())
-}
-
-/// Trains the run in `dir` to its end, resuming from `last/` where a checkpoint is there; a
-/// run a hook stopped is an [`Interrupted`] error.
-fn train_run(
-    train_config: &TrainConfig,
-    run: &RunKey,
-    dir: &Path,
-    data_dir: &Path,
-    hooks: &mut dyn TrainHooks,
-) -> Result<()> {
-    crate::checkpoint::recover(&dir.join("last"))?;
-    let resume = dir.join("last").join("state.json").exists();
-    let outcome = train(
-        train_config,
-        dir,
-        &RunOptions {
-            resume,
-            data_dir: Some(data_dir.to_path_buf()),
-            communicator: None,
-        },
-        hooks,
-    )?;
-    if outcome.interrupted {
-        return Err(Interrupted(format!(
-            "interrupted during {}; run the same command again to continue",
-            run.key()
-        ))
-        .into());
-    }
     Ok(())
 }
 
@@ -105,7 +74,7 @@ fn predict_test_cases(
         fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
     }
     for id in &data.split.test {
-        let (image, _) = load_input(&data, id)?;
+        let (image, _) = data.load_input(id)?;
         let options = PredictOptions {
             overlap: card.overlap,
             postprocess: true,
@@ -130,16 +99,4 @@ fn predict_test_cases(
         }
     }
     Ok(best)
-}
-
-/// A test case's image and labels on their own grid, unprocessed.
-pub(super) fn load_input(
-    data: &PreparedData,
-    id: &str,
-) -> Result<(cwseg_data::Image, Option<cwseg_data::LabelMap>)> {
-    let case = data
-        .dataset
-        .case(id)
-        .with_context(|| format!("case {id} is not in the data set"))?;
-    Ok(data.dataset.load_case(case, &ReadOptions::default())?)
 }

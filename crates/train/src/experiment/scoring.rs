@@ -11,7 +11,6 @@ use cwseg_data::{LabelMap, ReadOptions, read_label};
 use cwseg_metrics::{CaseMetrics, ClassSet, evaluate_case};
 use serde::{Deserialize, Serialize};
 
-use super::runner::load_input;
 use super::status::is_done;
 use super::{ExperimentConfig, RunKey};
 use crate::compare::Predictions;
@@ -90,7 +89,7 @@ pub(super) fn test_labels(
             if labels.contains_key(id) {
                 bail!("test case {id} is in the test set of two folds");
             }
-            let (_, label) = load_input(&data, id)?;
+            let (_, label) = data.load_input(id)?;
             let mut label = label.with_context(|| format!("test case {id} has no label file"))?;
             let values = &data.dataset.label_values;
             label

@@ -3,8 +3,11 @@
 //! sliding-window inference each epoch, keeps the best and last checkpoints, writes
 //! `metrics.jsonl` and `curves.png`, stops cleanly on a non-finite loss or when a hook asks,
 //! and decides the post-processing at the end. [`TrainHooks`] is how a progress bar, a logger
-//! or a stop signal watch it; [`train`] runs one configuration to the end.
+//! or a stop signal watch it; [`train`] runs one configuration to the end, and
+//! [`train_to_end`] leaves a complete run alone and resumes an interrupted one (for commands that
+//! train several runs: an experiment's grid, a cross-validation's folds).
 
+mod complete;
 mod data;
 mod epoch;
 mod finish;
@@ -28,6 +31,7 @@ use cwseg_data::{BatchParts, LoaderConfig, SamplingVolume};
 use cwseg_losses::Loss;
 use cwseg_models::{Network, seeded_var_builder};
 
+pub use complete::{is_complete, train_to_end};
 pub use hooks::{
     EpochReport, Interrupted, NoHooks, RunStart, StepReport, TrainHooks, TrainOutcome,
 };
