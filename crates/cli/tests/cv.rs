@@ -189,6 +189,49 @@ fn check_ensemble(dir: &Path, out: &Path) {
     }
 }
 
+/// Runs `args` stopped after the first step (fold 0 saved, fold 1 not started), then to the
+/// end: fold 0 resumes its one epoch.
+fn interrupted_then_resumed(args: &[&str], out: &Path) {
+    let status = Command::new(env!("CARGO_BIN_EXE_cwseg"))
+        .args(args)
+        .env("CWSEG_INTERRUPT_AFTER_BATCHES", "1")
+        .output()
+        .expect("cwseg runs")
+        .status;
+    assert_eq!(status.code(), Some(130));
+    assert!(out.join("fold_0/last/state.json").exists() && !out.join("fold_1").exists());
+    ok(args);
+    let lines = std::fs::read_to_string(out.join("fold_0/metrics.jsonl")).expect("metrics");
+    assert_eq!(lines.lines().count(), 1, "fold 0 resumed its one epoch");
+}
+
+/// Every training case has one out-of-fold prediction and one row of `cv.json`, from the fold
+/// whose `split.json` validates it; returns the report.
+fn check_every_case_once(out: &Path) -> Value {
+    let training = case_ids(&out.join("data/labelsTr"));
+    assert_eq!(training.len(), 4);
+    assert_eq!(
+        case_ids(&out.join("oof")),
+        training,
+        "every case out-of-fold"
+    );
+    let report = json(&out.join("cv.json"));
+    let cases = report["cases"].as_array().expect("cases");
+    let reported: Vec<String> = cases
+        .iter()
+        .map(|c| c["case"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(reported.len(), 4, "{reported:?}");
+    assert_eq!(reported.into_iter().collect::<BTreeSet<_>>(), training);
+    for case in cases {
+        let fold = case["fold"].as_u64().expect("fold");
+        let split = json(&out.join(format!("fold_{fold}/split.json")));
+        let val = split["val"].as_array().expect("val");
+        assert!(val.contains(&case["case"]), "{case}");
+    }
+    report
+}
+
 #[test]
 fn cross_validation_resumes_scores_its_predictions_and_ensembles_the_folds() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -208,65 +251,18 @@ fn cross_validation_resumes_scores_its_predictions_and_ensembles_the_folds() {
         "2",
         "--quiet",
     ];
-    // interrupted after the first step: fold 0 saved, fold 1 not started
-    let status = Command::new(env!("CARGO_BIN_EXE_cwseg"))
-        .args(args)
-        .env("CWSEG_INTERRUPT_AFTER_BATCHES", "1")
-        .output()
-        .expect("cwseg runs")
-        .status;
-    assert_eq!(status.code(), Some(130));
-    assert!(out.join("fold_0/last/state.json").exists() && !out.join("fold_1").exists());
-    ok(&args);
-    let lines = std::fs::read_to_string(out.join("fold_0/metrics.jsonl")).expect("metrics");
-    assert_eq!(lines.lines().count(), 1, "fold 0 resumed its one epoch");
-
-    let training = case_ids(&out.join("data/labelsTr"));
-    assert_eq!(training.len(), 4);
-    assert_eq!(
-        case_ids(&out.join("oof")),
-        training,
-        "every case predicted out-of-fold"
-    );
-    let report = json(&out.join("cv.json"));
-    let cases = report["cases"].as_array().expect("cases");
-    let reported: Vec<&str> = cases
-        .iter()
-        .map(|c| c["case"].as_str().expect("id"))
-        .collect();
-    assert_eq!(reported.len(), 4, "{reported:?}");
-    assert_eq!(
-        reported
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<BTreeSet<_>>(),
-        training
-    );
-    for case in cases {
-        let fold = case["fold"].as_u64().expect("fold");
-        let split = json(&out.join(format!("fold_{fold}/split.json")));
-        assert!(
-            split["val"]
-                .as_array()
-                .expect("val")
-                .contains(&case["case"])
-        );
-    }
+    interrupted_then_resumed(&args, &out);
+    let report = check_every_case_once(&out);
     let card = json(&out.join("fold_0/best/config.json"));
     let label_values: Vec<u8> =
         serde_json::from_value(card["label_values"].clone()).expect("values");
     check_scores(&out, &report, &label_values);
     check_means(&out, &report, &label_values);
-    assert!(
-        std::fs::read_to_string(out.join("cv.md"))
-            .expect("cv.md")
-            .contains("| mean |")
-    );
+    let markdown = std::fs::read_to_string(out.join("cv.md")).expect("cv.md");
+    assert!(markdown.contains("| mean |"), "{markdown}");
     let ensemble = json(&out.join("ensemble/ensemble.json"));
-    assert_eq!(
-        ensemble["members"],
-        serde_json::json!(["../fold_0/best", "../fold_1/best"])
-    );
+    let members = serde_json::json!(["../fold_0/best", "../fold_1/best"]);
+    assert_eq!(ensemble["members"], members);
     assert_eq!(ensemble["postprocessing"], report["postprocessing"]);
 
     // run again: nothing trained or predicted again, the same report

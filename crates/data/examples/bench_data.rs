@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         maps: PatchMaps::default(),
         parts: Default::default(),
     };
-    let rate = loader_rate(&volumes, config)?;
+    let rate = loader_rate(&volumes, config.clone())?;
     println!(
         "loader, 64³ patches with the paper's augmentation ({threads} workers): median {rate:.1} patches/s"
     );
@@ -105,7 +105,7 @@ fn loader_rate(
     for epoch in 0..3 {
         let start = Instant::now();
         let mut n = 0;
-        for batch in EpochLoader::new(Arc::clone(volumes), config, 0, epoch) {
+        for batch in EpochLoader::new(Arc::clone(volumes), config.clone(), 0, epoch) {
             n += batch?.image.dim().0;
         }
         rates.push(n as f64 / start.elapsed().as_secs_f64());

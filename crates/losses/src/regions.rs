@@ -14,7 +14,6 @@
 
 use candle_core::{D, DType, Tensor};
 
-use crate::target::{ContourConfig, edges_cpu, edges_online};
 use crate::{LossError, Result};
 use cwseg_ops::loss_sums::{STATS, stat};
 
@@ -84,22 +83,6 @@ impl Regions {
             .map(|j| Ok(self.mask(labels, j)?.to_dtype(dtype)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&masks, 1)?)
-    }
-
-    /// The contour maps `C^j` `(N, J, D, H, W)` (u8) of every region's mask, background counted:
-    /// on the CPU with `cwseg-morphology`, elsewhere online (bit-identical).
-    pub fn edges(&self, labels: &Tensor, contour: &ContourConfig, on_cpu: bool) -> Result<Tensor> {
-        let maps = (0..self.len())
-            .map(|j| {
-                let mask = self.mask(labels, j)?;
-                if on_cpu {
-                    edges_cpu(&mask, contour)
-                } else {
-                    Ok(edges_online(&mask, contour)?.to_dtype(DType::U8)?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&maps, 1)?)
     }
 }
 

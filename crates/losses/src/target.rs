@@ -302,6 +302,24 @@ impl ContourConfig {
     }
 }
 
+impl Regions {
+    /// The contour maps `C^j` `(N, J, D, H, W)` (u8) of every region's mask, background counted:
+    /// on the CPU with `cwseg-morphology`, elsewhere online (bit-identical).
+    pub fn edges(&self, labels: &Tensor, contour: &ContourConfig, on_cpu: bool) -> Result<Tensor> {
+        let maps = (0..self.len())
+            .map(|j| {
+                let mask = self.mask(labels, j)?;
+                if on_cpu {
+                    edges_cpu(&mask, contour)
+                } else {
+                    Ok(edges_online(&mask, contour)?.to_dtype(DType::U8)?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&maps, 1)?)
+    }
+}
+
 /// One-hot `(N, K, D, H, W)` of `u32` labels `(N, D, H, W)`, in `dtype`.
 pub(crate) fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
     let ids =
