@@ -330,7 +330,9 @@ pub struct PredictArgs {
     #[arg(long, visible_alias = "out")]
     output: PathBuf,
     /// Also write the class probabilities (`<output stem>_probabilities/class_KK.nii.gz`,
-    /// float, beside each output; the folder is replaced whole).
+    /// float, beside each output; the folder is replaced whole). A region model writes each
+    /// region's sigmoid probability instead, `region_JJ.nii.gz` in the order of its card's
+    /// `regions.names`.
     #[arg(long)]
     probabilities: bool,
     /// Sliding-window overlap (default: the model's).
@@ -907,6 +909,11 @@ pub struct PlanArgs {
     /// nnU-Net's augmentation, deep supervision).
     #[arg(long, value_enum, default_value = "paper")]
     recipe: RecipeArg,
+    /// Fit training into this many minutes on this machine: a short calibration run (two
+    /// epochs of 4 steps, one validation) measures a step and a validation, and the plan's
+    /// epochs follow.
+    #[arg(long)]
+    minutes: Option<f64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -931,6 +938,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             RecipeArg::Paper => cwseg_train::plan::Recipe::Paper,
             RecipeArg::Nnunet => cwseg_train::plan::Recipe::Nnunet,
         },
+        minutes: args.minutes,
     };
     let plan = cwseg_train::plan::write_plan(&args.data, &args.out, budget)?;
     for (field, why) in &plan.reasons {

@@ -303,3 +303,20 @@ fn an_ensemble_with_a_missing_member_is_refused_by_name() {
     );
     assert!(err.contains("missing"), "{err}");
 }
+
+/// The third hostile tour: more folds than cases are refused and leave no folder (was: an
+/// empty `OUT/`, or `OUT/data/` with the generated phantoms); a folder that existed stays.
+#[test]
+fn more_folds_than_cases_leave_no_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, TINY_RUN.replace("LOSS", "ce")).expect("config");
+    let out = dir.path().join("cv");
+    let args = ["cv", "--config", s(&config), "--out", s(&out), "--quiet"];
+    let err = fails(&[&args[..], &["--folds", "4"]].concat());
+    assert!(err.contains("fold 0 of 4 over 3 cases"), "{err}");
+    assert!(!out.exists(), "a refused cross-validation leaves no folder");
+    std::fs::create_dir(&out).expect("folder");
+    fails(&[&args[..], &["--folds", "4"]].concat());
+    assert!(out.is_dir(), "a folder the user made stays");
+}

@@ -62,6 +62,33 @@ fn a_plan_trains_unchanged_and_says_why() {
         s(&run),
     ]);
     assert!(run.join("best/model.safetensors").is_file());
+    // --minutes: a calibration run on this machine chooses the epochs, and says so
+    let timed = dir.path().join("timed.toml");
+    ok(&[
+        "plan",
+        "--data",
+        s(&data),
+        "--out",
+        s(&timed),
+        "--minutes",
+        "0.5",
+    ]);
+    let text = std::fs::read_to_string(&timed).expect("plan");
+    let lines: Vec<&str> = text.lines().collect();
+    let epochs = lines
+        .windows(2)
+        .find(|w| w[1].starts_with("epochs = "))
+        .expect("epochs");
+    assert!(
+        epochs[0].contains("a calibration run measured"),
+        "{}",
+        epochs[0]
+    );
+    let n: usize = epochs[1]["epochs = ".len()..]
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(n >= 1);
     // nnU-Net's recipe: SGD and poly, its augmentation and deep supervision, trained as written
     let nnunet = dir.path().join("nnunet.toml");
     ok(&[

@@ -165,5 +165,7 @@ fn an_ensemble_is_the_mean_of_its_members_and_refuses_other_classes() {
         err.contains("regions") && err.contains("ccc") && err.contains("/a"),
         "{err}"
     );
+    // both values are shown, so a card to align can be seen (third hostile tour)
+    assert!(err.contains(r#"(null against {"names":["r"]"#), "{err}");
     assert!(!dir.path().join("refused.nii.gz").exists());
 }

@@ -204,7 +204,10 @@ impl AugmentConfig {
     }
 
     /// Every field out of its domain, as `name = value (rule)`: probabilities in `[0, 1]`,
-    /// finite non-negative magnitudes, ranges `[low, high]` with `low ≤ high` in their domain.
+    /// finite non-negative magnitudes and ranges `[low, high]` with `low ≤ high`, each below
+    /// its ceiling ([`AugmentConfig::magnitudes`], [`AugmentConfig::ranges`]: beyond it an
+    /// augmentation turns patches into infinities, needs an unbounded blur kernel, or means
+    /// nothing more, as a rotation past 180° or a "low resolution" zoom above 1).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (name, p) in self.probabilities() {
@@ -212,23 +215,31 @@ impl AugmentConfig {
                 out.push(format!("{name} = {p} (in [0, 1])"));
             }
         }
-        for (name, v) in [
-            ("max_rotation_degrees", self.max_rotation_degrees),
-            ("intensity_scale", self.intensity_scale),
-            ("intensity_shift", self.intensity_shift),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                out.push(format!("{name} = {v} (finite, ≥ 0)"));
+        for (name, v, max) in self.magnitudes() {
+            if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                out.push(format!("{name} = {v} (finite, 0 ≤ value ≤ {max})"));
             }
         }
-        for (name, [lo, hi], positive) in self.ranges() {
+        for (name, [lo, hi], positive, max) in self.ranges() {
             let low_ok = if positive { lo > 0.0 } else { lo >= 0.0 };
-            if !(lo.is_finite() && hi.is_finite() && low_ok && lo <= hi) {
+            if !(lo.is_finite() && hi.is_finite() && low_ok && lo <= hi && hi <= max) {
                 let rule = if positive { "0 < low" } else { "0 ≤ low" };
-                out.push(format!("{name} = [{lo}, {hi}] ({rule} ≤ high, finite)"));
+                out.push(format!(
+                    "{name} = [{lo}, {hi}] ({rule} ≤ high ≤ {max}, finite)"
+                ));
             }
         }
         out
+    }
+
+    /// Each magnitude with its ceiling: degrees (180 reaches every angle), a relative
+    /// intensity change, a shift in normalised units.
+    fn magnitudes(&self) -> [(&'static str, f64, f64); 3] {
+        [
+            ("max_rotation_degrees", self.max_rotation_degrees, 180.0),
+            ("intensity_scale", self.intensity_scale, 10.0),
+            ("intensity_shift", self.intensity_shift, 1000.0),
+        ]
     }
 
     fn probabilities(&self) -> [(&'static str, f64); 14] {
@@ -259,19 +270,25 @@ impl AugmentConfig {
         ]
     }
 
-    /// Each range with whether its low end must be > 0 (else ≥ 0).
-    fn ranges(&self) -> [(&'static str, [f64; 2], bool); 7] {
+    /// Each range with whether its low end must be > 0 (else ≥ 0) and its ceiling: factors
+    /// up to 10, a noise σ up to 1000 (normalised units), a blur σ up to 16 voxels (a kernel of
+    /// 97 taps), a low-resolution zoom up to 1 (the fraction of voxels kept).
+    fn ranges(&self) -> [(&'static str, [f64; 2], bool, f64); 7] {
         [
-            ("scale_range", self.scale_range, true),
-            ("noise_sigma", self.noise_sigma, false),
-            ("blur_sigma", self.blur_sigma, false),
-            ("brightness_range", self.brightness_range, false),
-            ("contrast_range", self.contrast_range, false),
-            ("low_resolution_zoom", self.low_resolution_zoom, true),
-            ("gamma_range", self.gamma_range, true),
+            ("scale_range", self.scale_range, true, 10.0),
+            ("noise_sigma", self.noise_sigma, false, 1000.0),
+            ("blur_sigma", self.blur_sigma, false, MAX_BLUR_SIGMA),
+            ("brightness_range", self.brightness_range, false, 10.0),
+            ("contrast_range", self.contrast_range, false, 10.0),
+            ("low_resolution_zoom", self.low_resolution_zoom, true, 1.0),
+            ("gamma_range", self.gamma_range, true, 10.0),
         ]
     }
 }
+
+/// The widest blur an augmentation takes, σ in voxels ([`intensity::gaussian_kernel`] clamps
+/// to it, so no σ asks for an unbounded kernel).
+pub const MAX_BLUR_SIGMA: f64 = 16.0;
 
 /// One drawn image-only transform of nnU-Net's ([`intensity`]), in the order applied.
 #[derive(Debug, Clone, PartialEq)]

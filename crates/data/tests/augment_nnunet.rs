@@ -643,3 +643,102 @@ fn the_nnunet_preset_and_its_checks() {
     let back: AugmentConfig = serde_json::from_str(&text).expect("parse");
     assert_eq!(back, c);
 }
+
+/// The third hostile tour: values past a field's ceiling (a blur σ of 10^30 panicked a loader
+/// worker; a noise σ of 10^30 made infinite batch-norm statistics; a zoom above 1 or a
+/// rotation past 180° mean nothing more) are refused naming the field, and the kernel of any σ
+/// is bounded.
+#[test]
+fn augmentation_values_past_their_ceiling_are_refused_by_name() {
+    let c = AugmentConfig::nnunet();
+    let cases = [
+        (
+            "blur_sigma",
+            AugmentConfig {
+                blur_sigma: [1e30, 1e30],
+                ..c
+            },
+        ),
+        (
+            "noise_sigma",
+            AugmentConfig {
+                noise_sigma: [0.0, 1e30],
+                ..c
+            },
+        ),
+        (
+            "brightness_range",
+            AugmentConfig {
+                brightness_range: [1.0, 1e38],
+                ..c
+            },
+        ),
+        (
+            "contrast_range",
+            AugmentConfig {
+                contrast_range: [1.0, 11.0],
+                ..c
+            },
+        ),
+        (
+            "gamma_range",
+            AugmentConfig {
+                gamma_range: [1.0, 1000.0],
+                ..c
+            },
+        ),
+        (
+            "scale_range",
+            AugmentConfig {
+                scale_range: [1.0, 1e30],
+                ..c
+            },
+        ),
+        (
+            "low_resolution_zoom",
+            AugmentConfig {
+                low_resolution_zoom: [0.5, 2.0],
+                ..c
+            },
+        ),
+        (
+            "max_rotation_degrees",
+            AugmentConfig {
+                max_rotation_degrees: 720.0,
+                ..c
+            },
+        ),
+        (
+            "intensity_scale",
+            AugmentConfig {
+                intensity_scale: 1e30,
+                ..c
+            },
+        ),
+        (
+            "intensity_shift",
+            AugmentConfig {
+                intensity_shift: f64::INFINITY,
+                ..c
+            },
+        ),
+    ];
+    for (field, config) in cases {
+        let problems = config.problems();
+        assert_eq!(problems.len(), 1, "{field}: {problems:?}");
+        assert!(problems[0].starts_with(field), "{field}: {problems:?}");
+    }
+    let at_ceiling = AugmentConfig {
+        blur_sigma: [16.0, 16.0],
+        low_resolution_zoom: [1.0, 1.0],
+        max_rotation_degrees: 180.0,
+        ..c
+    };
+    assert!(
+        at_ceiling.problems().is_empty(),
+        "{:?}",
+        at_ceiling.problems()
+    );
+    let kernel = cwseg_data::augment::intensity::gaussian_kernel(1e30);
+    assert_eq!(kernel.len(), 97, "σ clamped to 16 voxels");
+}

@@ -103,17 +103,14 @@ pub fn fold_dir(out: &Path, fold: usize) -> PathBuf {
     out.join(format!("fold_{fold}"))
 }
 
-/// Runs the cross-validation of `config` with `folds` folds in `out` (see the module's
-/// documentation); `hooks` watch each fold's training. Returns the report written to `cv.json`.
-pub fn run(
+/// Trains every fold of `config` into `out/fold_K` (a complete fold is skipped, an
+/// interrupted one resumes).
+fn train_folds(
     config: &TrainConfig,
     out: &Path,
     folds: usize,
     hooks: &mut dyn TrainHooks,
-) -> Result<CvReport> {
-    if folds < 2 {
-        bail!("--folds {folds}: a cross-validation needs at least 2 folds");
-    }
+) -> Result<()> {
     let data_dir = out.join("data");
     for fold in 0..folds {
         let dir = fold_dir(out, fold);
@@ -126,6 +123,28 @@ pub fn run(
             tracing::info!("fold {}/{folds}: complete, nothing to train", fold + 1);
         }
     }
+    Ok(())
+}
+
+/// Runs the cross-validation of `config` with `folds` folds in `out` (see the module's
+/// documentation); `hooks` watch each fold's training. Returns the report written to `cv.json`.
+pub fn run(
+    config: &TrainConfig,
+    out: &Path,
+    folds: usize,
+    hooks: &mut dyn TrainHooks,
+) -> Result<CvReport> {
+    if folds < 2 {
+        bail!("--folds {folds}: a cross-validation needs at least 2 folds");
+    }
+    let fresh = !out.exists();
+    let trained = train_folds(config, out, folds, hooks);
+    if trained.is_err() && fresh && !fold_dir(out, 0).exists() {
+        // refused before any fold had a run (folds > cases, a bad configuration): the folder
+        // holds only what this call made, as a refused `train` leaves no folder
+        let _ = std::fs::remove_dir_all(out);
+    }
+    trained?;
     let device = parse_device(&config.device)?;
     let mut pooled = Pooled::default();
     for fold in 0..folds {

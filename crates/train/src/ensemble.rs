@@ -135,30 +135,43 @@ fn check_rule(file: &Path, rule: Option<&PostProcessing>, card: &ModelCard) -> R
     Ok(())
 }
 
-/// Refuses members whose probabilities cannot be averaged, naming both folders and what
-/// differs: the classes, their label values, the regions or the input modalities.
+/// Refuses members whose probabilities cannot be averaged, naming both folders, what differs
+/// (the classes, their label values, the regions or the input modalities) and both values, so
+/// that a card to align (a MONAI import's `class_1`, `channel_0`) can be seen.
 pub fn check_members(members: &[Member]) -> Result<()> {
     let Some(first) = members.first() else {
         bail!("an ensemble needs at least one model");
     };
     for other in &members[1..] {
-        let (a, b) = (&first.card, &other.card);
-        let differs = [
-            ("classes", a.classes != b.classes),
-            ("label values", a.label_values != b.label_values),
-            ("regions", a.regions != b.regions),
-            ("modalities", a.modalities != b.modalities),
-        ];
-        if let Some((what, _)) = differs.iter().find(|d| d.1) {
+        if let Some((what, a, b)) = first_difference(&first.card, &other.card) {
             bail!(
-                "the models {} and {} have other {what}: an ensemble averages the probabilities \
-                 of one set of classes",
+                "the models {} and {} have other {what} ({a} against {b}): an ensemble averages \
+                 the probabilities of one set of classes",
                 first.dir.display(),
                 other.dir.display()
             );
         }
     }
     Ok(())
+}
+
+/// The first of the fields members must share that differs between `a` and `b`, with both
+/// values as the card writes them (JSON).
+fn first_difference(a: &ModelCard, b: &ModelCard) -> Option<(&'static str, String, String)> {
+    fn pair<T: Serialize>(x: &T, y: &T) -> (String, String) {
+        let json = |v: &T| serde_json::to_string(v).unwrap_or_default();
+        (json(x), json(y))
+    }
+    let fields = [
+        ("classes", pair(&a.classes, &b.classes)),
+        ("label values", pair(&a.label_values, &b.label_values)),
+        ("regions", pair(&a.regions, &b.regions)),
+        ("modalities", pair(&a.modalities, &b.modalities)),
+    ];
+    fields
+        .into_iter()
+        .find(|(_, (x, y))| x != y)
+        .map(|(what, (x, y))| (what, x, y))
 }
 
 /// One case predicted by an ensemble: stored label values and, when asked for, the mean

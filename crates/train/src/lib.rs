@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod bench;
+pub mod calibrate;
 pub mod card;
 pub mod checkpoint;
 pub mod compare;

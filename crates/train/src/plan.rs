@@ -266,6 +266,9 @@ pub struct PlanBudget {
     pub memory_gib: f64,
     /// The optimiser, schedule, augmentation and supervision the plan writes.
     pub recipe: Recipe,
+    /// A training time to fit, minutes: the epochs come from a calibration run on this machine
+    /// ([`crate::calibrate`]); `None` keeps the default epochs.
+    pub minutes: Option<f64>,
 }
 
 /// A training recipe: how the planned network is trained.
@@ -911,7 +914,13 @@ pub fn write_plan(
     let mut outputs = crate::outputs::Outputs::new();
     outputs.add("--out", out)?;
     outputs.add("the fingerprint", &fingerprint_file)?;
-    let plan = plan(&fingerprint, &data.to_string_lossy(), budget)?;
+    let mut plan = plan(&fingerprint, &data.to_string_lossy(), budget)?;
+    if let Some(minutes) = budget.minutes {
+        let why = crate::calibrate::plan_minutes(&mut plan.config, minutes)?;
+        for field in ["epochs", "batches_per_epoch", "validation.every"] {
+            plan.reasons.insert(field.into(), why.clone());
+        }
+    }
     let header = format!(
         "cwseg plan of {} ({} cases, channels {}); the fingerprint is {}.\n\
          Run it with: cwseg train --config {} --out RUN",

@@ -171,7 +171,8 @@ impl PredictFiles {
             for (out, ready) in read {
                 let (labels, probabilities) = self.predict(ready?, members, device)?;
                 if let Some((probabilities, geometry)) = probabilities {
-                    write_probabilities(&probabilities_folder(&out), &probabilities, &geometry)?;
+                    let folder = probabilities_folder(&out);
+                    write_probabilities(&folder, &probabilities, &geometry, &first.card)?;
                 }
                 finish(writing.take())?;
                 writing = Some(scope.spawn(move || Ok(write_label(&out, &labels)?)));
@@ -253,15 +254,26 @@ fn probabilities_folder(output: &Path) -> PathBuf {
     output.with_file_name(format!("{}_probabilities", crate::inputs::nii_stem(output)))
 }
 
-/// Writes `[k, z, y, x]` probabilities as one float NIfTI per class, `dir/class_KK.nii.gz`,
-/// each with the input's geometry. The folder is replaced whole (written beside it, then
-/// renamed): no class file of an earlier prediction stays, and a killed command leaves the old
+/// Writes `[k, z, y, x]` probabilities as one float NIfTI per output of `card`'s network,
+/// each with the input's geometry: `dir/class_KK.nii.gz` (softmax, KK the class index), or for
+/// a region model `dir/region_JJ.nii.gz` (region JJ's sigmoid, in the card's `regions.names`
+/// order; was: `class_JJ`, read as classes). The folder is replaced whole (written beside it,
+/// then renamed): no file of an earlier prediction stays, and a killed command leaves the old
 /// set or the new one.
-fn write_probabilities(dir: &Path, data: &Array4<f32>, geometry: &Geometry) -> Result<()> {
+fn write_probabilities(
+    dir: &Path,
+    data: &Array4<f32>,
+    geometry: &Geometry,
+    card: &ModelCard,
+) -> Result<()> {
+    let prefix = match card.regions {
+        Some(_) => "region",
+        None => "class",
+    };
     crate::checkpoint::replace(dir, |fresh| {
         for (k, channel) in data.outer_iter().enumerate() {
             cwseg_data::write_volume(
-                fresh.join(format!("class_{k:02}.nii.gz")),
+                fresh.join(format!("{prefix}_{k:02}.nii.gz")),
                 &channel.to_owned(),
                 geometry,
             )?;

@@ -39,13 +39,17 @@ impl RegionConfig {
         })
     }
 
-    /// Refuses regions that do not fit the data's label values, naming the field: as many
-    /// names and class-order values as regions, no empty region, every value a known
-    /// non-background label value.
+    /// Refuses regions that do not fit the data's label values, naming the field: 1 to 8
+    /// regions (their contour maps are packed in a byte), as many distinct names and
+    /// class-order values as regions, no empty region and no value twice in one, every value a
+    /// known non-background label value, and each region's class-order value one of its own
+    /// labels (else its voxels would be written as a class the region does not hold).
     pub fn validate(&self, label_values: &[u8]) -> Result<()> {
         let j = self.labels.len();
         if j == 0 || j > 8 {
-            bail!("regions.labels: {j} regions (1 to 8)");
+            bail!(
+                "regions.labels: {j} regions (1 to 8: each region's contour map is one bit of a byte)"
+            );
         }
         if self.names.len() != j || self.class_order.len() != j {
             bail!(
@@ -54,21 +58,25 @@ impl RegionConfig {
                 self.class_order.len()
             );
         }
-        let known = |v: &u8| *v != 0 && label_values.contains(v);
+        if let Some(name) = first_repeat(&self.names) {
+            bail!("regions.names: {name} names two regions (each region needs its own name)");
+        }
         for (name, set) in self.names.iter().zip(&self.labels) {
-            if set.is_empty() {
-                bail!("regions.labels: region {name} holds no label");
-            }
-            if let Some(v) = set.iter().find(|v| !known(v)) {
+            check_set(name, set, label_values)?;
+        }
+        self.check_class_order()
+    }
+
+    /// Refuses a class-order value that is not a label of its own region.
+    fn check_class_order(&self) -> Result<()> {
+        let regions = self.names.iter().zip(&self.labels);
+        for ((name, set), v) in regions.zip(&self.class_order) {
+            if !set.contains(v) {
                 bail!(
-                    "regions.labels: region {name} holds {v}, which is not a foreground label value of the data ({label_values:?})"
+                    "regions.class_order: region {name} would write {v}, which is not one of its \
+                     labels {set:?} (each region writes one of its own label values)"
                 );
             }
-        }
-        if let Some(v) = self.class_order.iter().find(|v| !known(v)) {
-            bail!(
-                "regions.class_order: {v} is not a foreground label value of the data ({label_values:?})"
-            );
         }
         Ok(())
     }
@@ -87,6 +95,29 @@ impl RegionConfig {
             classes: label_values.len(),
         })
     }
+}
+
+/// The first value of `items` that repeats an earlier one.
+fn first_repeat<T: Ord>(items: &[T]) -> Option<&T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items.iter().find(|item| !seen.insert(*item))
+}
+
+/// Refuses region `name`'s label set when empty, holding a value twice, or holding a value
+/// that is not a foreground label value of the data.
+fn check_set(name: &str, set: &[u8], label_values: &[u8]) -> Result<()> {
+    if set.is_empty() {
+        bail!("regions.labels: region {name} holds no label");
+    }
+    if let Some(v) = first_repeat(set) {
+        bail!("regions.labels: region {name} holds {v} twice");
+    }
+    if let Some(v) = set.iter().find(|v| **v == 0 || !label_values.contains(v)) {
+        bail!(
+            "regions.labels: region {name} holds {v}, which is not a foreground label value of the data ({label_values:?})"
+        );
+    }
+    Ok(())
 }
 
 /// Regions in class indices: what training and prediction use.

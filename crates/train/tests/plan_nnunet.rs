@@ -222,6 +222,7 @@ fn compare_plan(name: &str, fingerprint: &plan::Fingerprint, nnunet: &Value) {
     let budget = PlanBudget {
         memory_gib: plan::DEFAULT_MEMORY_GIB,
         recipe: Default::default(),
+        minutes: None,
     };
     let planned = plan::plan(fingerprint, "data", budget).expect("plan");
     let details = planned.details.as_ref().expect("details");
@@ -313,6 +314,7 @@ fn compare_plan(name: &str, fingerprint: &plan::Fingerprint, nnunet: &Value) {
         PlanBudget {
             memory_gib: gib,
             recipe: Default::default(),
+            minutes: None,
         },
     )
     .expect("plan");

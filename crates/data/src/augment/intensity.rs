@@ -23,11 +23,13 @@ pub fn gaussian_noise(mut channel: ArrayViewMut3<f32>, sigma: f64, seed: u64) {
 /// nnU-Net's Gaussian kernel of `sigma` voxels: `k` taps, `k` the odd integer nearest to
 /// `6σ + ½` (`round` with ties to even, then an even result moves towards `6σ + ½`), weights
 /// `exp(−½ ((i − h)/σ)²)` for `i = 0..k`, `h = (k − 1)/2`, summing to one. `σ ≤ 0` (or not
-/// finite) is no blur: the kernel `[1]`.
+/// finite) is no blur: the kernel `[1]`; a σ above [`super::MAX_BLUR_SIGMA`] is taken as that
+/// (was: a capacity-overflow panic in the loader for σ = 10^30).
 pub fn gaussian_kernel(sigma: f64) -> Vec<f64> {
     if !(sigma.is_finite() && sigma > 0.0) {
         return vec![1.0];
     }
+    let sigma = sigma.min(super::MAX_BLUR_SIGMA);
     let t = 6.0 * sigma + 0.5;
     let rounded = t.round_ties_even();
     let k = if rounded % 2.0 == 1.0 {
