@@ -74,8 +74,8 @@ pub struct TrainArgs {
     /// deeplabv3; a `[model]` table in --config sets its fields [default: unet].
     #[arg(long)]
     model: Option<String>,
-    /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary)
-    /// [default: cwcd].
+    /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary,
+    /// cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt) [default: cwcd].
     #[arg(long)]
     loss: Option<String>,
     /// Loss configuration as JSON (`{"name": "cwcd", "lambda": 1.0}`).

@@ -8,7 +8,9 @@ use crate::cross_entropy::{
     ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal,
 };
 use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
+use crate::distance::{HausdorffDt, LogHausdorffDt};
 use crate::target::ContourConfig;
+use crate::topology::{SoftClDice, SoftDiceClDice};
 use crate::{Loss, LossError, Result};
 
 /// Every loss's configuration, tagged by its lower-case short name; omitted fields take
@@ -40,6 +42,17 @@ pub enum LossConfig {
     Dicefocal(DiceFocal),
     /// Boundary loss.
     Boundary(Boundary),
+    /// Soft clDice.
+    Cldice(SoftClDice),
+    /// Dice + soft clDice.
+    #[serde(rename = "dice_cldice")]
+    DiceCldice(SoftDiceClDice),
+    /// Hausdorff-distance loss by distance transforms.
+    #[serde(rename = "hausdorff_dt")]
+    HausdorffDt(HausdorffDt),
+    /// `log(1 + HD)`.
+    #[serde(rename = "log_hausdorff_dt")]
+    LogHausdorffDt(LogHausdorffDt),
 }
 
 impl LossConfig {
@@ -61,8 +74,8 @@ impl LossConfig {
     }
 
     /// Checks every number of the configuration: finite and non-negative (weights, λ, α,
-    /// smoothing terms, w0, σ, γ, class weights), and SDL's / CWCD's α at most 1. The error
-    /// names the field (`lambda`, `dice.smooth_nr`, …).
+    /// smoothing terms, w0, σ, γ, class weights), and SDL's / CWCD's / dice_cldice's α at
+    /// most 1. The error names the field (`lambda`, `dice.smooth_nr`, …).
     pub fn validate(&self) -> Result<()> {
         let value = serde_json::to_value(self).map_err(|e| LossError::Config {
             loss: "config",
@@ -70,8 +83,10 @@ impl LossConfig {
         })?;
         let mut bad = Vec::new();
         check_numbers(&value, "", &mut bad);
-        if matches!(self, LossConfig::Sdl(_) | LossConfig::Cwcd(_))
-            && value["alpha"].as_f64().is_some_and(|a| a > 1.0)
+        if matches!(
+            self,
+            LossConfig::Sdl(_) | LossConfig::Cwcd(_) | LossConfig::DiceCldice(_)
+        ) && value["alpha"].as_f64().is_some_and(|a| a > 1.0)
         {
             bad.push(format!("alpha = {}: at most 1", value["alpha"]));
         }
@@ -123,12 +138,19 @@ impl LossConfig {
 
     /// Whether the loss has a region form ([`crate::regions`]): every loss made of the dice
     /// sums and the weighted cross-entropy (CE without class weights, DL, GDL, DWCE, CEDL, CWCE,
-    /// SDL, CWCD, Tversky); not Focal, DiceFocal or the boundary loss.
+    /// SDL, CWCD, Tversky); not Focal, DiceFocal, the boundary loss, clDice, Dice + clDice or
+    /// the Hausdorff losses.
     pub fn has_region_form(&self) -> bool {
         match self {
             LossConfig::Ce(l) => l.class_weights.is_none(),
             LossConfig::Cedl(l) => l.ce.class_weights.is_none(),
-            LossConfig::Focal(_) | LossConfig::Dicefocal(_) | LossConfig::Boundary(_) => false,
+            LossConfig::Focal(_)
+            | LossConfig::Dicefocal(_)
+            | LossConfig::Boundary(_)
+            | LossConfig::Cldice(_)
+            | LossConfig::DiceCldice(_)
+            | LossConfig::HausdorffDt(_)
+            | LossConfig::LogHausdorffDt(_) => false,
             _ => true,
         }
     }
@@ -148,12 +170,16 @@ impl LossConfig {
             LossConfig::Tversky(l) => Box::new(l),
             LossConfig::Dicefocal(l) => Box::new(l),
             LossConfig::Boundary(l) => Box::new(l),
+            LossConfig::Cldice(l) => Box::new(l),
+            LossConfig::DiceCldice(l) => Box::new(l),
+            LossConfig::HausdorffDt(l) => Box::new(l),
+            LossConfig::LogHausdorffDt(l) => Box::new(l),
         }
     }
 }
 
 /// Every loss name, in the order of docs/formulas.md.
-pub const LOSS_NAMES: [&str; 12] = [
+pub const LOSS_NAMES: [&str; 16] = [
     "ce",
     "dl",
     "gdl",
@@ -166,6 +192,10 @@ pub const LOSS_NAMES: [&str; 12] = [
     "tversky",
     "dicefocal",
     "boundary",
+    "cldice",
+    "dice_cldice",
+    "hausdorff_dt",
+    "log_hausdorff_dt",
 ];
 
 /// Collects `path = value` for every number of `value` that is negative or not finite (NaN and

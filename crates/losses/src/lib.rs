@@ -9,9 +9,11 @@ mod compound;
 mod config;
 mod cross_entropy;
 mod dice;
+mod distance;
 mod error;
 pub mod regions;
 mod target;
+mod topology;
 
 use candle_core::Tensor;
 
@@ -21,12 +23,14 @@ pub use cross_entropy::{
     ContourWeightedCrossEntropy, CrossEntropy, DistanceWeightedCrossEntropy, Focal, Preset,
 };
 pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
+pub use distance::{HausdorffDt, LogHausdorffDt};
 pub use error::{LossError, Result};
 pub use regions::Regions;
 pub use target::{
     BorderKind, ContourConfig, ElementKind, Kernels, Target, dwce_weights_cpu, edges_cpu,
     edges_online, signed_distance_cpu,
 };
+pub use topology::{SoftClDice, SoftDiceClDice};
 
 /// A segmentation loss: a scalar from logits `(N, K, D, H, W)` (any float dtype, any
 /// device) and a [`Target`]; differentiable with respect to the logits only.

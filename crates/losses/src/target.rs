@@ -227,7 +227,10 @@ impl Target {
 }
 
 /// How contours are made (formulas §1): `iterations` erosions by a cube of side `kernel` (or the
-/// cross), with a border. Default: the paper's cube 3, 6 iterations, background border.
+/// cross), with a border. Default: the paper's cube 3, 6 iterations, background border. On an
+/// anisotropic grid `iterations_per_axis = [n_z, n_y, n_x]` keeps the band's millimetres per
+/// axis: the cube's `n_a` erosions along axis `a` (one erosion by the box of sides
+/// `n_a (k − 1) + 1`; odd `k` only), in place of `iterations`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ContourConfig {
@@ -239,6 +242,9 @@ pub struct ContourConfig {
     pub element: ElementKind,
     /// `background` or `replicate`.
     pub border: BorderKind,
+    /// Erosions per axis `[z, y, x]` (cube, odd `kernel`), in place of `iterations`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iterations_per_axis: Option<[usize; 3]>,
 }
 
 /// The structuring element's shape.
@@ -268,6 +274,7 @@ impl Default for ContourConfig {
             iterations: 6,
             element: ElementKind::Cube,
             border: BorderKind::Background,
+            iterations_per_axis: None,
         }
     }
 }
@@ -275,12 +282,17 @@ impl Default for ContourConfig {
 impl ContourConfig {
     /// The morphology crate's settings.
     pub fn erosion(&self) -> ErosionSpec {
+        let (element, iterations) = match (self.element, self.iterations_per_axis) {
+            (ElementKind::Cube, Some(n)) => (
+                Element::Cuboid(n.map(|n| n * (self.kernel.max(1) - 1) + 1)),
+                1,
+            ),
+            (ElementKind::Cube, None) => (Element::Cube(self.kernel), self.iterations),
+            (ElementKind::Cross, _) => (Element::Cross, self.iterations),
+        };
         ErosionSpec {
-            element: match self.element {
-                ElementKind::Cube => Element::Cube(self.kernel),
-                ElementKind::Cross => Element::Cross,
-            },
-            iterations: self.iterations,
+            element,
+            iterations,
             border: match self.border {
                 BorderKind::Background => Border::Background,
                 BorderKind::Replicate => Border::Replicate,
@@ -288,7 +300,26 @@ impl ContourConfig {
         }
     }
 
+    /// The erosions along each axis `[z, y, x]`.
+    pub fn axis_iterations(&self) -> [usize; 3] {
+        self.iterations_per_axis.unwrap_or([self.iterations; 3])
+    }
+
     pub(crate) fn validate(&self, loss: &'static str) -> Result<()> {
+        if let Some(n) = self.iterations_per_axis
+            && (n.contains(&0)
+                || self.element != ElementKind::Cube
+                || self.kernel.is_multiple_of(2))
+        {
+            return Err(LossError::Config {
+                loss,
+                what: format!(
+                    "contour.iterations_per_axis = {n:?}: each ≥ 1, with the cube of an odd \
+                     kernel (kernel {}, element {:?})",
+                    self.kernel, self.element
+                ),
+            });
+        }
         if self.iterations == 0 || (self.element == ElementKind::Cube && self.kernel == 0) {
             return Err(LossError::Config {
                 loss,
@@ -346,13 +377,11 @@ pub fn edges_online(labels: &Tensor, contour: &ContourConfig) -> Result<Tensor> 
     let non_uniform = match contour.element {
         ElementKind::Cube => {
             let k = contour.kernel;
-            let (back, forward) = (
-                contour.iterations * (k / 2),
-                contour.iterations * (k - 1 - k / 2),
-            );
+            let n = contour.axis_iterations();
             let mut low = values.clone();
             let mut high = values.clone();
             for &axis in &axes {
+                let (back, forward) = (n[axis - 1] * (k / 2), n[axis - 1] * (k - 1 - k / 2));
                 low = window_extreme(&low, axis, back, forward, breaks, Extreme::Min)?;
                 high = window_extreme(&high, axis, back, forward, breaks, Extreme::Max)?;
             }

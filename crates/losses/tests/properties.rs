@@ -270,3 +270,41 @@ fn bad_input_is_an_error() {
         Err(LossError::Config { loss: "sdl", .. })
     ));
 }
+
+/// Per-axis erosions (the band in millimetres on anisotropic grids): the online maps equal
+/// cwseg-morphology's (which equal scipy's box erosion, `cuboid_erosion_and_contours_match_scipy`
+/// in cwseg-morphology), and equal per-axis counts are the plain `iterations`.
+#[test]
+fn per_axis_contour_bands_agree_online_and_on_the_cpu() {
+    use cwseg_losses::{ContourConfig, edges_cpu, edges_online};
+    let labels: Vec<u32> = (0..2 * 9 * 11 * 13)
+        .map(|i| ((i * 7919 + i / 13 * 31) % 97 / 30) as u32)
+        .collect();
+    let labels = candle_core::Tensor::from_vec(labels, (2, 9, 11, 13), &candle_core::Device::Cpu)
+        .expect("labels");
+    let to_vec = |t: candle_core::Tensor| -> Vec<u8> {
+        t.flatten_all().expect("flat").to_vec1().expect("u8")
+    };
+    for n in [[1, 2, 3], [3, 1, 2], [2, 2, 2]] {
+        let contour = ContourConfig {
+            iterations_per_axis: Some(n),
+            ..ContourConfig::default()
+        };
+        let online = to_vec(edges_online(&labels, &contour).expect("online"));
+        let cpu = to_vec(edges_cpu(&labels, &contour).expect("cpu"));
+        assert_eq!(online, cpu, "{n:?}");
+        if n[0] == n[1] && n[1] == n[2] {
+            let plain = ContourConfig {
+                iterations: n[0],
+                ..ContourConfig::default()
+            };
+            assert_eq!(cpu, to_vec(edges_cpu(&labels, &plain).expect("cpu")));
+        }
+    }
+    let even = ContourConfig {
+        kernel: 2,
+        iterations_per_axis: Some([1, 2, 3]),
+        ..ContourConfig::default()
+    };
+    assert!(edges_cpu(&labels, &even).is_err());
+}

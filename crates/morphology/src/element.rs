@@ -9,6 +9,12 @@ pub enum Element {
     /// Even sides erode asymmetrically with the origin at index `k / 2`, as
     /// `scipy.ndimage.binary_erosion(mask, np.ones((k,) * ndim))` does.
     Cube(usize),
+    /// A box of sides `[s_z, s_y, s_x]` (each ≥ 1; a 2D array uses `s_y, s_x`), as
+    /// `scipy.ndimage.binary_erosion(mask, np.ones((s_z, s_y, s_x)))`: a contour band of
+    /// `n_a` voxels along axis `a` on anisotropic grids is one erosion by the box of sides
+    /// `2 n_a + 1` (what `n_a` erosions of a 3-cube give along that axis). Even sides erode
+    /// asymmetrically, the origin at index `s / 2`, as [`Element::Cube`].
+    Cuboid([usize; 3]),
     /// The cross of the face neighbours (6-neighbourhood in 3D, 4 in 2D), scipy's
     /// `generate_binary_structure(ndim, 1)`.
     Cross,
@@ -62,13 +68,20 @@ impl ErosionSpec {
     pub fn reach(&self) -> usize {
         match self.element {
             Element::Cube(k) => self.iterations * (k / 2),
+            Element::Cuboid(sides) => {
+                self.iterations * (sides.iter().max().copied().unwrap_or(1) / 2)
+            }
             Element::Cross => self.iterations,
         }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if let Element::Cube(0) = self.element {
-            return Err(MorphologyError::CubeSide(0));
+        match self.element {
+            Element::Cube(0) => return Err(MorphologyError::CubeSide(0)),
+            Element::Cuboid(sides) if sides.contains(&0) => {
+                return Err(MorphologyError::CubeSide(0));
+            }
+            _ => {}
         }
         if self.iterations == 0 {
             return Err(MorphologyError::ZeroIterations);

@@ -44,9 +44,14 @@ where
         return Array3::from_elem(values.raw_dim(), false);
     }
     match element {
-        Element::Cube(side) => {
+        Element::Cube(_) | Element::Cuboid(_) => {
             let mut windows = [Window::POINT; 3];
             for axis in axes {
+                let side = match element {
+                    Element::Cuboid(sides) => sides[axis],
+                    Element::Cube(side) => side,
+                    Element::Cross => 1,
+                };
                 let window = Window::cube(side, iterations);
                 windows[axis] = if reflect { window.reflected() } else { window };
             }

@@ -17,8 +17,8 @@
 //!   the batch (as many patches as the budget holds, at least 2, at most 5 % of the data set's
 //!   voxels), the crop and normalisation (CT: nnU-Net's scheme; other modalities: z-score, over
 //!   the non-zero voxels when the crop to them keeps under 3/4 of the median case), and the
-//!   contour band of 6 mm (docs/formulas.md §7) in erosions at the target spacing's finest
-//!   axis. Each choice's reason is written beside it ([`commented_toml`]).
+//!   contour band of 6 mm (docs/formulas.md §7) in erosions along each axis of the target
+//!   spacing. Each choice's reason is written beside it ([`commented_toml`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -778,23 +778,40 @@ fn network_reasons(
     );
 }
 
-/// CWCD with the contour band of [`BAND_MM`] in erosions at the finest target spacing,
-/// `iterations = max(1, round(6 mm / min t))`.
+/// CWCD with the contour band of [`BAND_MM`] in erosions along each axis of the target spacing,
+/// `n_a = max(1, round(6 mm / t_a))`: `iterations` when every axis has the same count, else
+/// `iterations_per_axis` (and `iterations` their largest, unused).
 fn contour_loss(
     spacing: [f64; 3],
     reasons: &mut BTreeMap<String, String>,
 ) -> Result<cwseg_losses::LossConfig> {
-    let finest = spacing.iter().copied().fold(f64::INFINITY, f64::min);
-    let iterations = ((BAND_MM / finest).round() as usize).max(1);
-    reasons.insert(
-        "loss.contour.iterations".into(),
+    // n_a = max(1, round(band / s_a)) erosions of the 3-cube along each axis
+    let per_axis = spacing.map(|s| ((BAND_MM / s).round() as usize).max(1));
+    let contour = if per_axis.iter().all(|&n| n == per_axis[0]) {
+        reasons.insert(
+            "loss.contour.iterations".into(),
+            format!(
+                "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) at the target \
+                 spacing {:?} mm",
+                spacing
+            ),
+        );
+        format!(r#"{{"iterations": {}}}"#, per_axis[0])
+    } else {
+        reasons.insert(
+            "loss.contour.iterations_per_axis".into(),
+            format!(
+                "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) along each axis of \
+                 the anisotropic target spacing {spacing:?} mm: round(6 mm / spacing)"
+            ),
+        );
         format!(
-            "a {BAND_MM} mm contour band (the paper's 6 erosions at 1 mm) at the finest target \
-             spacing {finest} mm"
-        ),
-    );
+            r#"{{"iterations": {}, "iterations_per_axis": {per_axis:?}}}"#,
+            per_axis.iter().max().copied().unwrap_or(1)
+        )
+    };
     Ok(cwseg_losses::LossConfig::from_json(&format!(
-        r#"{{"name": "cwcd", "contour": {{"iterations": {iterations}}}}}"#
+        r#"{{"name": "cwcd", "contour": {contour}}}"#
     ))?)
 }
 
@@ -1129,7 +1146,8 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ("model.norm.kind", "batch, instance or group"),
     (
         "loss.name",
-        "ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal or boundary",
+        "ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary, cldice, \
+         dice_cldice, hausdorff_dt or log_hausdorff_dt",
     ),
     ("loss.lambda", "λ: the contour weight of CWCE, (1 + λ C) ℓ"),
     (
@@ -1230,6 +1248,10 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ("augment.gamma_probability", "probability of a gamma change"),
     ("augment.gamma_range", "γ range [low, high]"),
     (
+        "loss.contour.iterations_per_axis",
+        "erosions per axis [z, y, x] (the band in mm on anisotropic grids), in place of iterations",
+    ),
+    (
         "regions",
         "region-based training: one sigmoid output per region, labels back by class order",
     ),
@@ -1275,6 +1297,24 @@ pub fn default_config_toml() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_contour_band_keeps_its_millimetres_on_every_axis() {
+        let contour = |spacing| {
+            let mut reasons = BTreeMap::new();
+            let loss = contour_loss(spacing, &mut reasons).expect("loss");
+            loss.contour().expect("a contour loss")
+        };
+        // isotropic: one count, the paper's 6 at 1 mm, 3 at 2 mm
+        assert_eq!(contour([1.0; 3]).axis_iterations(), [6; 3]);
+        assert_eq!(contour([2.0; 3]).iterations_per_axis, None);
+        // thick slices: round(6 / s) per axis, 2 along z at 3 mm, 8 in-plane at 0.8 mm
+        let thick = contour([3.0, 0.8, 0.8]);
+        assert_eq!(thick.iterations_per_axis, Some([2, 8, 8]));
+        assert_eq!(thick.axis_iterations(), [2, 8, 8]);
+        // never below one erosion
+        assert_eq!(contour([20.0, 1.0, 1.0]).axis_iterations(), [1, 6, 6]);
+    }
 
     fn case(spacing: [f64; 3], shape: [usize; 3]) -> CaseFingerprint {
         CaseFingerprint {

@@ -54,8 +54,7 @@ impl Trainer {
     /// normalised to sum 1 (the lowest decoder level has no output, so weight 0), the targets
     /// of level `l` the batch's at `1/2^l` ([`Batch::downsampled`]); else `L(z_0, y)`.
     fn deep_loss(&self, outputs: &[Tensor], batch: &Batch) -> Result<Tensor> {
-        let weights: Vec<f64> = (0..outputs.len()).map(|l| 0.5f64.powi(l as i32)).collect();
-        let total: f64 = weights.iter().sum();
+        let weights = deep_supervision_weights(outputs.len());
         let mut sum: Option<Tensor> = None;
         for (l, (logits, w)) in outputs.iter().zip(&weights).enumerate() {
             let level = match l {
@@ -65,7 +64,7 @@ impl Trainer {
                     self.loss.forward(logits, &target)?
                 }
             };
-            let level = level.affine(w / total, 0.0)?;
+            let level = level.affine(*w, 0.0)?;
             sum = Some(match sum {
                 None => level,
                 Some(s) => (s + level)?,
@@ -111,5 +110,28 @@ impl Trainer {
         }
         self.state.loss_scaler = Some(scaler.state());
         Ok(())
+    }
+}
+
+/// nnU-Net's deep-supervision weights of `levels` supervised outputs (full resolution first):
+/// `w_l = 2^{−l} / Σ_m 2^{−m}` (the lowest decoder level has no output, so weight 0).
+pub fn deep_supervision_weights(levels: usize) -> Vec<f64> {
+    let raw: Vec<f64> = (0..levels).map(|l| 0.5f64.powi(l as i32)).collect();
+    let total: f64 = raw.iter().sum();
+    raw.into_iter().map(|w| w / total).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deep_supervision_weights_are_nnunets() {
+        // nnU-Net: weights 1, 1/2, 1/4, 1/8 with the last set to 0, then normalised
+        let w = super::deep_supervision_weights(3);
+        let want = [4.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0];
+        assert!(
+            w.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-15),
+            "{w:?}"
+        );
+        assert_eq!(super::deep_supervision_weights(1), [1.0]);
     }
 }
