@@ -30,7 +30,7 @@ fn a_plan_trains_unchanged_and_says_why() {
     for (field, reason) in [
         ("patch = ", "the median case"),
         ("spacing = ", "the median spacing"),
-        ("iterations = ", "a 6 mm contour band"),
+        ("iterations_per_axis = [4, 6, 6]", "a 6 mm contour band"),
         ("[data.preprocessing.normalization]", "a CT channel"),
     ] {
         let lines: Vec<&str> = text.lines().collect();
