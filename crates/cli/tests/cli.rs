@@ -2441,12 +2441,14 @@ fn ct_normalization_is_measured_on_the_training_cases_and_recorded() {
     assert_eq!(n["kind"], "clip_z_score", "{n}");
     let number = |k: &str| n[k].as_f64().expect("number");
 
-    // the same statistics, by hand, over the foreground of the training cases only
+    // the same statistics, by hand, over the foreground of the training cases only, every case
+    // weighing the same (nnU-Net's: the mixture of the cases' distributions)
     let split: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).expect("split"))
             .expect("json");
     let options = cwseg_data::ReadOptions::default();
     let mut foreground = Vec::new();
+    let mut cases: Vec<Vec<f64>> = Vec::new();
     for id in split["train"].as_array().expect("train ids") {
         let id = id.as_str().expect("id");
         let image =
@@ -2455,17 +2457,29 @@ fn ct_normalization_is_measured_on_the_training_cases_and_recorded() {
         let label =
             cwseg_data::read_label(run.join(format!("data/labelsTr/{id}.nii.gz")), &options)
                 .expect("label");
+        let mut case = Vec::new();
         ndarray::Zip::from(image.data.index_axis(ndarray::Axis(0), 0))
             .and(&label.data)
             .for_each(|&v, &l| {
                 if l > 0 {
-                    foreground.push(v as f64)
+                    case.push(v as f64)
                 }
             });
+        foreground.extend(&case);
+        if !case.is_empty() {
+            cases.push(case);
+        }
     }
-    let count = foreground.len() as f64;
-    let mean = foreground.iter().sum::<f64>() / count;
-    let std = (foreground.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / count).sqrt();
+    // E[f] = (1/m) Σ_c (1/n_c) Σ_{v ∈ c} f(v)
+    let expect = |f: &dyn Fn(f64) -> f64| -> f64 {
+        cases
+            .iter()
+            .map(|c| c.iter().map(|&v| f(v)).sum::<f64>() / c.len() as f64)
+            .sum::<f64>()
+            / cases.len() as f64
+    };
+    let mean = expect(&|v| v);
+    let std = expect(&|v| (v - mean).powi(2)).sqrt();
     assert!(
         (number("mean") - mean).abs() < 1e-9 * (1.0 + mean.abs()),
         "mean {n}"

@@ -315,8 +315,9 @@ fn assert_properties(got: &IntensityProperties, want: &Value, what: &str) {
     }
 }
 
-/// nnU-Net's CT scheme: foreground statistics pooled over two cases equal numpy's, and the
-/// normalisation they give equals nnunetv2's `CTNormalization`.
+/// nnU-Net's CT scheme: the foreground statistics of two cases of different sizes, every case
+/// weighing the same, equal numpy's (`mixture_properties` of the fixture script, written from
+/// the definition), and the normalisation they give equals nnunetv2's `CTNormalization`.
 #[test]
 fn ct_normalization_matches_nnunet() {
     let a = array::<Ix3>("intensity_input").mapv(|v| v as f32);
@@ -328,7 +329,7 @@ fn ct_normalization_matches_nnunet() {
     pool.add(b.view(), label("ct_label_b").view())
         .expect("same shape");
     let properties = pool.properties().expect("foreground");
-    assert_properties(&properties, &reference()["ct_properties"], "pooled");
+    assert_properties(&properties, &reference()["ct_properties"], "mixture");
     let kind = properties.ct_normalization();
     kind.validate().expect("valid");
     let mut y = a.clone();
@@ -356,6 +357,44 @@ fn ct_normalization_matches_nnunet() {
     bad[[0, 0, 0]] = f32::NAN;
     let everywhere = Array3::from_elem(a.dim(), 1u8);
     assert!(empty.add(bad.view(), everywhere.view()).is_err());
+}
+
+/// A 10-voxel case (1000 … 1009) and a 10 000-voxel case (0 … 99, 100 voxels each) weigh the
+/// same: the mean is the average of the two case means (pooling gives nearly the large case's),
+/// σ² the average of the cases' mean squared deviations from it, and the median is at the top of
+/// the large case's values (half the weight below).
+#[test]
+fn foreground_statistics_are_the_mixture_of_the_cases() {
+    let small = Array3::from_shape_fn((1, 1, 10), |(_, _, i)| 1000.0 + i as f32);
+    let large = Array3::from_shape_fn((10, 10, 100), |(_, _, x)| x as f32);
+    let mut pool = ForegroundIntensities::new(foreground_voxels_per_case(2));
+    for image in [&small, &large] {
+        pool.add(image.view(), Array3::from_elem(image.dim(), 1u8).view())
+            .expect("same shape");
+    }
+    let p = pool.properties().expect("foreground");
+    let mean = (1004.5 + 49.5) / 2.0;
+    let deviation = |values: std::ops::Range<i32>, offset: f64| {
+        let n = values.len() as f64;
+        values
+            .map(|v| (f64::from(v) + offset - mean).powi(2))
+            .sum::<f64>()
+            / n
+    };
+    let var = (deviation(0..10, 1000.0) + deviation(0..100, 0.0)) / 2.0;
+    assert_eq!((p.voxels, p.min, p.max), (10_010, 0.0, 1009.0));
+    assert!((p.mean - mean).abs() < 1e-9, "{}", p.mean);
+    assert!((p.std - var.sqrt()).abs() < 1e-9, "{}", p.std);
+    // a voxel of the large case weighs 1/20 000, of the small one 1/20: the value k < 100
+    // spans [k/200 + 1/40 000, (k + 1)/200 − 1/40 000], 1000 + i sits at 1/2 + i/20 + 1/40
+    let t = |q: f64| 2.5e-5 + q * (0.975 - 2.5e-5);
+    assert_eq!((p.percentile_00_5, p.median), (0.0, 97.0), "t = {}", t(0.5));
+    let top = 1008.0 + (t(0.995) - 0.925) / 0.05;
+    assert!(
+        (p.percentile_99_5 - top).abs() < 1e-9,
+        "{} vs {top}",
+        p.percentile_99_5
+    );
 }
 
 /// The same statistics on the real TotalSegmentator CT (label > 0 of the 104-class map) equal

@@ -24,9 +24,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result, bail};
-use cwseg_data::{Dataset, IntensityProperties, Normalization, ReadOptions};
+use cwseg_data::{Dataset, ForegroundIntensities, IntensityProperties, Normalization, ReadOptions};
 use cwseg_models::ModelConfig;
-use ndarray::{ArrayView3, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -80,111 +79,16 @@ impl Fingerprint {
     }
 }
 
-/// One channel's foreground voxels, kept case by case so that every case weighs the same:
-/// nnU-Net draws `10^8 / n` voxels with replacement from each of the `n` cases' foreground, so
-/// its statistics are those of the mixture `F = (1/n) Σ_c F_c` of the cases' distributions,
-/// whatever their sizes (pooling the voxels instead weighs a case by its foreground: 55 % off
-/// nnU-Net's FLAIR mean on the 12 BraTS cases, PLANNING.md). A case keeps at most `per_case`
-/// voxels, every `k`-th with `k = ⌈count / per_case⌉`.
-#[derive(Debug, Clone)]
-struct CaseWeighted {
-    cases: Vec<Vec<f32>>,
-    per_case: usize,
-}
-
-impl CaseWeighted {
-    fn new(per_case: usize) -> Self {
-        CaseWeighted {
-            cases: Vec::new(),
-            per_case: per_case.max(1),
-        }
-    }
-
-    /// Adds one case: the voxels of `channel` where `label > 0`.
-    fn add(&mut self, channel: ArrayView3<f32>, label: ArrayView3<u8>) -> Result<()> {
-        if channel.shape() != label.shape() {
-            bail!(
-                "foreground intensities: image {:?} and labels {:?} differ in shape",
-                channel.shape(),
-                label.shape()
-            );
-        }
-        let mut values = Vec::new();
-        Zip::from(&channel).and(&label).for_each(|&x, &l| {
-            if l > 0 {
-                values.push(x);
-            }
-        });
-        let stride = values.len().div_ceil(self.per_case).max(1);
-        self.cases
-            .push(values.into_iter().step_by(stride).collect());
-        Ok(())
-    }
-
-    /// The mixture's statistics: with `m` cases holding foreground and weights
-    /// `w_c = 1 / (m · n_c)` per voxel of case `c`, `mean = Σ w·v`, `σ² = Σ w·(v − mean)²`, and
-    /// the `q`-quantile the smallest value `v` with `Σ_{u ≤ v} w ≥ q` (what nnU-Net's percentiles
-    /// of its 10^8 samples converge to).
-    fn properties(&self) -> Result<IntensityProperties> {
-        let filled: Vec<&Vec<f32>> = self.cases.iter().filter(|c| !c.is_empty()).collect();
-        if filled.is_empty() {
-            bail!("foreground intensities: no training case has foreground voxels");
-        }
-        let weight = |c: &[f32]| 1.0 / (filled.len() as f64 * c.len() as f64);
-        let sum = |f: &dyn Fn(f64) -> f64| -> f64 {
-            filled
-                .iter()
-                .map(|c| weight(c) * c.iter().map(|&v| f(f64::from(v))).sum::<f64>())
-                .sum()
-        };
-        let mean = sum(&|v| v);
-        let std = sum(&|v| (v - mean).powi(2)).sqrt();
-        let mut pairs: Vec<(f32, u32)> = Vec::new();
-        for (i, c) in filled.iter().enumerate() {
-            pairs.extend(c.iter().map(|&v| (v, i as u32)));
-        }
-        pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-        let q = mixture_quantiles(&pairs, |i| weight(filled[i as usize]), &[0.005, 0.5, 0.995]);
-        Ok(IntensityProperties {
-            voxels: pairs.len(),
-            mean,
-            std,
-            median: q[1],
-            min: f64::from(pairs[0].0),
-            max: f64::from(pairs[pairs.len() - 1].0),
-            percentile_00_5: q[0],
-            percentile_99_5: q[2],
-        })
-    }
-}
-
-/// For each of the ascending `qs`, the first of the sorted `(value, case)` pairs at which the
-/// cumulative weight reaches `q` (the last value when rounding leaves it short).
-fn mixture_quantiles(pairs: &[(f32, u32)], weight: impl Fn(u32) -> f64, qs: &[f64]) -> Vec<f64> {
-    let mut out = Vec::with_capacity(qs.len());
-    let mut cumulative = 0.0;
-    let mut pending = qs.iter().peekable();
-    for &(value, case) in pairs {
-        cumulative += weight(case);
-        while pending.next_if(|&&q| cumulative >= q).is_some() {
-            out.push(f64::from(value));
-        }
-    }
-    let last = pairs.last().map_or(f64::NAN, |p| f64::from(p.0));
-    out.resize(qs.len(), last);
-    out
-}
-
 /// Reads every training case of `dataset` (the integrity check) and measures it.
 pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
     if dataset.training.is_empty() {
         bail!("{}: no training cases to plan from", dataset.root.display());
     }
     let per_case = cwseg_data::foreground_voxels_per_case(dataset.training.len());
-    let mut pools: Vec<CaseWeighted> = dataset
+    let mut pools: Vec<ForegroundIntensities> = dataset
         .modalities
         .iter()
-        .map(|_| CaseWeighted::new(per_case))
+        .map(|_| ForegroundIntensities::new(per_case))
         .collect();
     let mut cases = Vec::new();
     let mut class_voxels = BTreeMap::new();
@@ -202,7 +106,8 @@ pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
         };
         check_orthogonal(&image.geometry, &case.images[0])?;
         for (pool, channel) in pools.iter_mut().zip(image.data.outer_iter()) {
-            pool.add(channel, label.data.view())?;
+            pool.add(channel, label.data.view())
+                .with_context(|| format!("case {}", case.id))?;
         }
         let first = image.data.index_axis(ndarray::Axis(0), 0);
         zeros += first.iter().filter(|&&v| v == 0.0).count() as u64;
@@ -227,8 +132,8 @@ pub fn fingerprint(dataset: &Dataset) -> Result<Fingerprint> {
     }
     let intensities = pools
         .iter()
-        .map(CaseWeighted::properties)
-        .collect::<Result<Vec<_>>>()?;
+        .map(ForegroundIntensities::properties)
+        .collect::<cwseg_data::Result<Vec<_>>>()?;
     Ok(Fingerprint {
         modalities: dataset.modalities.clone(),
         label_values: dataset.label_values.clone(),
@@ -1355,26 +1260,6 @@ mod tests {
         // a 10th percentile finer than the other axes stops just above them
         let t = target_spacing(&thick(30, &[0.5, 0.5, 3.0, 3.0, 3.0]));
         assert_eq!(t, [0.8 + 1e-5, 0.8, 0.8]);
-    }
-
-    /// Every case weighs the same: four voxels of 0 and one of 10 give mean 5, σ 5.
-    #[test]
-    fn foreground_statistics_weigh_every_case_the_same() {
-        let mut pool = CaseWeighted::new(100);
-        let label = ndarray::Array3::<u8>::ones((1, 1, 4));
-        let zeros = ndarray::Array3::<f32>::zeros((1, 1, 4));
-        pool.add(zeros.view(), label.view()).expect("same shapes");
-        let one = ndarray::Array3::<u8>::ones((1, 1, 1));
-        let ten = ndarray::Array3::from_elem((1, 1, 1), 10.0);
-        pool.add(ten.view(), one.view()).expect("same shapes");
-        assert!(pool.add(zeros.view(), one.view()).is_err());
-        let p = pool.properties().expect("statistics");
-        assert_eq!((p.mean, p.std, p.voxels), (5.0, 5.0, 5));
-        assert_eq!(
-            (p.percentile_00_5, p.median, p.percentile_99_5),
-            (0.0, 0.0, 10.0)
-        );
-        assert!(CaseWeighted::new(1).properties().is_err());
     }
 
     /// nnU-Net's pooling of the 12 BraTS cases' median (1 mm) and of the CT (3 mm), as its
