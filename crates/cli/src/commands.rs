@@ -75,7 +75,7 @@ pub struct TrainArgs {
     #[arg(long)]
     model: Option<String>,
     /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary,
-    /// cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt) [default: cwcd].
+    /// cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal) [default: cwcd].
     #[arg(long)]
     loss: Option<String>,
     /// Loss configuration as JSON (`{"name": "cwcd", "lambda": 1.0}`).

@@ -11,6 +11,7 @@ use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
 use crate::distance::{HausdorffDt, LogHausdorffDt};
 use crate::target::ContourConfig;
 use crate::topology::{SoftClDice, SoftDiceClDice};
+use crate::unified_focal::UnifiedFocal;
 use crate::{Loss, LossError, Result};
 
 /// Every loss's configuration, tagged by its lower-case short name; omitted fields take
@@ -53,6 +54,9 @@ pub enum LossConfig {
     /// `log(1 + HD)`.
     #[serde(rename = "log_hausdorff_dt")]
     LogHausdorffDt(LogHausdorffDt),
+    /// Asymmetric unified focal loss (binary only).
+    #[serde(rename = "unified_focal")]
+    UnifiedFocal(UnifiedFocal),
 }
 
 impl LossConfig {
@@ -74,8 +78,8 @@ impl LossConfig {
     }
 
     /// Checks every number of the configuration: finite and non-negative (weights, λ, α,
-    /// smoothing terms, w0, σ, γ, class weights), and SDL's / CWCD's / dice_cldice's α at
-    /// most 1. The error names the field (`lambda`, `dice.smooth_nr`, …).
+    /// smoothing terms, w0, σ, γ, class weights), SDL's / CWCD's / dice_cldice's α at
+    /// most 1, and unified_focal's weight, γ and δ at most 1. The error names the field (`lambda`, `dice.smooth_nr`, …).
     pub fn validate(&self) -> Result<()> {
         let value = serde_json::to_value(self).map_err(|e| LossError::Config {
             loss: "config",
@@ -89,6 +93,9 @@ impl LossConfig {
         ) && value["alpha"].as_f64().is_some_and(|a| a > 1.0)
         {
             bad.push(format!("alpha = {}: at most 1", value["alpha"]));
+        }
+        if let LossConfig::UnifiedFocal(l) = self {
+            bad.extend(l.out_of_range());
         }
         if matches!(self, LossConfig::Tversky(_))
             && value["alpha"].as_f64().unwrap_or(0.0) + value["beta"].as_f64().unwrap_or(0.0) <= 0.0
@@ -105,6 +112,9 @@ impl LossConfig {
             if all_zero {
                 bad.push("class_weights all 0 (the loss would be 0 for any prediction)".into());
             }
+        }
+        if let Some(contour) = self.contour() {
+            contour.validate(self.build().name())?;
         }
         match bad.first() {
             None => Ok(()),
@@ -138,8 +148,8 @@ impl LossConfig {
 
     /// Whether the loss has a region form ([`crate::regions`]): every loss made of the dice
     /// sums and the weighted cross-entropy (CE without class weights, DL, GDL, DWCE, CEDL, CWCE,
-    /// SDL, CWCD, Tversky); not Focal, DiceFocal, the boundary loss, clDice, Dice + clDice or
-    /// the Hausdorff losses.
+    /// SDL, CWCD, Tversky); not Focal, DiceFocal, the boundary loss, clDice, Dice + clDice, the
+    /// Hausdorff losses or the unified focal loss.
     pub fn has_region_form(&self) -> bool {
         match self {
             LossConfig::Ce(l) => l.class_weights.is_none(),
@@ -150,7 +160,8 @@ impl LossConfig {
             | LossConfig::Cldice(_)
             | LossConfig::DiceCldice(_)
             | LossConfig::HausdorffDt(_)
-            | LossConfig::LogHausdorffDt(_) => false,
+            | LossConfig::LogHausdorffDt(_)
+            | LossConfig::UnifiedFocal(_) => false,
             _ => true,
         }
     }
@@ -174,12 +185,13 @@ impl LossConfig {
             LossConfig::DiceCldice(l) => Box::new(l),
             LossConfig::HausdorffDt(l) => Box::new(l),
             LossConfig::LogHausdorffDt(l) => Box::new(l),
+            LossConfig::UnifiedFocal(l) => Box::new(l),
         }
     }
 }
 
 /// Every loss name, in the order of docs/formulas.md.
-pub const LOSS_NAMES: [&str; 16] = [
+pub const LOSS_NAMES: [&str; 17] = [
     "ce",
     "dl",
     "gdl",
@@ -196,6 +208,7 @@ pub const LOSS_NAMES: [&str; 16] = [
     "dice_cldice",
     "hausdorff_dt",
     "log_hausdorff_dt",
+    "unified_focal",
 ];
 
 /// Collects `path = value` for every number of `value` that is negative or not finite (NaN and

@@ -14,6 +14,7 @@ mod error;
 pub mod regions;
 mod target;
 mod topology;
+mod unified_focal;
 
 use candle_core::Tensor;
 
@@ -31,6 +32,7 @@ pub use target::{
     edges_online, signed_distance_cpu,
 };
 pub use topology::{SoftClDice, SoftDiceClDice};
+pub use unified_focal::UnifiedFocal;
 
 /// A segmentation loss: a scalar from logits `(N, K, D, H, W)` (any float dtype, any
 /// device) and a [`Target`]; differentiable with respect to the logits only.

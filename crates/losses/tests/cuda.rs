@@ -75,9 +75,17 @@ fn cuda_matches_cpu() {
         online, cpu,
         "online contour map on CUDA vs cwseg-morphology"
     );
+    // the binary-only loss (unified_focal) on two classes
+    let (logits2, labels2) = inputs(&Device::Cpu, 2, 2, 20);
+    let on_gpu2 = logits2.to_device(&device).unwrap();
     for name in LOSS_NAMES {
-        let (v_cpu, g_cpu) = run(name, &logits, &labels);
-        let (v_gpu, g_gpu) = run(name, &on_gpu, &labels);
+        let (logits, on_gpu, labels) = if name == "unified_focal" {
+            (&logits2, &on_gpu2, &labels2)
+        } else {
+            (&logits, &on_gpu, &labels)
+        };
+        let (v_cpu, g_cpu) = run(name, logits, labels);
+        let (v_gpu, g_gpu) = run(name, on_gpu, labels);
         let rel = (v_cpu - v_gpu).abs() / v_cpu.abs().max(1e-3);
         let scale = g_cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = g_cpu

@@ -45,6 +45,9 @@ fn logits(
         .unwrap()
 }
 
+/// Losses defined for two classes only (they refuse any other number with a `Config` error).
+const BINARY_ONLY: [&str; 1] = ["unified_focal"];
+
 fn value_and_grad(name: &str, z: &Tensor, target: &Target) -> (f64, Tensor) {
     let var = Var::from_tensor(z).unwrap();
     let loss = LossConfig::from_name(name).unwrap().build();
@@ -57,14 +60,18 @@ fn value_and_grad(name: &str, z: &Tensor, target: &Target) -> (f64, Tensor) {
 #[test]
 fn gradients_match_finite_differences_in_f64() {
     let mut rng = Lcg(1);
-    let shape = (2, 3, 4, 5, 6);
-    let z = logits(&mut rng, shape, 2.0, DType::F64);
-    let y = labels(&mut rng, 2, 3, [4, 5, 6]);
-    let flat: Vec<f64> = z.flatten_all().unwrap().to_vec1().unwrap();
+    let mut inputs = Vec::new();
+    for k in [3, 2] {
+        let shape = (2, k, 4, 5, 6);
+        let z = logits(&mut rng, shape, 2.0, DType::F64);
+        inputs.push((shape, z, labels(&mut rng, 2, k, [4, 5, 6])));
+    }
     for kernels in [Kernels::Auto, Kernels::Composite] {
-        let target = Target::new(y.clone()).unwrap().with_kernels(kernels);
         for name in LOSS_NAMES {
-            let (_, grad) = value_and_grad(name, &z, &target);
+            let (shape, z, y) = &inputs[usize::from(BINARY_ONLY.contains(&name))];
+            let (shape, flat) = (*shape, z.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+            let target = Target::new(y.clone()).unwrap().with_kernels(kernels);
+            let (_, grad) = value_and_grad(name, z, &target);
             let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
             let loss = LossConfig::from_name(name).unwrap().build();
             let eval = |values: &[f64]| -> f64 {
@@ -115,8 +122,16 @@ fn losses_are_finite_non_negative_and_small_for_perfect_predictions() {
             .unwrap();
         let target = Target::new(y).unwrap();
         for name in LOSS_NAMES {
-            let (value, grad) = value_and_grad(name, &z, &target);
             let what = format!("{name}, trial {trial} (N={n}, K={k}, {dims:?}, logits ±{scale})");
+            if BINARY_ONLY.contains(&name) && k != 2 {
+                let refused = LossConfig::from_name(name)
+                    .unwrap()
+                    .build()
+                    .forward(&z, &target);
+                assert!(matches!(refused, Err(LossError::Config { .. })), "{what}");
+                continue;
+            }
+            let (value, grad) = value_and_grad(name, &z, &target);
             assert!(value.is_finite(), "{what}: {value}");
             let g: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "{what}: gradient");
@@ -156,7 +171,11 @@ fn all_background_and_single_class_batches_stay_finite() {
                     assert!(g.iter().all(|v| v.is_finite()), "{name}, K={k}: gradient");
                 }
                 // A dice loss without background needs a foreground class to exist.
-                Err(LossError::Config { .. }) => assert_eq!(k, 1, "{name} refused K={k}"),
+                // … and a binary-only loss needs two classes.
+                Err(LossError::Config { .. }) => assert!(
+                    k == 1 || (BINARY_ONLY.contains(&name) && k != 2),
+                    "{name} refused K={k}"
+                ),
                 Err(e) => panic!("{name}, K={k}: {e}"),
             }
         }
@@ -166,12 +185,15 @@ fn all_background_and_single_class_batches_stay_finite() {
 #[test]
 fn f32_fast_path_agrees_with_f64() {
     let mut rng = Lcg(5);
-    let z = logits(&mut rng, (2, 5, 6, 7, 8), 4.0, DType::F64);
-    let y = labels(&mut rng, 2, 5, [6, 7, 8]);
-    let target = Target::new(y).unwrap();
+    let mut inputs = Vec::new();
+    for k in [5, 2] {
+        let z = logits(&mut rng, (2, k, 6, 7, 8), 4.0, DType::F64);
+        inputs.push((z, Target::new(labels(&mut rng, 2, k, [6, 7, 8])).unwrap()));
+    }
     for name in LOSS_NAMES {
-        let (v64, g64) = value_and_grad(name, &z, &target);
-        let (v32, g32) = value_and_grad(name, &z.to_dtype(DType::F32).unwrap(), &target);
+        let (z, target) = &inputs[usize::from(BINARY_ONLY.contains(&name))];
+        let (v64, g64) = value_and_grad(name, z, target);
+        let (v32, g32) = value_and_grad(name, &z.to_dtype(DType::F32).unwrap(), target);
         assert!(
             (v64 - v32).abs() <= 1e-5 * v64.abs().max(1.0),
             "{name}: f32 {v32} vs f64 {v64}"
@@ -262,11 +284,20 @@ fn bad_input_is_an_error() {
         Target::new(Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap()),
         Err(LossError::LabelType(DType::F32))
     ));
-    let zero_kernel = LossConfig::from_json(r#"{"name": "sdl", "contour": {"kernel": 0}}"#)
-        .unwrap()
-        .build();
+    // a zero kernel is refused when the configuration is read, and by the loss itself
     assert!(matches!(
-        zero_kernel.forward(&z, &Target::new(y).unwrap()),
+        LossConfig::from_json(r#"{"name": "sdl", "contour": {"kernel": 0}}"#),
+        Err(LossError::Config { loss: "sdl", .. })
+    ));
+    let zero_kernel = cwseg_losses::SeparableDice {
+        contour: cwseg_losses::ContourConfig {
+            kernel: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(matches!(
+        cwseg_losses::Loss::forward(&zero_kernel, &z, &Target::new(y).unwrap()),
         Err(LossError::Config { loss: "sdl", .. })
     ));
 }
@@ -307,4 +338,12 @@ fn per_axis_contour_bands_agree_online_and_on_the_cpu() {
         ..ContourConfig::default()
     };
     assert!(edges_cpu(&labels, &even).is_err());
+    // a configuration is refused when it is read, not at the first training step
+    for bad in [
+        r#"{"name": "cwcd", "contour": {"iterations_per_axis": [0, 2, 2]}}"#,
+        r#"{"name": "sdl", "contour": {"iterations_per_axis": [1, 2, 2], "element": "cross"}}"#,
+    ] {
+        let err = LossConfig::from_json(bad).expect_err(bad).to_string();
+        assert!(err.contains("iterations_per_axis"), "{err}");
+    }
 }

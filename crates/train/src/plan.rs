@@ -820,6 +820,11 @@ pub fn write_plan(
     if !(budget.memory_gib.is_finite() && budget.memory_gib > 0.0) {
         bail!("--memory {}: a positive number of GiB", budget.memory_gib);
     }
+    if let Some(minutes) = budget.minutes
+        && !(minutes.is_finite() && minutes > 0.0)
+    {
+        bail!("--minutes {minutes}: a positive number of minutes");
+    }
     // before reading every case: the folder the plan goes to must exist
     if let Some(folder) = out.parent().filter(|p| !p.as_os_str().is_empty())
         && !folder.is_dir()
@@ -1052,7 +1057,7 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     (
         "loss.name",
         "ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary, cldice, \
-         dice_cldice, hausdorff_dt or log_hausdorff_dt",
+         dice_cldice, hausdorff_dt, log_hausdorff_dt or unified_focal",
     ),
     ("loss.lambda", "λ: the contour weight of CWCE, (1 + λ C) ℓ"),
     (
