@@ -147,6 +147,12 @@ fn an_ensemble_is_the_mean_of_its_members_and_refuses_other_classes() {
         "the ensemble's labels are the argmax of the mean"
     );
 
+    // one model twice would weigh double: refused, naming it
+    let err = fails(&[
+        "predict", "--model", s(&a), "--model", s(&a), "--input", s(&input), "--output",
+        s(&dir.path().join("twice.nii.gz")),
+    ]);
+    assert!(err.contains("twice"), "{err}");
     // a member trained on regions predicts other outputs: refused, naming both models
     let regions = "\n[regions]\nnames = [\"r\"]\nlabels = [[1, 2]]\nclass_order = [1]\n";
     let c = train(dir.path(), "ccc", regions);

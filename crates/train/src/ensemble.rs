@@ -142,6 +142,18 @@ pub fn check_members(members: &[Member]) -> Result<()> {
     let Some(first) = members.first() else {
         bail!("an ensemble needs at least one model");
     };
+    // one model twice would silently weigh double in the mean
+    let mut seen = std::collections::BTreeSet::new();
+    for member in members {
+        let resolved = member.dir.canonicalize().unwrap_or_else(|_| member.dir.clone());
+        if !seen.insert(resolved) {
+            bail!(
+                "the model {} is in the ensemble twice: each member's probabilities count once \
+                 in the mean",
+                member.dir.display()
+            );
+        }
+    }
     for other in &members[1..] {
         if let Some((what, a, b)) = first_difference(&first.card, &other.card) {
             bail!(
