@@ -149,7 +149,14 @@ fn an_ensemble_is_the_mean_of_its_members_and_refuses_other_classes() {
 
     // one model twice would weigh double: refused, naming it
     let err = fails(&[
-        "predict", "--model", s(&a), "--model", s(&a), "--input", s(&input), "--output",
+        "predict",
+        "--model",
+        s(&a),
+        "--model",
+        s(&a),
+        "--input",
+        s(&input),
+        "--output",
         s(&dir.path().join("twice.nii.gz")),
     ]);
     assert!(err.contains("twice"), "{err}");

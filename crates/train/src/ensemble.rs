@@ -145,7 +145,10 @@ pub fn check_members(members: &[Member]) -> Result<()> {
     // one model twice would silently weigh double in the mean
     let mut seen = std::collections::BTreeSet::new();
     for member in members {
-        let resolved = member.dir.canonicalize().unwrap_or_else(|_| member.dir.clone());
+        let resolved = member
+            .dir
+            .canonicalize()
+            .unwrap_or_else(|_| member.dir.clone());
         if !seen.insert(resolved) {
             bail!(
                 "the model {} is in the ensemble twice: each member's probabilities count once \
