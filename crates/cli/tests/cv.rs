@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use common::{TINY_RUN, fails, ok, s};
-use cwseg_data::{ReadOptions, read_image, read_label};
+use common::{TINY_RUN, fails, ok, probabilities, s};
+use cwseg_data::{ReadOptions, read_label};
 use cwseg_train::postprocess::PostProcessing;
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{Array3, Array4};
 use serde_json::Value;
 
 /// The case ids of the `.nii.gz` files in `dir`.
@@ -128,30 +128,6 @@ fn check_means(out: &Path, report: &Value, label_values: &[u8]) {
             &format!("mean of class {k}"),
         );
     }
-}
-
-/// The probabilities `predict --probabilities` wrote beside `output`, `[k, z, y, x]`.
-fn probabilities(output: &Path) -> Array4<f32> {
-    let stem = output
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".nii.gz"))
-        .expect("stem");
-    let folder = output.with_file_name(format!("{stem}_probabilities"));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
-        .expect("probabilities")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    let channels: Vec<Array3<f32>> = files
-        .iter()
-        .map(|f| {
-            let image = read_image(f, &ReadOptions::default()).expect("read");
-            image.data.index_axis_move(Axis(0), 0)
-        })
-        .collect();
-    let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
-    ndarray::stack(Axis(0), &views).expect("stack")
 }
 
 fn predict(model: &Path, input: &Path, output: &Path) -> Array4<f32> {

@@ -6,9 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{TINY_RUN, fails, ok, s};
+use common::{TINY_RUN, fails, ok, probabilities, s};
 use cwseg_data::{ReadOptions, read_image, write_volume};
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{Array4, Axis};
 
 fn train(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let config = dir.join(format!("{name}.toml"));
@@ -18,32 +18,6 @@ fn train(dir: &Path, name: &str, extra: &str) -> PathBuf {
     let run = dir.join(name);
     ok(&["train", "--config", s(&config), "--out", s(&run)]);
     run
-}
-
-/// The probabilities `predict --probabilities` wrote beside `output`, `[k, z, y, x]`.
-fn probabilities(output: &Path) -> Array4<f32> {
-    let stem = output
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".nii.gz"))
-        .expect("stem");
-    let folder = output.with_file_name(format!("{stem}_probabilities"));
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
-        .expect("probabilities")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    let channels: Vec<Array3<f32>> = files
-        .iter()
-        .map(|f| {
-            read_image(f, &ReadOptions::default())
-                .expect("read")
-                .data
-                .index_axis_move(Axis(0), 0)
-        })
-        .collect();
-    let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
-    ndarray::stack(Axis(0), &views).expect("stack")
 }
 
 fn flipped<A: Clone, D: ndarray::Dimension>(

@@ -79,3 +79,30 @@ pub fn write_tiny_run(dir: &std::path::Path, loss: &str) -> std::path::PathBuf {
     std::fs::write(&path, TINY_RUN.replace("LOSS", loss)).expect("config");
     path
 }
+
+/// The probabilities `predict --probabilities` wrote beside `output`, `[k, z, y, x]`.
+#[allow(dead_code)] // not every test binary reads probabilities
+pub fn probabilities(output: &std::path::Path) -> ndarray::Array4<f32> {
+    let stem = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".nii.gz"))
+        .expect("stem");
+    let folder = output.with_file_name(format!("{stem}_probabilities"));
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&folder)
+        .expect("probabilities")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let channels: Vec<ndarray::Array3<f32>> = files
+        .iter()
+        .map(|f| {
+            cwseg_data::read_image(f, &cwseg_data::ReadOptions::default())
+                .expect("read")
+                .data
+                .index_axis_move(ndarray::Axis(0), 0)
+        })
+        .collect();
+    let views: Vec<_> = channels.iter().map(|c| c.view()).collect();
+    ndarray::stack(ndarray::Axis(0), &views).expect("stack")
+}
