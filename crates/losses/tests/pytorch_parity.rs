@@ -1,16 +1,15 @@
 //! Values and gradients against MONAI and a PyTorch transcription of formulas §2–4
 //! (`scripts/fixtures/losses_fixtures.py`), in f64.
 
-use std::fs::File;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use common::Fixtures;
+
+use candle_core::{DType, Tensor, Var};
 use cwseg_losses::{
     ContourConfig, ContourWeightedCrossEntropy, ContourWeightedDice, CrossEntropy, Kernels, Loss,
     LossConfig, Preset, SeparableDice, Target, edges_cpu, edges_online,
 };
-use ndarray::{ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::NpzReader;
 
 const CASES: [&str; 6] = [
     "binary_b1",
@@ -20,29 +19,6 @@ const CASES: [&str; 6] = [
     "extreme_b2",
     "background_b1",
 ];
-
-struct Fixtures(NpzReader<File>);
-
-impl Fixtures {
-    fn open() -> Self {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/losses.npz");
-        Fixtures(NpzReader::new(File::open(&path).expect("fixture")).expect("npz"))
-    }
-    fn has(&mut self, key: &str) -> bool {
-        self.0.names().expect("names").iter().any(|n| n == key)
-    }
-    fn tensor<T: ndarray_npy::ReadableElement + candle_core::WithDType>(
-        &mut self,
-        key: &str,
-    ) -> Tensor {
-        let a: ArrayD<T> = self
-            .0
-            .by_name::<OwnedRepr<T>, IxDyn>(key)
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        let shape = a.shape().to_vec();
-        Tensor::from_vec(a.into_iter().collect::<Vec<T>>(), shape, &Device::Cpu).expect("tensor")
-    }
-}
 
 /// The loss a fixture key names.
 fn loss_for(key: &str, classes: usize) -> Box<dyn Loss> {
@@ -102,7 +78,7 @@ fn assert_grad_close(got: &Tensor, want: &Tensor, what: &str) {
 
 #[test]
 fn values_and_gradients_match_monai_and_pytorch() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("losses.npz");
     let keys = [
         "ce",
         "ce_weighted",
@@ -161,7 +137,7 @@ fn values_and_gradients_match_monai_and_pytorch() {
 
 #[test]
 fn online_and_cpu_contour_maps_equal_scipy_bit_for_bit() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("losses.npz");
     for case in CASES {
         let labels = fx
             .tensor::<i64>(&format!("{case}__labels"))

@@ -3,13 +3,12 @@
 //! (`scripts/fixtures/region_losses_fixtures.py`), values and gradients in f64; the region
 //! contour maps against scipy bit for bit.
 
-use std::fs::File;
-use std::path::PathBuf;
+mod common;
+
+use common::Fixtures;
 
 use candle_core::{DType, Device, Tensor, Var};
 use cwseg_losses::{ContourConfig, LossConfig, Regions, Target};
-use ndarray::{ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::NpzReader;
 
 const CASES: [&str; 4] = ["brats_b2", "empty_region_b2", "image2d_b1", "extreme_b2"];
 const LOSSES: [&str; 11] = [
@@ -25,26 +24,6 @@ const LOSSES: [&str; 11] = [
     "cwcd",
     "dwce",
 ];
-
-struct Fixtures(NpzReader<File>);
-
-impl Fixtures {
-    fn open() -> Self {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/regions.npz");
-        Fixtures(NpzReader::new(File::open(&path).expect("fixture")).expect("npz"))
-    }
-    fn tensor<T: ndarray_npy::ReadableElement + candle_core::WithDType>(
-        &mut self,
-        key: &str,
-    ) -> Tensor {
-        let a: ArrayD<T> = self
-            .0
-            .by_name::<OwnedRepr<T>, IxDyn>(key)
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        let shape = a.shape().to_vec();
-        Tensor::from_vec(a.into_iter().collect::<Vec<T>>(), shape, &Device::Cpu).expect("tensor")
-    }
-}
 
 fn regions() -> Regions {
     Regions::new(vec![vec![1, 2, 3], vec![1, 3], vec![3]], 4).expect("regions")
@@ -76,7 +55,7 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 
 #[test]
 fn region_losses_match_monai_sigmoid_and_pytorch() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("regions.npz");
     let mut checked = 0;
     for case in CASES {
         let logits = fx.tensor::<f64>(&format!("{case}__logits"));
@@ -121,7 +100,7 @@ fn region_losses_match_monai_sigmoid_and_pytorch() {
 
 #[test]
 fn region_contour_maps_equal_scipy_bit_for_bit() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("regions.npz");
     let contour = ContourConfig {
         iterations: 2,
         ..ContourConfig::default()

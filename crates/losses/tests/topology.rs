@@ -2,13 +2,12 @@
 //! (`scripts/fixtures/topology_losses_fixtures.py`), in f64: values within 1e-6 relative,
 //! gradients (PyTorch autograd) within 1e-4 relative.
 
-use std::fs::File;
-use std::path::PathBuf;
+mod common;
+
+use common::Fixtures;
 
 use candle_core::{DType, Device, Tensor, Var};
 use cwseg_losses::{LossConfig, LossError, Target};
-use ndarray::{ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::NpzReader;
 
 const CASES: [&str; 5] = [
     "binary_b1",
@@ -18,29 +17,6 @@ const CASES: [&str; 5] = [
     "extreme_b1",
 ];
 const LOSSES: [&str; 4] = ["cldice", "dice_cldice", "hausdorff_dt", "log_hausdorff_dt"];
-
-struct Fixtures(NpzReader<File>);
-
-impl Fixtures {
-    fn open() -> Self {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/topology.npz");
-        Fixtures(NpzReader::new(File::open(&path).expect("fixture")).expect("npz"))
-    }
-    fn has(&mut self, key: &str) -> bool {
-        self.0.names().expect("names").iter().any(|n| n == key)
-    }
-    fn tensor<T: ndarray_npy::ReadableElement + candle_core::WithDType>(
-        &mut self,
-        key: &str,
-    ) -> Tensor {
-        let a: ArrayD<T> = self
-            .0
-            .by_name::<OwnedRepr<T>, IxDyn>(key)
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        let shape = a.shape().to_vec();
-        Tensor::from_vec(a.into_iter().collect::<Vec<T>>(), shape, &Device::Cpu).expect("tensor")
-    }
-}
 
 fn values(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -66,7 +42,7 @@ fn run(name: &str, logits: &Tensor, target: &Target) -> (f64, Vec<f64>) {
 
 #[test]
 fn values_and_gradients_match_monai() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("topology.npz");
     let (mut checked, mut worst_value, mut worst_grad) = (0, 0f64, 0f64);
     for case in CASES {
         let logits = fx.tensor::<f64>(&format!("{case}__logits"));
@@ -115,7 +91,7 @@ fn values_and_gradients_match_monai() {
 
 #[test]
 fn extreme_logits_stay_finite_in_f32() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("topology.npz");
     let logits = fx
         .tensor::<f64>("extreme_b1__logits")
         .to_dtype(DType::F32)

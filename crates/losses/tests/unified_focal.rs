@@ -2,13 +2,12 @@
 //! (`scripts/fixtures/unified_focal_fixtures.py`), in f64: values within 1e-6 relative,
 //! gradients (PyTorch autograd through the softmax) within 1e-4 relative.
 
-use std::fs::File;
-use std::path::PathBuf;
+mod common;
+
+use common::Fixtures;
 
 use candle_core::{DType, Device, Tensor, Var};
 use cwseg_losses::{LossConfig, LossError, Target, UnifiedFocal};
-use ndarray::{ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::NpzReader;
 
 const CASES: [&str; 5] = [
     "binary_b2",
@@ -18,34 +17,14 @@ const CASES: [&str; 5] = [
     "params_b1",
 ];
 
-struct Fixtures(NpzReader<File>);
-
-impl Fixtures {
-    fn open() -> Self {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unified_focal.npz");
-        Fixtures(NpzReader::new(File::open(&path).expect("fixture")).expect("npz"))
-    }
-    fn tensor<T: ndarray_npy::ReadableElement + candle_core::WithDType>(
-        &mut self,
-        key: &str,
-    ) -> Tensor {
-        let a: ArrayD<T> = self
-            .0
-            .by_name::<OwnedRepr<T>, IxDyn>(key)
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        let shape = a.shape().to_vec();
-        Tensor::from_vec(a.into_iter().collect::<Vec<T>>(), shape, &Device::Cpu).expect("tensor")
-    }
-    /// The case's loss configuration (`[weight, gamma, delta]` in the fixture), through JSON.
-    fn config(&mut self, case: &str) -> LossConfig {
-        let c = values(&self.tensor::<f64>(&format!("{case}__config")));
-        let json = format!(
-            r#"{{"name": "unified_focal", "weight": {}, "gamma": {}, "delta": {}}}"#,
-            c[0], c[1], c[2]
-        );
-        LossConfig::from_json(&json).expect("config")
-    }
+/// The case's loss configuration (`[weight, gamma, delta]` in the fixture), through JSON.
+fn case_config(fx: &mut Fixtures, case: &str) -> LossConfig {
+    let c = values(&fx.tensor::<f64>(&format!("{case}__config")));
+    let json = format!(
+        r#"{{"name": "unified_focal", "weight": {}, "gamma": {}, "delta": {}}}"#,
+        c[0], c[1], c[2]
+    );
+    LossConfig::from_json(&json).expect("config")
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
@@ -71,12 +50,12 @@ fn run(config: &LossConfig, logits: &Tensor, target: &Target) -> (f64, Vec<f64>)
 
 #[test]
 fn values_and_gradients_match_monai() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("unified_focal.npz");
     let (mut worst_value, mut worst_grad) = (0f64, 0f64);
     for case in CASES {
         let logits = fx.tensor::<f64>(&format!("{case}__logits"));
         let target = Target::new(fx.tensor::<i64>(&format!("{case}__labels"))).unwrap();
-        let config = fx.config(case);
+        let config = case_config(&mut fx, case);
         let (got, grad) = run(&config, &logits, &target);
         let want: f64 = fx
             .tensor::<f64>(&format!("{case}__value"))
@@ -105,7 +84,7 @@ fn values_and_gradients_match_monai() {
 
 #[test]
 fn extreme_logits_stay_finite_in_f32() {
-    let mut fx = Fixtures::open();
+    let mut fx = Fixtures::open("unified_focal.npz");
     let target = Target::new(fx.tensor::<i64>("extreme_b1__labels")).unwrap();
     let logits = fx.tensor::<f64>("extreme_b1__logits");
     let config = LossConfig::from_name("unified_focal").unwrap();
