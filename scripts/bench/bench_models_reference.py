@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
                     help="bf16: torch.autocast(device, dtype=torch.bfloat16) around forward and loss; "
                          "f16: autocast with torch.float16 and a GradScaler (CUDA)")
-    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3 or unetr (one network per process; on CUDA a comma-separated list), "
+    ap.add_argument("what", nargs="?", default="conv", help="conv, unet, vnet, deeplabv3, unetr, segresnet, dynunet or swinunetr (one network per process; on CUDA a comma-separated list), "
                     "layers-deeplabv3 or layers-vnet (each distinct convolution)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,6 +114,11 @@ def layers(network, cast):
                               dict(stride=s, padding=d * (k - 1) // 2, dilation=d), cast)
         print(f"{network} {name} on {n}³: forward {fwd * 1e3:.2f} ms, forward+backward {both * 1e3:.2f} ms")
 
+# cwseg's default DynUNet (`DynUNetConfig::default()`): 5 levels, 3³ kernels, 4 down-sampling
+# steps, MONAI's default widths (32, 64, 128, 256, 320)
+DYNUNET_DEFAULT = dict(kernel_size=[3] * 5, strides=[1] + [2] * 4, upsample_kernel_size=[2] * 4)
+
+
 def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext, precision="f32"):
     from networks_fixtures import DeepLabV3
 
@@ -122,7 +127,12 @@ def network_step(name, device="cpu", n=64, cast=contextlib.nullcontext, precisio
         return getattr(nets, cls)(**kw)
     net = {"unet": lambda: UNet(1, 16), "vnet": lambda: monai("VNet", spatial_dims=3, in_channels=1, out_channels=16),
            "deeplabv3": lambda: DeepLabV3(1, 16),
-           "unetr": lambda: monai("UNETR", in_channels=1, out_channels=16, img_size=(n, n, n))}[name]()
+           "unetr": lambda: monai("UNETR", in_channels=1, out_channels=16, img_size=(n, n, n)),
+           # the zoo's networks at MONAI's defaults (cwseg's defaults are the same)
+           "segresnet": lambda: monai("SegResNet", spatial_dims=3, in_channels=1, out_channels=16),
+           "dynunet": lambda: monai("DynUNet", spatial_dims=3, in_channels=1, out_channels=16,
+                                    **DYNUNET_DEFAULT),
+           "swinunetr": lambda: monai("SwinUNETR", in_channels=1, out_channels=16)}[name]()
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=3e-4)
     x = torch.randn(2, 1, n, n, n, device=device)

@@ -799,6 +799,12 @@ pub enum MonaiNetworkArg {
     Unetr,
     /// `monai.networks.nets.VNet`.
     Vnet,
+    /// `monai.networks.nets.SegResNet`.
+    Segresnet,
+    /// `monai.networks.nets.DynUNet`.
+    Dynunet,
+    /// `monai.networks.nets.SwinUNETR`.
+    Swinunetr,
 }
 
 /// `cwseg import monai`.
@@ -856,6 +862,9 @@ pub fn import_monai(args: ImportMonaiArgs) -> Result<()> {
         network: match args.network {
             MonaiNetworkArg::Unetr => cwseg_models::monai::MonaiNetwork::Unetr,
             MonaiNetworkArg::Vnet => cwseg_models::monai::MonaiNetwork::Vnet,
+            MonaiNetworkArg::Segresnet => cwseg_models::monai::MonaiNetwork::Segresnet,
+            MonaiNetworkArg::Dynunet => cwseg_models::monai::MonaiNetwork::Dynunet,
+            MonaiNetworkArg::Swinunetr => cwseg_models::monai::MonaiNetwork::Swinunetr,
         },
         args: args.args,
         weights: args.weights,

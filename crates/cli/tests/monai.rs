@@ -4,42 +4,18 @@
 //! back MONAI's state dict.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use cwseg_models::ModelConfig;
 use cwseg_models::monai::{MonaiNetwork, from_monai_args};
-use ndarray::{Array4, Axis};
 
 mod common;
+use common::monai::{
+    assert_agrees, cwseg_predict, fixtures, import_monai, monai_probabilities, path,
+};
 use common::{fails, ok};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/monai")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// `cwseg import monai --network NETWORK --args ARGS --weights WEIGHTS --out OUT EXTRA...`.
-fn import_monai(network: &str, args: &str, weights: &str, out: &str, extra: &[&str]) {
-    let mut command = vec![
-        "import",
-        "monai",
-        "--network",
-        network,
-        "--args",
-        args,
-        "--weights",
-        weights,
-        "--out",
-        out,
-    ];
-    command.extend_from_slice(extra);
-    ok(&command);
-}
 
 /// `import monai` of the UNETR fixture folder `fixture` (its `args.json` and
 /// `state.safetensors`) into `out`, with `extra` flags.
@@ -51,90 +27,6 @@ fn import_unetr_fixture(fixture: &str, out: &Path, extra: &[&str]) {
         path(&source.join("state.safetensors")),
         path(out),
         extra,
-    );
-}
-
-/// MONAI's `(K, x, y, z)` probabilities as cwseg's `[K, z, y, x]`.
-fn monai_probabilities(file: &Path) -> Array4<f32> {
-    let p: Array4<f32> = ndarray_npy::read_npy(file).expect("probabilities.npy");
-    p.permuted_axes([0, 3, 2, 1])
-        .as_standard_layout()
-        .to_owned()
-}
-
-/// `cwseg predict --probabilities` of `model` on `image`: the labels and the probabilities.
-fn cwseg_predict(model: &Path, image: &Path, dir: &Path) -> (ndarray::Array3<u8>, Array4<f32>) {
-    let output = dir.join("prediction.nii.gz");
-    ok(&[
-        "predict",
-        "--model",
-        path(model),
-        "--input",
-        path(image),
-        "--output",
-        path(&output),
-        "--probabilities",
-    ]);
-    let labels = cwseg_data::read_label(&output, &Default::default())
-        .expect("labels")
-        .data;
-    // named after the output, beside it
-    let folder = dir.join("prediction_probabilities");
-    let mut classes = Vec::new();
-    for k in 0.. {
-        let file = folder.join(format!("class_{k:02}.nii.gz"));
-        if !file.exists() {
-            break;
-        }
-        let image = cwseg_data::read_image(&file, &Default::default()).expect("probabilities");
-        classes.push(image.data.index_axis(Axis(0), 0).to_owned());
-    }
-    let views: Vec<_> = classes.iter().map(|c| c.view()).collect();
-    (
-        labels,
-        ndarray::stack(Axis(0), &views).expect("same shapes"),
-    )
-}
-
-/// Probabilities within `tolerance`, and the labels equal wherever MONAI's top two classes are
-/// more than `2 · tolerance` apart (elsewhere an argmax may flip within the tolerance).
-fn assert_agrees(
-    what: &str,
-    labels: &ndarray::Array3<u8>,
-    cwseg: &Array4<f32>,
-    monai: &Array4<f32>,
-) {
-    const TOLERANCE: f32 = 1e-4;
-    assert_eq!(cwseg.shape(), monai.shape(), "{what}: shapes");
-    let worst = cwseg
-        .iter()
-        .zip(monai)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    assert!(
-        worst <= TOLERANCE,
-        "{what}: probabilities differ by up to {worst}"
-    );
-    let (mut decided, mut differ) = (0, 0);
-    for ((z, y, x), &label) in labels.indexed_iter() {
-        let mut p: Vec<f32> = (0..monai.shape()[0]).map(|k| monai[[k, z, y, x]]).collect();
-        let best = (0..p.len())
-            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-            .expect("classes");
-        p.sort_by(f32::total_cmp);
-        if p[p.len() - 1] - p[p.len() - 2] > 2.0 * TOLERANCE {
-            decided += 1;
-            differ += usize::from(usize::from(label) != best);
-        }
-    }
-    assert_eq!(
-        differ, 0,
-        "{what}: {differ} of {decided} decided voxels labelled otherwise than MONAI"
-    );
-    assert!(
-        decided * 100 >= labels.len() * 99,
-        "{what}: only {decided} of {} voxels decided",
-        labels.len()
     );
 }
 

@@ -33,7 +33,7 @@ pub use phantom::{Anatomy, COMPACT_PHANTOM_CLASSES, PHANTOM_CLASSES, PhantomConf
 pub use resample::{
     Interpolation, resample_image, resample_image_to, resample_label, resample_label_to,
 };
-pub use sampling::{Patch, PatchMaps, SamplerConfig, SamplingVolume};
+pub use sampling::{Patch, PatchMaps, SKELETON_HALO, SamplerConfig, SamplingVolume};
 pub use sliding::{Blender, argmax, gaussian_importance, window_positions};
 pub use volume::{
     Geometry, Image, LabelMap, ReadOptions, from_canonical, read_image, read_label, write_label,

@@ -23,28 +23,37 @@ pub struct Batch {
     pub label: Array4<u8>,
     /// Contour maps `(N, D, H, W)`, 1 = contour ([`PatchMaps::contour`]).
     pub contour: Option<Array4<u8>>,
+    /// Tubed skeletons `(N, D, H, W)`, class indices, 0 off the tube ([`PatchMaps::skeleton`]).
+    pub skeleton: Option<Array4<u8>>,
     /// Voxel weights `(N, D, H, W)` cropped from the volumes' own
     /// ([`SamplingVolume::with_weights`]).
     pub weights: Option<Array4<f32>>,
 }
 
 impl Batch {
-    /// The batch's targets at `1/factor` of its size, for deep supervision (nnU-Net): labels
-    /// and voxel weights by nearest neighbour (the first voxel of every `factor³` block, as
-    /// `torch.nn.functional.interpolate(mode="nearest")`), contour maps by max pooling (a
-    /// bitwise or: region maps packed as bits stay packed); the image is left empty.
-    pub fn downsampled(&self, factor: usize) -> Batch {
-        let f = factor.max(1) as isize;
-        let strided = ndarray::s![.., ..;f, ..;f, ..;f];
+    /// The batch's targets at `1/f_a` of its size along each axis `a` (`factors` `[z, y, x]`),
+    /// for deep supervision (nnU-Net): labels, tubed skeletons and voxel weights by nearest
+    /// neighbour (the first voxel of every `f_z × f_y × f_x` block, as
+    /// `torch.nn.functional.interpolate(mode="nearest")` for whole factors), contour maps by
+    /// max pooling (a bitwise or: region maps packed as bits stay packed); the image is left
+    /// empty. Sizes are `⌊n_a / f_a⌋`.
+    pub fn downsampled(&self, factors: [usize; 3]) -> Batch {
+        let [fz, fy, fx] = factors.map(|f| f.max(1));
         let (n, d, h, w) = self.label.dim();
-        let f = factor.max(1);
+        let (d, h, w) = (d / fz, h / fy, w / fx);
+        let strided = ndarray::s![
+            ..,
+            ..d * fz;fz as isize,
+            ..h * fy;fy as isize,
+            ..w * fx;fx as isize
+        ];
         let pooled = |map: &Array4<u8>| {
-            Array4::from_shape_fn((n, d / f, h / f, w / f), |(i, z, y, x)| {
+            Array4::from_shape_fn((n, d, h, w), |(i, z, y, x)| {
                 let block = map.slice(ndarray::s![
                     i,
-                    z * f..(z + 1) * f,
-                    y * f..(y + 1) * f,
-                    x * f..(x + 1) * f
+                    z * fz..(z + 1) * fz,
+                    y * fy..(y + 1) * fy,
+                    x * fx..(x + 1) * fx
                 ]);
                 block.fold(0u8, |acc, &v| acc | v)
             })
@@ -53,6 +62,7 @@ impl Batch {
             image: Array5::zeros((n, 0, 0, 0, 0)),
             label: self.label.slice(strided).to_owned(),
             contour: self.contour.as_ref().map(pooled),
+            skeleton: self.skeleton.as_ref().map(|m| m.slice(strided).to_owned()),
             weights: self.weights.as_ref().map(|m| m.slice(strided).to_owned()),
         }
     }
@@ -87,6 +97,18 @@ impl Batch {
         self.contour
             .as_ref()
             .map(|c| to_tensor(c, device))
+            .transpose()
+    }
+
+    /// The tubed skeletons as a u8 tensor `(N, D, H, W)` on `device` (class indices), if the
+    /// batch has them.
+    pub fn skeleton_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<Option<candle_core::Tensor>> {
+        self.skeleton
+            .as_ref()
+            .map(|s| to_tensor(s, device))
             .transpose()
     }
 
@@ -271,11 +293,13 @@ pub fn draw_batch(
         }
     }
     let contour = stack_all(patches.iter().map(|p| p.contour.as_ref()))?;
+    let skeleton = stack_all(patches.iter().map(|p| p.skeleton.as_ref()))?;
     let weights = stack_all(patches.iter().map(|p| p.weights.as_ref()))?;
     Ok(Batch {
         image: stack_views(patches.iter().map(|p| p.image.view()))?,
         label: stack_views(patches.iter().map(|p| p.label.view()))?,
         contour,
+        skeleton,
         weights,
     })
 }
@@ -395,13 +419,15 @@ mod tests {
         contour[[0, 1, 1, 1]] = 0b01; // the last voxel of block (0, 0, 0)
         contour[[0, 2, 3, 0]] = 0b10; // inside block (1, 1, 0)
         contour[[0, 3, 2, 1]] = 0b01; // the same block: the bits or together
+        let skeleton = &label % 3; // class indices, taken as the labels are
         let batch = Batch {
             image: Array5::zeros((1, 1, 4, 4, 4)),
             label,
             contour: Some(contour),
+            skeleton: Some(skeleton),
             weights: Some(Array4::from_elem((1, 4, 4, 4), 2.5)),
         };
-        let half = batch.downsampled(2);
+        let half = batch.downsampled([2; 3]);
         assert_eq!(half.label.dim(), (1, 2, 2, 2));
         assert_eq!(half.label[[0, 1, 0, 1]], 32 + 2);
         assert_eq!(half.label[[0, 0, 1, 1]], 8 + 2);
@@ -410,6 +436,14 @@ mod tests {
         assert_eq!(maps[[0, 1, 1, 0]], 0b11);
         assert_eq!(maps.iter().filter(|&&m| m != 0).count(), 2);
         assert!(half.weights.expect("weights").iter().all(|&w| w == 2.5));
+        assert_eq!(half.skeleton.expect("skeleton"), &half.label % 3);
+        // per axis (an anisotropic DynUNet level): 1 along z, 2 along y and x
+        let flat = batch.downsampled([1, 2, 2]);
+        assert_eq!(flat.label.dim(), (1, 4, 2, 2));
+        assert_eq!(flat.label[[0, 3, 1, 1]], 48 + 8 + 2);
+        let maps = flat.contour.expect("maps");
+        assert_eq!((maps[[0, 1, 0, 0]], maps[[0, 2, 1, 0]]), (0b01, 0b10));
+        assert_eq!(maps.iter().filter(|&&m| m != 0).count(), 3);
     }
 
     fn volumes() -> Vec<SamplingVolume> {

@@ -369,6 +369,7 @@ fn region_patch_maps_are_each_regions_whole_volume_map_cropped() {
     let maps = PatchMaps {
         contour: Some(spec(3, 3, Border::Background, false)),
         regions: regions.clone(),
+        ..Default::default()
     };
     for start in starts(&volume, size, shape) {
         let patch = volume

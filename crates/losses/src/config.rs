@@ -9,6 +9,7 @@ use crate::cross_entropy::{
 };
 use crate::dice::{Dice, GeneralizedDice, SeparableDice, Tversky};
 use crate::distance::{HausdorffDt, LogHausdorffDt};
+use crate::skeleton_recall::{DiceCeSkeletonRecall, SkeletonRecall};
 use crate::target::ContourConfig;
 use crate::topology::{SoftClDice, SoftDiceClDice};
 use crate::unified_focal::UnifiedFocal;
@@ -57,6 +58,12 @@ pub enum LossConfig {
     /// Asymmetric unified focal loss (binary only).
     #[serde(rename = "unified_focal")]
     UnifiedFocal(UnifiedFocal),
+    /// Skeleton Recall (the SR term alone).
+    #[serde(rename = "skeleton_recall")]
+    SkeletonRecall(SkeletonRecall),
+    /// CEDL + Skeleton Recall.
+    #[serde(rename = "dice_ce_skeleton_recall")]
+    DiceCeSkeletonRecall(DiceCeSkeletonRecall),
 }
 
 impl LossConfig {
@@ -146,10 +153,20 @@ impl LossConfig {
         }
     }
 
+    /// Whether the loss trains on Skeleton Recall's tubed skeleton: what a data pipeline needs
+    /// to make the map itself ([`crate::Target::with_skeleton`]).
+    pub fn uses_skeleton(&self) -> bool {
+        matches!(
+            self,
+            LossConfig::SkeletonRecall(_) | LossConfig::DiceCeSkeletonRecall(_)
+        )
+    }
+
     /// Whether the loss has a region form ([`crate::regions`]): every loss made of the dice
     /// sums and the weighted cross-entropy (CE without class weights, DL, GDL, DWCE, CEDL, CWCE,
     /// SDL, CWCD, Tversky); not Focal, DiceFocal, the boundary loss, clDice, Dice + clDice, the
-    /// Hausdorff losses or the unified focal loss.
+    /// Hausdorff losses, the unified focal loss or the Skeleton Recall losses (as the reference
+    /// trainer, which refuses regions).
     pub fn has_region_form(&self) -> bool {
         match self {
             LossConfig::Ce(l) => l.class_weights.is_none(),
@@ -161,7 +178,9 @@ impl LossConfig {
             | LossConfig::DiceCldice(_)
             | LossConfig::HausdorffDt(_)
             | LossConfig::LogHausdorffDt(_)
-            | LossConfig::UnifiedFocal(_) => false,
+            | LossConfig::UnifiedFocal(_)
+            | LossConfig::SkeletonRecall(_)
+            | LossConfig::DiceCeSkeletonRecall(_) => false,
             _ => true,
         }
     }
@@ -186,12 +205,14 @@ impl LossConfig {
             LossConfig::HausdorffDt(l) => Box::new(l),
             LossConfig::LogHausdorffDt(l) => Box::new(l),
             LossConfig::UnifiedFocal(l) => Box::new(l),
+            LossConfig::SkeletonRecall(l) => Box::new(l),
+            LossConfig::DiceCeSkeletonRecall(l) => Box::new(l),
         }
     }
 }
 
 /// Every loss name, in the order of docs/formulas.md.
-pub const LOSS_NAMES: [&str; 17] = [
+pub const LOSS_NAMES: [&str; 19] = [
     "ce",
     "dl",
     "gdl",
@@ -209,6 +230,8 @@ pub const LOSS_NAMES: [&str; 17] = [
     "hausdorff_dt",
     "log_hausdorff_dt",
     "unified_focal",
+    "skeleton_recall",
+    "dice_ce_skeleton_recall",
 ];
 
 /// Collects `path = value` for every number of `value` that is negative or not finite (NaN and

@@ -45,7 +45,7 @@ pub enum LossError {
     },
     /// An unknown loss name.
     #[error(
-        "unknown loss `{0}`; known: ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary, cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal"
+        "unknown loss `{0}`; known: ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary, cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal, skeleton_recall, dice_ce_skeleton_recall"
     )]
     UnknownLoss(String),
     /// From candle.

@@ -12,6 +12,7 @@ mod dice;
 mod distance;
 mod error;
 pub mod regions;
+mod skeleton_recall;
 mod target;
 mod topology;
 mod unified_focal;
@@ -27,9 +28,10 @@ pub use dice::{Dice, GdlWeight, GeneralizedDice, SeparableDice, Tversky};
 pub use distance::{HausdorffDt, LogHausdorffDt};
 pub use error::{LossError, Result};
 pub use regions::Regions;
+pub use skeleton_recall::{DiceCeSkeletonRecall, SkeletonRecall};
 pub use target::{
     BorderKind, ContourConfig, ElementKind, Kernels, Target, dwce_weights_cpu, edges_cpu,
-    edges_online, signed_distance_cpu,
+    edges_online, signed_distance_cpu, skeleton_cpu,
 };
 pub use topology::{SoftClDice, SoftDiceClDice};
 pub use unified_focal::UnifiedFocal;

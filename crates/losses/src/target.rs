@@ -21,14 +21,15 @@ pub enum Kernels {
 
 /// The target of a loss: labels `(N, D, H, W)` (class indices; 2D data has `D = 1`) and,
 /// optionally, maps precomputed on the CPU by the data pipeline. A map left out is computed
-/// from the labels when a loss needs it: contour maps online on the labels' device, DWCE weights
-/// and signed distances on the CPU with `cwseg-morphology`.
+/// from the labels when a loss needs it: contour maps online on the labels' device, DWCE weights,
+/// signed distances and tubed skeletons on the CPU with `cwseg-morphology`.
 #[derive(Debug, Clone)]
 pub struct Target {
     labels: Tensor,
     edges: Option<Tensor>,
     dwce_weights: Option<Tensor>,
     signed_distance: Option<Tensor>,
+    skeleton: Option<Tensor>,
     regions: Option<Regions>,
     kernels: Kernels,
 }
@@ -52,6 +53,7 @@ impl Target {
             edges: None,
             dwce_weights: None,
             signed_distance: None,
+            skeleton: None,
             regions: None,
             kernels: Kernels::Auto,
         })
@@ -97,6 +99,14 @@ impl Target {
     /// Adds the per-class signed distances `(N, K, D, H, W)` of the boundary loss.
     pub fn with_signed_distance(mut self, distance: Tensor) -> Self {
         self.signed_distance = Some(distance);
+        self
+    }
+
+    /// Adds Skeleton Recall's tubed skeleton `(N, D, H, W)`: class indices (u8, u32 or i64), 0
+    /// off the tube, as [`skeleton_cpu`] makes it from the labels (a data pipeline may make it
+    /// on a patch widened by a halo: `cwseg-data`'s `PatchMaps::skeleton`).
+    pub fn with_skeleton(mut self, skeleton: Tensor) -> Self {
+        self.skeleton = Some(skeleton);
         self
     }
 
@@ -207,6 +217,36 @@ impl Target {
                 .to_device(like.device())?
                 .to_dtype(like.dtype())?),
         }
+    }
+
+    /// The tubed skeleton as `u32` class indices on the labels' device: given (checked for
+    /// shape and range `0..classes`) or computed with [`skeleton_cpu`].
+    pub(crate) fn skeleton(&self, labels: &Tensor, classes: usize) -> Result<Tensor> {
+        let Some(map) = &self.skeleton else {
+            return Ok(skeleton_cpu(labels)?.to_device(labels.device())?);
+        };
+        if map.dims() != labels.dims() {
+            return Err(LossError::MapShape {
+                map: "skeleton",
+                got: map.dims().to_vec(),
+                expected: labels.dims().to_vec(),
+            });
+        }
+        let map = match map.dtype() {
+            DType::U8 | DType::U32 | DType::I64 => map.to_device(labels.device())?,
+            other => return Err(LossError::LabelType(other)),
+        };
+        let (min, max) = (
+            map.to_dtype(DType::I64)?.min_all()?.to_scalar::<i64>()?,
+            map.to_dtype(DType::I64)?.max_all()?.to_scalar::<i64>()?,
+        );
+        if min < 0 || max as u64 >= classes as u64 {
+            return Err(LossError::Label {
+                classes,
+                found: if min < 0 { min } else { max },
+            });
+        }
+        Ok(map.to_dtype(DType::U32)?)
     }
 
     pub(crate) fn signed_distance(
@@ -537,6 +577,24 @@ pub fn dwce_weights_cpu(labels: &Tensor, spec: &DwceSpec) -> Result<Tensor> {
         })
         .collect::<Result<Vec<Vec<f32>>>>()?;
     stack(maps, labels.dims())
+}
+
+/// Skeleton Recall's tubed skeletons (`cwseg_morphology::tubed_skeleton`: the skeleton of the
+/// foreground dilated twice by the cross, times the labels) of every sample, `u32` class indices
+/// `(N, D, H, W)` on the CPU; samples in parallel. A `D = 1` sample is thinned as a one-slice
+/// volume.
+pub fn skeleton_cpu(labels: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let maps = label_volumes(labels)?
+        .par_iter()
+        .map(|v| {
+            Ok(cwseg_morphology::tubed_skeleton(v.view())?
+                .into_iter()
+                .collect())
+        })
+        .collect::<Result<Vec<Vec<u32>>>>()?;
+    let flat: Vec<u32> = maps.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, labels.dims(), &Device::Cpu)?)
 }
 
 /// Signed distances `φ_k` (negative inside class k, 0 for an absent class) of every sample and

@@ -4,11 +4,14 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod deeplab;
+pub mod dynunet;
 pub mod error;
 pub mod init;
 pub mod modules;
 pub mod monai;
 pub mod network;
+pub mod segresnet;
+pub mod swinunetr;
 pub mod unet;
 pub mod unetr;
 pub mod vnet;
@@ -22,8 +25,11 @@ pub use cwseg_ops::{
 };
 
 pub use deeplab::{DeepLabV3, DeepLabV3Config};
+pub use dynunet::{DynUNet, DynUNetConfig, DynUNetNorm};
 pub use error::{ModelError, Result};
 pub use init::seeded_var_builder;
+pub use segresnet::{SegResNet, SegResNetConfig, SegResNetUpsample};
+pub use swinunetr::{SwinUnetr, SwinUnetrConfig};
 pub use network::{Description, MODEL_NAMES, ModelConfig, Network, describe, training_bytes};
 pub use unet::{Norm, UNet, UNetConfig};
 pub use unetr::{Unetr, UnetrConfig, UnetrNorm};

@@ -1,5 +1,5 @@
-//! MONAI interoperability for V-Net and UNETR: constructor arguments ↔ [`ModelConfig`], and
-//! state dicts between MONAI's axis order and cwseg's.
+//! MONAI interoperability for V-Net, UNETR, SegResNet, DynUNet and SwinUNETR: constructor
+//! arguments ↔ [`ModelConfig`], and state dicts between MONAI's axis order and cwseg's.
 //!
 //! MONAI reads a NIfTI file through nibabel and feeds its networks `(C, x, y, z)`; cwseg feeds
 //! `[C, z, y, x]`. The names and shapes of the two networks' tensors agree, so a MONAI state dict
@@ -11,6 +11,9 @@
 //! in the input's axis order, so its position embeddings, one row per token, are reordered from
 //! the `(gx, gy, gz)` grid to `(gz, gy, gx)`, and `img_size` is reversed. The conversion is its
 //! own inverse (with the grid read in the source's order), which is how [`to_monai`] works.
+//! SwinUNETR is the exception: its windows, relative position tables and patch merging are
+//! tied to MONAI's axis order, so it transposes its input to `(C, x, y, z)` and its output
+//! back, and its tensors are MONAI's unchanged.
 
 use std::collections::HashMap;
 
@@ -32,6 +35,25 @@ pub enum MonaiNetwork {
     Unetr,
     /// `monai.networks.nets.VNet`.
     Vnet,
+    /// `monai.networks.nets.SegResNet`.
+    Segresnet,
+    /// `monai.networks.nets.DynUNet`.
+    Dynunet,
+    /// `monai.networks.nets.SwinUNETR`.
+    Swinunetr,
+}
+
+impl MonaiNetwork {
+    /// MONAI's class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            MonaiNetwork::Unetr => "UNETR",
+            MonaiNetwork::Vnet => "VNet",
+            MonaiNetwork::Segresnet => "SegResNet",
+            MonaiNetwork::Dynunet => "DynUNet",
+            MonaiNetwork::Swinunetr => "SwinUNETR",
+        }
+    }
 }
 
 /// A MONAI network as cwseg builds it.
@@ -47,12 +69,12 @@ pub struct MonaiImport {
     pub notes: Vec<String>,
 }
 
-fn config_error(message: String) -> ModelError {
+pub(crate) fn config_error(message: String) -> ModelError {
     ModelError::Config(message)
 }
 
 /// The keyword arguments, refusing keys the class does not know.
-fn arguments<'a>(args: &'a Value, known: &[&str], class: &str) -> Result<&'a Map<String, Value>> {
+pub(crate) fn arguments<'a>(args: &'a Value, known: &[&str], class: &str) -> Result<&'a Map<String, Value>> {
     let map = args.as_object().ok_or_else(|| {
         config_error(format!(
             "MONAI {class} arguments must be a JSON object of keyword arguments"
@@ -67,7 +89,7 @@ fn arguments<'a>(args: &'a Value, known: &[&str], class: &str) -> Result<&'a Map
     Ok(map)
 }
 
-fn uint(map: &Map<String, Value>, key: &str, default: Option<usize>) -> Result<usize> {
+pub(crate) fn uint(map: &Map<String, Value>, key: &str, default: Option<usize>) -> Result<usize> {
     match map.get(key) {
         None => default.ok_or_else(|| config_error(format!("MONAI argument `{key}` is required"))),
         Some(v) => v
@@ -77,7 +99,23 @@ fn uint(map: &Map<String, Value>, key: &str, default: Option<usize>) -> Result<u
     }
 }
 
-fn boolean(map: &Map<String, Value>, key: &str, default: bool) -> Result<bool> {
+/// A list of counts (`default` when absent).
+pub(crate) fn uint_list(map: &Map<String, Value>, key: &str, default: &[usize]) -> Result<Vec<usize>> {
+    let Some(value) = map.get(key) else {
+        return Ok(default.to_vec());
+    };
+    value
+        .as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| config_error(format!("MONAI argument `{key}`: {value} is not a list of counts")))
+}
+
+pub(crate) fn boolean(map: &Map<String, Value>, key: &str, default: bool) -> Result<bool> {
     match map.get(key) {
         None => Ok(default),
         Some(v) => v
@@ -87,7 +125,7 @@ fn boolean(map: &Map<String, Value>, key: &str, default: bool) -> Result<bool> {
 }
 
 /// A probability argument (`null` allowed where `nullable`).
-fn probability(value: &Value, key: &str, nullable: bool) -> Result<Option<f64>> {
+pub(crate) fn probability(value: &Value, key: &str, nullable: bool) -> Result<Option<f64>> {
     if value.is_null() && nullable {
         return Ok(None);
     }
@@ -100,7 +138,7 @@ fn probability(value: &Value, key: &str, nullable: bool) -> Result<Option<f64>> 
 }
 
 /// A layer argument given as `"name"` or `["name", {options}]`: the name and the options.
-fn layer_argument<'a>(
+pub(crate) fn layer_argument<'a>(
     value: &'a Value,
     key: &str,
 ) -> Result<(String, Option<&'a Map<String, Value>>)> {
@@ -145,7 +183,7 @@ fn unetr_norm(norm: &Value) -> Result<UnetrNorm> {
     }
 }
 
-fn spatial_dims(map: &Map<String, Value>, class: &str) -> Result<()> {
+pub(crate) fn spatial_dims(map: &Map<String, Value>, class: &str) -> Result<()> {
     match uint(map, "spatial_dims", Some(3))? {
         3 => Ok(()),
         n => Err(config_error(format!(
@@ -154,7 +192,7 @@ fn spatial_dims(map: &Map<String, Value>, class: &str) -> Result<()> {
     }
 }
 
-fn out_channels(map: &Map<String, Value>, default: Option<usize>, class: &str) -> Result<usize> {
+pub(crate) fn out_channels(map: &Map<String, Value>, default: Option<usize>, class: &str) -> Result<usize> {
     let classes = uint(map, "out_channels", default)?;
     if classes < 2 {
         return Err(config_error(format!(
@@ -171,6 +209,9 @@ pub fn from_monai_args(network: MonaiNetwork, args: &Value) -> Result<MonaiImpor
     match network {
         MonaiNetwork::Unetr => unetr_from_args(args),
         MonaiNetwork::Vnet => vnet_from_args(args),
+        MonaiNetwork::Segresnet => crate::segresnet::from_monai_args(args),
+        MonaiNetwork::Dynunet => crate::dynunet::from_monai_args(args),
+        MonaiNetwork::Swinunetr => crate::swinunetr::from_monai_args(args),
     }
 }
 
@@ -431,8 +472,18 @@ pub fn to_monai_args(config: &ModelConfig) -> Result<(MonaiNetwork, Value)> {
                 "bias": c.bias,
             }),
         )),
+        ModelConfig::Segresnet(c) => Ok((
+            MonaiNetwork::Segresnet,
+            crate::segresnet::to_monai_args(c),
+        )),
+        ModelConfig::Dynunet(c) => Ok((MonaiNetwork::Dynunet, crate::dynunet::to_monai_args(c))),
+        ModelConfig::Swinunetr(c) => Ok((
+            MonaiNetwork::Swinunetr,
+            crate::swinunetr::to_monai_args(c),
+        )),
         other => Err(config_error(format!(
-            "MONAI has no {} in cwseg's layout: export V-Net or UNETR",
+            "MONAI has no {} in cwseg's layout: export V-Net, UNETR, SegResNet, DynUNet or \
+             SwinUNETR",
             other.name()
         ))),
     }
@@ -485,12 +536,16 @@ fn token_grid(config: &ModelConfig, monai_order: bool) -> Option<[usize; 3]> {
 
 /// A MONAI state dict (as read from `safetensors.torch.save_file(net.state_dict())`) as the
 /// tensors of `import.config` in cwseg's axis order. `num_batches_tracked` counters are
-/// dropped; a perceptron patch embedding becomes the equal convolution.
+/// dropped; DynUNet's `skip_layers.*` aliases are merged with their twins; a perceptron patch
+/// embedding becomes the equal convolution.
 pub fn from_monai(
     import: &MonaiImport,
     mut tensors: HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
     tensors.retain(|name, _| !name.ends_with("num_batches_tracked"));
+    if let ModelConfig::Dynunet(c) = &import.config {
+        tensors = crate::dynunet::merge_skip_layer_aliases(c, tensors)?;
+    }
     if import.perceptron {
         let (weight, bias) = (
             tensors.remove(&format!("{PATCH_LINEAR}.weight")),
@@ -517,17 +572,30 @@ pub fn from_monai(
         tensors.insert(format!("{PATCH_CONV}.weight"), kernel);
         tensors.insert(format!("{PATCH_CONV}.bias"), bias);
     }
+    if keeps_monai_axes(&import.config) {
+        return Ok(tensors);
+    }
     reverse_axes(tensors, token_grid(&import.config, true))
+}
+
+/// SwinUNETR turns its input into MONAI's axis order and its output back
+/// ([`crate::swinunetr`]), so its tensors are MONAI's unchanged.
+fn keeps_monai_axes(config: &ModelConfig) -> bool {
+    matches!(config, ModelConfig::Swinunetr(_))
 }
 
 /// cwseg tensors of `config` as the state dict MONAI's class loads with `strict=True`:
 /// axes reversed, position embeddings reordered, a zero `num_batches_tracked` (int64) beside
-/// every batch norm.
+/// every batch norm, DynUNet's `skip_layers.*` aliases added.
 pub fn to_monai(
     config: &ModelConfig,
     tensors: HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut out = reverse_axes(tensors, token_grid(config, false))?;
+    let mut out = if keeps_monai_axes(config) {
+        tensors
+    } else {
+        reverse_axes(tensors, token_grid(config, false))?
+    };
     let norms: Vec<String> = out
         .keys()
         .filter_map(|k| k.strip_suffix(".running_mean").map(str::to_string))
@@ -537,6 +605,9 @@ pub fn to_monai(
             format!("{norm}.num_batches_tracked"),
             Tensor::new(0i64, &Device::Cpu)?,
         );
+    }
+    if let ModelConfig::Dynunet(c) = config {
+        out = crate::dynunet::add_skip_layer_aliases(c, out)?;
     }
     Ok(out)
 }

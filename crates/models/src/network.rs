@@ -7,13 +7,24 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::deeplab::{DeepLabV3, DeepLabV3Config};
+use crate::dynunet::{DynUNet, DynUNetConfig};
 use crate::error::{ModelError, Result};
+use crate::segresnet::{SegResNet, SegResNetConfig};
+use crate::swinunetr::{SwinUnetr, SwinUnetrConfig};
 use crate::unet::{UNet, UNetConfig};
 use crate::unetr::{Unetr, UnetrConfig};
 use crate::vnet::{VNet, VNetConfig};
 
 /// Names [`ModelConfig::from_name`] knows.
-pub const MODEL_NAMES: [&str; 4] = ["unet", "vnet", "deeplabv3", "unetr"];
+pub const MODEL_NAMES: [&str; 7] = [
+    "unet",
+    "vnet",
+    "deeplabv3",
+    "unetr",
+    "segresnet",
+    "dynunet",
+    "swinunetr",
+];
 
 /// A network's configuration, tagged by name (`{"name": "unet", "filters": 16, ...}`): what
 /// `config.json` files and model cards store.
@@ -28,6 +39,12 @@ pub enum ModelConfig {
     Unetr(UnetrConfig),
     /// DeepLabV3 in 3D.
     Deeplabv3(DeepLabV3Config),
+    /// SegResNet in MONAI's layout.
+    Segresnet(SegResNetConfig),
+    /// DynUNet (nnU-Net's U-Net) in MONAI's layout.
+    Dynunet(DynUNetConfig),
+    /// SwinUNETR (v1 and v2) in MONAI's layout.
+    Swinunetr(SwinUnetrConfig),
 }
 
 impl ModelConfig {
@@ -54,6 +71,21 @@ impl ModelConfig {
                 in_channels,
                 classes,
                 ..DeepLabV3Config::default()
+            })),
+            "segresnet" => Ok(ModelConfig::Segresnet(SegResNetConfig {
+                in_channels,
+                classes,
+                ..SegResNetConfig::default()
+            })),
+            "dynunet" => Ok(ModelConfig::Dynunet(DynUNetConfig {
+                in_channels,
+                classes,
+                ..DynUNetConfig::default()
+            })),
+            "swinunetr" | "swin-unetr" => Ok(ModelConfig::Swinunetr(SwinUnetrConfig {
+                in_channels,
+                classes,
+                ..SwinUnetrConfig::default()
             })),
             _ => Err(ModelError::Config(format!(
                 "unknown network `{name}`; available: {}",
@@ -145,6 +177,9 @@ impl ModelConfig {
                 fields.extend(c.widths.iter().map(|&w| ("widths", w)));
                 fields.push(("aspp_channels", c.aspp_channels));
             }
+            ModelConfig::Segresnet(c) => fields.extend(c.size_fields()?),
+            ModelConfig::Dynunet(c) => fields.extend(c.size_fields()?),
+            ModelConfig::Swinunetr(c) => fields.extend(c.size_fields()?),
         }
         for (name, value) in fields {
             if value == 0 {
@@ -165,6 +200,13 @@ impl ModelConfig {
             ModelConfig::Vnet(c) => Ok(Network::VNet(Box::new(VNet::new(*c, vb)?))),
             ModelConfig::Unetr(c) => Ok(Network::Unetr(Box::new(Unetr::new(*c, vb)?))),
             ModelConfig::Deeplabv3(c) => Ok(Network::DeepLabV3(Box::new(DeepLabV3::new(*c, vb)?))),
+            ModelConfig::Segresnet(c) => {
+                Ok(Network::SegResNet(Box::new(SegResNet::new(c.clone(), vb)?)))
+            }
+            ModelConfig::Dynunet(c) => Ok(Network::DynUNet(Box::new(DynUNet::new(c.clone(), vb)?))),
+            ModelConfig::Swinunetr(c) => {
+                Ok(Network::SwinUnetr(Box::new(SwinUnetr::new(c.clone(), vb)?)))
+            }
         }
     }
 
@@ -191,6 +233,21 @@ impl ModelConfig {
                 classes,
                 ..*c
             }),
+            ModelConfig::Segresnet(c) => ModelConfig::Segresnet(SegResNetConfig {
+                in_channels,
+                classes,
+                ..c.clone()
+            }),
+            ModelConfig::Dynunet(c) => ModelConfig::Dynunet(DynUNetConfig {
+                in_channels,
+                classes,
+                ..c.clone()
+            }),
+            ModelConfig::Swinunetr(c) => ModelConfig::Swinunetr(SwinUnetrConfig {
+                in_channels,
+                classes,
+                ..c.clone()
+            }),
         }
     }
 
@@ -213,6 +270,9 @@ impl ModelConfig {
             ModelConfig::Vnet(_) => "vnet",
             ModelConfig::Unetr(_) => "unetr",
             ModelConfig::Deeplabv3(_) => "deeplabv3",
+            ModelConfig::Segresnet(_) => "segresnet",
+            ModelConfig::Dynunet(_) => "dynunet",
+            ModelConfig::Swinunetr(_) => "swinunetr",
         }
     }
 
@@ -223,6 +283,9 @@ impl ModelConfig {
             ModelConfig::Vnet(c) => c.in_channels,
             ModelConfig::Unetr(c) => c.in_channels,
             ModelConfig::Deeplabv3(c) => c.in_channels,
+            ModelConfig::Segresnet(c) => c.in_channels,
+            ModelConfig::Dynunet(c) => c.in_channels,
+            ModelConfig::Swinunetr(c) => c.in_channels,
         }
     }
 
@@ -233,6 +296,9 @@ impl ModelConfig {
             ModelConfig::Vnet(c) => c.classes,
             ModelConfig::Unetr(c) => c.classes,
             ModelConfig::Deeplabv3(c) => c.classes,
+            ModelConfig::Segresnet(c) => c.classes,
+            ModelConfig::Dynunet(c) => c.classes,
+            ModelConfig::Swinunetr(c) => c.classes,
         }
     }
 
@@ -242,7 +308,9 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(c) => c.norm == crate::unet::Norm::Batch,
             ModelConfig::Vnet(_) | ModelConfig::Deeplabv3(_) => true,
-            ModelConfig::Unetr(_) => false,
+            ModelConfig::Unetr(_) | ModelConfig::Segresnet(_) => false,
+            ModelConfig::Dynunet(c) => c.uses_batch_norm(),
+            ModelConfig::Swinunetr(c) => c.uses_batch_norm(),
         }
     }
 
@@ -255,6 +323,9 @@ impl ModelConfig {
                 .unwrap_or(usize::MAX),
             ModelConfig::Vnet(_) | ModelConfig::Unetr(_) => 16,
             ModelConfig::Deeplabv3(_) => 8,
+            ModelConfig::Segresnet(c) => c.size_multiple(),
+            ModelConfig::Dynunet(c) => c.size_multiple(),
+            ModelConfig::Swinunetr(c) => c.size_multiple(),
         }
     }
 }
@@ -270,6 +341,12 @@ pub enum Network {
     Unetr(Box<Unetr>),
     /// DeepLabV3.
     DeepLabV3(Box<DeepLabV3>),
+    /// SegResNet.
+    SegResNet(Box<SegResNet>),
+    /// DynUNet.
+    DynUNet(Box<DynUNet>),
+    /// SwinUNETR.
+    SwinUnetr(Box<SwinUnetr>),
 }
 
 impl Network {
@@ -280,6 +357,9 @@ impl Network {
             Network::VNet(n) => n.check_size(size),
             Network::Unetr(n) => n.check_size(size),
             Network::DeepLabV3(n) => n.check_size(size),
+            Network::SegResNet(n) => n.check_size(size),
+            Network::DynUNet(n) => n.check_size(size),
+            Network::SwinUnetr(n) => n.check_size(size),
         }
     }
 
@@ -290,6 +370,9 @@ impl Network {
             Network::VNet(n) => n.activation_bytes(size),
             Network::Unetr(n) => n.activation_bytes(size),
             Network::DeepLabV3(n) => n.activation_bytes(size),
+            Network::SegResNet(n) => n.activation_bytes(size),
+            Network::DynUNet(n) => n.activation_bytes(size),
+            Network::SwinUnetr(n) => n.activation_bytes(size),
         }
     }
 }
@@ -300,6 +383,7 @@ impl Network {
     pub fn forward_deep(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
         match self {
             Network::UNet(n) => n.forward_deep(x, train),
+            Network::DynUNet(n) => n.forward_deep(x, train),
             other => Ok(vec![other.forward_t(x, train)?]),
         }
     }
@@ -312,6 +396,9 @@ impl ModuleT for Network {
             Network::VNet(n) => n.forward_t(x, train),
             Network::Unetr(n) => n.forward_t(x, train),
             Network::DeepLabV3(n) => n.forward_t(x, train),
+            Network::SegResNet(n) => n.forward_t(x, train),
+            Network::DynUNet(n) => n.forward_t(x, train),
+            Network::SwinUnetr(n) => n.forward_t(x, train),
         }
     }
 }
@@ -335,7 +422,7 @@ fn too_large(name: &str, value: usize, limit: usize) -> ModelError {
 #[derive(Clone, Default)]
 struct ShapeCounter {
     total: std::sync::Arc<std::sync::Mutex<u64>>,
-    /// The part of `total` in batch norms' running statistics (buffers, not parameters).
+    /// The part of `total` in buffers ([`crate::weights::is_buffer`]), not parameters.
     buffers: std::sync::Arc<std::sync::Mutex<u64>>,
 }
 
@@ -347,7 +434,7 @@ impl ShapeCounter {
             .map_err(|_| ModelError::Config("the parameter counter's lock is poisoned".into()))
     }
 
-    /// Trainable parameters: `total` without the running statistics.
+    /// Trainable parameters: `total` without the buffers.
     fn trainable(&self) -> Result<u64> {
         let buffers =
             self.buffers.lock().map(|t| *t).map_err(|_| {
@@ -375,7 +462,7 @@ impl candle_nn::var_builder::SimpleBackend for ShapeCounter {
         })?;
         match count.and_then(|c| total.checked_add(c)) {
             Some(t) if t <= MAX_PARAMETERS => {
-                if name.ends_with("running_mean") || name.ends_with("running_var") {
+                if crate::weights::is_buffer(name) {
                     let mut buffers = self.buffers.lock().map_err(|_| {
                         candle_core::Error::Msg("the parameter counter's lock is poisoned".into())
                     })?;

@@ -9,6 +9,16 @@ use candle_nn::VarMap;
 
 use crate::error::{ModelError, Result};
 
+/// Whether the variable `name` is a buffer, not a parameter: batch norm's running statistics
+/// (updated by the forward pass) and SwinUNETR's relative position index (a constant MONAI
+/// keeps in its state dict). Buffers are not counted as parameters, not optimised, and in
+/// data-parallel training taken from rank 0.
+pub fn is_buffer(name: &str) -> bool {
+    ["running_mean", "running_var", "relative_position_index"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
 /// Writes every variable of `vars` to `path` as `dtype` (f32, f16 or bf16), with string
 /// `metadata` in the safetensors header.
 pub fn save(

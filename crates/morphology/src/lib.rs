@@ -10,6 +10,7 @@ mod element;
 mod erosion;
 mod error;
 mod grid;
+mod skeleton;
 mod uniform;
 mod weights;
 
@@ -22,4 +23,5 @@ pub use element::{Border, Element, ErosionSpec};
 pub use erosion::{dilate, erode};
 pub use error::{MorphologyError, Result};
 pub use grid::{Binary, Grid, Label};
+pub use skeleton::{skeletonize, tubed_skeleton};
 pub use weights::{DwceSpec, dwce_weight_map};

@@ -101,12 +101,10 @@ pub fn broadcast_variables(comm: &dyn Communicator, vars: &VarMap) -> Result<()>
     broadcast_matching(comm, vars, |_| true)
 }
 
-/// Sets the buffers of `vars` (batch norm's running statistics, which each rank updates from
-/// its own samples) to rank 0's, as PyTorch's DistributedDataParallel does before each step.
+/// Sets the buffers of `vars` ([`cwseg_models::weights::is_buffer`]: batch norm's running
+/// statistics, which each rank updates from its own samples) to rank 0's, as PyTorch's DistributedDataParallel does before each step.
 pub fn broadcast_buffers(comm: &dyn Communicator, vars: &VarMap) -> Result<()> {
-    broadcast_matching(comm, vars, |name| {
-        name.ends_with("running_mean") || name.ends_with("running_var")
-    })
+    broadcast_matching(comm, vars, cwseg_models::weights::is_buffer)
 }
 
 fn broadcast_matching(

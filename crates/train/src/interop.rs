@@ -40,13 +40,6 @@ pub struct ImportOptions {
     pub preprocessing: Preprocessing,
 }
 
-/// MONAI's class name.
-fn class_name(network: MonaiNetwork) -> &'static str {
-    match network {
-        MonaiNetwork::Unetr => "UNETR",
-        MonaiNetwork::Vnet => "VNet",
-    }
-}
 
 fn refuse_existing(out: &Path) -> Result<()> {
     if out.exists() {
@@ -84,7 +77,7 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
         .normalization
         .validate()
         .context("--window")?;
-    let class = class_name(options.network);
+    let class = MonaiNetwork::class_name(options.network);
     let text = fs::read_to_string(&options.args)
         .with_context(|| format!("reading {}", options.args.display()))?;
     let args: serde_json::Value = serde_json::from_str(&text)
@@ -171,15 +164,25 @@ fn imported_card(
         precision: Default::default(),
         regions: None,
         origin: Some(format!(
-            "monai.networks.nets.{class}, imported by `cwseg import monai`: kernels' spatial axes \
-             reversed from MONAI's (x, y, z) to (z, y, x){}",
-            if matches!(model, ModelConfig::Unetr(_)) {
-                ", position embeddings reordered, img_size reversed"
-            } else {
-                ""
-            }
+            "monai.networks.nets.{class}, imported by `cwseg import monai`: {}",
+            conversion(&model)
         )),
     })
+}
+
+/// How the import turned MONAI's tensors into cwseg's.
+fn conversion(model: &ModelConfig) -> &'static str {
+    match model {
+        ModelConfig::Unetr(_) => {
+            "kernels' spatial axes reversed from MONAI's (x, y, z) to (z, y, x), position \
+             embeddings reordered, img_size reversed"
+        }
+        ModelConfig::Swinunetr(_) => {
+            "tensors unchanged; the network turns its (z, y, x) input into MONAI's (x, y, z) \
+             order and its output back"
+        }
+        _ => "kernels' spatial axes reversed from MONAI's (x, y, z) to (z, y, x)",
+    }
 }
 
 fn imported_readme(card: &ModelCard, options: &ImportOptions) -> Result<String> {
@@ -222,7 +225,7 @@ pub fn export_monai(run: &Path, out: &Path) -> Result<()> {
         .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
     weights::load_strict(&vars, dir.join("model.safetensors"))?;
     let state = to_monai(&card.model, weights::tensors(&vars)?)?;
-    let class = class_name(network);
+    let class = MonaiNetwork::class_name(network);
     crate::checkpoint::write_new_folder(out, |tmp| {
         let metadata: HashMap<String, String> = [
             ("format".to_string(), "pt".to_string()),

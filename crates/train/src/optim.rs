@@ -194,7 +194,7 @@ impl Optimizer {
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned variable map"))?
             .iter()
-            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .filter(|(n, _)| !cwseg_models::weights::is_buffer(n))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         Ok(Self::new(config, named))

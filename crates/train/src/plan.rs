@@ -495,11 +495,22 @@ fn fit_patch(
     }
     let (patch, bytes) = smallest.unwrap_or(([0; 3], 0));
     bail!(
-        "even a patch of {patch:?} voxels needs an estimated {:.2} GiB for a training step of \
-         batch 2, more than --memory {:.2} GiB",
-        bytes as f64 / GIB,
-        limit as f64 / GIB
+        "even a patch of {patch:?} voxels needs an estimated {} GiB for a training step of \
+         batch 2, more than --memory {} GiB",
+        gib(bytes),
+        gib(limit)
     )
+}
+
+/// `bytes` in GiB for a message: two decimals, or three significant digits below 0.01 GiB (so
+/// that a small budget and a small need never both read 0.00).
+fn gib(bytes: u128) -> String {
+    let g = bytes as f64 / GIB;
+    if g >= 0.01 || g == 0.0 {
+        format!("{g:.2}")
+    } else {
+        format!("{g:.2e}")
+    }
 }
 
 /// Bytes in a GiB.
@@ -534,7 +545,8 @@ fn batch_size(
 pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Result<Plan> {
     let mut reasons = BTreeMap::new();
     let cases = &fingerprint.cases;
-    let spacing = target_spacing(cases);
+    // as the model card will read it back (a resumed run compares the two)
+    let spacing = target_spacing(cases).map(crate::prepare::json_stable);
     spacing_reason(cases, spacing, &mut reasons);
     let normalization = normalization(fingerprint, &mut reasons);
     let crop = cases.iter().any(|c| c.foreground_shape != c.shape);
@@ -825,6 +837,7 @@ pub fn write_plan(
     {
         bail!("--minutes {minutes}: a positive number of minutes");
     }
+    check_out_is_a_file(out)?;
     // before reading every case: the folder the plan goes to must exist
     if let Some(folder) = out.parent().filter(|p| !p.as_os_str().is_empty())
         && !folder.is_dir()
@@ -841,6 +854,7 @@ pub fn write_plan(
     let mut outputs = crate::outputs::Outputs::new();
     outputs.add("--out", out)?;
     outputs.add("the fingerprint", &fingerprint_file)?;
+    refuse_data_set_outputs(&outputs, &dataset)?;
     let mut plan = plan(&fingerprint, &data.to_string_lossy(), budget)?;
     if let Some(minutes) = budget.minutes {
         let why = crate::calibrate::plan_minutes(&mut plan.config, minutes)?;
@@ -864,6 +878,48 @@ pub fn write_plan(
     )?;
     cwseg_data::dataset::write_atomic(out, toml.as_bytes())?;
     Ok(plan)
+}
+
+/// Refuses an `--out` that names a folder (an existing one, or a path ending in `/`): the plan
+/// is a file, and the fingerprint beside it would land in the folder's parent.
+fn check_out_is_a_file(out: &std::path::Path) -> Result<()> {
+    let spelled_as_folder = out
+        .as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::MAIN_SEPARATOR);
+    if spelled_as_folder || out.is_dir() {
+        bail!(
+            "--out {}: a folder; give the plan's file name (e.g. {}), the fingerprint goes \
+             beside it",
+            out.display(),
+            out.join("plan.toml").display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses outputs that are one of the data set's files (`dataset.json`, an image, a label) or
+/// lie in a folder of its cases (`imagesTr/`, a BraTS case folder), where a written file would
+/// replace a case or be read as one.
+fn refuse_data_set_outputs(outputs: &crate::outputs::Outputs, dataset: &Dataset) -> Result<()> {
+    let description = dataset.root.join("dataset.json");
+    let mut files: Vec<&std::path::Path> = vec![description.as_path()];
+    let mut folders = std::collections::BTreeSet::new();
+    for case in dataset.training.iter().chain(&dataset.test) {
+        for file in case.images.iter().chain(&case.label) {
+            files.push(file);
+            if let Some(folder) = file.parent() {
+                folders.insert(crate::outputs::resolve(folder));
+            }
+        }
+    }
+    let inputs: Vec<(&str, &std::path::Path)> =
+        files.into_iter().map(|f| ("of the data set", f)).collect();
+    outputs.refuse_inputs(&inputs)?;
+    for folder in &folders {
+        outputs.refuse_inside(folder, "a folder of the data set's cases")?;
+    }
+    Ok(())
 }
 
 /// What each field of a run configuration is, one line each, by dotted TOML path (model and
@@ -1057,7 +1113,8 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     (
         "loss.name",
         "ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary, cldice, \
-         dice_cldice, hausdorff_dt, log_hausdorff_dt or unified_focal",
+         dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal, skeleton_recall or \
+         dice_ce_skeleton_recall",
     ),
     ("loss.lambda", "λ: the contour weight of CWCE, (1 + λ C) ℓ"),
     (

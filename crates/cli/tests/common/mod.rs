@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+pub mod monai;
+
 /// Runs the binary.
 pub fn cwseg(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cwseg"))

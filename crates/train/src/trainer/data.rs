@@ -107,11 +107,15 @@ pub(super) fn loader_config(config: &TrainConfig, regions: Option<&RegionClasses
 
 /// The maps the loader makes with each patch: under [`ContourMaps::Volume`], the contour map
 /// (every class, background included: the loss takes each class's own contour from it) of a
-/// loss that uses one; with regions, one map per region.
+/// loss that uses one; with regions, one map per region. A Skeleton Recall loss gets its tubed
+/// skeleton from the loader (thinned in the loader's threads, before deep supervision
+/// downsamples it with the labels): under [`ContourMaps::Volume`] made on the patch widened by
+/// [`SKELETON_HALO`](cwseg_data::SKELETON_HALO), under [`ContourMaps::Patch`] on the patch alone
+/// (the reference's per-patch skeleton).
 fn patch_maps(config: &TrainConfig, regions: Option<&RegionClasses>) -> PatchMaps {
-    let contour = match config.contour_maps {
-        ContourMaps::Volume => config.loss.contour(),
-        ContourMaps::Patch => None,
+    let (contour, skeleton_halo) = match config.contour_maps {
+        ContourMaps::Volume => (config.loss.contour(), cwseg_data::SKELETON_HALO),
+        ContourMaps::Patch => (None, 0),
     };
     PatchMaps {
         contour: contour.map(|c| cwseg_morphology::ContourSpec {
@@ -119,6 +123,7 @@ fn patch_maps(config: &TrainConfig, regions: Option<&RegionClasses>) -> PatchMap
             include_background: true,
         }),
         regions: regions.map(|r| r.sets.clone()).unwrap_or_default(),
+        skeleton: config.loss.uses_skeleton().then_some(skeleton_halo),
     }
 }
 

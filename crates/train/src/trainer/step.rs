@@ -52,7 +52,8 @@ impl Trainer {
     /// The loss of the network's outputs, full resolution first: with deep supervision
     /// (nnU-Net) `Σ_l w_l L(z_l, y_l)` over the levels `l` the network outputs, `w_l ∝ 2^{−l}`
     /// normalised to sum 1 (the lowest decoder level has no output, so weight 0), the targets
-    /// of level `l` the batch's at `1/2^l` ([`Batch::downsampled`]); else `L(z_0, y)`.
+    /// of level `l` the batch's downsampled to `z_l`'s size ([`Batch::downsampled`]: `1/2^l`
+    /// for the U-Net, per axis for an anisotropic DynUNet); else `L(z_0, y)`.
     fn deep_loss(&self, outputs: &[Tensor], batch: &Batch) -> Result<Tensor> {
         let weights = deep_supervision_weights(outputs.len());
         let mut sum: Option<Tensor> = None;
@@ -60,7 +61,8 @@ impl Trainer {
             let level = match l {
                 0 => self.loss.forward(logits, &self.target(batch)?)?,
                 _ => {
-                    let target = self.target(&batch.downsampled(1 << l))?;
+                    let factors = level_factors(batch, logits)?;
+                    let target = self.target(&batch.downsampled(factors))?;
                     self.loss.forward(logits, &target)?
                 }
             };
@@ -73,8 +75,8 @@ impl Trainer {
         sum.context("the network gave no output")
     }
 
-    /// The loss's target of `batch`: labels, the contour maps (per region with regions) and
-    /// the voxel weights the loader made.
+    /// The loss's target of `batch`: labels, the contour maps (per region with regions), the
+    /// voxel weights and the tubed skeletons the loader made.
     fn target(&self, batch: &Batch) -> Result<Target> {
         let labels = batch.label_tensor(&self.device)?;
         let mut target = Target::new(labels)?;
@@ -90,6 +92,9 @@ impl Trainer {
         }
         if let Some(weights) = batch.weights_tensor(&self.device)? {
             target = target.with_dwce_weights(weights);
+        }
+        if let Some(skeleton) = batch.skeleton_tensor(&self.device)? {
+            target = target.with_skeleton(skeleton);
         }
         Ok(target)
     }
@@ -111,6 +116,25 @@ impl Trainer {
         self.state.loss_scaler = Some(scaler.state());
         Ok(())
     }
+}
+
+/// Per axis `[z, y, x]`, how many of the batch's voxels one voxel of `logits` covers; an
+/// error unless every side divides the batch's.
+fn level_factors(batch: &Batch, logits: &Tensor) -> Result<[usize; 3]> {
+    let (_, _, d, h, w) = logits.dims5()?;
+    let (_, bd, bh, bw) = batch.label.dim();
+    let mut factors = [0; 3];
+    for (a, (&full, &out)) in [bd, bh, bw].iter().zip(&[d, h, w]).enumerate() {
+        if out == 0 || !full.is_multiple_of(out) {
+            bail!(
+                "a deep-supervision output of size {:?} does not divide the patch {:?}",
+                [d, h, w],
+                [bd, bh, bw]
+            );
+        }
+        factors[a] = full / out;
+    }
+    Ok(factors)
 }
 
 /// nnU-Net's deep-supervision weights of `levels` supervised outputs (full resolution first):
