@@ -70,12 +70,14 @@ pub struct TrainArgs {
     /// The number of cross-validation folds (nnU-Net: 5).
     #[arg(long, requires = "fold")]
     folds: Option<usize>,
-    /// Network name: unet, vnet, unetr (its position embeddings take the patch size) or
-    /// deeplabv3; a `[model]` table in --config sets its fields [default: unet].
+    /// Network name: unet, vnet, unetr (its position embeddings take the patch size),
+    /// deeplabv3, segresnet, dynunet or swinunetr; a `[model]` table in --config sets its
+    /// fields [default: unet].
     #[arg(long)]
     model: Option<String>,
     /// Loss name (ce, dl, gdl, dwce, cedl, cwce, sdl, cwcd, focal, tversky, dicefocal, boundary,
-    /// cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal) [default: cwcd].
+    /// cldice, dice_cldice, hausdorff_dt, log_hausdorff_dt, unified_focal, skeleton_recall,
+    /// dice_ce_skeleton_recall) [default: cwcd].
     #[arg(long)]
     loss: Option<String>,
     /// Loss configuration as JSON (`{"name": "cwcd", "lambda": 1.0}`).
@@ -646,6 +648,13 @@ pub fn loss(args: LossArgs) -> Result<()> {
             labels.shape()
         );
     }
+    if logits.is_empty() {
+        bail!(
+            "logits {} have shape {:?}: no sample, class or voxel to score",
+            args.logits.display(),
+            logits.shape()
+        );
+    }
     let x = Tensor::from_vec(
         logits.iter().copied().collect::<Vec<_>>(),
         logits.shape(),
@@ -665,6 +674,14 @@ pub fn loss(args: LossArgs) -> Result<()> {
                     args.labels.display()
                 )
             })?;
+    if !value.is_finite() || !grad_norm.is_finite() {
+        bail!(
+            "{} against {}: the {} loss is {value} with gradient norm {grad_norm} (not finite)",
+            args.logits.display(),
+            args.labels.display(),
+            config.build().name()
+        );
+    }
     if args.json {
         println!("{}", json!({"loss": value, "grad_norm": grad_norm}));
     } else {
@@ -914,8 +931,9 @@ pub struct PlanArgs {
     /// voxels, orthogonal axes); write nothing.
     #[arg(long)]
     verify: bool,
-    /// The training recipe: `paper` (Adam, the paper's augmentation) or `nnunet` (SGD and poly,
-    /// nnU-Net's augmentation, deep supervision).
+    /// The training recipe: `paper` (the paper's U-Net, Adam, the paper's augmentation) or
+    /// `nnunet` (nnU-Net's network as a DynUNet: per-axis kernels and strides, features per
+    /// stage, deep supervision; SGD and poly, nnU-Net's augmentation).
     #[arg(long, value_enum, default_value = "paper")]
     recipe: RecipeArg,
     /// Fit training into this many minutes on this machine: a short calibration run (two

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use cwseg_cli::progress::{self, Progress};
@@ -244,12 +244,15 @@ fn run(cli: Cli) -> Result<()> {
                 if !matches!(dtype, DTypeArg::F32)
                     || evaluation.is_some()
                     || cross_validation.is_some()
+                    || license.is_some()
                 {
                     anyhow::bail!(
-                        "--format monai writes f32 weights and no model card: leave out --dtype, --evaluation and --cross-validation"
+                        "--format monai writes f32 weights and no model card: leave out --dtype, --license, --evaluation and --cross-validation"
                     );
                 }
-                interop::export_monai(&run, &out)?;
+                export::refuse_ensemble(&run)?;
+                interop::export_monai(&run, &out)
+                    .with_context(|| format!("export {} --format monai", run.display()))?;
                 println!(
                     "MONAI state dict and args.json written to {}",
                     out.display()

@@ -961,3 +961,335 @@ fn export_refuses_a_licence_that_is_not_an_id_and_a_foreign_report() {
         "{card}"
     );
 }
+
+/// A small MSD phantom data set (`synth`) in `dir/data`: 4 training and 2 test cases of
+/// 24³ voxels, the default seed.
+fn phantom_data_set(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    ok(&[
+        "synth",
+        "--out",
+        s(&data),
+        "--train",
+        "4",
+        "--test",
+        "2",
+        "--shape",
+        "24,24,24",
+    ]);
+    data
+}
+
+/// Fourth tour: `plan --out` into its own data set replaced `dataset.json` or a case with the
+/// plan (and dropped `fingerprint.json` among the images); `--out` naming a folder wrote the
+/// fingerprint into the folder's parent, then failed. Both refused before reading.
+#[test]
+fn a_plan_never_writes_into_its_data_set_or_beside_a_folder() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = phantom_data_set(dir.path());
+    let description = data.join("dataset.json");
+    let image = data.join("imagesTr/phantom_000.nii.gz");
+    let before = (
+        std::fs::read(&description).expect("json"),
+        std::fs::read(&image).expect("image"),
+    );
+    let err = fails(&["plan", "--data", s(&data), "--out", s(&description)]);
+    assert!(
+        err.contains("data set") && err.contains("dataset.json"),
+        "{err}"
+    );
+    let err = fails(&["plan", "--data", s(&data), "--out", s(&image)]);
+    assert!(err.contains("phantom_000.nii.gz"), "{err}");
+    let beside = data.join("labelsTr/plan.toml");
+    let err = fails(&["plan", "--data", s(&data), "--out", s(&beside)]);
+    assert!(err.contains("labelsTr"), "{err}");
+    assert_eq!(std::fs::read(&description).expect("json"), before.0);
+    assert_eq!(std::fs::read(&image).expect("image"), before.1);
+    for folder in ["imagesTr", "labelsTr"] {
+        assert!(!data.join(folder).join("fingerprint.json").exists());
+    }
+    // a folder as --out: refused, and no fingerprint in its parent
+    let plans = dir.path().join("plans");
+    std::fs::create_dir(&plans).expect("dir");
+    let slash = format!("{}/", s(&dir.path().join("new")));
+    for out in [s(&plans), slash.as_str()] {
+        let err = fails(&["plan", "--data", s(&data), "--out", out]);
+        assert!(err.contains("a folder"), "{err}");
+    }
+    assert!(!dir.path().join("fingerprint.json").exists());
+    // the data set's root (not a folder of cases) takes a plan
+    ok(&[
+        "plan",
+        "--data",
+        s(&data),
+        "--out",
+        s(&data.join("plan.toml")),
+    ]);
+    // a budget below a tiny patch's need says both numbers, not 0.00 and 0.00
+    let err = fails(&[
+        "plan",
+        "--data",
+        s(&data),
+        "--out",
+        s(&plans.join("p.toml")),
+        "--memory",
+        "0.001",
+    ]);
+    assert!(!err.contains("0.00 GiB"), "{err}");
+}
+
+/// Fourth tour: a run normalised with measured CT statistics (`nnunet_ct`) could not be
+/// resumed when a statistic had 17 significant digits: `serde_json` read the checkpoint's
+/// number back one unit in the last place off, so the measured preprocessing "differed" and
+/// every `train --resume` (and every rerun of an interrupted `cv`) was refused. On this data
+/// set fold 1's lower bound, -0.0020970844249267586, is such a number.
+#[test]
+fn a_run_with_measured_ct_statistics_resumes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = phantom_data_set(dir.path());
+    let config = dir.path().join("ct.toml");
+    let toml = format!(
+        "patch = [16, 16, 16]\nbatch_size = 2\nepochs = 1\nbatches_per_epoch = 1\nworkers = 1\n\
+         [data]\nsource = \"{}\"\n[data.preprocessing]\nspacing = [1.5, 1.0, 1.0]\n\
+         [data.preprocessing.normalization]\nkind = \"nnunet_ct\"\n\
+         [model]\nname = \"unet\"\nfilters = 4\ndepth = 2\n[loss]\nname = \"cwcd\"\n\
+         [validation]\npostprocess = false\n",
+        s(&data)
+    );
+    std::fs::write(&config, toml).expect("config");
+    let run = dir.path().join("run");
+    let fold = ["--fold", "1", "--folds", "2", "--quiet"];
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", s(&config), "--out", s(&run)];
+        args.extend_from_slice(&fold);
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    train(&[]);
+    train(&["--resume", "--epochs", "2"]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+}
+
+/// Fourth tour: a copy of a model folder joined an ensemble as a second member and weighed
+/// double in the mean (only the same folder was refused); the same weights are now refused,
+/// naming both folders.
+#[test]
+fn a_copied_model_is_not_a_second_member() {
+    let dir = tempfile::tempdir().expect("dir");
+    let model = edited_model(dir.path(), "model", |_| {});
+    let copy = edited_model(dir.path(), "copy", |_| {});
+    let image = dir.path().join("case.nii.gz");
+    write_image(&image);
+    let out = dir.path().join("out.nii.gz");
+    let err = fails(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--model",
+        s(&copy),
+        "--input",
+        s(&image),
+        "--output",
+        s(&out),
+    ]);
+    assert!(
+        err.contains("same weights") && err.contains("copy"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Fourth tour: `evaluate --regions brats --classes 1,2` ignored `--classes` without a word;
+/// `export --format monai --license` ignored the licence; a U-Net refused by `--format monai`
+/// did not name the folder.
+#[test]
+fn flags_that_would_be_ignored_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let labels = dir.path().join("labels.nii.gz");
+    write_labels(&labels);
+    let err = fails(&[
+        "evaluate",
+        "--pred",
+        s(&labels),
+        "--label",
+        s(&labels),
+        "--regions",
+        "brats",
+        "--classes",
+        "1,2",
+    ]);
+    assert!(
+        err.contains("--classes") && err.contains("--regions"),
+        "{err}"
+    );
+    let model = edited_model(dir.path(), "model", |_| {});
+    let out = dir.path().join("monai");
+    let err = fails(&[
+        "export",
+        s(&model),
+        "--format",
+        "monai",
+        "--out",
+        s(&out),
+        "--license",
+        "mit",
+    ]);
+    assert!(err.contains("--license"), "{err}");
+    let err = fails(&["export", s(&model), "--format", "monai", "--out", s(&out)]);
+    assert!(err.contains(s(&model)), "{err}");
+    assert!(!out.exists());
+    // an ensemble folder is not one model: said so, with its members
+    let ensemble = dir.path().join("ensemble");
+    std::fs::create_dir(&ensemble).expect("dir");
+    std::fs::write(
+        ensemble.join("ensemble.json"),
+        r#"{"members": ["../model"], "postprocessing": null}"#,
+    )
+    .expect("write");
+    for format in ["cwseg", "monai"] {
+        let err = fails(&["export", s(&ensemble), "--format", format, "--out", s(&out)]);
+        assert!(
+            err.contains("an ensemble") && err.contains("../model"),
+            "{err}"
+        );
+    }
+    assert!(!out.exists());
+}
+
+/// Fourth tour: a fold whose `split.json` no longer holds its share of the cases (edited,
+/// damaged, or the data set grew) left cases out of `cv.json`'s "every training case once"
+/// without a word; the rerun now refuses, naming the file.
+#[test]
+fn a_fold_that_lost_its_validation_cases_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = common::write_tiny_run(dir.path(), "cedl");
+    let out = dir.path().join("cv");
+    ok(&[
+        "cv",
+        "--config",
+        s(&config),
+        "--out",
+        s(&out),
+        "--folds",
+        "3",
+        "--quiet",
+    ]);
+    let split = out.join("fold_0/split.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&split).expect("split")).expect("json");
+    let case = json["val"].as_array_mut().expect("val").remove(0);
+    json["train"].as_array_mut().expect("train").push(case);
+    std::fs::write(&split, json.to_string()).expect("write");
+    let err = fails(&[
+        "cv",
+        "--config",
+        s(&config),
+        "--out",
+        s(&out),
+        "--folds",
+        "3",
+        "--quiet",
+    ]);
+    assert!(
+        err.contains("fold_0/split.json") && err.contains("share"),
+        "{err}"
+    );
+}
+
+/// Fourth tour: `cv --out` inside the data set's folder made `fold_0/` there first, which a
+/// BraTS folder then read as a case ("missing fold_0/fold_0_flair.nii.gz"); refused up front,
+/// nothing made.
+#[test]
+fn a_cross_validation_inside_its_data_set_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = phantom_data_set(dir.path());
+    let config = common::write_tiny_run(dir.path(), "cedl");
+    for out in [data.clone(), data.join("cv")] {
+        let err = fails(&[
+            "cv",
+            "--config",
+            s(&config),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--folds",
+            "2",
+        ]);
+        assert!(err.contains("inside the data set"), "{err}");
+    }
+    assert!(!data.join("fold_0").exists() && !data.join("cv").exists());
+}
+
+/// Fourth tour: a damaged out-of-fold prediction (a truncated `oof/CASE.nii.gz` newer than
+/// the weights) stopped every rerun of `cv` ("incomplete deflate stream"); it is a cache cv
+/// can remake, so it is predicted again and the report equals the undamaged one.
+#[test]
+fn a_damaged_out_of_fold_prediction_is_made_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = common::write_tiny_run(dir.path(), "cedl");
+    let out = dir.path().join("cv");
+    let cv = || {
+        ok(&[
+            "cv",
+            "--config",
+            s(&config),
+            "--out",
+            s(&out),
+            "--folds",
+            "3",
+            "--quiet",
+        ])
+    };
+    cv();
+    let report = std::fs::read_to_string(out.join("cv.json")).expect("report");
+    let oof = std::fs::read_dir(out.join("oof"))
+        .expect("oof")
+        .next()
+        .expect("a prediction")
+        .expect("entry")
+        .path();
+    let bytes = std::fs::read(&oof).expect("read");
+    std::fs::write(&oof, &bytes[..bytes.len() / 2]).expect("truncate");
+    cv();
+    assert_eq!(
+        std::fs::read_to_string(out.join("cv.json")).expect("report"),
+        report
+    );
+    assert_eq!(std::fs::read(&oof).expect("read"), bytes);
+}
+
+/// `cwseg loss` on logits with no sample, class or voxel is refused naming the file and its
+/// shape (it used to fail inside a reduction: "empty tensor for reduce").
+#[test]
+fn loss_command_refuses_empty_logits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, (logits, labels)) in [
+        (vec![0, 2, 2, 2, 2], vec![0, 2, 2, 2]),
+        (vec![1, 2, 0, 2, 2], vec![1, 0, 2, 2]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (l, y) = (
+            dir.path().join(format!("logits{i}.npy")),
+            dir.path().join(format!("labels{i}.npy")),
+        );
+        ndarray_npy::write_npy(&l, &ndarray::ArrayD::<f32>::zeros(logits.clone())).expect("npy");
+        ndarray_npy::write_npy(&y, &ndarray::ArrayD::<i64>::zeros(labels)).expect("npy");
+        let err = fails(&[
+            "loss",
+            "--logits",
+            s(&l),
+            "--labels",
+            s(&y),
+            "--loss",
+            "cedl",
+        ]);
+        assert!(
+            err.contains(&format!("logits{i}.npy")) && err.contains("no sample, class or voxel"),
+            "{logits:?}: {err}"
+        );
+    }
+}

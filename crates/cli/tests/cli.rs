@@ -323,12 +323,13 @@ fn train_resume_predict_evaluate() {
         "{err}"
     );
     assert!(!target.exists(), "no partial output");
-    // a patch larger than the volume
+    // a patch larger than the volume (16 × 24 × 24): the cases are padded, as nnU-Net pads
+    // them (a plan's patch may be larger than its smallest case), and the run trains
     let big = std::fs::read_to_string(dir.path().join("tiny.toml"))
         .expect("config")
         .replace("patch = [16, 16, 16]", "patch = [32, 32, 32]");
     std::fs::write(dir.path().join("big.toml"), big).expect("config");
-    let err = fails(&[
+    ok(&[
         "train",
         "--config",
         dir.path().join("big.toml").to_str().expect("utf-8"),
@@ -336,7 +337,7 @@ fn train_resume_predict_evaluate() {
         dir.path().join("big").to_str().expect("utf-8"),
         "--quiet",
     ]);
-    assert!(err.contains("larger than case"), "{err}");
+    assert!(dir.path().join("big/best/model.safetensors").exists());
     let table = ok(&[
         "evaluate",
         "--pred",

@@ -407,3 +407,23 @@ fn model_config_json_is_honoured_field_by_field() {
         Some(monai as u64 + 2 * head as u64)
     );
 }
+
+/// An `--args` file that starts with a UTF-8 byte-order mark (as some Windows editors write)
+/// is read as the JSON after it (fourth hostile tour: it was "expected value at line 1").
+#[test]
+fn import_skips_a_byte_order_mark() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = fixtures().join("segresnet");
+    let text = std::fs::read_to_string(source.join("args.json")).expect("args");
+    let args = tmp.path().join("args.json");
+    std::fs::write(&args, format!("\u{feff}{text}")).expect("write");
+    let out = tmp.path().join("model");
+    import_monai(
+        "segresnet",
+        path(&args),
+        path(&source.join("state.safetensors")),
+        path(&out),
+        &["--patch", "16,32,32"],
+    );
+    assert!(out.join("model.safetensors").exists());
+}

@@ -89,7 +89,8 @@ fn a_plan_trains_unchanged_and_says_why() {
         .parse()
         .expect("a count");
     assert!(n >= 1);
-    // nnU-Net's recipe: SGD and poly, its augmentation and deep supervision, trained as written
+    // nnU-Net's recipe: its network (a DynUNet pooling each axis on its own), SGD and poly, its
+    // augmentation and deep supervision, trained as written
     let nnunet = dir.path().join("nnunet.toml");
     ok(&[
         "plan",
@@ -101,12 +102,32 @@ fn a_plan_trains_unchanged_and_says_why() {
         "nnunet",
     ]);
     let text = std::fs::read_to_string(&nnunet).expect("plan");
+    // 24 × 32 × 40 voxels at 1.5 × 1 × 1 mm: z pooled twice, y and x three times, 3³ kernels
+    // (every spacing within 2× of the finest), 4 stages and so one head
     for line in [
+        "name = \"dynunet\"",
+        "strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]]",
+        "kernel_size = [[3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]",
+        "filters = [32, 64, 128, 256]",
+        "norm = \"instance_affine\"",
         "deep_supervision = true",
+        "deep_supr_num = 1",
         "kind = \"sgd\"",
         "mirror_probability = 0.5",
     ] {
         assert!(text.lines().any(|l| l == line), "{line}: {text}");
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    for (field, reason) in [
+        ("kernel_size = ", "nnU-Net's kernels per stage"),
+        ("strides = ", "nnU-Net's 4 stages"),
+        ("filters = ", "nnU-Net's features per stage"),
+        ("deep_supr_num = ", "4 stages − 3"),
+    ] {
+        let found = lines
+            .windows(2)
+            .any(|w| w[0].starts_with('#') && w[0].contains(reason) && w[1].starts_with(field));
+        assert!(found, "{field} under {reason}: {text}");
     }
     let run = dir.path().join("run-nnunet");
     ok(&[

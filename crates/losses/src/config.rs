@@ -66,6 +66,12 @@ pub enum LossConfig {
     DiceCeSkeletonRecall(DiceCeSkeletonRecall),
 }
 
+/// Most skeleton iterations clDice and Dice + clDice take.
+pub const MAX_SKELETON_ITERATIONS: usize = 1000;
+
+/// Largest exponent α of the Hausdorff-DT losses: `(10⁴)^8 = 10³²` is within f32.
+pub const MAX_HAUSDORFF_ALPHA: f64 = 8.0;
+
 impl LossConfig {
     /// The configuration of the loss called `name`, with its defaults.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -104,6 +110,7 @@ impl LossConfig {
         if let LossConfig::UnifiedFocal(l) = self {
             bad.extend(l.out_of_range());
         }
+        bad.extend(self.topology_out_of_range());
         if matches!(self, LossConfig::Tversky(_))
             && value["alpha"].as_f64().unwrap_or(0.0) + value["beta"].as_f64().unwrap_or(0.0) <= 0.0
         {
@@ -130,6 +137,36 @@ impl LossConfig {
                 what: first.clone(),
             }),
         }
+    }
+
+    /// clDice's skeleton iterations (at most [`MAX_SKELETON_ITERATIONS`]: a training step
+    /// that never ends cannot be interrupted) and harmonic-mean smoothing (positive), and the
+    /// Hausdorff-DT losses' α (at most [`MAX_HAUSDORFF_ALPHA`], so that `d^α` stays finite in
+    /// f32 for distances up to 10⁴ voxels).
+    fn topology_out_of_range(&self) -> Vec<String> {
+        let (iterations, smooth, alpha) = match self {
+            LossConfig::Cldice(l) => (Some(l.iterations), Some(l.smooth), None),
+            LossConfig::DiceCldice(l) => (Some(l.iterations), Some(l.smooth), None),
+            LossConfig::HausdorffDt(l) => (None, None, Some(l.alpha)),
+            LossConfig::LogHausdorffDt(l) => (None, None, Some(l.alpha)),
+            _ => (None, None, None),
+        };
+        let mut bad = Vec::new();
+        if let Some(n) = iterations.filter(|&n| n > MAX_SKELETON_ITERATIONS) {
+            bad.push(format!(
+                "iterations = {n}: at most {MAX_SKELETON_ITERATIONS} (more than half the \
+                 largest side changes nothing)"
+            ));
+        }
+        if let Some(s) = smooth.filter(|&s| s <= 0.0) {
+            bad.push(format!("smooth = {s}: must be positive"));
+        }
+        if let Some(a) = alpha.filter(|&a| a > MAX_HAUSDORFF_ALPHA) {
+            bad.push(format!(
+                "alpha = {a:e}: at most {MAX_HAUSDORFF_ALPHA} (d^alpha overflows f32)"
+            ));
+        }
+        bad
     }
 
     /// The contour settings of a loss that weights or splits voxels by contours (CWCE, SDL,

@@ -126,3 +126,31 @@ fn one_class_and_region_targets_are_refused() {
     let alpha = LossConfig::from_json(r#"{"name": "dice_cldice", "alpha": 1.5}"#);
     assert!(matches!(alpha, Err(LossError::Config { .. })), "{alpha:?}");
 }
+
+/// Settings that would hang a step or overflow are refused by `validate`, naming the field
+/// (fourth hostile tour): clDice's iterations and smoothing, the Hausdorff losses' α.
+#[test]
+fn topology_settings_out_of_range_are_refused() {
+    for (json, field) in [
+        (
+            r#"{"name": "cldice", "iterations": 1000000000}"#,
+            "iterations",
+        ),
+        (
+            r#"{"name": "dice_cldice", "iterations": 1001}"#,
+            "iterations",
+        ),
+        (r#"{"name": "cldice", "smooth": 0.0}"#, "smooth"),
+        (r#"{"name": "hausdorff_dt", "alpha": 1e308}"#, "alpha"),
+        (r#"{"name": "log_hausdorff_dt", "alpha": 1000.0}"#, "alpha"),
+    ] {
+        let err = LossConfig::from_json(json).expect_err(json).to_string();
+        assert!(err.contains(field), "{json}: {err}");
+    }
+    for json in [
+        r#"{"name": "cldice", "iterations": 1000}"#,
+        r#"{"name": "hausdorff_dt", "alpha": 8.0}"#,
+    ] {
+        LossConfig::from_json(json).expect(json);
+    }
+}

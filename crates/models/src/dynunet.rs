@@ -41,8 +41,7 @@ use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
 use crate::layers::{dropout, instance_norm, leaky_relu};
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, GroupNorm, conv_batch_norm_t};
-use crate::monai::{self, MonaiImport};
-use crate::network::ModelConfig;
+use crate::monai_args::{self as monai, Imported};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
 
 /// The normalisation of DynUNet's blocks (MONAI's `norm_name`).
@@ -812,7 +811,7 @@ fn dropout_argument(map: &Map<String, Value>) -> Result<Option<f64>> {
 
 /// `monai.networks.nets.DynUNet(**args)` as cwseg's DynUNet, every argument honoured or
 /// refused by name; per-axis lists reversed to `[z, y, x]`.
-pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
+pub(crate) fn from_monai_args(args: &Value) -> Result<Imported<DynUNetConfig>> {
     const KNOWN: [&str; 14] = [
         "spatial_dims",
         "in_channels",
@@ -857,11 +856,7 @@ pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
         )],
         _ => Vec::new(),
     };
-    Ok(MonaiImport {
-        config: ModelConfig::Dynunet(config),
-        perceptron: false,
-        notes,
-    })
+    Ok(Imported { config, notes })
 }
 
 /// A configuration error of an imported network, said to be about MONAI's arguments (whose
@@ -1210,19 +1205,15 @@ mod tests {
     #[test]
     fn monai_arguments_are_reversed_and_round_trip() -> Result<()> {
         let import = from_monai_args(&monai_small())?;
-        let ModelConfig::Dynunet(c) = import.config else {
-            panic!("not a DynUNet")
-        };
+        let c = import.config;
         assert_eq!(c, small(), "axes reversed, filters cut to the levels");
         let again = from_monai_args(&to_monai_args(&c))?;
-        assert_eq!(again.config, ModelConfig::Dynunet(c));
+        assert_eq!(again.config, c);
         let mut args = monai_small();
         args.as_object_mut().expect("object").remove("filters");
         args["norm_name"] = json!("instance");
         args["act_name"] = json!("relu");
-        let ModelConfig::Dynunet(c) = from_monai_args(&args)?.config else {
-            panic!("not a DynUNet")
-        };
+        let c = from_monai_args(&args)?.config;
         assert_eq!(c.filters, [32, 64, 128], "nnU-Net's widths");
         assert_eq!((c.norm, c.negative_slope), (DynUNetNorm::Instance, 0.0));
         for (key, value) in [

@@ -18,9 +18,13 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
+use crate::monai_args::{
+    Imported, arguments, boolean, config_error, layer_argument, out_channels, probability,
+    spatial_dims, uint,
+};
 use crate::network::ModelConfig;
 use crate::unetr::{UnetrConfig, UnetrNorm};
 use crate::vnet::{VNetActivation, VNetConfig};
@@ -69,95 +73,6 @@ pub struct MonaiImport {
     pub notes: Vec<String>,
 }
 
-pub(crate) fn config_error(message: String) -> ModelError {
-    ModelError::Config(message)
-}
-
-/// The keyword arguments, refusing keys the class does not know.
-pub(crate) fn arguments<'a>(args: &'a Value, known: &[&str], class: &str) -> Result<&'a Map<String, Value>> {
-    let map = args.as_object().ok_or_else(|| {
-        config_error(format!(
-            "MONAI {class} arguments must be a JSON object of keyword arguments"
-        ))
-    })?;
-    if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(config_error(format!(
-            "MONAI {class} argument `{unknown}` is not one cwseg knows; known: {}",
-            known.join(", ")
-        )));
-    }
-    Ok(map)
-}
-
-pub(crate) fn uint(map: &Map<String, Value>, key: &str, default: Option<usize>) -> Result<usize> {
-    match map.get(key) {
-        None => default.ok_or_else(|| config_error(format!("MONAI argument `{key}` is required"))),
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| config_error(format!("MONAI argument `{key}`: {v} is not a count"))),
-    }
-}
-
-/// A list of counts (`default` when absent).
-pub(crate) fn uint_list(map: &Map<String, Value>, key: &str, default: &[usize]) -> Result<Vec<usize>> {
-    let Some(value) = map.get(key) else {
-        return Ok(default.to_vec());
-    };
-    value
-        .as_array()
-        .and_then(|items| {
-            items
-                .iter()
-                .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()))
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or_else(|| config_error(format!("MONAI argument `{key}`: {value} is not a list of counts")))
-}
-
-pub(crate) fn boolean(map: &Map<String, Value>, key: &str, default: bool) -> Result<bool> {
-    match map.get(key) {
-        None => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| config_error(format!("MONAI argument `{key}`: {v} is not true/false"))),
-    }
-}
-
-/// A probability argument (`null` allowed where `nullable`).
-pub(crate) fn probability(value: &Value, key: &str, nullable: bool) -> Result<Option<f64>> {
-    if value.is_null() && nullable {
-        return Ok(None);
-    }
-    match value.as_f64() {
-        Some(p) if (0.0..=1.0).contains(&p) => Ok(Some(p)),
-        _ => Err(config_error(format!(
-            "MONAI argument `{key}`: {value} is not a probability in [0, 1]"
-        ))),
-    }
-}
-
-/// A layer argument given as `"name"` or `["name", {options}]`: the name and the options.
-pub(crate) fn layer_argument<'a>(
-    value: &'a Value,
-    key: &str,
-) -> Result<(String, Option<&'a Map<String, Value>>)> {
-    match value {
-        Value::String(name) => Ok((name.to_ascii_lowercase(), None)),
-        Value::Array(items) if items.len() == 2 => match (&items[0], &items[1]) {
-            (Value::String(name), Value::Object(options)) => {
-                Ok((name.to_ascii_lowercase(), Some(options)))
-            }
-            _ => Err(config_error(format!(
-                "MONAI argument `{key}`: {value} is neither \"name\" nor [\"name\", {{options}}]"
-            ))),
-        },
-        _ => Err(config_error(format!(
-            "MONAI argument `{key}`: {value} is neither \"name\" nor [\"name\", {{options}}]"
-        ))),
-    }
-}
-
 /// MONAI's `norm_name` of UNETR: `"instance"` (no affine parameters) or `"batch"` (affine, with
 /// running statistics), with no options beyond those defaults.
 fn unetr_norm(norm: &Value) -> Result<UnetrNorm> {
@@ -183,36 +98,33 @@ fn unetr_norm(norm: &Value) -> Result<UnetrNorm> {
     }
 }
 
-pub(crate) fn spatial_dims(map: &Map<String, Value>, class: &str) -> Result<()> {
-    match uint(map, "spatial_dims", Some(3))? {
-        3 => Ok(()),
-        n => Err(config_error(format!(
-            "MONAI {class} with spatial_dims={n}: cwseg's networks are 3-D"
-        ))),
-    }
-}
-
-pub(crate) fn out_channels(map: &Map<String, Value>, default: Option<usize>, class: &str) -> Result<usize> {
-    let classes = uint(map, "out_channels", default)?;
-    if classes < 2 {
-        return Err(config_error(format!(
-            "MONAI {class} with out_channels={classes}: cwseg predicts by softmax over at least 2 \
-             classes (one sigmoid output is not supported)"
-        )));
-    }
-    Ok(classes)
-}
-
 /// The cwseg network for MONAI's `class(**args)`, every argument either honoured or refused by
 /// name (never loaded as something else).
 pub fn from_monai_args(network: MonaiNetwork, args: &Value) -> Result<MonaiImport> {
     match network {
         MonaiNetwork::Unetr => unetr_from_args(args),
         MonaiNetwork::Vnet => vnet_from_args(args),
-        MonaiNetwork::Segresnet => crate::segresnet::from_monai_args(args),
-        MonaiNetwork::Dynunet => crate::dynunet::from_monai_args(args),
-        MonaiNetwork::Swinunetr => crate::swinunetr::from_monai_args(args),
+        MonaiNetwork::Segresnet => imported(
+            crate::segresnet::from_monai_args(args)?,
+            ModelConfig::Segresnet,
+        ),
+        MonaiNetwork::Dynunet => {
+            imported(crate::dynunet::from_monai_args(args)?, ModelConfig::Dynunet)
+        }
+        MonaiNetwork::Swinunetr => imported(
+            crate::swinunetr::from_monai_args(args)?,
+            ModelConfig::Swinunetr,
+        ),
     }
+}
+
+/// A network module's import as a [`MonaiImport`].
+fn imported<C>(import: Imported<C>, variant: fn(C) -> ModelConfig) -> Result<MonaiImport> {
+    Ok(MonaiImport {
+        config: variant(import.config),
+        perceptron: false,
+        notes: import.notes,
+    })
 }
 
 fn unetr_from_args(args: &Value) -> Result<MonaiImport> {
@@ -472,15 +384,13 @@ pub fn to_monai_args(config: &ModelConfig) -> Result<(MonaiNetwork, Value)> {
                 "bias": c.bias,
             }),
         )),
-        ModelConfig::Segresnet(c) => Ok((
-            MonaiNetwork::Segresnet,
-            crate::segresnet::to_monai_args(c),
-        )),
+        ModelConfig::Segresnet(c) => {
+            Ok((MonaiNetwork::Segresnet, crate::segresnet::to_monai_args(c)))
+        }
         ModelConfig::Dynunet(c) => Ok((MonaiNetwork::Dynunet, crate::dynunet::to_monai_args(c))),
-        ModelConfig::Swinunetr(c) => Ok((
-            MonaiNetwork::Swinunetr,
-            crate::swinunetr::to_monai_args(c),
-        )),
+        ModelConfig::Swinunetr(c) => {
+            Ok((MonaiNetwork::Swinunetr, crate::swinunetr::to_monai_args(c)))
+        }
         other => Err(config_error(format!(
             "MONAI has no {} in cwseg's layout: export V-Net, UNETR, SegResNet, DynUNet or \
              SwinUNETR",

@@ -25,8 +25,7 @@ use serde_json::{Value, json};
 use crate::error::{ModelError, Result};
 use crate::layers::{dropout_channels, relu};
 use crate::modules::{Conv3d, ConvTranspose3d, GroupNorm};
-use crate::monai::{self, MonaiImport};
-use crate::network::ModelConfig;
+use crate::monai_args::{self as monai, Imported};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig, upsample_trilinear3d};
 
 /// How SegResNet's decoder doubles the size (MONAI's `upsample_mode`).
@@ -373,7 +372,7 @@ impl ModuleT for SegResNet {
 
 /// `monai.networks.nets.SegResNet(**args)` as cwseg's SegResNet, every argument honoured or
 /// refused by name.
-pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
+pub(crate) fn from_monai_args(args: &Value) -> Result<Imported<SegResNetConfig>> {
     const KNOWN: [&str; 13] = [
         "spatial_dims",
         "init_filters",
@@ -449,11 +448,7 @@ pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
              from `norm`"
         ));
     }
-    Ok(MonaiImport {
-        config: ModelConfig::Segresnet(config),
-        perceptron: false,
-        notes,
-    })
+    Ok(Imported { config, notes })
 }
 
 /// The group count of MONAI's `norm` (group norm only) or its legacy `norm_name="group"` with

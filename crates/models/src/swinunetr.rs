@@ -58,10 +58,9 @@ use serde_json::{Map, Value, json};
 
 use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
-use crate::layers::{gelu, instance_norm, layer_norm, leaky_relu, matmul, softmax_last};
+use crate::layers::{attention_probabilities, gelu, instance_norm, layer_norm, leaky_relu, matmul};
 use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm, Linear};
-use crate::monai::{self, MonaiImport};
-use crate::network::ModelConfig;
+use crate::monai_args::{self as monai, Imported};
 use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
 
 /// Swin stages (MONAI's `layers1` … `layers4`).
@@ -417,15 +416,15 @@ impl WindowAttention {
             .permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)?.contiguous()? * (dh as f64).powf(-0.5))?;
         let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        let mut attn = matmul(&q, &k.t()?)?.broadcast_add(&self.bias(n)?)?;
-        if let Some(mask) = mask {
-            let w = mask.dim(0)?;
-            attn = attn
-                .reshape((b / w, w, heads, n, n))?
-                .broadcast_add(&mask.unsqueeze(1)?.unsqueeze(0)?)?
-                .reshape((b, heads, n, n))?;
-        }
-        let attn = dropout(&softmax_last(&attn)?, self.attn_drop, train)?;
+        // `B + M`, `(W, heads, n, n)`, then `softmax(q kᵀ + B + M)` as one op whose autograd
+        // node keeps the probabilities, not the score matrices
+        let bias = self.bias(n)?;
+        let offsets = match mask {
+            None => bias,
+            Some(mask) => mask.unsqueeze(1)?.broadcast_add(&bias.unsqueeze(0)?)?,
+        };
+        let attn = attention_probabilities(&q, &k, &offsets)?;
+        let attn = dropout(&attn, self.attn_drop, train)?;
         let out = matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, n, c))?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, train)
     }
@@ -1103,7 +1102,7 @@ const MONAI_ARGUMENTS: [&str; 35] = [
 /// trades memory for time (accepted), the dropout rates act in training as in MONAI (noted),
 /// the `hyena_*` options configure nothing while no stage is a Hyena stage; Hyena stages and
 /// other normalisation layers are refused.
-pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
+pub(crate) fn from_monai_args(args: &Value) -> Result<Imported<SwinUnetrConfig>> {
     let map = monai::arguments(args, &MONAI_ARGUMENTS, "SwinUNETR")?;
     monai::spatial_dims(map, "SwinUNETR")?;
     refuse_hyena(map)?;
@@ -1169,11 +1168,7 @@ pub(crate) fn from_monai_args(args: &Value) -> Result<MonaiImport> {
         use_v2: monai::boolean(map, "use_v2", false)?,
     };
     config.size_fields()?;
-    Ok(MonaiImport {
-        config: ModelConfig::Swinunetr(config),
-        perceptron: false,
-        notes,
-    })
+    Ok(Imported { config, notes })
 }
 
 /// Refuses Hyena stages (`use_hyena=True`, or a `True` in `hyena_stages`).
@@ -1383,13 +1378,10 @@ mod tests {
             ..tiny()
         };
         let import = from_monai_args(&to_monai_args(&config))?;
-        assert_eq!(import.config, ModelConfig::Swinunetr(config));
+        assert_eq!(import.config, config);
         assert_eq!(import.notes.len(), 1, "{:?}", import.notes);
         let defaults = from_monai_args(&json!({"in_channels": 1, "out_channels": 2}))?;
-        assert_eq!(
-            defaults.config,
-            ModelConfig::Swinunetr(SwinUnetrConfig::default())
-        );
+        assert_eq!(defaults.config, SwinUnetrConfig::default());
         Ok(())
     }
 

@@ -839,7 +839,10 @@ fn segresnet_trains() {
                 }
             }
         });
-        assert!(missing.is_empty(), "{upsample:?}: no gradient for {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{upsample:?}: no gradient for {missing:?}"
+        );
         assert!(
             last < first,
             "{upsample:?}: SegResNet training lowers the loss: {first} → {last}"

@@ -639,3 +639,69 @@ fn modules_load_pytorch_parameters_by_name() {
     .collect();
     assert_eq!(names, want);
 }
+
+/// The fused softmax over the last axis equals its candle composite in value and gradient, on
+/// rows of attention's shape (scores up to ±40, where an unshifted exp would overflow in
+/// f32 only past 88), and rows that hold −100 (SwinUNETR's mask) beside 0.
+#[test]
+fn fused_softmax_equals_its_composite() {
+    let x = seeded(&[3, 2, 5, 37], 40.0, 3);
+    let masked = Tensor::cat(
+        &[
+            &x.narrow(3, 0, 30).unwrap(),
+            &x.narrow(3, 30, 7).unwrap().affine(0.0, -100.0).unwrap(),
+        ],
+        3,
+    )
+    .unwrap();
+    let g = seeded(&[3, 2, 5, 37], 1.0, 4);
+    for input in [x, masked] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&input).unwrap();
+            let y = if fused {
+                layers::softmax_last(xv.as_tensor()).unwrap()
+            } else {
+                layers::softmax_last_composite(xv.as_tensor()).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (a, b) = (run(true), run(false));
+        assert_same(&a.0, &b.0, "softmax value");
+        assert_same(&a.1, &b.1, "softmax gradient");
+    }
+}
+
+/// The attention-probabilities op (`softmax(q kᵀ + o)`, its node keeping only the
+/// probabilities) equals its candle composite in value and in the gradients of `q`, `k` and
+/// the offsets, with one offset per window position (SwinUNETR's bias plus mask) and one for
+/// all.
+#[test]
+fn fused_attention_probabilities_equal_their_composite() {
+    let (b, h, n, d) = (6, 2, 9, 4);
+    let q = seeded(&[b, h, n, d], 1.5, 5);
+    let k = seeded(&[b, h, n, d], 1.5, 6);
+    let g = seeded(&[b, h, n, n], 1.0, 7);
+    for offsets in [seeded(&[3, h, n, n], 3.0, 8), seeded(&[h, n, n], 3.0, 9)] {
+        let run = |fused: bool| {
+            let (qv, kv, ov) = (
+                Var::from_tensor(&q).unwrap(),
+                Var::from_tensor(&k).unwrap(),
+                Var::from_tensor(&offsets).unwrap(),
+            );
+            let (qt, kt, ot) = (qv.as_tensor(), kv.as_tensor(), ov.as_tensor());
+            let p = if fused {
+                layers::attention_probabilities(qt, kt, ot).unwrap()
+            } else {
+                layers::attention_probabilities_composite(qt, kt, ot).unwrap()
+            };
+            let grads = (&p * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |t: &Tensor| grads.get(t).unwrap().clone();
+            [p.clone(), grad(qt), grad(kt), grad(ot)]
+        };
+        let (a, b) = (run(true), run(false));
+        for (i, what) in ["value", "∂q", "∂k", "∂offsets"].iter().enumerate() {
+            assert_same(&a[i], &b[i], &format!("attention {what}"));
+        }
+    }
+}

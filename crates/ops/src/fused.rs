@@ -284,6 +284,170 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Softmax over the last axis, `y_i = exp(x_i − max x) / Σ_j exp(x_j − max x)`, one row per
+/// task; the backward reads the output alone, `∂L/∂x_i = y_i (g_i − Σ_j g_j y_j)`, so the op
+/// keeps its output where the composite (subtract, exp, sum, divide) kept four tensors of the
+/// input's size: attention's score matrices are the largest tensors of UNETR and SwinUNETR.
+struct SoftmaxLast {
+    row: usize,
+}
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "cwseg-softmax-last"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let mut y = zeros(x.len());
+        y.par_chunks_mut(self.row)
+            .zip(x.par_chunks(self.row))
+            .for_each(|(o, i)| {
+                let max = i.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for (v, &u) in o.iter_mut().zip(i) {
+                    *v = (u - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(softmax_backward(res, grad)?))
+    }
+}
+
+/// The input gradient of a softmax over the last axis from its output `y` and the output's
+/// gradient `g`: `y_i (g_i − Σ_j g_j y_j)` per row.
+fn softmax_backward(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    {
+        let row = res.dims().last().copied().unwrap_or(1).max(1);
+        let out = with_f32(res, |yv| {
+            with_f32(grad, |gv| {
+                let mut d = zeros(yv.len());
+                d.par_chunks_mut(row)
+                    .zip(yv.par_chunks(row).zip(gv.par_chunks(row)))
+                    .for_each(|(o, (y, g))| {
+                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                        for ((v, &yi), &gi) in o.iter_mut().zip(y).zip(g) {
+                            *v = yi * (gi - dot);
+                        }
+                    });
+                Ok(d)
+            })
+        })?;
+        Tensor::from_vec(out, res.shape(), res.device())
+    }
+}
+
+/// Attention's probabilities `P = softmax(q kᵀ + o)` over the last axis, for `q`, `k`
+/// `(B, h, n, d)` and offsets `o` `(W, h, n, n)` added to every group of `W` consecutive
+/// samples (`B = G·W`: the relative position bias plus a shifted window's mask, one per window
+/// position). The forward runs candle's matrix product and the fused softmax on detached
+/// operands and hands their result to this op, so the autograd graph keeps `P` and the small
+/// `q`, `k`, `o` — not the score matrix and its biased copy, each as large as `P`. The
+/// backward: `S = P ⊙ (G − rowsum(G ⊙ P))`, `∂q = S k`, `∂k = Sᵀ q`, `∂o = Σ_groups S`.
+struct AttentionProbabilities {
+    /// The forward's result, moved out by `cpu_fwd` (so that it is not held twice).
+    probabilities: std::sync::Mutex<Option<Tensor>>,
+    /// `W`.
+    windows: usize,
+}
+
+impl CustomOp3 for AttentionProbabilities {
+    fn name(&self) -> &'static str {
+        "cwseg-attention-probabilities"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self
+            .probabilities
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
+            .take();
+        let Some(p) = p else {
+            bail!("attention probabilities computed twice")
+        };
+        let values = with_f32(&p, |v| Ok(v.to_vec()))?;
+        Ok((CpuStorage::F32(values), p.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        offsets: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = softmax_backward(res, &grad.contiguous()?)?;
+        let dq = s.matmul(k)?;
+        let dk = s.transpose(2, 3)?.contiguous()?.matmul(q)?;
+        let (b, h, n, m) = s.dims4()?;
+        let doffsets = s
+            .reshape((b / self.windows, self.windows, h, n, m))?
+            .sum(0)?
+            .reshape(offsets.shape())?;
+        Ok((Some(dq), Some(dk), Some(doffsets)))
+    }
+}
+
+/// `softmax(q kᵀ + o)` ([`AttentionProbabilities`]) on CPU f32 with `o` `(W, h, n, n)` or
+/// `(h, n, n)` and `B` a multiple of `W`; `None` elsewhere (the caller's composite).
+pub(crate) fn attention_probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    offsets: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(offsets)) {
+        return Ok(None);
+    }
+    let (b, h, n, _) = q.dims4()?;
+    let windows = match offsets.rank() {
+        3 => 1,
+        4 => offsets.dim(0)?,
+        _ => return Ok(None),
+    };
+    if windows == 0 || !b.is_multiple_of(windows) {
+        return Ok(None);
+    }
+    let m = k.dim(2)?;
+    let scores = q.detach().matmul(&k.detach().t()?)?;
+    let biased = scores
+        .reshape((b / windows, windows, h, n, m))?
+        .broadcast_add(&offsets.detach().reshape((1, windows, h, n, m))?)?
+        .reshape((b, h, n, m))?;
+    let Some(p) = softmax_last(&biased)? else {
+        return Ok(None);
+    };
+    let op = AttentionProbabilities {
+        probabilities: std::sync::Mutex::new(Some(p)),
+        windows,
+    };
+    Ok(Some(q.apply_op3(k, offsets, op)?))
+}
+
+/// Softmax over the last axis: the fused kernel on CPU f32, `None` elsewhere (the caller's
+/// composite).
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Option<Tensor>> {
+    let row = x.dims().last().copied().unwrap_or(0);
+    if !cpu_f32(x) || row == 0 || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(SoftmaxLast { row })?))
+}
+
 /// LeakyReLU, `x` for `x > 0` and `s·x` otherwise (`s ≥ 0`, so `y` has the sign of `x`); the
 /// backward reads the output alone (`∂y/∂x` is 1 where `y > 0`, `s` elsewhere, PyTorch's branch
 /// at zero), so the op keeps one tensor where the composite kept five.

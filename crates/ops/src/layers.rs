@@ -291,9 +291,55 @@ pub fn layer_norm(
     Ok(y)
 }
 
-/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`: a kernel pair on CUDA.
+/// Softmax over the last axis, `exp(x − max) / Σ exp(x − max)`: a kernel pair on CUDA, a fused
+/// op on CPU f32 (its backward reads the output alone), candle's operations elsewhere.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     on_cuda!(x, crate::cuda_layers::softmax_last(x));
+    if let Some(y) = crate::fused::softmax_last(x)? {
+        return Ok(y);
+    }
+    softmax_last_composite(x)
+}
+
+/// Attention's probabilities `softmax(q kᵀ + o)` over the last axis, `q`, `k` `(B, h, n, d)`
+/// (`q` already scaled by `1/√d`), offsets `o` `(W, h, n, n)` or `(h, n, n)` added to each
+/// group of `W` consecutive samples (a relative position bias, a window's mask): on CPU f32 one
+/// op whose autograd node keeps the probabilities and not the score matrices (their size is
+/// attention's memory), [`attention_probabilities_composite`] elsewhere.
+pub fn attention_probabilities(q: &Tensor, k: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+    if !q.device().is_cuda()
+        && let Some(p) = crate::fused::attention_probabilities(q, k, offsets)?
+    {
+        return Ok(p);
+    }
+    attention_probabilities_composite(q, k, offsets)
+}
+
+/// [`attention_probabilities`] from candle's operations.
+pub fn attention_probabilities_composite(
+    q: &Tensor,
+    k: &Tensor,
+    offsets: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let windows = if offsets.rank() == 4 {
+        offsets.dim(0)?
+    } else {
+        1
+    };
+    if windows == 0 || !b.is_multiple_of(windows) {
+        bail!("attention: {b} samples are not groups of {windows} windows");
+    }
+    let scores = matmul(q, &k.t()?)?
+        .reshape((b / windows, windows, h, n, m))?
+        .broadcast_add(&offsets.reshape((1, windows, h, n, m))?)?
+        .reshape((b, h, n, m))?;
+    softmax_last(&scores)
+}
+
+/// [`softmax_last`] from candle's operations (the reference the fused op is tested against).
+pub fn softmax_last_composite(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let e = shifted.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)

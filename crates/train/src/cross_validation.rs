@@ -137,6 +137,7 @@ pub fn run(
     if folds < 2 {
         bail!("--folds {folds}: a cross-validation needs at least 2 folds");
     }
+    refuse_out_in_data(config, out)?;
     let fresh = !out.exists();
     let trained = train_folds(config, out, folds, hooks);
     if trained.is_err() && fresh && !fold_dir(out, 0).exists() {
@@ -159,6 +160,25 @@ pub fn run(
     };
     ensemble.write(&out.join("ensemble"))?;
     Ok(report)
+}
+
+/// Refuses a cross-validation folder that is the data set's folder or lies inside it: its
+/// `fold_K/` folders would be read as cases of a BraTS folder (the first fold then failed with
+/// "missing fold_0/fold_0_flair.nii.gz") and mix with an MSD folder's.
+fn refuse_out_in_data(config: &TrainConfig, out: &Path) -> Result<()> {
+    if config.data.source == "synthetic" {
+        return Ok(());
+    }
+    let data = Path::new(&config.data.source);
+    if crate::outputs::resolve(out).starts_with(crate::outputs::resolve(data)) {
+        bail!(
+            "--out {} lies inside the data set {}: its fold folders would be read as cases; \
+             write the cross-validation elsewhere",
+            out.display(),
+            data.display()
+        );
+    }
+    Ok(())
 }
 
 /// The out-of-fold predictions of every fold and their labels, class indices on the input's
@@ -188,8 +208,11 @@ impl Pooled {
     ) -> Result<()> {
         let dir = fold_dir(out, fold);
         let fold_config = fold_config(config, fold, folds);
-        let data = open_data(&fold_config.data, fold_config.seed, &out.join("data"))?
-            .with_recorded_split(&dir.join("split.json"))?;
+        let opened = open_data(&fold_config.data, fold_config.seed, &out.join("data"))?;
+        let own = opened.split.val.clone();
+        let recorded = dir.join("split.json");
+        let data = opened.with_recorded_split(&recorded)?;
+        check_recorded_fold(&recorded, fold, folds, &own, &data.split.val)?;
         let (network, card, best) = load_model(&dir, device)?;
         self.check_card(&card, &best)?;
         let model = Model {
@@ -306,6 +329,36 @@ impl Pooled {
     }
 }
 
+/// Refuses a fold whose recorded validation cases (`recorded`, its `split.json`) are not the
+/// fold's own share of the data set's cases (`own`): an edited or damaged `split.json`, or
+/// cases added to the data set since the fold trained, would otherwise leave cases out of the
+/// out-of-fold scores (or score a case the fold trained on) without a word.
+fn check_recorded_fold(
+    recorded: &Path,
+    fold: usize,
+    folds: usize,
+    own: &[String],
+    validated: &[String],
+) -> Result<()> {
+    let sorted = |ids: &[String]| {
+        let mut ids = ids.to_vec();
+        ids.sort();
+        ids
+    };
+    let (own, validated) = (sorted(own), sorted(validated));
+    if own != validated {
+        bail!(
+            "{}: fold {fold} of {folds} validates {validated:?}, but its share of the data \
+             set's cases is {own:?} (an edited or damaged split.json, or cases added to the \
+             data set since the fold trained); restore the file, or remove {} to train the fold \
+             again",
+            recorded.display(),
+            recorded.parent().unwrap_or(Path::new(".")).display()
+        );
+    }
+    Ok(())
+}
+
 /// A fold's model, as [`out_of_fold`] predicts with it.
 struct Model<'a> {
     network: &'a Network,
@@ -330,32 +383,74 @@ fn out_of_fold(
         (Some(written), Some(trained)) => written >= trained,
         _ => false,
     };
-    let values = if current {
-        read_label(path, &ReadOptions::default())?.data
+    let cached = if current {
+        read_cached(path, &label, &model.card.label_values)
     } else {
-        let options = PredictOptions {
-            overlap: model.card.overlap,
-            postprocess: false,
-            mirror: false,
-            keep_probabilities: false,
-        };
-        let labels = predict_case(model.network, model.card, &image, options, model.device)
-            .with_context(|| format!("predicting validation case {id}"))?
-            .labels;
-        let geometry = image.geometry.clone();
-        write_label(
-            path,
-            &LabelMap {
-                data: labels.clone(),
-                geometry,
-            },
-        )?;
-        labels
+        None
     };
-    Ok((
-        class_indices(values, &model.card.label_values, path)?,
-        label,
-    ))
+    let classes = match cached {
+        Some(classes) => classes,
+        None => {
+            let values = predict_and_write(&image, id, model, path)?;
+            class_indices(values, &model.card.label_values, path)?
+        }
+    };
+    Ok((classes, label))
+}
+
+/// Case `id`'s labels (stored values) predicted on the input's grid without post-processing,
+/// written to `path` (atomically).
+fn predict_and_write(
+    image: &cwseg_data::Image,
+    id: &str,
+    model: &Model,
+    path: &Path,
+) -> Result<Array3<u8>> {
+    let options = PredictOptions {
+        overlap: model.card.overlap,
+        postprocess: false,
+        mirror: false,
+        keep_probabilities: false,
+    };
+    let labels = predict_case(model.network, model.card, image, options, model.device)
+        .with_context(|| format!("predicting validation case {id}"))?
+        .labels;
+    write_label(
+        path,
+        &LabelMap {
+            data: labels.clone(),
+            geometry: image.geometry.clone(),
+        },
+    )?;
+    Ok(labels)
+}
+
+/// The class indices of the out-of-fold prediction already at `path`, or `None` (with a
+/// warning) when it cannot be used: unreadable (an interrupted copy, a damaged disk), on
+/// another grid than the case's `label`, or holding a value the model lacks. The file is a
+/// cache of a prediction cv can make again, so a damaged one is predicted anew rather than
+/// stopping every rerun.
+fn read_cached(path: &Path, label: &LabelMap, label_values: &[u8]) -> Option<Array3<u8>> {
+    let usable = read_label(path, &ReadOptions::default())
+        .map_err(anyhow::Error::from)
+        .and_then(|cached| {
+            if cached.geometry.shape() != label.geometry.shape() {
+                bail!(
+                    "{}: shape {:?}, the case's is {:?}",
+                    path.display(),
+                    cached.geometry.shape(),
+                    label.geometry.shape()
+                );
+            }
+            class_indices(cached.data, label_values, path)
+        });
+    match usable {
+        Ok(classes) => Some(classes),
+        Err(e) => {
+            tracing::warn!("{e:#}; predicting it again");
+            None
+        }
+    }
 }
 
 /// Stored label values turned back into class indices (their positions in `label_values`);

@@ -142,21 +142,7 @@ pub fn check_members(members: &[Member]) -> Result<()> {
     let Some(first) = members.first() else {
         bail!("an ensemble needs at least one model");
     };
-    // one model twice would silently weigh double in the mean
-    let mut seen = std::collections::BTreeSet::new();
-    for member in members {
-        let resolved = member
-            .dir
-            .canonicalize()
-            .unwrap_or_else(|_| member.dir.clone());
-        if !seen.insert(resolved) {
-            bail!(
-                "the model {} is in the ensemble twice: each member's probabilities count once \
-                 in the mean",
-                member.dir.display()
-            );
-        }
-    }
+    check_distinct(members)?;
     for other in &members[1..] {
         if let Some((what, a, b)) = first_difference(&first.card, &other.card) {
             bail!(
@@ -164,6 +150,39 @@ pub fn check_members(members: &[Member]) -> Result<()> {
                  the probabilities of one set of classes",
                 first.dir.display(),
                 other.dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses one model twice, by folder or by weights: it would silently weigh double in the
+/// mean. A copy of a model folder is the same model (the SHA-256 of its weights, which every
+/// card written by `train`, `cv` and `import` records, is the same), named with both folders.
+fn check_distinct(members: &[Member]) -> Result<()> {
+    let mut folders = std::collections::BTreeSet::new();
+    let mut weights: std::collections::BTreeMap<&str, &Path> = std::collections::BTreeMap::new();
+    for member in members {
+        let resolved = member
+            .dir
+            .canonicalize()
+            .unwrap_or_else(|_| member.dir.clone());
+        if !folders.insert(resolved) {
+            bail!(
+                "the model {} is in the ensemble twice: each member's probabilities count once \
+                 in the mean",
+                member.dir.display()
+            );
+        }
+        let Some(digest) = member.card.weights_sha256.as_deref() else {
+            continue;
+        };
+        if let Some(first) = weights.insert(digest, &member.dir) {
+            bail!(
+                "the models {} and {} have the same weights (SHA-256 {digest}): one model \
+                 twice in the ensemble would weigh double in the mean",
+                first.display(),
+                member.dir.display()
             );
         }
     }

@@ -257,6 +257,13 @@ impl Evaluation {
                 self.tolerance_mm
             );
         }
+        if self.brats_regions && !self.classes.is_empty() {
+            bail!(
+                "--classes {:?} with --regions brats: the regions WT, TC and ET are scored, not \
+                 label values; leave out one of the two",
+                self.classes
+            );
+        }
         let mut present: BTreeSet<u8> = self.classes.iter().copied().filter(|&v| v != 0).collect();
         if self.classes.is_empty() {
             present.extend(dataset_json_labels(&self.label)?);

@@ -27,6 +27,23 @@ pub struct ExportOptions {
     pub cross_validation: Option<PathBuf>,
 }
 
+/// Refuses an ensemble folder (`ensemble.json`, or a `cwseg cv` folder) as the model to export,
+/// naming its members: an export holds one network's weights.
+pub fn refuse_ensemble(path: &Path) -> Result<()> {
+    let Some(file) = crate::ensemble::ensemble_file(path) else {
+        return Ok(());
+    };
+    let members = crate::ensemble::EnsembleFile::read(&file)?.members;
+    bail!(
+        "{}: an ensemble ({}) of {} models, {}; export holds one model's weights: export a \
+         member",
+        path.display(),
+        file.display(),
+        members.len(),
+        members.join(", ")
+    )
+}
+
 /// Writes the Hugging Face model folder of a run (its best checkpoint) to `out`: the weights
 /// (strictly checked against the config, cast to `dtype`, with metadata), `config.json` and
 /// a `README.md` model card. The folder is written beside `out` and renamed into place; an
@@ -47,6 +64,7 @@ pub fn export(run: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
             .map(Path::to_path_buf);
         (run.to_path_buf(), parent)
     } else {
+        refuse_ensemble(run)?;
         bail!(
             "{}: no model.safetensors (expected a run folder with best/ or a model folder)",
             run.display()

@@ -40,7 +40,6 @@ pub struct ImportOptions {
     pub preprocessing: Preprocessing,
 }
 
-
 fn refuse_existing(out: &Path) -> Result<()> {
     if out.exists() {
         bail!(
@@ -80,7 +79,9 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
     let class = MonaiNetwork::class_name(options.network);
     let text = fs::read_to_string(&options.args)
         .with_context(|| format!("reading {}", options.args.display()))?;
-    let args: serde_json::Value = serde_json::from_str(&text)
+    // a byte-order mark, as some Windows editors write, is not part of the JSON
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let args: serde_json::Value = serde_json::from_str(text)
         .with_context(|| format!("{}: not JSON", options.args.display()))?;
     let import = from_monai_args(options.network, &args)
         .with_context(|| options.args.display().to_string())?;
@@ -97,7 +98,8 @@ pub fn import_monai(options: &ImportOptions) -> Result<Vec<String>> {
     let vars = VarMap::new();
     let network = import
         .config
-        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+        .build(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+        .with_context(|| options.args.display().to_string())?;
     network.check_size(patch)?;
     crate::memory::check_window(&network, patch, "--patch")?;
     weights::assign_strict(&vars, &tensors, &options.weights)?;
@@ -165,7 +167,7 @@ fn imported_card(
         regions: None,
         origin: Some(format!(
             "monai.networks.nets.{class}, imported by `cwseg import monai`: {}",
-            conversion(&model)
+            conversion(model)
         )),
     })
 }

@@ -12,10 +12,11 @@
 //!   target spacing ([`target_spacing`]: the median, with the anisotropy rule), the median case
 //!   at that spacing ([`median_shape`]), the patch ([`initial_patch`], [`nnunet_pooling`], then
 //!   shrunk until a training step of batch 2 fits the memory budget by cwseg's own memory model),
-//!   the network's depth ([`Pooling::unet_depth`]: nnU-Net pools each axis until a feature map
-//!   would drop below 4 voxels; cwseg's U-Net pools all axes together, so it takes the fewest),
-//!   the batch (as many patches as the budget holds, at least 2, at most 5 % of the data set's
-//!   voxels), the crop and normalisation (CT: nnU-Net's scheme; other modalities: z-score, over
+//!   the network (`--recipe nnunet`: nnU-Net's own as a DynUNet, [`nnunet_network`], with its
+//!   per-axis strides and kernels; the paper's recipe: cwseg's U-Net, whose depth
+//!   [`Pooling::unet_depth`] is the fewest of nnU-Net's per-axis pooling, as it pools all axes
+//!   together; the patch is fitted to the network that will train), the batch (as many
+//!   patches as the budget holds, at least 2, at most 5 % of the data set's voxels), the crop and normalisation (CT: nnU-Net's scheme; other modalities: z-score, over
 //!   the non-zero voxels when the crop to them keeps under 3/4 of the median case), and the
 //!   contour band of 6 mm (docs/formulas.md §7) in erosions along each axis of the target
 //!   spacing. Each choice's reason is written beside it ([`commented_toml`]).
@@ -184,8 +185,9 @@ pub enum Recipe {
     /// flips with probability 0.2, one output.
     #[default]
     Paper,
-    /// nnU-Net's: SGD with Nesterov momentum 0.99, lr 0.01, weight decay 3e-5, poly schedule
-    /// (power 0.9), nnU-Net's augmentation (`AugmentConfig::nnunet`) and deep supervision.
+    /// nnU-Net's: its network ([`nnunet_network`], a DynUNet pooling each axis on its own)
+    /// with its deep supervision, SGD with Nesterov momentum 0.99, lr 0.01, weight decay 3e-5,
+    /// poly schedule (power 0.9), nnU-Net's augmentation (`AugmentConfig::nnunet`).
     Nnunet,
 }
 
@@ -200,6 +202,12 @@ impl Recipe {
         config.augment = cwseg_data::AugmentConfig::nnunet();
         if let ModelConfig::Unet(unet) = &mut config.model {
             unet.deep_supervision = true;
+            reasons.insert(
+                "model.deep_supervision".into(),
+                "nnU-Net's deep supervision: an output at every decoder level but the lowest, \
+                 weighted 2^-l normalised"
+                    .into(),
+            );
         }
         for (field, why) in [
             (
@@ -213,10 +221,6 @@ impl Recipe {
             (
                 "augment",
                 "nnU-Net's default training augmentation (docs/formulas.md §6)",
-            ),
-            (
-                "model.deep_supervision",
-                "nnU-Net's deep supervision: decoder levels 0, 1, 2 weighted 4/7, 2/7, 1/7",
             ),
         ] {
             reasons.insert(field.into(), why.into());
@@ -335,6 +339,11 @@ pub struct Pooling {
     pub per_axis: [usize; 3],
     /// Each down-sampling stage's stride per axis (1: the axis is not pooled at that stage).
     pub strides: Vec<[usize; 3]>,
+    /// The convolution kernel of every stage, stage 0 (unpooled) first and the bottleneck
+    /// last, one more than [`Pooling::strides`] (nnU-Net's `conv_kernel_sizes`, see
+    /// [`nnunet_pooling`]).
+    #[serde(default)]
+    pub kernels: Vec<[usize; 3]>,
 }
 
 impl Pooling {
@@ -358,13 +367,21 @@ impl Pooling {
 /// `s_a < 2 · min s` are pooled (stride 2, `n_a ← ⌈n_a / 2⌉`, `s_a ← 2 s_a`); a lone candidate
 /// needs `n_a ≥ 3·4`; it stops when no axis qualifies. Anisotropic spacing so pools the fine
 /// axes first, until their spacing comes within 2× of the coarse one.
+///
+/// The kernels, nnU-Net's rule: every axis starts at 1; at each stage that pools, before its
+/// pooling, an axis whose spacing is within 2× of the finest of all three, `s_a < 2 · min s`,
+/// turns to 3 and stays 3; that stage's kernel is the current one (so a thick-slice axis is
+/// convolved in-plane only until pooling brings the others within 2× of it); the bottleneck's
+/// is 3³.
 pub fn nnunet_pooling(spacing: [f64; 3], patch: [f64; 3]) -> Pooling {
     let min = MIN_FEATURE_MAP as f64;
     let (mut s, mut n) = (spacing, patch);
     let mut pooling = Pooling {
         per_axis: [0; 3],
         strides: Vec::new(),
+        kernels: Vec::new(),
     };
+    let mut kernel = [1; 3];
     loop {
         let fits: Vec<usize> = (0..3).filter(|&a| n[a] >= 2.0 * min).collect();
         let Some(finest) = fits.iter().map(|&a| s[a]).min_by(f64::total_cmp) else {
@@ -374,6 +391,13 @@ pub fn nnunet_pooling(spacing: [f64; 3], patch: [f64; 3]) -> Pooling {
         if axes.len() == 1 && n[axes[0]] < 3.0 * min {
             break;
         }
+        let all_finest = s.iter().copied().fold(f64::INFINITY, f64::min);
+        for (k, &sa) in kernel.iter_mut().zip(&s) {
+            if sa / all_finest < 2.0 {
+                *k = 3;
+            }
+        }
+        pooling.kernels.push(kernel);
         let mut stride = [1; 3];
         for &a in &axes {
             stride[a] = 2;
@@ -383,6 +407,7 @@ pub fn nnunet_pooling(spacing: [f64; 3], patch: [f64; 3]) -> Pooling {
         }
         pooling.strides.push(stride);
     }
+    pooling.kernels.push([3; 3]);
     pooling
 }
 
@@ -399,6 +424,92 @@ fn with_depth(model: &ModelConfig, depth: usize) -> ModelConfig {
     match model {
         ModelConfig::Unet(c) => ModelConfig::Unet(cwseg_models::UNetConfig { depth, ..*c }),
         other => other.clone(),
+    }
+}
+
+/// nnU-Net's features of its first stage (`UNet_base_num_features`).
+pub const NNUNET_BASE_FEATURES: usize = 32;
+
+/// nnU-Net's most features of a 3-D stage (`UNet_max_features_3d`).
+pub const NNUNET_MAX_FEATURES: usize = 320;
+
+/// nnU-Net's features of each of `stages` stages: `min(32 · 2^s, 320)`.
+pub fn nnunet_features(stages: usize) -> Vec<usize> {
+    (0..stages)
+        .map(|s| {
+            let doubled = 1usize.checked_shl(s as u32).unwrap_or(usize::MAX);
+            NNUNET_BASE_FEATURES
+                .saturating_mul(doubled)
+                .min(NNUNET_MAX_FEATURES)
+        })
+        .collect()
+}
+
+/// nnU-Net's network (3d_fullres) for `pooling`, as MONAI's DynUNet: a stage per pooling plus
+/// stage 0 (stride 1), nnU-Net's strides and kernels per stage ([`nnunet_pooling`]), the
+/// transposed convolutions undoing the strides, [`nnunet_features`], instance norm with affine
+/// parameters, LeakyReLU 0.01, two convolutions per block, bias in the transposed convolutions
+/// (nnU-Net's `conv_bias`), no dropout. Deep supervision as nnU-Net trains it: nnU-Net
+/// outputs at every decoder stage and weighs the lowest 0, so the outputs that count are the
+/// full resolution and `stages − 3` heads (`deep_supr_num`; off below 4 stages, where only the
+/// full resolution counts). An error below 3 stages (DynUNet's least).
+pub fn nnunet_network(
+    pooling: &Pooling,
+    in_channels: usize,
+    classes: usize,
+) -> Result<ModelConfig> {
+    let stages = pooling.strides.len() + 1;
+    if stages < 3 {
+        bail!(
+            "nnU-Net pools this patch {:?} times per axis: {stages} stages, and a DynUNet needs \
+             at least 3 (the median case is too small; use the paper's recipe)",
+            pooling.per_axis
+        );
+    }
+    if pooling.kernels.len() != stages {
+        bail!(
+            "the pooling has {} kernels for {stages} stages",
+            pooling.kernels.len()
+        );
+    }
+    let strides: Vec<[usize; 3]> = std::iter::once([1; 3])
+        .chain(pooling.strides.iter().copied())
+        .collect();
+    Ok(ModelConfig::Dynunet(cwseg_models::DynUNetConfig {
+        in_channels,
+        classes,
+        kernel_size: pooling.kernels.clone(),
+        upsample_kernel_size: pooling.strides.clone(),
+        strides,
+        filters: nnunet_features(stages),
+        norm: cwseg_models::DynUNetNorm::InstanceAffine,
+        negative_slope: 0.01,
+        dropout: None,
+        deep_supervision: stages >= 4,
+        deep_supr_num: stages.saturating_sub(3).max(1),
+        res_block: false,
+        trans_bias: true,
+    }))
+}
+
+/// The network a recipe trains on `candidate` and the patch it trains on: the paper's, cwseg's
+/// U-Net of [`Pooling::unet_depth`] levels (`base`'s other fields) on
+/// [`Candidate::unet_patch`]; nnU-Net's, [`nnunet_network`] on [`Candidate::dynunet_patch`].
+fn network_for(
+    recipe: Recipe,
+    base: &ModelConfig,
+    candidate: &Candidate,
+) -> Result<(ModelConfig, [usize; 3])> {
+    match recipe {
+        Recipe::Paper => Ok((
+            with_depth(base, candidate.pooling.unet_depth()),
+            candidate.unet_patch(),
+        )),
+        Recipe::Nnunet => {
+            let model = nnunet_network(&candidate.pooling, base.in_channels(), base.classes())?;
+            let patch = candidate.dynunet_patch(&model);
+            Ok((model, patch))
+        }
     }
 }
 
@@ -462,6 +573,15 @@ impl Candidate {
         let step = 1usize << self.pooling.unet_depth();
         self.patch.map(|p| p.div_ceil(step) * step)
     }
+
+    /// The patch of nnU-Net's network `model` ([`nnunet_network`]): nnU-Net's, rounded up to
+    /// multiples of the model's `size_multiple` — cwseg's run configurations take one multiple
+    /// for all three sides, the largest total stride, so nnU-Net's patch itself where every
+    /// axis is pooled as often, larger along the axes pooled less otherwise.
+    pub fn dynunet_patch(&self, model: &ModelConfig) -> [usize; 3] {
+        let step = model.size_multiple().max(1);
+        self.patch.map(|p| p.div_ceil(step) * step)
+    }
 }
 
 /// The patches nnU-Net's planner tries, largest first: [`initial_patch`] padded to its
@@ -473,25 +593,43 @@ pub fn patch_candidates(spacing: [f64; 3], median: [f64; 3]) -> impl Iterator<It
     std::iter::successors(Some(first), move |c| c.shrink(spacing, median))
 }
 
+/// What [`fit_patch`] chose.
+struct Fitted {
+    /// nnU-Net's candidate patch and its pooling.
+    candidate: Candidate,
+    /// The network the plan trains ([`network_for`]).
+    model: ModelConfig,
+    /// The patch it trains on.
+    patch: [usize; 3],
+    /// The first candidate's patch for that network.
+    first_patch: [usize; 3],
+}
+
 /// The first of [`patch_candidates`] whose training step of batch 2 fits `limit` bytes, with
-/// the U-Net of its depth ([`Pooling::unet_depth`]), the first candidate's patch and the step's
-/// bytes; an error when even the smallest does not fit.
+/// the recipe's network for it ([`network_for`]: its own memory estimate, so the patch fits
+/// the network that will train); an error when even the smallest does not fit.
 fn fit_patch(
+    recipe: Recipe,
     base: &ModelConfig,
     spacing: [f64; 3],
     median: [f64; 3],
     limit: u128,
-) -> Result<(Candidate, ModelConfig, [usize; 3])> {
+) -> Result<Fitted> {
     let mut first = None;
     let mut smallest = None;
     for candidate in patch_candidates(spacing, median) {
-        let model = with_depth(base, candidate.pooling.unet_depth());
-        let bytes = step_bytes(&model, candidate.unet_patch(), 2)?;
-        let start = *first.get_or_insert(candidate.unet_patch());
+        let (model, patch) = network_for(recipe, base, &candidate)?;
+        let bytes = step_bytes(&model, patch, 2)?;
+        let first_patch = *first.get_or_insert(patch);
         if bytes <= limit {
-            return Ok((candidate, model, start));
+            return Ok(Fitted {
+                candidate,
+                model,
+                patch,
+                first_patch,
+            });
         }
-        smallest = Some((candidate.unet_patch(), bytes));
+        smallest = Some((patch, bytes));
     }
     let (patch, bytes) = smallest.unwrap_or(([0; 3], 0));
     bail!(
@@ -546,7 +684,7 @@ pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Resu
     let mut reasons = BTreeMap::new();
     let cases = &fingerprint.cases;
     // as the model card will read it back (a resumed run compares the two)
-    let spacing = target_spacing(cases).map(crate::prepare::json_stable);
+    let spacing = target_spacing(cases);
     spacing_reason(cases, spacing, &mut reasons);
     let normalization = normalization(fingerprint, &mut reasons);
     let crop = cases.iter().any(|c| c.foreground_shape != c.shape);
@@ -566,20 +704,17 @@ pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Resu
         fingerprint.label_values.len(),
     )?;
     let limit = (budget.memory_gib * GIB) as u128;
-    let (fitted, model, first_patch) = fit_patch(&model, spacing, median, limit)?;
-    let patch = fitted.unet_patch();
+    let fitted = fit_patch(budget.recipe, &model, spacing, median, limit)?;
+    let (model, patch) = (fitted.model.clone(), fitted.patch);
     let (batch, why) = batch_size(&model, patch, limit, cases.len(), median)?;
     reasons.insert("batch_size".into(), why);
     let bytes = step_bytes(&model, patch, batch)?;
-    network_reasons(
-        &fitted,
-        first_patch,
-        median,
-        budget,
+    let step = Step {
         bytes,
         batch,
-        &mut reasons,
-    );
+        memory_gib: budget.memory_gib,
+    };
+    network_reasons(&fitted, median, step, &mut reasons);
     let loss = contour_loss(spacing, &mut reasons)?;
     let regions = crate::regions::RegionConfig::brats(&fingerprint.label_values);
     if regions.is_some() {
@@ -614,8 +749,8 @@ pub fn plan(fingerprint: &Fingerprint, source: &str, budget: PlanBudget) -> Resu
         .context("the plan is not a valid run configuration")?;
     let details = PlanDetails {
         median_shape: median,
-        first_patch,
-        pooling: fitted.pooling,
+        first_patch: fitted.first_patch,
+        pooling: fitted.candidate.pooling,
         step_bytes: bytes,
     };
     Ok(Plan {
@@ -647,52 +782,159 @@ fn spacing_reason(
     );
 }
 
-/// The reasons of the patch and the depth.
-fn network_reasons(
-    fitted: &Candidate,
-    first_patch: [usize; 3],
-    median: [f64; 3],
-    budget: PlanBudget,
+/// The planned training step: its estimated bytes, its batch and the budget.
+#[derive(Debug, Clone, Copy)]
+struct Step {
     bytes: u128,
     batch: usize,
+    memory_gib: f64,
+}
+
+/// The reasons of the patch and the network's fields.
+fn network_reasons(
+    fitted: &Fitted,
+    median: [f64; 3],
+    step: Step,
     reasons: &mut BTreeMap<String, String>,
 ) {
-    let shrunk = if first_patch == fitted.unet_patch() {
+    let shrunk = if fitted.first_patch == fitted.patch {
         String::new()
     } else {
         format!(
             ", stepped down along the side largest against the median case (nnU-Net's order) \
-             from {first_patch:?}"
+             from {:?}",
+            fitted.first_patch
+        )
+    };
+    let rounded = if fitted.patch == fitted.candidate.patch {
+        String::new()
+    } else {
+        format!(
+            " (nnU-Net's {:?}, rounded up to one multiple for all sides)",
+            fitted.candidate.patch
         )
     };
     reasons.insert(
         "patch".into(),
         format!(
             "the median case at the target spacing is {:?} voxels; nnU-Net's patch: a 256³ box \
-             of equal sides in mm clipped to it, padded to multiples of 2^pools{shrunk}; a \
-             training step of batch {batch} needs an estimated {:.2} GiB of --memory {} GiB",
+             of equal sides in mm clipped to it, padded to multiples of 2^pools{shrunk}{rounded}; \
+             a training step of batch {} needs an estimated {:.2} GiB of --memory {} GiB",
             median.map(|n| n.round() as usize),
-            bytes as f64 / GIB,
-            budget.memory_gib
+            step.batch,
+            step.bytes as f64 / GIB,
+            step.memory_gib
         ),
     );
-    let depth = fitted.pooling.unet_depth();
-    let strides: Vec<String> = fitted
-        .pooling
-        .strides
+    match &fitted.model {
+        ModelConfig::Dynunet(c) => dynunet_reasons(&fitted.candidate.pooling, c, reasons),
+        _ => unet_reasons(&fitted.candidate.pooling, reasons),
+    }
+}
+
+/// `[[1, 2, 2], …]` as `122 …`.
+fn compact(per_stage: &[[usize; 3]]) -> String {
+    let stages: Vec<String> = per_stage
         .iter()
         .map(|s| format!("{}{}{}", s[0], s[1], s[2]))
         .collect();
+    stages.join(" ")
+}
+
+/// The U-Net's depth: the fewest of nnU-Net's pooling operations of any axis.
+fn unet_reasons(pooling: &Pooling, reasons: &mut BTreeMap<String, String>) {
     reasons.insert(
         "model.depth".into(),
         format!(
             "nnU-Net pools this patch {:?} times per axis (z, y, x; until a feature map would \
              drop below {MIN_FEATURE_MAP} voxels; strides per stage {}); the U-Net pools all \
-             three axes together (2³), so it takes the fewest, {depth}",
-            fitted.pooling.per_axis,
-            strides.join(" ")
+             three axes together (2³), so it takes the fewest, {}",
+            pooling.per_axis,
+            compact(&pooling.strides),
+            pooling.unet_depth()
         ),
     );
+}
+
+/// nnU-Net's network as a DynUNet: each field's rule ([`nnunet_network`]).
+fn dynunet_reasons(
+    pooling: &Pooling,
+    c: &cwseg_models::DynUNetConfig,
+    reasons: &mut BTreeMap<String, String>,
+) {
+    let stages = c.strides.len();
+    let heads = if c.deep_supervision {
+        format!(
+            "the full resolution and {} head{}, weighted 2^-l normalised; nnU-Net also \
+             outputs at the lowest decoder stage but weighs it 0",
+            c.deep_supr_num,
+            if c.deep_supr_num == 1 { "" } else { "s" }
+        )
+    } else {
+        "off: with 3 stages only nnU-Net's full-resolution output has a weight".to_string()
+    };
+    for (field, why) in [
+        (
+            "model.name",
+            "nnU-Net's network (--recipe nnunet): its PlainConvUNet in MONAI's DynUNet layout, \
+             pooling each axis on its own"
+                .to_string(),
+        ),
+        (
+            "model.kernel_size",
+            format!(
+                "nnU-Net's kernels per stage ({}): 3 along an axis once its spacing at that stage \
+                 is within 2× of the finest, else 1; 3³ at the bottleneck",
+                compact(&c.kernel_size)
+            ),
+        ),
+        (
+            "model.strides",
+            format!(
+                "nnU-Net's {stages} stages: stage 0 unpooled, then its pooling per stage ({}; \
+                 {:?} times per axis), an axis pooled while its feature map keeps at least \
+                 {MIN_FEATURE_MAP} voxels and its spacing is within 2× of the finest",
+                compact(&pooling.strides),
+                pooling.per_axis
+            ),
+        ),
+        (
+            "model.upsample_kernel_size",
+            "nnU-Net's transposed convolutions: kernel = stride".to_string(),
+        ),
+        (
+            "model.filters",
+            format!(
+                "nnU-Net's features per stage, min({NNUNET_BASE_FEATURES} · 2^stage, \
+                 {NNUNET_MAX_FEATURES})"
+            ),
+        ),
+        (
+            "model.norm",
+            "nnU-Net's InstanceNorm3d(eps 1e-5, affine)".to_string(),
+        ),
+        (
+            "model.negative_slope",
+            "nnU-Net's LeakyReLU(0.01)".to_string(),
+        ),
+        (
+            "model.deep_supervision",
+            format!("nnU-Net's deep supervision: {heads}"),
+        ),
+        (
+            "model.deep_supr_num",
+            format!(
+                "{stages} stages − 3: nnU-Net's weighted decoder outputs ({stages} − 2) less the \
+                 full resolution's"
+            ),
+        ),
+        (
+            "model.trans_bias",
+            "nnU-Net's transposed convolutions have a bias (its conv_bias)".to_string(),
+        ),
+    ] {
+        reasons.insert(field.into(), why);
+    }
 }
 
 /// CWCD with the contour band of [`BAND_MM`] in erosions along each axis of the target spacing,
@@ -1085,7 +1327,7 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "model.name",
-        "unet, vnet, unetr or deeplabv3 (their own fields follow)",
+        "unet, vnet, unetr, deeplabv3, segresnet, dynunet or swinunetr (their own fields follow)",
     ),
     (
         "model.in_channels",
@@ -1097,8 +1339,37 @@ const FIELD_DOCS: &[(&str, &str)] = &[
     ),
     (
         "model.filters",
-        "filters of the first level, doubled at every down-sampling",
+        "filters of the first level, doubled at every down-sampling (dynunet: of every level)",
     ),
+    (
+        "model.kernel_size",
+        "convolution kernel [z, y, x] of every level, level 0 first, the bottleneck last",
+    ),
+    (
+        "model.strides",
+        "stride [z, y, x] of every level's first convolution (level 0: 1; 2 pools that axis)",
+    ),
+    (
+        "model.upsample_kernel_size",
+        "kernel and stride of the transposed convolution up to each level (strides[1..])",
+    ),
+    (
+        "model.negative_slope",
+        "LeakyReLU's slope for negative inputs (0: ReLU)",
+    ),
+    (
+        "model.dropout",
+        "dropout probability after every convolution",
+    ),
+    (
+        "model.deep_supr_num",
+        "deep-supervision heads on the decoder levels below the output (1, 2, …)",
+    ),
+    (
+        "model.res_block",
+        "residual encoder blocks instead of two plain convolutions",
+    ),
+    ("model.trans_bias", "a bias in the transposed convolutions"),
     ("model.depth", "down-sampling levels"),
     (
         "model.deep_supervision",
@@ -1334,5 +1605,29 @@ mod tests {
         let ct = Candidate::new([3.0; 3], [112.0, 101.0, 122.0]);
         assert_eq!((ct.pooling.per_axis, ct.patch), ([4; 3], [112, 112, 128]));
         assert_eq!(ct.pooling.unet_depth(), 4);
+    }
+
+    /// nnU-Net's kernels: 1 along a thick-slice axis until pooling brings the others within 2×
+    /// of it (3.0 mm against 0.8, then 1.6 mm: from stage 1 on), 3 once it is, 3³ at the
+    /// bottleneck; the network is a DynUNet of those stages.
+    #[test]
+    fn kernels_follow_the_spacing_of_each_stage() -> Result<()> {
+        let thick = nnunet_pooling([3.0, 0.8, 0.8], [40.0, 256.0, 256.0]);
+        assert_eq!(thick.kernels.len(), thick.strides.len() + 1);
+        assert_eq!(thick.kernels[0], [1, 3, 3]);
+        assert!(thick.kernels[1..].iter().all(|k| *k == [3; 3]));
+        let ModelConfig::Dynunet(c) = nnunet_network(&thick, 1, 2)? else {
+            bail!("not a DynUNet");
+        };
+        assert_eq!(c.strides[0], [1; 3]);
+        assert_eq!(c.strides[1..], thick.strides[..]);
+        assert_eq!(c.upsample_kernel_size, thick.strides);
+        assert_eq!(c.filters, nnunet_features(c.strides.len()));
+        assert_eq!(nnunet_features(7), [32, 64, 128, 256, 320, 320, 320]);
+        assert_eq!(c.deep_supr_num, c.strides.len() - 3);
+        // a patch pooled fewer than twice has no DynUNet
+        let flat = nnunet_pooling([1.0; 3], [12.0, 12.0, 12.0]);
+        assert!(nnunet_network(&flat, 1, 2).is_err());
+        Ok(())
     }
 }

@@ -11,7 +11,11 @@
 //!   nnU-Net's patch, the patch and the depth equal nnU-Net's too. Where `../shared/data` is absent this part says so and
 //!   passes; `CWSEG_REQUIRE_SHARED_DATA=1` makes its absence a failure.
 //!
-//! Intended differences, each asserted as such: nnU-Net pools each axis on its own (strides per
+//! - `--recipe nnunet` plans nnU-Net's network as a DynUNet: its strides, kernels and features
+//!   per stage equal nnU-Net's on every made-up pooling case and on the real data, where with
+//!   the memory the DynUNet needs for nnU-Net's patch the patch and batch are nnU-Net's too.
+//!
+//! Intended differences of the paper's recipe (the default), each asserted as such: nnU-Net pools each axis on its own (strides per
 //! stage), cwseg's U-Net pools all three together, so its depth is the fewest of nnU-Net's
 //! per-axis pooling operations; nnU-Net stops shrinking the patch when its count of feature-map
 //! elements fits a reference calibrated for 8 GB of GPU memory with its own network (32 filters
@@ -22,9 +26,9 @@
 use std::path::{Path, PathBuf};
 
 use cwseg_data::{Dataset, Normalization};
-use cwseg_models::ModelConfig;
+use cwseg_models::{DynUNetConfig, DynUNetNorm, ModelConfig};
 use cwseg_train::plan::{
-    self, Candidate, CaseFingerprint, PlanBudget, nnunet_pooling, patch_candidates,
+    self, Candidate, CaseFingerprint, PlanBudget, Recipe, nnunet_pooling, patch_candidates,
 };
 use serde_json::Value;
 
@@ -121,6 +125,151 @@ fn nnunet_rules_are_cwseg_rules() {
                 .collect();
         assert_eq!(got, want, "{case}");
     }
+}
+
+fn per_stage(v: &Value) -> Vec<[usize; 3]> {
+    v.as_array().expect("stages").iter().map(sizes).collect()
+}
+
+/// The DynUNet `--recipe nnunet` emits for `pooling`.
+fn dynunet(pooling: &plan::Pooling) -> DynUNetConfig {
+    match plan::nnunet_network(pooling, 1, 2).expect("nnU-Net's network") {
+        ModelConfig::Dynunet(c) => c,
+        other => panic!("not a DynUNet: {}", other.name()),
+    }
+}
+
+/// The network's per-stage fields against nnU-Net's: strides (stage 0 unpooled), kernels, the
+/// transposed convolutions undoing the strides, `features` (where nnU-Net's are given, else its
+/// rule `min(32 · 2^s, 320)`), instance norm with affine parameters, LeakyReLU 0.01 and the
+/// heads nnU-Net weighs (all its decoder outputs but the lowest).
+fn assert_nnunets_network(
+    c: &DynUNetConfig,
+    strides: &[[usize; 3]],
+    kernels: &[[usize; 3]],
+    features: Option<Vec<usize>>,
+    what: &str,
+) {
+    assert_eq!(c.strides, strides, "{what}: strides");
+    assert_eq!(c.kernel_size, kernels, "{what}: kernel sizes");
+    assert_eq!(c.upsample_kernel_size, strides[1..], "{what}: up-sampling");
+    let rule: Vec<usize> = (0..strides.len())
+        .map(|s| (32usize << s).min(320))
+        .collect();
+    assert_eq!(c.filters, features.unwrap_or(rule), "{what}: features");
+    assert_eq!(c.norm, DynUNetNorm::InstanceAffine, "{what}: norm");
+    assert_eq!(c.negative_slope, 0.01, "{what}: LeakyReLU");
+    assert_eq!(c.dropout, None, "{what}: dropout");
+    assert!(c.trans_bias && !c.res_block, "{what}: blocks");
+    let stages = strides.len();
+    assert_eq!(c.deep_supervision, stages >= 4, "{what}: deep supervision");
+    if c.deep_supervision {
+        // nnU-Net: stages − 1 outputs, the lowest weighted 0; MONAI: deep_supr_num < stages − 1
+        assert_eq!(c.deep_supr_num + 1, stages - 2, "{what}: heads");
+    }
+}
+
+/// nnU-Net's `get_pool_and_conv_props` on made-up patches (thick slices among them): the
+/// DynUNet `--recipe nnunet` emits has its strides, kernels and features, and takes the patch
+/// the plan would train it on.
+#[test]
+fn the_nnunet_recipes_network_is_nnunets_on_every_rule_case() {
+    let rules = &fixture()["rules"];
+    for case in rules["pooling"].as_array().expect("cases") {
+        let (spacing, patch) = (floats(&case["spacing"]), floats(&case["patch"]));
+        let candidate = Candidate::new(spacing, patch);
+        let c = dynunet(&candidate.pooling);
+        let mut strides = vec![[1; 3]];
+        strides.extend(per_stage(&case["strides"]));
+        let kernels = per_stage(&case["conv_kernel_sizes"]);
+        assert_nnunets_network(&c, &strides, &kernels, None, &case.to_string());
+        let model = ModelConfig::Dynunet(c);
+        let window = candidate.dynunet_patch(&model);
+        cwseg_models::describe(&model, window).expect("the network takes its patch");
+        println!("{case}: --recipe nnunet patch {window:?}");
+        if candidate
+            .pooling
+            .per_axis
+            .iter()
+            .all(|&k| k == candidate.pooling.per_axis[0])
+        {
+            assert_eq!(window, candidate.patch, "{case}: nnU-Net's patch");
+        }
+    }
+}
+
+/// `--recipe nnunet` on the real data: with the memory the DynUNet needs for nnU-Net's patch at
+/// batch 2, the plan is nnU-Net's network (strides, kernels, features per stage), patch and
+/// batch, its memory the DynUNet's own estimate; at the default memory, what it plans.
+fn compare_network(name: &str, fingerprint: &plan::Fingerprint, nnunet: &Value) {
+    let full = &nnunet["3d_fullres"];
+    let strides = per_stage(&full["strides"]);
+    let kernels = per_stage(&full["conv_kernel_sizes"]);
+    let features: Vec<usize> = full["features_per_stage"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .map(|f| f.as_u64().expect("a count") as usize)
+        .collect();
+    let patch = sizes(&full["patch_size"]);
+    let nnunet_budget = |memory_gib| PlanBudget {
+        memory_gib,
+        recipe: Recipe::Nnunet,
+        minutes: None,
+    };
+    let planned =
+        plan::plan(fingerprint, "data", nnunet_budget(plan::DEFAULT_MEMORY_GIB)).expect("plan");
+    let ModelConfig::Dynunet(c) = &planned.config.model else {
+        panic!(
+            "{name}: --recipe nnunet planned {}",
+            planned.config.model.name()
+        );
+    };
+    let details = planned.details.as_ref().expect("details");
+    assert_eq!(
+        details.step_bytes,
+        plan::step_bytes(
+            &planned.config.model,
+            planned.config.patch,
+            planned.config.batch_size
+        )
+        .expect("step bytes"),
+        "{name}: the memory is the DynUNet's"
+    );
+    println!(
+        "{name}: --recipe nnunet at {} GiB: patch {:?}, batch {}, step {:.2} GiB, strides {:?}, \
+         kernels {:?}, filters {:?}, heads {}",
+        plan::DEFAULT_MEMORY_GIB,
+        planned.config.patch,
+        planned.config.batch_size,
+        details.step_bytes as f64 / f64::from(1u32 << 30),
+        c.strides,
+        c.kernel_size,
+        c.filters,
+        c.deep_supr_num
+    );
+    let fitted = patch_candidates(
+        floats(&full["spacing"]),
+        floats(&full["median_image_size_in_voxels"]),
+    )
+    .find(|c| c.patch == patch)
+    .expect("nnU-Net's patch is a candidate");
+    // the plan's inputs and classes (the CT's 105 labels weigh in the output's memory)
+    let io = &planned.config.model;
+    let model = plan::nnunet_network(&fitted.pooling, io.in_channels(), io.classes())
+        .expect("nnU-Net's network");
+    let needs = plan::step_bytes(&model, patch, 2).expect("step bytes");
+    // a hair above, so that the GiB's rounding cannot leave it a byte short
+    let gib = needs as f64 / f64::from(1u32 << 30) * (1.0 + 1e-9);
+    let same = plan::plan(fingerprint, "data", nnunet_budget(gib)).expect("plan");
+    let ModelConfig::Dynunet(c) = &same.config.model else {
+        panic!("{name}: not a DynUNet");
+    };
+    println!("{name}: nnU-Net's network needs {gib:.2} GiB for its patch {patch:?} at batch 2");
+    assert_eq!(same.config.patch, patch, "{name}: patch at {gib} GiB");
+    assert_nnunets_network(c, &strides, &kernels, Some(features), name);
+    let batch = full["batch_size"].as_u64().expect("batch") as usize;
+    assert_eq!(same.config.batch_size, batch, "{name}: batch at {gib} GiB");
 }
 
 /// The TotalSegmentator CT as an nnU-Net data set (links, in a temporary folder): channel `CT`,
@@ -360,5 +509,6 @@ fn real_data_plans_match_nnunet() {
         let fingerprint = plan::fingerprint(&dataset).expect("fingerprint");
         compare_fingerprint(name, &fingerprint, &fixture[name]);
         compare_plan(name, &fingerprint, &fixture[name]);
+        compare_network(name, &fingerprint, &fixture[name]);
     }
 }

@@ -71,18 +71,21 @@ pub(super) fn open_run_data(
     Ok((data, card))
 }
 
-/// Refuses a patch larger than any case after preprocessing.
-pub(super) fn check_patch_fits(patch: [usize; 3], cases: &[PreparedCase]) -> Result<()> {
+/// Warns about cases smaller than the patch on some axis: the sampler pads them, centred,
+/// images with 0 and labels with background (nnU-Net's `pad_nd_image`), and validation's
+/// sliding window pads them likewise, so a plan's patch larger than its smallest case trains.
+pub(super) fn warn_small_cases(patch: [usize; 3], cases: &[PreparedCase]) {
     for case in cases {
         let shape = case.image.geometry.shape();
         if (0..3).any(|a| patch[a] > shape[a]) {
-            bail!(
-                "patch {patch:?} is larger than case {} after preprocessing {shape:?}: choose a patch no larger than the smallest case (or resample to a finer spacing)",
-                case.id,
+            tracing::warn!(
+                case = %case.id,
+                ?shape,
+                ?patch,
+                "case smaller than the patch after preprocessing: padded"
             );
         }
     }
-    Ok(())
 }
 
 /// The loader's settings for `config` (two batches prefetched); `regions`, the run's regions

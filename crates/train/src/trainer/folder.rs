@@ -110,8 +110,9 @@ fn check_new_run(config: &TrainConfig, dir: &Path, rank0: bool) -> Result<()> {
         let differing = differences(&read_run_config(dir)?, config)?;
         if let Some(first) = differing.first() {
             bail!(
-                "{} holds another run: its {} records {first}; continue it with --resume and \
-                 its settings, or choose another --out",
+                "{} holds another run: its {} records {first}; continue it with its own \
+                 settings (`cwseg train --resume`; a grid or `cwseg cv` resumes its runs when \
+                 rerun unchanged), or choose another --out",
                 dir.display(),
                 recorded.display()
             );

@@ -45,7 +45,7 @@ use crate::device::parse_device;
 use crate::distributed::{self, Communicator, Single};
 use crate::optim::{LossScaler, Optimizer};
 use crate::prepare::PreparedCase;
-use data::{check_patch_fits, loader_config, open_run_data, sampling_volumes};
+use data::{loader_config, open_run_data, sampling_volumes, warn_small_cases};
 use folder::{holds_run_files, lock_run_folder, prepare_folder, remove_run_files};
 use resume::read_last;
 use save::{open_metrics, record_run};
@@ -182,8 +182,8 @@ impl Trainer {
         );
         let train_cases = data.load(&data.split.train)?;
         let val_cases = data.load(&data.split.val)?;
-        check_patch_fits(config.patch, &train_cases)?;
-        check_patch_fits(config.patch, &val_cases)?;
+        warn_small_cases(config.patch, &train_cases);
+        warn_small_cases(config.patch, &val_cases);
         let volumes = Arc::new(sampling_volumes(config, train_cases)?);
         let vars = VarMap::new();
         let network =
