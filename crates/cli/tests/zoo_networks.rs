@@ -95,3 +95,46 @@ fn model_describes_every_zoo_network() {
         );
     }
 }
+
+/// An anisotropic DynUNet (no pooling along z) trains on a patch whose z side is a multiple of
+/// its own stride only (each axis is checked against its own total stride, not one multiple
+/// for all three), and a y side off its stride is refused naming the per-axis multiples.
+#[test]
+fn an_anisotropic_dynunet_takes_per_axis_patch_sides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = common::write_tiny_run(dir.path(), "ce");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let model = r#"name = "dynunet"
+kernel_size = [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
+strides = [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
+upsample_kernel_size = [[1, 2, 2], [1, 2, 2]]
+filters = [4, 8, 8]"#;
+    let text = text
+        .replace("name = \"unet\"\nfilters = 4\ndepth = 2", model)
+        .replace("patch = [16, 16, 16]", "patch = [6, 16, 16]");
+    assert!(
+        text.contains("dynunet") && text.contains("[6, 16, 16]"),
+        "{text}"
+    );
+    std::fs::write(&config, &text).expect("config");
+    let out = dir.path().join("run");
+    ok(&[
+        "train",
+        "--config",
+        common::s(&config),
+        "--out",
+        common::s(&out),
+        "--quiet",
+    ]);
+    assert!(out.join("best/model.safetensors").exists());
+    std::fs::write(&config, text.replace("[6, 16, 16]", "[6, 18, 16]")).expect("config");
+    let err = common::fails(&[
+        "train",
+        "--config",
+        common::s(&config),
+        "--out",
+        common::s(&dir.path().join("refused")),
+        "--quiet",
+    ]);
+    assert!(err.contains("[1, 4, 4]"), "{err}");
+}

@@ -151,7 +151,7 @@ impl DynUNetConfig {
     }
 
     /// Each axis's size must be a multiple of the bottleneck's total stride along it.
-    fn axis_multiples(&self) -> [usize; 3] {
+    pub fn size_multiples(&self) -> [usize; 3] {
         self.scale(self.levels().saturating_sub(1))
     }
 
@@ -159,7 +159,7 @@ impl DynUNetConfig {
     /// per-axis total strides (an anisotropic network accepts more on its finer axes:
     /// [`DynUNet::check_size`]).
     pub fn size_multiple(&self) -> usize {
-        self.axis_multiples().iter().fold(1usize, |m, &a| {
+        self.size_multiples().iter().fold(1usize, |m, &a| {
             (m / gcd(m, a.max(1))).saturating_mul(a.max(1))
         })
     }
@@ -571,7 +571,7 @@ impl DynUNet {
     /// multiple of its total stride, and with instance norm more than one voxel at the
     /// bottleneck (MONAI's minimum: PyTorch refuses to normalise a single voxel).
     pub fn check_size(&self, size: [usize; 3]) -> Result<()> {
-        let multiples = self.config.axis_multiples();
+        let multiples = self.config.size_multiples();
         if size
             .iter()
             .zip(&multiples)

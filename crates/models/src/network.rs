@@ -314,7 +314,18 @@ impl ModelConfig {
         }
     }
 
-    /// Every spatial size must be a multiple of this.
+    /// Per axis `[z, y, x]`, what each spatial size must be a multiple of: the total stride
+    /// along that axis (an anisotropic DynUNet pools its axes differently; every other network
+    /// takes [`ModelConfig::size_multiple`] on all three).
+    pub fn size_multiples(&self) -> [usize; 3] {
+        match self {
+            ModelConfig::Dynunet(c) => c.size_multiples(),
+            other => [other.size_multiple(); 3],
+        }
+    }
+
+    /// Every spatial size must be a multiple of this (for an anisotropic DynUNet the least
+    /// common multiple of [`ModelConfig::size_multiples`]).
     pub fn size_multiple(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => u32::try_from(c.depth)

@@ -198,11 +198,11 @@ impl ModelCard {
                 self.modalities.len()
             );
         }
-        let multiple = self.model.size_multiple();
-        if self.patch.iter().any(|&p| p == 0 || p % multiple != 0) {
+        let multiples = self.model.size_multiples();
+        if (0..3).any(|a| self.patch[a] == 0 || !self.patch[a].is_multiple_of(multiples[a])) {
             bail!(
-                "patch {:?}: every side must be a positive multiple of {multiple} for this \
-                 network",
+                "patch {:?}: each side must be a positive multiple of {multiples:?} (z, y, x) \
+                 for this network",
                 self.patch
             );
         }

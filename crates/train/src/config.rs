@@ -235,18 +235,19 @@ impl TrainConfig {
                 self.batch_parts, self.batch_size
             ),
         );
-        let multiple = self.model.size_multiple();
+        let multiples = self.model.size_multiples();
         check(
-            self.patch.iter().all(|p| p % multiple == 0),
+            (0..3).all(|a| self.patch[a].is_multiple_of(multiples[a])),
             format!(
-                "patch {:?}: every side must be a multiple of {multiple} for this network",
+                "patch {:?}: each side must be a multiple of {multiples:?} (z, y, x) for this \
+                 network",
                 self.patch
             ),
         );
         check(
             !(self.model.uses_batch_norm()
                 && self.batch_size == 1
-                && self.patch.iter().all(|p| p / multiple == 1)),
+                && (0..3).all(|a| self.patch[a] / multiples[a] == 1)),
             format!(
                 "batch 1 with patch {:?}: the deepest level's batch norm would see one value per channel; use a batch of at least 2, a larger patch, or instance/group norm",
                 self.patch

@@ -59,9 +59,17 @@ fn import_window(config: &ModelConfig, patch: Option<[usize; 3]>) -> Result<[usi
             "--patch Z,Y,X is required for V-Net: the sliding window (MONAI's roi_size, reversed)"
         ),
     };
-    let multiple = config.size_multiple();
-    if window.iter().any(|&n| n == 0 || n % multiple != 0) {
-        bail!("--patch {window:?}: every side must be a positive multiple of {multiple}");
+    let multiples = config.size_multiples();
+    if (0..3).any(|a| window[a] == 0 || !window[a].is_multiple_of(multiples[a])) {
+        if multiples.iter().all(|&m| m == multiples[0]) {
+            bail!(
+                "--patch {window:?}: every side must be a positive multiple of {}",
+                multiples[0]
+            );
+        }
+        bail!(
+            "--patch {window:?}: each side must be a positive multiple of {multiples:?} (z, y, x)"
+        );
     }
     Ok(window)
 }

@@ -574,13 +574,15 @@ impl Candidate {
         self.patch.map(|p| p.div_ceil(step) * step)
     }
 
-    /// The patch of nnU-Net's network `model` ([`nnunet_network`]): nnU-Net's, rounded up to
-    /// multiples of the model's `size_multiple` — cwseg's run configurations take one multiple
-    /// for all three sides, the largest total stride, so nnU-Net's patch itself where every
-    /// axis is pooled as often, larger along the axes pooled less otherwise.
+    /// The patch of nnU-Net's network `model` ([`nnunet_network`]): nnU-Net's, each side a
+    /// multiple of the model's total stride along it ([`ModelConfig::size_multiples`]), so
+    /// nnU-Net's padded patch itself, thick-slice axes included.
     pub fn dynunet_patch(&self, model: &ModelConfig) -> [usize; 3] {
-        let step = model.size_multiple().max(1);
-        self.patch.map(|p| p.div_ceil(step) * step)
+        let steps = model.size_multiples();
+        std::array::from_fn(|a| {
+            let step = steps[a].max(1);
+            self.patch[a].div_ceil(step) * step
+        })
     }
 }
 

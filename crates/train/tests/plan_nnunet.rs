@@ -187,14 +187,16 @@ fn the_nnunet_recipes_network_is_nnunets_on_every_rule_case() {
         let window = candidate.dynunet_patch(&model);
         cwseg_models::describe(&model, window).expect("the network takes its patch");
         println!("{case}: --recipe nnunet patch {window:?}");
-        if candidate
-            .pooling
-            .per_axis
+        // each side a multiple of its own axis's stride: nnU-Net's padded patch itself, on
+        // thick-slice cases too (one multiple for all axes rounded 40 × 256 × 256 up to 64)
+        assert_eq!(window, candidate.patch, "{case}: nnU-Net's patch");
+        let padded: Vec<usize> = case["padded"]
+            .as_array()
+            .expect("padded")
             .iter()
-            .all(|&k| k == candidate.pooling.per_axis[0])
-        {
-            assert_eq!(window, candidate.patch, "{case}: nnU-Net's patch");
-        }
+            .map(|v| v.as_u64().expect("side") as usize)
+            .collect();
+        assert_eq!(window.to_vec(), padded, "{case}: nnU-Net's padded patch");
     }
 }
 

@@ -42,10 +42,10 @@ pub(super) fn open_run_data(
         .model
         .with_io(data.dataset.modalities.len(), outputs)
         .with_input_size(config.patch);
-    let multiple = model.size_multiple();
-    if config.patch.iter().any(|p| p % multiple != 0) {
+    let multiples = model.size_multiples();
+    if (0..3).any(|a| !config.patch[a].is_multiple_of(multiples[a])) {
         bail!(
-            "patch {:?}: every side must be a multiple of {multiple} for this network",
+            "patch {:?}: each side must be a multiple of {multiples:?} (z, y, x) for this network",
             config.patch
         );
     }
