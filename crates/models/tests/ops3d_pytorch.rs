@@ -705,3 +705,36 @@ fn fused_attention_probabilities_equal_their_composite() {
         }
     }
 }
+
+/// The CPU group norm (the fused normalisation kernel on one row per sample and group, then
+/// the per-channel affine) equals its candle composite in value and in the gradients of the
+/// input, weight and bias, with groups of one channel, of several, and one group.
+#[test]
+fn fused_group_norm_equals_its_composite() {
+    let x = seeded(&[2, 6, 3, 4, 5], 4.0, 10);
+    let g = seeded(&[2, 6, 3, 4, 5], 1.0, 11);
+    for groups in [6, 3, 1] {
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let w = Var::from_tensor(&seeded(&[6], 2.0, 12)).unwrap();
+            let b = Var::from_tensor(&seeded(&[6], 1.0, 13)).unwrap();
+            let (xt, wt, bt) = (xv.as_tensor(), w.as_tensor(), b.as_tensor());
+            let y = if fused {
+                layers::group_norm(xt, groups, Some(wt), Some(bt), 1e-5).unwrap()
+            } else {
+                layers::group_norm_composite(xt, groups, Some(wt), Some(bt), 1e-5).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |t: &Tensor| grads.get(t).unwrap().clone();
+            [y.clone(), grad(xt), grad(wt), grad(bt)]
+        };
+        let (a, b) = (run(true), run(false));
+        for (i, what) in ["value", "∂x", "∂γ", "∂β"].iter().enumerate() {
+            assert_same(
+                &a[i],
+                &b[i],
+                &format!("group norm ({groups} groups) {what}"),
+            );
+        }
+    }
+}

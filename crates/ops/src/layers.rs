@@ -241,7 +241,10 @@ pub fn instance_norm_composite(
 }
 
 /// Group normalisation: channels split into `groups`, statistics per sample and group
-/// (PyTorch's `group_norm`); affine per channel. On CUDA one kernel.
+/// (PyTorch's `group_norm`); affine per channel. On CUDA one kernel; on CPU f32 the fused
+/// batch-norm kernel on `(1, N·G, S·C/G)` (a row per sample and group, no affine), then the
+/// per-channel affine: three tensors kept for the backward pass where the composite
+/// ([`group_norm_composite`]) keeps five.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -254,8 +257,32 @@ pub fn group_norm(
         Ok(crate::cuda_layers::norm(x, (weight, bias), grouping, eps, false)?.0)
     });
     let dims = x.dims().to_vec();
+    if !(crate::fused::cpu_f32(x) && dims.len() >= 3) {
+        return group_norm_composite(x, groups, weight, bias, eps);
+    }
     let (n, c) = (dims[0], dims[1]);
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
+        bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    let rows = n * groups;
+    let flat = x.reshape((1, rows, x.elem_count() / rows))?;
+    let ones = Tensor::ones(rows, DType::F32, x.device())?;
+    let zeros = Tensor::zeros(rows, DType::F32, x.device())?;
+    let (y, _, _) = crate::fused::batch_norm_train_cpu(&flat, &ones, &zeros, eps, Then::Identity)?;
+    affine_channels(y.reshape(dims)?, weight, bias)
+}
+
+/// [`group_norm`] as candle operations (any device and dtype).
+pub fn group_norm_composite(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    if groups == 0 || !c.is_multiple_of(groups) {
         bail!("group_norm: {c} channels do not split into {groups} groups");
     }
     let grouped = x.reshape((n, groups, x.elem_count() / (n * groups)))?;
