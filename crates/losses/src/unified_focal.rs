@@ -58,6 +58,16 @@ impl Default for UnifiedFocal {
     }
 }
 
+/// `v` as a message shows it: as written for everyday magnitudes, in exponent form beyond
+/// (`1e300`, not its 301 digits).
+fn short(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() || (1e-4..1e6).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
 impl UnifiedFocal {
     /// The settings out of `[0, 1]`, as `name = value` (empty when all are valid).
     pub(crate) fn out_of_range(&self) -> Vec<String> {
@@ -68,7 +78,7 @@ impl UnifiedFocal {
         ]
         .into_iter()
         .filter(|(_, v)| !(v.is_finite() && (0.0..=1.0).contains(v)))
-        .map(|(name, v)| format!("{name} = {v}: must be in [0, 1]"))
+        .map(|(name, v)| format!("{name} = {}: must be in [0, 1]", short(v)))
         .collect()
     }
 

@@ -143,6 +143,11 @@ fn topology_settings_out_of_range_are_refused() {
         (r#"{"name": "cldice", "smooth": 0.0}"#, "smooth"),
         (r#"{"name": "hausdorff_dt", "alpha": 1e308}"#, "alpha"),
         (r#"{"name": "log_hausdorff_dt", "alpha": 1000.0}"#, "alpha"),
+        // a number out of range is shown short, not as its 301 digits
+        (
+            r#"{"name": "unified_focal", "gamma": 1e300}"#,
+            "gamma = 1e300: must be in [0, 1]",
+        ),
     ] {
         let err = LossConfig::from_json(json).expect_err(json).to_string();
         assert!(err.contains(field), "{json}: {err}");

@@ -73,6 +73,37 @@ impl Default for UnetrConfig {
     }
 }
 
+impl UnetrConfig {
+    /// Refuses what no UNETR can be, naming the field: a zero size, heads that do not divide
+    /// `hidden_size`, an `img_size` side that is not a positive multiple of the 16³ patch.
+    fn check(&self) -> Result<()> {
+        let refuse = |what: String| Err(ModelError::Config(format!("UNETR: {what}")));
+        for (name, value) in [
+            ("in_channels", self.in_channels),
+            ("classes", self.classes),
+            ("feature_size", self.feature_size),
+            ("num_heads", self.num_heads),
+        ] {
+            if value == 0 {
+                return refuse(format!("{name} = 0: must be at least 1"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return refuse(format!(
+                "num_heads = {} must divide hidden_size = {}",
+                self.num_heads, self.hidden_size
+            ));
+        }
+        if self.img_size.iter().any(|&n| n == 0 || n % PATCH != 0) {
+            return refuse(format!(
+                "img_size {:?}: every side must be a positive multiple of {PATCH}",
+                self.img_size
+            ));
+        }
+        Ok(())
+    }
+}
+
 const LAYERS: usize = 12;
 const PATCH: usize = 16;
 
@@ -331,19 +362,7 @@ impl Unetr {
     /// Builds the network; parameters come from (or are created in) `vb`.
     pub fn new(config: UnetrConfig, vb: VarBuilder) -> Result<Self> {
         let c = config;
-        if c.in_channels == 0
-            || c.classes == 0
-            || c.feature_size == 0
-            || c.num_heads == 0
-            || !c.hidden_size.is_multiple_of(c.num_heads)
-            || c.img_size.iter().any(|&n| n == 0 || n % PATCH != 0)
-        {
-            return Err(ModelError::Config(format!(
-                "UNETR needs positive sizes, heads dividing hidden_size and img_size multiples of \
-                 16: {}",
-                serde_json::to_string(&c).unwrap_or_default()
-            )));
-        }
+        c.check()?;
         let tokens: usize = c.img_size.iter().map(|n| n / PATCH).product();
         let vit = vb.pp("vit");
         let pe = vit.pp("patch_embedding");

@@ -849,3 +849,30 @@ fn segresnet_trains() {
         );
     }
 }
+
+/// A UNETR whose heads do not divide its width, or whose image size is off the 16³ patch, is
+/// refused naming the fields and their values (it was a dump of the whole configuration).
+#[test]
+fn unetr_refusals_name_the_field() {
+    for (json, needle) in [
+        (
+            r#"{"name": "unetr", "hidden_size": 48, "num_heads": 5, "img_size": [32, 32, 32]}"#,
+            "num_heads = 5 must divide hidden_size = 48",
+        ),
+        (
+            r#"{"name": "unetr", "hidden_size": 48, "num_heads": 4, "img_size": [32, 24, 32]}"#,
+            "img_size [32, 24, 32]",
+        ),
+    ] {
+        let config: ModelConfig = serde_json::from_str(json).expect("json");
+        let err = config
+            .build(VarBuilder::from_varmap(
+                &VarMap::new(),
+                DType::F32,
+                &Device::Cpu,
+            ))
+            .expect_err(json)
+            .to_string();
+        assert!(err.contains(needle), "{json}: {err}");
+    }
+}
