@@ -8,12 +8,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use cwseg_models::ModelConfig;
 use cwseg_models::monai::{MonaiNetwork, from_monai_args};
 
 mod common;
 use common::monai::{
-    assert_agrees, cwseg_predict, fixtures, import_monai, monai_probabilities, path,
+    assert_agrees, assert_exports_back, cwseg_predict, fixtures, flat, import_monai,
+    monai_probabilities, path,
 };
 use common::{fails, ok};
 
@@ -181,56 +181,19 @@ fn imported_vnets_predict_monais_labels_with_relu_and_prelu() {
     }
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
-
 #[test]
 fn export_gives_back_monais_state_dict_and_arguments() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // UNETR with instance norm, and with batch norm (counters written back as 0)
     for fixture in ["unetr", "unetr_batch"] {
-        let source = fixtures().join(fixture);
         let model = tmp.path().join(fixture);
         import_unetr_fixture(fixture, &model, &[]);
         let exported = tmp.path().join(format!("{fixture}-for-monai"));
-        ok(&[
-            "export",
-            path(&model),
-            "--out",
-            path(&exported),
-            "--format",
-            "monai",
-        ]);
-        let original =
-            candle_core::safetensors::load(source.join("state.safetensors"), &Device::Cpu)
-                .expect("original");
-        let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
-            .expect("exported");
-        let mut names: Vec<_> = original.keys().collect();
-        names.sort();
-        let mut back_names: Vec<_> = back.keys().collect();
-        back_names.sort();
-        assert_eq!(names, back_names, "{fixture}: tensor names");
-        for name in names {
-            assert_eq!(original[name].dims(), back[name].dims(), "{name}");
-            if !name.ends_with("num_batches_tracked") {
-                assert_eq!(flat(&original[name]), flat(&back[name]), "{name}");
-            }
-        }
-        let read = |p: &Path| -> ModelConfig {
-            let args =
-                serde_json::from_str(&std::fs::read_to_string(p).expect("args")).expect("json");
-            from_monai_args(MonaiNetwork::Unetr, &args)
-                .expect("UNETR arguments")
-                .config
-        };
-        assert_eq!(
-            read(&exported.join("args.json")),
-            read(&source.join("args.json"))
+        assert_exports_back(
+            MonaiNetwork::Unetr,
+            &fixtures().join(fixture),
+            &model,
+            &exported,
         );
     }
 

@@ -7,13 +7,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
 use cwseg_models::ModelConfig;
 use cwseg_models::monai::{MonaiNetwork, from_monai_args};
 
 mod common;
 use common::monai::{
-    assert_agrees, cwseg_predict, fixtures, import_monai, monai_probabilities, path,
+    assert_agrees, assert_exports_back, cwseg_predict, fixtures, import_monai, monai_probabilities,
+    path,
 };
 use common::{cwseg, fails, ok};
 
@@ -101,58 +101,18 @@ fn dropout_is_accepted_with_a_note() {
     );
 }
 
-fn flat(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
-
 #[test]
 fn export_gives_back_monais_dynunet_state_dict_and_arguments() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for fixture in FIXTURES {
-        let source = fixtures().join(fixture);
         let model = tmp.path().join(fixture);
         import_fixture(fixture, &model);
         let exported = tmp.path().join(format!("{fixture}-for-monai"));
-        ok(&[
-            "export",
-            path(&model),
-            "--out",
-            path(&exported),
-            "--format",
-            "monai",
-        ]);
-        let original =
-            candle_core::safetensors::load(source.join("state.safetensors"), &Device::Cpu)
-                .expect("original");
-        let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
-            .expect("exported");
-        let mut names: Vec<_> = original.keys().collect();
-        names.sort();
-        let mut back_names: Vec<_> = back.keys().collect();
-        back_names.sort();
-        assert_eq!(names, back_names, "{fixture}: tensor names");
-        for name in names {
-            assert_eq!(
-                original[name].dims(),
-                back[name].dims(),
-                "{fixture}: {name}"
-            );
-            // batch norms' counters are written back as 0 (they only steer momentum=None)
-            if !name.ends_with("num_batches_tracked") {
-                assert_eq!(
-                    flat(&original[name]),
-                    flat(&back[name]),
-                    "{fixture}: {name}"
-                );
-            }
-        }
-        assert_eq!(
-            config_of(&exported.join("args.json")),
-            config_of(&source.join("args.json")),
-            "{fixture}: arguments"
+        assert_exports_back(
+            MonaiNetwork::Dynunet,
+            &fixtures().join(fixture),
+            &model,
+            &exported,
         );
     }
 }

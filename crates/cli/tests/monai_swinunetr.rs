@@ -19,7 +19,8 @@ use cwseg_models::monai::{MonaiNetwork, from_monai_args};
 
 mod common;
 use common::monai::{
-    assert_agrees, cwseg_predict, fixtures, import_monai, monai_probabilities, path,
+    assert_agrees, assert_exports_state, cwseg_predict, fixtures, import_monai,
+    monai_probabilities, path,
 };
 use common::{fails, ok};
 
@@ -117,13 +118,6 @@ fn imported_swinunetrs_predict_monais_probabilities() {
     }
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
-}
-
 #[test]
 fn export_gives_back_monais_state_dict_and_arguments() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -131,30 +125,13 @@ fn export_gives_back_monais_state_dict_and_arguments() {
         let source = fixtures().join(name);
         let model = import_fixture(name, patch, tmp.path());
         let exported = tmp.path().join(format!("{name}-for-monai"));
-        ok(&[
-            "export",
-            path(&model),
-            "--out",
-            path(&exported),
-            "--format",
-            "monai",
-        ]);
         let original = monai_state(&source);
-        let back = candle_core::safetensors::load(exported.join("model.safetensors"), &Device::Cpu)
-            .expect("exported");
-        let mut names: Vec<_> = original.keys().collect();
-        names.sort();
-        let mut back_names: Vec<_> = back.keys().collect();
-        back_names.sort();
-        assert_eq!(names, back_names, "{name}: tensor names");
-        for tensor in names {
-            assert_eq!(original[tensor].dims(), back[tensor].dims(), "{tensor}");
-            assert_eq!(flat(&original[tensor]), flat(&back[tensor]), "{tensor}");
-        }
-        assert_eq!(
-            config_of(&exported.join("args.json")),
-            config_of(&source.join("args.json")),
-            "{name}: arguments"
+        assert_exports_state(
+            MonaiNetwork::Swinunetr,
+            &original,
+            &source,
+            &model,
+            &exported,
         );
     }
 }

@@ -56,12 +56,12 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::concat::cat_channels;
 use crate::error::{ModelError, Result};
-use crate::layers::{attention_probabilities, gelu, instance_norm, layer_norm, leaky_relu, matmul};
-use crate::modules::{BatchNorm3d, Conv3d, ConvTranspose3d, LayerNorm, Linear};
+use crate::layers::{attention_probabilities, gelu, layer_norm, matmul};
+use crate::modules::{Conv3d, LayerNorm, Linear};
 use crate::monai_args::{self as monai, Imported};
-use crate::ops3d::{Conv3dConfig, ConvTranspose3dConfig};
+use crate::ops3d::Conv3dConfig;
+use crate::unetr::{ResBlock, UpBlock};
 
 /// Swin stages (MONAI's `layers1` … `layers4`).
 const STAGES: usize = 4;
@@ -70,16 +70,9 @@ const MAX_WINDOW: usize = 16;
 /// Most Swin blocks in a stage.
 const MAX_DEPTH: usize = 16;
 
-/// Normalisation in the convolution blocks (MONAI's `norm_name`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SwinUnetrNorm {
-    /// `InstanceNorm3d` without affine parameters (`"instance"`, MONAI's default).
-    #[default]
-    Instance,
-    /// `BatchNorm3d` with affine parameters and running statistics (`"batch"`).
-    Batch,
-}
+/// Normalisation in the convolution blocks (MONAI's `norm_name`): UNETR's, whose encoder and
+/// decoder blocks (MONAI's `UnetResBlock`, `UnetrUpBlock`) SwinUNETR shares.
+pub type SwinUnetrNorm = crate::unetr::UnetrNorm;
 
 /// Patch merging between stages (MONAI's `downsample`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -702,115 +695,6 @@ impl Stage {
     }
 }
 
-/// One normalisation of a residual block (`norm1`, `norm2`, `norm3`).
-#[derive(Debug, Clone)]
-enum BlockNorm {
-    Instance,
-    Batch(BatchNorm3d),
-}
-
-impl BlockNorm {
-    fn new(kind: SwinUnetrNorm, channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(match kind {
-            SwinUnetrNorm::Instance => BlockNorm::Instance,
-            SwinUnetrNorm::Batch => BlockNorm::Batch(BatchNorm3d::new(channels, vb)?),
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        match self {
-            BlockNorm::Instance => instance_norm(x, None, None, 1e-5),
-            BlockNorm::Batch(norm) => norm.forward_t(x, train),
-        }
-    }
-}
-
-/// MONAI's `UnetResBlock` (kernel 3, stride 1):
-/// `LReLU(N₂(conv₂(LReLU(N₁(conv₁(x))))) + N₃(conv₃(x)))`, `conv₃` (1³) where the width changes.
-#[derive(Debug, Clone)]
-struct ResBlock {
-    conv1: Conv3d,
-    norm1: BlockNorm,
-    conv2: Conv3d,
-    norm2: BlockNorm,
-    conv3: Option<(Conv3d, BlockNorm)>,
-}
-
-impl ResBlock {
-    fn new(cin: usize, cout: usize, norm: SwinUnetrNorm, vb: VarBuilder) -> Result<Self> {
-        let same = Conv3dConfig {
-            padding: [1; 3],
-            ..Conv3dConfig::default()
-        };
-        let conv3 = match cin != cout {
-            true => Some((
-                Conv3d::new(
-                    cin,
-                    cout,
-                    [1; 3],
-                    Conv3dConfig::default(),
-                    false,
-                    vb.pp("conv3").pp("conv"),
-                )?,
-                BlockNorm::new(norm, cout, vb.pp("norm3"))?,
-            )),
-            false => None,
-        };
-        Ok(ResBlock {
-            conv1: Conv3d::new(cin, cout, [3; 3], same, false, vb.pp("conv1").pp("conv"))?,
-            norm1: BlockNorm::new(norm, cout, vb.pp("norm1"))?,
-            conv2: Conv3d::new(cout, cout, [3; 3], same, false, vb.pp("conv2").pp("conv"))?,
-            norm2: BlockNorm::new(norm, cout, vb.pp("norm2"))?,
-            conv3,
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = leaky_relu(&self.norm1.forward_t(&self.conv1.forward(x)?, train)?, 0.01)?;
-        let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
-        let residual = match &self.conv3 {
-            Some((conv, norm)) => norm.forward_t(&conv.forward(x)?, train)?,
-            None => x.clone(),
-        };
-        leaky_relu(&(h + residual)?, 0.01)
-    }
-}
-
-/// MONAI's `UnetrUpBlock`: `transp_conv` (2³, stride 2, no bias), concatenation with the
-/// skip, `conv_block` (`2·out → out`).
-#[derive(Debug, Clone)]
-struct UpBlock {
-    transp_conv: ConvTranspose3d,
-    conv_block: ResBlock,
-}
-
-impl UpBlock {
-    fn new(cin: usize, cout: usize, norm: SwinUnetrNorm, vb: VarBuilder) -> Result<Self> {
-        let stride2 = ConvTranspose3dConfig {
-            stride: [2; 3],
-            ..ConvTranspose3dConfig::default()
-        };
-        Ok(UpBlock {
-            transp_conv: ConvTranspose3d::new(
-                cin,
-                cout,
-                [2; 3],
-                stride2,
-                false,
-                vb.pp("transp_conv").pp("conv"),
-            )?,
-            conv_block: ResBlock::new(2 * cout, cout, norm, vb.pp("conv_block"))?,
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let up = self.transp_conv.forward(x)?;
-        self.conv_block.forward_t(&cat_channels(&up, skip)?, train)
-    }
-}
-
-/// MONAI's `SwinTransformer` (`swinViT`): the patch embedding, the stages and (v2) their
-/// convolution blocks; its five hidden states.
 #[derive(Debug, Clone)]
 struct SwinViT {
     patch_embed: Conv3d,

@@ -218,7 +218,7 @@ impl BlockNorm {
 /// MONAI's `UnetResBlock` (LeakyReLU 0.01): `conv1`, `norm1`, `conv2`, `norm2`, and `conv3`
 /// (1³) with `norm3` when the channel count changes.
 #[derive(Debug, Clone)]
-struct ResBlock {
+pub(crate) struct ResBlock {
     conv1: Conv3d,
     norm1: BlockNorm,
     conv2: Conv3d,
@@ -227,7 +227,7 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
         let same = Conv3dConfig {
             padding: [1; 3],
             ..Conv3dConfig::default()
@@ -255,7 +255,7 @@ impl ResBlock {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let h = self.norm1.forward_t(&self.conv1.forward(x)?, train)?;
         let h = leaky_relu(&h, 0.01)?;
         let h = self.norm2.forward_t(&self.conv2.forward(&h)?, train)?;
@@ -323,20 +323,25 @@ impl PrUp {
 
 /// `UnetrUpBlock`: `transp_conv`, concatenation with the skip, `conv_block`.
 #[derive(Debug, Clone)]
-struct UpBlock {
+pub(crate) struct UpBlock {
     transp_conv: ConvTranspose3d,
     conv_block: ResBlock,
 }
 
 impl UpBlock {
-    fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cin: usize, cout: usize, norm: UnetrNorm, vb: VarBuilder) -> Result<Self> {
         Ok(UpBlock {
             transp_conv: up2(cin, cout, vb.pp("transp_conv"))?,
             conv_block: ResBlock::new(2 * cout, cout, norm, vb.pp("conv_block"))?,
         })
     }
 
-    fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward_t(
+        &self,
+        x: &Tensor,
+        skip: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let up = self.transp_conv.forward(x)?;
         self.conv_block.forward_t(&cat_channels(&up, skip)?, train)
     }

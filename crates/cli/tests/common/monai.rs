@@ -2,6 +2,7 @@
 //! `cwseg import monai`, `cwseg predict --probabilities`, and the comparison with MONAI's
 //! sliding-window probabilities.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4};
@@ -107,10 +108,25 @@ pub fn flat(t: &candle_core::Tensor) -> Vec<f64> {
 }
 
 /// `cwseg export --format monai` of `model` into `exported` gives back the fixture `source`'s
-/// state dict tensor for tensor (batch-norm counters by shape only) and arguments that build
-/// the same network.
+/// state dict (`state.safetensors`) tensor for tensor (batch-norm counters by shape only) and
+/// arguments that build the same network.
 pub fn assert_exports_back(
     network: cwseg_models::monai::MonaiNetwork,
+    source: &Path,
+    model: &Path,
+    exported: &Path,
+) {
+    let original =
+        candle_core::safetensors::load(source.join("state.safetensors"), &candle_core::Device::Cpu)
+            .expect("the fixture's state dict");
+    assert_exports_state(network, &original, source, model, exported);
+}
+
+/// [`assert_exports_back`] against the state dict `original` (a fixture that stores its large
+/// kernels as a formula rebuilds it first).
+pub fn assert_exports_state(
+    network: cwseg_models::monai::MonaiNetwork,
+    original: &HashMap<String, candle_core::Tensor>,
     source: &Path,
     model: &Path,
     exported: &Path,
@@ -123,12 +139,11 @@ pub fn assert_exports_back(
         "--format",
         "monai",
     ]);
-    let load = |p: PathBuf| {
-        candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
-            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    };
-    let original = load(source.join("state.safetensors"));
-    let back = load(exported.join("model.safetensors"));
+    let back = candle_core::safetensors::load(
+        exported.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("the exported state dict");
     let mut names: Vec<_> = original.keys().collect();
     names.sort();
     let mut back_names: Vec<_> = back.keys().collect();
@@ -136,6 +151,7 @@ pub fn assert_exports_back(
     assert_eq!(names, back_names, "{}: tensor names", source.display());
     for name in names {
         assert_eq!(original[name].dims(), back[name].dims(), "{name}");
+        // batch norms' counters are written back as 0 (they only steer momentum=None)
         if !name.ends_with("num_batches_tracked") {
             assert_eq!(flat(&original[name]), flat(&back[name]), "{name}");
         }
