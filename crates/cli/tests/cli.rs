@@ -2025,6 +2025,12 @@ name = "t"
 networks = ["unet"]
 losses = ["cedl", "cwcd"]
 seeds = [0]
+[[table]]
+name = "tp"
+networks = ["unet"]
+losses = ["cedl"]
+seeds = [0]
+predictions = "pooled"
 [[comparison]]
 name = "cwcd-vs-cedl"
 network = "unet"
@@ -2109,6 +2115,7 @@ format = "brats"
         );
     }
     assert_table_equals_evaluate(&out.join("t.csv"), &pooled, &segs);
+    assert_pooled_postprocessing(&out, &segs);
     // the comparison pairs the 5 cases (MONAI's rule keeps every case with the region)
     let comparison = std::fs::read_to_string(out.join("cwcd-vs-cedl.md")).expect("comparison");
     assert!(
@@ -2127,6 +2134,78 @@ format = "brats"
             .count(),
         5
     );
+}
+
+/// The `pooled` table of the three-fold experiment above: one rule for the three folds, in each
+/// run's `predictions-pooled.rule.json`; the pooled predictions equal the unprocessed ones
+/// where the rule keeps nothing, else differ only by voxels set to background; the table equals
+/// `cwseg evaluate` on them, and its MONAI mean equals the rule's pooled DSC after.
+fn assert_pooled_postprocessing(out: &Path, segs: &Path) {
+    let runs = out.join("runs");
+    let rules: Vec<serde_json::Value> = (0..3)
+        .map(|fold| {
+            let path = runs.join(format!(
+                "unet-cedl-fold{fold}-seed0/predictions-pooled.rule.json"
+            ));
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("rule")).expect("json")
+        })
+        .collect();
+    assert!(rules.iter().all(|r| *r == rules[0]), "{rules:?}");
+    let keeps = rules[0]["keep_largest"].as_array().expect("groups").len();
+    let gathered = out.join("pooled-post");
+    std::fs::create_dir_all(&gathered).expect("dir");
+    let mut removed = 0usize;
+    for entry in glob_runs(&runs, "predictions-pooled") {
+        let unprocessed = entry
+            .parent()
+            .and_then(Path::parent)
+            .expect("run")
+            .join("predictions-unprocessed")
+            .join(entry.file_name().expect("name"));
+        let read = |p: &Path| {
+            cwseg_data::read_label(p, &Default::default())
+                .expect("prediction")
+                .data
+        };
+        let (post, raw) = (read(&entry), read(&unprocessed));
+        for (&a, &b) in post.iter().zip(raw.iter()) {
+            assert!(a == b || a == 0, "{}: {b} became {a}", entry.display());
+            removed += usize::from(a != b);
+        }
+        std::fs::copy(&entry, gathered.join(entry.file_name().expect("name"))).expect("copy");
+    }
+    if keeps == 0 {
+        assert_eq!(removed, 0);
+    }
+    assert_eq!(std::fs::read_dir(&gathered).expect("dir").count(), 5);
+    assert_table_equals_evaluate(&out.join("tp.csv"), &gathered, segs);
+    let csv = std::fs::read_to_string(out.join("tp.csv")).expect("csv");
+    let avg: f64 = csv
+        .lines()
+        .find(|l| l.starts_with("tp,unet,cedl,1,dsc_monai,Avg,"))
+        .and_then(|l| l.split(',').nth(6))
+        .and_then(|v| v.parse().ok())
+        .expect("MONAI average");
+    let after = rules[0]["validation_dice_after"].as_f64().expect("after");
+    assert!((avg - after).abs() < 1e-9, "table {avg}, rule {after}");
+    let text = std::fs::read_to_string(out.join("tp.md")).expect("md");
+    assert!(
+        text.contains("pooled unprocessed test predictions"),
+        "{text}"
+    );
+}
+
+/// Every `RUN/FOLDER/*.nii.gz` of the CEDL runs under `runs`.
+fn glob_runs(runs: &Path, folder: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for fold in 0..3 {
+        let dir = runs.join(format!("unet-cedl-fold{fold}-seed0/{folder}"));
+        for entry in std::fs::read_dir(&dir).expect("folder") {
+            files.push(entry.expect("entry").path());
+        }
+    }
+    files.sort();
+    files
 }
 
 /// A BraTS-layout experiment (labels 1/2/4, trained as classes 1/2/3) is scored on the stored
@@ -2227,11 +2306,15 @@ fn assert_table_equals_evaluate(csv: &Path, predictions: &Path, segs: &Path) {
         "--json",
     ]))
     .expect("json");
+    let name = csv
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .expect("table name");
     let csv = std::fs::read_to_string(csv).expect("csv");
     for region in ["WT", "TC", "ET"] {
         let table: f64 = csv
             .lines()
-            .find(|l| l.starts_with(&format!("t,unet,cedl,1,dsc_monai,{region},")))
+            .find(|l| l.starts_with(&format!("{name},unet,cedl,1,dsc_monai,{region},")))
             .expect("row")
             .split(',')
             .nth(6)

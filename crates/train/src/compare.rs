@@ -40,6 +40,9 @@ pub enum Predictions {
     Postprocessed,
     /// The argmax before post-processing (`RUN/predictions-unprocessed/`).
     Unprocessed,
+    /// Post-processing decided once on the pooled unprocessed test predictions of every fold
+    /// (nnU-Net's rule for a cross-validation; `RUN/predictions-pooled/`, made by `--collect`).
+    Pooled,
 }
 
 impl Predictions {
@@ -48,6 +51,7 @@ impl Predictions {
         match self {
             Predictions::Postprocessed => "predictions",
             Predictions::Unprocessed => "predictions-unprocessed",
+            Predictions::Pooled => "predictions-pooled",
         }
     }
 }

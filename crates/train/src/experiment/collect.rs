@@ -9,10 +9,11 @@ use anyhow::Result;
 use cwseg_metrics::{Aggregate, ClassSet, summarize};
 
 use super::figure::write_table_figure;
+use super::pooled::{Classes, rules_text};
 use super::scoring::{Scorer, test_labels};
 use super::tables::{Row, render_table};
 use super::{ExperimentConfig, Regions, TableSpec};
-use crate::compare::{ComparisonSpec, SeedRuns, compare, render};
+use crate::compare::{ComparisonSpec, Predictions, SeedRuns, compare, render};
 use crate::prepare::PreparedData;
 
 /// Scores every finished run's predictions and writes `TABLE.md`, `TABLE.csv`, `TABLE.png`,
@@ -26,6 +27,10 @@ pub(super) fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) ->
         classes: &classes,
         fold_tests,
         cache: BTreeMap::new(),
+        rule_classes: Classes {
+            values: &data.dataset.label_values,
+            names: &data.dataset.classes,
+        },
     };
     let mut report = format!("# Experiment {}\n", config.name);
     if !config.folds.is_empty() {
@@ -39,6 +44,10 @@ pub(super) fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) ->
     for table in &config.tables {
         let rows = score_rows(table, &mut scorer)?;
         let (mut markdown, csv) = render_table(table, &rows, &classes);
+        if table.predictions == Predictions::Pooled {
+            let first_fold = scorer.fold_tests.first().and_then(|(f, _)| *f);
+            markdown.push_str(&rules_text(table, &out.join("runs"), first_fold)?);
+        }
         let _ = writeln!(
             markdown,
             "![{name}]({name}.png)\n\n`{name}.png`: one axial slice (the one with the most \

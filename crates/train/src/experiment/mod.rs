@@ -7,6 +7,7 @@
 mod collect;
 mod config;
 mod figure;
+mod pooled;
 mod runner;
 mod scoring;
 mod status;

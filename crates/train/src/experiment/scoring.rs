@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cwseg_data::{LabelMap, ReadOptions, read_label};
 use cwseg_metrics::{CaseMetrics, ClassSet, evaluate_case};
 use serde::{Deserialize, Serialize};
 
+use super::pooled::{Classes, ensure_pooled};
 use super::status::is_done;
 use super::{ExperimentConfig, RunKey};
 use crate::compare::Predictions;
@@ -24,6 +25,8 @@ pub(super) struct Scorer<'a> {
     /// The test cases of each fold.
     pub(super) fold_tests: Vec<(Option<usize>, Vec<String>)>,
     pub(super) cache: BTreeMap<String, Vec<CaseMetrics>>,
+    /// The label values and class names post-processing is decided in.
+    pub(super) rule_classes: Classes<'a>,
 }
 
 impl Scorer<'_> {
@@ -36,7 +39,7 @@ impl Scorer<'_> {
         seed: u64,
         predictions: Predictions,
     ) -> Result<Option<Vec<CaseMetrics>>> {
-        let mut cases = Vec::new();
+        let mut runs = Vec::new();
         for (fold, tests) in &self.fold_tests {
             let key = RunKey {
                 network: network.into(),
@@ -49,6 +52,17 @@ impl Scorer<'_> {
             if !is_done(&dir)? {
                 return Ok(None);
             }
+            runs.push((key, dir, tests));
+        }
+        if predictions == Predictions::Pooled {
+            let folds: Vec<(PathBuf, Vec<String>)> = runs
+                .iter()
+                .map(|(_, dir, tests)| (dir.clone(), tests.to_vec()))
+                .collect();
+            ensure_pooled(&folds, self.labels, &self.rule_classes)?;
+        }
+        let mut cases = Vec::new();
+        for (key, dir, tests) in runs {
             let cached = format!("{key}/{}", predictions.folder());
             if !self.cache.contains_key(&cached) {
                 let folder = dir.join(predictions.folder());
