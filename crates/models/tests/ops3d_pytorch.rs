@@ -738,3 +738,81 @@ fn fused_group_norm_equals_its_composite() {
         }
     }
 }
+
+/// The fused layer norm equals its candle composite in value and in the gradients of the input,
+/// `γ` and `β`: rows of 37 and of 768 (UNETR's width, 300 rows: several blocks of the affine
+/// gradients' sums), with and without the affine parameters, and rows far from zero.
+#[test]
+fn fused_layer_norm_equals_its_composite() {
+    for (shape, offset, affine) in [
+        (vec![3, 7, 37], 0.0, true),
+        (vec![2, 150, 768], 0.0, true),
+        (vec![4, 5, 24], 50.0, true),
+        (vec![4, 5, 24], 0.0, false),
+    ] {
+        let c = *shape.last().unwrap();
+        let x = (seeded(&shape, 2.0, 11) + offset).unwrap();
+        let g = seeded(&shape, 1.0, 12);
+        let (w, b) = (seeded(&[c], 1.5, 13), seeded(&[c], 1.0, 14));
+        let run = |fused: bool| {
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let (wt, bt) = (wv.as_tensor(), bv.as_tensor());
+            let (wo, bo) = if affine {
+                (Some(wt), Some(bt))
+            } else {
+                (None, None)
+            };
+            let y = if fused {
+                layers::layer_norm(xv.as_tensor(), wo, bo, 1e-5).unwrap()
+            } else {
+                layers::layer_norm_composite(xv.as_tensor(), wo, bo, 1e-5).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |t: &Tensor| grads.get(t).map(Tensor::clone);
+            (y.clone(), grad(xv.as_tensor()).unwrap(), grad(wt), grad(bt))
+        };
+        let (a, b) = (run(true), run(false));
+        let what = format!("layer norm {shape:?} offset {offset} affine {affine}");
+        assert_same(&a.0, &b.0, &format!("{what}: value"));
+        assert_same(&a.1, &b.1, &format!("{what}: ∂x"));
+        if affine {
+            assert_same(
+                a.2.as_ref().unwrap(),
+                b.2.as_ref().unwrap(),
+                &format!("{what}: ∂γ"),
+            );
+            assert_same(
+                a.3.as_ref().unwrap(),
+                b.3.as_ref().unwrap(),
+                &format!("{what}: ∂β"),
+            );
+        }
+    }
+}
+
+/// The fused GELU equals candle's `gelu_erf` in value and gradient, over the range where the
+/// curve bends (−6 … 6) and at large magnitudes.
+#[test]
+fn fused_gelu_equals_candle_gelu_erf() {
+    for scale in [6.0, 40.0] {
+        let x = seeded(&[2, 300, 97], scale, 15);
+        let g = seeded(&[2, 300, 97], 1.0, 16);
+        let run = |fused: bool| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if fused {
+                layers::gelu(xv.as_tensor()).unwrap()
+            } else {
+                xv.as_tensor().gelu_erf().unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (a, b) = (run(true), run(false));
+        assert_same(&a.0, &b.0, &format!("gelu ±{scale}: value"));
+        assert_same(&a.1, &b.1, &format!("gelu ±{scale}: gradient"));
+    }
+}

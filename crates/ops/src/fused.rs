@@ -1,5 +1,5 @@
 //! CPU kernels for the element-wise layers the networks call most, as custom ops with their
-//! backward passes: batch normalisation in training mode, ReLU, ELU, PReLU and the per-channel
+//! backward passes: batch normalisation in training mode, ReLU, ELU, GELU, PReLU and the per-channel
 //! bias of the convolutions. The composites of candle
 //! operations they replace allocate a tensor per step (≈ 6 for batch norm's forward, more for
 //! its backward); these read and write each value once or twice.
@@ -523,6 +523,46 @@ pub(crate) fn elu(x: &Tensor, alpha: f64) -> Result<Option<Tensor>> {
         alpha: alpha as f32,
     };
     Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// GELU in the erf form, `y = x Φ(x)` with `Φ(x) = ½ (1 + erf(x/√2))` (candle's `erf`, so the
+/// values equal candle's `gelu_erf`), in parallel; the backward reads the input,
+/// `∂y/∂x = Φ(x) + x φ(x)` with `φ(x) = e^{−x²/2}/√(2π)`, in one pass where candle's backward
+/// chains nine element-wise operations, each a tensor and a single-threaded pass.
+struct Gelu;
+
+/// `Φ(x)`, the standard normal distribution function.
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "cwseg-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = map_values(f32_slice(storage, layout)?, |v| v * normal_cdf(v));
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // 1/√(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        // the helper zips any two tensors of one shape: here the input, not the output
+        let d = backward_from_output(arg, grad, |x, g| {
+            g * (normal_cdf(x) + x * INV_SQRT_2PI * (-0.5 * x * x).exp())
+        })?;
+        Ok(Some(d))
+    }
+}
+
+/// GELU (erf form): the fused kernel on CPU f32, `None` elsewhere (the caller's composite).
+pub(crate) fn gelu(x: &Tensor) -> Result<Option<Tensor>> {
+    if !cpu_f32(x) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(Gelu)?))
 }
 
 /// PReLU of `(N, C, S…)` with slopes `a` of `(C,)` or `(1,)`: `x` for `x > 0`, `a_c·x`

@@ -69,12 +69,15 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// GELU in the erf form, `x Φ(x) = ½ x (1 + erf(x/√2))` (PyTorch's `nn.GELU()`): a kernel on
-/// CUDA, candle's `gelu_erf` elsewhere.
+/// CUDA, one op with a one-pass backward on CPU f32, candle's `gelu_erf` elsewhere.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     on_cuda!(
         x,
         crate::cuda_layers::activation(x, crate::cuda_layers::Activation::Gelu)
     );
+    if let Some(y) = crate::fused::gelu(x)? {
+        return Ok(y);
+    }
     x.gelu_erf()
 }
 
@@ -293,7 +296,9 @@ pub fn group_norm_composite(
     affine_channels(y.reshape(dims)?, weight, bias)
 }
 
-/// Layer normalisation over the last axis with `γ`, `β` of its size. On CUDA one kernel.
+/// Layer normalisation over the last axis with `γ`, `β` of its size,
+/// `γ (x − μ)/√(σ² + ε) + β` per row (biased variance). On CUDA one kernel; on CPU f32 one op
+/// whose node keeps only `x` and the rows' statistics; elsewhere [`layer_norm_composite`].
 pub fn layer_norm(
     x: &Tensor,
     weight: Option<&Tensor>,
@@ -304,6 +309,19 @@ pub fn layer_norm(
         let grouping = crate::cuda_layers::Grouping::layer(x)?;
         Ok(crate::cuda_layers::norm(x, (weight, bias), grouping, eps, false)?.0)
     });
+    if let Some(y) = crate::layer_norm::layer_norm(x, weight, bias, eps)? {
+        return Ok(y);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] as candle operations (any device and dtype).
+pub fn layer_norm_composite(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let last = x.rank() - 1;
     let (mean, var) = moments(x, &[last])?;
     let mut y = x

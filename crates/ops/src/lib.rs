@@ -15,6 +15,7 @@ mod cudnn_pool;
 mod direct;
 mod fused;
 mod interp;
+mod layer_norm;
 pub mod layers;
 pub mod loss_sums;
 #[cfg(feature = "cuda")]
