@@ -772,7 +772,7 @@ fn fused_layer_norm_equals_its_composite() {
                 layers::layer_norm_composite(xv.as_tensor(), wo, bo, 1e-5).unwrap()
             };
             let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let grad = |t: &Tensor| grads.get(t).map(Tensor::clone);
+            let grad = |t: &Tensor| grads.get(t).cloned();
             (y.clone(), grad(xv.as_tensor()).unwrap(), grad(wt), grad(bt))
         };
         let (a, b) = (run(true), run(false));
