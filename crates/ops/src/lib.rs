@@ -26,6 +26,7 @@ pub mod ops3d;
 mod patches;
 mod pool;
 pub mod precision;
+mod tiles;
 mod vol2col;
 
 pub use precision::{Precision, bf16_available, precision, set_precision};

@@ -10,7 +10,8 @@ use crate::interp::{AxisTaps, interp_axis};
 use crate::patches::Patches;
 use crate::pool::MaxPool;
 use crate::precision::Precision;
-use crate::vol2col::{Conv3dCpu, Geometry};
+use crate::tiles::TiledConv;
+use crate::vol2col::{ColumnOp, Conv3dCpu, Geometry};
 
 /// Stride, padding and dilation of a 3D convolution, per axis `[d, h, w]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +144,22 @@ pub fn conv3d(
         }
     }
     let rows = c * kd * kh * kw;
+    let tiled = TiledConv::new(
+        [c, d, h, w],
+        [kd, kh, kw],
+        (config.stride, config.padding, config.dilation),
+        [od, oh, ow],
+        (n, o),
+    );
+    if tiled.pays() {
+        let y = x
+            .contiguous()?
+            .apply_op2(&weight.reshape((o, rows))?.contiguous()?, ColumnOp(tiled))?;
+        return match bias {
+            Some(b) => add_channel_bias(&y, b),
+            None => Ok(y),
+        };
+    }
     // Blocks of output slices whose column matrix stays under 2^22 values (16 MiB in f32): the
     // allocator keeps and reuses blocks of that size (`alloc::retain_freed_memory`), and each
     // block's products are large enough for gemm — the weights of the small deep maps' wide
@@ -158,7 +175,7 @@ pub fn conv3d(
     );
     let y = x
         .contiguous()?
-        .apply_op2(&weight.reshape((o, rows))?.contiguous()?, op)?;
+        .apply_op2(&weight.reshape((o, rows))?.contiguous()?, ColumnOp(op))?;
     match bias {
         Some(b) => add_channel_bias(&y, b),
         None => Ok(y),
@@ -733,8 +750,9 @@ mod tests {
     }
 
     /// The vol2col op (forward; input and weight gradients) in blocks of 1, 2 and all output
-    /// slices, two samples (the weight gradient accumulates over blocks and samples), strided,
-    /// dilated and padded geometries, against candle's composite [`conv3d_composite`] in f64.
+    /// slices, and by tiles of live taps (`tiles.rs`), two samples (the weight gradient
+    /// accumulates over blocks, tiles and samples), strided, dilated and padded geometries,
+    /// against candle's composite [`conv3d_composite`] in f64.
     #[test]
     fn vol2col_op_matches_the_composite() -> Result<()> {
         for (x_shape, kernel, out_channels, config) in [
@@ -782,12 +800,28 @@ mod tests {
             let grads64 = (&y64 * &upstream.to_dtype(DType::F64)?)?
                 .sum_all()?
                 .backward()?;
-            for block in [1, 2, od] {
-                let op = vol2col_op(x.dims5()?, weight.dims5()?, &config, [od, oh, ow], block);
+            let tiled = || {
+                TiledConv::new(
+                    [c, x_shape[2], x_shape[3], x_shape[4]],
+                    kernel,
+                    (config.stride, config.padding, config.dilation),
+                    [od, oh, ow],
+                    (x_shape[0], out_channels),
+                )
+            };
+            // blocks of 1, 2 and every output slice, then the tiles of live taps
+            for block in [Some(1), Some(2), Some(od), None] {
                 let w2 = weight.reshape((out_channels, c * kd * kh * kw))?;
-                let y = x.apply_op2(&w2, op)?;
+                let y = match block {
+                    Some(block) => {
+                        let op =
+                            vol2col_op(x.dims5()?, weight.dims5()?, &config, [od, oh, ow], block);
+                        x.apply_op2(&w2, ColumnOp(op))?
+                    }
+                    None => x.apply_op2(&w2, ColumnOp(tiled()))?,
+                };
                 let grads = (&y * &upstream)?.sum_all()?.backward()?;
-                let case = format!("{x_shape:?} {kernel:?} block {block}");
+                let case = format!("{x_shape:?} {kernel:?} block {block:?}");
                 close(Some(&y), Some(&y64), &format!("output {case}"))?;
                 close(grads.get(&x), grads64.get(&x64), &format!("dx {case}"))?;
                 close(grads.get(&weight), grads64.get(&w64), &format!("dw {case}"))?;

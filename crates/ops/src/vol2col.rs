@@ -140,15 +140,35 @@ fn fold_into<T: candle_core::WithDType>(g: &Geometry, cols: &[T], out: &mut [T])
 
 /// A matrix operand of [`product`]: element `(i, j)` at `ptr + i·row_stride + j·col_stride`.
 #[derive(Clone, Copy)]
-struct View<P> {
+pub(crate) struct View<P> {
     ptr: P,
     row_stride: usize,
     col_stride: usize,
 }
 
+impl<P> View<P> {
+    /// A row-major matrix whose rows are `stride` apart.
+    pub(crate) fn rows(ptr: P, stride: usize) -> Self {
+        View {
+            ptr,
+            row_stride: stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `stride` apart.
+    pub(crate) fn columns(ptr: P, stride: usize) -> Self {
+        View {
+            ptr,
+            row_stride: 1,
+            col_stride: stride,
+        }
+    }
+}
+
 /// Whether [`product`] overwrites its destination or adds to it.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Write {
+pub(crate) enum Write {
     Overwrite,
     Add,
 }
@@ -160,7 +180,7 @@ enum Write {
 /// # Safety
 /// Every element `(i, j)` of the three shapes lies inside the buffer behind its view's
 /// pointer, and `dst` overlaps neither operand.
-unsafe fn product<T: candle_core::WithDType>(
+pub(crate) unsafe fn product<T: candle_core::WithDType>(
     [m, n, k]: [usize; 3],
     dst: View<*mut T>,
     lhs: View<*const T>,
@@ -404,17 +424,65 @@ impl Conv3dCpu {
     }
 }
 
-/// The input and weight gradients of [`Conv3dCpu::backward`], each if it was needed.
-type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>);
+/// The input and weight gradients of a [`ColumnConv`]'s backward pass, each if it was needed.
+pub(crate) type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>);
 
 /// Which gradients the backward pass computes.
 #[derive(Clone, Copy)]
-struct Needed {
-    input: bool,
-    weight: bool,
+pub(crate) struct Needed {
+    pub(crate) input: bool,
+    pub(crate) weight: bool,
 }
 
-impl candle_core::CustomOp2 for Conv3dCpu {
+/// A CPU convolution by column matrices and `gemm` over `(x, w)`, `x` `(N, C, D, H, W)` and
+/// `w` `(O, C·kd·kh·kw)`, contiguous, f32 or f64: [`Conv3dCpu`] (blocks of output slices) or
+/// `tiles::TiledConv` (tiles of live taps). [`ColumnOp`] makes it a custom op.
+pub(crate) trait ColumnConv: Send + Sync {
+    /// `(N, O, Do, Ho, Wo)`.
+    fn output_shape(&self) -> Shape;
+    /// The output.
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], w: &[T]) -> Result<Vec<T>>;
+    /// The input and weight gradients from the output's, each only if `needed`.
+    fn backward<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        gy: &[T],
+        needed: Needed,
+    ) -> Result<Grads<T>>;
+}
+
+impl ColumnConv for Conv3dCpu {
+    fn output_shape(&self) -> Shape {
+        let g = &self.geometry;
+        Shape::from((
+            self.samples,
+            self.out_channels,
+            g.output[0],
+            g.output[1],
+            g.output[2],
+        ))
+    }
+
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], w: &[T]) -> Result<Vec<T>> {
+        Conv3dCpu::forward(self, x, w)
+    }
+
+    fn backward<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        gy: &[T],
+        needed: Needed,
+    ) -> Result<Grads<T>> {
+        Conv3dCpu::backward(self, x, w, gy, needed)
+    }
+}
+
+/// A [`ColumnConv`] as candle's custom op over `(x, w)`.
+pub(crate) struct ColumnOp<C>(pub(crate) C);
+
+impl<C: ColumnConv> candle_core::CustomOp2 for ColumnOp<C> {
     fn name(&self) -> &'static str {
         "cwseg-conv3d"
     }
@@ -430,21 +498,14 @@ impl candle_core::CustomOp2 for Conv3dCpu {
         else {
             bail!("conv3d: contiguous inputs expected");
         };
-        let g = &self.geometry;
-        let shape = Shape::from((
-            self.samples,
-            self.out_channels,
-            g.output[0],
-            g.output[1],
-            g.output[2],
-        ));
+        let shape = self.0.output_shape();
         Ok(match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (
-                CpuStorage::F32(self.forward(&x[a0..a1], &w[b0..b1])?),
+                CpuStorage::F32(self.0.forward(&x[a0..a1], &w[b0..b1])?),
                 shape,
             ),
             (CpuStorage::F64(x), CpuStorage::F64(w)) => (
-                CpuStorage::F64(self.forward(&x[a0..a1], &w[b0..b1])?),
+                CpuStorage::F64(self.0.forward(&x[a0..a1], &w[b0..b1])?),
                 shape,
             ),
             _ => bail!("conv3d: f32 or f64 inputs of one dtype expected"),
@@ -458,8 +519,8 @@ impl candle_core::CustomOp2 for Conv3dCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn grads<T: candle_core::WithDType>(
-            op: &Conv3dCpu,
+        fn grads<T: candle_core::WithDType, C: ColumnConv>(
+            op: &C,
             x: &Tensor,
             w: &Tensor,
             grad: &Tensor,
@@ -479,8 +540,8 @@ impl candle_core::CustomOp2 for Conv3dCpu {
             Ok((dx.transpose()?, dw.transpose()?))
         }
         let (dx, dw) = match x.dtype() {
-            candle_core::DType::F32 => grads::<f32>(self, x, w, grad)?,
-            candle_core::DType::F64 => grads::<f64>(self, x, w, grad)?,
+            candle_core::DType::F32 => grads::<f32, C>(&self.0, x, w, grad)?,
+            candle_core::DType::F64 => grads::<f64, C>(&self.0, x, w, grad)?,
             other => bail!("conv3d backward: f32 or f64 only, got {other:?}"),
         };
         Ok((dx, dw))
