@@ -9,8 +9,9 @@ same weights apply), crop to the box of non-zero voxels, trilinear resampling to
 spacing (scipy `affine_transform`, cwseg's grid: voxel i at input coordinate i·ratio), MONAI's
 `NormalizeIntensity(nonzero=True, channel_wise=True)`, MONAI's `sliding_window_inference`
 (the card's window, overlap 0.5, Gaussian weights, 2 windows per batch) of the softmax of the
-PyTorch U-Net of `networks_fixtures.py` with the model's weights, argmax, nearest-neighbour
-back to the crop (scipy), uncrop, class → stored label value, nibabel writes `CASE.nii.gz`.
+PyTorch U-Net of `networks_fixtures.py` with the model's weights, each class's probability
+back to the crop (scipy, trilinear, as `cwseg predict` does since it resamples probabilities
+rather than labels), argmax, uncrop, class → stored label value, nibabel writes `CASE.nii.gz`.
 No post-processing (compare with `cwseg predict --no-postprocess`). Prints the wall time of
 the whole loop and per case; `--precision bf16` runs the network under
 `torch.autocast("cpu", dtype=torch.bfloat16)` (compare with `cwseg predict --precision bf16`);
@@ -67,9 +68,10 @@ def predict(card, net, data, spacing_in, precision="f32"):
         probs = sliding_window_inference(pre[None].float(), tuple(card["patch"]), 2,
                                          lambda x: torch.softmax(net(x).float(), 1), overlap=0.5,
                                          mode="gaussian")
-    labels = probs[0].argmax(0).numpy().astype(np.uint8)
-    back = ndi.affine_transform(labels, np.diag(1.0 / ratio), output_shape=crop.shape[1:], order=0,
-                                mode="nearest")
+    # each class's probability back to the crop (trilinear, the same grid), then the argmax
+    back = np.stack([ndi.affine_transform(c, np.diag(1.0 / ratio), output_shape=crop.shape[1:],
+                                          order=1, mode="nearest")
+                     for c in probs[0].numpy()]).argmax(0).astype(np.uint8)
     full = np.zeros(data.shape[1:], np.uint8)
     full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = back
     return np.asarray(card["label_values"], np.uint8)[full]
