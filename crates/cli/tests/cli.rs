@@ -2137,17 +2137,17 @@ format = "brats"
 }
 
 /// The `pooled` table of the three-fold experiment above: one rule for the three folds, in each
-/// run's `predictions-pooled.rule.json`; the pooled predictions equal the unprocessed ones
+/// run's `predictions-pooled.rule.toml`; the pooled predictions equal the unprocessed ones
 /// where the rule keeps nothing, else differ only by voxels set to background; the table equals
 /// `cwseg evaluate` on them, and its MONAI mean equals the rule's pooled DSC after.
 fn assert_pooled_postprocessing(out: &Path, segs: &Path) {
     let runs = out.join("runs");
-    let rules: Vec<serde_json::Value> = (0..3)
+    let rules: Vec<toml::Value> = (0..3)
         .map(|fold| {
             let path = runs.join(format!(
-                "unet-cedl-fold{fold}-seed0/predictions-pooled.rule.json"
+                "unet-cedl-fold{fold}-seed0/predictions-pooled.rule.toml"
             ));
-            serde_json::from_str(&std::fs::read_to_string(&path).expect("rule")).expect("json")
+            toml::from_str(&std::fs::read_to_string(&path).expect("rule")).expect("toml")
         })
         .collect();
     assert!(rules.iter().all(|r| *r == rules[0]), "{rules:?}");
@@ -2186,7 +2186,7 @@ fn assert_pooled_postprocessing(out: &Path, segs: &Path) {
         .and_then(|l| l.split(',').nth(6))
         .and_then(|v| v.parse().ok())
         .expect("MONAI average");
-    let after = rules[0]["validation_dice_after"].as_f64().expect("after");
+    let after = rules[0]["validation_dice_after"].as_float().expect("after");
     assert!((avg - after).abs() < 1e-9, "table {avg}, rule {after}");
     let text = std::fs::read_to_string(out.join("tp.md")).expect("md");
     assert!(

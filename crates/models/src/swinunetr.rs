@@ -409,14 +409,9 @@ impl WindowAttention {
             .permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)?.contiguous()? * (dh as f64).powf(-0.5))?;
         let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        // `B + M`, `(W, heads, n, n)`, then `softmax(q kᵀ + B + M)` as one op whose autograd
-        // node keeps the probabilities, not the score matrices
-        let bias = self.bias(n)?;
-        let offsets = match mask {
-            None => bias,
-            Some(mask) => mask.unsqueeze(1)?.broadcast_add(&bias.unsqueeze(0)?)?,
-        };
-        let attn = attention_probabilities(&q, &k, &offsets)?;
+        // `softmax(q kᵀ + B + M)` as one op whose autograd node keeps the probabilities, not
+        // the score matrices nor a `(W, heads, n, n)` sum of bias and mask
+        let attn = attention_probabilities(&q, &k, &self.bias(n)?, mask)?;
         let attn = dropout(&attn, self.attn_drop, train)?;
         let out = matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, n, c))?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, train)

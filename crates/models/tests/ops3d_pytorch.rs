@@ -672,36 +672,42 @@ fn fused_softmax_equals_its_composite() {
     }
 }
 
-/// The attention-probabilities op (`softmax(q kᵀ + o)`, its node keeping only the
+/// The attention-probabilities op (`softmax(q kᵀ + B + M)`, its node keeping only the
 /// probabilities) equals its candle composite in value and in the gradients of `q`, `k` and
-/// the offsets, with one offset per window position (SwinUNETR's bias plus mask) and one for
-/// all.
+/// the bias, with a mask per window position (SwinUNETR's shifted windows) and without; the
+/// mask gets no gradient.
 #[test]
 fn fused_attention_probabilities_equal_their_composite() {
     let (b, h, n, d) = (6, 2, 9, 4);
     let q = seeded(&[b, h, n, d], 1.5, 5);
     let k = seeded(&[b, h, n, d], 1.5, 6);
     let g = seeded(&[b, h, n, n], 1.0, 7);
-    for offsets in [seeded(&[3, h, n, n], 3.0, 8), seeded(&[h, n, n], 3.0, 9)] {
+    let bias = seeded(&[h, n, n], 3.0, 8);
+    let mask = seeded(&[3, n, n], 3.0, 9);
+    for mask in [Some(&mask), None] {
         let run = |fused: bool| {
-            let (qv, kv, ov) = (
+            let (qv, kv, bv) = (
                 Var::from_tensor(&q).unwrap(),
                 Var::from_tensor(&k).unwrap(),
-                Var::from_tensor(&offsets).unwrap(),
+                Var::from_tensor(&bias).unwrap(),
             );
-            let (qt, kt, ot) = (qv.as_tensor(), kv.as_tensor(), ov.as_tensor());
+            let (qt, kt, bt) = (qv.as_tensor(), kv.as_tensor(), bv.as_tensor());
             let p = if fused {
-                layers::attention_probabilities(qt, kt, ot).unwrap()
+                layers::attention_probabilities(qt, kt, bt, mask).unwrap()
             } else {
-                layers::attention_probabilities_composite(qt, kt, ot).unwrap()
+                layers::attention_probabilities_composite(qt, kt, bt, mask).unwrap()
             };
             let grads = (&p * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let grad = |t: &Tensor| grads.get(t).unwrap().clone();
-            [p.clone(), grad(qt), grad(kt), grad(ot)]
+            [p.clone(), grad(qt), grad(kt), grad(bt)]
         };
-        let (a, b) = (run(true), run(false));
-        for (i, what) in ["value", "∂q", "∂k", "∂offsets"].iter().enumerate() {
-            assert_same(&a[i], &b[i], &format!("attention {what}"));
+        let (a, c) = (run(true), run(false));
+        for (i, what) in ["value", "∂q", "∂k", "∂bias"].iter().enumerate() {
+            assert_same(
+                &a[i],
+                &c[i],
+                &format!("attention {what} (mask {})", mask.is_some()),
+            );
         }
     }
 }

@@ -343,18 +343,17 @@ fn softmax_backward(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Attention's probabilities `P = softmax(q kᵀ + o)` over the last axis, for `q`, `k`
-/// `(B, h, n, d)` and offsets `o` `(W, h, n, n)` added to every group of `W` consecutive
-/// samples (`B = G·W`: the relative position bias plus a shifted window's mask, one per window
-/// position). The forward runs candle's matrix product and the fused softmax on detached
-/// operands and hands their result to this op, so the autograd graph keeps `P` and the small
-/// `q`, `k`, `o` — not the score matrix and its biased copy, each as large as `P`. The
-/// backward: `S = P ⊙ (G − rowsum(G ⊙ P))`, `∂q = S k`, `∂k = Sᵀ q`, `∂o = Σ_groups S`.
+/// Attention's probabilities `P = softmax(q kᵀ + B + M)` over the last axis, for `q`, `k`
+/// `(S, h, n, d)`, a bias `B` `(h, n, n)` (a relative position bias: it gets a gradient) and
+/// an optional constant mask `M` `(W, n, n)` added to every group of `W` consecutive samples
+/// (a shifted window's, one per window position: no gradient). The forward runs candle's
+/// matrix product and the fused softmax on detached operands and hands their result to this
+/// op, so the autograd graph keeps `P` and the small `q`, `k`, `B` — not the score matrix and
+/// its biased copy, each as large as `P`, nor a `(W, h, n, n)` sum of bias and mask. The
+/// backward: `S = P ⊙ (G − rowsum(G ⊙ P))`, `∂q = S k`, `∂k = Sᵀ q`, `∂B = Σ_samples S`.
 struct AttentionProbabilities {
     /// The forward's result, moved out by `cpu_fwd` (so that it is not held twice).
     probabilities: std::sync::Mutex<Option<Tensor>>,
-    /// `W`.
-    windows: usize,
 }
 
 impl CustomOp3 for AttentionProbabilities {
@@ -387,55 +386,52 @@ impl CustomOp3 for AttentionProbabilities {
         &self,
         q: &Tensor,
         k: &Tensor,
-        offsets: &Tensor,
+        bias: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let s = softmax_backward(res, &grad.contiguous()?)?;
         let dq = s.matmul(k)?;
         let dk = s.transpose(2, 3)?.contiguous()?.matmul(q)?;
-        let (b, h, n, m) = s.dims4()?;
-        let doffsets = s
-            .reshape((b / self.windows, self.windows, h, n, m))?
-            .sum(0)?
-            .reshape(offsets.shape())?;
-        Ok((Some(dq), Some(dk), Some(doffsets)))
+        let dbias = s.sum(0)?.reshape(bias.shape())?;
+        Ok((Some(dq), Some(dk), Some(dbias)))
     }
 }
 
-/// `softmax(q kᵀ + o)` ([`AttentionProbabilities`]) on CPU f32 with `o` `(W, h, n, n)` or
-/// `(h, n, n)` and `B` a multiple of `W`; `None` elsewhere (the caller's composite).
+/// `softmax(q kᵀ + B + M)` ([`AttentionProbabilities`]) on CPU f32, `B` `(h, n, n)`, `M`
+/// `(W, n, n)` with the samples a multiple of `W`; `None` elsewhere (the caller's composite).
 pub(crate) fn attention_probabilities(
     q: &Tensor,
     k: &Tensor,
-    offsets: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(offsets)) {
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(bias) && mask.is_none_or(cpu_f32)) {
         return Ok(None);
     }
     let (b, h, n, _) = q.dims4()?;
-    let windows = match offsets.rank() {
-        3 => 1,
-        4 => offsets.dim(0)?,
-        _ => return Ok(None),
-    };
-    if windows == 0 || !b.is_multiple_of(windows) {
-        return Ok(None);
-    }
     let m = k.dim(2)?;
-    let scores = q.detach().matmul(&k.detach().t()?)?;
-    let biased = scores
-        .reshape((b / windows, windows, h, n, m))?
-        .broadcast_add(&offsets.detach().reshape((1, windows, h, n, m))?)?
-        .reshape((b, h, n, m))?;
-    let Some(p) = softmax_last(&biased)? else {
+    let mut scores = q
+        .detach()
+        .matmul(&k.detach().t()?)?
+        .broadcast_add(&bias.detach().reshape((1, h, n, m))?)?;
+    if let Some(mask) = mask {
+        let windows = mask.dim(0)?;
+        if windows == 0 || !b.is_multiple_of(windows) {
+            return Ok(None);
+        }
+        scores = scores
+            .reshape((b / windows, windows, h, n, m))?
+            .broadcast_add(&mask.detach().reshape((1, windows, 1, n, m))?)?
+            .reshape((b, h, n, m))?;
+    }
+    let Some(p) = softmax_last(&scores)? else {
         return Ok(None);
     };
     let op = AttentionProbabilities {
         probabilities: std::sync::Mutex::new(Some(p)),
-        windows,
     };
-    Ok(Some(q.apply_op3(k, offsets, op)?))
+    Ok(Some(q.apply_op3(k, bias, op)?))
 }
 
 /// Softmax over the last axis: the fused kernel on CPU f32, `None` elsewhere (the caller's

@@ -22,6 +22,8 @@ struct LayerNorm {
     rstd: Vec<f32>,
     /// `C`, the normalised axis's length.
     row: usize,
+    /// Whether `γ`, `β` are the layer's (else ones and zeros standing in: no gradients).
+    affine: bool,
 }
 
 impl CustomOp3 for LayerNorm {
@@ -62,16 +64,20 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = self.row;
         let gamma_v: Vec<f32> = gamma.to_vec1()?;
-        let (dx, dgamma, dbeta) = with_f32(x, |xv| {
+        let (dx, affine) = with_f32(x, |xv| {
             with_f32(grad, |gv| {
                 let dx = self.input_gradient(xv, gv, &gamma_v);
-                let (dgamma, dbeta) = self.affine_gradients(xv, gv);
-                Ok((dx, dgamma, dbeta))
+                let affine = self.affine.then(|| self.affine_gradients(xv, gv));
+                Ok((dx, affine))
             })
         })?;
         let device = x.device();
+        let dx = Tensor::from_vec(dx, x.shape(), device)?;
+        let Some((dgamma, dbeta)) = affine else {
+            return Ok((Some(dx), None, None));
+        };
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(dx),
             Some(Tensor::from_vec(dgamma, c, device)?),
             Some(Tensor::from_vec(dbeta, c, device)?),
         ))
@@ -174,6 +180,11 @@ pub(crate) fn layer_norm(
         Some(b) => b.contiguous()?,
         None => Tensor::zeros(row, candle_core::DType::F32, device)?,
     };
-    let op = LayerNorm { mean, rstd, row };
+    let op = LayerNorm {
+        mean,
+        rstd,
+        row,
+        affine: weight.is_some() || bias.is_some(),
+    };
     Ok(Some(x.apply_op3(&gamma, &beta, op)?))
 }

@@ -346,40 +346,46 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     softmax_last_composite(x)
 }
 
-/// Attention's probabilities `softmax(q kᵀ + o)` over the last axis, `q`, `k` `(B, h, n, d)`
-/// (`q` already scaled by `1/√d`), offsets `o` `(W, h, n, n)` or `(h, n, n)` added to each
-/// group of `W` consecutive samples (a relative position bias, a window's mask): on CPU f32 one
-/// op whose autograd node keeps the probabilities and not the score matrices (their size is
-/// attention's memory), [`attention_probabilities_composite`] elsewhere.
-pub fn attention_probabilities(q: &Tensor, k: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+/// Attention's probabilities `softmax(q kᵀ + B + M)` over the last axis, `q`, `k`
+/// `(S, h, n, d)` (`q` already scaled by `1/√d`), a bias `B` `(h, n, n)` (a relative position
+/// bias, with a gradient) and an optional constant mask `M` `(W, n, n)` added to each group of
+/// `W` consecutive samples (a shifted window's: no gradient): on CPU f32 one op whose autograd
+/// node keeps the probabilities and not the score matrices (their size is attention's memory),
+/// [`attention_probabilities_composite`] elsewhere.
+pub fn attention_probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     if !q.device().is_cuda()
-        && let Some(p) = crate::fused::attention_probabilities(q, k, offsets)?
+        && let Some(p) = crate::fused::attention_probabilities(q, k, bias, mask)?
     {
         return Ok(p);
     }
-    attention_probabilities_composite(q, k, offsets)
+    attention_probabilities_composite(q, k, bias, mask)
 }
 
 /// [`attention_probabilities`] from candle's operations.
 pub fn attention_probabilities_composite(
     q: &Tensor,
     k: &Tensor,
-    offsets: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
-    let windows = if offsets.rank() == 4 {
-        offsets.dim(0)?
-    } else {
-        1
-    };
-    if windows == 0 || !b.is_multiple_of(windows) {
-        bail!("attention: {b} samples are not groups of {windows} windows");
+    let mut scores = matmul(q, &k.t()?)?.broadcast_add(&bias.reshape((1, h, n, m))?)?;
+    if let Some(mask) = mask {
+        let windows = mask.dim(0)?;
+        if windows == 0 || !b.is_multiple_of(windows) {
+            bail!("attention: {b} samples are not groups of {windows} windows");
+        }
+        scores = scores
+            .reshape((b / windows, windows, h, n, m))?
+            .broadcast_add(&mask.detach().reshape((1, windows, 1, n, m))?)?
+            .reshape((b, h, n, m))?;
     }
-    let scores = matmul(q, &k.t()?)?
-        .reshape((b / windows, windows, h, n, m))?
-        .broadcast_add(&offsets.reshape((1, windows, h, n, m))?)?
-        .reshape((b, h, n, m))?;
     softmax_last(&scores)
 }
 

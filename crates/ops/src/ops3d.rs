@@ -86,7 +86,8 @@ fn conv3d_output(x: &Tensor, weight: &Tensor, config: &Conv3dConfig) -> Result<[
 
 /// 3D convolution (cross-correlation, as PyTorch's `conv3d`): input `(N, C, D, H, W)`, weight
 /// `(O, C, kd, kh, kw)`, optional bias `(O,)`. On the CPU: unit strides in f32 by the direct
-/// tap-sum of `direct.rs` (no column matrix), other strides and f64 by vol2col + one `gemm`
+/// tap-sum of `direct.rs` (no column matrix), small maps whose taps mostly read padding by the
+/// tiles of live taps of `tiles.rs`, the rest (other strides, f64) by vol2col + one `gemm`
 /// matrix product per block of output slices; on CUDA (feature `cuda`) cuDNN
 /// (`cudnn.rs`); elsewhere [`conv3d_composite`].
 pub fn conv3d(
@@ -763,6 +764,27 @@ mod tests {
                 Conv3dConfig {
                     stride: [2; 3],
                     padding: [1; 3],
+                    ..Default::default()
+                },
+            ),
+            // outputs that read only padding (padding past the kernel's reach): they stay zero
+            (
+                [2, 2, 3, 3, 3],
+                [3, 3, 3],
+                3,
+                Conv3dConfig {
+                    padding: [4, 1, 3],
+                    ..Default::default()
+                },
+            ),
+            // no output reads the input: no tile at all
+            (
+                [2, 2, 1, 2, 2],
+                [1, 1, 1],
+                2,
+                Conv3dConfig {
+                    stride: [5, 1, 1],
+                    padding: [2, 0, 0],
                     ..Default::default()
                 },
             ),

@@ -6,7 +6,8 @@
 //! into the output. The work done is `Σ_tiles C·|live taps|·N·|tile|` against vol2col's
 //! `C·T·N·D·H·W`: DeepLabV3's ASPP branch of dilation 6 on an 8³ map does 1/8 of it, a 3³
 //! kernel with padding 1 on 8³ 0.77, a 5³ kernel with padding 2 on 4³ 0.34 (oneDNN skips these
-//! taps too); `conv3d` takes the tiles where they do at most 0.35 of it. The backward recomputes each tile's columns: `dW_live = dY_tile · colsᵀ` added
+//! taps too); `conv3d` takes the tiles where they do at most 0.35 of it and gather at most 8
+//! kernels' worth of weights ([`TiledConv::pays`]: the 5³ kernel on 4³ would gather 22). The backward recomputes each tile's columns: `dW_live = dY_tile · colsᵀ` added
 //! into the weight gradient's live entries, `dcols = W_liveᵀ · dY_tile` folded onto the input
 //! gradient.
 //!
@@ -115,7 +116,7 @@ const MAX_TILE_COLUMNS: usize = 1 << 23;
 /// small `gemm` (the live weights gathered and packed again), so skipping a quarter of the
 /// work loses (DeepLabV3's 128-channel 3³ layer on 8³, fraction 0.77, forward + backward 28.8
 /// → 74.8 ms; its dilation-2 layer, 0.58, 81 → 129 ms) where skipping seven eighths wins (the
-/// ASPP branch of dilation 6, 0.125: 51.5 → 25.0 ms; 2-core AMD EPYC, 2026-12-07).
+/// ASPP branch of dilation 6, 0.125: 42.0 → 20.4 ms; 2-core AMD EPYC, 2026-12-07).
 const MAX_LIVE_FRACTION: f64 = 0.35;
 /// Every tile gathers and packs its live weights: at most this many kernels' worth in all
 /// (the ASPP branch above gathers 4.6; V-Net's 256-channel 5³ layer on 4³, 64 tiles, would
@@ -161,7 +162,8 @@ impl TiledConv {
         }
     }
 
-    /// Whether the tiles beat vol2col: they skip enough dead taps and each tile's columns fit.
+    /// Whether the tiles beat vol2col: they skip enough dead taps, gather few enough weights,
+    /// each tile's columns fit, and no size is zero.
     pub(crate) fn pays(&self) -> bool {
         let taps: usize = self.axes.iter().map(|a| a.k).product();
         let voxels: usize = self.axes.iter().map(|a| a.out).product();
@@ -174,7 +176,9 @@ impl TiledConv {
             .max()
             .unwrap_or(0);
         let gathered: usize = self.tiles.iter().map(Tile::taps).sum();
-        full > 0.0
+        let sized = self.samples > 0 && self.channels > 0 && self.out_channels > 0;
+        sized
+            && full > 0.0
             && (live as f64) <= MAX_LIVE_FRACTION * full
             && gathered <= MAX_GATHERED_KERNELS * taps
             && largest <= MAX_TILE_COLUMNS

@@ -46,7 +46,7 @@ pub(super) fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) ->
         let (mut markdown, csv) = render_table(table, &rows, &classes);
         if table.predictions == Predictions::Pooled {
             let first_fold = scorer.fold_tests.first().and_then(|(f, _)| *f);
-            markdown.push_str(&rules_text(table, &out.join("runs"), first_fold)?);
+            markdown.push_str(&rules_text(&rows, &out.join("runs"), first_fold)?);
         }
         let _ = writeln!(
             markdown,
@@ -71,6 +71,7 @@ pub(super) fn collect(config: &ExperimentConfig, out: &Path, data_dir: &Path) ->
             &data,
             out,
             &rows,
+            table.predictions.folder(),
             (table.seeds.first().copied(), first_fold),
             &labels,
         )?;

@@ -15,12 +15,14 @@ use crate::prepare::PreparedData;
 
 /// One axial slice of the first test case (the slice with the largest labelled area): the
 /// first modality, the ground truth, and each row's prediction with the table's first seed
-/// (from the fold that tests the case).
+/// (from the fold that tests the case), from the run's folder of the predictions the table
+/// scores (`predictions`).
 pub(super) fn write_table_figure(
     path: &Path,
     data: &PreparedData,
     out: &Path,
     rows: &[Row],
+    predictions_folder: &str,
     (seed, fold): (Option<u64>, Option<usize>),
     labels: &BTreeMap<String, LabelMap>,
 ) -> Result<()> {
@@ -42,7 +44,7 @@ pub(super) fn write_table_figure(
         let file = out
             .join("runs")
             .join(key)
-            .join("predictions")
+            .join(predictions_folder)
             .join(format!("{id}.nii.gz"));
         if file.exists() {
             predictions.push(read_label(&file, &ReadOptions::default())?.data);
