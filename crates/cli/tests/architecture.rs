@@ -189,6 +189,7 @@ fn unsafe_code_lives_only_where_the_architecture_allows() {
         "ops/src/direct/amx.rs",
         "ops/src/patches.rs",
         "ops/src/vol2col.rs",
+        "ops/src/tiles.rs",
         "ops/src/alloc.rs",
         "ops/src/cudnn.rs",
         "ops/src/cudnn_pool.rs",
