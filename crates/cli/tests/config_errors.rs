@@ -91,3 +91,26 @@ fn experiment_files_name_the_misspelt_field() {
         "{err}"
     );
 }
+
+/// `predictions = "pooled"` needs a cross-validation: without `folds` the rule would be chosen on
+/// the test cases the table scores.
+#[test]
+fn pooled_post_processing_needs_folds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("experiment.toml");
+    std::fs::write(
+        &path,
+        "name = \"x\"\n\n[[table]]\nname = \"t\"\nnetworks = [\"unet\"]\nlosses = [\"ce\"]\nseeds = [0]\npredictions = \"pooled\"\n\n[train]\nepochs = 1\n",
+    )
+    .expect("config");
+    let err = fails(&[
+        "experiment",
+        "--config",
+        path.to_str().expect("utf-8"),
+        "--list",
+    ]);
+    assert!(
+        err.contains("experiment.toml") && err.contains("table `t`") && err.contains("`folds`"),
+        "{err}"
+    );
+}

@@ -103,6 +103,9 @@ impl ExperimentConfig {
                 );
             }
         }
+        config
+            .check_pooled_needs_folds()
+            .with_context(|| path.display().to_string())?;
         for c in &config.comparisons {
             let trained = |loss: &str| {
                 config.tables.iter().any(|t| {
@@ -131,6 +134,36 @@ impl ExperimentConfig {
                 .with_context(|| format!("{}: run {}", path.display(), run.key()))?;
         }
         Ok(config)
+    }
+
+    /// Refuses `predictions = "pooled"` without `folds`: the rule is chosen on the pooled
+    /// out-of-fold predictions of a cross-validation; on one split it would be chosen on the
+    /// very test cases the table scores.
+    fn check_pooled_needs_folds(&self) -> Result<()> {
+        if !self.folds.is_empty() {
+            return Ok(());
+        }
+        let pooled = self
+            .tables
+            .iter()
+            .filter(|t| t.predictions == Predictions::Pooled)
+            .map(|t| format!("table `{}`", t.name))
+            .chain(
+                self.comparisons
+                    .iter()
+                    .filter(|c| c.predictions == Predictions::Pooled)
+                    .map(|c| format!("comparison `{}`", c.name)),
+            )
+            .next();
+        if let Some(what) = pooled {
+            bail!(
+                "{what}: predictions = \"pooled\" chooses post-processing on the pooled \
+                 out-of-fold predictions of a cross-validation, and this experiment has no \
+                 `folds` (on one split it would choose it on the test cases it scores); add \
+                 `folds` or use \"postprocessed\" or \"unprocessed\""
+            );
+        }
+        Ok(())
     }
 
     /// Refuses two `[[table]]`s or `[[comparison]]`s of one name (each writes `NAME.md` and
