@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::error::{ModelError, Result};
-use crate::layers::{attention_probabilities, gelu, layer_norm, matmul};
+use crate::layers::{attention, attention_probabilities, gelu, layer_norm, matmul};
 use crate::modules::{Conv3d, LayerNorm, Linear};
 use crate::monai_args::{self as monai, Imported};
 use crate::ops3d::Conv3dConfig;
@@ -406,14 +406,22 @@ impl WindowAttention {
             .qkv
             .forward(x)?
             .reshape((b, n, 3, heads, dh))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * (dh as f64).powf(-0.5))?;
-        let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        // `softmax(q kᵀ + B + M)` as one op whose autograd node keeps the probabilities, not
-        // the score matrices nor a `(W, heads, n, n)` sum of bias and mask
-        let attn = attention_probabilities(&q, &k, &self.bias(n)?, mask)?;
-        let attn = dropout(&attn, self.attn_drop, train)?;
-        let out = matmul(&attn, &v)?.transpose(1, 2)?.reshape((b, n, c))?;
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let scale = (dh as f64).powf(-0.5);
+        let bias = self.bias(n)?;
+        let out = if train && self.attn_drop > 0.0 {
+            // dropout on the probabilities: they are kept (one op keeps only them)
+            let q = (qkv.get(0)? * scale)?;
+            let attn = attention_probabilities(&q, &qkv.get(1)?.contiguous()?, &bias, mask)?;
+            let attn = dropout(&attn, self.attn_drop, train)?;
+            matmul(&attn, &qkv.get(2)?.contiguous()?)?
+        } else {
+            // one op whose node keeps q, k, v and B: the probabilities are made again in the
+            // backward pass, not kept (nor a `(W, heads, n, n)` sum of bias and mask)
+            attention(&qkv, &bias, mask, scale)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, n, c))?;
         dropout(&self.proj.forward(&out)?, self.proj_drop, train)
     }
 }

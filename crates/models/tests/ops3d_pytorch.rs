@@ -712,6 +712,44 @@ fn fused_attention_probabilities_equal_their_composite() {
     }
 }
 
+/// The attention op (`softmax(s·q kᵀ + B + M) v`, its node keeping `q`, `k`, `v` and `B` and
+/// making the probabilities again in the backward pass) equals its candle composite in value and
+/// in the gradients of the stacked `q, k, v` and the bias, with a mask per window position and
+/// without.
+#[test]
+fn fused_attention_equals_its_composite() {
+    let (b, h, n, d) = (6, 2, 9, 4);
+    let qkv = seeded(&[3, b, h, n, d], 1.5, 20);
+    let g = seeded(&[b, h, n, d], 1.0, 21);
+    let bias = seeded(&[h, n, n], 3.0, 22);
+    let mask = seeded(&[3, n, n], 3.0, 23);
+    for mask in [Some(&mask), None] {
+        let run = |fused: bool| {
+            let (qv, bv) = (
+                Var::from_tensor(&qkv).unwrap(),
+                Var::from_tensor(&bias).unwrap(),
+            );
+            let (qt, bt) = (qv.as_tensor(), bv.as_tensor());
+            let out = if fused {
+                layers::attention(qt, bt, mask, 0.5).unwrap()
+            } else {
+                layers::attention_composite(qt, bt, mask, 0.5).unwrap()
+            };
+            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |t: &Tensor| grads.get(t).unwrap().clone();
+            [out.clone(), grad(qt), grad(bt)]
+        };
+        let (a, c) = (run(true), run(false));
+        for (i, what) in ["value", "∂qkv", "∂bias"].iter().enumerate() {
+            assert_same(
+                &a[i],
+                &c[i],
+                &format!("attention {what} (mask {})", mask.is_some()),
+            );
+        }
+    }
+}
+
 /// The CPU group norm (the fused normalisation kernel on one row per sample and group, then
 /// the per-channel affine) equals its candle composite in value and in the gradients of the
 /// input, weight and bias, with groups of one channel, of several, and one group.

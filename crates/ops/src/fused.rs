@@ -322,7 +322,7 @@ impl CustomOp1 for SoftmaxLast {
 
 /// The input gradient of a softmax over the last axis from its output `y` and the output's
 /// gradient `g`: `y_i (g_i − Σ_j g_j y_j)` per row.
-fn softmax_backward(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_backward(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
     {
         let row = res.dims().last().copied().unwrap_or(1).max(1);
         let out = with_f32(res, |yv| {

@@ -366,6 +366,32 @@ pub fn attention_probabilities(
     attention_probabilities_composite(q, k, bias, mask)
 }
 
+/// Attention `softmax(s·q kᵀ + B + M) v`: `qkv` `(3, S, h, n, d)` (`q`, `k`, `v` stacked), a
+/// bias `B` `(h, n, n)` (with a gradient), an optional constant mask `M` `(W, n, n)` added to
+/// each group of `W` consecutive samples, the scale `s`; `(S, h, n, d)`. On CPU f32 one op
+/// whose node keeps `qkv` and `B` and makes the probabilities again in the backward pass (they
+/// are never kept: flash attention's memory); elsewhere [`attention_composite`].
+pub fn attention(qkv: &Tensor, bias: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if !qkv.device().is_cuda()
+        && let Some(out) = crate::attention::attention(qkv, bias, mask, scale)?
+    {
+        return Ok(out);
+    }
+    attention_composite(qkv, bias, mask, scale)
+}
+
+/// [`attention`] from [`attention_probabilities_composite`] and a matrix product.
+pub fn attention_composite(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let q = (qkv.get(0)? * scale)?;
+    let p = attention_probabilities_composite(&q, &qkv.get(1)?, bias, mask)?;
+    matmul(&p, &qkv.get(2)?.contiguous()?)
+}
+
 /// [`attention_probabilities`] from candle's operations.
 pub fn attention_probabilities_composite(
     q: &Tensor,

@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod alloc;
+mod attention;
 mod bf16;
 pub mod concat;
 #[cfg(feature = "cuda")]

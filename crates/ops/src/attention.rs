@@ -1,0 +1,133 @@
+//! Attention `O = softmax(s·q kᵀ + B + M) v` on the CPU as one op whose autograd node keeps
+//! only `q`, `k`, `v` (one `(3, S, h, n, d)` tensor) and the bias `B` `(h, n, n)`: the
+//! probabilities `P`, `S·h·n²` values per block (SwinUNETR's first stage: 353 MB), are made in
+//! the forward pass and again in the backward pass, never kept between them — the memory of
+//! flash attention, with candle's matrix products. `M` `(W, n, n)` is an optional constant
+//! mask added to every group of `W` consecutive samples (a shifted window's); `s` the scale.
+//!
+//! The backward, with `G = ∂L/∂O`: `∂v = Pᵀ G`, `∂P = G vᵀ`,
+//! `∂Z = P ⊙ (∂P − rowsum(∂P ⊙ P))` for the logits `Z`, `∂q = s ∂Z k`, `∂k = s ∂Zᵀ q`,
+//! `∂B = Σ_samples ∂Z`.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+
+use crate::fused::{cpu_f32, softmax_backward, softmax_last, with_f32};
+
+/// `P = softmax(s·q kᵀ + B + M)` of detached operands, `q`, `k` `(S, h, n, d)`.
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let mut logits = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias.reshape((1, h, n, m))?)?;
+    if let Some(mask) = mask {
+        let windows = mask.dim(0)?;
+        logits = logits
+            .reshape((b / windows, windows, h, n, m))?
+            .broadcast_add(&mask.reshape((1, windows, 1, n, m))?)?
+            .reshape((b, h, n, m))?;
+    }
+    match softmax_last(&logits)? {
+        Some(p) => Ok(p),
+        None => bail!("attention: the fused softmax takes CPU f32 logits"),
+    }
+}
+
+/// `q`, `k`, `v`, detached and contiguous, from `(3, S, h, n, d)`.
+fn split(qkv: &Tensor) -> Result<[Tensor; 3]> {
+    let part = |i: usize| qkv.detach().get(i)?.contiguous();
+    Ok([part(0)?, part(1)?, part(2)?])
+}
+
+struct Attention {
+    mask: Option<Tensor>,
+    scale: f64,
+    /// The forward's result, moved out by `cpu_fwd`.
+    output: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "cwseg-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let output = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
+            .take();
+        let Some(output) = output else {
+            bail!("attention computed twice")
+        };
+        let values = with_f32(&output, |v| Ok(v.to_vec()))?;
+        Ok((CpuStorage::F32(values), output.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [q, k, v] = split(qkv)?;
+        let p = probabilities(&q, &k, &bias.detach(), self.mask.as_ref(), self.scale)?;
+        let grad = grad.contiguous()?;
+        let dv = p.transpose(2, 3)?.contiguous()?.matmul(&grad)?;
+        let dz = softmax_backward(&p, &grad.matmul(&v.t()?)?)?;
+        drop(p);
+        let dq = (dz.matmul(&k)? * self.scale)?;
+        let dk = (dz.transpose(2, 3)?.contiguous()?.matmul(&q)? * self.scale)?;
+        let dbias = dz.sum(0)?.reshape(bias.shape())?;
+        Ok((Some(Tensor::stack(&[dq, dk, dv], 0)?), Some(dbias)))
+    }
+}
+
+/// `softmax(s·q kᵀ + B + M) v` ([`Attention`]) on CPU f32: `qkv` `(3, S, h, n, d)`, `bias`
+/// `(h, n, n)`, `mask` `(W, n, n)` with `S` a multiple of `W`; `None` elsewhere (the caller's
+/// composite).
+pub(crate) fn attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !(cpu_f32(qkv) && cpu_f32(bias) && mask.is_none_or(cpu_f32)) || qkv.rank() != 5 {
+        return Ok(None);
+    }
+    let (three, b, h, n, _) = qkv.dims5()?;
+    if three != 3 || bias.dims() != [h, n, n] {
+        return Ok(None);
+    }
+    if let Some(mask) = mask {
+        let windows = mask.dim(0)?;
+        if windows == 0 || !b.is_multiple_of(windows) || mask.dims() != [windows, n, n] {
+            return Ok(None);
+        }
+    }
+    let qkv = qkv.contiguous()?;
+    let mask = mask.map(Tensor::detach);
+    let [q, k, v] = split(&qkv)?;
+    let p = probabilities(&q, &k, &bias.detach(), mask.as_ref(), scale)?;
+    let output = p.matmul(&v)?;
+    drop(p);
+    let op = Attention {
+        mask,
+        scale,
+        output: Mutex::new(Some(output)),
+    };
+    Ok(Some(qkv.apply_op2(&bias.contiguous()?, op)?))
+}
