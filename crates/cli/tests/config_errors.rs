@@ -71,19 +71,9 @@ fn toml_errors_name_the_field_and_the_reason() {
 
 #[test]
 fn experiment_files_name_the_misspelt_field() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("experiment.toml");
-    std::fs::write(
-        &path,
+    let err = experiment_error(
         "name = \"x\"\n\n[[table]]\nname = \"t\"\nnetworks = [\"unet\"]\nlosses = [\"ce\"]\nseeds = [0]\n\n[train]\nepochs = 1\n\n[train.augment]\nflip_probabilty = 0.5\n",
-    )
-    .expect("config");
-    let err = fails(&[
-        "experiment",
-        "--config",
-        path.to_str().expect("utf-8"),
-        "--list",
-    ]);
+    );
     assert!(
         err.contains("experiment.toml")
             && err.contains("train.augment.flip_probabilty")
@@ -96,21 +86,24 @@ fn experiment_files_name_the_misspelt_field() {
 /// the test cases the table scores.
 #[test]
 fn pooled_post_processing_needs_folds() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("experiment.toml");
-    std::fs::write(
-        &path,
+    let err = experiment_error(
         "name = \"x\"\n\n[[table]]\nname = \"t\"\nnetworks = [\"unet\"]\nlosses = [\"ce\"]\nseeds = [0]\npredictions = \"pooled\"\n\n[train]\nepochs = 1\n",
-    )
-    .expect("config");
-    let err = fails(&[
-        "experiment",
-        "--config",
-        path.to_str().expect("utf-8"),
-        "--list",
-    ]);
+    );
     assert!(
         err.contains("experiment.toml") && err.contains("table `t`") && err.contains("`folds`"),
         "{err}"
     );
+}
+
+/// The error of `cwseg experiment --list` on an `experiment.toml` holding `text`.
+fn experiment_error(text: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("experiment.toml");
+    std::fs::write(&path, text).expect("config");
+    fails(&[
+        "experiment",
+        "--config",
+        path.to_str().expect("utf-8"),
+        "--list",
+    ])
 }

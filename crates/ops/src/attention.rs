@@ -13,10 +13,11 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
-use crate::fused::{cpu_f32, softmax_backward, softmax_last, with_f32};
+use crate::fused::{cpu_f32, softmax_backward, softmax_last, take_precomputed};
 
-/// `P = softmax(s·q kᵀ + B + M)` of detached operands, `q`, `k` `(S, h, n, d)`.
-fn probabilities(
+/// `P = softmax(s·q kᵀ + B + M)` of detached operands, `q`, `k` `(S, h, n, d)`, `S` a multiple
+/// of the mask's `W` (checked by the callers).
+pub(crate) fn probabilities(
     q: &Tensor,
     k: &Tensor,
     bias: &Tensor,
@@ -64,16 +65,7 @@ impl CustomOp2 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let output = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
-            .take();
-        let Some(output) = output else {
-            bail!("attention computed twice")
-        };
-        let values = with_f32(&output, |v| Ok(v.to_vec()))?;
-        Ok((CpuStorage::F32(values), output.shape().clone()))
+        take_precomputed(&self.output, "attention")
     }
 
     fn bwd(

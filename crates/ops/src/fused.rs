@@ -370,16 +370,7 @@ impl CustomOp3 for AttentionProbabilities {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let p = self
-            .probabilities
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
-            .take();
-        let Some(p) = p else {
-            bail!("attention probabilities computed twice")
-        };
-        let values = with_f32(&p, |v| Ok(v.to_vec()))?;
-        Ok((CpuStorage::F32(values), p.shape().clone()))
+        take_precomputed(&self.probabilities, "attention probabilities")
     }
 
     fn bwd(
@@ -398,6 +389,24 @@ impl CustomOp3 for AttentionProbabilities {
     }
 }
 
+/// The output of a custom op computed before the op was applied (on detached operands, so that
+/// the graph does not keep their intermediates), moved out of `slot` by the op's `cpu_fwd`; a
+/// second call is an error naming `what`.
+pub(crate) fn take_precomputed(
+    slot: &std::sync::Mutex<Option<Tensor>>,
+    what: &str,
+) -> Result<(CpuStorage, Shape)> {
+    let taken = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: poisoned lock")))?
+        .take();
+    let Some(t) = taken else {
+        bail!("{what} computed twice")
+    };
+    let values = with_f32(&t, |v| Ok(v.to_vec()))?;
+    Ok((CpuStorage::F32(values), t.shape().clone()))
+}
+
 /// `softmax(q kᵀ + B + M)` ([`AttentionProbabilities`]) on CPU f32, `B` `(h, n, n)`, `M`
 /// `(W, n, n)` with the samples a multiple of `W`; `None` elsewhere (the caller's composite).
 pub(crate) fn attention_probabilities(
@@ -409,25 +418,20 @@ pub(crate) fn attention_probabilities(
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(bias) && mask.is_none_or(cpu_f32)) {
         return Ok(None);
     }
-    let (b, h, n, _) = q.dims4()?;
-    let m = k.dim(2)?;
-    let mut scores = q
-        .detach()
-        .matmul(&k.detach().t()?)?
-        .broadcast_add(&bias.detach().reshape((1, h, n, m))?)?;
     if let Some(mask) = mask {
         let windows = mask.dim(0)?;
-        if windows == 0 || !b.is_multiple_of(windows) {
+        if windows == 0 || !q.dim(0)?.is_multiple_of(windows) {
             return Ok(None);
         }
-        scores = scores
-            .reshape((b / windows, windows, h, n, m))?
-            .broadcast_add(&mask.detach().reshape((1, windows, 1, n, m))?)?
-            .reshape((b, h, n, m))?;
     }
-    let Some(p) = softmax_last(&scores)? else {
-        return Ok(None);
-    };
+    let mask = mask.map(Tensor::detach);
+    let p = crate::attention::probabilities(
+        &q.detach(),
+        &k.detach(),
+        &bias.detach(),
+        mask.as_ref(),
+        1.0,
+    )?;
     let op = AttentionProbabilities {
         probabilities: std::sync::Mutex::new(Some(p)),
     };
