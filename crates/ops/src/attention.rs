@@ -1,4 +1,4 @@
-//! Attention `O = softmax(s·q kᵀ + B + M) v` on the CPU as one op whose autograd node keeps
+//! Attention on the CPU: `O = softmax(s·q kᵀ + B + M) v` as one op whose autograd node keeps
 //! only `q`, `k`, `v` (one `(3, S, h, n, d)` tensor) and the bias `B` `(h, n, n)`: the
 //! probabilities `P`, `S·h·n²` values per block (SwinUNETR's first stage: 353 MB), are made in
 //! the forward pass and again in the backward pass, never kept between them — the memory of
@@ -8,10 +8,13 @@
 //! The backward, with `G = ∂L/∂O`: `∂v = Pᵀ G`, `∂P = G vᵀ`,
 //! `∂Z = P ⊙ (∂P − rowsum(∂P ⊙ P))` for the logits `Z`, `∂q = s ∂Z k`, `∂k = s ∂Zᵀ q`,
 //! `∂B = Σ_samples ∂Z`.
+//!
+//! [`attention_probabilities`] is the same logits' softmax alone as one op that keeps `P` (the
+//! path with attention dropout, which needs `P` itself).
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use crate::fused::{cpu_f32, softmax_backward, softmax_last, take_precomputed};
 
@@ -122,4 +125,75 @@ pub(crate) fn attention(
         output: Mutex::new(Some(output)),
     };
     Ok(Some(qkv.apply_op2(&bias.contiguous()?, op)?))
+}
+
+/// Attention's probabilities `P = softmax(q kᵀ + B + M)` over the last axis, for `q`, `k`
+/// `(S, h, n, d)`, a bias `B` `(h, n, n)` (a relative position bias: it gets a gradient) and
+/// an optional constant mask `M` `(W, n, n)` added to every group of `W` consecutive samples
+/// (a shifted window's, one per window position: no gradient). The forward runs candle's
+/// matrix product and the fused softmax on detached operands and hands their result to this
+/// op, so the autograd graph keeps `P` and the small `q`, `k`, `B` — not the score matrix and
+/// its biased copy, each as large as `P`, nor a `(W, h, n, n)` sum of bias and mask. The
+/// backward: `S = P ⊙ (G − rowsum(G ⊙ P))`, `∂q = S k`, `∂k = Sᵀ q`, `∂B = Σ_samples S`.
+struct AttentionProbabilities {
+    /// The forward's result, moved out by `cpu_fwd` (so that it is not held twice).
+    probabilities: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for AttentionProbabilities {
+    fn name(&self) -> &'static str {
+        "cwseg-attention-probabilities"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        take_precomputed(&self.probabilities, "attention probabilities")
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = softmax_backward(res, &grad.contiguous()?)?;
+        let dq = s.matmul(k)?;
+        let dk = s.transpose(2, 3)?.contiguous()?.matmul(q)?;
+        let dbias = s.sum(0)?.reshape(bias.shape())?;
+        Ok((Some(dq), Some(dk), Some(dbias)))
+    }
+}
+
+/// `softmax(q kᵀ + B + M)` ([`AttentionProbabilities`]) on CPU f32, `B` `(h, n, n)`, `M`
+/// `(W, n, n)` with the samples a multiple of `W`; `None` elsewhere (the caller's composite).
+pub(crate) fn attention_probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(bias) && mask.is_none_or(cpu_f32)) {
+        return Ok(None);
+    }
+    if let Some(mask) = mask {
+        let windows = mask.dim(0)?;
+        if windows == 0 || !q.dim(0)?.is_multiple_of(windows) {
+            return Ok(None);
+        }
+    }
+    let mask = mask.map(Tensor::detach);
+    let p = probabilities(&q.detach(), &k.detach(), &bias.detach(), mask.as_ref(), 1.0)?;
+    let op = AttentionProbabilities {
+        probabilities: std::sync::Mutex::new(Some(p)),
+    };
+    Ok(Some(q.apply_op3(k, bias, op)?))
 }

@@ -343,52 +343,6 @@ pub(crate) fn softmax_backward(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Attention's probabilities `P = softmax(q kᵀ + B + M)` over the last axis, for `q`, `k`
-/// `(S, h, n, d)`, a bias `B` `(h, n, n)` (a relative position bias: it gets a gradient) and
-/// an optional constant mask `M` `(W, n, n)` added to every group of `W` consecutive samples
-/// (a shifted window's, one per window position: no gradient). The forward runs candle's
-/// matrix product and the fused softmax on detached operands and hands their result to this
-/// op, so the autograd graph keeps `P` and the small `q`, `k`, `B` — not the score matrix and
-/// its biased copy, each as large as `P`, nor a `(W, h, n, n)` sum of bias and mask. The
-/// backward: `S = P ⊙ (G − rowsum(G ⊙ P))`, `∂q = S k`, `∂k = Sᵀ q`, `∂B = Σ_samples S`.
-struct AttentionProbabilities {
-    /// The forward's result, moved out by `cpu_fwd` (so that it is not held twice).
-    probabilities: std::sync::Mutex<Option<Tensor>>,
-}
-
-impl CustomOp3 for AttentionProbabilities {
-    fn name(&self) -> &'static str {
-        "cwseg-attention-probabilities"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        take_precomputed(&self.probabilities, "attention probabilities")
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        bias: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = softmax_backward(res, &grad.contiguous()?)?;
-        let dq = s.matmul(k)?;
-        let dk = s.transpose(2, 3)?.contiguous()?.matmul(q)?;
-        let dbias = s.sum(0)?.reshape(bias.shape())?;
-        Ok((Some(dq), Some(dk), Some(dbias)))
-    }
-}
-
 /// The output of a custom op computed before the op was applied (on detached operands, so that
 /// the graph does not keep their intermediates), moved out of `slot` by the op's `cpu_fwd`; a
 /// second call is an error naming `what`.
@@ -405,37 +359,6 @@ pub(crate) fn take_precomputed(
     };
     let values = with_f32(&t, |v| Ok(v.to_vec()))?;
     Ok((CpuStorage::F32(values), t.shape().clone()))
-}
-
-/// `softmax(q kᵀ + B + M)` ([`AttentionProbabilities`]) on CPU f32, `B` `(h, n, n)`, `M`
-/// `(W, n, n)` with the samples a multiple of `W`; `None` elsewhere (the caller's composite).
-pub(crate) fn attention_probabilities(
-    q: &Tensor,
-    k: &Tensor,
-    bias: &Tensor,
-    mask: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(bias) && mask.is_none_or(cpu_f32)) {
-        return Ok(None);
-    }
-    if let Some(mask) = mask {
-        let windows = mask.dim(0)?;
-        if windows == 0 || !q.dim(0)?.is_multiple_of(windows) {
-            return Ok(None);
-        }
-    }
-    let mask = mask.map(Tensor::detach);
-    let p = crate::attention::probabilities(
-        &q.detach(),
-        &k.detach(),
-        &bias.detach(),
-        mask.as_ref(),
-        1.0,
-    )?;
-    let op = AttentionProbabilities {
-        probabilities: std::sync::Mutex::new(Some(p)),
-    };
-    Ok(Some(q.apply_op3(k, bias, op)?))
 }
 
 /// Softmax over the last axis: the fused kernel on CPU f32, `None` elsewhere (the caller's

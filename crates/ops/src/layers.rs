@@ -359,7 +359,7 @@ pub fn attention_probabilities(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     if !q.device().is_cuda()
-        && let Some(p) = crate::fused::attention_probabilities(q, k, bias, mask)?
+        && let Some(p) = crate::attention::attention_probabilities(q, k, bias, mask)?
     {
         return Ok(p);
     }
