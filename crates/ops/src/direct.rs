@@ -27,6 +27,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod live;
+#[cfg(target_arch = "x86_64")]
 mod slab;
 
 /// Geometry of a unit-stride convolution of one sample: input `(C, D, H, W)`, kernel
@@ -757,7 +759,7 @@ mod tests {
 
     /// Geometries with remainders everywhere: (input, kernel, padding, dilation, O, samples).
     #[allow(clippy::type_complexity)]
-    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 10] = [
+    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 13] = [
         ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
         ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
         ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
@@ -772,6 +774,13 @@ mod tests {
         ([3, 33, 4, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 8, 2),
         // 70 channels: three tiles of 32 channel pairs' worth, the last mostly zeros
         ([70, 5, 6, 7], [3, 3, 3], [1, 1, 1], [1, 1, 1], 40, 1),
+        // dead taps: rows of 16 whose border rows share tiles (2, 3, 3, 3, 3, 2 chunks) and
+        // skip their planes and rows of taps in the padding
+        ([6, 16, 16, 16], [5, 5, 5], [2, 2, 2], [1, 1, 1], 9, 2),
+        // packed chunks spanning rows with different live taps
+        ([20, 8, 8, 8], [5, 5, 5], [2, 2, 2], [1, 1, 1], 12, 1),
+        // padding beyond the kernel's reach: output rows with no live tap at all
+        ([3, 2, 3, 5], [3, 3, 3], [3, 3, 3], [1, 1, 1], 4, 2),
     ];
 
     fn kernels_match_gemm(backend: Backend) {

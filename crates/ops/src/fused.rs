@@ -424,9 +424,17 @@ impl CustomOp1 for Elu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let alpha = self.alpha;
-        let y = map_values(f32_slice(storage, layout)?, |v| {
-            if v > 0.0 { v } else { alpha * v.exp_m1() }
-        });
+        let x = f32_slice(storage, layout)?;
+        let mut y = zeros(x.len());
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(y, x)| {
+                // branch-free, so that the loop is vectorised
+                for (o, &v) in y.iter_mut().zip(x) {
+                    let e = alpha * expm1_non_positive(v.min(0.0));
+                    *o = if v > 0.0 || v.is_nan() { v } else { e };
+                }
+            });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -435,6 +443,34 @@ impl CustomOp1 for Elu {
         let d = backward_from_output(res, grad, |y, g| if y > 0.0 { g } else { g * (y + alpha) })?;
         Ok(Some(d))
     }
+}
+
+/// `eˣ − 1` for `x ≤ 0` without a branch or a call (the C library's `expm1f` is neither
+/// vectorised nor inlined: 4 % of V-Net's training step): `x = n ln 2 + r` with `|r| ≤ ½ ln 2`
+/// (Cody–Waite, `n` rounded by adding 1.5·2²³), `eʳ − 1` by its Taylor series to `r⁸/8!`
+/// (truncation below 6·10⁻¹⁰ of `r`), then `eˣ − 1 = 2ⁿ (eʳ − 1) + (2ⁿ − 1)`. Inputs below
+/// −20 give −1, as `eˣ < 2⁻²⁸` does in f32 (the caller keeps NaN, which `max` drops).
+fn expm1_non_positive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-20.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 40320.0;
+    for c in [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+    ] {
+        p = p * r + c;
+    }
+    let em1 = r + r * r * p;
+    let s = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    s * em1 + (s - 1.0)
 }
 
 /// ELU: the fused kernel on CPU f32, `None` elsewhere (the caller's composite).
@@ -674,5 +710,40 @@ pub(crate) fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         let mut shape = vec![1; x.rank()];
         shape[1] = b.elem_count();
         x.broadcast_add(&b.reshape(shape)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against f64's `exp_m1` from −30 to 0, finely near 0 where `eˣ − 1` loses digits when
+    /// computed as `eˣ` minus 1: within 2·10⁻⁷ of the value (a few f32 ulps).
+    #[test]
+    fn expm1_matches_f64() {
+        let near_zero = (1..2000).map(|i| -(i as f32) * 1e-6);
+        let wide = (0..=30_000).map(|i| -(i as f32) * 1e-3);
+        for x in near_zero.chain(wide).chain([-1e-30, -0.0, -87.0, f32::MIN]) {
+            let want = f64::from(x).exp_m1();
+            let got = f64::from(expm1_non_positive(x));
+            assert!(
+                (got - want).abs() <= 2e-7 * want.abs().max(1e-30),
+                "expm1({x}) = {got}, want {want}"
+            );
+        }
+    }
+
+    /// The ELU op keeps NaN, and takes `α (eˣ − 1)` below 0.
+    #[test]
+    fn elu_keeps_nan() -> Result<()> {
+        let x = Tensor::new(
+            &[f32::NAN, -1.0, 0.0, 2.0, f32::NEG_INFINITY],
+            &candle_core::Device::Cpu,
+        )?;
+        let y: Vec<f32> = elu(&x, 0.5)?.expect("CPU f32").to_vec1()?;
+        assert!(y[0].is_nan());
+        assert!((y[1] - 0.5 * (-1f32).exp_m1()).abs() < 1e-7);
+        assert_eq!(&y[2..], &[0.0, 2.0, -0.5]);
+        Ok(())
     }
 }

@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::slab::{Chunk, Kernels, TILE_CHUNKS};
+use super::slab::{Chunk, ForwardArgs, Kernels};
 
 /// Output channels per forward block.
 const FORWARD_CHANNELS: usize = 6;
@@ -35,7 +35,7 @@ pub(super) const KERNELS: Kernels = Kernels {
     chunks: FORWARD_CHUNKS,
     // 256 KiB (the EPYC it was tuned on has 512 KiB of L2 per core)
     slab_values: 1 << 16,
-    forward: forward_tile,
+    forward,
     weight_grad: weight_grad_tile,
 };
 
@@ -52,38 +52,49 @@ fn lane_mask(mask: u16) -> __m256i {
     _mm256_cmpeq_epi32(_mm256_and_si256(bits, lanes), lanes)
 }
 
-/// One forward micro-tile: the outputs of `chunks` (row chunks of up to 8 voxels) for every
-/// output channel.
-///
-/// `xp`: the padded input slab; `taps[k]`: the offset of (c, t) = (k / T, k % T) from a voxel's
-/// own padded offset; `w`: weights packed as `[o / 6][k][o % 6]` with zeros for the channels
-/// past `o_n`; `y`: the sample's output, `o_n` channels of `volume` values. The (c, t) steps are
-/// summed in blocks of `k_block`; the output is initialised by the first block and read back by
-/// the next ones. `packed` must be false ([`KERNELS`] says so).
+/// One forward micro-tile: the outputs of 1 or 2 `chunks` for every output channel (the
+/// instance for their number).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA. For every chunk, `xp + input + taps[k] + l` is readable for every
-/// k and every lane `l < 8` (set or not: the slab's slack covers a row's end), and for every
-/// set lane `y + o·volume + output + l` lies in the output for all `o < o_n`; set lanes are
-/// the first ones; `w` holds `ceil(o_n / 6)·taps.len()·6` values. No other thread writes those
-/// output voxels.
+/// As [`forward_tile`]'s.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn forward_tile(
-    xp: *const f32,
-    taps: &[usize],
-    w: *const f32,
-    o_n: usize,
-    chunks: &[Chunk; TILE_CHUNKS],
-    y: *mut f32,
-    volume: usize,
-    k_block: usize,
-    packed: bool,
-) {
+unsafe fn forward(args: &ForwardArgs<'_>, chunks: &[Chunk]) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match chunks {
+            [a] => forward_tile::<1>(args, &[*a]),
+            [a, b] => forward_tile::<2>(args, &[*a, *b]),
+            _ => unreachable!("the slab drivers cut tiles of 1 to {FORWARD_CHUNKS} chunks"),
+        }
+    }
+}
+
+/// The outputs of `V` row chunks of up to 8 voxels for every output channel: `y[o, v] =
+/// Σ_steps w[o, k] · xp[input + offset + l]` ([`ForwardArgs`] describes the operands;
+/// `packed` must be false, as [`KERNELS`] says).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA. For every chunk, `xp + input + offset + l` is readable for every
+/// step and every lane `l < 8` (set or not: the slab's slack covers a row's end), and for
+/// every set lane `y + o·volume + output + l` lies in the output for all `o < o_n`; set lanes
+/// are the first ones; `w` holds `ceil(o_n / 6)·weight_rows·6` values and every step's `k <
+/// weight_rows`. No other thread writes those output voxels.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_tile<const V: usize>(args: &ForwardArgs<'_>, chunks: &[Chunk; V]) {
     const R: usize = FORWARD_CHANNELS;
-    const V: usize = FORWARD_CHUNKS;
+    let ForwardArgs {
+        xp,
+        steps,
+        w,
+        weight_rows,
+        o_n,
+        y,
+        volume,
+        k_block,
+        packed,
+    } = *args;
     debug_assert!(!packed, "AVX2 chunks are never packed");
-    let k_n = taps.len();
+    let k_n = steps.len();
     let blocks = o_n.div_ceil(R);
     let full: [bool; V] = std::array::from_fn(|j| chunks[j].mask == 0xff);
     let masks: [__m256i; V] = std::array::from_fn(|j| lane_mask(chunks[j].mask));
@@ -113,14 +124,15 @@ unsafe fn forward_tile(
                 }
             }
             // SAFETY: weights of block ob (caller's contract on `w`'s size).
-            let wb = unsafe { w.add(ob * k_n * R) };
-            for (k, &off) in (k0..k1).zip(&taps[k0..k1]) {
+            let wb = unsafe { w.add(ob * weight_rows * R) };
+            for step in &steps[k0..k1] {
                 // SAFETY: 8 lanes from each chunk's tap are readable (caller's contract).
-                let x: [__m256; V] =
-                    std::array::from_fn(|j| unsafe { _mm256_loadu_ps(base[j].wrapping_add(off)) });
+                let x: [__m256; V] = std::array::from_fn(|j| unsafe {
+                    _mm256_loadu_ps(base[j].wrapping_add(step.offset))
+                });
                 for (r, row) in acc.iter_mut().enumerate() {
                     // SAFETY: weight r of (ob, k).
-                    let wt = unsafe { _mm256_broadcast_ss(&*wb.add(k * R + r)) };
+                    let wt = unsafe { _mm256_broadcast_ss(&*wb.add(step.k * R + r)) };
                     for (a, &xj) in row.iter_mut().zip(&x) {
                         *a = _mm256_fmadd_ps(wt, xj, *a);
                     }
@@ -148,40 +160,45 @@ unsafe fn forward_tile(
     }
 }
 
-/// Adds one tile's weight gradient to `acc` (`k_n × o_pad`, row `k = c·T + t`).
+/// Adds one tile's weight gradient to the rows `ks` of `acc` (`C·T × o_pad`, row
+/// `k = c·T + t`).
 ///
-/// `rows[k]`: pointer to `xp[c, q0 + off(t)]` for the tile's first padded offset `q0`, valid for
-/// `len` values; `dyt`: the tile's output gradient transposed, `len × o_pad` (zero at offsets in
-/// the padding and for channels past the real ones); `o_pad` a multiple of 8.
+/// `rows[i]`: pointer to `xp[c, q0 + off(t)]` for `(c, t)` of row `ks[i]` and the tile's first
+/// padded offset `q0`, valid for `len` values; `dyt`: the tile's output gradient transposed,
+/// `len × o_pad` (zero at offsets in the padding and for channels past the real ones); `o_pad`
+/// a multiple of 8.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; every `rows[k]` is readable for `len` values, `dyt` for
-/// `len·o_pad`, `acc` writable for `rows.len()·o_pad`.
+/// The CPU has AVX2 and FMA; every `rows[i]` is readable for `len` values, `dyt` for
+/// `len·o_pad`, `acc` writable for `(ks[i] + 1)·o_pad` values; `ks` as long as `rows`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn weight_grad_tile(
     rows: &[*const f32],
+    ks: &[usize],
     len: usize,
     dyt: *const f32,
     o_pad: usize,
     acc: *mut f32,
 ) {
     const K: usize = GRAD_ROWS;
-    let k_n = rows.len();
+    let k_n = rows.len().min(ks.len());
     let vectors = o_pad / 8;
     let mut k0 = 0;
     while k0 < k_n {
         let kc = (k_n - k0).min(K);
         // rows past the end repeat the last one; their sums are not stored
         let p: [*const f32; K] = std::array::from_fn(|r| rows[k0 + r.min(kc - 1)]);
+        let dst: [*mut f32; K] =
+            std::array::from_fn(|r| acc.wrapping_add(ks[k0 + r.min(kc - 1)] * o_pad));
         let mut v0 = 0;
         while v0 < vectors {
             if vectors - v0 >= 2 {
                 // SAFETY: forwarded contract.
-                unsafe { grad_block::<2>(&p, kc, len, dyt, o_pad, v0, acc.add(k0 * o_pad)) };
+                unsafe { grad_block::<2>(&p, kc, len, dyt, o_pad, v0, &dst) };
                 v0 += 2;
             } else {
                 // SAFETY: forwarded contract.
-                unsafe { grad_block::<1>(&p, kc, len, dyt, o_pad, v0, acc.add(k0 * o_pad)) };
+                unsafe { grad_block::<1>(&p, kc, len, dyt, o_pad, v0, &dst) };
                 v0 += 1;
             }
         }
@@ -190,7 +207,7 @@ unsafe fn weight_grad_tile(
 }
 
 /// `NV` vectors of output channels from vector `v0` × the 6 rows `p`, of which the first `kc`
-/// are stored.
+/// are stored (row r of the block at `dst[r]`).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn grad_block<const NV: usize>(
@@ -200,7 +217,7 @@ unsafe fn grad_block<const NV: usize>(
     dyt: *const f32,
     o_pad: usize,
     v0: usize,
-    acc: *mut f32,
+    dst: &[*mut f32; GRAD_ROWS],
 ) {
     let mut s = [[_mm256_setzero_ps(); GRAD_ROWS]; NV];
     for i in 0..len {
@@ -219,7 +236,7 @@ unsafe fn grad_block<const NV: usize>(
         for (v, sv) in s.iter().enumerate() {
             // SAFETY: row r of acc, vector v0 + v (caller's contract).
             unsafe {
-                let a = acc.add(r * o_pad + (v0 + v) * 8);
+                let a = dst[r].add((v0 + v) * 8);
                 _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), sv[r]));
             }
         }

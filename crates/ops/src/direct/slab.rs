@@ -9,6 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::live::Step;
 use super::{Direct, Shared};
 use crate::fused::zeros;
 
@@ -29,23 +30,35 @@ pub(super) struct Chunk {
 /// Chunks per forward micro-tile, at most (a backend's kernel may take fewer).
 pub(super) const TILE_CHUNKS: usize = 3;
 
-/// A forward micro-kernel: `(xp, taps, w, o_n, chunks, y, volume, k_block, packed)` writes the
-/// outputs of `chunks` for every output channel (`avx512::forward_tile` states the contract).
-pub(super) type ForwardTile = unsafe fn(
-    *const f32,
-    &[usize],
-    *const f32,
-    usize,
-    &[Chunk; TILE_CHUNKS],
-    *mut f32,
-    usize,
-    usize,
-    bool,
-);
+/// What every forward micro-tile of one convolution shares.
+///
+/// `xp`: the padded input slab; `steps`: the tile's live (c, t) steps, each the offset of its
+/// input from a voxel's own padded offset and the row of its weights; `w`: weights packed as
+/// `[o / R][k][o % R]` (`weight_rows` rows `k` per block, zeros past the last channel); `y`:
+/// the sample's output, `o_n` channels of `volume` values. The steps are summed in blocks of
+/// `k_block`; the output is initialised by the first block and read back by the next ones (it
+/// stays zero where no step is live). `packed`: a chunk's set lanes are consecutive
+/// output voxels from its `output` (`avx512::forward_tile` states the contract).
+#[derive(Clone, Copy)]
+pub(super) struct ForwardArgs<'a> {
+    pub xp: *const f32,
+    pub steps: &'a [Step],
+    pub w: *const f32,
+    pub weight_rows: usize,
+    pub o_n: usize,
+    pub y: *mut f32,
+    pub volume: usize,
+    pub k_block: usize,
+    pub packed: bool,
+}
 
-/// A weight-gradient micro-kernel: `(rows, len, dyt, o_pad, acc)` adds one tile's weight
-/// gradient to `acc` (`avx512::weight_grad_tile` states the contract).
-pub(super) type GradTile = unsafe fn(&[*const f32], usize, *const f32, usize, *mut f32);
+/// A forward micro-kernel: writes the outputs of 1 to [`TILE_CHUNKS`] chunks for every output
+/// channel.
+pub(super) type ForwardTile = unsafe fn(&ForwardArgs<'_>, &[Chunk]);
+
+/// A weight-gradient micro-kernel: `(rows, ks, len, dyt, o_pad, acc)` adds one tile's weight
+/// gradient to the rows `ks` of `acc` (`avx512::weight_grad_tile` states the contract).
+pub(super) type GradTile = unsafe fn(&[*const f32], &[usize], usize, *const f32, usize, *mut f32);
 
 /// A backend's micro-kernels and their shapes.
 pub(super) struct Kernels {
@@ -151,7 +164,7 @@ impl Direct {
     /// consecutive padded offsets spanning rows, the lanes in the padding masked off and the
     /// others packed (consecutive in the output); e.g. 8³ with padding 1 in 16 lanes uses 80%
     /// of the lanes instead of 50%.
-    fn plane_chunks(&self, lanes: usize, may_pack: bool) -> (Vec<Chunk>, bool) {
+    pub(super) fn plane_chunks(&self, lanes: usize, may_pack: bool) -> (Vec<Chunk>, bool) {
         let [_, oh, ow] = self.output();
         let [_, _, wp] = self.padded();
         let rows = ow as f64 / (lanes * ow.div_ceil(lanes)) as f64;
@@ -192,8 +205,9 @@ impl Direct {
         (v, packed)
     }
 
-    /// [`Direct::forward`] by a backend's forward micro-kernel: slabs in parallel, micro-tiles
-    /// of `kernels.chunks` chunks × every output channel within a slab.
+    /// [`Direct::forward`] by a backend's forward micro-kernel: slabs in parallel; within a
+    /// slab's planes, the tiles of [`Direct::plane_tiles`] × every output channel, each over
+    /// its live (c, t) steps.
     pub(super) fn forward_slabs(&self, x: &[f32], w: &[f32], kernels: &Kernels) -> Vec<f32> {
         let r_n = kernels.channels;
         let c_n = self.input[0];
@@ -202,9 +216,77 @@ impl Direct {
         let [_, hp, wp] = self.padded();
         let volume: usize = self.output().iter().product();
         let offsets = self.offsets();
-        // [o / R][c][t][o % R], zero past the last channel
-        let blocks = o_n.div_ceil(r_n);
-        let mut weights = vec![0f32; blocks * c_n * t_n * r_n];
+        let weights = self.pack_weights(w, r_n);
+        let (row_chunks, packed) = self.plane_chunks(kernels.lanes, kernels.packed);
+        let tiles = self.plane_tiles(&row_chunks, kernels.lanes, kernels.chunks);
+        let mut out = zeros(self.samples * o_n * volume);
+        let dst = Shared(out.as_mut_ptr());
+        self.slabs(kernels.slab_values)
+            .par_iter()
+            .for_each(|&(n, z0, planes)| {
+                SLAB.with_borrow_mut(|buf| {
+                    let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
+                    // the live steps of each (planes, rows) bits met in this slab
+                    let mut lists: Vec<((u64, u64), Vec<Step>)> = Vec::new();
+                    for z in 0..planes {
+                        let live = self.live_planes(z0 + z);
+                        for tile in &tiles {
+                            let key = (live, tile.rows);
+                            let at = match lists.iter().position(|(k, _)| *k == key) {
+                                Some(at) => at,
+                                None => {
+                                    let steps = self.live_steps(&offsets, sv, live, tile.rows);
+                                    lists.push((key, steps));
+                                    lists.len() - 1
+                                }
+                            };
+                            let steps = &lists[at].1;
+                            let per_channel = steps.len() / c_n.max(1);
+                            let chunks: Vec<Chunk> = row_chunks[tile.start..][..tile.len]
+                                .iter()
+                                .map(|ch| Chunk {
+                                    input: z * hp * wp + ch.input,
+                                    output: (z0 + z) * oh * ow + ch.output,
+                                    mask: ch.mask,
+                                })
+                                .collect();
+                            let args = ForwardArgs {
+                                xp: slab.as_ptr(),
+                                steps,
+                                w: weights.as_ptr(),
+                                weight_rows: c_n * t_n,
+                                o_n,
+                                // SAFETY: sample n's output is O·volume values of `out`.
+                                y: unsafe { dst.get().add(n * o_n * volume) },
+                                volume,
+                                // whole channels, about 128 steps, whose input rows stay in L1
+                                k_block: (128 / per_channel.max(1)).clamp(1, c_n.max(1))
+                                    * per_channel.max(1),
+                                packed,
+                            };
+                            // SAFETY: the backend's CPU features were checked by
+                            // `Backend::best`. A chunk's set lanes are output voxels of the
+                            // slab's planes (x < Wo, y < Ho), so every step reads padded x +
+                            // dil·e < Wp in its row, rows < Hp and planes < span of the slab
+                            // (C·sv values), and a full vector from any of them stays within
+                            // the slab and its SLACK; the weights hold blocks·C·T·R values and
+                            // every step's k < C·T; a chunk's voxels (packed: consecutive from
+                            // `output`) lie in its plane, and each chunk belongs to one tile of
+                            // one slab.
+                            unsafe { (kernels.forward)(&args, &chunks) };
+                        }
+                    }
+                });
+            });
+        out
+    }
+
+    /// The weights `(O, C, kd, kh, kw)` packed as `[o / R][c][t][o % R]`, zero past the last
+    /// channel.
+    fn pack_weights(&self, w: &[f32], r_n: usize) -> Vec<f32> {
+        let c_n = self.input[0];
+        let (o_n, t_n) = (self.out_channels, self.taps());
+        let mut weights = vec![0f32; o_n.div_ceil(r_n) * c_n * t_n * r_n];
         for o in 0..o_n {
             for c in 0..c_n {
                 for t in 0..t_n {
@@ -213,66 +295,7 @@ impl Direct {
                 }
             }
         }
-        let (row_chunks, packed) = self.plane_chunks(kernels.lanes, kernels.packed);
-        // (c, t) steps per block: whole channels, about 128 steps, whose input rows stay in L1
-        let k_block = (128 / t_n).clamp(1, c_n.max(1)) * t_n;
-        let mut out = zeros(self.samples * o_n * volume);
-        let dst = Shared(out.as_mut_ptr());
-        self.slabs(kernels.slab_values)
-            .par_iter()
-            .for_each(|&(n, z0, planes)| {
-                SLAB.with_borrow_mut(|buf| {
-                    let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
-                    let taps: Vec<usize> = (0..c_n)
-                        .flat_map(|c| offsets.iter().map(move |&off| c * sv + off))
-                        .collect();
-                    let mut tile = [Chunk::default(); TILE_CHUNKS];
-                    let mut filled = 0;
-                    let chunks = (0..planes).flat_map(|z| {
-                        row_chunks.iter().map(move |ch| Chunk {
-                            input: z * hp * wp + ch.input,
-                            output: (z0 + z) * oh * ow + ch.output,
-                            mask: ch.mask,
-                        })
-                    });
-                    let run = |tile: &[Chunk; TILE_CHUNKS]| {
-                        // SAFETY: the backend's CPU features were checked by `Backend::best`. A
-                        // chunk's set lanes are output voxels of the slab's planes (x < Wo,
-                        // y < Ho), so every tap reads padded x + dil·e < Wp in its row, rows < Hp
-                        // and planes < span of the slab (C·sv values), and a full vector from any
-                        // of them stays within the slab and its SLACK; the weights hold
-                        // blocks·C·T·R values; sample n's output is O·volume values of `out`, a
-                        // chunk's voxels (packed: consecutive from `output`) lie in its plane, and
-                        // each chunk belongs to one tile of one slab.
-                        unsafe {
-                            (kernels.forward)(
-                                slab.as_ptr(),
-                                &taps,
-                                weights.as_ptr(),
-                                o_n,
-                                tile,
-                                dst.get().add(n * o_n * volume),
-                                volume,
-                                k_block,
-                                packed,
-                            );
-                        }
-                    };
-                    for ch in chunks {
-                        tile[filled] = ch;
-                        filled += 1;
-                        if filled == kernels.chunks {
-                            run(&tile);
-                            filled = 0;
-                        }
-                    }
-                    if filled > 0 {
-                        tile[filled..].fill(Chunk::default());
-                        run(&tile);
-                    }
-                });
-            });
-        out
+        weights
     }
 
     /// [`Direct::weight_grad`] by a backend's weight-gradient micro-kernel over tiles of padded
@@ -296,7 +319,8 @@ impl Direct {
             .map(|chunk| {
                 let mut acc = vec![0f32; k_n * o_pad];
                 let mut dyt = vec![0f32; len_max * o_pad];
-                let mut rows: Vec<*const f32> = vec![std::ptr::null(); k_n];
+                let mut rows: Vec<*const f32> = Vec::with_capacity(k_n);
+                let mut ks: Vec<usize> = Vec::with_capacity(k_n);
                 SLAB.with_borrow_mut(|buf| {
                     for &(n, z0, planes) in chunk {
                         let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
@@ -315,21 +339,32 @@ impl Direct {
                                     }
                                 }
                             });
+                            // the (c, t) rows reading inside the input somewhere in the tile
+                            let (live_planes, live_rows) = self.live_in_range(q0, q1);
+                            let live = self.live_taps(live_planes, live_rows);
+                            rows.clear();
+                            ks.clear();
                             for c in 0..c_n {
-                                for (t, &off) in offsets.iter().enumerate() {
+                                for &t in &live {
                                     // in bounds: the last offset q1 − 1 − base + off(t) is
                                     // within the slab's channel
-                                    rows[c * t_n + t] =
-                                        slab[c * sv + q0 - base + off..][..len].as_ptr();
+                                    rows.push(
+                                        slab[c * sv + q0 - base + offsets[t]..][..len].as_ptr(),
+                                    );
+                                    ks.push(c * t_n + t);
                                 }
                             }
+                            if rows.is_empty() {
+                                continue;
+                            }
                             // SAFETY: the backend's CPU features were checked by
-                            // `Backend::best`; each row was sliced to `len` values above; dyt
-                            // holds len_max·o_pad ≥ len·o_pad values, acc k_n·o_pad; o_pad is
-                            // a multiple of the kernel's lanes.
+                            // `Backend::best`; each row was sliced to `len` values above and
+                            // every k < C·T; dyt holds len_max·o_pad ≥ len·o_pad values, acc
+                            // k_n·o_pad; o_pad is a multiple of the kernel's lanes.
                             unsafe {
                                 (kernels.weight_grad)(
                                     &rows,
+                                    &ks,
                                     len,
                                     dyt.as_ptr(),
                                     o_pad,
