@@ -187,6 +187,7 @@ fn unsafe_code_lives_only_where_the_architecture_allows() {
         "ops/src/direct/avx512.rs",
         "ops/src/direct/avx2.rs",
         "ops/src/direct/amx.rs",
+        "ops/src/direct/channels_last.rs",
         "ops/src/patches.rs",
         "ops/src/vol2col.rs",
         "ops/src/tiles.rs",

@@ -27,6 +27,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod channels_last;
+#[cfg(target_arch = "x86_64")]
 mod live;
 #[cfg(target_arch = "x86_64")]
 mod slab;
@@ -176,20 +178,37 @@ impl Direct {
     /// Whether this path beats vol2col for this geometry (by benchmark, BENCHMARKS.md).
     /// Both compute some lanes or offsets in the padding and drop them, and the dilated
     /// convolutions on small maps are mostly padding. AVX-512: the padded volume within twice
-    /// the output and planes of more than 64 voxels (8³ maps go to vol2col since its `gemm`
-    /// calls run AVX-512 kernels: the U-Net's 128-channel 8³ level, forward + backward, direct
-    /// 21.1–22.7 ms, vol2col 17.7–18.7; its 4³ level: direct 65, vol2col 18); AMX (bf16): 64
+    /// the output and planes of more than 64 voxels for the row kernels (on 8³ maps they lose
+    /// to vol2col: the U-Net's 128-channel 8³ level, forward + backward, 21.1–22.7 ms against
+    /// 17.7–18.7), or the channels-last kernels' maps ([`Direct::channels_last_pays`]: that
+    /// level 14.9–16.5 ms against vol2col's 25.6–30.8 on the AMD EPYC of 2026-12-07; 4³ maps
+    /// stay on vol2col, 4.3–5.3 ms forward against 3.1); AMX (bf16): 64
     /// voxels and more. `gemm`: within 1.5 times (64³ and 16³ with padding 1 win, 8³ and 4³
     /// lose, as do DeepLabV3's 8³ maps with dilations up to 18).
     pub fn pays(&self) -> bool {
         let padded: usize = self.padded().iter().product();
         let [od, oh, ow] = self.output();
         match self.backend {
-            Backend::Avx512 => padded <= 2 * od * oh * ow && oh * ow > 64,
+            Backend::Avx512 => {
+                (padded <= 2 * od * oh * ow && oh * ow > 64) || self.channels_last_pays()
+            }
             Backend::Amx => padded <= 2 * od * oh * ow && oh * ow >= 64,
             Backend::Avx2 => padded <= 2 * od * oh * ow && ow >= 8,
             Backend::Gemm => 2 * padded <= 3 * od * oh * ow,
         }
+    }
+
+    /// Whether the channels-last kernels (`direct/channels_last.rs`) take this convolution on
+    /// AVX-512: planes of 33 to 64 output voxels (8³; on 4³ the voxel blocks span rows and
+    /// vol2col stays faster), at least 16 channels in and out, and a kernel whose reach along
+    /// each axis, `dil·(k − 1)`, is within the map (beyond it most taps read padding, and the
+    /// tiles of live taps do better).
+    fn channels_last_pays(&self) -> bool {
+        let [od, oh, ow] = self.output();
+        let within = (0..3).all(|a| {
+            self.dilation[a] * (self.kernel[a] - 1) <= [od, oh, ow][a].min(self.input[a + 1])
+        });
+        oh * ow > 32 && oh * ow <= 64 && self.input[0] >= 16 && self.out_channels >= 16 && within
     }
 
     /// Whether the unit-stride geometry is valid (output not empty).
@@ -286,6 +305,8 @@ impl Direct {
     pub fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 if self.channels_last_pays() => self.forward_channels_last(x, w),
+            #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => self.forward_slabs(x, w, &avx512::KERNELS),
             #[cfg(target_arch = "x86_64")]
             Backend::Amx => self.forward_amx(x, w),
@@ -299,6 +320,8 @@ impl Direct {
     /// summed in a fixed order (the same bits for any thread count).
     pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 if self.channels_last_pays() => self.weight_grad_channels_last(x, dy),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
             #[cfg(target_arch = "x86_64")]
@@ -759,7 +782,7 @@ mod tests {
 
     /// Geometries with remainders everywhere: (input, kernel, padding, dilation, O, samples).
     #[allow(clippy::type_complexity)]
-    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 13] = [
+    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 15] = [
         ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
         ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
         ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
@@ -781,6 +804,10 @@ mod tests {
         ([20, 8, 8, 8], [5, 5, 5], [2, 2, 2], [1, 1, 1], 12, 1),
         // padding beyond the kernel's reach: output rows with no live tap at all
         ([3, 2, 3, 5], [3, 3, 3], [3, 3, 3], [1, 1, 1], 4, 2),
+        // channels-last kernels (AVX-512, 8³-like maps): channels not a multiple of 6, 16 or
+        // 48, a voxel block across rows, dilation
+        ([21, 8, 8, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], 37, 2),
+        ([18, 5, 7, 8], [3, 3, 3], [2, 2, 2], [2, 2, 2], 70, 1),
     ];
 
     fn kernels_match_gemm(backend: Backend) {

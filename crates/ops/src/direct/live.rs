@@ -44,7 +44,7 @@ pub(super) struct PlaneTile {
 impl Direct {
     /// Live taps along one axis for an output position `o` of that axis: tap `i` reads padded
     /// position `o + i·dil`, inside when `pad ≤ o + i·dil < pad + size`.
-    fn live_axis(&self, axis: usize, o: usize) -> Bits {
+    pub(super) fn live_axis(&self, axis: usize, o: usize) -> Bits {
         let (size, pad, dil) = (
             self.input[axis + 1],
             self.padding[axis],
