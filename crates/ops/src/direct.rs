@@ -200,15 +200,23 @@ impl Direct {
 
     /// Whether the channels-last kernels (`direct/channels_last.rs`) take this convolution on
     /// AVX-512: planes of 33 to 64 output voxels (8³; on 4³ the voxel blocks span rows and
-    /// vol2col stays faster), at least 16 channels in and out, and a kernel whose reach along
-    /// each axis, `dil·(k − 1)`, is within the map (beyond it most taps read padding, and the
-    /// tiles of live taps do better).
+    /// vol2col stays faster), or up to 256 (16³) where `C·T ≥ 16 000`, at least 16 channels in
+    /// and out, and a kernel whose reach along each axis, `dil·(k − 1)`, is within the map
+    /// (beyond it most taps read padding, and the tiles of live taps do better).
     fn channels_last_pays(&self) -> bool {
         let [od, oh, ow] = self.output();
         let within = (0..3).all(|a| {
             self.dilation[a] * (self.kernel[a] - 1) <= [od, oh, ow][a].min(self.input[a + 1])
         });
-        oh * ow > 32 && oh * ow <= 64 && self.input[0] >= 16 && self.out_channels >= 16 && within
+        // 16³ maps with long reductions too: V-Net's 128-channel 5³ layer, forward + backward,
+        // 499–501 ms against the row kernels' 554–567; its 64-channel one even (127–129
+        // against 131–133), the U-Net's 64-channel 3³ level slower (33–38 against 31–32)
+        let long = self.input[0] * self.taps() >= 16_000;
+        let plane = oh * ow;
+        (plane > 32 && (plane <= 64 || (long && plane <= 256)))
+            && self.input[0] >= 16
+            && self.out_channels >= 16
+            && within
     }
 
     /// Whether the unit-stride geometry is valid (output not empty).
@@ -782,7 +790,7 @@ mod tests {
 
     /// Geometries with remainders everywhere: (input, kernel, padding, dilation, O, samples).
     #[allow(clippy::type_complexity)]
-    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 15] = [
+    const CASES: [([usize; 4], [usize; 3], [usize; 3], [usize; 3], usize, usize); 16] = [
         ([3, 7, 9, 37], [3, 3, 3], [1, 1, 1], [1, 1, 1], 5, 2),
         ([16, 6, 5, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], 16, 1),
         ([2, 9, 8, 20], [5, 5, 5], [2, 2, 2], [1, 1, 1], 33, 2),
@@ -808,6 +816,8 @@ mod tests {
         // 48, a voxel block across rows, dilation
         ([21, 8, 8, 8], [3, 3, 3], [1, 1, 1], [1, 1, 1], 37, 2),
         ([18, 5, 7, 8], [3, 3, 3], [2, 2, 2], [2, 2, 2], 70, 1),
+        // and a long reduction (C·T = 16 000) on planes of 120 voxels
+        ([128, 4, 10, 12], [5, 5, 5], [2, 2, 2], [1, 1, 1], 16, 1),
     ];
 
     fn kernels_match_gemm(backend: Backend) {
