@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::live::has;
 use super::{Direct, Shared};
 use crate::fused::zeros;
 
@@ -105,21 +106,7 @@ impl Direct {
         let xp = self.pad_channels_last(x);
         let o_pad = o_n.next_multiple_of(GROUP);
         let groups = o_pad / GROUP;
-        // [group][t][c][48], zero past the last channel
-        let mut packed = vec![0f32; groups * t_n * c_n * GROUP];
-        packed
-            .par_chunks_mut(t_n * c_n * GROUP)
-            .enumerate()
-            .for_each(|(g, dst)| {
-                for t in 0..t_n {
-                    for c in 0..c_n {
-                        for l in 0..GROUP.min(o_n.saturating_sub(g * GROUP)) {
-                            dst[(t * c_n + c) * GROUP + l] =
-                                w[((g * GROUP + l) * c_n + c) * t_n + t];
-                        }
-                    }
-                }
-            });
+        let packed = self.pack_groups(w);
         let offsets = self.offsets();
         let blocks = self.voxel_blocks();
         // input channels per pass: their weights (T × C_b × 48) within 256 KiB
@@ -167,7 +154,36 @@ impl Direct {
                 }
             }
         });
-        // (N, V, O_pad) → (N, O, V)
+        self.channels_first(&ycl, o_pad)
+    }
+
+    /// The weights `(O, C, T)` in groups of 48 output channels, `[group][t][c][48]`, zero past
+    /// the last channel.
+    fn pack_groups(&self, w: &[f32]) -> Vec<f32> {
+        let c_n = self.input[0];
+        let (o_n, t_n) = (self.out_channels, self.taps());
+        let groups = o_n.div_ceil(GROUP);
+        let mut packed = vec![0f32; groups * t_n * c_n * GROUP];
+        packed
+            .par_chunks_mut(t_n * c_n * GROUP)
+            .enumerate()
+            .for_each(|(g, dst)| {
+                for t in 0..t_n {
+                    for c in 0..c_n {
+                        for l in 0..GROUP.min(o_n.saturating_sub(g * GROUP)) {
+                            dst[(t * c_n + c) * GROUP + l] =
+                                w[((g * GROUP + l) * c_n + c) * t_n + t];
+                        }
+                    }
+                }
+            });
+        packed
+    }
+
+    /// `(N, V, O_pad)` → `(N, O, V)`.
+    fn channels_first(&self, ycl: &[f32], o_pad: usize) -> Vec<f32> {
+        let o_n = self.out_channels;
+        let volume: usize = self.output().iter().product();
         let mut out = zeros(self.samples * o_n * volume);
         out.par_chunks_mut(volume)
             .enumerate()
@@ -178,6 +194,49 @@ impl Direct {
                 }
             });
         out
+    }
+
+    /// `(N, O, V)` → `(N, V, O_pad)`, zero past the last channel.
+    fn channels_last(&self, dy: &[f32], o_pad: usize) -> Vec<f32> {
+        let o_n = self.out_channels;
+        let volume: usize = self.output().iter().product();
+        let mut out = zeros(self.samples * volume * o_pad);
+        out.par_chunks_mut(volume * o_pad)
+            .enumerate()
+            .for_each(|(n, dst)| {
+                for o in 0..o_n {
+                    let src = &dy[(n * o_n + o) * volume..][..volume];
+                    for (v, &g) in src.iter().enumerate() {
+                        dst[v * o_pad + o] = g;
+                    }
+                }
+            });
+        out
+    }
+
+    /// The voxels whose row tap `t` reads inside the input, all samples: (row of the padded
+    /// channels-last input it reads, index in the channels-last output).
+    fn tap_voxels(&self, t: usize) -> Vec<(usize, usize)> {
+        let [od, oh, ow] = self.output();
+        let [_, hp, wp] = self.padded();
+        let [_, kh, kw] = self.kernel;
+        let rows: usize = self.padded().iter().product();
+        let (a, b) = (t / (kh * kw), t / kw % kh);
+        let off = self.offsets()[t];
+        let mut voxels = Vec::with_capacity(self.samples * od * oh * ow);
+        for n in 0..self.samples {
+            for z in (0..od).filter(|&z| has(self.live_planes(z), a)) {
+                for y in (0..oh).filter(|&y| has(self.live_axis(1, y), b)) {
+                    for x in 0..ow {
+                        voxels.push((
+                            n * rows + (z * hp + y) * wp + x + off,
+                            ((n * od + z) * oh + y) * ow + x,
+                        ));
+                    }
+                }
+            }
+        }
+        voxels
     }
 }
 
@@ -191,47 +250,15 @@ impl Direct {
     pub(super) fn weight_grad_channels_last(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         let c_n = self.input[0];
         let (o_n, t_n) = (self.out_channels, self.taps());
-        let [od, oh, ow] = self.output();
-        let [_, hp, wp] = self.padded();
-        let [_, kh, kw] = self.kernel;
-        let volume = od * oh * ow;
-        let rows: usize = self.padded().iter().product();
         let xp = self.pad_channels_last(x);
         let o_pad = o_n.next_multiple_of(16);
-        // (N, V, O_pad), zero past the last channel
-        let mut dycl = zeros(self.samples * volume * o_pad);
-        dycl.par_chunks_mut(volume * o_pad)
-            .enumerate()
-            .for_each(|(n, dst)| {
-                for o in 0..o_n {
-                    let src = &dy[(n * o_n + o) * volume..][..volume];
-                    for (v, &g) in src.iter().enumerate() {
-                        dst[v * o_pad + o] = g;
-                    }
-                }
-            });
-        let offsets = self.offsets();
+        let dycl = self.channels_last(dy, o_pad);
         let c_blocks = c_n.div_ceil(GRAD_CHANNELS);
         let mut out = vec![0f32; o_n * c_n * t_n];
         let dst = Shared(out.as_mut_ptr());
         (0..t_n * c_blocks).into_par_iter().for_each(|item| {
             let (t, cb) = (item / c_blocks, item % c_blocks);
-            let (a, b) = (t / (kh * kw), t / kw % kh);
-            // the voxels (sample offset in rows of xp, padded offset, output index) whose row
-            // this tap reads inside the input
-            let mut voxels: Vec<(usize, usize)> = Vec::with_capacity(self.samples * volume);
-            for n in 0..self.samples {
-                for z in (0..od).filter(|&z| super::live::has(self.live_planes(z), a)) {
-                    for y in (0..oh).filter(|&y| super::live::has(self.live_axis(1, y), b)) {
-                        for x in 0..ow {
-                            voxels.push((
-                                n * rows + (z * hp + y) * wp + x + offsets[t],
-                                n * volume + (z * oh + y) * ow + x,
-                            ));
-                        }
-                    }
-                }
-            }
+            let voxels = self.tap_voxels(t);
             let c0 = cb * GRAD_CHANNELS;
             let kc = GRAD_CHANNELS.min(c_n - c0);
             for o0 in (0..o_pad).step_by(GRAD_OUTPUTS) {

@@ -32,6 +32,33 @@ pub(super) struct Step {
     pub k: usize,
 }
 
+/// The live steps of each (planes, rows) bits met in one slab, each list made once.
+#[derive(Default)]
+pub(super) struct StepLists {
+    lists: Vec<((Bits, Bits), Vec<Step>)>,
+}
+
+impl StepLists {
+    /// The live steps for `(planes, rows)` ([`Direct::live_steps`]).
+    pub(super) fn get(
+        &mut self,
+        g: &Direct,
+        offsets: &[usize],
+        channel: usize,
+        key: (Bits, Bits),
+    ) -> &[Step] {
+        let at = match self.lists.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                let steps = g.live_steps(offsets, channel, key.0, key.1);
+                self.lists.push((key, steps));
+                self.lists.len() - 1
+            }
+        };
+        &self.lists[at].1
+    }
+}
+
 /// The tiles of one output plane: consecutive chunks `start .. start + len` of the plane's
 /// chunks, and the live rows of the kernel for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

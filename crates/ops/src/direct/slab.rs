@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::live::Step;
+use super::live::{Step, StepLists};
 use super::{Direct, Shared};
 use crate::fused::zeros;
 
@@ -25,6 +25,17 @@ pub(super) struct Chunk {
     pub input: usize,
     pub output: usize,
     pub mask: u16,
+}
+
+impl Chunk {
+    /// The chunk moved by `input` padded offsets and `output` output voxels (to its plane).
+    fn shifted(&self, input: usize, output: usize) -> Chunk {
+        Chunk {
+            input: self.input + input,
+            output: self.output + output,
+            mask: self.mask,
+        }
+    }
 }
 
 /// Chunks per forward micro-tile, at most (a backend's kernel may take fewer).
@@ -226,29 +237,15 @@ impl Direct {
             .for_each(|&(n, z0, planes)| {
                 SLAB.with_borrow_mut(|buf| {
                     let (slab, sv) = self.fill_slab(buf, x, n, z0, planes);
-                    // the live steps of each (planes, rows) bits met in this slab
-                    let mut lists: Vec<((u64, u64), Vec<Step>)> = Vec::new();
+                    let mut lists = StepLists::default();
                     for z in 0..planes {
                         let live = self.live_planes(z0 + z);
                         for tile in &tiles {
-                            let key = (live, tile.rows);
-                            let at = match lists.iter().position(|(k, _)| *k == key) {
-                                Some(at) => at,
-                                None => {
-                                    let steps = self.live_steps(&offsets, sv, live, tile.rows);
-                                    lists.push((key, steps));
-                                    lists.len() - 1
-                                }
-                            };
-                            let steps = &lists[at].1;
+                            let steps = lists.get(self, &offsets, sv, (live, tile.rows));
                             let per_channel = steps.len() / c_n.max(1);
                             let chunks: Vec<Chunk> = row_chunks[tile.start..][..tile.len]
                                 .iter()
-                                .map(|ch| Chunk {
-                                    input: z * hp * wp + ch.input,
-                                    output: (z0 + z) * oh * ow + ch.output,
-                                    mask: ch.mask,
-                                })
+                                .map(|ch| ch.shifted(z * hp * wp, (z0 + z) * oh * ow))
                                 .collect();
                             let args = ForwardArgs {
                                 xp: slab.as_ptr(),
