@@ -15,8 +15,9 @@
 //! kernels). The weight gradient, `dW[o, c, t] = Σ_v xp[q(v) + off(t), c] · dY[v, o]`, keeps
 //! 6 input channels × 64 output channels in 24 accumulators over every voxel of every sample
 //! whose row the tap reads inside the input (4 vectors of the channels-last output gradient
-//! and 6 broadcast inputs per voxel), one (tap, 6 channels) per work item: each weight is
-//! summed by one item in voxel order, the same bits for any thread count.
+//! and 6 broadcast inputs per voxel), one (64 output, 6 input channels) per work item over
+//! every tap, so that its slice of the output gradient stays in L2: each weight is summed by
+//! one item in voxel order, the same bits for any thread count.
 
 use std::arch::x86_64::*;
 
@@ -254,21 +255,29 @@ impl Direct {
         let o_pad = o_n.next_multiple_of(16);
         let dycl = self.channels_last(dy, o_pad);
         let c_blocks = c_n.div_ceil(GRAD_CHANNELS);
+        let voxels: Vec<Vec<(usize, usize)>> = (0..t_n)
+            .into_par_iter()
+            .map(|t| self.tap_voxels(t))
+            .collect();
         let mut out = vec![0f32; o_n * c_n * t_n];
         let dst = Shared(out.as_mut_ptr());
-        (0..t_n * c_blocks).into_par_iter().for_each(|item| {
-            let (t, cb) = (item / c_blocks, item % c_blocks);
-            let voxels = self.tap_voxels(t);
-            let c0 = cb * GRAD_CHANNELS;
+        // an item is (64 output channels, 6 input channels) over every tap: its slice of the
+        // output gradient (V × 64) stays in L2 while the taps pass over it
+        let o_blocks = o_pad.div_ceil(GRAD_OUTPUTS);
+        (0..o_blocks * c_blocks).into_par_iter().for_each(|item| {
+            let (o0, c0) = (
+                item / c_blocks * GRAD_OUTPUTS,
+                item % c_blocks * GRAD_CHANNELS,
+            );
             let kc = GRAD_CHANNELS.min(c_n - c0);
-            for o0 in (0..o_pad).step_by(GRAD_OUTPUTS) {
-                let vectors = ((o_pad - o0) / 16).min(GRAD_OUTPUTS / 16);
+            let vectors = ((o_pad - o0) / 16).min(GRAD_OUTPUTS / 16);
+            for (t, voxels) in voxels.iter().enumerate() {
                 let args = GradArgs {
                     xp: &xp,
                     c_n,
                     c0,
                     kc,
-                    voxels: &voxels,
+                    voxels,
                     dy: &dycl,
                     o_pad,
                     o0,
