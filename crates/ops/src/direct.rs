@@ -204,10 +204,8 @@ impl Direct {
     /// and out, and a kernel whose reach along each axis, `dil·(k − 1)`, is within the map
     /// (beyond it most taps read padding, and the tiles of live taps do better).
     fn channels_last_pays(&self) -> bool {
-        let [od, oh, ow] = self.output();
-        let within = (0..3).all(|a| {
-            self.dilation[a] * (self.kernel[a] - 1) <= [od, oh, ow][a].min(self.input[a + 1])
-        });
+        let [_, oh, ow] = self.output();
+        let within = self.reach_within_map();
         // 16³ maps with long reductions too: V-Net's 128-channel 5³ layer, forward + backward,
         // 499–501 ms against the row kernels' 554–567; its 64-channel one even (127–129
         // against 131–133), the U-Net's 64-channel 3³ level slower (33–38 against 31–32)
@@ -217,6 +215,29 @@ impl Direct {
             && self.input[0] >= 16
             && self.out_channels >= 16
             && within
+    }
+
+    /// Whether the channels-last weight gradient takes this convolution (whichever kernel its
+    /// forward pass runs on): where [`Direct::channels_last_pays`], and on every 16³ map with
+    /// at least 16 channels in and out (V-Net's 64-channel 5³ layer, forward + backward,
+    /// 118–123 ms against the row kernels' 133–140; the U-Net's 64-channel level 2 29.6
+    /// against 30.1–32.5; on 32³ maps it loses, 298–300 against 252–254).
+    fn channels_last_grad_pays(&self) -> bool {
+        let [_, oh, ow] = self.output();
+        let within = self.reach_within_map();
+        self.channels_last_pays()
+            || (oh * ow > 32
+                && oh * ow <= 256
+                && self.input[0] >= 16
+                && self.out_channels >= 16
+                && within)
+    }
+
+    /// Whether the kernel's reach along each axis, `dil·(k − 1)`, is within the map (input and
+    /// output): beyond it most taps read padding.
+    fn reach_within_map(&self) -> bool {
+        let out = self.output();
+        (0..3).all(|a| self.dilation[a] * (self.kernel[a] - 1) <= out[a].min(self.input[a + 1]))
     }
 
     /// Whether the unit-stride geometry is valid (output not empty).
@@ -329,7 +350,9 @@ impl Direct {
     pub fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 if self.channels_last_pays() => self.weight_grad_channels_last(x, dy),
+            Backend::Avx512 if self.channels_last_grad_pays() => {
+                self.weight_grad_channels_last(x, dy)
+            }
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => self.weight_grad_slabs(x, dy, &avx512::KERNELS),
             #[cfg(target_arch = "x86_64")]
