@@ -1,6 +1,8 @@
-//! The direct convolution on channels-last operands for the small deep maps (planes of at most
-//! 64 voxels: 8³ and 4³), with AVX-512F. The row kernels of `avx512.rs` vectorise over the
-//! voxels of a row and waste lanes on rows of 8 or 4 voxels; here the vectors run over output
+//! The direct convolution on channels-last operands for the small deep maps, with AVX-512F:
+//! 8³ maps, 16³ maps with long reductions, and the weight gradient of every 16³ map
+//! (`Direct::channels_last_pays`, `Direct::channels_last_grad_pays`). The row kernels of
+//! `avx512.rs` vectorise over the voxels of a row and waste lanes on rows of 8 voxels, and
+//! stream every weight once per tile of 48 voxels; here the vectors run over output
 //! channels, as oneDNN's blocked layouts do: the input is padded channels-last, `xp[q, c]`
 //! with `q = z·Hp·Wp + y·Wp + x`, and a block of 8 output voxels × 48 output channels keeps 24
 //! accumulators, with per (tap, input channel) 3 weight vectors and 8 broadcast inputs for 24
