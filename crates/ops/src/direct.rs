@@ -205,16 +205,12 @@ impl Direct {
     /// (beyond it most taps read padding, and the tiles of live taps do better).
     fn channels_last_pays(&self) -> bool {
         let [_, oh, ow] = self.output();
-        let within = self.reach_within_map();
         // 16³ maps with long reductions too: V-Net's 128-channel 5³ layer, forward + backward,
         // 499–501 ms against the row kernels' 554–567; its 64-channel one even (127–129
         // against 131–133), the U-Net's 64-channel 3³ level slower (33–38 against 31–32)
         let long = self.input[0] * self.taps() >= 16_000;
         let plane = oh * ow;
-        (plane > 32 && (plane <= 64 || (long && plane <= 256)))
-            && self.input[0] >= 16
-            && self.out_channels >= 16
-            && within
+        (plane > 32 && (plane <= 64 || (long && plane <= 256))) && self.channels_last_fits()
     }
 
     /// Whether the channels-last weight gradient takes this convolution (whichever kernel its
@@ -224,20 +220,17 @@ impl Direct {
     /// against 30.1–32.5; on 32³ maps it loses, 298–300 against 252–254).
     fn channels_last_grad_pays(&self) -> bool {
         let [_, oh, ow] = self.output();
-        let within = self.reach_within_map();
-        self.channels_last_pays()
-            || (oh * ow > 32
-                && oh * ow <= 256
-                && self.input[0] >= 16
-                && self.out_channels >= 16
-                && within)
+        self.channels_last_pays() || ((33..=256).contains(&(oh * ow)) && self.channels_last_fits())
     }
 
-    /// Whether the kernel's reach along each axis, `dil·(k − 1)`, is within the map (input and
+    /// What both channels-last paths ask of every geometry: at least 16 channels in and out,
+    /// and a kernel whose reach along each axis, `dil·(k − 1)`, is within the map (input and
     /// output): beyond it most taps read padding.
-    fn reach_within_map(&self) -> bool {
+    fn channels_last_fits(&self) -> bool {
         let out = self.output();
-        (0..3).all(|a| self.dilation[a] * (self.kernel[a] - 1) <= out[a].min(self.input[a + 1]))
+        let reach = (0..3)
+            .all(|a| self.dilation[a] * (self.kernel[a] - 1) <= out[a].min(self.input[a + 1]));
+        self.input[0] >= 16 && self.out_channels >= 16 && reach
     }
 
     /// Whether the unit-stride geometry is valid (output not empty).

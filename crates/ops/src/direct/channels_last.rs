@@ -219,13 +219,12 @@ impl Direct {
 
     /// The voxels whose row tap `t` reads inside the input, all samples: (row of the padded
     /// channels-last input it reads, index in the channels-last output).
-    fn tap_voxels(&self, t: usize) -> Vec<(usize, usize)> {
+    fn tap_voxels(&self, t: usize, off: usize) -> Vec<(usize, usize)> {
         let [od, oh, ow] = self.output();
         let [_, hp, wp] = self.padded();
         let [_, kh, kw] = self.kernel;
         let rows: usize = self.padded().iter().product();
         let (a, b) = (t / (kh * kw), t / kw % kh);
-        let off = self.offsets()[t];
         let mut voxels = Vec::with_capacity(self.samples * od * oh * ow);
         for n in 0..self.samples {
             for z in (0..od).filter(|&z| has(self.live_planes(z), a)) {
@@ -257,9 +256,10 @@ impl Direct {
         let o_pad = o_n.next_multiple_of(16);
         let dycl = self.channels_last(dy, o_pad);
         let c_blocks = c_n.div_ceil(GRAD_CHANNELS);
+        let offsets = self.offsets();
         let voxels: Vec<Vec<(usize, usize)>> = (0..t_n)
             .into_par_iter()
-            .map(|t| self.tap_voxels(t))
+            .map(|t| self.tap_voxels(t, offsets[t]))
             .collect();
         let mut out = vec![0f32; o_n * c_n * t_n];
         let dst = Shared(out.as_mut_ptr());
@@ -332,7 +332,7 @@ struct GradArgs<'a> {
 /// The CPU has AVX-512F; every voxel's row times `c_n` plus `c0 + kc` is within `xp`, and its
 /// output index times `o_pad` plus `o0 + 16·NV` within `dy`.
 #[target_feature(enable = "avx512f")]
-unsafe fn grad_block<const NV: usize>(a: &GradArgs<'_>) -> Vec<Vec<f32>> {
+unsafe fn grad_block<const NV: usize>(a: &GradArgs<'_>) -> [[f32; GRAD_OUTPUTS]; GRAD_CHANNELS] {
     let mut acc = [[_mm512_setzero_ps(); NV]; GRAD_CHANNELS];
     let (xp, dy) = (a.xp.as_ptr(), a.dy.as_ptr());
     for &(row, v) in a.voxels {
@@ -349,16 +349,14 @@ unsafe fn grad_block<const NV: usize>(a: &GradArgs<'_>) -> Vec<Vec<f32>> {
             }
         }
     }
-    acc.iter()
-        .map(|r| {
-            let mut lanes = vec![0f32; 16 * NV];
-            for (k, s) in r.iter().enumerate() {
-                // SAFETY: 16 values into `lanes`.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * k), *s) };
-            }
-            lanes
-        })
-        .collect()
+    let mut sums = [[0f32; GRAD_OUTPUTS]; GRAD_CHANNELS];
+    for (row, r) in sums.iter_mut().zip(&acc) {
+        for (k, s) in r.iter().enumerate() {
+            // SAFETY: 16 values of the row's 64 (NV ≤ 4).
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(16 * k), *s) };
+        }
+    }
+    sums
 }
 
 /// The operands of one voxel block × one group of output channels.

@@ -79,7 +79,8 @@ pub(super) struct Kernels {
     pub packed: bool,
     /// Output channels per forward block (the weights are packed `[o / R][c][t][o % R]`).
     pub channels: usize,
-    /// Chunks per forward micro-tile (at most [`TILE_CHUNKS`]; the others are left empty).
+    /// Chunks per forward micro-tile, at most [`TILE_CHUNKS`] (`Direct::plane_tiles` cuts
+    /// tiles of 1 to this many).
     pub chunks: usize,
     /// Values of a slab, about: half the L2 of the CPUs the backend was tuned on.
     pub slab_values: usize,
